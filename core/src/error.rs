@@ -1,0 +1,258 @@
+//! Error types shared by the traits of this crate.
+//!
+//! Each variant says what the caller can and cannot know: for example `RepoError::Unavailable`
+//! means the operation may or may not have been applied, while `RepoError::BadRequest` guarantees
+//! that nothing changed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{BlockId, IdError, TrxId};
+
+/// Why a transform cannot be applied to a block (SPEC 1.1). Nothing is ever applied partially.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransformError {
+    /// An operation tried to change the block header.
+    #[error("operations may not change the block header")]
+    HeaderChange,
+    /// An operation names a field the block does not have.
+    #[error("field {entity:?} does not exist")]
+    MissingField {
+        /// The field.
+        entity: String,
+    },
+    /// A splice targets a field that is not an array.
+    #[error("field {entity:?} is not an array, cannot splice it")]
+    NotAnArray {
+        /// The field.
+        entity: String,
+    },
+    /// A splice starts past the end of the array.
+    #[error("splice index {index} is past the end of field {entity:?} (length {len})")]
+    IndexPastEnd {
+        /// The field.
+        entity: String,
+        /// The requested index.
+        index: u64,
+        /// The array's length.
+        len: usize,
+    },
+    /// Updates were given for a block that does not exist at that point.
+    #[error("block {block_id} does not exist, cannot update it")]
+    BlockAbsent {
+        /// The block.
+        block_id: BlockId,
+    },
+    /// An insert's `header.id` differs from the id it is inserted under.
+    #[error("insert under {key} carries header id {header_id}")]
+    InsertIdMismatch {
+        /// The id the block is inserted under.
+        key: BlockId,
+        /// The id in its header.
+        header_id: BlockId,
+    },
+}
+
+/// Errors of a storage engine. Any of them leaves stored data as it was before the call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// An operating-system I/O error.
+    #[error("storage I/O error while {context}: {source}")]
+    Io {
+        /// What the engine was doing.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stored data could not be decoded: the store is damaged or was written by something else.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The store has no room left (for example a full LMDB map).
+    #[error("storage is full: {0}")]
+    Full(String),
+    /// Another process or handle holds the store.
+    #[error("storage is locked: {0}")]
+    Locked(String),
+    /// The data directory has an unknown format version or belongs to another engine.
+    #[error("incompatible storage: {0}")]
+    Incompatible(String),
+    /// The request is invalid for the store (for example a committed revision that does not
+    /// advance `latest`). Nothing changed.
+    #[error("invalid storage request: {0}")]
+    Invalid(String),
+    /// Any other engine failure.
+    #[error("storage engine {engine} failed: {message}")]
+    Backend {
+        /// The engine.
+        engine: &'static str,
+        /// What failed.
+        message: String,
+    },
+}
+
+impl StorageError {
+    /// An I/O error with what the engine was doing.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { context: context.into(), source }
+    }
+}
+
+/// The error codes of the wire error envelope (SPEC 3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// Malformed JSON, unknown operation, invalid transform, oversize frame. Nothing changed.
+    BadRequest,
+    /// The message's expiration passed. Nothing changed.
+    Expired,
+    /// The cluster did not reach agreement. The operation was not applied.
+    ConsensusFailed,
+    /// The node could not reach what it needed; the operation may or may not have been applied.
+    Unavailable,
+    /// Too many requests in flight; retry later. Nothing changed.
+    Busy,
+    /// A bug or storage failure on the answering node.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad-request",
+            Self::Expired => "expired",
+            Self::ConsensusFailed => "consensus-failed",
+            Self::Unavailable => "unavailable",
+            Self::Busy => "busy",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// Parses a wire code; unknown codes are `None`.
+    pub fn parse(code: &str) -> Option<Self> {
+        Some(match code {
+            "bad-request" => Self::BadRequest,
+            "expired" => Self::Expired,
+            "consensus-failed" => Self::ConsensusFailed,
+            "unavailable" => Self::Unavailable,
+            "busy" => Self::Busy,
+            "internal" => Self::Internal,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Errors of a [`crate::repo::Repo`] operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepoError {
+    /// A transform is invalid for its block. Nothing changed.
+    #[error("invalid transform for block {block_id}: {source}")]
+    InvalidTransform {
+        /// The block.
+        block_id: BlockId,
+        /// Why.
+        #[source]
+        source: TransformError,
+    },
+    /// An update or delete names a block this peer has never seen. Nothing changed.
+    #[error("unknown block {0}")]
+    UnknownBlock(BlockId),
+    /// A commit or read names a transaction that is not pending on a block. Nothing changed.
+    #[error("pending transaction {trx_id} not found on {block_id}")]
+    PendingNotFound {
+        /// The transaction.
+        trx_id: TrxId,
+        /// The block.
+        block_id: BlockId,
+    },
+    /// The transaction is already pending with different transforms. Nothing changed.
+    #[error("transaction {trx_id} is already pending on {block_id} with different transforms")]
+    TrxConflict {
+        /// The transaction.
+        trx_id: TrxId,
+        /// The block.
+        block_id: BlockId,
+    },
+    /// The transaction is already committed on the block; it cannot be pended again.
+    #[error("transaction {trx_id} is already committed on {block_id}")]
+    AlreadyCommitted {
+        /// The transaction.
+        trx_id: TrxId,
+        /// The block.
+        block_id: BlockId,
+    },
+    /// The request is malformed. Nothing changed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The message's expiration passed before it could be served. Nothing changed.
+    #[error("request expired")]
+    Expired,
+    /// The cluster did not agree; the operation was not applied.
+    #[error("consensus failed: {0}")]
+    ConsensusFailed(String),
+    /// A peer or the cluster could not be reached in time: the operation may or may not have
+    /// been applied; re-reading tells.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The node is at its limit of requests in flight. Nothing changed; retry later.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The storage engine failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// An internal failure on the answering node.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<IdError> for RepoError {
+    fn from(e: IdError) -> Self {
+        Self::BadRequest(e.to_string())
+    }
+}
+
+impl RepoError {
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidTransform { .. }
+            | Self::UnknownBlock(_)
+            | Self::PendingNotFound { .. }
+            | Self::TrxConflict { .. }
+            | Self::AlreadyCommitted { .. }
+            | Self::BadRequest(_) => ErrorCode::BadRequest,
+            Self::Expired => ErrorCode::Expired,
+            Self::ConsensusFailed(_) => ErrorCode::ConsensusFailed,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Busy(_) => ErrorCode::Busy,
+            Self::Storage(_) | Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Rebuilds an error from a received envelope (code and message).
+    pub fn from_envelope(code: &str, message: String) -> Self {
+        match ErrorCode::parse(code) {
+            Some(ErrorCode::BadRequest) => Self::BadRequest(message),
+            Some(ErrorCode::Expired) => Self::Expired,
+            Some(ErrorCode::ConsensusFailed) => Self::ConsensusFailed(message),
+            Some(ErrorCode::Unavailable) => Self::Unavailable(message),
+            Some(ErrorCode::Busy) => Self::Busy(message),
+            Some(ErrorCode::Internal) => Self::Internal(message),
+            None => Self::Internal(format!("unknown error code {code:?}: {message}")),
+        }
+    }
+
+    /// True when a retry of the same request may succeed (the cluster or node was busy or
+    /// unreachable, or agreement failed).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::ConsensusFailed(_) | Self::Unavailable(_) | Self::Busy(_))
+    }
+}

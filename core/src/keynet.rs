@@ -1,0 +1,102 @@
+//! The key-network seam: which peers form a block's cluster (SPEC 4).
+//!
+//! One ranking function, [`rank_peers`], serves every implementation: the cluster of a block is
+//! the `cluster_size` peers whose DHT keys (`sha256` of the peer id bytes, as Kademlia uses) are
+//! closest by XOR distance to `sha256(utf8(blockId))`.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use libp2p_identity::PeerId;
+use sha2::{Digest, Sha256};
+
+use crate::model::BlockId;
+
+/// What is known of one cluster peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Its listen addresses, as multiaddr text.
+    pub multiaddrs: Vec<String>,
+}
+
+/// The peers of a cluster, by id.
+pub type ClusterPeers = BTreeMap<PeerId, PeerInfo>;
+
+/// A key-network failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyNetworkError {
+    /// No peer is known that can serve the key (not even this node).
+    #[error("no peer known for the key")]
+    NoPeers,
+    /// Every candidate was excluded.
+    #[error("every candidate coordinator is excluded")]
+    AllExcluded,
+    /// The DHT lookup failed.
+    #[error("DHT lookup failed: {0}")]
+    Lookup(String),
+}
+
+/// The 32-byte DHT key of a block: `sha256(utf8(blockId))`.
+pub fn block_key(block_id: &BlockId) -> [u8; 32] {
+    Sha256::digest(block_id.as_bytes()).into()
+}
+
+/// The 32-byte DHT key of a peer: `sha256(peer id bytes)`, as Kademlia's `KBucketKey` computes it.
+pub fn peer_key(peer: &PeerId) -> [u8; 32] {
+    Sha256::digest(peer.to_bytes()).into()
+}
+
+/// XOR distance between two keys, comparable as a big-endian number.
+pub fn distance(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    let mut d = [0u8; 32];
+    for ((out, x), y) in d.iter_mut().zip(a).zip(b) {
+        *out = x ^ y;
+    }
+    d
+}
+
+/// The `n` peers closest to `key` by XOR distance of their DHT keys, closest first. Ties (equal
+/// distance cannot happen for distinct peers) are broken by peer id. Duplicates count once.
+pub fn rank_peers<'a>(key: &[u8; 32], peers: impl IntoIterator<Item = &'a PeerId>, n: usize) -> Vec<PeerId> {
+    let mut ranked: Vec<([u8; 32], PeerId)> = peers.into_iter().map(|p| (distance(key, &peer_key(p)), *p)).collect();
+    ranked.sort();
+    ranked.dedup_by(|a, b| a.1 == b.1);
+    ranked.into_iter().take(n).map(|(_, p)| p).collect()
+}
+
+/// Maps block ids to the peers responsible for them.
+#[async_trait]
+pub trait KeyNetwork: Send + Sync + std::fmt::Debug + 'static {
+    /// The cluster of a block: up to `cluster_size` peers ranked by [`rank_peers`], this node
+    /// included when it is among the closest. Never empty on success: with no other peer known,
+    /// the cluster is this node alone.
+    ///
+    /// Two nodes with the same view of the network return the same cluster. Results may be cached
+    /// briefly; a view that changes with churn changes the answer.
+    async fn find_cluster(&self, block_id: &BlockId) -> Result<ClusterPeers, KeyNetworkError>;
+
+    /// A peer that can coordinate operations on the block: the closest member of its cluster not in
+    /// `excluded`. Fails with [`KeyNetworkError::AllExcluded`] when every member is excluded.
+    async fn find_coordinator(&self, block_id: &BlockId, excluded: &[PeerId]) -> Result<PeerId, KeyNetworkError>;
+
+    /// The cluster size this key network targets.
+    fn cluster_size(&self) -> usize;
+}
+
+/// The DHT view a node host exposes to key-network plugins.
+#[async_trait]
+pub trait PeerRouting: Send + Sync + std::fmt::Debug + 'static {
+    /// This node's peer id.
+    fn local_peer_id(&self) -> PeerId;
+
+    /// The peers currently in the routing table, with their known addresses.
+    async fn known_peers(&self) -> ClusterPeers;
+
+    /// An iterative DHT lookup of the peers closest to `key`, bounded by the host's query timeout.
+    async fn closest_peers(&self, key: [u8; 32]) -> Result<ClusterPeers, KeyNetworkError>;
+
+    /// A counter that changes whenever the routing table gains or loses a peer (for cache
+    /// invalidation).
+    fn routing_epoch(&self) -> u64;
+}

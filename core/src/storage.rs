@@ -1,0 +1,125 @@
+//! The storage plugin seam: [`RawStorage`].
+//!
+//! A storage engine keeps, per block: `latest`, the revision log (`rev -> trxId`), committed
+//! transforms by transaction, pending transforms by transaction and materialized block values at
+//! some revisions. It also keeps a small key-value space of node metadata (consensus promises,
+//! executed markers) that must be as durable as the blocks.
+//!
+//! The engine does not interpret transforms: [`crate::repo::StorageRepo`] implements the repository
+//! rules (SPEC section 2) on top of it, takes the per-block locks and decides what to store. An
+//! engine only needs to make each call atomic and, when it reports [`RawStorage::durable`], make
+//! every successful write survive a crash of the process.
+//!
+//! Every method may be called concurrently from many tasks; calls on the same block are already
+//! serialized by `StorageRepo` for the mutating ones. Implementations that block (files, LMDB)
+//! should move their work off the async executor (for example with `tokio::task::spawn_blocking`).
+
+use async_trait::async_trait;
+
+use crate::error::StorageError;
+use crate::model::{Block, BlockId, Transform, TrxId, TrxRev};
+
+/// A block's value at one revision: `None` when the block does not exist there (deleted).
+pub type BlockValue = Option<Block>;
+
+/// Everything one per-block commit step changes, applied atomically by
+/// [`RawStorage::commit_block`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockCommit {
+    /// The committing transaction.
+    pub trx_id: TrxId,
+    /// The new revision; greater than the block's current `latest.rev`, if any.
+    pub rev: u64,
+    /// The transaction's transform on this block (moved from pending to committed).
+    pub transform: Transform,
+    /// The block's materialized value at `rev`.
+    pub value: BlockValue,
+    /// A revision whose materialized value is no longer needed and may be dropped in the same step
+    /// (the previous `latest`, when it is not a checkpoint). Dropping it is optional.
+    pub prune_value_at: Option<u64>,
+}
+
+/// A transaction committed on a block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommittedTransform {
+    /// The revision it produced.
+    pub rev: u64,
+    /// Its transform on the block.
+    pub transform: Transform,
+}
+
+/// The byte- and JSON-level storage engine behind a [`crate::repo::StorageRepo`].
+///
+/// Contract shared by all methods:
+/// - An `Err` leaves stored data exactly as it was before the call.
+/// - Reads see every write that returned `Ok` before the read began (read-your-writes within one
+///   process).
+/// - On a [`durable`](RawStorage::durable) engine a write that returned `Ok` survives a crash
+///   (SIGKILL, power loss) of the process.
+/// - Any byte string is a valid block id or transaction id (up to the model's length bounds): an
+///   engine that maps ids to file names must escape them, never trust them.
+#[async_trait]
+pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
+    /// The block's newest committed revision, `None` when nothing was ever committed on it.
+    async fn latest(&self, block_id: &BlockId) -> Result<Option<TrxRev>, StorageError>;
+
+    /// The revision log entries of a block with `from_rev <= rev <= to_rev`, ascending by `rev`.
+    /// An empty or inverted range gives an empty list.
+    async fn revisions(&self, block_id: &BlockId, from_rev: u64, to_rev: u64) -> Result<Vec<TrxRev>, StorageError>;
+
+    /// The newest revision log entry with `rev <= at_rev`, if any.
+    async fn revision_at_or_before(&self, block_id: &BlockId, at_rev: u64) -> Result<Option<TrxRev>, StorageError>;
+
+    /// The committed transform of `trx_id` on the block, with the revision it produced.
+    async fn committed(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<Option<CommittedTransform>, StorageError>;
+
+    /// The pending transform of `trx_id` on the block.
+    async fn pending(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<Option<Transform>, StorageError>;
+
+    /// The transactions pending on the block, sorted by id.
+    async fn pending_trx_ids(&self, block_id: &BlockId) -> Result<Vec<TrxId>, StorageError>;
+
+    /// Stores (or replaces) the pending transform of `trx_id` on the block. Idempotent.
+    async fn save_pending(&self, block_id: &BlockId, trx_id: &TrxId, transform: &Transform) -> Result<(), StorageError>;
+
+    /// Deletes the pending transform of `trx_id` on the block. Idempotent: deleting what is not
+    /// there is `Ok`.
+    async fn delete_pending(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<(), StorageError>;
+
+    /// The materialized value kept at exactly `rev`: `None` when no value is kept for that
+    /// revision, `Some(None)` when the block does not exist at `rev`.
+    async fn materialized(&self, block_id: &BlockId, rev: u64) -> Result<Option<BlockValue>, StorageError>;
+
+    /// The per-block commit step, all or nothing: stores `commit.value` at `commit.rev`, records
+    /// `rev -> trxId`, stores the transform as committed, deletes the pending transform of the
+    /// transaction, sets `latest = {trxId, rev}` and optionally drops the materialized value at
+    /// `prune_value_at`. After a crash the block is either fully at the new revision or fully at
+    /// the old one.
+    ///
+    /// Errors with [`StorageError::Invalid`] (changing nothing) when `commit.rev` does not exceed
+    /// the current `latest.rev`.
+    async fn commit_block(&self, block_id: &BlockId, commit: &BlockCommit) -> Result<(), StorageError>;
+
+    /// Reads a metadata value.
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Writes (or replaces) a metadata value. Idempotent.
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError>;
+
+    /// Deletes a metadata value. Idempotent.
+    async fn delete_meta(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Every metadata entry whose key starts with `prefix`, sorted by key, at most `limit` of them.
+    async fn list_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
+
+    /// True when successful writes survive a crash of the process.
+    fn durable(&self) -> bool;
+
+    /// Every block id with at least one committed revision or pending transform, sorted, at most
+    /// `limit` of them starting after `after` (for catch-up and inspection).
+    async fn block_ids(&self, after: Option<&BlockId>, limit: usize) -> Result<Vec<BlockId>, StorageError>;
+
+    /// Flushes buffered writes and releases the store (file locks included). Calls after `close`
+    /// may fail. Idempotent.
+    async fn close(&self) -> Result<(), StorageError>;
+}
