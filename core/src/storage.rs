@@ -39,6 +39,15 @@ pub struct BlockCommit {
     pub prune_value_at: Option<u64>,
 }
 
+/// What an engine can tell cheaply about its size, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StorageStats {
+    /// Blocks with at least one committed revision or pending transform.
+    pub blocks: u64,
+    /// Bytes used on disk or in memory, when known.
+    pub bytes: Option<u64>,
+}
+
 /// A transaction committed on a block.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CommittedTransform {
@@ -118,6 +127,12 @@ pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
     /// Every block id with at least one committed revision or pending transform, sorted, at most
     /// `limit` of them starting after `after` (for catch-up and inspection).
     async fn block_ids(&self, after: Option<&BlockId>, limit: usize) -> Result<Vec<BlockId>, StorageError>;
+
+    /// Size figures for metrics; `None` when the engine cannot tell cheaply (the default). Must
+    /// not scan the whole store on every call.
+    async fn stats(&self) -> Result<Option<StorageStats>, StorageError> {
+        Ok(None)
+    }
 
     /// Flushes buffered writes and releases the store (file locks included). Calls after `close`
     /// may fail. Idempotent.

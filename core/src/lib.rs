@@ -1,0 +1,37 @@
+//! # optimystic-core
+//!
+//! The data model, wire messages and extension traits of the Optimystic DB-P2P block repository.
+//! This crate has no libp2p swarm, no tokio runtime and no storage engine: plugins implement its
+//! traits and the node crate composes them. See `ARCHITECTURE.md` at the workspace root.
+
+pub mod apply;
+pub mod canon;
+pub mod client;
+pub mod consensus;
+pub mod coordinator;
+pub mod crypto;
+pub mod dynamic;
+pub mod error;
+pub mod keynet;
+pub mod model;
+pub mod network;
+pub mod reads;
+pub mod record;
+pub mod registry;
+pub mod repo;
+pub mod storage;
+pub mod sync;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+pub mod time;
+pub mod wire;
+
+pub use error::{ErrorCode, RepoError, StorageError, TransformError};
+pub use model::*;
+pub use repo::{MessageOptions, Repo, StorageRepo};
+pub use storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage};
+
+/// Re-exported so plugins use the same version of the inventory crate.
+pub use inventory;
+/// Re-exported identity types (peer ids, keypairs).
+pub use libp2p_identity as identity;

@@ -1,0 +1,174 @@
+//! Read modes: [`ClusterReads`] wraps the node's writing repository and serves `get` in the
+//! configured [`ReadMode`].
+//!
+//! - [`ReadMode::Quorum`] (default): for each block whose cluster includes this node, a majority of
+//!   the cluster (this node plus enough peers) reports its latest revision; if any is newer than
+//!   the local one, this node catches up from that peer first, then answers from local storage.
+//!   An acknowledged commit is on a majority of its cluster, and any two majorities intersect, so a
+//!   quorum read never misses an acknowledged commit. Fails with `unavailable` when too few peers
+//!   answer.
+//! - [`ReadMode::Local`]: answers from local storage; fastest, may be stale.
+//!
+//! In both modes a node outside a block's cluster forwards the read to a member (closest first),
+//! which serves it in its own mode.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use libp2p_identity::PeerId;
+
+use crate::client::RepoClient;
+use crate::error::RepoError;
+use crate::keynet::KeyNetwork;
+pub use crate::model::ReadMode;
+use crate::model::{BlockGets, BlockId, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks};
+use crate::network::PeerNetwork;
+use crate::repo::{MessageOptions, Repo, StorageRepo};
+use crate::sync::CatchUp;
+
+/// The node's repository: writes go to `writes` (the coordinator), reads follow the read mode.
+#[derive(Clone)]
+pub struct ClusterReads {
+    writes: Arc<dyn Repo>,
+    local: StorageRepo,
+    key_network: Arc<dyn KeyNetwork>,
+    network: Arc<dyn PeerNetwork>,
+    catch_up: CatchUp,
+    mode: ReadMode,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ClusterReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterReads").field("mode", &self.mode).finish_non_exhaustive()
+    }
+}
+
+impl ClusterReads {
+    /// Reads in `mode` over the local repository, with `writes` serving pend / cancel / commit;
+    /// `timeout` bounds each request to a peer.
+    pub fn new(
+        writes: Arc<dyn Repo>,
+        local: StorageRepo,
+        key_network: Arc<dyn KeyNetwork>,
+        network: Arc<dyn PeerNetwork>,
+        mode: ReadMode,
+        timeout: Duration,
+    ) -> Self {
+        let catch_up = CatchUp::new(network.clone(), local.clone(), timeout);
+        Self { writes, local, key_network, network, catch_up, mode, timeout }
+    }
+
+    /// The catch-up client this repository uses.
+    pub fn catch_up(&self) -> &CatchUp {
+        &self.catch_up
+    }
+
+    /// Reads in an explicit mode (the per-request override).
+    pub async fn get_in_mode(
+        &self,
+        gets: &BlockGets,
+        options: &MessageOptions,
+        mode: ReadMode,
+    ) -> Result<GetBlockResults, RepoError> {
+        options.check_expired()?;
+        let me = self.network.local_peer_id();
+        // Group the blocks by cluster, as the coordinator does for writes.
+        let mut groups: BTreeMap<Vec<PeerId>, Vec<BlockId>> = BTreeMap::new();
+        for block_id in &gets.block_ids {
+            let cluster = self
+                .key_network
+                .find_cluster(block_id)
+                .await
+                .map_err(|e| RepoError::Unavailable(format!("cluster of {block_id}: {e}")))?;
+            let members: Vec<PeerId> = cluster.keys().copied().collect();
+            let group = groups.entry(members).or_default();
+            if !group.contains(block_id) {
+                group.push(block_id.clone());
+            }
+        }
+        let mut results = GetBlockResults::new();
+        for (members, block_ids) in groups {
+            let part = BlockGets { block_ids, context: gets.context.clone(), read_mode: gets.read_mode };
+            let answer = if members.contains(&me) {
+                if mode == ReadMode::Quorum {
+                    self.converge(&members, &part.block_ids).await?;
+                }
+                self.local.get(&part, options).await?
+            } else {
+                self.forward(&members, &part, options).await?
+            };
+            results.extend(answer);
+        }
+        Ok(results)
+    }
+
+    /// Makes sure the local copies are at least as new as a majority's (quorum read).
+    async fn converge(&self, members: &[PeerId], block_ids: &[BlockId]) -> Result<(), RepoError> {
+        let me = self.network.local_peer_id();
+        let others: Vec<PeerId> = members.iter().copied().filter(|p| *p != me).collect();
+        let needed = (members.len() / 2 + 1).saturating_sub(1);
+        if needed == 0 {
+            return Ok(());
+        }
+        let answers = self.catch_up.latest_of(&others, block_ids).await;
+        if answers.len() < needed {
+            return Err(RepoError::Unavailable(format!(
+                "quorum read needs {needed} of {} cluster peers, {} answered",
+                others.len(),
+                answers.len()
+            )));
+        }
+        for block_id in block_ids {
+            let local_rev = self.local.storage().latest(block_id).await?.map(|l| l.rev);
+            let newest = answers
+                .iter()
+                .filter_map(|(peer, r)| r.latest.get(block_id).cloned().flatten().map(|l| (l.rev, *peer)))
+                .max();
+            if let Some((rev, peer)) = newest
+                && local_rev.is_none_or(|l| rev > l)
+            {
+                tracing::debug!(%block_id, %peer, rev, ?local_rev, "behind a quorum peer; catching up before the read");
+                self.catch_up.catch_up_from(block_id, peer).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forwards a read to the first member that answers.
+    async fn forward(&self, members: &[PeerId], gets: &BlockGets, options: &MessageOptions) -> Result<GetBlockResults, RepoError> {
+        let mut last_error = RepoError::Unavailable("the block's cluster has no members".into());
+        let timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+        for member in members {
+            let client = RepoClient::new(self.network.clone(), *member).with_default_timeout_ms(timeout_ms);
+            match client.get(gets, options).await {
+                Ok(results) => return Ok(results),
+                Err(e) if e.is_retryable() => last_error = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error)
+    }
+}
+
+#[async_trait]
+impl Repo for ClusterReads {
+    async fn get(&self, gets: &BlockGets, options: &MessageOptions) -> Result<GetBlockResults, RepoError> {
+        let mode = gets.read_mode.unwrap_or(self.mode);
+        self.get_in_mode(gets, options, mode).await
+    }
+
+    async fn pend(&self, request: &PendRequest, options: &MessageOptions) -> Result<PendResult, RepoError> {
+        self.writes.pend(request, options).await
+    }
+
+    async fn cancel(&self, trx: &TrxBlocks, options: &MessageOptions) -> Result<(), RepoError> {
+        self.writes.cancel(trx, options).await
+    }
+
+    async fn commit(&self, request: &CommitRequest, options: &MessageOptions) -> Result<CommitResult, RepoError> {
+        self.writes.commit(request, options).await
+    }
+}

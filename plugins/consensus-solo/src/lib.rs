@@ -1,0 +1,55 @@
+//! Cluster-of-one consensus, registered as `consensus solo` (SPEC 4.7): every operation is applied
+//! to the local repository directly, with no messages. For embedded single nodes and tests.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use optimystic_core::consensus::Consensus;
+use optimystic_core::keynet::ClusterPeers;
+use optimystic_core::record::ClusterRecord;
+use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::wire::{RepoMessage, RepoResponse};
+use optimystic_core::{RepoError, StorageRepo};
+use serde_json::Value;
+
+/// Applies every operation to the local repository.
+#[derive(Debug, Clone)]
+pub struct SoloConsensus {
+    local: StorageRepo,
+}
+
+impl SoloConsensus {
+    /// Solo consensus over a local repository.
+    pub fn new(local: StorageRepo) -> Self {
+        Self { local }
+    }
+}
+
+/// Runs one repo operation against a repository, honouring the message's expiration. Moved to
+/// core as [`optimystic_core::apply::apply_operation`]; re-exported here for existing callers.
+pub use optimystic_core::apply::apply_operation;
+
+#[async_trait]
+impl Consensus for SoloConsensus {
+    async fn execute(&self, _peers: &ClusterPeers, message: &RepoMessage) -> Result<RepoResponse, RepoError> {
+        apply_operation(&self.local, message).await
+    }
+
+    async fn on_update(&self, _record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+        Err(RepoError::BadRequest("this node runs solo consensus and takes no cluster records".into()))
+    }
+}
+
+fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
+    if let Value::Object(map) = config
+        && let Some(key) = map.keys().find(|k| k.as_str() != "kind")
+    {
+        return Err(PluginError::Config { plugin: "consensus solo".into(), message: format!("unknown option {key:?}") });
+    }
+    let local = cx.require(&cx.local_repo, "a local repository")?.clone();
+    Ok(Arc::new(SoloConsensus::new(local)))
+}
+
+optimystic_core::inventory::submit! {
+    PluginDescriptor::consensus("solo", "cluster of one: apply every operation locally", build)
+}
