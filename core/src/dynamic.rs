@@ -264,7 +264,7 @@ pub struct PluginEntryTable {
 
 /// Exports a storage engine from a `cdylib` crate as a dynamic plugin.
 ///
-/// ```ignore
+/// ```text
 /// fn open(
 ///     cx: &optimystic_core::dynamic::DynamicContext,
 ///     config: &serde_json::Value,

@@ -3,7 +3,7 @@
 //!
 //! A plugin crate registers a static [`PluginDescriptor`]:
 //!
-//! ```ignore
+//! ```text
 //! inventory::submit! {
 //!     optimystic_core::registry::PluginDescriptor::storage("memory", "in-memory storage", build)
 //! }

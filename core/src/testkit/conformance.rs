@@ -1,6 +1,6 @@
 //! Storage conformance suite: every [`RawStorage`] engine runs it with one macro call.
 //!
-//! ```rust,ignore
+//! ```text
 //! // tests/conformance.rs of a storage plugin
 //! use std::sync::Arc;
 //! use optimystic_core::testkit::conformance::Fixture;
