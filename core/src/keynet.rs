@@ -93,8 +93,10 @@ pub trait PeerRouting: Send + Sync + std::fmt::Debug + 'static {
     /// The peers currently in the routing table, with their known addresses.
     async fn known_peers(&self) -> ClusterPeers;
 
-    /// An iterative DHT lookup of the peers closest to `key`, bounded by the host's query timeout.
-    async fn closest_peers(&self, key: [u8; 32]) -> Result<ClusterPeers, KeyNetworkError>;
+    /// An iterative DHT lookup of the peers closest to the block's key `sha256(utf8(blockId))`,
+    /// bounded by the host's query timeout. Kademlia hashes lookup keys itself, so the block id (not
+    /// its hash) is what goes on the wire.
+    async fn closest_peers(&self, block_id: &BlockId) -> Result<ClusterPeers, KeyNetworkError>;
 
     /// A counter that changes whenever the routing table gains or loses a peer (for cache
     /// invalidation).

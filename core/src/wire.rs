@@ -14,17 +14,8 @@ use crate::model::{
 /// Protocol id prefix used when none is configured.
 pub const DEFAULT_PROTOCOL_PREFIX: &str = "/db-p2p";
 
-/// The repo protocol id for a prefix: `<prefix>/repo/1.0.0`.
-pub fn repo_protocol(prefix: &str) -> String {
-    format!("{prefix}/repo/1.0.0")
-}
-
-/// The cluster protocol id for a prefix: `<prefix>/cluster/1.0.0`.
-pub fn cluster_protocol(prefix: &str) -> String {
-    format!("{prefix}/cluster/1.0.0")
-}
-
-/// The Kademlia protocol id for a prefix: `<prefix>/kad/1.0.0`.
+/// The Kademlia protocol id for a prefix: `<prefix>/kad/1.0.0`. The other protocol ids come from
+/// [`crate::network::ProtocolKind::protocol_id`].
 pub fn kad_protocol(prefix: &str) -> String {
     format!("{prefix}/kad/1.0.0")
 }

@@ -1,0 +1,429 @@
+//! The swarm task: the only owner of the swarm. It executes handle commands, turns swarm events
+//! into replies, and hands inbound requests to [`Services`] on spawned tasks.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
+use libp2p::identity::PeerId;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, StreamProtocol, Swarm, identify, kad};
+use optimystic_core::BlockId;
+use optimystic_core::keynet::{ClusterPeers, KeyNetworkError, PeerInfo, block_key, rank_peers};
+use optimystic_core::network::{NetworkError, ProtocolKind};
+use optimystic_core::wire::ErrorEnvelope;
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+
+use super::behaviour::{MAX_IDENTIFY_ADDRS, NodeBehaviour, NodeBehaviourEvent, stream_protocol};
+use super::{HostConfig, HostError};
+use crate::codec::Frame;
+use crate::service::{PerProtocol, Services};
+
+/// Kademlia's `k`: how many peers a lookup returns.
+const LOOKUP_RESULT_PEERS: usize = 20;
+/// Lookups running at once; more are refused.
+const MAX_CONCURRENT_LOOKUPS: usize = 64;
+/// Remembered dial errors (for error messages); the memory is cleared past this.
+const MAX_REMEMBERED_DIAL_ERRORS: usize = 1024;
+
+/// Where the result of a lookup goes.
+type LookupReply = oneshot::Sender<Result<ClusterPeers, KeyNetworkError>>;
+
+/// What a handle asks the swarm task to do.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Request {
+        peer: PeerId,
+        kind: ProtocolKind,
+        request: Value,
+        reply: oneshot::Sender<Result<Value, NetworkError>>,
+        permit: OwnedSemaphorePermit,
+    },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    KnownPeers(oneshot::Sender<ClusterPeers>),
+    ClosestPeers {
+        block_id: BlockId,
+        reply: LookupReply,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A handler's answer, on its way back to the swarm.
+struct Answer {
+    kind: ProtocolKind,
+    channel: ResponseChannel<Value>,
+    response: Value,
+}
+
+/// An outbound request waiting for its response. The permit counts it against the outbound bound
+/// until libp2p reports its end, even if the caller stopped waiting.
+struct Pending {
+    peer: PeerId,
+    reply: oneshot::Sender<Result<Value, NetworkError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+pub(crate) struct SwarmTask {
+    swarm: Swarm<NodeBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    answers_tx: mpsc::Sender<Answer>,
+    answers: mpsc::Receiver<Answer>,
+    services: Arc<Services>,
+    epoch: watch::Sender<u64>,
+    listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    pending: HashMap<(ProtocolKind, OutboundRequestId), Pending>,
+    lookups: HashMap<kad::QueryId, ([u8; 32], LookupReply)>,
+    dial_errors: HashMap<PeerId, String>,
+    protocol_ids: PerProtocol<String>,
+    kad_protocol: StreamProtocol,
+    request_timeout_ms: u64,
+}
+
+impl SwarmTask {
+    pub(crate) fn new(
+        swarm: Swarm<NodeBehaviour>,
+        config: &HostConfig,
+        commands: mpsc::Receiver<Command>,
+        services: Arc<Services>,
+        epoch: watch::Sender<u64>,
+        listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    ) -> Result<Self, HostError> {
+        // Every admitted request sends one answer, so this capacity is never the limit.
+        let answers_capacity = config.max_inbound_per_protocol.saturating_mul(ProtocolKind::ALL.len()).max(1);
+        let (answers_tx, answers) = mpsc::channel(answers_capacity);
+        Ok(Self {
+            swarm,
+            commands,
+            answers_tx,
+            answers,
+            services,
+            epoch,
+            listen_addrs,
+            pending: HashMap::new(),
+            lookups: HashMap::new(),
+            dial_errors: HashMap::new(),
+            protocol_ids: PerProtocol::from_fn(|kind| kind.protocol_id(&config.protocol_prefix)),
+            kad_protocol: stream_protocol(optimystic_core::wire::kad_protocol(&config.protocol_prefix))?,
+            request_timeout_ms: config.request_timeout_ms,
+        })
+    }
+
+    /// Drives the swarm until every listener has bound an address.
+    pub(crate) async fn wait_listening(
+        &mut self,
+        listeners: Vec<(ListenerId, Multiaddr)>,
+        timeout: Duration,
+    ) -> Result<(), HostError> {
+        let mut waiting: HashMap<ListenerId, Multiaddr> = listeners.into_iter().collect();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !waiting.is_empty() {
+            let event = match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
+                Ok(event) => event,
+                Err(_) => {
+                    let addr = waiting.into_values().next().unwrap_or_else(Multiaddr::empty);
+                    return Err(HostError::Listen { addr, reason: format!("not bound within {timeout:?}") });
+                }
+            };
+            match &event {
+                SwarmEvent::NewListenAddr { listener_id, .. } => {
+                    waiting.remove(listener_id);
+                }
+                SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                    if let Some(addr) = waiting.remove(listener_id) {
+                        let reason = match reason {
+                            Ok(()) => "listener closed".to_owned(),
+                            Err(e) => e.to_string(),
+                        };
+                        return Err(HostError::Listen { addr, reason });
+                    }
+                }
+                SwarmEvent::ListenerError { listener_id, error } => {
+                    if let Some(addr) = waiting.remove(listener_id) {
+                        return Err(HostError::Listen { addr, reason: error.to_string() });
+                    }
+                }
+                _ => {}
+            }
+            self.on_swarm_event(event);
+        }
+        Ok(())
+    }
+
+    /// Seeds the routing table with the bootstrap peers, dials them and starts a Kademlia
+    /// bootstrap. Failures are logged: a node whose bootstrap peers are down still starts.
+    pub(crate) fn bootstrap(&mut self, addrs: &[Multiaddr]) {
+        let mut seeded = false;
+        for addr in addrs {
+            let peer = addr.iter().find_map(|p| match p {
+                Protocol::P2p(peer) => Some(peer),
+                _ => None,
+            });
+            let dial = match peer {
+                Some(peer) if peer == *self.swarm.local_peer_id() => continue,
+                Some(peer) => {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    seeded = true;
+                    DialOpts::peer_id(peer)
+                        .addresses(vec![addr.clone()])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build()
+                }
+                None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+            };
+            if let Err(e) = self.swarm.dial(dial) {
+                tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+        if seeded && let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+            tracing::debug!(error = %e, "kademlia bootstrap not started");
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut stopped = None;
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command.map(|c| self.on_command(c)) {
+                    Some(ControlFlow::Continue(())) => {}
+                    Some(ControlFlow::Break(reply)) => {
+                        stopped = Some(reply);
+                        break;
+                    }
+                    None => break,
+                },
+                Some(answer) = self.answers.recv() => self.on_answer(answer),
+            }
+        }
+        // Drop the handlers (they may hold handles) and every pending reply: waiting callers see
+        // `Closed`.
+        self.services.set_handlers(crate::service::Handlers::default());
+        let peer = *self.swarm.local_peer_id();
+        drop(self);
+        tracing::info!(%peer, "host stopped");
+        if let Some(reply) = stopped {
+            let _ = reply.send(());
+        }
+    }
+
+    fn bump_epoch(&self) {
+        self.epoch.send_modify(|epoch| *epoch = epoch.wrapping_add(1));
+    }
+
+    /// Executes one command; `Break` carries the reply of a shutdown.
+    fn on_command(&mut self, command: Command) -> ControlFlow<oneshot::Sender<()>> {
+        match command {
+            Command::Request { peer, kind, request, reply, permit } => {
+                if reply.is_closed() {
+                    return ControlFlow::Continue(());
+                }
+                let id = self.swarm.behaviour_mut().protocol(kind).send_request(&peer, Frame::Json(request));
+                self.pending.insert((kind, id), Pending { peer, reply, _permit: permit });
+            }
+            Command::AddAddress { peer, addr } => {
+                if self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone()) == kad::RoutingUpdate::Failed {
+                    tracing::debug!(%peer, %addr, "address not added to the routing table");
+                }
+                self.swarm.add_peer_address(peer, addr);
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::KnownPeers(reply) => {
+                let _ = reply.send(self.routing_table());
+            }
+            Command::ClosestPeers { block_id, reply } => {
+                if self.lookups.len() >= MAX_CONCURRENT_LOOKUPS {
+                    let _ = reply.send(Err(KeyNetworkError::Lookup(format!(
+                        "{MAX_CONCURRENT_LOOKUPS} lookups are already running"
+                    ))));
+                    return ControlFlow::Continue(());
+                }
+                // Kademlia hashes the lookup key: the walk converges on sha256(blockId).
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(block_id.as_bytes().to_vec());
+                self.lookups.insert(id, (block_key(&block_id), reply));
+            }
+            Command::Shutdown(reply) => return ControlFlow::Break(reply),
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn routing_table(&mut self) -> ClusterPeers {
+        let mut peers = ClusterPeers::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                let multiaddrs = entry.node.value.iter().map(ToString::to_string).collect();
+                peers.insert(*entry.node.key.preimage(), PeerInfo { multiaddrs });
+            }
+        }
+        peers
+    }
+
+    fn on_answer(&mut self, answer: Answer) {
+        let Answer { kind, channel, response } = answer;
+        if self.swarm.behaviour_mut().protocol(kind).send_response(channel, response).is_err() {
+            tracing::debug!(protocol = kind.name(), "response not sent: the requester is gone or timed out");
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<NodeBehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Repo(e)) => self.on_request_response(ProtocolKind::Repo, e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Cluster(e)) => {
+                self.on_request_response(ProtocolKind::Cluster, e);
+            }
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Sync(e)) => self.on_request_response(ProtocolKind::Sync, e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(e)) => self.on_identify(e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(_) | NodeBehaviourEvent::Limits(_)) => {}
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::debug!(%address, "listening");
+                let mut addrs = self.listen_addrs.write().unwrap_or_else(PoisonError::into_inner);
+                if !addrs.contains(&address) {
+                    addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.write().unwrap_or_else(PoisonError::into_inner).retain(|a| *a != address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                self.dial_errors.remove(&peer_id);
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                if self.dial_errors.len() >= MAX_REMEMBERED_DIAL_ERRORS {
+                    self.dial_errors.clear();
+                }
+                self.dial_errors.insert(peer, error.to_string());
+            }
+            other => tracing::trace!(event = ?other, "swarm event"),
+        }
+    }
+
+    fn on_identify(&mut self, event: identify::Event) {
+        let identify::Event::Received { peer_id, info, .. } = event else {
+            return;
+        };
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if info.protocols.contains(&self.kad_protocol) {
+            for addr in info.listen_addrs.into_iter().take(MAX_IDENTIFY_ADDRS) {
+                kad.add_address(&peer_id, addr);
+            }
+        } else if kad.remove_peer(&peer_id).is_some() {
+            // A peer of another network (other prefix) or one that stopped serving the DHT.
+            self.bump_epoch();
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::RoutingUpdated { is_new_peer, old_peer, .. } => {
+                if is_new_peer || old_peer.is_some() {
+                    self.bump_epoch();
+                }
+            }
+            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), .. } => {
+                let Some((key, reply)) = self.lookups.remove(&id) else {
+                    return;
+                };
+                let found = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                let mut candidates = self.routing_table();
+                for peer in found {
+                    let info = candidates.entry(peer.peer_id).or_default();
+                    for addr in peer.addrs {
+                        let text = addr.to_string();
+                        if !info.multiaddrs.contains(&text) {
+                            info.multiaddrs.push(text);
+                        }
+                    }
+                }
+                let closest: HashSet<PeerId> =
+                    rank_peers(&key, candidates.keys(), LOOKUP_RESULT_PEERS).into_iter().collect();
+                candidates.retain(|peer, _| closest.contains(peer));
+                let _ = reply.send(Ok(candidates));
+            }
+            other => tracing::trace!(event = ?other, "kademlia event"),
+        }
+    }
+
+    fn on_request_response(&mut self, kind: ProtocolKind, event: request_response::Event<Frame, Value>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    self.on_inbound(kind, peer, request, channel);
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(pending) = self.pending.remove(&(kind, request_id)) {
+                        let result = match ErrorEnvelope::from_response(&response) {
+                            Some(envelope) => Err(NetworkError::Remote {
+                                peer: pending.peer,
+                                code: envelope.error.code,
+                                message: envelope.error.message,
+                            }),
+                            None => Ok(response),
+                        };
+                        let _ = pending.reply.send(result);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                if let Some(pending) = self.pending.remove(&(kind, request_id)) {
+                    let error = self.outbound_error(kind, peer, error);
+                    let _ = pending.reply.send(Err(error));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(protocol = kind.name(), %peer, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn outbound_error(&mut self, kind: ProtocolKind, peer: PeerId, error: OutboundFailure) -> NetworkError {
+        match error {
+            OutboundFailure::DialFailure => {
+                let reason = self.dial_errors.remove(&peer).unwrap_or_else(|| "no connection could be made".to_owned());
+                NetworkError::DialFailed { peer, reason }
+            }
+            OutboundFailure::Timeout => NetworkError::Timeout { peer, timeout_ms: self.request_timeout_ms },
+            OutboundFailure::UnsupportedProtocols => {
+                NetworkError::UnsupportedProtocol { peer, protocol: self.protocol_ids.get(kind).clone() }
+            }
+            OutboundFailure::ConnectionClosed => {
+                NetworkError::Stream { peer, reason: "connection closed before the response".to_owned() }
+            }
+            OutboundFailure::Io(e) => NetworkError::Stream { peer, reason: e.to_string() },
+        }
+    }
+
+    fn on_inbound(&mut self, kind: ProtocolKind, peer: PeerId, request: Frame, channel: ResponseChannel<Value>) {
+        match self.services.admit(kind) {
+            Err(busy) => {
+                tracing::debug!(protocol = kind.name(), %peer, "inbound bound reached; answering busy");
+                let _ = self.swarm.behaviour_mut().protocol(kind).send_response(channel, busy);
+            }
+            Ok(permit) => {
+                let services = Arc::clone(&self.services);
+                let answers = self.answers_tx.clone();
+                tokio::spawn(async move {
+                    let response = services.serve(kind, request).await;
+                    let _ = answers.send(Answer { kind, channel, response }).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+}

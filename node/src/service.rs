@@ -1,0 +1,430 @@
+//! Inbound request handling: [`RepoService`], [`ClusterService`] and [`SyncService`] turn one
+//! request frame into one response value, and [`Services`] bounds how many run at once per
+//! protocol.
+//!
+//! Every failure is answered with the SPEC 3.2 error envelope `{"error": {"code", "message"}}`:
+//! malformed frames (bad prefix, oversize, truncated, not UTF-8, not JSON), unknown operations and
+//! invalid transforms are `bad-request`, expired messages `expired`, requests past the in-flight
+//! bound `busy`, a missing handler `unavailable`, a handler panic `internal`. A refused request
+//! never reaches storage, so it changes nothing.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use optimystic_core::consensus::Consensus;
+use optimystic_core::network::ProtocolKind;
+use optimystic_core::record::ClusterRecord;
+use optimystic_core::time::now_ms;
+use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
+use optimystic_core::{ErrorCode, MessageOptions, Repo, RepoError};
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::codec::Frame;
+
+/// Default bound on inbound requests being handled at once, per protocol (SPEC 3.1).
+pub const DEFAULT_MAX_INBOUND_PER_PROTOCOL: usize = 32;
+
+/// The error envelope `{"error": {"code", "message"}}` as a JSON value.
+pub fn envelope(code: ErrorCode, message: impl Into<String>) -> Value {
+    json!({"error": {"code": code.as_str(), "message": message.into()}})
+}
+
+/// The error envelope of a [`RepoError`], with its wire code.
+pub fn error_value(error: &RepoError) -> Value {
+    envelope(error.code(), error.to_string())
+}
+
+/// Handles inbound requests of the sync protocol (`<prefix>/sync/1.0.0`).
+///
+/// The transport only frames and routes: the request is any JSON value, the answer any JSON value
+/// or an error, which is sent as the error envelope of its code.
+#[async_trait]
+pub trait SyncHandler: Send + Sync + std::fmt::Debug + 'static {
+    /// Answers one sync request. Must not block the executor; may take as long as the host's
+    /// request timeout allows (the requester gives up after that).
+    async fn handle(&self, request: Value) -> Result<Value, RepoError>;
+}
+
+/// What a node serves on each protocol. A protocol without a handler answers `unavailable`.
+#[derive(Clone, Default)]
+pub struct Handlers {
+    /// Serves `<prefix>/repo/1.0.0`.
+    pub repo: Option<Arc<dyn Repo>>,
+    /// Serves `<prefix>/cluster/1.0.0` (`Consensus::on_update`).
+    pub cluster: Option<Arc<dyn Consensus>>,
+    /// Serves `<prefix>/sync/1.0.0`.
+    pub sync: Option<Arc<dyn SyncHandler>>,
+}
+
+impl Handlers {
+    /// Handlers serving the repo protocol only.
+    pub fn repo(repo: Arc<dyn Repo>) -> Self {
+        Self { repo: Some(repo), ..Self::default() }
+    }
+
+    /// These handlers, also serving the cluster protocol.
+    #[must_use]
+    pub fn with_cluster(mut self, consensus: Arc<dyn Consensus>) -> Self {
+        self.cluster = Some(consensus);
+        self
+    }
+
+    /// These handlers, also serving the sync protocol.
+    #[must_use]
+    pub fn with_sync(mut self, sync: Arc<dyn SyncHandler>) -> Self {
+        self.sync = Some(sync);
+        self
+    }
+}
+
+impl std::fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handlers")
+            .field("repo", &self.repo.is_some())
+            .field("cluster", &self.cluster)
+            .field("sync", &self.sync)
+            .finish()
+    }
+}
+
+/// The repo protocol (SPEC 3.2): one [`RepoMessage`] in, the operation's result or an error
+/// envelope out.
+#[derive(Clone)]
+pub struct RepoService {
+    repo: Arc<dyn Repo>,
+}
+
+impl std::fmt::Debug for RepoService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepoService").finish_non_exhaustive()
+    }
+}
+
+impl RepoService {
+    /// A service over a repository.
+    pub fn new(repo: Arc<dyn Repo>) -> Self {
+        Self { repo }
+    }
+
+    /// Answers one request frame. Malformed frames and messages (not exactly one known operation,
+    /// invalid ids, missing `expiration`) are `bad-request` and an expired message is `expired`,
+    /// all without calling the repository. The repository receives the message's expiration in
+    /// its [`MessageOptions`].
+    pub async fn serve(&self, frame: Frame) -> Value {
+        let value = match frame {
+            Frame::Json(value) => value,
+            Frame::Malformed(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
+        };
+        let message = match RepoMessage::from_value(value) {
+            Ok(message) => message,
+            Err(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
+        };
+        if message.is_expired(now_ms()) {
+            return envelope(ErrorCode::Expired, format!("message expired at {} ms", message.expiration));
+        }
+        let options = MessageOptions { expiration_ms: Some(message.expiration) };
+        let operation = match message.into_operation() {
+            Ok(operation) => operation,
+            Err(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
+        };
+        let result = match operation {
+            RepoOperation::Get(gets) => self.repo.get(&gets, &options).await.map(RepoResponse::Get),
+            RepoOperation::Pend(request) => self.repo.pend(&request, &options).await.map(RepoResponse::Pend),
+            RepoOperation::Cancel { trx_ref } => self.repo.cancel(&trx_ref, &options).await.map(|()| RepoResponse::Cancel),
+            RepoOperation::Commit(request) => self.repo.commit(&request, &options).await.map(RepoResponse::Commit),
+        };
+        match result {
+            Ok(response) => response
+                .to_value()
+                .unwrap_or_else(|e| envelope(ErrorCode::Internal, format!("cannot encode the response: {e}"))),
+            Err(e) => error_value(&e),
+        }
+    }
+}
+
+/// The cluster protocol (SPEC 3.3): `{"operation": "update", "record": ClusterRecord}` in, the
+/// member's merged record or an error envelope out.
+#[derive(Clone, Debug)]
+pub struct ClusterService {
+    consensus: Arc<dyn Consensus>,
+}
+
+impl ClusterService {
+    /// A service over a consensus member.
+    pub fn new(consensus: Arc<dyn Consensus>) -> Self {
+        Self { consensus }
+    }
+
+    /// Answers one request frame. Anything but an `update` carrying a parseable record is
+    /// `bad-request` without calling the consensus; verification (hashes, signatures, expiry) is
+    /// the consensus's job.
+    pub async fn serve(&self, frame: Frame) -> Value {
+        let value = match frame {
+            Frame::Json(value) => value,
+            Frame::Malformed(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
+        };
+        let Value::Object(mut request) = value else {
+            return envelope(ErrorCode::BadRequest, "a cluster request is a JSON object");
+        };
+        match request.get("operation").and_then(Value::as_str) {
+            Some("update") => {}
+            Some(other) => {
+                let shown: String = other.chars().take(64).collect();
+                return envelope(ErrorCode::BadRequest, format!("unknown cluster operation {shown:?}"));
+            }
+            None => return envelope(ErrorCode::BadRequest, "a cluster request needs a string \"operation\""),
+        }
+        let Some(record) = request.remove("record") else {
+            return envelope(ErrorCode::BadRequest, "an update needs a \"record\"");
+        };
+        let record = match ClusterRecord::from_value(record) {
+            Ok(record) => record,
+            Err(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
+        };
+        match self.consensus.on_update(record).await {
+            Ok(merged) => merged.to_value(),
+            Err(e) => error_value(&e),
+        }
+    }
+}
+
+/// The sync protocol: any JSON request to a [`SyncHandler`].
+#[derive(Clone, Debug)]
+pub struct SyncService {
+    handler: Arc<dyn SyncHandler>,
+}
+
+impl SyncService {
+    /// A service over a sync handler.
+    pub fn new(handler: Arc<dyn SyncHandler>) -> Self {
+        Self { handler }
+    }
+
+    /// Answers one request frame; malformed frames are `bad-request`.
+    pub async fn serve(&self, frame: Frame) -> Value {
+        match frame {
+            Frame::Json(value) => match self.handler.handle(value).await {
+                Ok(answer) => answer,
+                Err(e) => error_value(&e),
+            },
+            Frame::Malformed(e) => envelope(ErrorCode::BadRequest, e.to_string()),
+        }
+    }
+}
+
+/// One value per protocol.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PerProtocol<T> {
+    pub(crate) repo: T,
+    pub(crate) cluster: T,
+    pub(crate) sync: T,
+}
+
+impl<T> PerProtocol<T> {
+    pub(crate) fn from_fn(mut f: impl FnMut(ProtocolKind) -> T) -> Self {
+        Self { repo: f(ProtocolKind::Repo), cluster: f(ProtocolKind::Cluster), sync: f(ProtocolKind::Sync) }
+    }
+
+    pub(crate) fn get(&self, kind: ProtocolKind) -> &T {
+        match kind {
+            ProtocolKind::Repo => &self.repo,
+            ProtocolKind::Cluster => &self.cluster,
+            ProtocolKind::Sync => &self.sync,
+        }
+    }
+}
+
+/// The inbound side of a node: the current [`Handlers`] and a bound of requests in flight per
+/// protocol.
+///
+/// Handlers can be set or replaced at any time ([`Services::set_handlers`]): a request is served by
+/// the handlers current when it starts.
+#[derive(Debug)]
+pub struct Services {
+    handlers: RwLock<Handlers>,
+    inbound: PerProtocol<Arc<Semaphore>>,
+    max_inbound_per_protocol: usize,
+}
+
+impl Services {
+    /// Services with no handlers yet, admitting at most `max_inbound_per_protocol` requests at once
+    /// per protocol (at least one).
+    pub fn new(max_inbound_per_protocol: usize) -> Self {
+        let limit = max_inbound_per_protocol.max(1);
+        Self {
+            handlers: RwLock::new(Handlers::default()),
+            inbound: PerProtocol::from_fn(|_| Arc::new(Semaphore::new(limit))),
+            max_inbound_per_protocol: limit,
+        }
+    }
+
+    /// Installs the handlers used for requests that start from now on.
+    pub fn set_handlers(&self, handlers: Handlers) {
+        *self.handlers.write().unwrap_or_else(PoisonError::into_inner) = handlers;
+    }
+
+    /// The current handlers.
+    pub fn handlers(&self) -> Handlers {
+        self.handlers.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Admits one request on `kind`: a permit to hold until its answer is handed back, or the
+    /// `busy` envelope to answer right away when the protocol is at its bound.
+    pub fn admit(&self, kind: ProtocolKind) -> Result<OwnedSemaphorePermit, Value> {
+        self.inbound.get(kind).clone().try_acquire_owned().map_err(|_| {
+            envelope(
+                ErrorCode::Busy,
+                format!("{} requests in flight on the {} protocol; retry later", self.max_inbound_per_protocol, kind.name()),
+            )
+        })
+    }
+
+    /// Answers one request on `kind` with the current handlers. A handler that panics is answered
+    /// `internal`; the node goes on serving.
+    pub async fn serve(&self, kind: ProtocolKind, frame: Frame) -> Value {
+        let handlers = self.handlers();
+        let work = async move {
+            match kind {
+                ProtocolKind::Repo => match handlers.repo {
+                    Some(repo) => RepoService::new(repo).serve(frame).await,
+                    None => not_served(kind),
+                },
+                ProtocolKind::Cluster => match handlers.cluster {
+                    Some(consensus) => ClusterService::new(consensus).serve(frame).await,
+                    None => not_served(kind),
+                },
+                ProtocolKind::Sync => match handlers.sync {
+                    Some(sync) => SyncService::new(sync).serve(frame).await,
+                    None => not_served(kind),
+                },
+            }
+        };
+        match AssertUnwindSafe(work).catch_unwind().await {
+            Ok(value) => value,
+            Err(_) => {
+                tracing::error!(protocol = kind.name(), "request handler panicked");
+                envelope(ErrorCode::Internal, "the request handler failed")
+            }
+        }
+    }
+
+    /// Requests in flight per protocol, by protocol name (for metrics).
+    pub fn in_flight(&self) -> BTreeMap<&'static str, usize> {
+        ProtocolKind::ALL
+            .iter()
+            .map(|&kind| {
+                let free = self.inbound.get(kind).available_permits();
+                (kind.name(), self.max_inbound_per_protocol.saturating_sub(free))
+            })
+            .collect()
+    }
+}
+
+fn not_served(kind: ProtocolKind) -> Value {
+    envelope(ErrorCode::Unavailable, format!("this node does not serve the {} protocol (yet)", kind.name()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use optimystic_core::StorageRepo;
+    use optimystic_storage_memory::MemoryStorage;
+
+    use super::*;
+    use crate::codec::FrameError;
+
+    fn repo_service() -> RepoService {
+        RepoService::new(Arc::new(StorageRepo::new(Arc::new(MemoryStorage::new()))))
+    }
+
+    fn code(value: &Value) -> &str {
+        value["error"]["code"].as_str().unwrap_or("")
+    }
+
+    fn later() -> u64 {
+        now_ms() + 60_000
+    }
+
+    #[tokio::test]
+    async fn repo_service_answers_bad_requests_with_envelopes() {
+        let service = repo_service();
+        let malformed = service.serve(Frame::Malformed(FrameError::NotJson("x".into()))).await;
+        assert_eq!(code(&malformed), "bad-request");
+        let unknown = service.serve(Frame::Json(json!({"operations": [{"frob": {}}], "expiration": later()}))).await;
+        assert_eq!(code(&unknown), "bad-request");
+        let two = service
+            .serve(Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}, {"get": {"blockIds": ["b"]}}], "expiration": later()})))
+            .await;
+        assert_eq!(code(&two), "bad-request");
+        let expired = service.serve(Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}], "expiration": 1}))).await;
+        assert_eq!(code(&expired), "expired");
+        let invalid = service
+            .serve(Frame::Json(json!({"operations": [{"pend": {"trxId": "t1", "transforms": {"inserts": {"a": {"header": {"id": "b", "type": "t", "collectionId": "c"}}}, "updates": {}, "deletes": []}, "policy": "c"}}], "expiration": later()})))
+            .await;
+        assert_eq!(code(&invalid), "bad-request", "{invalid}");
+        let ok = service.serve(Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}], "expiration": later()}))).await;
+        assert!(ok["a"]["state"].is_object(), "{ok}");
+    }
+
+    #[tokio::test]
+    async fn services_bound_requests_in_flight_and_report_missing_handlers() {
+        let services = Services::new(2);
+        let unserved = services.serve(ProtocolKind::Cluster, Frame::Json(json!({}))).await;
+        assert_eq!(code(&unserved), "unavailable");
+        let a = services.admit(ProtocolKind::Repo).unwrap();
+        let _b = services.admit(ProtocolKind::Repo).unwrap();
+        let busy = services.admit(ProtocolKind::Repo).unwrap_err();
+        assert_eq!(code(&busy), "busy");
+        assert!(services.admit(ProtocolKind::Sync).is_ok(), "limits are per protocol");
+        assert_eq!(services.in_flight()["repo"], 2);
+        drop(a);
+        assert!(services.admit(ProtocolKind::Repo).is_ok());
+    }
+
+    #[derive(Debug)]
+    struct Panicking;
+
+    #[async_trait]
+    impl SyncHandler for Panicking {
+        async fn handle(&self, _request: Value) -> Result<Value, RepoError> {
+            panic!("handler bug")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_internal() {
+        let services = Services::new(1);
+        services.set_handlers(Handlers::default().with_sync(Arc::new(Panicking)));
+        let answer = services.serve(ProtocolKind::Sync, Frame::Json(json!(1))).await;
+        assert_eq!(code(&answer), "internal");
+    }
+
+    #[tokio::test]
+    async fn cluster_service_refuses_unknown_operations_and_bad_records() {
+        #[derive(Debug)]
+        struct Refuse;
+        #[async_trait]
+        impl Consensus for Refuse {
+            async fn execute(
+                &self,
+                _peers: &optimystic_core::keynet::ClusterPeers,
+                _message: &RepoMessage,
+            ) -> Result<RepoResponse, RepoError> {
+                Err(RepoError::Internal("unused".into()))
+            }
+            async fn on_update(&self, _record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+                Err(RepoError::Expired)
+            }
+        }
+        let service = ClusterService::new(Arc::new(Refuse));
+        assert_eq!(code(&service.serve(Frame::Json(json!([]))).await), "bad-request");
+        assert_eq!(code(&service.serve(Frame::Json(json!({"operation": "delete"}))).await), "bad-request");
+        assert_eq!(code(&service.serve(Frame::Json(json!({"operation": "update"}))).await), "bad-request");
+        assert_eq!(code(&service.serve(Frame::Json(json!({"operation": "update", "record": 5}))).await), "bad-request");
+    }
+}

@@ -1,0 +1,261 @@
+//! [`KeyNetwork`] over a fixed member list, registered as `key-network static`.
+//!
+//! The cluster of a block is the `cluster_size` members closest to `sha256(blockId)` by the XOR
+//! distance of their DHT keys ([`rank_peers`], the same ranking the Kademlia key network uses), so
+//! nodes configured with the same member list agree on every cluster without any lookup.
+//!
+//! Configuration: `{"kind": "static", "cluster_size": 3, "members": ["<peer id>" | "<multiaddr>/p2p/<peer id>", ...]}`.
+//! `cluster_size` defaults to 3. Every node must list the same members, itself included.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use multiaddr::{Multiaddr, Protocol};
+use optimystic_core::BlockId;
+use optimystic_core::identity::PeerId;
+use optimystic_core::keynet::{ClusterPeers, KeyNetwork, KeyNetworkError, PeerInfo, block_key, rank_peers};
+use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use serde_json::Value;
+
+/// Cluster size when the configuration names none (SPEC 4).
+pub const DEFAULT_CLUSTER_SIZE: usize = 3;
+/// The largest accepted cluster size.
+pub const MAX_CLUSTER_SIZE: usize = 256;
+/// The largest accepted member list.
+pub const MAX_MEMBERS: usize = 4096;
+const PLUGIN: &str = "key-network static";
+
+/// A key network over a fixed member list.
+#[derive(Debug, Clone)]
+pub struct StaticKeyNetwork {
+    members: ClusterPeers,
+    cluster_size: usize,
+}
+
+impl StaticKeyNetwork {
+    /// A key network over `members` (with their addresses), `cluster_size` peers per cluster.
+    /// Fails when `local` is not a member, the list is empty or too long, or `cluster_size` is
+    /// outside `1..=MAX_CLUSTER_SIZE`.
+    pub fn new(local: PeerId, members: ClusterPeers, cluster_size: usize) -> Result<Self, PluginError> {
+        let config_error = |message: String| PluginError::Config { plugin: PLUGIN.to_owned(), message };
+        if !(1..=MAX_CLUSTER_SIZE).contains(&cluster_size) {
+            return Err(config_error(format!("cluster_size {cluster_size} must be between 1 and {MAX_CLUSTER_SIZE}")));
+        }
+        if members.len() > MAX_MEMBERS {
+            return Err(config_error(format!("{} members; at most {MAX_MEMBERS}", members.len())));
+        }
+        if !members.contains_key(&local) {
+            return Err(config_error(format!(
+                "members must include this node ({local}); every node lists the same members"
+            )));
+        }
+        Ok(Self { members, cluster_size })
+    }
+
+    /// Builds from the plugin's configuration section (see the crate documentation).
+    pub fn from_config(local: PeerId, config: &Value) -> Result<Self, PluginError> {
+        let config_error = |message: String| PluginError::Config { plugin: PLUGIN.to_owned(), message };
+        let Value::Object(map) = config else {
+            return Err(config_error(format!("expected a table with \"members\", got {config}")));
+        };
+        if let Some(unknown) = map.keys().find(|k| !["kind", "cluster_size", "members"].contains(&k.as_str())) {
+            return Err(config_error(format!("unknown option {unknown:?}")));
+        }
+        let cluster_size = cluster_size_option(map.get("cluster_size")).map_err(config_error)?;
+        let Some(Value::Array(entries)) = map.get("members") else {
+            return Err(config_error("\"members\" must be a list of peer ids or /p2p multiaddrs".to_owned()));
+        };
+        if entries.len() > MAX_MEMBERS {
+            return Err(config_error(format!("{} members; at most {MAX_MEMBERS}", entries.len())));
+        }
+        let mut members = ClusterPeers::new();
+        for entry in entries {
+            let Value::String(text) = entry else {
+                return Err(config_error(format!("member {entry} is not a string")));
+            };
+            let (peer, addr) = parse_member(text).map_err(config_error)?;
+            let info = members.entry(peer).or_default();
+            if let Some(addr) = addr
+                && !info.multiaddrs.contains(&addr)
+            {
+                info.multiaddrs.push(addr);
+            }
+        }
+        Self::new(local, members, cluster_size)
+    }
+
+    /// The members with their configured addresses.
+    pub fn members(&self) -> &ClusterPeers {
+        &self.members
+    }
+
+    /// The block's cluster members, closest first.
+    pub fn ranked(&self, block_id: &BlockId) -> Vec<PeerId> {
+        rank_peers(&block_key(block_id), self.members.keys(), self.cluster_size)
+    }
+}
+
+/// Reads `cluster_size`: absent means [`DEFAULT_CLUSTER_SIZE`]; otherwise an integer in
+/// `1..=MAX_CLUSTER_SIZE`.
+pub fn cluster_size_option(value: Option<&Value>) -> Result<usize, String> {
+    match value {
+        None | Some(Value::Null) => Ok(DEFAULT_CLUSTER_SIZE),
+        Some(v) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+            Some(n) if (1..=MAX_CLUSTER_SIZE).contains(&n) => Ok(n),
+            _ => Err(format!("cluster_size {v} must be an integer between 1 and {MAX_CLUSTER_SIZE}")),
+        },
+    }
+}
+
+/// Parses a member: a peer id, or a multiaddr ending in `/p2p/<peer id>` (the address is kept
+/// without that suffix).
+fn parse_member(text: &str) -> Result<(PeerId, Option<String>), String> {
+    if !text.starts_with('/') {
+        let peer = PeerId::from_str(text).map_err(|e| format!("member {text:?} is not a peer id: {e}"))?;
+        return Ok((peer, None));
+    }
+    let mut addr = Multiaddr::from_str(text).map_err(|e| format!("member {text:?} is not a multiaddr: {e}"))?;
+    match addr.pop() {
+        Some(Protocol::P2p(peer)) => Ok((peer, (!addr.is_empty()).then(|| addr.to_string()))),
+        _ => Err(format!("member {text:?} must end with /p2p/<peer id>")),
+    }
+}
+
+#[async_trait]
+impl KeyNetwork for StaticKeyNetwork {
+    /// The closest `cluster_size` members (all of them when there are fewer), with their
+    /// configured addresses. Never fails: the member list is never empty.
+    async fn find_cluster(&self, block_id: &BlockId) -> Result<ClusterPeers, KeyNetworkError> {
+        let cluster: ClusterPeers = self
+            .ranked(block_id)
+            .into_iter()
+            .map(|peer| (peer, self.members.get(&peer).cloned().unwrap_or_else(PeerInfo::default)))
+            .collect();
+        if cluster.is_empty() {
+            return Err(KeyNetworkError::NoPeers);
+        }
+        Ok(cluster)
+    }
+
+    async fn find_coordinator(&self, block_id: &BlockId, excluded: &[PeerId]) -> Result<PeerId, KeyNetworkError> {
+        let excluded: BTreeSet<&PeerId> = excluded.iter().collect();
+        self.ranked(block_id).into_iter().find(|p| !excluded.contains(p)).ok_or(KeyNetworkError::AllExcluded)
+    }
+
+    fn cluster_size(&self) -> usize {
+        self.cluster_size
+    }
+}
+
+fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> {
+    Ok(Arc::new(StaticKeyNetwork::from_config(cx.local_peer_id, config)?))
+}
+
+optimystic_core::inventory::submit! {
+    PluginDescriptor::key_network("static", "clusters ranked over a fixed member list", build)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use optimystic_core::keynet::{distance, peer_key};
+    use optimystic_core::registry::Registry;
+    use serde_json::json;
+
+    use super::*;
+
+    fn peers(n: usize) -> Vec<PeerId> {
+        (0..n).map(|_| PeerId::random()).collect()
+    }
+
+    fn config(members: &[PeerId], cluster_size: u64) -> Value {
+        json!({"kind": "static", "cluster_size": cluster_size, "members": members.iter().map(ToString::to_string).collect::<Vec<_>>()})
+    }
+
+    #[tokio::test]
+    async fn clusters_are_the_closest_members_by_xor_distance() {
+        let members = peers(7);
+        let network = StaticKeyNetwork::from_config(members[0], &config(&members, 3)).unwrap();
+        for i in 0..20 {
+            let block = BlockId::new(format!("block-{i}")).unwrap();
+            let cluster = network.find_cluster(&block).await.unwrap();
+            assert_eq!(cluster.len(), 3);
+            let key = block_key(&block);
+            let worst_in = cluster.keys().map(|p| distance(&key, &peer_key(p))).max().unwrap();
+            for outside in members.iter().filter(|p| !cluster.contains_key(p)) {
+                assert!(distance(&key, &peer_key(outside)) > worst_in);
+            }
+            let ranked = network.ranked(&block);
+            assert_eq!(network.find_coordinator(&block, &[]).await.unwrap(), ranked[0]);
+            assert_eq!(network.find_coordinator(&block, &ranked[..1]).await.unwrap(), ranked[1]);
+            assert_eq!(network.find_coordinator(&block, &ranked).await, Err(KeyNetworkError::AllExcluded));
+        }
+    }
+
+    #[tokio::test]
+    async fn every_member_computes_the_same_clusters() {
+        let members = peers(5);
+        let views: Vec<StaticKeyNetwork> =
+            members.iter().map(|m| StaticKeyNetwork::from_config(*m, &config(&members, 3)).unwrap()).collect();
+        let block = BlockId::new("shared").unwrap();
+        let first = views[0].find_cluster(&block).await.unwrap();
+        for view in &views[1..] {
+            assert_eq!(view.find_cluster(&block).await.unwrap(), first);
+        }
+    }
+
+    #[tokio::test]
+    async fn small_member_lists_give_everyone() {
+        let members = peers(2);
+        let network = StaticKeyNetwork::from_config(members[1], &config(&members, 3)).unwrap();
+        let cluster = network.find_cluster(&BlockId::new("x").unwrap()).await.unwrap();
+        assert_eq!(cluster.keys().copied().collect::<BTreeSet<_>>(), members.into_iter().collect());
+    }
+
+    #[test]
+    fn multiaddr_members_keep_their_address() {
+        let members = peers(2);
+        let value = json!({"members": [
+            format!("/ip4/127.0.0.1/tcp/4001/p2p/{}", members[0]),
+            members[1].to_string(),
+        ]});
+        let network = StaticKeyNetwork::from_config(members[0], &value).unwrap();
+        assert_eq!(network.cluster_size(), DEFAULT_CLUSTER_SIZE);
+        assert_eq!(network.members()[&members[0]].multiaddrs, vec!["/ip4/127.0.0.1/tcp/4001".to_owned()]);
+        assert!(network.members()[&members[1]].multiaddrs.is_empty());
+    }
+
+    #[test]
+    fn invalid_configurations_are_refused() {
+        let members = peers(3);
+        let local = members[0];
+        let bad = [
+            json!(null),
+            json!({"members": []}),
+            json!({"members": [members[1].to_string()]}),
+            json!({"members": ["not-a-peer"]}),
+            json!({"members": ["/ip4/127.0.0.1/tcp/1"]}),
+            json!({"members": [local.to_string()], "cluster_size": 0}),
+            json!({"members": [local.to_string()], "cluster_size": "3"}),
+            json!({"members": [local.to_string()], "clustersize": 3}),
+            json!({"members": [5]}),
+        ];
+        for config in bad {
+            assert!(
+                matches!(StaticKeyNetwork::from_config(local, &config), Err(PluginError::Config { .. })),
+                "{config} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn registered_as_key_network_static() {
+        let members = peers(1);
+        let cx = PluginContext::new(members[0]);
+        let network = Registry::linked().build_key_network("static", &cx, &config(&members, 1)).unwrap();
+        assert_eq!(network.cluster_size(), 1);
+    }
+}
