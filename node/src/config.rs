@@ -1,0 +1,354 @@
+//! Node configuration: one layered source of truth, built with figment.
+//!
+//! Layers, later ones winning: built-in defaults < TOML file (`--config` or `OPTIMYSTIC_CONFIG`) <
+//! `OPTIMYSTIC_*` environment variables (nested keys joined with `__`, e.g.
+//! `OPTIMYSTIC_NODE__LISTEN`) < command-line flags. [`NodeConfig::validate`] checks everything
+//! that can be checked before start and names the key and the source it came from.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use libp2p::Multiaddr;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use optimystic_core::reads::ReadMode;
+use optimystic_core::registry::{PluginKind, Registry};
+
+/// Environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "OPTIMYSTIC_CONFIG";
+/// Prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "OPTIMYSTIC_";
+/// The top-level sections; environment variables outside them are not configuration.
+pub const SECTIONS: [&str; 8] = ["node", "limits", "storage", "key_network", "consensus", "metrics", "plugins", "log"];
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Identity, addresses and protocol names.
+    pub node: NodeSection,
+    /// Frame sizes, concurrency and deadlines.
+    pub limits: LimitsSection,
+    /// The storage plugin: `kind` plus the plugin's own options.
+    pub storage: PluginSection,
+    /// The key-network plugin: `kind`, `cluster_size` plus the plugin's own options.
+    pub key_network: PluginSection,
+    /// The consensus plugin: `kind`, thresholds plus the plugin's own options.
+    pub consensus: PluginSection,
+    /// The metrics and health endpoint.
+    pub metrics: MetricsSection,
+    /// Dynamic plugin libraries.
+    pub plugins: PluginsSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// `[node]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// Where the identity key and durable storage live.
+    pub data_dir: PathBuf,
+    /// Multiaddrs to listen on.
+    pub listen: Vec<String>,
+    /// Multiaddrs of peers to join through; `/p2p/<peer id>` is optional (the id is learned on
+    /// connect).
+    pub bootstrap: Vec<String>,
+    /// Protocol id prefix; nodes with different prefixes do not talk.
+    pub protocol_prefix: String,
+    /// How `get` reads: `quorum` (never misses an acknowledged commit) or `local` (fastest, may be
+    /// stale).
+    pub read_mode: ReadMode,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./optimystic-data"),
+            listen: vec!["/ip4/127.0.0.1/tcp/4001".to_owned()],
+            bootstrap: Vec::new(),
+            protocol_prefix: optimystic_core::wire::DEFAULT_PROTOCOL_PREFIX.to_owned(),
+            read_mode: ReadMode::Quorum,
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest repo protocol frame.
+    pub max_repo_frame_bytes: usize,
+    /// Largest cluster protocol frame.
+    pub max_cluster_frame_bytes: usize,
+    /// Inbound requests served at once per protocol; more are answered `busy`.
+    pub max_inbound_per_protocol: usize,
+    /// Outbound requests in flight per protocol.
+    pub max_outbound_per_protocol: usize,
+    /// Deadline for one request to a peer.
+    pub request_timeout_ms: u64,
+    /// Deadline for dialling a peer.
+    pub dial_timeout_ms: u64,
+    /// Deadline of a client operation when the client gives none.
+    pub operation_timeout_ms: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_repo_frame_bytes: 8 * 1024 * 1024,
+            max_cluster_frame_bytes: 1024 * 1024,
+            max_inbound_per_protocol: 32,
+            max_outbound_per_protocol: 64,
+            request_timeout_ms: 5_000,
+            dial_timeout_ms: 5_000,
+            operation_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A plugin section: `kind` names the plugin; every other key goes to the plugin as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginSection {
+    /// The plugin's registered name.
+    pub kind: String,
+    /// The plugin's own options.
+    #[serde(flatten)]
+    pub options: serde_json::Map<String, Value>,
+}
+
+impl Default for PluginSection {
+    fn default() -> Self {
+        Self { kind: String::new(), options: serde_json::Map::new() }
+    }
+}
+
+impl PluginSection {
+    fn named(kind: &str) -> Self {
+        Self { kind: kind.to_owned(), options: serde_json::Map::new() }
+    }
+
+    /// The section as the JSON value a plugin builder receives (`kind` included).
+    pub fn to_value(&self) -> Value {
+        let mut map = self.options.clone();
+        map.insert("kind".to_owned(), Value::String(self.kind.clone()));
+        Value::Object(map)
+    }
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Serve `/metrics` and `/health`.
+    pub enabled: bool,
+    /// The HTTP listen address.
+    pub listen: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self { enabled: true, listen: "127.0.0.1:9464".to_owned() }
+    }
+}
+
+/// `[plugins]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginsSection {
+    /// Plugin libraries to load at start.
+    pub load: Vec<PathBuf>,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The built-in defaults: a durable, clustered node.
+pub fn defaults() -> NodeConfig {
+    NodeConfig {
+        storage: PluginSection::named("lmdb"),
+        key_network: {
+            let mut s = PluginSection::named("kademlia");
+            s.options.insert("cluster_size".to_owned(), Value::from(3));
+            s
+        },
+        consensus: {
+            let mut s = PluginSection::named("majority-2pc");
+            s.options.insert("promise_threshold".to_owned(), Value::from("majority"));
+            s.options.insert("commit_threshold".to_owned(), Value::from("majority"));
+            s
+        },
+        ..NodeConfig::default()
+    }
+}
+
+/// A configuration problem, naming the key and where its value came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The layers could not be read or merged (syntax error, wrong type, unknown key).
+    #[error("configuration: {0}")]
+    Load(Box<figment::Error>),
+    /// A value is invalid.
+    #[error("configuration key `{key}` (from {source_name}): {message}")]
+    Invalid {
+        /// The dotted key.
+        key: String,
+        /// Where the value came from.
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The merged layers, kept so validation can say where each value came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    /// The effective configuration.
+    pub config: NodeConfig,
+    figment: Figment,
+}
+
+/// Builds the figment: defaults < file < env < `overrides` (CLI flags as a nested JSON object).
+pub fn figment(file: Option<&Path>, overrides: &Value) -> Figment {
+    let mut fig = Figment::from(Serialized::defaults(defaults()));
+    let file = file.map(Path::to_path_buf).or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from));
+    if let Some(path) = file {
+        fig = fig.merge(Toml::file_exact(path));
+    }
+    let env = Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
+        let key = key.as_str();
+        SECTIONS.iter().any(|s| key.starts_with(&format!("{s}.")))
+    });
+    fig.merge(env).merge(Serialized::globals(overrides))
+}
+
+/// Loads and validates the configuration.
+pub fn load(file: Option<&Path>, overrides: &Value, registry: &Registry) -> Result<LoadedConfig, ConfigError> {
+    let fig = figment(file, overrides);
+    let config: NodeConfig = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
+    let loaded = LoadedConfig { config, figment: fig };
+    loaded.validate(registry)?;
+    Ok(loaded)
+}
+
+impl LoadedConfig {
+    /// Where the value of `key` came from: a file path, an environment variable or a default.
+    pub fn source_of(&self, key: &str) -> String {
+        match self.figment.find_metadata(key) {
+            Some(meta) => match &meta.source {
+                Some(source) => format!("{} {source}", meta.name),
+                None => meta.name.to_string(),
+            },
+            None => "defaults".to_owned(),
+        }
+    }
+
+    fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { key: key.to_owned(), source_name: self.source_of(key), message: message.into() }
+    }
+
+    /// Checks every value that can be checked before start.
+    pub fn validate(&self, registry: &Registry) -> Result<(), ConfigError> {
+        let c = &self.config;
+        for (i, addr) in c.node.listen.iter().enumerate() {
+            addr.parse::<Multiaddr>().map_err(|e| self.invalid("node.listen", format!("entry {i} {addr:?}: {e}")))?;
+        }
+        for (i, addr) in c.node.bootstrap.iter().enumerate() {
+            addr.parse::<Multiaddr>()
+                .map_err(|e| self.invalid("node.bootstrap", format!("entry {i} {addr:?}: {e}")))?;
+        }
+        if !c.node.protocol_prefix.starts_with('/') || c.node.protocol_prefix.ends_with('/') {
+            return Err(self.invalid("node.protocol_prefix", "must start with '/' and not end with '/'"));
+        }
+        let l = &c.limits;
+        for (key, value, min, max) in [
+            ("limits.max_repo_frame_bytes", l.max_repo_frame_bytes, 1024, 1 << 30),
+            ("limits.max_cluster_frame_bytes", l.max_cluster_frame_bytes, 1024, 1 << 30),
+            ("limits.max_inbound_per_protocol", l.max_inbound_per_protocol, 1, 100_000),
+            ("limits.max_outbound_per_protocol", l.max_outbound_per_protocol, 1, 100_000),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(self.invalid(key, format!("{value} is outside {min}..={max}")));
+            }
+        }
+        for (key, value) in [
+            ("limits.request_timeout_ms", l.request_timeout_ms),
+            ("limits.dial_timeout_ms", l.dial_timeout_ms),
+            ("limits.operation_timeout_ms", l.operation_timeout_ms),
+        ] {
+            if !(1..=3_600_000).contains(&value) {
+                return Err(self.invalid(key, format!("{value} is outside 1..=3600000")));
+            }
+        }
+        for (section, kind, value) in [
+            ("storage", PluginKind::Storage, &c.storage),
+            ("key_network", PluginKind::KeyNetwork, &c.key_network),
+            ("consensus", PluginKind::Consensus, &c.consensus),
+        ] {
+            let names = registry.names(kind);
+            if !names.contains(&value.kind) {
+                return Err(self.invalid(
+                    &format!("{section}.kind"),
+                    format!("no {kind} plugin named {:?}; registered: {}", value.kind, names.join(", ")),
+                ));
+            }
+        }
+        if let Some(size) = c.key_network.options.get("cluster_size") {
+            match size.as_u64() {
+                Some(n) if (1..=64).contains(&n) => {}
+                _ => return Err(self.invalid("key_network.cluster_size", format!("{size} is not in 1..=64"))),
+            }
+        }
+        for key in ["promise_threshold", "commit_threshold"] {
+            if let Some(value) = c.consensus.options.get(key) {
+                check_threshold(value).map_err(|m| self.invalid(&format!("consensus.{key}"), m))?;
+            }
+        }
+        if c.metrics.enabled {
+            c.metrics
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| self.invalid("metrics.listen", format!("{:?}: {e}", c.metrics.listen)))?;
+        }
+        Ok(())
+    }
+
+    /// Checks that the data directory exists or can be created, and is writable.
+    pub fn check_data_dir(&self) -> Result<(), ConfigError> {
+        let dir = &self.config.node.data_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| self.invalid("node.data_dir", format!("cannot create {}: {e}", dir.display())))?;
+        let probe = dir.join(".write-probe");
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| self.invalid("node.data_dir", format!("{} is not writable: {e}", dir.display())))
+    }
+}
+
+/// A threshold is `"majority"`, a whole number of votes >= 1, or a fraction in (0, 1].
+pub fn check_threshold(value: &Value) -> Result<(), String> {
+    match value {
+        Value::String(s) if s == "majority" => Ok(()),
+        Value::Number(n) if n.as_u64().is_some_and(|v| v >= 1) => Ok(()),
+        Value::Number(n) if n.as_f64().is_some_and(|v| v > 0.0 && v <= 1.0) => Ok(()),
+        other => Err(format!("{other} is not \"majority\", a vote count >= 1, or a fraction in (0, 1]")),
+    }
+}

@@ -1,0 +1,425 @@
+//! `optimystic`: run and operate Optimystic DB-P2P nodes.
+
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+use optimystic_core::client::RepoClient;
+use optimystic_core::model::{
+    Block, BlockGets, BlockId, BlockOperation, CommitRequest, PendRequest, Transform, TrxBlocks,
+};
+use optimystic_core::network::PeerNetwork;
+use optimystic_core::record::ClusterRecord;
+use optimystic_core::registry::Registry;
+use optimystic_core::time::now_ms;
+use optimystic_core::{MessageOptions, Repo};
+use optimystic_node::bench::{self, BenchOptions};
+use optimystic_node::config::{self, LogFormat};
+use optimystic_node::host::{Host, HostConfig};
+use optimystic_node::node::Node;
+use optimystic_node::service::Handlers;
+use optimystic_node::{demo, identity, link_bundled_plugins, txn};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(name = "optimystic", version, about = "Peer-to-peer block database node")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, env = "OPTIMYSTIC_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node until SIGINT or SIGTERM.
+    #[command(after_help = "Examples:\n  optimystic start\n  optimystic start --config node1.toml\n  \
+        OPTIMYSTIC_NODE__LISTEN='[\"/ip4/127.0.0.1/tcp/4002\"]' optimystic start --storage memory")]
+    Start(StartArgs),
+    /// Talk to a running node.
+    #[command(after_help = "Examples:\n  optimystic client --peer /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... get diary\n  \
+        optimystic client --peer ADDR write --block diary --insert '{\"header\":{\"id\":\"diary\",\"type\":\"log\",\"collectionId\":\"c\"},\"entries\":[]}'\n  \
+        optimystic client --peer ADDR write --block diary --update '[[\"entries\",0,0,[\"hello\"]]]'")]
+    Client(ClientArgs),
+    /// Start a local 3-node cluster, run a workload, stop and restart a node, and stop cleanly.
+    #[command(after_help = "Example:\n  optimystic demo")]
+    Demo(demo::DemoOptions),
+    /// Measure transactions per second and latency on a local cluster.
+    #[command(after_help = "Example:\n  optimystic bench --nodes 3 --storage memory --concurrency 64 --json")]
+    Bench(BenchOptions),
+    /// List the registered plugins, one `<kind> <name>` line each.
+    #[command(after_help = "Example:\n  optimystic plugins")]
+    Plugins {
+        /// Also print each plugin's description and origin.
+        #[arg(long)]
+        verbose: bool,
+        /// Configuration file whose `[plugins] load` libraries to include.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Verify cluster records: digest, message hash, public keys and every vote signature.
+    ///
+    /// Reads one JSON document or JSON Lines from FILE (or stdin) and prints `ok <messageHash>` or
+    /// `invalid <messageHash>: <reason>` per record. Exits 1 if any record is invalid.
+    #[command(after_help = "Examples:\n  optimystic verify-record record.json\n  cat records.jsonl | optimystic verify-record")]
+    VerifyRecord {
+        /// The file to read; stdin when absent.
+        file: Option<PathBuf>,
+        /// Also refuse records whose message has expired.
+        #[arg(long)]
+        check_expiration: bool,
+    },
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults < file < environment < flags) as TOML.
+    #[command(after_help = "Example:\n  optimystic config show --config node1.toml")]
+    Show(StartArgs),
+}
+
+/// Flags of `start` (and `config show`); each overrides the same configuration key.
+#[derive(Debug, Args)]
+struct StartArgs {
+    /// Configuration file (TOML); also `OPTIMYSTIC_CONFIG`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// `node.data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// `node.listen` (repeatable).
+    #[arg(long)]
+    listen: Vec<String>,
+    /// `node.bootstrap` (repeatable).
+    #[arg(long)]
+    bootstrap: Vec<String>,
+    /// `storage.kind`.
+    #[arg(long)]
+    storage: Option<String>,
+    /// `metrics.listen`.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Sets `metrics.enabled = false`.
+    #[arg(long)]
+    no_metrics: bool,
+}
+
+impl StartArgs {
+    /// The flags as a nested configuration object (only those given).
+    fn overrides(&self) -> Value {
+        let mut node = serde_json::Map::new();
+        if let Some(dir) = &self.data_dir {
+            node.insert("data_dir".into(), json!(dir));
+        }
+        if !self.listen.is_empty() {
+            node.insert("listen".into(), json!(self.listen));
+        }
+        if !self.bootstrap.is_empty() {
+            node.insert("bootstrap".into(), json!(self.bootstrap));
+        }
+        let mut root = serde_json::Map::new();
+        if !node.is_empty() {
+            root.insert("node".into(), Value::Object(node));
+        }
+        if let Some(kind) = &self.storage {
+            root.insert("storage".into(), json!({ "kind": kind }));
+        }
+        let mut metrics = serde_json::Map::new();
+        if let Some(listen) = &self.metrics_listen {
+            metrics.insert("listen".into(), json!(listen));
+        }
+        if self.no_metrics {
+            metrics.insert("enabled".into(), json!(false));
+        }
+        if !metrics.is_empty() {
+            root.insert("metrics".into(), Value::Object(metrics));
+        }
+        Value::Object(root)
+    }
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The node to talk to: `<multiaddr>/p2p/<peer id>`.
+    #[arg(long)]
+    peer: String,
+    /// Deadline of each operation.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Protocol id prefix of the network.
+    #[arg(long, default_value = optimystic_core::wire::DEFAULT_PROTOCOL_PREFIX)]
+    protocol_prefix: String,
+    #[command(subcommand)]
+    op: ClientOp,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientOp {
+    /// Read blocks: prints the GetBlockResults JSON.
+    Get {
+        /// Block ids; or one BlockGets JSON object with `--json`.
+        ids: Vec<String>,
+        /// Treat the single argument as a BlockGets JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pend a transaction: PendRequest JSON in, PendResult JSON out.
+    Pend {
+        /// The PendRequest JSON.
+        request: String,
+    },
+    /// Commit a transaction: CommitRequest JSON in, CommitResult JSON out.
+    Commit {
+        /// The CommitRequest JSON.
+        request: String,
+    },
+    /// Cancel a transaction: TrxBlocks JSON in.
+    Cancel {
+        /// The TrxBlocks JSON.
+        request: String,
+    },
+    /// A whole transaction on one block; prints {"trxId", "rev"}.
+    Write {
+        /// The block.
+        #[arg(long)]
+        block: String,
+        /// Insert this Block JSON.
+        #[arg(long, conflicts_with_all = ["update", "delete"])]
+        insert: Option<String>,
+        /// Apply this [BlockOperation] JSON.
+        #[arg(long, conflicts_with = "delete")]
+        update: Option<String>,
+        /// Delete the block.
+        #[arg(long)]
+        delete: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = cli.log_format.unwrap_or_default();
+    init_logging(format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,optimystic=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Plugins { verbose, config } => {
+            let mut registry = link_bundled_plugins();
+            if let Some(path) = config {
+                let loaded = config::figment(Some(&path), &json!({}))
+                    .extract::<config::NodeConfig>()
+                    .context("reading the configuration")?;
+                optimystic_dynamic_loader::load_all(&loaded.plugins.load, &mut registry)?;
+            }
+            for entry in registry.entries() {
+                if verbose {
+                    println!("{} {}\t{}\t({})", entry.kind(), entry.name, entry.description, entry.origin);
+                } else {
+                    println!("{} {}", entry.kind(), entry.name);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::VerifyRecord { file, check_expiration } => verify_records(file, check_expiration),
+        Command::Config(ConfigCommand::Show(args)) => {
+            let registry = registry_for(args.config.as_deref(), &args.overrides())?;
+            let loaded = config::load(args.config.as_deref(), &args.overrides(), &registry)?;
+            print!("{}", toml::to_string_pretty(&loaded.config).context("printing the configuration")?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Start(args) => start(args).await,
+        Command::Client(args) => client(args).await,
+        Command::Demo(options) => {
+            demo::run(options, link_bundled_plugins()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(options) => {
+            bench::run(options, link_bundled_plugins()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The linked plugins plus the configuration's dynamic libraries.
+fn registry_for(file: Option<&Path>, overrides: &Value) -> anyhow::Result<Registry> {
+    let mut registry = link_bundled_plugins();
+    let raw: config::NodeConfig = config::figment(file, overrides).extract().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    optimystic_dynamic_loader::load_all(&raw.plugins.load, &mut registry)?;
+    Ok(registry)
+}
+
+async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
+    let overrides = args.overrides();
+    let registry = registry_for(args.config.as_deref(), &overrides)?;
+    let loaded = config::load(args.config.as_deref(), &overrides, &registry)?;
+    loaded.check_data_dir()?;
+    let node = Node::start(&loaded.config, &registry).await?;
+    let mut out = std::io::stdout().lock();
+    for addr in node.p2p_addrs() {
+        writeln!(out, "listening {addr}")?;
+    }
+    if let Some(addr) = node.metrics_addr() {
+        writeln!(out, "metrics http://{addr}/metrics")?;
+    }
+    out.flush()?;
+    drop(out);
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    node.shutdown().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let addr: Multiaddr = args.peer.parse().with_context(|| format!("--peer {:?}", args.peer))?;
+    let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+        bail!("--peer must end with /p2p/<peer id>");
+    };
+    let mut host_config = HostConfig::new(identity::generate());
+    host_config.protocol_prefix = args.protocol_prefix.clone();
+    host_config.request_timeout_ms = args.timeout_ms;
+    let host = Host::start(host_config, Handlers::default()).await?;
+    host.add_address(peer, addr.clone()).await?;
+    let network: Arc<dyn PeerNetwork> = Arc::new(host.clone());
+    let repo = RepoClient::new(network, peer).with_default_timeout_ms(args.timeout_ms);
+    let result = client_op(&repo, args.op, args.timeout_ms).await;
+    host.shutdown().await;
+    let value = result?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> anyhow::Result<T> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON of the expected shape"))
+}
+
+async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::Result<Value> {
+    let options = MessageOptions::expiring_in(timeout_ms);
+    Ok(match op {
+        ClientOp::Get { ids, json } => {
+            let gets: BlockGets = if json {
+                match ids.as_slice() {
+                    [one] => parse("the BlockGets", one)?,
+                    _ => bail!("--json takes exactly one BlockGets JSON argument"),
+                }
+            } else {
+                let block_ids = ids.into_iter().map(BlockId::new).collect::<Result<Vec<_>, _>>()?;
+                if block_ids.is_empty() {
+                    bail!("name at least one block id");
+                }
+                BlockGets { block_ids, context: None, read_mode: None }
+            };
+            serde_json::to_value(repo.get(&gets, &options).await?)?
+        }
+        ClientOp::Pend { request } => {
+            let request: PendRequest = parse("the PendRequest", &request)?;
+            serde_json::to_value(repo.pend(&request, &options).await?)?
+        }
+        ClientOp::Commit { request } => {
+            let request: CommitRequest = parse("the CommitRequest", &request)?;
+            serde_json::to_value(repo.commit(&request, &options).await?)?
+        }
+        ClientOp::Cancel { request } => {
+            let request: TrxBlocks = parse("the TrxBlocks", &request)?;
+            repo.cancel(&request, &options).await?;
+            Value::Null
+        }
+        ClientOp::Write { block, insert, update, delete } => {
+            let block_id = BlockId::new(block)?;
+            let transform = match (insert, update, delete) {
+                (Some(insert), None, false) => Transform { insert: Some(parse::<Block>("--insert", &insert)?), ..Transform::default() },
+                (None, Some(update), false) => {
+                    Transform { updates: Some(parse::<Vec<BlockOperation>>("--update", &update)?), ..Transform::default() }
+                }
+                (None, None, true) => Transform { delete: Some(true), ..Transform::default() },
+                _ => bail!("give exactly one of --insert, --update or --delete"),
+            };
+            let policy = txn::RetryPolicy { operation_timeout_ms: timeout_ms, ..txn::RetryPolicy::default() };
+            let done = txn::write_block(repo, &block_id, &transform, policy).await?;
+            json!({ "trxId": done.trx_id, "rev": done.rev })
+        }
+    })
+}
+
+/// Splits input into records: one JSON document, or JSON Lines.
+fn read_documents(file: Option<PathBuf>) -> anyhow::Result<Vec<String>> {
+    let mut text = String::new();
+    match &file {
+        Some(path) => {
+            text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        }
+        None => {
+            std::io::stdin().lock().read_to_string(&mut text).context("reading stdin")?;
+        }
+    }
+    if serde_json::from_str::<Value>(&text).is_ok() {
+        return Ok(vec![text]);
+    }
+    Ok(text.as_bytes().lines().map_while(Result::ok).filter(|l| !l.trim().is_empty()).collect())
+}
+
+fn verify_records(file: Option<PathBuf>, check_expiration: bool) -> anyhow::Result<ExitCode> {
+    let documents = read_documents(file)?;
+    if documents.is_empty() {
+        bail!("no records in the input");
+    }
+    let now = check_expiration.then(now_ms);
+    let mut all_ok = true;
+    for doc in documents {
+        let hash_hint = serde_json::from_str::<Value>(&doc)
+            .ok()
+            .and_then(|v| v.get("messageHash").and_then(|h| h.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "?".to_owned());
+        match ClusterRecord::from_json(&doc).and_then(|r| r.verify(now).map(|()| r)) {
+            Ok(record) => println!("ok {}", record.message_hash),
+            Err(e) => {
+                all_ok = false;
+                println!("invalid {hash_hint}: {e}");
+            }
+        }
+    }
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,207 @@
+//! Observability: Prometheus metrics (prometheus-client) and the `/metrics` + `/health` HTTP
+//! endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Most HTTP connections served at once; more wait in the accept queue.
+pub const MAX_HTTP_CONNECTIONS: usize = 64;
+/// A connection that has not finished its request by then is dropped.
+pub const HTTP_REQUEST_TIMEOUT_MS: u64 = 5_000;
+
+/// Labels of an operation counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    /// `get`, `pend`, `cancel` or `commit`.
+    pub op: String,
+    /// `ok`, `stale` or an error code.
+    pub outcome: String,
+}
+
+/// Labels of a latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The operation.
+    pub op: String,
+}
+
+/// Labels of a consensus outcome counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoundLabels {
+    /// `committed`, `stale`, `rejected`, `failed`.
+    pub outcome: String,
+}
+
+/// The node's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Repo operations served, by kind and outcome.
+    pub repo_operations: Family<OpLabels, Counter>,
+    /// Repo operation latency in seconds, by kind.
+    pub repo_latency: Family<KindLabels, Histogram>,
+    /// Coordinated consensus rounds, by outcome.
+    pub consensus_rounds: Family<RoundLabels, Counter>,
+    /// Currently connected peers.
+    pub connected_peers: Gauge,
+    /// Blocks in local storage (as last sampled).
+    pub stored_blocks: Gauge,
+    /// Bytes of local storage (as last sampled; 0 when the engine cannot tell).
+    pub stored_bytes: Gauge,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics, registered under the `optimystic` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("optimystic");
+        let repo_operations = Family::<OpLabels, Counter>::default();
+        let repo_latency = Family::<KindLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
+        });
+        let consensus_rounds = Family::<RoundLabels, Counter>::default();
+        let connected_peers = Gauge::default();
+        let stored_blocks = Gauge::default();
+        let stored_bytes = Gauge::default();
+        registry.register("repo_operations", "Repo operations served, by kind and outcome", repo_operations.clone());
+        registry.register("repo_operation_seconds", "Repo operation latency", repo_latency.clone());
+        registry.register("consensus_rounds", "Coordinated consensus rounds, by outcome", consensus_rounds.clone());
+        registry.register("connected_peers", "Currently connected peers", connected_peers.clone());
+        registry.register("stored_blocks", "Blocks in local storage", stored_blocks.clone());
+        registry.register("stored_bytes", "Bytes of local storage", stored_bytes.clone());
+        Self {
+            registry,
+            repo_operations,
+            repo_latency,
+            consensus_rounds,
+            connected_peers,
+            stored_blocks,
+            stored_bytes,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Records one served repo operation.
+    pub fn record_operation(&self, op: &str, outcome: &str, elapsed: Duration) {
+        self.repo_operations.get_or_create(&OpLabels { op: op.to_owned(), outcome: outcome.to_owned() }).inc();
+        self.repo_latency.get_or_create(&KindLabels { op: op.to_owned() }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Marks the node ready (or not) for `/health`.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// True once the node is serving.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for metrics on {addr}: {source}")]
+pub struct MetricsError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// The error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// A running metrics endpoint; stops when `shutdown` is sent or the handle is dropped.
+#[derive(Debug)]
+pub struct MetricsServer {
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// Binds `addr` and serves `/metrics` and `/health` until stopped.
+    pub async fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<Self, MetricsError> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError { addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| MetricsError { addr, source })?;
+        let (stop, mut stopped) = watch::channel(false);
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
+        let task = tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stopped.changed() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let metrics = metrics.clone();
+                        async move { Ok::<_, std::convert::Infallible>(respond(&metrics, &req)) }
+                    });
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    let _ = tokio::time::timeout(Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS), conn).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Self { local_addr, stop, task })
+    }
+
+    /// Stops accepting connections and waits for the accept loop to end.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn respond<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
+        }
+        (&Method::GET, "/health") if metrics.is_ready() => (StatusCode::OK, "application/json", r#"{"status":"ok"}"#.to_owned()),
+        (&Method::GET, "/health") => {
+            (StatusCode::SERVICE_UNAVAILABLE, "application/json", r#"{"status":"starting"}"#.to_owned())
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
