@@ -233,10 +233,14 @@ pub fn figment(file: Option<&Path>, overrides: &Value) -> Figment {
     if let Some(path) = file {
         fig = fig.merge(Toml::file_exact(path));
     }
-    let env = Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
-        let key = key.as_str();
-        SECTIONS.iter().any(|s| key.starts_with(&format!("{s}.")))
-    });
+    // Only `<SECTION>__<KEY>` variables are configuration (`OPTIMYSTIC_CONFIG` and test knobs are
+    // not); the filter sees the key before `__` becomes a dot.
+    let env = Env::prefixed(ENV_PREFIX)
+        .filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            SECTIONS.iter().any(|s| key.starts_with(&format!("{s}__")) || key.starts_with(&format!("{s}.")))
+        })
+        .split("__");
     fig.merge(env).merge(Serialized::globals(overrides))
 }
 
@@ -252,12 +256,20 @@ pub fn load(file: Option<&Path>, overrides: &Value, registry: &Registry) -> Resu
 impl LoadedConfig {
     /// Where the value of `key` came from: a file path, an environment variable or a default.
     pub fn source_of(&self, key: &str) -> String {
-        match self.figment.find_metadata(key) {
-            Some(meta) => match &meta.source {
-                Some(source) => format!("{} {source}", meta.name),
-                None => meta.name.to_string(),
-            },
-            None => "defaults".to_owned(),
+        let Some(meta) = self.figment.find_metadata(key) else {
+            return "built-in defaults".to_owned();
+        };
+        // Serialized providers are named after their Rust type: say what they are instead.
+        if meta.name.contains("serde_json") {
+            return "command-line flags".to_owned();
+        }
+        if meta.name.contains("NodeConfig") {
+            return "built-in defaults".to_owned();
+        }
+        match &meta.source {
+            Some(figment::Source::File(path)) => format!("file {}", path.display()),
+            Some(source) => format!("{} {source}", meta.name),
+            None => meta.name.to_string(),
         }
     }
 
@@ -350,5 +362,103 @@ pub fn check_threshold(value: &Value) -> Result<(), String> {
         Value::Number(n) if n.as_u64().is_some_and(|v| v >= 1) => Ok(()),
         Value::Number(n) if n.as_f64().is_some_and(|v| v > 0.0 && v <= 1.0) => Ok(()),
         other => Err(format!("{other} is not \"majority\", a vote count >= 1, or a fraction in (0, 1]")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use figment::Jail;
+    use serde_json::json;
+
+    fn registry() -> Registry {
+        crate::link_bundled_plugins()
+    }
+
+    fn error_text(result: Result<LoadedConfig, ConfigError>) -> String {
+        result.expect_err("the configuration is invalid").to_string()
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file("node.toml", "[node]\ndata_dir = \"from-file\"\nprotocol_prefix = \"/file\"\n[storage]\nkind = \"file\"\n")?;
+            jail.set_env("OPTIMYSTIC_NODE__PROTOCOL_PREFIX", "/env");
+            jail.set_env("OPTIMYSTIC_STORAGE__KIND", "memory");
+            jail.set_env("OPTIMYSTIC_CRASH_CYCLES", "7");
+            let flags = json!({"storage": {"kind": "lmdb"}});
+            let loaded = load(Some(Path::new("node.toml")), &flags, &registry()).expect("valid");
+            let c = &loaded.config;
+            assert_eq!(c.node.data_dir, PathBuf::from("from-file"), "file over defaults");
+            assert_eq!(c.node.protocol_prefix, "/env", "environment over file");
+            assert_eq!(c.storage.kind, "lmdb", "flags over environment");
+            assert_eq!(c.limits.max_inbound_per_protocol, 32, "defaults where nothing is said");
+            assert!(loaded.source_of("node.protocol_prefix").contains("environment"));
+            assert_eq!(loaded.source_of("storage.kind"), "command-line flags");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_config_file_can_come_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file("other.toml", "[key_network]\nkind = \"static\"\ncluster_size = 5\n")?;
+            jail.set_env(CONFIG_ENV, "other.toml");
+            let loaded = load(None, &json!({}), &registry()).expect("valid");
+            assert_eq!(loaded.config.key_network.kind, "static");
+            assert_eq!(loaded.config.key_network.options.get("cluster_size"), Some(&json!(5)));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_name_their_key_and_source() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[node]\nlisten = [\"not a multiaddr\"]\n")?;
+            let text = error_text(load(Some(Path::new("bad.toml")), &json!({}), &registry()));
+            assert!(text.contains("node.listen") && text.contains("bad.toml"), "{text}");
+
+            let text = error_text(load(None, &json!({"storage": {"kind": "tape"}}), &registry()));
+            assert!(text.contains("storage.kind") && text.contains("lmdb") && text.contains("command-line"), "{text}");
+
+            jail.set_env("OPTIMYSTIC_KEY_NETWORK__CLUSTER_SIZE", "0");
+            let text = error_text(load(None, &json!({}), &registry()));
+            assert!(text.contains("key_network.cluster_size") && text.contains("environment"), "{text}");
+            jail.clear_env();
+
+            let text = error_text(load(None, &json!({"consensus": {"kind": "majority-2pc", "commit_threshold": 1.5}}), &registry()));
+            assert!(text.contains("consensus.commit_threshold"), "{text}");
+
+            let text = error_text(load(None, &json!({"limits": {"request_timeout_ms": 0}}), &registry()));
+            assert!(text.contains("limits.request_timeout_ms"), "{text}");
+
+            jail.create_file("typo.toml", "[node]\nlisen = []\n")?;
+            let text = error_text(load(Some(Path::new("typo.toml")), &json!({}), &registry()));
+            assert!(text.contains("lisen"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unwritable_data_dir_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        let flags = json!({"node": {"data_dir": file.join("below")}});
+        let loaded = load(None, &flags, &registry()).expect("valid until the directory is checked");
+        let text = loaded.check_data_dir().expect_err("cannot create a directory below a file").to_string();
+        assert!(text.contains("node.data_dir"), "{text}");
+    }
+
+    #[test]
+    fn thresholds_accept_majority_counts_and_fractions() {
+        for ok in [json!("majority"), json!(2), json!(0.5), json!(1.0)] {
+            assert!(check_threshold(&ok).is_ok(), "{ok}");
+        }
+        for bad in [json!("most"), json!(0), json!(-1), json!(1.5), json!(0.0), json!(null)] {
+            assert!(check_threshold(&bad).is_err(), "{bad}");
+        }
     }
 }
