@@ -83,10 +83,17 @@ impl LocalCluster {
     pub async fn settle(&self, peers: usize) -> Result<(), NodeError> {
         let wait = async {
             for node in self.nodes.iter().flatten() {
-                let mut updates = node.host().routing_updates();
+                let mut probe = 0u32;
                 while node.host().known_peers().await.len() < peers {
-                    if updates.changed().await.is_err() {
-                        break;
+                    // A DHT lookup walks the network and fills the routing table; a node that joined
+                    // before others would otherwise learn of them only at its next bootstrap.
+                    probe += 1;
+                    let Ok(target) = optimystic_core::BlockId::new(format!("settle-{probe}")) else { break };
+                    if node.host().closest_peers(&target).await.is_err() {
+                        let mut updates = node.host().routing_updates();
+                        if updates.changed().await.is_err() {
+                            break;
+                        }
                     }
                 }
             }

@@ -207,7 +207,9 @@ enum ClientOp {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format.unwrap_or_default();
-    init_logging(format);
+    // The demo and the bench print their own progress; node logs would bury it.
+    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    init_logging(format, if quiet { "warn" } else { "warn,optimystic=info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -224,9 +226,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,optimystic=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
