@@ -14,8 +14,15 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
+use std::collections::HashSet;
+
+use libp2p::PeerId;
+use optimystic_core::consensus::Consensus;
 use optimystic_core::coordinator::CoordinatorRepo;
-use optimystic_core::keynet::{KeyNetwork, PeerRouting};
+use optimystic_core::keynet::{ClusterPeers, KeyNetwork, PeerRouting};
+use optimystic_core::record::ClusterRecord;
+use optimystic_core::sync::CatchUp;
+use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
 use optimystic_core::model::{BlockGets, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks};
 use optimystic_core::network::PeerNetwork;
 use optimystic_core::reads::ClusterReads;
@@ -66,11 +73,115 @@ pub enum NodeError {
 #[derive(Debug)]
 pub struct Node {
     host: HostHandle,
+    consensus: Arc<dyn Consensus>,
     storage: Arc<dyn RawStorage>,
     repo: Arc<dyn Repo>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
     background: Vec<JoinHandle<()>>,
+}
+
+/// Most background catch-ups started by reject-as-behind votes at once; more are skipped (the
+/// next behind vote retries).
+pub const MAX_BEHIND_CATCH_UPS: usize = 8;
+
+/// The member side of the node's consensus: when this node votes reject as behind (it missed a pend
+/// or a base revision), it catches the record's blocks up from the record's other peers in the
+/// background, so the next round finds it current (SPEC 4.6).
+#[derive(Debug)]
+struct CatchUpOnBehind {
+    inner: Arc<dyn Consensus>,
+    catch_up: CatchUp,
+    me: PeerId,
+    running: Arc<tokio::sync::Semaphore>,
+    in_flight: Arc<std::sync::Mutex<HashSet<BlockId>>>,
+}
+
+impl CatchUpOnBehind {
+    fn new(inner: Arc<dyn Consensus>, catch_up: CatchUp, me: PeerId) -> Self {
+        Self {
+            inner,
+            catch_up,
+            me,
+            running: Arc::new(tokio::sync::Semaphore::new(MAX_BEHIND_CATCH_UPS)),
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Starts a catch-up when `answer` (a member's merged record) carries this node's behind vote.
+    fn inspect(&self, answer: &Value) {
+        let Some(vote) = answer.get("promises").and_then(|p| p.get(self.me.to_string())) else { return };
+        let behind = vote.get("type").and_then(Value::as_str) == Some("reject")
+            && vote.get("rejectReason").and_then(Value::as_str).is_some_and(|r| r.starts_with("behind"));
+        if !behind {
+            return;
+        }
+        let Some(message) = answer.get("message").cloned().and_then(|m| RepoMessage::from_value(m).ok()) else {
+            return;
+        };
+        let blocks: Vec<BlockId> = match message.operation() {
+            Ok(RepoOperation::Pend(p)) => p.transforms.block_ids(),
+            Ok(RepoOperation::Commit(c)) => c.block_ids.clone(),
+            Ok(RepoOperation::Cancel { trx_ref }) => trx_ref.block_ids.clone(),
+            _ => return,
+        };
+        let peers: Vec<PeerId> = answer
+            .get("peers")
+            .and_then(Value::as_object)
+            .map(|p| p.keys().filter_map(|k| k.parse().ok()).filter(|p| *p != self.me).collect())
+            .unwrap_or_default();
+        let Ok(permit) = self.running.clone().try_acquire_owned() else { return };
+        let fresh: Vec<BlockId> = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            blocks.into_iter().filter(|b| in_flight.insert(b.clone())).collect()
+        };
+        if fresh.is_empty() {
+            return;
+        }
+        let catch_up = self.catch_up.clone();
+        let in_flight = self.in_flight.clone();
+        tokio::spawn(async move {
+            for block_id in &fresh {
+                match catch_up.catch_up(block_id, &peers).await {
+                    Ok(applied) if applied > 0 => tracing::debug!(%block_id, applied, "caught up after a behind vote"),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(%block_id, error = %e, "catch-up after a behind vote failed"),
+                }
+            }
+            let mut in_flight = in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for block_id in &fresh {
+                in_flight.remove(block_id);
+            }
+            drop(permit);
+        });
+    }
+}
+
+#[async_trait]
+impl Consensus for CatchUpOnBehind {
+    async fn execute(&self, peers: &ClusterPeers, message: &RepoMessage) -> Result<RepoResponse, RepoError> {
+        self.inner.execute(peers, message).await
+    }
+
+    async fn on_update(&self, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+        let merged = self.inner.on_update(record).await?;
+        self.inspect(&merged.to_value());
+        Ok(merged)
+    }
+
+    async fn handle_request(&self, request: Value) -> Result<Value, RepoError> {
+        let answer = self.inner.handle_request(request).await?;
+        self.inspect(&answer);
+        Ok(answer)
+    }
+
+    async fn start(&self) -> Result<(), RepoError> {
+        self.inner.start().await
+    }
+
+    fn shutdown(&self) {
+        self.inner.shutdown();
+    }
 }
 
 /// Serves the sync protocol from the local repository.
@@ -224,9 +335,12 @@ impl Node {
         let catch_up = reads.catch_up().clone();
         let metrics = Arc::new(Metrics::new());
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });
+        let member: Arc<dyn Consensus> =
+            Arc::new(CatchUpOnBehind::new(consensus.clone(), catch_up.clone(), host.local_peer_id()));
+        consensus.start().await.map_err(|e| NodeError::Config(format!("consensus did not start: {e}")))?;
         host.set_handlers(
             Handlers::repo(repo.clone())
-                .with_cluster(consensus)
+                .with_cluster(member)
                 .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone())))),
         );
 
@@ -246,7 +360,7 @@ impl Node {
             tokio::spawn(catch_up_after_start(storage.clone(), key_network, catch_up, host.clone())),
         ];
         metrics.set_ready(true);
-        Ok(Self { host, storage, repo, metrics, metrics_server, background })
+        Ok(Self { host, consensus, storage, repo, metrics, metrics_server, background })
     }
 
     /// This node's peer id.
@@ -289,6 +403,7 @@ impl Node {
     pub async fn shutdown(self) -> Result<(), NodeError> {
         self.metrics.set_ready(false);
         self.host.shutdown().await;
+        self.consensus.shutdown();
         for task in &self.background {
             task.abort();
         }

@@ -16,7 +16,6 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use optimystic_core::consensus::Consensus;
 use optimystic_core::network::ProtocolKind;
-use optimystic_core::record::ClusterRecord;
 use optimystic_core::time::now_ms;
 use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
 use optimystic_core::{ErrorCode, MessageOptions, Repo, RepoError};
@@ -159,34 +158,17 @@ impl ClusterService {
         Self { consensus }
     }
 
-    /// Answers one request frame. Anything but an `update` carrying a parseable record is
-    /// `bad-request` without calling the consensus; verification (hashes, signatures, expiry) is
-    /// the consensus's job.
+    /// Answers one request frame through [`Consensus::handle_request`] (`update`, and whatever
+    /// other operations the consensus defines, such as recovery `status` queries). A malformed frame
+    /// is `bad-request` without calling the consensus; parsing and verifying records (hashes,
+    /// signatures, expiry) is the consensus's job.
     pub async fn serve(&self, frame: Frame) -> Value {
         let value = match frame {
             Frame::Json(value) => value,
             Frame::Malformed(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
         };
-        let Value::Object(mut request) = value else {
-            return envelope(ErrorCode::BadRequest, "a cluster request is a JSON object");
-        };
-        match request.get("operation").and_then(Value::as_str) {
-            Some("update") => {}
-            Some(other) => {
-                let shown: String = other.chars().take(64).collect();
-                return envelope(ErrorCode::BadRequest, format!("unknown cluster operation {shown:?}"));
-            }
-            None => return envelope(ErrorCode::BadRequest, "a cluster request needs a string \"operation\""),
-        }
-        let Some(record) = request.remove("record") else {
-            return envelope(ErrorCode::BadRequest, "an update needs a \"record\"");
-        };
-        let record = match ClusterRecord::from_value(record) {
-            Ok(record) => record,
-            Err(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
-        };
-        match self.consensus.on_update(record).await {
-            Ok(merged) => merged.to_value(),
+        match self.consensus.handle_request(value).await {
+            Ok(answer) => answer,
             Err(e) => error_value(&e),
         }
     }

@@ -24,9 +24,19 @@ fn free_port() -> u16 {
 }
 
 struct Started {
-    child: Child,
+    child: Option<Child>,
     p2p_addr: String,
     metrics: String,
+}
+
+impl Drop for Started {
+    /// A failing test must not leave nodes running.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Starts `optimystic start` and waits for its `listening` and `metrics` lines.
@@ -67,7 +77,7 @@ fn start_node(i: usize, data_dir: &Path, port: u16, metrics_port: u16, bootstrap
             metrics = Some(url.to_owned());
         }
     }
-    Started { child, p2p_addr: p2p_addr.unwrap(), metrics: metrics.unwrap() }
+    Started { child: Some(child), p2p_addr: p2p_addr.unwrap(), metrics: metrics.unwrap() }
 }
 
 fn client(args: &[&str]) -> serde_json::Value {
@@ -133,13 +143,16 @@ fn three_processes_from_config_files_serve_writes_reads_metrics_and_stop_on_sigt
         let (status, body) = http_get(&node.metrics);
         assert_eq!(status, 200);
         assert!(body.contains("optimystic_connected_peers"), "{body}");
-        assert!(body.contains("optimystic_repo_operations"), "{body}");
+        assert!(body.contains("optimystic_stored_blocks"), "{body}");
     }
-    let (_, first_metrics) = http_get(&nodes[0].metrics);
-    assert!(first_metrics.contains("op=\"commit\""), "node 1 counted its commits: {first_metrics}");
+    let (_, first) = http_get(&nodes[0].metrics);
+    assert!(first.contains("optimystic_repo_operations_total{op=\"commit\",outcome=\"ok\"} 2"), "node 1 counted its commits: {first}");
+    let (_, second) = http_get(&nodes[1].metrics);
+    assert!(second.contains("optimystic_repo_operations_total{op=\"get\",outcome=\"ok\"} 1"), "node 2 counted its read: {second}");
+    assert!(second.contains("optimystic_repo_operation_seconds_bucket"), "latency histogram: {second}");
 
-    for node in nodes {
-        let status = sigterm_and_wait(node.child);
+    for mut node in nodes {
+        let status = sigterm_and_wait(node.child.take().unwrap());
         assert_eq!(status.code(), Some(0), "SIGTERM stops a node with exit status 0");
     }
 }

@@ -1,0 +1,279 @@
+//! Configuration of the majority two-phase commit, parsed from the `[consensus]` section.
+
+use serde_json::{Map, Value};
+
+use optimystic_core::registry::PluginError;
+
+/// The plugin name used in configuration and error messages.
+pub(crate) const PLUGIN: &str = "consensus majority-2pc";
+
+/// How many of a record's `n` peers must vote approve.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Threshold {
+    /// `floor(n / 2) + 1`.
+    Majority,
+    /// A fixed number of peers (at most `n` are required: a smaller cluster needs all its peers).
+    Count(usize),
+    /// A fraction of the peers, rounded up: `ceil(fraction * n)`; in `(0, 1]`.
+    Fraction(f64),
+}
+
+impl Threshold {
+    /// The votes required among `n` peers, between 1 and `max(n, 1)`.
+    #[must_use]
+    pub fn of(&self, n: usize) -> usize {
+        let n = n.max(1);
+        let required = match *self {
+            Self::Majority => n / 2 + 1,
+            Self::Count(count) => count,
+            Self::Fraction(fraction) => {
+                // n is a cluster size (small): the float conversions are exact.
+                #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let votes = (fraction * n as f64).ceil() as usize;
+                votes
+            }
+        };
+        required.clamp(1, n)
+    }
+
+    /// The promise votes required among `n` peers: [`Threshold::of`], but never less than a
+    /// majority, because any two promise quorums must share a peer (that peer's reservation is
+    /// what keeps two conflicting records from both being decided).
+    #[must_use]
+    pub fn promise_quorum(&self, n: usize) -> usize {
+        self.of(n).max(Self::Majority.of(n))
+    }
+
+    fn parse(key: &str, value: &Value, promise: bool) -> Result<Self, PluginError> {
+        let bad = |message: String| config_error(format!("{key}: {message}"));
+        match value {
+            Value::String(s) if s == "majority" => Ok(Self::Majority),
+            Value::Number(n) if n.is_u64() => match n.as_u64() {
+                Some(0) | None => Err(bad("a count threshold must be at least 1".into())),
+                Some(count) => usize::try_from(count).map(Self::Count).map_err(|_| bad(format!("{count} is too large"))),
+            },
+            Value::Number(n) => match n.as_f64() {
+                Some(f) if promise && f > 0.5 && f <= 1.0 => Ok(Self::Fraction(f)),
+                Some(f) if !promise && f > 0.0 && f <= 1.0 => Ok(Self::Fraction(f)),
+                Some(f) if promise => Err(bad(format!(
+                    "a promise fraction must be in (0.5, 1] so that two quorums always share a peer, got {f}"
+                ))),
+                Some(f) => Err(bad(format!("a fraction must be in (0, 1], got {f}"))),
+                None => Err(bad("not a number".into())),
+            },
+            other => Err(bad(format!("expected \"majority\", a count >= 1 or a fraction, got {other}"))),
+        }
+    }
+}
+
+/// Tunables of the majority two-phase commit. Every duration is in milliseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MajorityConfig {
+    /// Approving promises needed to decide a record (default majority; never below a majority).
+    pub promise_threshold: Threshold,
+    /// Approving commit votes needed before the coordinator reports success (default majority).
+    pub commit_threshold: Threshold,
+    /// Longest lifetime of a record: the coordinator caps a message's expiration at now plus this,
+    /// and members refuse records expiring later than now plus this plus `grace_ms`.
+    pub record_timeout_ms: u64,
+    /// Timeout of one cluster request.
+    pub request_timeout_ms: u64,
+    /// How long past a record's expiration a member waits before asking the other peers about it;
+    /// must exceed the clock skew the deployment allows.
+    pub grace_ms: u64,
+    /// How many times the final record is re-sent to a peer that did not answer, after the first
+    /// send.
+    pub retry_attempts: u32,
+    /// First delay before a re-send; doubles each time.
+    pub retry_base_ms: u64,
+    /// Cap of the delay between re-sends, and first delay between recovery rounds.
+    pub retry_max_ms: u64,
+    /// Cap of the delay between recovery rounds (which go on until every peer answered).
+    pub recovery_backoff_max_ms: u64,
+    /// Most live reservations a member holds; beyond it, it votes reject (`busy`).
+    pub max_reservations: usize,
+    /// Most recovery status queries in flight at once on a member.
+    pub max_recovery_queries_in_flight: usize,
+    /// How long past its expiration a resolved record's marker (executed, aborted, rejected) is
+    /// kept. Recovery queries about a record are answered from it, so it must exceed the longest
+    /// time a peer may stay down and still come back.
+    pub marker_retention_ms: u64,
+}
+
+impl Default for MajorityConfig {
+    fn default() -> Self {
+        Self {
+            promise_threshold: Threshold::Majority,
+            commit_threshold: Threshold::Majority,
+            record_timeout_ms: 10_000,
+            request_timeout_ms: 2_000,
+            grace_ms: 2_000,
+            retry_attempts: 5,
+            retry_base_ms: 250,
+            retry_max_ms: 4_000,
+            recovery_backoff_max_ms: 30_000,
+            max_reservations: 10_000,
+            max_recovery_queries_in_flight: 64,
+            marker_retention_ms: 7 * 24 * 60 * 60 * 1_000,
+        }
+    }
+}
+
+fn config_error(message: String) -> PluginError {
+    PluginError::Config { plugin: PLUGIN.into(), message }
+}
+
+/// Upper bounds that keep a typo from configuring a week-long timeout.
+const MAX_TIMEOUT_MS: u64 = 60 * 60 * 1_000;
+const MAX_RETRY_ATTEMPTS: u32 = 100;
+const MAX_RETENTION_MS: u64 = 365 * 24 * 60 * 60 * 1_000;
+
+impl MajorityConfig {
+    /// Parses the configuration section (`{"kind": "majority-2pc", ...}`); absent keys keep their
+    /// defaults, unknown keys and out-of-range values are [`PluginError::Config`] errors naming
+    /// the key.
+    pub fn from_value(config: &Value) -> Result<Self, PluginError> {
+        let empty = Map::new();
+        let map = match config {
+            Value::Object(map) => map,
+            Value::Null => &empty,
+            other => return Err(config_error(format!("expected a table, got {other}"))),
+        };
+        let mut out = Self::default();
+        for (key, value) in map {
+            match key.as_str() {
+                "kind" => {}
+                "promise_threshold" => out.promise_threshold = Threshold::parse(key, value, true)?,
+                "commit_threshold" => out.commit_threshold = Threshold::parse(key, value, false)?,
+                "record_timeout_ms" => out.record_timeout_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
+                "request_timeout_ms" => out.request_timeout_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
+                "grace_ms" => out.grace_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
+                "retry_attempts" => {
+                    out.retry_attempts = u32::try_from(millis(key, value, 0, u64::from(MAX_RETRY_ATTEMPTS))?)
+                        .map_err(|_| config_error(format!("{key}: out of range")))?;
+                }
+                "retry_base_ms" => out.retry_base_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
+                "retry_max_ms" => out.retry_max_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
+                "recovery_backoff_max_ms" => out.recovery_backoff_max_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
+                "max_reservations" => out.max_reservations = count(key, value)?,
+                "max_recovery_queries_in_flight" => out.max_recovery_queries_in_flight = count(key, value)?,
+                "marker_retention_ms" => out.marker_retention_ms = millis(key, value, 1, MAX_RETENTION_MS)?,
+                other => return Err(config_error(format!("unknown option {other:?}"))),
+            }
+        }
+        out.validate()?;
+        Ok(out)
+    }
+
+    /// Checks the relations between values (the parser checks each value alone).
+    pub fn validate(&self) -> Result<(), PluginError> {
+        if self.retry_base_ms > self.retry_max_ms {
+            return Err(config_error(format!(
+                "retry_base_ms ({}) exceeds retry_max_ms ({})",
+                self.retry_base_ms, self.retry_max_ms
+            )));
+        }
+        if self.retry_max_ms > self.recovery_backoff_max_ms {
+            return Err(config_error(format!(
+                "retry_max_ms ({}) exceeds recovery_backoff_max_ms ({})",
+                self.retry_max_ms, self.recovery_backoff_max_ms
+            )));
+        }
+        if self.marker_retention_ms < self.grace_ms.saturating_mul(2) {
+            return Err(config_error(format!(
+                "marker_retention_ms ({}) must be at least twice grace_ms ({})",
+                self.marker_retention_ms, self.grace_ms
+            )));
+        }
+        if self.max_reservations == 0 || self.max_recovery_queries_in_flight == 0 {
+            return Err(config_error("max_reservations and max_recovery_queries_in_flight must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+fn millis(key: &str, value: &Value, min: u64, max: u64) -> Result<u64, PluginError> {
+    match value.as_u64() {
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        Some(v) => Err(config_error(format!("{key}: {v} is outside {min}..={max}"))),
+        None => Err(config_error(format!("{key}: expected a non-negative integer, got {value}"))),
+    }
+}
+
+fn count(key: &str, value: &Value) -> Result<usize, PluginError> {
+    let v = millis(key, value, 1, 1 << 32)?;
+    usize::try_from(v).map_err(|_| config_error(format!("{key}: {v} is too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn thresholds() {
+        assert_eq!(Threshold::Majority.of(1), 1);
+        assert_eq!(Threshold::Majority.of(3), 2);
+        assert_eq!(Threshold::Majority.of(4), 3);
+        assert_eq!(Threshold::Majority.of(5), 3);
+        assert_eq!(Threshold::Count(4).of(3), 3);
+        assert_eq!(Threshold::Count(1).of(5), 1);
+        assert_eq!(Threshold::Count(1).promise_quorum(5), 3);
+        assert_eq!(Threshold::Count(5).promise_quorum(5), 5);
+        assert_eq!(Threshold::Fraction(0.75).of(4), 3);
+        assert_eq!(Threshold::Fraction(0.7).of(3), 3);
+        assert_eq!(Threshold::Fraction(1.0).of(5), 5);
+        assert_eq!(Threshold::Fraction(0.1).of(3), 1);
+        assert_eq!(Threshold::Majority.of(0), 1);
+    }
+
+    #[test]
+    fn parses_and_defaults() {
+        assert_eq!(MajorityConfig::from_value(&json!({"kind": "majority-2pc"})).unwrap(), MajorityConfig::default());
+        assert_eq!(MajorityConfig::from_value(&Value::Null).unwrap(), MajorityConfig::default());
+        let config = MajorityConfig::from_value(&json!({
+            "kind": "majority-2pc",
+            "promise_threshold": 0.75,
+            "commit_threshold": 1,
+            "record_timeout_ms": 5000,
+            "request_timeout_ms": 100,
+            "grace_ms": 300,
+            "retry_attempts": 0,
+            "retry_base_ms": 10,
+            "retry_max_ms": 20,
+            "recovery_backoff_max_ms": 40,
+            "max_reservations": 3,
+            "max_recovery_queries_in_flight": 2,
+            "marker_retention_ms": 600
+        }))
+        .unwrap();
+        assert_eq!(config.promise_threshold, Threshold::Fraction(0.75));
+        assert_eq!(config.commit_threshold, Threshold::Count(1));
+        assert_eq!(config.retry_attempts, 0);
+        assert_eq!(config.max_reservations, 3);
+    }
+
+    #[test]
+    fn refuses_bad_values_with_the_key_named() {
+        for (bad, needle) in [
+            (json!({"promise_threshold": 0.5}), "promise_threshold"),
+            (json!({"promise_threshold": 0}), "at least 1"),
+            (json!({"commit_threshold": 1.5}), "commit_threshold"),
+            (json!({"commit_threshold": "most"}), "commit_threshold"),
+            (json!({"request_timeout_ms": 0}), "request_timeout_ms"),
+            (json!({"grace_ms": -1}), "grace_ms"),
+            (json!({"retry_attempts": 1000}), "retry_attempts"),
+            (json!({"retry_base_ms": 500, "retry_max_ms": 100}), "retry_base_ms"),
+            (json!({"marker_retention_ms": 10}), "marker_retention_ms"),
+            (json!({"max_reservations": 0}), "max_reservations"),
+            (json!({"colour": "blue"}), "unknown option"),
+            (json!([1]), "expected a table"),
+        ] {
+            let e = MajorityConfig::from_value(&bad).unwrap_err().to_string();
+            assert!(e.contains(needle) && e.contains(PLUGIN), "{bad}: {e}");
+        }
+    }
+}

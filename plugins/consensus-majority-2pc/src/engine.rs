@@ -1,0 +1,213 @@
+//! The state shared by the member, coordinator and recovery sides of one node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+
+use optimystic_core::consensus::Clock;
+use optimystic_core::identity::{Keypair, PeerId};
+use optimystic_core::keynet::KeyNetwork;
+use optimystic_core::network::PeerNetwork;
+use optimystic_core::record::{ClusterRecord, RecordError};
+use optimystic_core::wire::{RepoMessage, RepoOperation};
+use optimystic_core::{BlockId, RawStorage, RepoError, StorageRepo};
+use tokio::sync::{Mutex, OnceCell, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::checks::{Claim, claims};
+use crate::config::MajorityConfig;
+use crate::store::RecordStatus;
+
+/// Top-level field of a member's answer carrying its execution result (or the `StaleFailure` of a
+/// stale rejection). Verification ignores unknown top-level fields (SPEC 3.4), so it travels next
+/// to the signed votes without being covered by them.
+pub const RESULT_FIELD: &str = "result";
+
+/// One live reservation in memory.
+#[derive(Debug, Clone)]
+pub(crate) struct Live {
+    pub status: RecordStatus,
+    pub claims: Vec<Claim>,
+}
+
+/// The in-memory index of live reservations, rebuilt from storage at start.
+#[derive(Debug, Default)]
+pub(crate) struct MemberState {
+    pub live: BTreeMap<String, Live>,
+    pub by_block: BTreeMap<BlockId, BTreeSet<String>>,
+    /// Records with a recovery task running.
+    pub recovering: BTreeSet<String>,
+}
+
+impl MemberState {
+    /// The first live reservation of another record conflicting with `claims`.
+    pub fn conflict(&self, message_hash: &str, claims: &[Claim]) -> Option<(BlockId, String)> {
+        for claim in claims {
+            for other in self.by_block.get(&claim.block_id).into_iter().flatten() {
+                if other == message_hash {
+                    continue;
+                }
+                let Some(live) = self.live.get(other) else { continue };
+                if live.claims.iter().any(|c| c.conflicts_with(claim)) {
+                    return Some((claim.block_id.clone(), other.clone()));
+                }
+            }
+        }
+        None
+    }
+
+    pub fn reserve(&mut self, message_hash: &str, live: Live) {
+        for claim in &live.claims {
+            self.by_block.entry(claim.block_id.clone()).or_default().insert(message_hash.to_owned());
+        }
+        self.live.insert(message_hash.to_owned(), live);
+    }
+
+    pub fn release(&mut self, message_hash: &str) {
+        let Some(live) = self.live.remove(message_hash) else { return };
+        for claim in live.claims {
+            if let Some(set) = self.by_block.get_mut(&claim.block_id) {
+                set.remove(message_hash);
+                if set.is_empty() {
+                    self.by_block.remove(&claim.block_id);
+                }
+            }
+        }
+    }
+}
+
+/// What a verified record asks for.
+#[derive(Debug, Clone)]
+pub(crate) struct RecordContext {
+    pub operation: RepoOperation,
+    pub claims: Vec<Claim>,
+    pub expiration_ms: u64,
+    /// Approving promises needed among the record's peers.
+    pub promise_quorum: usize,
+}
+
+/// Background tasks of a node; aborted at shutdown.
+#[derive(Debug, Default)]
+pub(crate) struct Tasks {
+    set: JoinSet<()>,
+    closed: bool,
+}
+
+/// Everything one node's consensus shares between its requests and background tasks.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub config: MajorityConfig,
+    pub keypair: Keypair,
+    pub me: PeerId,
+    pub me_text: String,
+    pub network: Arc<dyn PeerNetwork>,
+    pub local: StorageRepo,
+    pub key_network: Option<Arc<dyn KeyNetwork>>,
+    pub clock: Arc<dyn Clock>,
+    pub state: Mutex<MemberState>,
+    pub live_count: watch::Sender<usize>,
+    pub started: OnceCell<()>,
+    pub tasks: StdMutex<Tasks>,
+    pub recovery_permits: Semaphore,
+}
+
+/// Maps a verification failure to the error a member answers with.
+pub(crate) fn refusal(e: RecordError) -> RepoError {
+    match e {
+        RecordError::Expired { .. } => RepoError::Expired,
+        other => RepoError::BadRequest(other.to_string()),
+    }
+}
+
+impl Inner {
+    pub fn storage(&self) -> &dyn RawStorage {
+        self.local.storage().as_ref()
+    }
+
+    /// Runs `future` in the background until it ends or the node shuts down.
+    pub fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        if tasks.closed {
+            return;
+        }
+        while tasks.set.try_join_next().is_some() {}
+        tasks.set.spawn(future);
+    }
+
+    /// Aborts every background task; no new one starts afterwards.
+    pub fn shutdown(&self) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        tasks.closed = true;
+        tasks.set.abort_all();
+    }
+
+    /// Publishes the number of live reservations (after the state changed).
+    pub fn publish(&self, state: &MemberState) {
+        self.live_count.send_replace(state.live.len());
+    }
+
+    /// Parses what a record asks for. `check_lifetime` refuses records expiring further ahead than
+    /// this node would ever issue (updates; status queries skip it).
+    pub fn context(&self, record: &ClusterRecord, now_ms: u64, check_lifetime: bool) -> Result<RecordContext, RepoError> {
+        if !record.peers.contains_key(&self.me_text) {
+            return Err(RepoError::BadRequest(format!(
+                "membership: this member ({}) is not in the record's peer set",
+                self.me_text
+            )));
+        }
+        let message = RepoMessage::from_value(record.message.clone())?;
+        let expiration_ms = message.expiration;
+        let horizon = now_ms.saturating_add(self.config.record_timeout_ms).saturating_add(self.config.grace_ms);
+        if check_lifetime && expiration_ms > horizon {
+            return Err(RepoError::BadRequest(format!(
+                "the record expires at {expiration_ms} ms, more than record_timeout_ms + grace_ms ahead"
+            )));
+        }
+        let operation = message.into_operation()?;
+        if matches!(operation, RepoOperation::Get(_)) {
+            return Err(RepoError::BadRequest("a get is not agreed by consensus".into()));
+        }
+        let claims = claims(&operation);
+        let promise_quorum = self.config.promise_threshold.promise_quorum(record.peers.len());
+        Ok(RecordContext { operation, claims, expiration_ms, promise_quorum })
+    }
+
+    /// Membership against this member's own view of each block's cluster (when it has a key
+    /// network): the record's peer set must cover a promise quorum of the view and, when
+    /// `approvals_too`, the approving promises must include a promise quorum of it. Otherwise a
+    /// coordinator with a shrunken peer set could decide a record with fewer peers than the
+    /// cluster's quorum.
+    pub async fn check_view(&self, record: &ClusterRecord, cx: &RecordContext, approvals_too: bool) -> Result<(), RepoError> {
+        let Some(key_network) = &self.key_network else { return Ok(()) };
+        let blocks: BTreeSet<&BlockId> = cx.claims.iter().map(|c| &c.block_id).collect();
+        for block_id in blocks {
+            let view = key_network
+                .find_cluster(block_id)
+                .await
+                .map_err(|e| RepoError::Unavailable(format!("cluster of {block_id}: {e}")))?;
+            let needed = self.config.promise_threshold.promise_quorum(view.len());
+            let covered = view.keys().filter(|p| record.peers.contains_key(&p.to_base58())).count();
+            if covered < needed {
+                return Err(RepoError::BadRequest(format!(
+                    "membership: the record's peer set covers {covered} of the {} peers this member sees for block \
+                     {block_id}; {needed} needed",
+                    view.len()
+                )));
+            }
+            if approvals_too {
+                let approving = view
+                    .keys()
+                    .filter(|p| record.promises.get(&p.to_base58()).is_some_and(|v| v.is_approve()))
+                    .count();
+                if approving < needed {
+                    return Err(RepoError::BadRequest(format!(
+                        "membership: {approving} of the {} peers this member sees for block {block_id} approved; \
+                         {needed} needed",
+                        view.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,257 @@
+//! Majority two-phase commit with Ed25519-signed votes (SPEC section 4), registered as
+//! `consensus majority-2pc`.
+//!
+//! # Coordinator side ([`Consensus::execute`])
+//! 1. Builds a [`ClusterRecord`] for the message among the block group's peers. The message's
+//!    expiration is capped at now + `record_timeout_ms`: every record expires.
+//! 2. Phase 1: this node votes first through the local path (no message to itself), then every
+//!    other peer is asked in parallel; it stops waiting once the promise quorum is reached or out
+//!    of reach. Only each peer's own vote, verified against the Ed25519 key in its peer id, counts.
+//! 3. Quorum reached: the decided record (the record with the promises) is applied locally (when
+//!    this node is a member) and sent to every other peer; a peer that does not answer gets it
+//!    again after 250 ms, doubling, capped, `retry_attempts` times (configurable), never past the
+//!    record's expiration. The client gets the execution result once `commit_threshold`
+//!    approving commit votes arrived: this node's own result when it is a member, else the
+//!    `"result"` a member returned next to its commit vote; `unavailable` if too few commits
+//!    arrive in time (the record is decided; members settle it through recovery).
+//! 4. Quorum not reached: if the rejections prove it out of reach, the record with those
+//!    rejections is sent to every peer, which frees their reservations at once. The client gets a
+//!    `StaleFailure` when a member rejected as stale (the member's computed `StaleFailure` travels
+//!    in the `"result"` field of its answer), `bad-request` when every rejection says the
+//!    operation is invalid, `consensus-failed` otherwise. Nothing was applied anywhere: a record
+//!    is decided only by a coordinator that assembled a promise quorum and sent it.
+//!
+//! # Member side ([`Consensus::on_update`], [`MajorityConsensus::handle_cluster_request`])
+//! - Every record is verified (digest, hash, keys against peer ids, every vote signature) and
+//!   refused when expired, when this node is not in its peer set, when it expires further ahead
+//!   than `record_timeout_ms + grace_ms`, or (with a key network) when its peer set covers less
+//!   than a quorum of this node's own view of a block's cluster, or a decided record's approvals
+//!   do not include such a quorum (a shrunken peer set cannot decide anything).
+//! - Phase 1: at most one live reservation per block (a pend and the commit or cancel of the same
+//!   transaction do not conflict, nor two commits of one transaction at one revision); the
+//!   operation is checked against local storage without applying it; a member that is behind
+//!   (unknown block, pend not found) or stale votes reject with a reason. The vote and the
+//!   reservation are persisted before the vote is returned. Votes are final: a re-delivery gets
+//!   the stored vote.
+//! - Phase 2: a record carrying a verified promise quorum is applied exactly once: the decided
+//!   copy is persisted, the operation applied, then the executed marker (result and commit vote,
+//!   keyed by messageHash) persisted. A re-delivery gets the stored commit vote and result.
+//! - Recovery (SPEC 4.5): see the `recovery` module documentation; status queries use the extra
+//!   request shape `{"operation": "status", "record": ClusterRecord}`.
+//!
+//! # Storage
+//! State lives in the storage's metadata space under `2pc/` (see the `store` module): durable
+//! exactly as the storage is. On memory storage a restarted node has forgotten its promises and
+//! executed markers; it must rejoin under a new identity (the node refuses to restart a
+//! memory-backed identity). Resolved markers are kept `marker_retention_ms` past their record's
+//! expiration, then collected.
+//!
+//! # Limits and known gaps
+//! - Every node of a cluster must run the same thresholds: a member judges "decided" by its own
+//!   configuration.
+//! - A member's vote decisions and executions are serialized by one lock per node (simple and
+//!   obviously atomic; it bounds one node's consensus throughput, not the cluster's).
+//! - A member that rejected a record, or never saw it, and missed its decided copy stays behind
+//!   for that record: it votes reject (`behind:`) on what depends on it until the catch-up of
+//!   committed revisions (the sync protocol, outside this plugin) brings it up to date.
+//! - Under churn, members judge membership by their own view; two concurrent inserts of one new
+//!   block id under divergent views remain the risk documented for the project (SPEC 4.9).
+
+mod checks;
+mod config;
+mod coordinate;
+mod engine;
+mod member;
+mod recovery;
+mod store;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex as StdMutex};
+
+use async_trait::async_trait;
+use optimystic_core::consensus::{
+    Clock, Consensus, UPDATE_OPERATION, split_request, system_clock, take_record,
+};
+use optimystic_core::identity::Keypair;
+use optimystic_core::keynet::{ClusterPeers, KeyNetwork};
+use optimystic_core::network::PeerNetwork;
+use optimystic_core::record::ClusterRecord;
+use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::wire::{RepoMessage, RepoResponse};
+use optimystic_core::{BlockId, RepoError, StorageRepo};
+use serde_json::Value;
+use tokio::sync::{Mutex, OnceCell, Semaphore, watch};
+
+pub use config::{MajorityConfig, Threshold};
+pub use engine::RESULT_FIELD;
+pub use member::STATUS_OPERATION;
+pub use store::RecordStatus;
+
+use crate::config::PLUGIN;
+use crate::engine::{Inner, MemberState, Tasks};
+
+/// What a [`MajorityConsensus`] is built from.
+#[derive(Debug, Clone)]
+pub struct MajorityDeps {
+    /// The node's Ed25519 identity: signs votes; its peer id must be the network's.
+    pub keypair: Keypair,
+    /// The transport to the other peers.
+    pub network: Arc<dyn PeerNetwork>,
+    /// The local repository: where decided operations are applied and whose storage's metadata
+    /// space keeps votes, reservations and markers.
+    pub local: StorageRepo,
+    /// This node's view of block clusters, for the membership checks; `None` skips them.
+    pub key_network: Option<Arc<dyn KeyNetwork>>,
+    /// The wall clock record expirations are judged by.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The majority two-phase commit of one node: coordinator and member. Dropping it (or
+/// [`Consensus::shutdown`]) stops its background work; persisted state stays, and a consensus
+/// built again over the same storage resumes from it.
+#[derive(Debug)]
+pub struct MajorityConsensus {
+    inner: Arc<Inner>,
+}
+
+impl MajorityConsensus {
+    /// A consensus over `deps` with `config`. Fails with [`PluginError::Config`] when the
+    /// configuration is inconsistent, the key pair is not Ed25519, or the key pair's peer id is not
+    /// the network's local peer id. Nothing is read or spawned until first use or
+    /// [`Consensus::start`].
+    pub fn new(config: MajorityConfig, deps: MajorityDeps) -> Result<Self, PluginError> {
+        config.validate()?;
+        if deps.keypair.clone().try_into_ed25519().is_err() {
+            return Err(PluginError::Config { plugin: PLUGIN.into(), message: "the node key must be Ed25519".into() });
+        }
+        let me = deps.keypair.public().to_peer_id();
+        if deps.network.local_peer_id() != me {
+            return Err(PluginError::Config {
+                plugin: PLUGIN.into(),
+                message: format!("the key pair's peer id {me} is not the network's {}", deps.network.local_peer_id()),
+            });
+        }
+        let permits = config.max_recovery_queries_in_flight;
+        let inner = Inner {
+            config,
+            keypair: deps.keypair,
+            me,
+            me_text: me.to_base58(),
+            network: deps.network,
+            local: deps.local,
+            key_network: deps.key_network,
+            clock: deps.clock,
+            state: Mutex::new(MemberState::default()),
+            live_count: watch::Sender::new(0),
+            started: OnceCell::new(),
+            tasks: StdMutex::new(Tasks::default()),
+            recovery_permits: Semaphore::new(permits),
+        };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &MajorityConfig {
+        &self.inner.config
+    }
+
+    /// Answers one cluster-protocol request: `{"operation": "update", "record": ...}` with this
+    /// member's merged record (as [`Consensus::on_update`]), `{"operation": "status", "record": ...}`
+    /// with `{"messageHash", "status", "record"?}` where status is `executed` or `decided` (with the
+    /// decided copy), `aborted`, `not-executed` (past expiration here, so it never will be unless
+    /// another peer executed it) or `pending`. Errors are sent as the error envelope.
+    pub async fn handle_cluster_request(&self, request: Value) -> Result<Value, RepoError> {
+        let (operation, mut fields) = split_request(request)?;
+        let record = take_record(&mut fields)?;
+        match operation.as_str() {
+            UPDATE_OPERATION => Ok(self.inner.update(record).await?.to_value()),
+            STATUS_OPERATION => self.inner.status(record).await,
+            other => {
+                let shown: String = other.chars().take(64).collect();
+                Err(RepoError::BadRequest(format!("unknown cluster operation {shown:?}")))
+            }
+        }
+    }
+
+    /// This member's status for `record` (`None` if it never voted on or executed it).
+    pub async fn status_of(&self, record: &ClusterRecord) -> Result<Option<RecordStatus>, RepoError> {
+        self.inner.status_of(record).await
+    }
+
+    /// How many live reservations this member holds.
+    pub fn live_reservations(&self) -> usize {
+        *self.inner.live_count.borrow()
+    }
+
+    /// Waits until this member holds no live reservation (every record it promised was executed or
+    /// aborted).
+    pub async fn wait_idle(&self) {
+        let mut watch = self.inner.live_count.subscribe();
+        // The sender lives as long as `self`: waiting cannot fail while we hold it.
+        let _ = watch.wait_for(|count| *count == 0).await;
+    }
+
+    /// The blocks this member holds live reservations on.
+    pub async fn reserved_blocks(&self) -> BTreeSet<BlockId> {
+        self.inner.state.lock().await.by_block.keys().cloned().collect()
+    }
+
+    /// Deletes resolved markers older than `marker_retention_ms` past their expiration, one batch;
+    /// returns whether a full batch was deleted (more may remain). Runs by itself every minute
+    /// once started.
+    pub async fn collect_garbage(&self) -> Result<bool, RepoError> {
+        self.inner.collect_garbage_once().await
+    }
+}
+
+impl Drop for MajorityConsensus {
+    fn drop(&mut self) {
+        self.inner.shutdown();
+    }
+}
+
+#[async_trait]
+impl Consensus for MajorityConsensus {
+    async fn execute(&self, peers: &ClusterPeers, message: &RepoMessage) -> Result<RepoResponse, RepoError> {
+        self.inner.coordinate(peers, message).await
+    }
+
+    async fn on_update(&self, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+        self.inner.update(record).await
+    }
+
+    async fn handle_request(&self, request: Value) -> Result<Value, RepoError> {
+        self.handle_cluster_request(request).await
+    }
+
+    async fn start(&self) -> Result<(), RepoError> {
+        self.inner.ensure_started().await
+    }
+
+    fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+}
+
+fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
+    let config = MajorityConfig::from_value(config)?;
+    let deps = MajorityDeps {
+        keypair: cx.require(&cx.keypair, "the node's identity key pair")?.clone(),
+        network: cx.require(&cx.network, "the peer network")?.clone(),
+        local: cx.require(&cx.local_repo, "a local repository")?.clone(),
+        key_network: cx.key_network.clone(),
+        clock: system_clock(),
+    };
+    Ok(Arc::new(MajorityConsensus::new(config, deps)?))
+}
+
+optimystic_core::inventory::submit! {
+    PluginDescriptor::consensus(
+        "majority-2pc",
+        "majority two-phase commit with Ed25519-signed votes among each block's cluster",
+        build,
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,310 @@
+//! The member side: votes, reservations, execution exactly once, and answers to status queries.
+
+use std::sync::Arc;
+
+use optimystic_core::apply::apply_with;
+use optimystic_core::error::ErrorCode;
+use optimystic_core::record::{ClusterRecord, Vote, VoteType};
+use optimystic_core::wire::ErrorEnvelope;
+use optimystic_core::{MessageOptions, RepoError};
+use serde_json::{Map, Value, json};
+
+use crate::checks::{Check, check_operation};
+use crate::engine::{Inner, Live, MemberState, RESULT_FIELD, RecordContext, refusal};
+use crate::store::{Entry, RecordStatus, read_entry, write_entry};
+
+/// Longest reject reason signed for a failed execution (error messages can be long).
+const MAX_FAILURE_REASON_CHARS: usize = 200;
+
+/// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
+pub const STATUS_OPERATION: &str = "status";
+
+/// Answers to a status query (`"status"` field).
+pub(crate) mod answer {
+    /// Executed here; the answer carries the decided copy.
+    pub const EXECUTED: &str = "executed";
+    /// Decided here, execution pending; the answer carries the decided copy.
+    pub const DECIDED: &str = "decided";
+    /// Known never to execute.
+    pub const ABORTED: &str = "aborted";
+    /// Not executed, and past its expiration here: it never will be, unless another peer executed it.
+    pub const NOT_EXECUTED: &str = "not-executed";
+    /// Not executed but not yet expired here: ask again later.
+    pub const PENDING: &str = "pending";
+}
+
+fn sign_error(e: optimystic_core::crypto::CryptoError) -> RepoError {
+    RepoError::Internal(format!("cannot sign a vote: {e}"))
+}
+
+/// Whether an execution error is the operation's own answer (the same on every try) rather than a
+/// transient failure of this node.
+fn deterministic(e: &RepoError) -> bool {
+    matches!(e.code(), ErrorCode::BadRequest | ErrorCode::Expired)
+}
+
+/// A record without votes or extras: what a promised entry keeps for recovery queries.
+fn bare(record: &ClusterRecord) -> ClusterRecord {
+    let mut copy = record.clone();
+    copy.promises.clear();
+    copy.commits.clear();
+    copy.extra = Map::new();
+    copy
+}
+
+impl Inner {
+    /// Handles a record received on the cluster protocol (or from this node's coordinator).
+    pub(crate) async fn update(self: &Arc<Self>, mut record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+        self.ensure_started().await?;
+        let now = self.clock.now_ms();
+        record.verify(Some(now)).map_err(refusal)?;
+        record.extra.remove(RESULT_FIELD);
+        let cx = self.context(&record, now, true)?;
+        let approvals = record.promises.values().filter(|v| v.is_approve()).count();
+        let rejections = record.promises.len() - approvals;
+        let decided = approvals >= cx.promise_quorum;
+        self.check_view(&record, &cx, decided).await?;
+        let abort_proven = rejections > record.peers.len().saturating_sub(cx.promise_quorum);
+
+        let mut state = self.state.lock().await;
+        let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
+        match entry.as_ref().map(|e| e.status) {
+            Some(RecordStatus::Executed) => return self.executed_reply(entry),
+            Some(RecordStatus::Aborted) => return Ok(self.with_promise(record, entry.as_ref())),
+            Some(RecordStatus::Decided) => {
+                let copy = stored_record(entry.as_ref())?;
+                return self.execute(&mut state, copy, entry, &cx).await;
+            }
+            Some(RecordStatus::Promised | RecordStatus::Rejected) | None => {}
+        }
+        if decided {
+            return self.execute(&mut state, record, entry, &cx).await;
+        }
+        if abort_proven {
+            self.abort(&mut state, &record, entry.clone(), cx.expiration_ms).await?;
+            return Ok(self.with_promise(record, entry.as_ref()));
+        }
+        if entry.as_ref().is_some_and(|e| e.promise.is_some()) {
+            return Ok(self.with_promise(record, entry.as_ref()));
+        }
+        self.promise(&mut state, record, &cx).await
+    }
+
+    /// The incoming record with this member's stored promise (and a stale answer) merged in.
+    fn with_promise(&self, mut record: ClusterRecord, entry: Option<&Entry>) -> ClusterRecord {
+        if let Some(entry) = entry {
+            if let Some(vote) = &entry.promise {
+                record.promises.insert(self.me_text.clone(), vote.clone());
+            }
+            if entry.status == RecordStatus::Rejected
+                && let Some(result) = &entry.result
+            {
+                record.extra.insert(RESULT_FIELD.to_owned(), result.clone());
+            }
+        }
+        record
+    }
+
+    /// The stored decided copy with this member's commit vote and result.
+    fn executed_reply(&self, entry: Option<Entry>) -> Result<ClusterRecord, RepoError> {
+        let mut copy = stored_record(entry.as_ref())?;
+        if let Some(entry) = entry {
+            if let Some(vote) = entry.commit {
+                copy.commits.insert(self.me_text.clone(), vote);
+            }
+            if let Some(result) = entry.result {
+                copy.extra.insert(RESULT_FIELD.to_owned(), result);
+            }
+        }
+        Ok(copy)
+    }
+
+    /// Phase 1: decides, persists and returns this member's promise vote.
+    async fn promise(
+        self: &Arc<Self>,
+        state: &mut MemberState,
+        mut record: ClusterRecord,
+        cx: &RecordContext,
+    ) -> Result<ClusterRecord, RepoError> {
+        let check = if state.live.len() >= self.config.max_reservations {
+            Check::Reject { reason: format!("busy: {} reservations held", state.live.len()), stale: None }
+        } else if let Some((block_id, other)) = state.conflict(&record.message_hash, &cx.claims) {
+            Check::Reject { reason: format!("conflict: block {block_id} is reserved by {other}"), stale: None }
+        } else {
+            check_operation(&self.local, &cx.operation).await?
+        };
+        let (vote, entry) = match check {
+            Check::Approve => {
+                let vote = record.sign_promise(&self.keypair, VoteType::Approve, None).map_err(sign_error)?;
+                let entry = Entry {
+                    status: RecordStatus::Promised,
+                    expiration_ms: cx.expiration_ms,
+                    promise: Some(vote.clone()),
+                    record: Some(bare(&record).to_value()),
+                    commit: None,
+                    result: None,
+                };
+                (vote, entry)
+            }
+            Check::Reject { reason, stale } => {
+                let vote = record.sign_promise(&self.keypair, VoteType::Reject, Some(reason)).map_err(sign_error)?;
+                let entry = Entry {
+                    status: RecordStatus::Rejected,
+                    expiration_ms: cx.expiration_ms,
+                    promise: Some(vote.clone()),
+                    record: None,
+                    commit: None,
+                    result: stale,
+                };
+                (vote, entry)
+            }
+        };
+        write_entry(self.storage(), &record.message_hash, &entry).await?;
+        if entry.status == RecordStatus::Promised {
+            state.reserve(&record.message_hash, Live { status: RecordStatus::Promised, claims: cx.claims.clone() });
+            self.publish(state);
+            self.spawn_recovery(state, &record.message_hash, cx.expiration_ms);
+        }
+        record.promises.insert(self.me_text.clone(), vote);
+        if let Some(result) = entry.result {
+            record.extra.insert(RESULT_FIELD.to_owned(), result);
+        }
+        Ok(record)
+    }
+
+    /// Marks a record aborted (its promise quorum is out of reach, or recovery found that no peer
+    /// executed it) and frees its reservation.
+    pub(crate) async fn abort(
+        &self,
+        state: &mut MemberState,
+        record: &ClusterRecord,
+        entry: Option<Entry>,
+        expiration_ms: u64,
+    ) -> Result<(), RepoError> {
+        let mut entry = entry.unwrap_or(Entry {
+            status: RecordStatus::Aborted,
+            expiration_ms,
+            promise: None,
+            record: None,
+            commit: None,
+            result: None,
+        });
+        if matches!(entry.status, RecordStatus::Executed | RecordStatus::Decided) {
+            return Ok(());
+        }
+        entry.status = RecordStatus::Aborted;
+        entry.record = None;
+        write_entry(self.storage(), &record.message_hash, &entry).await?;
+        state.release(&record.message_hash);
+        self.publish(state);
+        Ok(())
+    }
+
+    /// Phase 2: a decided record (verified promise quorum) is applied here exactly once. The
+    /// decided copy is persisted first; the executed marker with the result and commit vote after
+    /// applying. A crash in between re-applies at restart, which the repository makes a no-op for
+    /// the same operation (re-pend of the same transforms, re-commit of the same revision,
+    /// repeated cancel).
+    pub(crate) async fn execute(
+        self: &Arc<Self>,
+        state: &mut MemberState,
+        mut copy: ClusterRecord,
+        prior: Option<Entry>,
+        cx: &RecordContext,
+    ) -> Result<ClusterRecord, RepoError> {
+        copy.extra.remove(RESULT_FIELD);
+        let hash = copy.message_hash.clone();
+        let mut entry = Entry {
+            status: RecordStatus::Decided,
+            expiration_ms: cx.expiration_ms,
+            promise: prior.and_then(|e| e.promise),
+            record: Some(copy.to_value()),
+            commit: None,
+            result: None,
+        };
+        write_entry(self.storage(), &hash, &entry).await?;
+        state.reserve(&hash, Live { status: RecordStatus::Decided, claims: cx.claims.clone() });
+        self.publish(state);
+
+        let (result, vote) = match apply_with(&self.local, &cx.operation, &MessageOptions::default()).await {
+            Ok(response) => {
+                let value = response
+                    .to_value()
+                    .map_err(|e| RepoError::Internal(format!("encoding an execution result: {e}")))?;
+                (value, copy.sign_commit(&self.keypair, VoteType::Approve, None).map_err(sign_error)?)
+            }
+            Err(e) if deterministic(&e) => {
+                let value = serde_json::to_value(ErrorEnvelope::from(&e))
+                    .map_err(|e| RepoError::Internal(format!("encoding an execution error: {e}")))?;
+                let reason: String = format!("failed: {e}").chars().take(MAX_FAILURE_REASON_CHARS).collect();
+                (value, copy.sign_commit(&self.keypair, VoteType::Reject, Some(reason)).map_err(sign_error)?)
+            }
+            Err(e) => {
+                tracing::warn!(message_hash = %hash, error = %e, "executing a decided record failed; will retry");
+                self.spawn_recovery(state, &hash, cx.expiration_ms);
+                return Err(e);
+            }
+        };
+        entry.status = RecordStatus::Executed;
+        entry.commit = Some(vote.clone());
+        entry.result = Some(result.clone());
+        write_entry(self.storage(), &hash, &entry).await?;
+        state.release(&hash);
+        self.publish(state);
+        copy.commits.insert(self.me_text.clone(), vote);
+        copy.extra.insert(RESULT_FIELD.to_owned(), result);
+        Ok(copy)
+    }
+
+    /// Answers a recovery status query about `record` (which may be expired).
+    pub(crate) async fn status(self: &Arc<Self>, record: ClusterRecord) -> Result<Value, RepoError> {
+        self.ensure_started().await?;
+        record.verify(None).map_err(refusal)?;
+        let now = self.clock.now_ms();
+        let cx = self.context(&record, now, false)?;
+        let _state = self.state.lock().await;
+        let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
+        let hash = record.message_hash.clone();
+        Ok(match entry.as_ref().map(|e| e.status) {
+            Some(RecordStatus::Executed) => {
+                json!({"messageHash": hash, "status": answer::EXECUTED, "record": self.executed_reply(entry)?.to_value()})
+            }
+            Some(RecordStatus::Decided) => {
+                json!({"messageHash": hash, "status": answer::DECIDED, "record": stored_record(entry.as_ref())?.to_value()})
+            }
+            Some(RecordStatus::Aborted) => json!({"messageHash": hash, "status": answer::ABORTED}),
+            _ if now > cx.expiration_ms => json!({"messageHash": hash, "status": answer::NOT_EXECUTED}),
+            _ => json!({"messageHash": hash, "status": answer::PENDING}),
+        })
+    }
+
+    /// This member's status for a record, from storage.
+    pub(crate) async fn status_of(&self, record: &ClusterRecord) -> Result<Option<RecordStatus>, RepoError> {
+        let expiration_ms = record.expiration_ms().unwrap_or(0);
+        Ok(read_entry(self.storage(), expiration_ms, &record.message_hash).await?.map(|e| e.status))
+    }
+}
+
+/// The record an entry keeps.
+pub(crate) fn stored_record(entry: Option<&Entry>) -> Result<ClusterRecord, RepoError> {
+    let value = entry
+        .and_then(|e| e.record.clone())
+        .ok_or_else(|| RepoError::Internal("a 2pc entry lacks its record".into()))?;
+    ClusterRecord::from_value(value).map_err(|e| RepoError::Internal(format!("a stored 2pc record is unreadable: {e}")))
+}
+
+/// The signer's vote in `votes`, verified against `hash`, if present and valid.
+pub(crate) fn verified_vote(
+    votes: &std::collections::BTreeMap<String, Vote>,
+    peer: &optimystic_core::identity::PeerId,
+    hash: &str,
+) -> Option<Vote> {
+    let vote = votes.get(&peer.to_base58())?;
+    match vote.verify(peer, hash) {
+        Ok(()) => Some(vote.clone()),
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "ignoring a vote whose signature does not verify");
+            None
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Loading persisted state at start, recovery after a coordinator failure (SPEC 4.5) and
+//! collection of old markers.
+//!
+//! Recovery of a promised record starts at its expiration plus the grace period (by this node's
+//! clock): the member asks every other peer of the record for its status. If a peer executed it or
+//! holds a copy with a promise quorum, this member executes it too. It drops its reservation (and
+//! marks the record aborted) only once every other peer has answered that it did not execute it
+//! and is past the expiration (so it will not execute it either, normal deliveries being refused
+//! after expiration). Until then it asks again with doubling delays: a peer that does not answer
+//! may have executed it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use optimystic_core::identity::PeerId;
+use optimystic_core::network::ProtocolKind;
+use optimystic_core::record::ClusterRecord;
+use optimystic_core::{RepoError, StorageError};
+use serde_json::{Value, json};
+
+use crate::engine::{Inner, Live, MemberState};
+use crate::member::{STATUS_OPERATION, answer, stored_record};
+use crate::store::{ENTRY_PREFIX, Entry, RecordStatus, expiration_of_key, live_key, live_pointers, read_entry};
+
+/// How often old markers are collected.
+const GC_INTERVAL_MS: u64 = 60_000;
+/// Entries examined per collection step.
+const GC_BATCH: usize = 64;
+/// Collection steps per interval at most.
+const GC_STEPS_PER_INTERVAL: usize = 16;
+
+/// What one recovery round concluded.
+enum Round {
+    /// Resolved (executed, aborted, or no longer live): stop.
+    Done,
+    /// Some peers have not answered finally: ask again later.
+    Again,
+}
+
+impl Inner {
+    /// Loads persisted reservations once; later calls wait for the first to finish.
+    pub(crate) async fn ensure_started(self: &Arc<Self>) -> Result<(), RepoError> {
+        self.started.get_or_try_init(|| self.load()).await.map(|_| ())
+    }
+
+    async fn load(self: &Arc<Self>) -> Result<(), RepoError> {
+        let limit = self.config.max_reservations.saturating_add(1);
+        let pointers = live_pointers(self.storage(), limit).await?;
+        if pointers.len() > self.config.max_reservations {
+            return Err(RepoError::Storage(StorageError::Invalid(format!(
+                "more than max_reservations ({}) live 2pc reservations are stored; raise max_reservations to start",
+                self.config.max_reservations
+            ))));
+        }
+        let mut state = self.state.lock().await;
+        for (hash, expiration_ms) in pointers {
+            let entry = read_entry(self.storage(), expiration_ms, &hash).await?;
+            let Some(entry) = entry.filter(|e| e.status.is_live()) else {
+                // A pointer whose vote was never answered, or whose record was resolved.
+                self.storage().delete_meta(&live_key(&hash)).await?;
+                continue;
+            };
+            let record = stored_record(Some(&entry))?;
+            let cx = self.context(&record, self.clock.now_ms(), false)?;
+            state.reserve(&hash, Live { status: entry.status, claims: cx.claims.clone() });
+            if entry.status == RecordStatus::Decided {
+                // Decided before a crash: execute now, whatever the time (it is decided).
+                if let Err(e) = self.execute(&mut state, record, Some(entry), &cx).await {
+                    tracing::warn!(message_hash = %hash, error = %e, "executing a decided record at start failed");
+                }
+            } else {
+                self.spawn_recovery(&mut state, &hash, expiration_ms);
+            }
+        }
+        self.publish(&state);
+        drop(state);
+        let me = Arc::clone(self);
+        self.spawn(async move { me.collect_garbage_forever().await });
+        Ok(())
+    }
+
+    /// Starts the recovery task of a live record unless one runs: for a promised record it starts
+    /// at expiration plus grace; for a decided one (whose execution failed) it retries at once.
+    pub(crate) fn spawn_recovery(self: &Arc<Self>, state: &mut MemberState, message_hash: &str, expiration_ms: u64) {
+        if !state.recovering.insert(message_hash.to_owned()) {
+            return;
+        }
+        let decided = state.live.get(message_hash).is_some_and(|l| l.status == RecordStatus::Decided);
+        let me = Arc::clone(self);
+        let hash = message_hash.to_owned();
+        self.spawn(async move {
+            me.recover(&hash, expiration_ms, decided).await;
+            me.state.lock().await.recovering.remove(&hash);
+        });
+    }
+
+    async fn recover(self: &Arc<Self>, hash: &str, expiration_ms: u64, decided: bool) {
+        let due = if decided { 0 } else { expiration_ms.saturating_add(self.config.grace_ms) };
+        loop {
+            let now = self.clock.now_ms();
+            if now > due {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(due - now + 1)).await;
+        }
+        let mut finals: BTreeSet<PeerId> = BTreeSet::new();
+        let mut delay_ms = self.config.retry_max_ms;
+        loop {
+            match self.recovery_round(hash, expiration_ms, &mut finals).await {
+                Ok(Round::Done) => return,
+                Ok(Round::Again) => {}
+                Err(e) => tracing::warn!(message_hash = %hash, error = %e, "recovery round failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            delay_ms = delay_ms.saturating_mul(2).min(self.config.recovery_backoff_max_ms);
+        }
+    }
+
+    async fn recovery_round(
+        self: &Arc<Self>,
+        hash: &str,
+        expiration_ms: u64,
+        finals: &mut BTreeSet<PeerId>,
+    ) -> Result<Round, RepoError> {
+        let entry = {
+            let mut state = self.state.lock().await;
+            let entry = read_entry(self.storage(), expiration_ms, hash).await?;
+            match entry.as_ref().map(|e| e.status) {
+                Some(RecordStatus::Promised) => entry,
+                Some(RecordStatus::Decided) => {
+                    // A transient execution failure: try again.
+                    let record = stored_record(entry.as_ref())?;
+                    let cx = self.context(&record, self.clock.now_ms(), false)?;
+                    self.execute(&mut state, record, entry, &cx).await?;
+                    return Ok(Round::Done);
+                }
+                _ => return Ok(Round::Done),
+            }
+        };
+        let record = stored_record(entry.as_ref())?;
+        let others: Vec<PeerId> = record
+            .peers
+            .keys()
+            .filter(|p| **p != self.me_text)
+            .filter_map(|p| p.parse::<PeerId>().ok())
+            .filter(|p| !finals.contains(p))
+            .collect();
+        if !others.is_empty() {
+            let query = json!({"operation": STATUS_OPERATION, "record": record.to_value()});
+            let answers = join_all(others.iter().map(|peer| self.ask(*peer, query.clone()))).await;
+            for (peer, answer) in others.iter().zip(answers) {
+                let Some(answer) = answer else { continue };
+                if let Some(copy) = self.decided_copy(&record, &answer).await {
+                    self.execute_recovered(copy, expiration_ms).await?;
+                    return Ok(Round::Done);
+                }
+                let status = answer.get("status").and_then(Value::as_str);
+                if matches!(status, Some(answer::NOT_EXECUTED | answer::ABORTED)) {
+                    finals.insert(*peer);
+                }
+            }
+        }
+        let every_peer_answered = record
+            .peers
+            .keys()
+            .filter(|p| **p != self.me_text)
+            .all(|p| p.parse::<PeerId>().is_ok_and(|p| finals.contains(&p)));
+        if !every_peer_answered {
+            return Ok(Round::Again);
+        }
+        let mut state = self.state.lock().await;
+        let entry = read_entry(self.storage(), expiration_ms, hash).await?;
+        if entry.as_ref().map(|e| e.status) == Some(RecordStatus::Promised) {
+            tracing::info!(message_hash = %hash, "no peer executed the record; dropping its reservation");
+            self.abort(&mut state, &record, entry, expiration_ms).await?;
+        }
+        Ok(Round::Done)
+    }
+
+    /// One status query, bounded by the in-flight limit and the request timeout.
+    async fn ask(&self, peer: PeerId, query: Value) -> Option<Value> {
+        let _permit = self.recovery_permits.acquire().await.ok()?;
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        match self.network.request(peer, ProtocolKind::Cluster, query, timeout).await {
+            Ok(answer) => Some(answer),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "recovery status query failed");
+                None
+            }
+        }
+    }
+
+    /// The copy in a status answer, if it is the same record with a verified promise quorum.
+    async fn decided_copy(&self, record: &ClusterRecord, answer: &Value) -> Option<ClusterRecord> {
+        let copy = ClusterRecord::from_value(answer.get("record")?.clone()).ok()?;
+        if copy.message_hash != record.message_hash || copy.verify(None).is_err() {
+            return None;
+        }
+        let cx = self.context(&copy, self.clock.now_ms(), false).ok()?;
+        let approvals = copy.promises.values().filter(|v| v.is_approve()).count();
+        if approvals < cx.promise_quorum || self.check_view(&copy, &cx, true).await.is_err() {
+            return None;
+        }
+        Some(copy)
+    }
+
+    /// Executes a record recovery found decided elsewhere (past its expiration: it is decided).
+    async fn execute_recovered(self: &Arc<Self>, copy: ClusterRecord, expiration_ms: u64) -> Result<(), RepoError> {
+        let cx = self.context(&copy, self.clock.now_ms(), false)?;
+        let mut state = self.state.lock().await;
+        let entry = read_entry(self.storage(), expiration_ms, &copy.message_hash).await?;
+        if matches!(entry.as_ref().map(|e| e.status), Some(RecordStatus::Executed | RecordStatus::Aborted)) {
+            return Ok(());
+        }
+        tracing::info!(message_hash = %copy.message_hash, "recovery found the record decided; executing it");
+        self.execute(&mut state, copy, entry, &cx).await.map(|_| ())
+    }
+
+    async fn collect_garbage_forever(self: &Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(GC_INTERVAL_MS)).await;
+            for _ in 0..GC_STEPS_PER_INTERVAL {
+                match self.collect_garbage_once().await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "collecting old 2pc markers failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes resolved entries older than the retention; returns whether a full batch was
+    /// deleted (more may remain).
+    pub(crate) async fn collect_garbage_once(&self) -> Result<bool, RepoError> {
+        let cutoff = self.clock.now_ms().saturating_sub(self.config.marker_retention_ms);
+        let _state = self.state.lock().await;
+        let live_count = *self.live_count.borrow();
+        let listed = self.storage().list_meta(ENTRY_PREFIX, live_count.saturating_add(GC_BATCH)).await?;
+        let mut deleted = 0usize;
+        for (key, bytes) in listed {
+            let Some(expiration_ms) = expiration_of_key(&key) else { continue };
+            if expiration_ms >= cutoff {
+                break;
+            }
+            let live = serde_json::from_slice::<Entry>(&bytes).map_or(true, |e| e.status.is_live());
+            if !live {
+                self.storage().delete_meta(&key).await?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted >= GC_BATCH)
+    }
+}

@@ -1,0 +1,158 @@
+//! What a member persists in its storage's metadata space, and in which order.
+//!
+//! - `2pc/entry/<expiration ms, 20 digits>/<messageHash>`: one [`Entry`] per record the member
+//!   voted on or executed: its promise vote, its commit vote and result, the record copy it needs
+//!   for recovery. Keys sort by expiration, so the oldest markers are collected first.
+//! - `2pc/live/<messageHash>`: the expiration, present while the record holds a reservation
+//!   (promised, or decided and not yet executed). A restart lists these (bounded by
+//!   `max_reservations`) to rebuild the reservations.
+//!
+//! Write order makes every crash point safe: a live pointer is written before its entry (a pointer
+//! without an entry is dropped at load: that vote was never answered), and deleted after the entry
+//! is resolved (a pointer to a resolved entry is dropped at load).
+
+use optimystic_core::record::Vote;
+use optimystic_core::{RawStorage, RepoError, StorageError};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Prefix of the entries.
+pub(crate) const ENTRY_PREFIX: &str = "2pc/entry/";
+/// Prefix of the live pointers.
+pub(crate) const LIVE_PREFIX: &str = "2pc/live/";
+
+/// Where a member stands on one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordStatus {
+    /// Approved in phase 1: the record holds a reservation on its blocks.
+    Promised,
+    /// Rejected in phase 1 (the vote is kept: votes are final).
+    Rejected,
+    /// Seen with a promise quorum, not yet executed (only across a crash or a storage failure).
+    Decided,
+    /// Executed: applied to local storage exactly once, result and commit vote kept.
+    Executed,
+    /// Known never to execute anywhere: the promise quorum is out of reach, or every other peer
+    /// answered that it did not execute it after its expiration.
+    Aborted,
+}
+
+impl RecordStatus {
+    /// Whether the record holds a reservation (and a live pointer).
+    #[must_use]
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Promised | Self::Decided)
+    }
+}
+
+/// The persisted state of one record on one member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Entry {
+    pub status: RecordStatus,
+    pub expiration_ms: u64,
+    /// This member's promise vote, if it cast one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promise: Option<Vote>,
+    /// The record: without votes while promised; the decided copy (with its promise quorum) once
+    /// decided or executed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Value>,
+    /// This member's commit vote, once executed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<Vote>,
+    /// The execution result (a repo response or an error envelope), or the stale answer that came
+    /// with a stale rejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+}
+
+pub(crate) fn entry_key(expiration_ms: u64, message_hash: &str) -> String {
+    format!("{ENTRY_PREFIX}{expiration_ms:020}/{message_hash}")
+}
+
+pub(crate) fn live_key(message_hash: &str) -> String {
+    format!("{LIVE_PREFIX}{message_hash}")
+}
+
+/// The expiration encoded in an entry key.
+pub(crate) fn expiration_of_key(key: &str) -> Option<u64> {
+    key.strip_prefix(ENTRY_PREFIX)?.split('/').next()?.parse().ok()
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> RepoError {
+    RepoError::Storage(StorageError::Corrupt(format!("2pc {what}: {e}")))
+}
+
+pub(crate) async fn read_entry(
+    storage: &dyn RawStorage,
+    expiration_ms: u64,
+    message_hash: &str,
+) -> Result<Option<Entry>, RepoError> {
+    match storage.get_meta(&entry_key(expiration_ms, message_hash)).await? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| corrupt("entry", e)),
+    }
+}
+
+/// Writes an entry, with the live pointer first when it is live and deleted after when not.
+pub(crate) async fn write_entry(storage: &dyn RawStorage, message_hash: &str, entry: &Entry) -> Result<(), RepoError> {
+    let bytes = serde_json::to_vec(entry).map_err(|e| RepoError::Internal(format!("encoding a 2pc entry: {e}")))?;
+    let live = live_key(message_hash);
+    if entry.status.is_live() {
+        storage.put_meta(&live, entry.expiration_ms.to_string().as_bytes()).await?;
+    }
+    storage.put_meta(&entry_key(entry.expiration_ms, message_hash), &bytes).await?;
+    if !entry.status.is_live() {
+        storage.delete_meta(&live).await?;
+    }
+    Ok(())
+}
+
+/// Every live pointer: `(messageHash, expiration)`, at most `limit`. Malformed pointers are
+/// reported as corrupt.
+pub(crate) async fn live_pointers(storage: &dyn RawStorage, limit: usize) -> Result<Vec<(String, u64)>, RepoError> {
+    let mut out = Vec::new();
+    for (key, value) in storage.list_meta(LIVE_PREFIX, limit).await? {
+        let hash = key.strip_prefix(LIVE_PREFIX).unwrap_or(&key).to_owned();
+        let expiration = std::str::from_utf8(&value)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| corrupt("live pointer", &key))?;
+        out.push((hash, expiration));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn keys_sort_by_expiration_and_round_trip() {
+        let a = entry_key(999, "zB");
+        let b = entry_key(1_000, "zA");
+        assert!(a < b);
+        assert_eq!(expiration_of_key(&a), Some(999));
+        assert_eq!(expiration_of_key("2pc/live/zA"), None);
+        assert_eq!(live_key("zA"), "2pc/live/zA");
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let entry = Entry {
+            status: RecordStatus::Promised,
+            expiration_ms: 5,
+            promise: None,
+            record: Some(serde_json::json!({"x": 1})),
+            commit: None,
+            result: None,
+        };
+        let text = serde_json::to_string(&entry).unwrap();
+        assert_eq!(text, r#"{"status":"promised","expirationMs":5,"record":{"x":1}}"#);
+        assert_eq!(serde_json::from_str::<Entry>(&text).unwrap(), entry);
+    }
+}
