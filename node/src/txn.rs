@@ -76,6 +76,7 @@ pub async fn write_block(
             Err(e) if e.is_retryable() => last = e.to_string(),
             Err(e) => return Err(e.into()),
         }
+        tracing::debug!(%block_id, attempt, reason = %last, "transaction attempt did not commit");
         if attempt < policy.max_attempts {
             let jitter = rand::random::<u64>() % backoff_ms.max(1);
             tokio::time::sleep(Duration::from_millis(backoff_ms + jitter)).await;
