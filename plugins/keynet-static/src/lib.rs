@@ -5,7 +5,8 @@
 //! nodes configured with the same member list agree on every cluster without any lookup.
 //!
 //! Configuration: `{"kind": "static", "cluster_size": 3, "members": ["<peer id>" | "<multiaddr>/p2p/<peer id>", ...]}`.
-//! `cluster_size` defaults to 3. Every node must list the same members, itself included.
+//! `cluster_size` defaults to 3. Every node must list the same members, itself included; without
+//! `members` (or with an empty list) the node is the only member.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -64,13 +65,22 @@ impl StaticKeyNetwork {
             return Err(config_error(format!("unknown option {unknown:?}")));
         }
         let cluster_size = cluster_size_option(map.get("cluster_size")).map_err(config_error)?;
-        let Some(Value::Array(entries)) = map.get("members") else {
-            return Err(config_error("\"members\" must be a list of peer ids or /p2p multiaddrs".to_owned()));
+        let no_members = Vec::new();
+        let entries = match map.get("members") {
+            // No list: this node alone (an embedded single node does not know its id beforehand).
+            None => &no_members,
+            Some(Value::Array(entries)) => entries,
+            Some(_) => {
+                return Err(config_error("\"members\" must be a list of peer ids or /p2p multiaddrs".to_owned()));
+            }
         };
         if entries.len() > MAX_MEMBERS {
             return Err(config_error(format!("{} members; at most {MAX_MEMBERS}", entries.len())));
         }
         let mut members = ClusterPeers::new();
+        if entries.is_empty() {
+            members.insert(local, PeerInfo::default());
+        }
         for entry in entries {
             let Value::String(text) = entry else {
                 return Err(config_error(format!("member {entry} is not a string")));
@@ -234,7 +244,6 @@ mod tests {
         let local = members[0];
         let bad = [
             json!(null),
-            json!({"members": []}),
             json!({"members": [members[1].to_string()]}),
             json!({"members": ["not-a-peer"]}),
             json!({"members": ["/ip4/127.0.0.1/tcp/1"]}),
@@ -248,6 +257,15 @@ mod tests {
                 matches!(StaticKeyNetwork::from_config(local, &config), Err(PluginError::Config { .. })),
                 "{config} was accepted"
             );
+        }
+    }
+
+    #[test]
+    fn without_members_the_node_is_alone() {
+        let local = peers(1)[0];
+        for config in [json!({"kind": "static"}), json!({"members": []})] {
+            let net = StaticKeyNetwork::from_config(local, &config).expect("a cluster of one");
+            assert_eq!(net.members().keys().copied().collect::<Vec<_>>(), vec![local], "{config}");
         }
     }
 
