@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use crate::config::NodeConfig;
 use crate::host::{Host, HostConfig, HostError, HostHandle};
 use crate::identity::{self, IdentityError};
-use crate::metrics::{Metrics, MetricsError, MetricsServer};
+use crate::metrics::{Metrics, MetricsError, MetricsServer, RoundLabels};
 use crate::service::{Handlers, SyncHandler};
 
 /// How often storage and peer gauges are sampled.
@@ -184,6 +184,36 @@ impl Consensus for CatchUpOnBehind {
     }
 }
 
+/// The coordinator side of the node's consensus, counting each round's outcome in
+/// `optimystic_consensus_rounds_total{outcome}`: `committed`, `stale`, or the error code.
+#[derive(Debug)]
+struct MeteredConsensus {
+    inner: Arc<dyn Consensus>,
+    metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl Consensus for MeteredConsensus {
+    async fn execute(&self, peers: &ClusterPeers, message: &RepoMessage) -> Result<RepoResponse, RepoError> {
+        let result = self.inner.execute(peers, message).await;
+        let outcome = match &result {
+            Ok(RepoResponse::Pend(PendResult::Stale(_)) | RepoResponse::Commit(CommitResult::Stale(_))) => "stale",
+            Ok(_) => "committed",
+            Err(e) => e.code().as_str(),
+        };
+        self.metrics.consensus_rounds.get_or_create(&RoundLabels { outcome: outcome.to_owned() }).inc();
+        result
+    }
+
+    async fn on_update(&self, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+        self.inner.on_update(record).await
+    }
+
+    async fn handle_request(&self, request: Value) -> Result<Value, RepoError> {
+        self.inner.handle_request(request).await
+    }
+}
+
 /// Serves the sync protocol from the local repository.
 #[derive(Debug)]
 struct SyncAdapter(SyncServer);
@@ -328,12 +358,13 @@ impl Node {
         let consensus = registry.build_consensus(&config.consensus.kind, &cx, &config.consensus.to_value())?;
 
         let timeout = Duration::from_millis(config.limits.request_timeout_ms);
+        let metrics = Arc::new(Metrics::new());
+        let coordinated: Arc<dyn Consensus> = Arc::new(MeteredConsensus { inner: consensus.clone(), metrics: metrics.clone() });
         let writes: Arc<dyn Repo> =
-            Arc::new(CoordinatorRepo::new(key_network.clone(), consensus.clone(), Arc::new(local.clone())));
+            Arc::new(CoordinatorRepo::new(key_network.clone(), coordinated, Arc::new(local.clone())));
         let reads =
             ClusterReads::new(writes, local.clone(), key_network.clone(), network, config.node.read_mode, timeout);
         let catch_up = reads.catch_up().clone();
-        let metrics = Arc::new(Metrics::new());
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });
         let member: Arc<dyn Consensus> =
             Arc::new(CatchUpOnBehind::new(consensus.clone(), catch_up.clone(), host.local_peer_id()));

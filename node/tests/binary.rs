@@ -147,6 +147,7 @@ fn three_processes_from_config_files_serve_writes_reads_metrics_and_stop_on_sigt
     }
     let (_, first) = http_get(&nodes[0].metrics);
     assert!(first.contains("optimystic_repo_operations_total{op=\"commit\",outcome=\"ok\"} 2"), "node 1 counted its commits: {first}");
+    assert!(first.contains("optimystic_consensus_rounds_total{outcome=\"committed\"}"), "2PC outcomes: {first}");
     let (_, second) = http_get(&nodes[1].metrics);
     assert!(second.contains("optimystic_repo_operations_total{op=\"get\",outcome=\"ok\"} 1"), "node 2 counted its read: {second}");
     assert!(second.contains("optimystic_repo_operation_seconds_bucket"), "latency histogram: {second}");
