@@ -157,3 +157,43 @@ fn three_processes_from_config_files_serve_writes_reads_metrics_and_stop_on_sigt
         assert_eq!(status.code(), Some(0), "SIGTERM stops a node with exit status 0");
     }
 }
+
+#[test]
+fn verify_record_accepts_the_javascript_vector_and_refuses_a_tampered_copy() {
+    let vector = Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/vectors/cluster-record-example.json");
+    let output = Command::new(BIN).arg("verify-record").arg(&vector).output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ok zEmmGeb2ArEFBmKBtsjjsSoospF3vsvEGP94UUFaG8qnz");
+
+    let mut record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&vector).unwrap()).unwrap();
+    let promises = record["promises"].as_object_mut().unwrap();
+    let first = promises.keys().next().unwrap().clone();
+    let signature = promises[&first]["signature"].as_str().unwrap().to_owned();
+    let flipped = if signature.starts_with('A') { format!("B{}", &signature[1..]) } else { format!("A{}", &signature[1..]) };
+    promises[&first]["signature"] = serde_json::Value::String(flipped);
+    let dir = tempfile::tempdir().unwrap();
+    let tampered = dir.path().join("tampered.json");
+    std::fs::write(&tampered, serde_json::to_vec(&record).unwrap()).unwrap();
+    let output = Command::new(BIN).arg("verify-record").arg(&tampered).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.starts_with("invalid zEmmGeb2ArEFBmKBtsjjsSoospF3vsvEGP94UUFaG8qnz: "), "{stdout}");
+}
+
+#[test]
+fn plugins_lists_every_bundled_plugin() {
+    let output = Command::new(BIN).arg("plugins").output().unwrap();
+    assert!(output.status.success());
+    let listed = String::from_utf8_lossy(&output.stdout);
+    for line in [
+        "storage memory",
+        "storage file",
+        "storage lmdb",
+        "key-network kademlia",
+        "key-network static",
+        "consensus majority-2pc",
+        "consensus solo",
+    ] {
+        assert!(listed.lines().any(|l| l == line), "missing {line:?} in:\n{listed}");
+    }
+}
