@@ -315,6 +315,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
     use optimystic_core::StorageRepo;
+    use optimystic_core::record::ClusterRecord;
     use optimystic_storage_memory::MemoryStorage;
 
     use super::*;
