@@ -190,12 +190,9 @@ pub fn defaults() -> NodeConfig {
             s.options.insert("cluster_size".to_owned(), Value::from(3));
             s
         },
-        consensus: {
-            let mut s = PluginSection::named("majority-2pc");
-            s.options.insert("promise_threshold".to_owned(), Value::from("majority"));
-            s.options.insert("commit_threshold".to_owned(), Value::from("majority"));
-            s
-        },
+        // Plugin-specific options (thresholds, timeouts) default inside the plugin, so changing
+        // `kind` never leaves another plugin's options behind.
+        consensus: PluginSection::named("majority-2pc"),
         ..NodeConfig::default()
     }
 }
@@ -450,6 +447,18 @@ mod tests {
         let loaded = load(None, &flags, &registry()).expect("valid until the directory is checked");
         let text = loaded.check_data_dir().expect_err("cannot create a directory below a file").to_string();
         assert!(text.contains("node.data_dir"), "{text}");
+    }
+
+    #[test]
+    fn switching_plugin_kinds_leaves_no_foreign_options_behind() {
+        let flags = json!({"consensus": {"kind": "solo"}, "key_network": {"kind": "static"}, "storage": {"kind": "memory"}});
+        let loaded = load(None, &flags, &registry()).expect("valid");
+        assert!(loaded.config.consensus.options.is_empty(), "{:?}", loaded.config.consensus.options);
+        let cx = optimystic_core::registry::PluginContext::new(libp2p::PeerId::random());
+        let storage = registry().build_storage("memory", &cx, &loaded.config.storage.to_value()).expect("memory builds");
+        let mut cx = cx;
+        cx.local_repo = Some(optimystic_core::StorageRepo::new(storage));
+        registry().build_consensus("solo", &cx, &loaded.config.consensus.to_value()).expect("solo accepts the defaults");
     }
 
     #[test]
