@@ -207,8 +207,8 @@ enum ClientOp {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format.unwrap_or_default();
-    // The demo and the bench print their own progress; node logs would bury it.
-    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    // The demo, the bench and the client print their own output; node logs would bury it.
+    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_) | Command::Client(_));
     init_logging(format, if quiet { "warn" } else { "warn,optimystic=info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
