@@ -133,15 +133,22 @@ impl Builder {
     }
 }
 
+/// A static storage build function.
+pub type StorageBuildFn = fn(&PluginContext, &Value) -> Result<Arc<dyn RawStorage>, PluginError>;
+/// A static key-network build function.
+pub type KeyNetworkBuildFn = fn(&PluginContext, &Value) -> Result<Arc<dyn KeyNetwork>, PluginError>;
+/// A static consensus build function.
+pub type ConsensusBuildFn = fn(&PluginContext, &Value) -> Result<Arc<dyn Consensus>, PluginError>;
+
 /// Static build functions, as a plugin crate submits them.
 #[derive(Clone, Copy, Debug)]
 pub enum StaticBuilder {
     /// A storage engine.
-    Storage(fn(&PluginContext, &Value) -> Result<Arc<dyn RawStorage>, PluginError>),
+    Storage(StorageBuildFn),
     /// A key network.
-    KeyNetwork(fn(&PluginContext, &Value) -> Result<Arc<dyn KeyNetwork>, PluginError>),
+    KeyNetwork(KeyNetworkBuildFn),
     /// A consensus.
-    Consensus(fn(&PluginContext, &Value) -> Result<Arc<dyn Consensus>, PluginError>),
+    Consensus(ConsensusBuildFn),
 }
 
 /// A plugin's static descriptor, submitted with `inventory::submit!`.
@@ -166,7 +173,7 @@ impl PluginDescriptor {
     pub const fn storage(
         name: &'static str,
         description: &'static str,
-        build: fn(&PluginContext, &Value) -> Result<Arc<dyn RawStorage>, PluginError>,
+        build: StorageBuildFn,
     ) -> Self {
         Self { name, description, builder: StaticBuilder::Storage(build) }
     }
@@ -175,7 +182,7 @@ impl PluginDescriptor {
     pub const fn key_network(
         name: &'static str,
         description: &'static str,
-        build: fn(&PluginContext, &Value) -> Result<Arc<dyn KeyNetwork>, PluginError>,
+        build: KeyNetworkBuildFn,
     ) -> Self {
         Self { name, description, builder: StaticBuilder::KeyNetwork(build) }
     }
@@ -184,7 +191,7 @@ impl PluginDescriptor {
     pub const fn consensus(
         name: &'static str,
         description: &'static str,
-        build: fn(&PluginContext, &Value) -> Result<Arc<dyn Consensus>, PluginError>,
+        build: ConsensusBuildFn,
     ) -> Self {
         Self { name, description, builder: StaticBuilder::Consensus(build) }
     }
