@@ -14,6 +14,9 @@
 //! protobuf-encoded public key).
 
 use std::str::FromStr;
+use std::sync::OnceLock;
+
+use dashmap::DashMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -28,6 +31,16 @@ const MULTIHASH_IDENTITY: u64 = 0x00;
 
 /// Length in bytes of an Ed25519 signature.
 pub const SIGNATURE_LEN: usize = 64;
+
+/// Peer keys kept decoded: decoding one parses protobuf and decompresses a curve point (about a
+/// third of a signature check), and a node checks the votes of the same few peers all day. The
+/// cache is emptied when it reaches this many entries (about 200 bytes each).
+const MAX_CACHED_PEER_KEYS: usize = 4_096;
+
+fn peer_key_cache() -> &'static DashMap<PeerId, ed25519::PublicKey> {
+    static CACHE: OnceLock<DashMap<PeerId, ed25519::PublicKey>> = OnceLock::new();
+    CACHE.get_or_init(DashMap::new)
+}
 
 /// Why an encoding, key or signature was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,8 +165,22 @@ pub fn parse_peer_id(text: &str) -> Result<PeerId, CryptoError> {
 }
 
 /// Reads the Ed25519 public key embedded in a peer id (identity multihash of the protobuf-encoded
-/// key). Peer ids that only hash their key (RSA and other long keys) are refused.
+/// key). Peer ids that only hash their key (RSA and other long keys) are refused. Decoded keys are
+/// cached (bounded), so repeated checks of one peer's votes decode its key once.
 pub fn peer_ed25519_key(peer_id: &PeerId) -> Result<ed25519::PublicKey, CryptoError> {
+    let cache = peer_key_cache();
+    if let Some(key) = cache.get(peer_id) {
+        return Ok(key.clone());
+    }
+    let key = decode_peer_ed25519_key(peer_id)?;
+    if cache.len() >= MAX_CACHED_PEER_KEYS {
+        cache.clear();
+    }
+    cache.insert(*peer_id, key.clone());
+    Ok(key)
+}
+
+fn decode_peer_ed25519_key(peer_id: &PeerId) -> Result<ed25519::PublicKey, CryptoError> {
     let multihash = peer_id.as_ref();
     if multihash.code() != MULTIHASH_IDENTITY {
         return Err(CryptoError::BadPeerId {

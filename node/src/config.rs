@@ -83,8 +83,10 @@ pub struct LimitsSection {
     pub max_repo_frame_bytes: usize,
     /// Largest cluster protocol frame.
     pub max_cluster_frame_bytes: usize,
-    /// Inbound requests served at once per protocol; more are answered `busy`.
+    /// Inbound requests served at once per protocol; more wait in a queue.
     pub max_inbound_per_protocol: usize,
+    /// Inbound requests waiting for a slot per protocol; more are answered `busy`.
+    pub max_queued_inbound_per_protocol: usize,
     /// Outbound requests in flight per protocol.
     pub max_outbound_per_protocol: usize,
     /// Deadline for one request to a peer.
@@ -101,6 +103,7 @@ impl Default for LimitsSection {
             max_repo_frame_bytes: 8 * 1024 * 1024,
             max_cluster_frame_bytes: 1024 * 1024,
             max_inbound_per_protocol: 32,
+            max_queued_inbound_per_protocol: 256,
             max_outbound_per_protocol: 64,
             request_timeout_ms: 5_000,
             dial_timeout_ms: 5_000,
@@ -292,6 +295,7 @@ impl LoadedConfig {
             ("limits.max_repo_frame_bytes", l.max_repo_frame_bytes, 1024, 1 << 30),
             ("limits.max_cluster_frame_bytes", l.max_cluster_frame_bytes, 1024, 1 << 30),
             ("limits.max_inbound_per_protocol", l.max_inbound_per_protocol, 1, 100_000),
+            ("limits.max_queued_inbound_per_protocol", l.max_queued_inbound_per_protocol, 0, 100_000),
             ("limits.max_outbound_per_protocol", l.max_outbound_per_protocol, 1, 100_000),
         ] {
             if !(min..=max).contains(&value) {

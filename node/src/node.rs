@@ -314,6 +314,7 @@ impl Node {
         host_config.max_cluster_frame_bytes = limits.max_cluster_frame_bytes;
         host_config.max_sync_frame_bytes = limits.max_repo_frame_bytes;
         host_config.max_inbound_per_protocol = limits.max_inbound_per_protocol;
+        host_config.max_queued_inbound_per_protocol = limits.max_queued_inbound_per_protocol;
         host_config.max_outbound_per_protocol = limits.max_outbound_per_protocol;
         host_config.request_timeout_ms = limits.request_timeout_ms.max(limits.operation_timeout_ms);
         host_config.dial_timeout_ms = limits.dial_timeout_ms;

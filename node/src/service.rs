@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use async_trait::async_trait;
@@ -26,6 +27,10 @@ use crate::codec::Frame;
 
 /// Default bound on inbound requests being handled at once, per protocol (SPEC 3.1).
 pub const DEFAULT_MAX_INBOUND_PER_PROTOCOL: usize = 32;
+/// Default bound on inbound requests waiting for a handling slot, per protocol. A consensus round
+/// sends every cluster member one request per coordinator in flight, so a burst easily passes the
+/// in-flight bound; waiting briefly is cheaper for everyone than a `busy` answer and a retry.
+pub const DEFAULT_MAX_QUEUED_INBOUND_PER_PROTOCOL: usize = 256;
 
 /// The error envelope `{"error": {"code", "message"}}` as a JSON value.
 pub fn envelope(code: ErrorCode, message: impl Into<String>) -> Value {
@@ -220,8 +225,8 @@ impl<T> PerProtocol<T> {
     }
 }
 
-/// The inbound side of a node: the current [`Handlers`] and a bound of requests in flight per
-/// protocol.
+/// The inbound side of a node: the current [`Handlers`], a bound of requests in flight per
+/// protocol and a bounded queue of requests waiting for a slot.
 ///
 /// Handlers can be set or replaced at any time ([`Services::set_handlers`]): a request is served by
 /// the handlers current when it starts.
@@ -229,18 +234,65 @@ impl<T> PerProtocol<T> {
 pub struct Services {
     handlers: RwLock<Handlers>,
     inbound: PerProtocol<Arc<Semaphore>>,
+    queued: PerProtocol<Arc<AtomicUsize>>,
     max_inbound_per_protocol: usize,
+    max_queued_inbound_per_protocol: usize,
+}
+
+/// An admitted request: it holds a handling slot, or a place in the queue for one.
+#[derive(Debug)]
+pub struct Admission {
+    semaphore: Arc<Semaphore>,
+    state: AdmissionState,
+}
+
+#[derive(Debug)]
+enum AdmissionState {
+    Ready(OwnedSemaphorePermit),
+    Queued(QueueSlot),
+}
+
+/// A place in a protocol's queue, given back when dropped.
+#[derive(Debug)]
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Admission {
+    /// Whether the request waits in the queue.
+    pub fn is_queued(&self) -> bool {
+        matches!(self.state, AdmissionState::Queued(_))
+    }
+
+    /// The handling slot: at once, or when a request ahead of this one finishes (first come,
+    /// first served). Hold it until the answer is handed back.
+    pub async fn ready(self) -> Result<OwnedSemaphorePermit, Value> {
+        match self.state {
+            AdmissionState::Ready(permit) => Ok(permit),
+            AdmissionState::Queued(slot) => {
+                let permit = self.semaphore.acquire_owned().await;
+                drop(slot);
+                permit.map_err(|_| envelope(ErrorCode::Unavailable, "the node is shutting down"))
+            }
+        }
+    }
 }
 
 impl Services {
     /// Services with no handlers yet, admitting at most `max_inbound_per_protocol` requests at once
-    /// per protocol (at least one).
-    pub fn new(max_inbound_per_protocol: usize) -> Self {
+    /// per protocol (at least one) and queueing at most `max_queued_inbound_per_protocol` more.
+    pub fn new(max_inbound_per_protocol: usize, max_queued_inbound_per_protocol: usize) -> Self {
         let limit = max_inbound_per_protocol.max(1);
         Self {
             handlers: RwLock::new(Handlers::default()),
             inbound: PerProtocol::from_fn(|_| Arc::new(Semaphore::new(limit))),
+            queued: PerProtocol::from_fn(|_| Arc::new(AtomicUsize::new(0))),
             max_inbound_per_protocol: limit,
+            max_queued_inbound_per_protocol,
         }
     }
 
@@ -254,15 +306,29 @@ impl Services {
         self.handlers.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Admits one request on `kind`: a permit to hold until its answer is handed back, or the
-    /// `busy` envelope to answer right away when the protocol is at its bound.
-    pub fn admit(&self, kind: ProtocolKind) -> Result<OwnedSemaphorePermit, Value> {
-        self.inbound.get(kind).clone().try_acquire_owned().map_err(|_| {
-            envelope(
+    /// Admits one request on `kind`: a handling slot, a place in the queue for one, or the `busy`
+    /// envelope to answer right away when both the slots and the queue are full.
+    pub fn admit(&self, kind: ProtocolKind) -> Result<Admission, Value> {
+        let semaphore = Arc::clone(self.inbound.get(kind));
+        if let Ok(permit) = Arc::clone(&semaphore).try_acquire_owned() {
+            return Ok(Admission { semaphore, state: AdmissionState::Ready(permit) });
+        }
+        let queued = self.queued.get(kind);
+        let claimed = queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < self.max_queued_inbound_per_protocol).then_some(n + 1)
+        });
+        match claimed {
+            Ok(_) => Ok(Admission { semaphore, state: AdmissionState::Queued(QueueSlot(Arc::clone(queued))) }),
+            Err(_) => Err(envelope(
                 ErrorCode::Busy,
-                format!("{} requests in flight on the {} protocol; retry later", self.max_inbound_per_protocol, kind.name()),
-            )
-        })
+                format!(
+                    "{} requests in flight and {} queued on the {} protocol; retry later",
+                    self.max_inbound_per_protocol,
+                    self.max_queued_inbound_per_protocol,
+                    kind.name()
+                ),
+            )),
+        }
     }
 
     /// Answers one request on `kind` with the current handlers. A handler that panics is answered
@@ -303,6 +369,11 @@ impl Services {
                 (kind.name(), self.max_inbound_per_protocol.saturating_sub(free))
             })
             .collect()
+    }
+
+    /// Requests waiting for a handling slot per protocol, by protocol name (for metrics).
+    pub fn queued(&self) -> BTreeMap<&'static str, usize> {
+        ProtocolKind::ALL.iter().map(|&kind| (kind.name(), self.queued.get(kind).load(Ordering::Acquire))).collect()
     }
 }
 
@@ -355,18 +426,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn services_bound_requests_in_flight_and_report_missing_handlers() {
-        let services = Services::new(2);
+    async fn services_bound_requests_in_flight_and_queued_and_report_missing_handlers() {
+        let services = Services::new(2, 1);
         let unserved = services.serve(ProtocolKind::Cluster, Frame::Json(json!({}))).await;
         assert_eq!(code(&unserved), "unavailable");
-        let a = services.admit(ProtocolKind::Repo).unwrap();
-        let _b = services.admit(ProtocolKind::Repo).unwrap();
+        let a = services.admit(ProtocolKind::Repo).unwrap().ready().await.unwrap();
+        let _b = services.admit(ProtocolKind::Repo).unwrap().ready().await.unwrap();
+        let queued = services.admit(ProtocolKind::Repo).unwrap();
+        assert!(queued.is_queued());
+        assert_eq!(services.queued()["repo"], 1);
         let busy = services.admit(ProtocolKind::Repo).unwrap_err();
         assert_eq!(code(&busy), "busy");
         assert!(services.admit(ProtocolKind::Sync).is_ok(), "limits are per protocol");
         assert_eq!(services.in_flight()["repo"], 2);
+        let waiting = tokio::spawn(queued.ready());
         drop(a);
-        assert!(services.admit(ProtocolKind::Repo).is_ok());
+        let _c = waiting.await.unwrap().unwrap();
+        assert_eq!(services.queued()["repo"], 0, "the queued request took the freed slot");
+        assert_eq!(services.in_flight()["repo"], 2);
+        let queued_again = services.admit(ProtocolKind::Repo).unwrap();
+        assert!(queued_again.is_queued(), "the queue place was given back");
     }
 
     #[derive(Debug)]
@@ -381,7 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_is_answered_internal() {
-        let services = Services::new(1);
+        let services = Services::new(1, 0);
         services.set_handlers(Handlers::default().with_sync(Arc::new(Panicking)));
         let answer = services.serve(ProtocolKind::Sync, Frame::Json(json!(1))).await;
         assert_eq!(code(&answer), "internal");

@@ -469,10 +469,17 @@ impl Repo for Gated {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_past_the_inbound_bound_are_answered_busy() {
+async fn requests_past_the_inbound_bound_wait_in_the_queue_then_are_answered_busy() {
     bounded(async {
         let gated = Arc::new(Gated { entered: Notify::new(), gate: Semaphore::new(0), inner: memory_repo() });
-        let server = start(|c| c.max_inbound_per_protocol = 1, Handlers::repo(gated.clone())).await;
+        let server = start(
+            |c| {
+                c.max_inbound_per_protocol = 1;
+                c.max_queued_inbound_per_protocol = 1;
+            },
+            Handlers::repo(gated.clone()),
+        )
+        .await;
         let client_host = client_of(&server, |_| {}).await;
         let client = RepoClient::new(Arc::new(client_host.clone()), server.local_peer_id());
 
@@ -481,12 +488,24 @@ async fn requests_past_the_inbound_bound_are_answered_busy() {
             tokio::spawn(async move { get(&client, "b1", None).await })
         };
         gated.entered.notified().await;
+        // The second request waits in the queue (one place), the third is refused.
+        let second = {
+            let client = client.clone();
+            tokio::spawn(async move { get(&client, "b2", None).await })
+        };
+        while server.inbound_queued()["repo"] == 0 {
+            tokio::task::yield_now().await;
+        }
         let busy = client.get(&BlockGets { block_ids: vec![id("b1")], context: None, read_mode: None }, &soon()).await;
         assert!(matches!(busy, Err(RepoError::Busy(_))), "{busy:?}");
         assert_eq!(server.inbound_in_flight()["repo"], 1);
+        assert_eq!(server.inbound_queued()["repo"], 1);
 
         gated.gate.add_permits(1);
         assert!(first.await.unwrap()[&id("b1")].block.is_none());
+        gated.gate.add_permits(1);
+        assert!(second.await.unwrap()[&id("b2")].block.is_none(), "the queued request is served in its turn");
+        assert_eq!(server.inbound_queued()["repo"], 0);
         gated.gate.add_permits(1);
         assert!(get(&client, "b1", None).await[&id("b1")].block.is_none(), "served again once below the bound");
 

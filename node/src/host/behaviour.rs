@@ -79,6 +79,7 @@ fn request_response_behaviour(
     let protocol = stream_protocol(kind.protocol_id(&config.protocol_prefix))?;
     let streams = config
         .max_inbound_per_protocol
+        .saturating_add(config.max_queued_inbound_per_protocol)
         .saturating_add(config.max_outbound_per_protocol)
         .saturating_add(BUSY_STREAM_HEADROOM);
     let rr_config = request_response::Config::default()
@@ -119,7 +120,10 @@ pub(crate) fn build_swarm(config: &HostConfig) -> Result<Swarm<NodeBehaviour>, H
         cluster: request_response_behaviour(config, ProtocolKind::Cluster, config.max_cluster_frame_bytes)?,
         sync: request_response_behaviour(config, ProtocolKind::Sync, config.max_sync_frame_bytes)?,
     };
+    // Lazy negotiation: a request's protocol id travels with its first frame instead of costing a
+    // round trip of its own. A peer that lacks the protocol still refuses it (see `task.rs`).
     let swarm_config = libp2p::swarm::Config::with_tokio_executor()
+        .with_substream_upgrade_protocol_override(Version::V1Lazy)
         .with_idle_connection_timeout(Duration::from_millis(config.idle_connection_timeout_ms));
     Ok(Swarm::new(transport, behaviour, local_peer_id, swarm_config))
 }

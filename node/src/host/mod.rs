@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use crate::codec::{
     DEFAULT_CLUSTER_MAX_FRAME_BYTES, DEFAULT_REPO_MAX_FRAME_BYTES, DEFAULT_SYNC_MAX_FRAME_BYTES, HARD_MAX_FRAME_BYTES,
 };
-use crate::service::{DEFAULT_MAX_INBOUND_PER_PROTOCOL, Handlers, PerProtocol, Services};
+use crate::service::{DEFAULT_MAX_INBOUND_PER_PROTOCOL, DEFAULT_MAX_QUEUED_INBOUND_PER_PROTOCOL, Handlers, PerProtocol, Services};
 use task::{Command, SwarmTask};
 
 /// Default bound on outbound requests in flight, per protocol.
@@ -69,10 +69,13 @@ pub struct HostConfig {
     pub max_cluster_frame_bytes: usize,
     /// Frame limit of the sync protocol, both directions.
     pub max_sync_frame_bytes: usize,
-    /// Inbound requests handled at once per protocol; past it requests are answered `busy`.
+    /// Inbound requests handled at once per protocol; past it requests wait in a queue.
     pub max_inbound_per_protocol: usize,
-    /// Outbound requests in flight per protocol; past it requests fail with
-    /// [`NetworkError::Busy`] without being sent.
+    /// Inbound requests waiting for a handling slot per protocol (0: none wait); past it requests
+    /// are answered `busy`.
+    pub max_queued_inbound_per_protocol: usize,
+    /// Outbound requests in flight per protocol; past it a request waits for one to end, and fails
+    /// with [`NetworkError::Busy`] without being sent if none ends within its timeout.
     pub max_outbound_per_protocol: usize,
     /// The longest a request may take, inbound or outbound; outbound deadlines are capped by it.
     pub request_timeout_ms: u64,
@@ -102,6 +105,7 @@ impl HostConfig {
             max_cluster_frame_bytes: DEFAULT_CLUSTER_MAX_FRAME_BYTES,
             max_sync_frame_bytes: DEFAULT_SYNC_MAX_FRAME_BYTES,
             max_inbound_per_protocol: DEFAULT_MAX_INBOUND_PER_PROTOCOL,
+            max_queued_inbound_per_protocol: DEFAULT_MAX_QUEUED_INBOUND_PER_PROTOCOL,
             max_outbound_per_protocol: DEFAULT_MAX_OUTBOUND_PER_PROTOCOL,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             dial_timeout_ms: DEFAULT_DIAL_TIMEOUT_MS,
@@ -206,7 +210,7 @@ impl Host {
             listeners.push((id, addr.clone()));
         }
 
-        let services = Arc::new(Services::new(config.max_inbound_per_protocol));
+        let services = Arc::new(Services::new(config.max_inbound_per_protocol, config.max_queued_inbound_per_protocol));
         services.set_handlers(handlers);
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_CAPACITY);
         let (epoch_tx, epoch_rx) = watch::channel(0u64);
@@ -294,6 +298,11 @@ impl HostHandle {
         self.inner.services.in_flight()
     }
 
+    /// Inbound requests waiting for a handling slot, by protocol name.
+    pub fn inbound_queued(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.inner.services.queued()
+    }
+
     /// Tells the host an address of a peer (it also enters the routing table). A trailing `/p2p`
     /// component must name the same peer.
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), NetworkError> {
@@ -341,8 +350,8 @@ impl PeerNetwork for HostHandle {
 
     /// See [`PeerNetwork::request`]. The effective deadline is `min(timeout, request_timeout_ms)`
     /// and covers dialing (itself bounded by `dial_timeout_ms` per attempt), sending and the
-    /// response. Fails with [`NetworkError::Busy`] when `max_outbound_per_protocol` requests of
-    /// this protocol are in flight; a request abandoned at its deadline stays counted until
+    /// response. Waits while `max_outbound_per_protocol` requests of this protocol are in flight,
+    /// and fails with [`NetworkError::Busy`] if none ends before the deadline; a request abandoned at its deadline stays counted until
     /// libp2p closes its stream (at most `request_timeout_ms` after it was sent).
     async fn request(
         &self,
@@ -354,21 +363,24 @@ impl PeerNetwork for HostHandle {
         if peer == self.inner.local_peer_id {
             return Err(NetworkError::DialFailed { peer, reason: "a node does not send requests to itself".into() });
         }
-        let permit = self
-            .inner
-            .outbound
-            .get(protocol)
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| NetworkError::Busy { limit: self.inner.max_outbound_per_protocol })?;
         let timeout = timeout.min(self.inner.request_timeout);
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let busy = NetworkError::Busy { limit: self.inner.max_outbound_per_protocol };
+        let semaphore = Arc::clone(self.inner.outbound.get(protocol));
+        let permit = match semaphore.try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => match tokio::time::timeout_at(deadline, Arc::clone(self.inner.outbound.get(protocol)).acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) | Err(_) => return Err(busy),
+            },
+        };
         let exchange = async {
             let (reply, answer) = oneshot::channel();
             self.send(Command::Request { peer, kind: protocol, request, reply, permit }).await?;
             answer.await.map_err(|_| NetworkError::Closed)?
         };
-        match tokio::time::timeout(timeout, exchange).await {
+        match tokio::time::timeout_at(deadline, exchange).await {
             Ok(result) => result,
             Err(_) => Err(NetworkError::Timeout { peer, timeout_ms }),
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
+use libp2p::core::upgrade::NegotiationError;
 use libp2p::identity::PeerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
@@ -99,8 +100,12 @@ impl SwarmTask {
         epoch: watch::Sender<u64>,
         listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     ) -> Result<Self, HostError> {
-        // Every admitted request sends one answer, so this capacity is never the limit.
-        let answers_capacity = config.max_inbound_per_protocol.saturating_mul(ProtocolKind::ALL.len()).max(1);
+        // Every admitted request sends at most one answer, so this capacity is never the limit.
+        let answers_capacity = config
+            .max_inbound_per_protocol
+            .saturating_add(config.max_queued_inbound_per_protocol)
+            .saturating_mul(ProtocolKind::ALL.len())
+            .max(1);
         let (answers_tx, answers) = mpsc::channel(answers_capacity);
         Ok(Self {
             swarm,
@@ -405,6 +410,14 @@ impl SwarmTask {
             OutboundFailure::ConnectionClosed => {
                 NetworkError::Stream { peer, reason: "connection closed before the response".to_owned() }
             }
+            // With lazy negotiation a peer that lacks the protocol refuses it on the stream itself.
+            OutboundFailure::Io(e)
+                if e.get_ref().is_some_and(|inner| {
+                    matches!(inner.downcast_ref::<NegotiationError>(), Some(NegotiationError::Failed))
+                }) =>
+            {
+                NetworkError::UnsupportedProtocol { peer, protocol: self.protocol_ids.get(kind).clone() }
+            }
             OutboundFailure::Io(e) => NetworkError::Stream { peer, reason: e.to_string() },
         }
     }
@@ -415,11 +428,16 @@ impl SwarmTask {
                 tracing::debug!(protocol = kind.name(), %peer, "inbound bound reached; answering busy");
                 let _ = self.swarm.behaviour_mut().protocol(kind).send_response(channel, busy);
             }
-            Ok(permit) => {
+            Ok(admission) => {
                 let services = Arc::clone(&self.services);
                 let answers = self.answers_tx.clone();
                 tokio::spawn(async move {
-                    let response = services.serve(kind, request).await;
+                    let (response, permit) = match admission.ready().await {
+                        // The requester gave up while the request waited: nothing to answer.
+                        Ok(_) if !channel.is_open() => return,
+                        Ok(permit) => (services.serve(kind, request).await, Some(permit)),
+                        Err(refusal) => (refusal, None),
+                    };
                     let _ = answers.send(Answer { kind, channel, response }).await;
                     drop(permit);
                 });

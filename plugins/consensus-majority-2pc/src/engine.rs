@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 
 use optimystic_core::consensus::Clock;
@@ -109,6 +110,8 @@ pub(crate) struct Inner {
     pub started: OnceCell<()>,
     pub tasks: StdMutex<Tasks>,
     pub recovery_permits: Semaphore,
+    /// Moving average of answered promise requests, in microseconds (0: none yet).
+    pub promise_round_trip_us: AtomicU64,
 }
 
 /// Maps a verification failure to the error a member answers with.

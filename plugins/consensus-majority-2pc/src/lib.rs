@@ -82,6 +82,8 @@ use optimystic_core::{BlockId, RepoError, StorageRepo};
 use serde_json::Value;
 use tokio::sync::{Mutex, OnceCell, Semaphore, watch};
 
+use crate::member::Origin;
+
 pub use config::{MajorityConfig, Threshold};
 pub use engine::RESULT_FIELD;
 pub use member::STATUS_OPERATION;
@@ -146,6 +148,7 @@ impl MajorityConsensus {
             started: OnceCell::new(),
             tasks: StdMutex::new(Tasks::default()),
             recovery_permits: Semaphore::new(permits),
+            promise_round_trip_us: std::sync::atomic::AtomicU64::new(0),
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -164,7 +167,7 @@ impl MajorityConsensus {
         let (operation, mut fields) = split_request(request)?;
         let record = take_record(&mut fields)?;
         match operation.as_str() {
-            UPDATE_OPERATION => Ok(self.inner.update(record).await?.to_value()),
+            UPDATE_OPERATION => Ok(self.inner.update(record, Origin::Remote).await?.to_value()),
             STATUS_OPERATION => self.inner.status(record).await,
             other => {
                 let shown: String = other.chars().take(64).collect();
@@ -217,7 +220,7 @@ impl Consensus for MajorityConsensus {
     }
 
     async fn on_update(&self, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
-        self.inner.update(record).await
+        self.inner.update(record, Origin::Remote).await
     }
 
     async fn handle_request(&self, request: Value) -> Result<Value, RepoError> {

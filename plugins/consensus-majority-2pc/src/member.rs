@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use optimystic_core::apply::apply_with;
 use optimystic_core::error::ErrorCode;
-use optimystic_core::record::{ClusterRecord, Vote, VoteType};
+use optimystic_core::record::{ClusterRecord, Phase, RecordError, Vote, VoteType};
 use optimystic_core::wire::ErrorEnvelope;
 use optimystic_core::{MessageOptions, RepoError};
 use serde_json::{Map, Value, json};
@@ -52,12 +52,26 @@ fn bare(record: &ClusterRecord) -> ClusterRecord {
     copy
 }
 
+/// Where a record handed to [`Inner::update`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Another peer (or an embedder): verified in full.
+    Remote,
+    /// This node's coordinator, which built the record and verified every vote it added: only its
+    /// expiry is checked again.
+    Local,
+}
+
 impl Inner {
-    /// Handles a record received on the cluster protocol (or from this node's coordinator).
-    pub(crate) async fn update(self: &Arc<Self>, mut record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+    /// Handles a record received on the cluster protocol, or from this node's coordinator.
+    pub(crate) async fn update(self: &Arc<Self>, mut record: ClusterRecord, origin: Origin) -> Result<ClusterRecord, RepoError> {
         self.ensure_started().await?;
         let now = self.clock.now_ms();
-        record.verify(Some(now)).map_err(refusal)?;
+        match origin {
+            Origin::Remote => record.verify_except_signer(Some(now), &self.me_text).map_err(refusal)?,
+            Origin::Local if record.is_expired(now) => return Err(RepoError::Expired),
+            Origin::Local => {}
+        }
         record.extra.remove(RESULT_FIELD);
         let cx = self.context(&record, now, true)?;
         let approvals = record.promises.values().filter(|v| v.is_approve()).count();
@@ -68,6 +82,9 @@ impl Inner {
 
         let mut state = self.state.lock().await;
         let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
+        if origin == Origin::Remote {
+            self.check_own_votes(&record, entry.as_ref())?;
+        }
         match entry.as_ref().map(|e| e.status) {
             Some(RecordStatus::Executed) => return self.executed_reply(entry),
             Some(RecordStatus::Aborted) => return Ok(self.with_promise(record, entry.as_ref())),
@@ -88,6 +105,30 @@ impl Inner {
             return Ok(self.with_promise(record, entry.as_ref()));
         }
         self.promise(&mut state, record, &cx).await
+    }
+
+    /// This member's votes in a received record must be the ones it stored; a vote it has no copy
+    /// of (its storage was reset, or the vote is forged) must verify.
+    fn check_own_votes(&self, record: &ClusterRecord, entry: Option<&Entry>) -> Result<(), RepoError> {
+        let stored_promise = entry.and_then(|e| e.promise.as_ref());
+        let stored_commit = entry.and_then(|e| e.commit.as_ref());
+        for (phase, vote, stored) in [
+            (Phase::Promise, record.promises.get(&self.me_text), stored_promise),
+            (Phase::Commit, record.commits.get(&self.me_text), stored_commit),
+        ] {
+            let Some(vote) = vote else { continue };
+            if stored == Some(vote) {
+                continue;
+            }
+            let hash = match phase {
+                Phase::Promise => record.promise_hash(),
+                Phase::Commit => record.commit_hash(),
+            };
+            vote.verify(&self.me, &hash).map_err(|source| {
+                refusal(RecordError::BadSignature { peer: self.me_text.clone(), phase, source })
+            })?;
+        }
+        Ok(())
     }
 
     /// The incoming record with this member's stored promise (and a stale answer) merged in.

@@ -864,8 +864,16 @@ async fn refusals(seed: u64) -> String {
     promise(&mut shrunken_decided, &attacker, VoteType::Approve);
     promise(&mut shrunken_decided, &accomplice, VoteType::Approve);
 
+    // A promise in the target's own name that it never cast: it checks it like any other.
+    let mut own_forged = genuine.clone();
+    let own_payload = own_forged.promises[&victim].payload(&own_forged.promise_hash());
+    let mut own_vote = own_forged.promises[&victim].clone();
+    own_vote.signature = crypto::sign(&attacker, own_payload.as_bytes()).unwrap();
+    own_forged.promises.insert(target.to_base58(), own_vote);
+
     let cases = [
         ("forged signature", forged, ErrorCode::BadRequest),
+        ("forged vote of the receiving member", own_forged, ErrorCode::BadRequest),
         ("tampered message", tampered, ErrorCode::BadRequest),
         ("tampered and re-hashed message", rehashed, ErrorCode::BadRequest),
         ("wrong public key", wrong_key, ErrorCode::BadRequest),
@@ -890,6 +898,48 @@ async fn refusals(seed: u64) -> String {
     reply.verify(None).unwrap();
     assert!(reply.commits[&target.to_base58()].is_approve());
     assert_eq!(world.latest_rev(target).await, 2);
+    world.settle().await;
+    world.check().await
+}
+
+/// Phase 1 asks only as many peers as a quorum needs; the member left out executes the decided
+/// record all the same. A member that swallows every request is bypassed well before the request
+/// timeout: its silence is hedged by asking the remaining peers.
+async fn quorum_first_promises(seed: u64) -> String {
+    let world = World::new(seed, 3, SimConfig::default()).await;
+    world.bootstrap().await;
+    let via = world.pick(&world.peers);
+    let others: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != via).collect();
+    let phase1_asks = Arc::new(AtomicUsize::new(0));
+    let counter = phase1_asks.clone();
+    world.sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
+        if e.protocol == ProtocolKind::Cluster && e.direction == Direction::Request && e.body.get("operation") == Some(&json!("update")) && !has_votes(e.body, "promises") {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+        Verdict::Deliver
+    })));
+    let t = world.trx("healthy");
+    assert!(matches!(world.pend(via, &t, 2, json!("healthy")).await.unwrap().unwrap(), PendResult::Success(_)));
+    assert_eq!(phase1_asks.load(Ordering::SeqCst), 1, "the coordinator and one peer make the quorum of three");
+    world.wait_idle().await;
+    for peer in &world.peers {
+        assert!(world.storages[peer].pending(&x(), &t).await.unwrap().is_some(), "every member applied the pend");
+    }
+
+    // One member swallows every cluster request: each write still lands, long before the 400 ms
+    // request timeout (the hedge waits a few round trips of about 2-10 virtual ms).
+    let silent = others[world.sim.random(|r| r.gen_range(0..others.len()))];
+    world.sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
+        if e.protocol == ProtocolKind::Cluster && e.to == silent { Verdict::Drop } else { Verdict::Deliver }
+    })));
+    for i in 0..4 {
+        let t = world.trx("hedged");
+        let started = Instant::now();
+        let answer = world.pend(via, &t, 2, json!(i)).await.unwrap();
+        assert!(matches!(answer, Ok(PendResult::Success(_))), "{answer:?}");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(200), "the pend took {took:?} with one silent member");
+    }
     world.settle().await;
     world.check().await
 }
@@ -964,6 +1014,11 @@ fn sim_conflicting_writers() {
 #[test]
 fn sim_refusals() {
     run("sim_refusals", |seed| Box::pin(refusals(seed)));
+}
+
+#[test]
+fn sim_quorum_first_promises() {
+    run("sim_quorum_first_promises", |seed| Box::pin(quorum_first_promises(seed)));
 }
 
 #[test]
