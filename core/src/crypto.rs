@@ -37,6 +37,23 @@ pub const SIGNATURE_LEN: usize = 64;
 /// cache is emptied when it reaches this many entries (about 200 bytes each).
 const MAX_CACHED_PEER_KEYS: usize = 4_096;
 
+/// The base58 text of a peer id, from a bounded cache: encoding is quadratic in the id's length
+/// (a few microseconds), and a cluster round names the same few peers many times.
+#[must_use]
+pub fn peer_text(peer_id: &PeerId) -> String {
+    static CACHE: OnceLock<DashMap<PeerId, String>> = OnceLock::new();
+    let cache = CACHE.get_or_init(DashMap::new);
+    if let Some(text) = cache.get(peer_id) {
+        return text.clone();
+    }
+    let text = peer_id.to_base58();
+    if cache.len() >= MAX_CACHED_PEER_KEYS {
+        cache.clear();
+    }
+    cache.insert(*peer_id, text.clone());
+    text
+}
+
 fn peer_key_cache() -> &'static DashMap<PeerId, ed25519::PublicKey> {
     static CACHE: OnceLock<DashMap<PeerId, ed25519::PublicKey>> = OnceLock::new();
     CACHE.get_or_init(DashMap::new)

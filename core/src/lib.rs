@@ -29,7 +29,7 @@ pub mod wire;
 pub use error::{ErrorCode, RepoError, StorageError, TransformError};
 pub use model::*;
 pub use repo::{MessageOptions, Repo, StorageRepo};
-pub use storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage};
+pub use storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage};
 
 /// Re-exported so plugins use the same version of the inventory crate.
 pub use inventory;

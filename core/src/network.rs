@@ -128,7 +128,9 @@ pub trait PeerNetwork: Send + Sync + std::fmt::Debug + 'static {
 
     /// Sends `request` to `peer` on `protocol` and returns its response.
     ///
-    /// Guarantees: returns within `timeout` (plus scheduling slack) whatever the peer does; an
+    /// Guarantees: returns within `timeout` (plus scheduling slack) whatever the peer does; a
+    /// response is the one `peer` itself sent (the channel is authenticated as `peer`, as libp2p's
+    /// Noise handshake does), so callers may trust who answered; an
     /// error envelope in the response is returned as [`NetworkError::Remote`]. Not idempotent by
     /// itself: the protocols above make their requests safe to repeat. A request to the local peer
     /// id is an error ([`NetworkError::DialFailed`]): local work goes through local paths.

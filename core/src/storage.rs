@@ -57,6 +57,15 @@ pub struct CommittedTransform {
     pub transform: Transform,
 }
 
+/// One write of a metadata batch ([`RawStorage::write_meta`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaWrite {
+    /// Writes (or replaces) the value of a key.
+    Put(String, Vec<u8>),
+    /// Deletes a key (nothing happens if it is absent).
+    Delete(String),
+}
+
 /// The byte- and JSON-level storage engine behind a [`crate::repo::StorageRepo`].
 ///
 /// Contract shared by all methods:
@@ -117,6 +126,21 @@ pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
 
     /// Deletes a metadata value. Idempotent.
     async fn delete_meta(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Applies metadata writes in order ([`MetaWrite::Put`] or [`MetaWrite::Delete`], each as
+    /// [`RawStorage::put_meta`] and [`RawStorage::delete_meta`] would). Engines with transactions
+    /// apply the whole batch atomically, with one sync: a batch that fails changes nothing. The
+    /// default applies the writes one by one, so after a crash or an error some prefix of the
+    /// batch may be applied; callers order their writes so that every prefix is safe. Idempotent.
+    async fn write_meta(&self, writes: &[MetaWrite]) -> Result<(), StorageError> {
+        for write in writes {
+            match write {
+                MetaWrite::Put(key, value) => self.put_meta(key, value).await?,
+                MetaWrite::Delete(key) => self.delete_meta(key).await?,
+            }
+        }
+        Ok(())
+    }
 
     /// Every metadata entry whose key starts with `prefix`, sorted by key, at most `limit` of them.
     async fn list_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError>;

@@ -83,7 +83,7 @@ impl Promises {
                 serde_json::to_value(StaleFailure { reason, ..StaleFailure::default() }).ok()
             });
         }
-        self.votes.insert(peer.to_base58(), vote);
+        self.votes.insert(crypto::peer_text(peer), vote);
     }
 }
 
@@ -186,7 +186,7 @@ impl Inner {
         for (peer, info) in peers {
             let entry = ClusterPeer::new(peer, info.multiaddrs.clone())
                 .map_err(|e| RepoError::BadRequest(format!("cluster peer {peer}: {e}")))?;
-            peer_map.insert(peer.to_base58(), entry);
+            peer_map.insert(crypto::peer_text(peer), entry);
         }
         let record = ClusterRecord::new(peer_map, value);
         let n = record.peers.len();
@@ -361,15 +361,11 @@ impl Inner {
             if reply.message_hash != decided.message_hash {
                 continue;
             }
-            let hash = crypto::commit_hash(
-                &decided.message_hash,
-                &decided.message,
-                &decided.membership_digest,
-                &reply.promises_value(),
-            );
-            if verified_vote(&reply.commits, &peer, &hash).is_some() {
-                commits.add(&reply, &peer.to_base58(), false);
-            }
+            // Only `peer`'s own commit vote counts, and its reply arrived on a channel that the
+            // transport authenticated as `peer` (Noise): its signature could only have been forged
+            // by `peer` itself. Commit votes are never forwarded to third parties, so their
+            // signatures are not checked here (members check every vote they are sent).
+            commits.add(&reply, &crypto::peer_text(&peer), false);
         }
         if commits.approvals >= needed {
             let result = commits.result.ok_or_else(|| RepoError::Unavailable("no member reported the execution result".into()))?;

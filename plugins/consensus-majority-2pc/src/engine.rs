@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 
 use optimystic_core::consensus::Clock;
+use optimystic_core::crypto;
 use optimystic_core::identity::{Keypair, PeerId};
 use optimystic_core::keynet::KeyNetwork;
 use optimystic_core::network::PeerNetwork;
@@ -189,7 +190,7 @@ impl Inner {
                 .await
                 .map_err(|e| RepoError::Unavailable(format!("cluster of {block_id}: {e}")))?;
             let needed = self.config.promise_threshold.promise_quorum(view.len());
-            let covered = view.keys().filter(|p| record.peers.contains_key(&p.to_base58())).count();
+            let covered = view.keys().filter(|p| record.peers.contains_key(&crypto::peer_text(p))).count();
             if covered < needed {
                 return Err(RepoError::BadRequest(format!(
                     "membership: the record's peer set covers {covered} of the {} peers this member sees for block \
@@ -200,7 +201,7 @@ impl Inner {
             if approvals_too {
                 let approving = view
                     .keys()
-                    .filter(|p| record.promises.get(&p.to_base58()).is_some_and(|v| v.is_approve()))
+                    .filter(|p| record.promises.get(&crypto::peer_text(p)).is_some_and(|v| v.is_approve()))
                     .count();
                 if approving < needed {
                     return Err(RepoError::BadRequest(format!(

@@ -340,7 +340,7 @@ pub(crate) fn verified_vote(
     peer: &optimystic_core::identity::PeerId,
     hash: &str,
 ) -> Option<Vote> {
-    let vote = votes.get(&peer.to_base58())?;
+    let vote = votes.get(&optimystic_core::crypto::peer_text(peer))?;
     match vote.verify(peer, hash) {
         Ok(()) => Some(vote.clone()),
         Err(e) => {

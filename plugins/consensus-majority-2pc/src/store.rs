@@ -12,7 +12,7 @@
 //! is resolved (a pointer to a resolved entry is dropped at load).
 
 use optimystic_core::record::Vote;
-use optimystic_core::{RawStorage, RepoError, StorageError};
+use optimystic_core::{MetaWrite, RawStorage, RepoError, StorageError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -96,17 +96,18 @@ pub(crate) async fn read_entry(
     }
 }
 
-/// Writes an entry, with the live pointer first when it is live and deleted after when not.
+/// Writes an entry, with the live pointer first when it is live and deleted after when not, in one
+/// metadata batch (one sync on transactional engines; in this order on the others).
 pub(crate) async fn write_entry(storage: &dyn RawStorage, message_hash: &str, entry: &Entry) -> Result<(), RepoError> {
     let bytes = serde_json::to_vec(entry).map_err(|e| RepoError::Internal(format!("encoding a 2pc entry: {e}")))?;
     let live = live_key(message_hash);
-    if entry.status.is_live() {
-        storage.put_meta(&live, entry.expiration_ms.to_string().as_bytes()).await?;
-    }
-    storage.put_meta(&entry_key(entry.expiration_ms, message_hash), &bytes).await?;
-    if !entry.status.is_live() {
-        storage.delete_meta(&live).await?;
-    }
+    let entry_write = MetaWrite::Put(entry_key(entry.expiration_ms, message_hash), bytes);
+    let writes = if entry.status.is_live() {
+        [MetaWrite::Put(live, entry.expiration_ms.to_string().into_bytes()), entry_write]
+    } else {
+        [entry_write, MetaWrite::Delete(live)]
+    };
+    storage.write_meta(&writes).await?;
     Ok(())
 }
 

@@ -908,6 +908,8 @@ async fn refusals(seed: u64) -> String {
 async fn quorum_first_promises(seed: u64) -> String {
     let world = World::new(seed, 3, SimConfig::default()).await;
     world.bootstrap().await;
+    // Steady round trips: the hedge (a few recent round trips) must not fire.
+    world.sim.set_delay_ms(3, 3);
     let via = world.pick(&world.peers);
     let others: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != via).collect();
     let phase1_asks = Arc::new(AtomicUsize::new(0));
@@ -928,6 +930,7 @@ async fn quorum_first_promises(seed: u64) -> String {
 
     // One member swallows every cluster request: each write still lands, long before the 400 ms
     // request timeout (the hedge waits a few round trips of about 2-10 virtual ms).
+    world.sim.set_delay_ms(1, 5);
     let silent = others[world.sim.random(|r| r.gen_range(0..others.len()))];
     world.sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
         if e.protocol == ProtocolKind::Cluster && e.to == silent { Verdict::Drop } else { Verdict::Deliver }

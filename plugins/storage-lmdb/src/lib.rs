@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
-use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
+use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage, StorageStats};
 use optimystic_core::{BlockId, StorageError, Transform, TrxId, TrxRev};
 use optimystic_storage_file::datadir;
 use serde_json::Value;
@@ -187,6 +187,11 @@ impl RawStorage for LmdbStorage {
     async fn delete_meta(&self, key: &str) -> Result<(), StorageError> {
         let key = key.to_owned();
         self.with(move |s| s.delete_meta(&key)).await
+    }
+
+    async fn write_meta(&self, writes: &[MetaWrite]) -> Result<(), StorageError> {
+        let writes = writes.to_vec();
+        self.with(move |s| s.write_meta(&writes)).await
     }
 
     async fn list_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError> {

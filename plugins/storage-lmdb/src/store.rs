@@ -23,7 +23,7 @@ use std::path::Path;
 
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, MdbError, RoTxn, WithoutTls};
-use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, StorageStats};
+use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, StorageStats};
 use optimystic_core::{BlockId, StorageError, Transform, TrxId, TrxRev};
 use optimystic_storage_file::datadir::{DataDir, io_error};
 
@@ -385,6 +385,30 @@ impl Store {
             return Ok(());
         }
         self.write(|txn| self.dbs.meta.delete(txn, &key).map_err(self.err("deleting metadata")))
+    }
+
+    /// See [`optimystic_core::RawStorage::write_meta`]: one write transaction, so all or nothing.
+    pub fn write_meta(&self, writes: &[MetaWrite]) -> Result<(), StorageError> {
+        let mut checked = Vec::with_capacity(writes.len());
+        for write in writes {
+            checked.push(match write {
+                MetaWrite::Put(key, value) => (self.checked_meta_key(key)?, Some(value)),
+                MetaWrite::Delete(key) => (meta_key(key), None),
+            });
+        }
+        self.write(|txn| {
+            for (key, value) in &checked {
+                match value {
+                    Some(value) => self.dbs.meta.put(txn, key, value).map_err(self.err("writing metadata"))?,
+                    // A key beyond the size limit can never have been stored.
+                    None if key.len() > self.env.max_key_size() => {}
+                    None => {
+                        self.dbs.meta.delete(txn, key).map_err(self.err("deleting metadata"))?;
+                    }
+                }
+            }
+            Ok(!checked.is_empty())
+        })
     }
 
     /// See [`optimystic_core::RawStorage::list_meta`].

@@ -6,7 +6,7 @@ use super::Fixture;
 use super::support::{Harness, Tx, bid, block, set, splice, tid};
 use crate::error::StorageError;
 use crate::model::{Block, BlockId, Transform, TrxId, TrxRev};
-use crate::storage::{BlockCommit, CommittedTransform, RawStorage};
+use crate::storage::{BlockCommit, CommittedTransform, MetaWrite, RawStorage};
 
 fn insert_of(block: &Block) -> Transform {
     Transform { insert: Some(block.clone()), ..Transform::default() }
@@ -239,6 +239,27 @@ pub async fn raw_meta_put_get_delete_list(fixture: Fixture) {
     }
     assert_eq!(keys(raw.list_meta("p/", 100).await.expect("list")), ["p/10", "p/2", "p/é\u{0}/x"]);
     assert!(raw.block_ids(None, 100).await.expect("block_ids").is_empty(), "metadata is not blocks");
+}
+
+/// A metadata batch applies its puts and deletes in order; an empty batch and deletes of absent
+/// keys are fine.
+pub async fn raw_meta_batch_applies_in_order(fixture: Fixture) {
+    let raw = fixture.storage.as_ref();
+    raw.write_meta(&[]).await.expect("empty batch");
+    raw.put_meta("keep", b"k").await.expect("put");
+    let put = |k: &str, v: &[u8]| MetaWrite::Put(k.to_owned(), v.to_vec());
+    let delete = |k: &str| MetaWrite::Delete(k.to_owned());
+    let batch = [put("a", b"1"), put("b", b"2"), delete("a"), delete("never"), put("c", b"3"), put("b", b"22"), put("a", b"")];
+    for _ in 0..2 {
+        raw.write_meta(&batch).await.expect("batch");
+        assert_eq!(raw.get_meta("a").await.expect("get"), Some(Vec::new()), "the last write of a key wins");
+        assert_eq!(raw.get_meta("b").await.expect("get"), Some(b"22".to_vec()));
+        assert_eq!(raw.get_meta("c").await.expect("get"), Some(b"3".to_vec()));
+        assert_eq!(raw.get_meta("keep").await.expect("get"), Some(b"k".to_vec()), "keys outside the batch are untouched");
+    }
+    raw.write_meta(&[delete("a"), delete("b"), delete("c")]).await.expect("deletes");
+    let left: Vec<String> = raw.list_meta("", 10).await.expect("list").into_iter().map(|(k, _)| k).collect();
+    assert_eq!(left, ["keep"]);
 }
 
 /// `block_ids` lists every block with a commit or a pending, sorted, paged with `after` and
