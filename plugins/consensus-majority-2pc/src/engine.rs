@@ -1,6 +1,7 @@
 //! The state shared by the member, coordinator and recovery sides of one node.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
@@ -13,7 +14,7 @@ use optimystic_core::network::PeerNetwork;
 use optimystic_core::record::{ClusterRecord, RecordError};
 use optimystic_core::wire::{RepoMessage, RepoOperation};
 use optimystic_core::{BlockId, RawStorage, RepoError, StorageRepo};
-use tokio::sync::{Mutex, OnceCell, Semaphore, watch};
+use tokio::sync::{Mutex, Notify, OnceCell, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::checks::{Claim, claims};
@@ -39,6 +40,18 @@ pub(crate) struct MemberState {
     pub by_block: BTreeMap<BlockId, BTreeSet<String>>,
     /// Records with a recovery task running.
     pub recovering: BTreeSet<String>,
+    /// Promised records by the time their recovery is due (expiration plus grace): the recovery
+    /// scheduler starts a task for those still live then. Entries of records resolved earlier are
+    /// skipped when they come up.
+    pub due: BinaryHeap<Reverse<DueRecovery>>,
+}
+
+/// A promised record's recovery time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct DueRecovery {
+    pub due_ms: u64,
+    pub message_hash: String,
+    pub expiration_ms: u64,
 }
 
 impl MemberState {
@@ -113,6 +126,8 @@ pub(crate) struct Inner {
     pub recovery_permits: Semaphore,
     /// Moving average of answered promise requests, in microseconds (0: none yet).
     pub promise_round_trip_us: AtomicU64,
+    /// Wakes the recovery scheduler when a recovery became due earlier than it waits for.
+    pub recovery_wake: Notify,
 }
 
 /// Maps a verification failure to the error a member answers with.

@@ -204,7 +204,7 @@ impl Inner {
         if entry.status == RecordStatus::Promised {
             state.reserve(&record.message_hash, Live { status: RecordStatus::Promised, claims: cx.claims.clone() });
             self.publish(state);
-            self.spawn_recovery(state, &record.message_hash, cx.expiration_ms);
+            self.schedule_recovery(state, &record.message_hash, cx.expiration_ms);
         }
         record.promises.insert(self.me_text.clone(), vote);
         if let Some(result) = entry.result {

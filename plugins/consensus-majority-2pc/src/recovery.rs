@@ -20,10 +20,15 @@ use optimystic_core::record::ClusterRecord;
 use optimystic_core::{RepoError, StorageError};
 use serde_json::{Value, json};
 
-use crate::engine::{Inner, Live, MemberState};
+use std::cmp::Reverse;
+
+use crate::engine::{DueRecovery, Inner, Live, MemberState};
 use crate::member::{STATUS_OPERATION, answer, stored_record};
 use crate::store::{ENTRY_PREFIX, Entry, RecordStatus, expiration_of_key, live_key, live_pointers, read_entry};
 
+/// Scheduled recoveries kept per allowed reservation before those of resolved records are
+/// dropped early.
+const MAX_DUE_PER_RESERVATION: usize = 4;
 /// How often old markers are collected.
 const GC_INTERVAL_MS: u64 = 60_000;
 /// Entries examined per collection step.
@@ -71,18 +76,66 @@ impl Inner {
                     tracing::warn!(message_hash = %hash, error = %e, "executing a decided record at start failed");
                 }
             } else {
-                self.spawn_recovery(&mut state, &hash, expiration_ms);
+                self.schedule_recovery(&mut state, &hash, expiration_ms);
             }
         }
         self.publish(&state);
         drop(state);
         let me = Arc::clone(self);
         self.spawn(async move { me.collect_garbage_forever().await });
+        let me = Arc::clone(self);
+        self.spawn(async move { me.schedule_recoveries_forever().await });
         Ok(())
     }
 
-    /// Starts the recovery task of a live record unless one runs: for a promised record it starts
-    /// at expiration plus grace; for a decided one (whose execution failed) it retries at once.
+    /// Arranges the recovery of a promised record at its expiration plus grace, if it is still
+    /// live then. One scheduler serves every record: most records execute long before, and a task
+    /// (and timer) per promise would pile up by the thousand under load.
+    pub(crate) fn schedule_recovery(&self, state: &mut MemberState, message_hash: &str, expiration_ms: u64) {
+        let due_ms = expiration_ms.saturating_add(self.config.grace_ms);
+        let earliest = state.due.peek().is_none_or(|Reverse(head)| due_ms < head.due_ms);
+        if state.due.len() >= self.config.max_reservations.saturating_mul(MAX_DUE_PER_RESERVATION) {
+            let live = &state.live;
+            state.due.retain(|Reverse(d)| live.contains_key(&d.message_hash));
+        }
+        state.due.push(Reverse(DueRecovery { due_ms, message_hash: message_hash.to_owned(), expiration_ms }));
+        if earliest {
+            self.recovery_wake.notify_one();
+        }
+    }
+
+    /// Starts the recovery of every promised record that is due and still live, then sleeps until
+    /// the next is due (or an earlier one is scheduled).
+    async fn schedule_recoveries_forever(self: &Arc<Self>) {
+        loop {
+            let next_due = {
+                let mut state = self.state.lock().await;
+                let now = self.clock.now_ms();
+                while let Some(Reverse(head)) = state.due.peek() {
+                    if head.due_ms >= now {
+                        break;
+                    }
+                    let Some(Reverse(due)) = state.due.pop() else { break };
+                    if state.live.contains_key(&due.message_hash) {
+                        self.spawn_recovery(&mut state, &due.message_hash, due.expiration_ms);
+                    }
+                }
+                state.due.peek().map(|Reverse(head)| head.due_ms.saturating_sub(now).saturating_add(1))
+            };
+            match next_due {
+                Some(wait_ms) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
+                        () = self.recovery_wake.notified() => {}
+                    }
+                }
+                None => self.recovery_wake.notified().await,
+            }
+        }
+    }
+
+    /// Starts the recovery task of a live record unless one runs: for a promised record it waits
+    /// until expiration plus grace; for a decided one (whose execution failed) it retries at once.
     pub(crate) fn spawn_recovery(self: &Arc<Self>, state: &mut MemberState, message_hash: &str, expiration_ms: u64) {
         if !state.recovering.insert(message_hash.to_owned()) {
             return;
