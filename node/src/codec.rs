@@ -146,7 +146,7 @@ pub fn decode_frame(buf: &[u8], max_frame_bytes: usize) -> Result<Option<(Value,
 /// Encodes `value` as one frame. Fails with [`FrameError::Oversize`] when its JSON is longer than
 /// `max_frame_bytes`.
 pub fn encode_frame(value: &Value, max_frame_bytes: usize) -> Result<Vec<u8>, FrameError> {
-    let body = value.to_string().into_bytes();
+    let body = serde_json::to_vec(value).map_err(|e| FrameError::NotJson(e.to_string()))?;
     let declared_bytes = u64::try_from(body.len()).unwrap_or(u64::MAX);
     if body.len() > max_frame_bytes {
         return Err(FrameError::Oversize { declared_bytes, max_frame_bytes });

@@ -201,6 +201,10 @@ impl Inner {
         let mut promises = Promises::default();
         let request = update_request(&record);
         let mut unasked: VecDeque<PeerId> = others.iter().copied().collect();
+        // Start at a peer chosen by the record, so that promise work spreads over the cluster
+        // instead of always falling on the same peer.
+        let start = record.message_hash.bytes().map(usize::from).sum::<usize>();
+        unasked.rotate_left(start % unasked.len().max(1));
         let mut asks: FuturesUnordered<PromiseAsk<'_>> = FuturesUnordered::new();
         if member {
             let local = record.clone();
