@@ -1,10 +1,9 @@
 //! The coordinator side (SPEC 4.1-4.4): build the record, collect promises, then commits.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -26,15 +25,8 @@ use crate::checks::{INVALID, STALE};
 use crate::engine::{Inner, RESULT_FIELD};
 use crate::member::{Origin, verified_vote};
 
-/// Shortest wait before the remaining peers are asked for their promises too.
-const MIN_HEDGE_MS: u64 = 5;
-/// The wait before any promise round trip was measured (the first requests may include dials).
-const INITIAL_HEDGE_MS: u64 = 100;
-/// The hedge waits this many times the recent promise round trip.
-const HEDGE_ROUND_TRIPS: u64 = 4;
-
-/// One promise being asked for: the peer, its answer, and the round trip of a remote ask.
-type PromiseAsk<'a> = Pin<Box<dyn Future<Output = (PeerId, Result<ClusterRecord, String>, Option<Duration>)> + Send + 'a>>;
+/// One promise being asked for: the peer and its answer.
+type PromiseAsk<'a> = Pin<Box<dyn Future<Output = (PeerId, Result<ClusterRecord, String>)> + Send + 'a>>;
 
 /// The votes collected in phase 1.
 #[derive(Debug, Default)]
@@ -194,40 +186,35 @@ impl Inner {
         let member = peers.contains_key(&self.me);
         let others: Vec<PeerId> = peers.keys().copied().filter(|p| *p != self.me).collect();
 
-        // Phase 1: promises. Only as many peers are asked as a quorum needs (this node through the
-        // local path, at the same time as the others); one more is asked for each that refuses or
-        // fails, and all the rest once the asked are slow to answer. Members that were not asked
-        // execute the decided record all the same.
+        // Phase 1: promises. The record goes to every peer in parallel (SPEC 4.1), this node's
+        // promise through the local path at the same time; the phase ends at a quorum or a proven
+        // abort. The local promise runs as its own task: abandoning it midway (say, in the middle
+        // of persisting the vote) would leave a stored promise without its reservation.
         let mut promises = Promises::default();
         let request = update_request(&record);
-        let mut unasked: VecDeque<PeerId> = others.iter().copied().collect();
-        // Start at a peer chosen by the record, so that promise work spreads over the cluster
-        // instead of always falling on the same peer.
-        let start = record.message_hash.bytes().map(usize::from).sum::<usize>();
-        unasked.rotate_left(start % unasked.len().max(1));
-        let mut asks: FuturesUnordered<PromiseAsk<'_>> = FuturesUnordered::new();
-        if member {
-            let local = record.clone();
-            asks.push(Box::pin(async move { (self.me, self.update(local, Origin::Local).await.map_err(|e| e.to_string()), None) }));
+        let mut asks: FuturesUnordered<PromiseAsk<'_>> = others
+            .iter()
+            .map(|peer| -> PromiseAsk<'_> {
+                let (peer, request) = (*peer, request.clone());
+                Box::pin(async move { (peer, parse_reply(self.send(peer, request, deadline).await)) })
+            })
+            .collect();
+        let local_promise = member.then(|| {
+            let (me, local) = (Arc::clone(self), record.clone());
+            tokio::spawn(async move { me.update(local, Origin::Local).await })
+        });
+        if let Some(handle) = local_promise {
+            asks.push(Box::pin(async move {
+                let answer = match handle.await {
+                    Ok(answer) => answer.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("the local promise task failed: {e}")),
+                };
+                (self.me, answer)
+            }));
         }
-        self.ask_promises(&mut asks, &mut unasked, quorum, &request, deadline);
-        let hedge = tokio::time::sleep(self.hedge_delay());
-        tokio::pin!(hedge);
         while promises.approvals() < quorum && promises.rejections() <= n - quorum {
-            tokio::select! {
-                next = asks.next() => {
-                    let Some((peer, answer, elapsed)) = next else { break };
-                    if let (Some(elapsed), Ok(_)) = (elapsed, &answer) {
-                        self.observe_promise_round_trip(elapsed);
-                    }
-                    promises.add(&record, &peer, answer);
-                    self.ask_promises(&mut asks, &mut unasked, quorum.saturating_sub(promises.approvals()), &request, deadline);
-                }
-                () = &mut hedge, if !unasked.is_empty() => {
-                    tracing::debug!(peers = unasked.len(), "promises are slow; asking the remaining peers");
-                    self.ask_promises(&mut asks, &mut unasked, usize::MAX, &request, deadline);
-                }
-            }
+            let Some((peer, answer)) = asks.next().await else { break };
+            promises.add(&record, &peer, answer);
         }
         drop(asks);
 
@@ -239,45 +226,6 @@ impl Inner {
         let mut decided = record;
         decided.promises = promises.votes;
         self.commit_phase(decided, kind, member, others, deadline).await
-    }
-
-    /// Asks unasked peers for their promises until `wanted` asks are outstanding (or none is
-    /// left to ask), timing each round trip.
-    fn ask_promises<'a>(
-        &'a self,
-        asks: &mut FuturesUnordered<PromiseAsk<'a>>,
-        unasked: &mut VecDeque<PeerId>,
-        wanted: usize,
-        request: &Value,
-        deadline: Instant,
-    ) {
-        while asks.len() < wanted
-            && let Some(peer) = unasked.pop_front()
-        {
-            let request = request.clone();
-            asks.push(Box::pin(async move {
-                let sent = Instant::now();
-                let answer = parse_reply(self.send(peer, request, deadline).await);
-                (peer, answer, Some(sent.elapsed()))
-            }));
-        }
-    }
-
-    /// How long phase 1 waits for the asked peers before asking the rest: a few recent round
-    /// trips ([`INITIAL_HEDGE_MS`] before any), at least [`MIN_HEDGE_MS`], at most the request
-    /// timeout.
-    fn hedge_delay(&self) -> Duration {
-        let recent_us = self.promise_round_trip_us.load(Ordering::Relaxed);
-        let ms = if recent_us == 0 { INITIAL_HEDGE_MS } else { recent_us.saturating_mul(HEDGE_ROUND_TRIPS) / 1_000 };
-        Duration::from_millis(ms.clamp(MIN_HEDGE_MS, self.config.request_timeout_ms.max(MIN_HEDGE_MS)))
-    }
-
-    /// Folds one answered promise round trip into the moving average (weight 1/8).
-    fn observe_promise_round_trip(&self, elapsed: Duration) {
-        let sample = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let _ = self.promise_round_trip_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-            Some(if old == 0 { sample } else { old.saturating_mul(7).saturating_add(sample) / 8 })
-        });
     }
 
     /// One cluster request, within the request timeout and the record's deadline.

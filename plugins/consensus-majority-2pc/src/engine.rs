@@ -3,7 +3,6 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 
 use optimystic_core::consensus::Clock;
@@ -124,8 +123,6 @@ pub(crate) struct Inner {
     pub started: OnceCell<()>,
     pub tasks: StdMutex<Tasks>,
     pub recovery_permits: Semaphore,
-    /// Moving average of answered promise requests, in microseconds (0: none yet).
-    pub promise_round_trip_us: AtomicU64,
     /// Wakes the recovery scheduler when a recovery became due earlier than it waits for.
     pub recovery_wake: Notify,
 }

@@ -148,7 +148,6 @@ impl MajorityConsensus {
             started: OnceCell::new(),
             tasks: StdMutex::new(Tasks::default()),
             recovery_permits: Semaphore::new(permits),
-            promise_round_trip_us: std::sync::atomic::AtomicU64::new(0),
             recovery_wake: tokio::sync::Notify::new(),
         };
         Ok(Self { inner: Arc::new(inner) })

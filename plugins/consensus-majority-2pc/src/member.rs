@@ -267,6 +267,26 @@ impl Inner {
         state.reserve(&hash, Live { status: RecordStatus::Decided, claims: cx.claims.clone() });
         self.publish(state);
 
+        let (result, vote) = match self.apply_and_mark(&copy, &mut entry, cx).await {
+            Ok(done) => done,
+            Err(e) => {
+                // Still reserved and decided: recovery retries the execution.
+                tracing::warn!(message_hash = %hash, error = %e, "executing a decided record failed; will retry");
+                self.spawn_recovery(state, &hash, cx.expiration_ms);
+                return Err(e);
+            }
+        };
+        state.release(&hash);
+        self.publish(state);
+        copy.commits.insert(self.me_text.clone(), vote);
+        copy.extra.insert(RESULT_FIELD.to_owned(), result);
+        Ok(copy)
+    }
+
+    /// Applies a decided record to local storage, signs the commit vote and persists the executed
+    /// marker with the result. A deterministic failure of the operation is its result (signed as
+    /// a reject); any other error leaves the record decided.
+    async fn apply_and_mark(&self, copy: &ClusterRecord, entry: &mut Entry, cx: &RecordContext) -> Result<(Value, Vote), RepoError> {
         let (result, vote) = match apply_with(&self.local, &cx.operation, &MessageOptions::default()).await {
             Ok(response) => {
                 let value = response
@@ -280,21 +300,13 @@ impl Inner {
                 let reason: String = format!("failed: {e}").chars().take(MAX_FAILURE_REASON_CHARS).collect();
                 (value, copy.sign_commit(&self.keypair, VoteType::Reject, Some(reason)).map_err(sign_error)?)
             }
-            Err(e) => {
-                tracing::warn!(message_hash = %hash, error = %e, "executing a decided record failed; will retry");
-                self.spawn_recovery(state, &hash, cx.expiration_ms);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         };
         entry.status = RecordStatus::Executed;
         entry.commit = Some(vote.clone());
         entry.result = Some(result.clone());
-        write_entry(self.storage(), &hash, &entry).await?;
-        state.release(&hash);
-        self.publish(state);
-        copy.commits.insert(self.me_text.clone(), vote);
-        copy.extra.insert(RESULT_FIELD.to_owned(), result);
-        Ok(copy)
+        write_entry(self.storage(), &copy.message_hash, entry).await?;
+        Ok((result, vote))
     }
 
     /// Answers a recovery status query about `record` (which may be expired).
