@@ -33,6 +33,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main]
 async fn main() {
+    // As the `optimystic` binary does: libp2p's timers in this runtime's timer wheel.
+    futures_timer::use_tokio_timers(true);
     let sequential = arg(1, 5_000);
     let concurrent = arg(2, 50_000);
 

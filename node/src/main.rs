@@ -222,6 +222,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // One runtime with every driver, never paused, owns every libp2p timer: libp2p's per-stream
+    // timeouts can live in its timer wheel (vendor/futures-timer/PATCH.md).
+    futures_timer::use_tokio_timers(true);
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {

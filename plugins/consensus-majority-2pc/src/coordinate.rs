@@ -189,7 +189,8 @@ impl Inner {
         // Phase 1: promises. The record goes to every peer in parallel (SPEC 4.1), this node's
         // promise through the local path at the same time; the phase ends at a quorum or a proven
         // abort. The local promise runs as its own task: abandoning it midway (say, in the middle
-        // of persisting the vote) would leave a stored promise without its reservation.
+        // of persisting the vote) would leave a stored promise without its reservation. The task
+        // is short (one member decision) and may outlive a node shutdown by that much.
         let mut promises = Promises::default();
         let request = update_request(&record);
         let mut asks: FuturesUnordered<PromiseAsk<'_>> = others

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::checks::{Claim, claims};
 use crate::config::MajorityConfig;
-use crate::store::RecordStatus;
+use crate::store::{Entry, RecordStatus};
 
 /// Top-level field of a member's answer carrying its execution result (or the `StaleFailure` of a
 /// stale rejection). Verification ignores unknown top-level fields (SPEC 3.4), so it travels next
@@ -39,6 +39,9 @@ pub(crate) struct MemberState {
     pub by_block: BTreeMap<BlockId, BTreeSet<String>>,
     /// Records with a recovery task running.
     pub recovering: BTreeSet<String>,
+    /// Executed markers of records applied here whose marker could not be written: retrying
+    /// writes the marker without applying the operation again. At most one per live reservation.
+    pub unsaved: BTreeMap<String, Entry>,
     /// Promised records by the time their recovery is due (expiration plus grace): the recovery
     /// scheduler starts a task for those still live then. Entries of records resolved earlier are
     /// skipped when they come up.
@@ -78,6 +81,7 @@ impl MemberState {
     }
 
     pub fn release(&mut self, message_hash: &str) {
+        self.unsaved.remove(message_hash);
         let Some(live) = self.live.remove(message_hash) else { return };
         for claim in live.claims {
             if let Some(set) = self.by_block.get_mut(&claim.block_id) {

@@ -243,9 +243,11 @@ impl Inner {
 
     /// Phase 2: a decided record (verified promise quorum) is applied here exactly once. The
     /// decided copy is persisted first; the executed marker with the result and commit vote after
-    /// applying. A crash in between re-applies at restart, which the repository makes a no-op for
-    /// the same operation (re-pend of the same transforms, re-commit of the same revision,
-    /// repeated cancel).
+    /// applying. A crash in between re-applies at restart, before anything else is served, which
+    /// the repository makes a no-op for the same operation (re-pend of the same transforms,
+    /// re-commit of the same revision, repeated cancel). While the process runs, an operation
+    /// applied here is never applied again: a marker that could not be written is kept in memory
+    /// and only its write is retried.
     pub(crate) async fn execute(
         self: &Arc<Self>,
         state: &mut MemberState,
@@ -255,38 +257,53 @@ impl Inner {
     ) -> Result<ClusterRecord, RepoError> {
         copy.extra.remove(RESULT_FIELD);
         let hash = copy.message_hash.clone();
-        let mut entry = Entry {
-            status: RecordStatus::Decided,
-            expiration_ms: cx.expiration_ms,
-            promise: prior.and_then(|e| e.promise),
-            record: Some(copy.to_value()),
-            commit: None,
-            result: None,
-        };
-        write_entry(self.storage(), &hash, &entry).await?;
-        state.reserve(&hash, Live { status: RecordStatus::Decided, claims: cx.claims.clone() });
-        self.publish(state);
-
-        let (result, vote) = match self.apply_and_mark(&copy, &mut entry, cx).await {
-            Ok(done) => done,
-            Err(e) => {
-                // Still reserved and decided: recovery retries the execution.
-                tracing::warn!(message_hash = %hash, error = %e, "executing a decided record failed; will retry");
-                self.spawn_recovery(state, &hash, cx.expiration_ms);
-                return Err(e);
+        let executed = match state.unsaved.remove(&hash) {
+            Some(executed) => executed,
+            None => {
+                let decided = Entry {
+                    status: RecordStatus::Decided,
+                    expiration_ms: cx.expiration_ms,
+                    promise: prior.and_then(|e| e.promise),
+                    record: Some(copy.to_value()),
+                    commit: None,
+                    result: None,
+                };
+                write_entry(self.storage(), &hash, &decided).await?;
+                state.reserve(&hash, Live { status: RecordStatus::Decided, claims: cx.claims.clone() });
+                self.publish(state);
+                // Should this call be abandoned midway, recovery still finds the record decided.
+                self.schedule_recovery(state, &hash, cx.expiration_ms);
+                match self.apply_once(&copy, decided, cx).await {
+                    Ok(executed) => executed,
+                    Err(e) => {
+                        tracing::warn!(message_hash = %hash, error = %e, "executing a decided record failed; will retry");
+                        self.spawn_recovery(state, &hash, cx.expiration_ms);
+                        return Err(e);
+                    }
+                }
             }
         };
+        if let Err(e) = write_entry(self.storage(), &hash, &executed).await {
+            tracing::warn!(message_hash = %hash, error = %e, "writing an executed marker failed; will retry");
+            state.unsaved.insert(hash.clone(), executed);
+            self.spawn_recovery(state, &hash, cx.expiration_ms);
+            return Err(e);
+        }
         state.release(&hash);
         self.publish(state);
-        copy.commits.insert(self.me_text.clone(), vote);
-        copy.extra.insert(RESULT_FIELD.to_owned(), result);
+        if let Some(vote) = executed.commit {
+            copy.commits.insert(self.me_text.clone(), vote);
+        }
+        if let Some(result) = executed.result {
+            copy.extra.insert(RESULT_FIELD.to_owned(), result);
+        }
         Ok(copy)
     }
 
-    /// Applies a decided record to local storage, signs the commit vote and persists the executed
-    /// marker with the result. A deterministic failure of the operation is its result (signed as
-    /// a reject); any other error leaves the record decided.
-    async fn apply_and_mark(&self, copy: &ClusterRecord, entry: &mut Entry, cx: &RecordContext) -> Result<(Value, Vote), RepoError> {
+    /// Applies a decided record to local storage and signs the commit vote: the executed marker
+    /// to persist. A deterministic failure of the operation is its result (signed as a reject);
+    /// any other error leaves the record decided and unapplied.
+    async fn apply_once(&self, copy: &ClusterRecord, decided: Entry, cx: &RecordContext) -> Result<Entry, RepoError> {
         let (result, vote) = match apply_with(&self.local, &cx.operation, &MessageOptions::default()).await {
             Ok(response) => {
                 let value = response
@@ -302,11 +319,7 @@ impl Inner {
             }
             Err(e) => return Err(e),
         };
-        entry.status = RecordStatus::Executed;
-        entry.commit = Some(vote.clone());
-        entry.result = Some(result.clone());
-        write_entry(self.storage(), &copy.message_hash, entry).await?;
-        Ok((result, vote))
+        Ok(Entry { status: RecordStatus::Executed, commit: Some(vote), result: Some(result), ..decided })
     }
 
     /// Answers a recovery status query about `record` (which may be expired).

@@ -189,7 +189,18 @@ impl Inner {
                     self.execute(&mut state, record, entry, &cx).await?;
                     return Ok(Round::Done);
                 }
-                _ => return Ok(Round::Done),
+                _ => {
+                    // Resolved: nothing left to recover. A reservation (or live pointer) left by
+                    // a write that failed halfway goes too.
+                    if state.live.contains_key(hash) {
+                        state.release(hash);
+                        self.publish(&state);
+                    }
+                    if let Err(e) = self.storage().delete_meta(&live_key(hash)).await {
+                        tracing::debug!(message_hash = %hash, error = %e, "a stale live pointer stays until restart");
+                    }
+                    return Ok(Round::Done);
+                }
             }
         };
         let record = stored_record(entry.as_ref())?;

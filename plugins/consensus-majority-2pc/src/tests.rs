@@ -16,7 +16,7 @@ use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
 use optimystic_core::registry::{PluginContext, Registry};
 use optimystic_core::testkit::sim::{Envelope, SimConfig, SimNet, Verdict};
 use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
-use optimystic_core::{Block, BlockId, ErrorCode, Transforms, TrxId};
+use optimystic_core::{Block, BlockId, ErrorCode, RawStorage, StorageError, Transforms, TrxId};
 use optimystic_storage_memory::MemoryStorage;
 use serde_json::{Value, json};
 
@@ -38,9 +38,13 @@ struct Member {
 }
 
 fn member() -> Member {
+    member_over(Arc::new(MemoryStorage::new()))
+}
+
+fn member_over(storage: Arc<dyn RawStorage>) -> Member {
     let sim = SimNet::new(1, SimConfig::default());
     let keypair = Keypair::generate_ed25519();
-    let local = StorageRepo::new(Arc::new(MemoryStorage::new()));
+    let local = StorageRepo::new(storage);
     let deps = MajorityDeps {
         keypair: keypair.clone(),
         network: sim.network(keypair.public().to_peer_id()),
@@ -216,4 +220,115 @@ async fn registers_and_builds_from_the_node_context() {
     cx.network = Some(sim.network(PeerId::random()));
     let e = registry.build_consensus("majority-2pc", &cx, &kind).unwrap_err();
     assert!(e.to_string().contains("is not the network's"), "{e}");
+}
+
+/// Memory storage that counts pends and can fail the next write of an executed marker.
+#[derive(Debug, Default)]
+struct FailingMarker {
+    inner: MemoryStorage,
+    pends_saved: AtomicUsize,
+    fail_next_executed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl RawStorage for FailingMarker {
+    async fn latest(&self, b: &BlockId) -> Result<Option<optimystic_core::TrxRev>, StorageError> {
+        self.inner.latest(b).await
+    }
+    async fn revisions(&self, b: &BlockId, from: u64, to: u64) -> Result<Vec<optimystic_core::TrxRev>, StorageError> {
+        self.inner.revisions(b, from, to).await
+    }
+    async fn revision_at_or_before(&self, b: &BlockId, at: u64) -> Result<Option<optimystic_core::TrxRev>, StorageError> {
+        self.inner.revision_at_or_before(b, at).await
+    }
+    async fn committed(&self, b: &BlockId, t: &TrxId) -> Result<Option<optimystic_core::CommittedTransform>, StorageError> {
+        self.inner.committed(b, t).await
+    }
+    async fn pending(&self, b: &BlockId, t: &TrxId) -> Result<Option<optimystic_core::Transform>, StorageError> {
+        self.inner.pending(b, t).await
+    }
+    async fn pending_trx_ids(&self, b: &BlockId) -> Result<Vec<TrxId>, StorageError> {
+        self.inner.pending_trx_ids(b).await
+    }
+    async fn save_pending(&self, b: &BlockId, t: &TrxId, x: &optimystic_core::Transform) -> Result<(), StorageError> {
+        self.pends_saved.fetch_add(1, Ordering::SeqCst);
+        self.inner.save_pending(b, t, x).await
+    }
+    async fn delete_pending(&self, b: &BlockId, t: &TrxId) -> Result<(), StorageError> {
+        self.inner.delete_pending(b, t).await
+    }
+    async fn materialized(&self, b: &BlockId, rev: u64) -> Result<Option<optimystic_core::BlockValue>, StorageError> {
+        self.inner.materialized(b, rev).await
+    }
+    async fn commit_block(&self, b: &BlockId, c: &optimystic_core::BlockCommit) -> Result<(), StorageError> {
+        self.inner.commit_block(b, c).await
+    }
+    async fn get_meta(&self, k: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get_meta(k).await
+    }
+    async fn put_meta(&self, k: &str, v: &[u8]) -> Result<(), StorageError> {
+        self.inner.put_meta(k, v).await
+    }
+    async fn delete_meta(&self, k: &str) -> Result<(), StorageError> {
+        self.inner.delete_meta(k).await
+    }
+    async fn write_meta(&self, writes: &[optimystic_core::MetaWrite]) -> Result<(), StorageError> {
+        let executed = writes.iter().any(|w| {
+            matches!(w, optimystic_core::MetaWrite::Put(_, v) if String::from_utf8_lossy(v).contains("\"status\":\"executed\""))
+        });
+        if executed && self.fail_next_executed.swap(false, Ordering::SeqCst) {
+            return Err(StorageError::Full("injected: the executed marker does not fit".into()));
+        }
+        self.inner.write_meta(writes).await
+    }
+    async fn list_meta(&self, p: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        self.inner.list_meta(p, limit).await
+    }
+    fn durable(&self) -> bool {
+        false
+    }
+    async fn block_ids(&self, after: Option<&BlockId>, limit: usize) -> Result<Vec<BlockId>, StorageError> {
+        self.inner.block_ids(after, limit).await
+    }
+    async fn close(&self) -> Result<(), StorageError> {
+        self.inner.close().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_executed_marker_that_failed_to_save_is_retried_without_applying_again() {
+    let storage = Arc::new(FailingMarker::default());
+    let m = member_over(storage.clone());
+    let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let me = m.keypair.public().to_peer_id();
+    let peers = [me, a.public().to_peer_id(), b.public().to_peer_id()];
+    let now = m.sim.clock().now_ms();
+    let mut decided = record(&peers, insert_x(), now + 1_000);
+    sign(&mut decided, &a, VoteType::Approve, None);
+    sign(&mut decided, &b, VoteType::Approve, None);
+
+    storage.fail_next_executed.store(true, Ordering::SeqCst);
+    let failed = m.consensus.on_update(decided.clone()).await.unwrap_err();
+    assert!(matches!(failed, RepoError::Storage(StorageError::Full(_))), "{failed}");
+    assert_eq!(storage.pends_saved.load(Ordering::SeqCst), 1, "applied once");
+    assert_eq!(m.consensus.live_reservations(), 1, "still reserved until the marker is saved");
+
+    // Meanwhile the cluster cancels the transaction (a pend and the cancel of its own trx do not
+    // conflict), and this member applies the cancel.
+    let trx_ref = optimystic_core::model::TrxBlocks { trx_id: TrxId::new("t1").unwrap(), block_ids: vec![x()] };
+    let mut cancel = record(&peers, RepoOperation::Cancel { trx_ref }, now + 1_000);
+    sign(&mut cancel, &a, VoteType::Approve, None);
+    sign(&mut cancel, &b, VoteType::Approve, None);
+    assert!(m.consensus.on_update(cancel).await.unwrap().commits[&me.to_base58()].is_approve());
+    assert!(m.local.storage().pending(&x(), &TrxId::new("t1").unwrap()).await.unwrap().is_none());
+
+    // A re-delivery of the pend (or the recovery task) saves its marker without applying the pend
+    // again: re-applying now would resurrect a transaction the cluster cancelled.
+    let executed = m.consensus.on_update(decided.clone()).await.unwrap();
+    assert!(executed.commits[&me.to_base58()].is_approve());
+    assert_eq!(storage.pends_saved.load(Ordering::SeqCst), 1, "not applied twice");
+    assert!(m.local.storage().pending(&x(), &TrxId::new("t1").unwrap()).await.unwrap().is_none(), "still cancelled");
+    m.consensus.wait_idle().await;
+    assert_eq!(m.consensus.live_reservations(), 0);
+    assert_eq!(m.consensus.status_of(&decided).await.unwrap(), Some(RecordStatus::Executed));
 }

@@ -22,6 +22,6 @@ mod native;
 mod wasm;
 
 #[cfg(not(all(target_arch = "wasm32", feature = "wasm-bindgen")))]
-pub use self::native::Delay;
+pub use self::native::{use_tokio_timers, Delay};
 #[cfg(all(target_arch = "wasm32", feature = "wasm-bindgen"))]
 pub use self::wasm::Delay;

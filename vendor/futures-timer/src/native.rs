@@ -12,4 +12,4 @@ use self::heap::{Heap, Slot};
 use self::heap_timer::HeapTimer;
 use self::timer::{ScheduledTimer, Timer, TimerHandle};
 
-pub use self::delay::Delay;
+pub use self::delay::{use_tokio_timers, Delay};

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -144,6 +144,19 @@ impl fmt::Debug for NativeDelay {
     }
 }
 
+/// Whether `Delay::new` makes tokio timers inside a tokio runtime; see [`use_tokio_timers`].
+static TOKIO_TIMERS: AtomicBool = AtomicBool::new(false);
+
+/// Patched: from now on, a `Delay` created inside a tokio runtime is a tokio timer (an entry in
+/// the runtime's timer wheel) instead of an entry of the helper thread's heap, whose every
+/// creation and drop wakes that thread. Off by default. Turn it on only in a process whose tokio
+/// runtimes all have their time driver enabled, never pause their clock, and never poll a timer
+/// made in one runtime from another or after that runtime shut down (tokio's own `Sleep` rules):
+/// a program that builds one runtime with `enable_all` and runs everything in it.
+pub fn use_tokio_timers(enabled: bool) {
+    TOKIO_TIMERS.store(enabled, SeqCst);
+}
+
 /// A future representing the notification that an elapsed duration has
 /// occurred.
 ///
@@ -152,10 +165,8 @@ impl fmt::Debug for NativeDelay {
 /// likely fire some granularity after the exact instant that they're otherwise indicated to fire
 /// at.
 ///
-/// Patched: created inside a tokio runtime, it is a tokio timer (registered in the runtime's
-/// timer wheel, no cross-thread wake-up); elsewhere it is the original helper-thread timer. The
-/// runtime must have its time driver enabled, and the timer must not be polled after its runtime
-/// shut down (tokio's own `Sleep` rules).
+/// Patched: after [`use_tokio_timers`]`(true)`, one created inside a tokio runtime is a tokio
+/// timer; otherwise it is the original helper-thread timer.
 pub struct Delay {
     inner: Inner,
 }
@@ -169,9 +180,10 @@ impl Delay {
     /// Creates a new future which will fire at `dur` time into the future.
     #[inline]
     pub fn new(dur: Duration) -> Delay {
-        let inner = match tokio::runtime::Handle::try_current() {
-            Ok(_) => Inner::Tokio(Box::pin(tokio::time::sleep(dur))),
-            Err(_) => Inner::Native(NativeDelay::new(dur)),
+        let inner = if TOKIO_TIMERS.load(SeqCst) && tokio::runtime::Handle::try_current().is_ok() {
+            Inner::Tokio(Box::pin(tokio::time::sleep(dur)))
+        } else {
+            Inner::Native(NativeDelay::new(dur))
         };
         Delay { inner }
     }
@@ -233,9 +245,12 @@ mod tests {
     }
 
     #[test]
-    fn inside_a_tokio_runtime_a_delay_is_a_tokio_timer() {
+    fn inside_a_tokio_runtime_a_delay_is_a_tokio_timer_once_enabled() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         runtime.block_on(async {
+            use_tokio_timers(false);
+            assert!(matches!(Delay::new(Duration::from_millis(1)).inner, Inner::Native(_)), "off by default");
+            use_tokio_timers(true);
             let started = Instant::now();
             let delay = Delay::new(Duration::from_millis(20));
             assert!(matches!(delay.inner, Inner::Tokio(_)));
