@@ -42,21 +42,27 @@ const MAX_CACHED_PEER_KEYS: usize = 4_096;
 #[must_use]
 pub fn peer_text(peer_id: &PeerId) -> String {
     static CACHE: OnceLock<DashMap<PeerId, String>> = OnceLock::new();
-    let cache = CACHE.get_or_init(DashMap::new);
-    if let Some(text) = cache.get(peer_id) {
-        return text.clone();
+    let computed: Result<String, std::convert::Infallible> = cached(&CACHE, peer_id, || Ok(peer_id.to_base58()));
+    computed.unwrap_or_else(|never| match never {})
+}
+
+/// The value cached for `peer_id`, or `compute`'s, remembered on success. The cache is emptied
+/// when it reaches [`MAX_CACHED_PEER_KEYS`] entries.
+fn cached<V: Clone, E>(
+    cache: &'static OnceLock<DashMap<PeerId, V>>,
+    peer_id: &PeerId,
+    compute: impl FnOnce() -> Result<V, E>,
+) -> Result<V, E> {
+    let cache = cache.get_or_init(DashMap::new);
+    if let Some(value) = cache.get(peer_id) {
+        return Ok(value.clone());
     }
-    let text = peer_id.to_base58();
+    let value = compute()?;
     if cache.len() >= MAX_CACHED_PEER_KEYS {
         cache.clear();
     }
-    cache.insert(*peer_id, text.clone());
-    text
-}
-
-fn peer_key_cache() -> &'static DashMap<PeerId, ed25519::PublicKey> {
-    static CACHE: OnceLock<DashMap<PeerId, ed25519::PublicKey>> = OnceLock::new();
-    CACHE.get_or_init(DashMap::new)
+    cache.insert(*peer_id, value.clone());
+    Ok(value)
 }
 
 /// Why an encoding, key or signature was refused.
@@ -185,16 +191,8 @@ pub fn parse_peer_id(text: &str) -> Result<PeerId, CryptoError> {
 /// key). Peer ids that only hash their key (RSA and other long keys) are refused. Decoded keys are
 /// cached (bounded), so repeated checks of one peer's votes decode its key once.
 pub fn peer_ed25519_key(peer_id: &PeerId) -> Result<ed25519::PublicKey, CryptoError> {
-    let cache = peer_key_cache();
-    if let Some(key) = cache.get(peer_id) {
-        return Ok(key.clone());
-    }
-    let key = decode_peer_ed25519_key(peer_id)?;
-    if cache.len() >= MAX_CACHED_PEER_KEYS {
-        cache.clear();
-    }
-    cache.insert(*peer_id, key.clone());
-    Ok(key)
+    static CACHE: OnceLock<DashMap<PeerId, ed25519::PublicKey>> = OnceLock::new();
+    cached(&CACHE, peer_id, || decode_peer_ed25519_key(peer_id))
 }
 
 fn decode_peer_ed25519_key(peer_id: &PeerId) -> Result<ed25519::PublicKey, CryptoError> {

@@ -351,8 +351,9 @@ impl PeerNetwork for HostHandle {
     /// See [`PeerNetwork::request`]. The effective deadline is `min(timeout, request_timeout_ms)`
     /// and covers dialing (itself bounded by `dial_timeout_ms` per attempt), sending and the
     /// response. Waits while `max_outbound_per_protocol` requests of this protocol are in flight,
-    /// and fails with [`NetworkError::Busy`] if none ends before the deadline; a request abandoned at its deadline stays counted until
-    /// libp2p closes its stream (at most `request_timeout_ms` after it was sent).
+    /// and fails with [`NetworkError::Busy`] if none ends before the deadline; a request abandoned
+    /// at its deadline stays counted until libp2p closes its stream (at most `request_timeout_ms`
+    /// after it was sent).
     async fn request(
         &self,
         peer: PeerId,
@@ -367,10 +368,10 @@ impl PeerNetwork for HostHandle {
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let deadline = tokio::time::Instant::now() + timeout;
         let busy = NetworkError::Busy { limit: self.inner.max_outbound_per_protocol };
-        let semaphore = Arc::clone(self.inner.outbound.get(protocol));
-        let permit = match semaphore.try_acquire_owned() {
+        let semaphore = self.inner.outbound.get(protocol);
+        let permit = match Arc::clone(semaphore).try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => match tokio::time::timeout_at(deadline, Arc::clone(self.inner.outbound.get(protocol)).acquire_owned()).await {
+            Err(_) => match tokio::time::timeout_at(deadline, Arc::clone(semaphore).acquire_owned()).await {
                 Ok(Ok(permit)) => permit,
                 Ok(Err(_)) | Err(_) => return Err(busy),
             },
