@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 
 use crate::error::RepoError;
 use crate::keynet::ClusterPeers;
+use crate::model::BlockId;
+use crate::repo::ReadPromotion;
+use libp2p_identity::PeerId;
 use crate::record::ClusterRecord;
 use crate::wire::{RepoMessage, RepoResponse};
 
@@ -75,6 +78,16 @@ pub fn take_record(fields: &mut Map<String, Value>) -> Result<ClusterRecord, Rep
     ClusterRecord::from_value(value).map_err(|e| RepoError::BadRequest(e.to_string()))
 }
 
+/// Where a consensus member reports that it is behind on a block (SPEC 4.6): it rejected a record
+/// as behind, or a decided record waits for the block's missing revisions. The node answers by
+/// catching the block up from its own view of the cluster (verified, SPEC 4.10), then calls
+/// [`Consensus::caught_up`].
+pub trait BehindSink: Send + Sync + std::fmt::Debug + 'static {
+    /// Reports the block. Must not block or wait: implementations queue the work (bounded) and
+    /// drop reports past their bound (the next report retries).
+    fn behind(&self, block_id: &BlockId);
+}
+
 /// Agreement on pend / commit / cancel operations among a block's cluster.
 #[async_trait]
 pub trait Consensus: Send + Sync + std::fmt::Debug + 'static {
@@ -88,10 +101,12 @@ pub trait Consensus: Send + Sync + std::fmt::Debug + 'static {
     /// record twice.
     async fn execute(&self, peers: &ClusterPeers, message: &RepoMessage) -> Result<RepoResponse, RepoError>;
 
-    /// Member side: handles a record received on the cluster protocol and returns this member's
-    /// merged copy (its vote added). Votes are final: a re-delivery gets the same vote. A forged,
-    /// tampered or expired record is refused with `bad-request` / `expired` and changes nothing.
-    async fn on_update(&self, record: ClusterRecord) -> Result<ClusterRecord, RepoError>;
+    /// Member side: handles a record received on the cluster protocol from `sender` (the peer the
+    /// transport authenticated; any node may coordinate, so it need not be in the record's peer
+    /// set) and returns this member's merged copy (its vote added). Votes are final: a
+    /// re-delivery gets the same vote. A forged, tampered or expired record is refused with
+    /// `bad-request` / `expired` and changes nothing.
+    async fn on_update(&self, sender: PeerId, record: ClusterRecord) -> Result<ClusterRecord, RepoError>;
 
     /// Member side: answers one request of the cluster protocol (what the node's cluster service
     /// calls for every inbound frame). The answer is sent back as is; an `Err` is sent as the error
@@ -102,15 +117,27 @@ pub trait Consensus: Send + Sync + std::fmt::Debug + 'static {
     /// malformed record, is [`RepoError::BadRequest`] without calling `on_update`. Implementations
     /// that define more operations (status queries for recovery, ...) override it and must keep
     /// answering `update` the same way.
-    async fn handle_request(&self, request: Value) -> Result<Value, RepoError> {
+    async fn handle_request(&self, sender: PeerId, request: Value) -> Result<Value, RepoError> {
         let (operation, mut fields) = split_request(request)?;
         if operation != UPDATE_OPERATION {
             let shown: String = operation.chars().take(64).collect();
             return Err(RepoError::BadRequest(format!("unknown cluster operation {shown:?}")));
         }
         let record = take_record(&mut fields)?;
-        Ok(self.on_update(record).await?.to_value())
+        Ok(self.on_update(sender, record).await?.to_value())
     }
+
+    /// How reads on this node may treat a read context's committed trxs (SPEC 2.1): a cluster
+    /// member never writes storage on a read ([`ReadPromotion::AnswerOnly`], the provided
+    /// answer); a consensus that is a single node (SPEC 4.7) answers [`ReadPromotion::Persist`].
+    fn read_promotion(&self) -> ReadPromotion {
+        ReadPromotion::AnswerOnly
+    }
+
+    /// Tells the consensus that verified catch-up brought `block_id` forward here, so decided
+    /// records that waited for it (SPEC 4.6) can be applied now. Cheap and idempotent; the
+    /// provided implementation does nothing.
+    async fn caught_up(&self, _block_id: &BlockId) {}
 
     /// Loads persisted state and starts background work (for example recovery of reservations
     /// left by a crash). The node calls it once after building the consensus and before serving;
@@ -147,7 +174,7 @@ mod tests {
             Err(RepoError::Internal("unused".into()))
         }
 
-        async fn on_update(&self, mut record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+        async fn on_update(&self, _sender: PeerId, mut record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
             record.extra.insert("seen".into(), json!(true));
             Ok(record)
         }
@@ -156,7 +183,7 @@ mod tests {
     #[tokio::test]
     async fn provided_handle_request_routes_updates_and_refuses_the_rest() {
         let record = ClusterRecord::new(BTreeMap::new(), json!({"operations": [], "expiration": 1}));
-        let answer = Echo.handle_request(update_request(&record)).await.unwrap();
+        let answer = Echo.handle_request(PeerId::random(), update_request(&record)).await.unwrap();
         assert_eq!(answer["seen"], json!(true));
         assert_eq!(answer["messageHash"], json!(record.message_hash));
 
@@ -167,7 +194,7 @@ mod tests {
             json!({"operation": "update"}),
             json!({"operation": "update", "record": 5}),
         ] {
-            let e = Echo.handle_request(bad.clone()).await.unwrap_err();
+            let e = Echo.handle_request(PeerId::random(), bad.clone()).await.unwrap_err();
             assert_eq!(e.code(), ErrorCode::BadRequest, "{bad}");
         }
         Echo.start().await.unwrap();

@@ -370,6 +370,10 @@ mod tests {
         fn cluster_size(&self) -> usize {
             1
         }
+
+        async fn has_seen(&self, peer: &PeerId) -> bool {
+            *peer == self.a || *peer == self.b
+        }
     }
 
     /// An answer to give once: to the peer, for the operation kind.
@@ -406,7 +410,7 @@ mod tests {
             })
         }
 
-        async fn on_update(&self, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+        async fn on_update(&self, _sender: PeerId, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
             Ok(record)
         }
     }

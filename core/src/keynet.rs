@@ -82,6 +82,13 @@ pub trait KeyNetwork: Send + Sync + std::fmt::Debug + 'static {
 
     /// The cluster size this key network targets.
     fn cluster_size(&self) -> usize;
+
+    /// Whether this node has seen `peer`: it is this node, a configured member, in the routing
+    /// table, or was returned by an earlier lookup (SPEC 4.11: a record naming a peer never seen
+    /// is refused in phase 1, so a made-up peer cannot pin a reservation). May answer `false` for
+    /// a real peer not met yet (the record is retried later); must never answer `true` for a peer
+    /// id that no peer, configuration or lookup ever presented.
+    async fn has_seen(&self, peer: &PeerId) -> bool;
 }
 
 /// The DHT view a node host exposes to key-network plugins.

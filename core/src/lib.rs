@@ -6,12 +6,14 @@
 
 pub mod apply;
 pub mod canon;
+pub mod check;
 pub mod client;
 pub mod consensus;
 pub mod coordinator;
 pub mod crypto;
 pub mod dynamic;
 pub mod error;
+pub mod evidence;
 pub mod keynet;
 pub mod model;
 pub mod network;
@@ -28,7 +30,8 @@ pub mod wire;
 
 pub use error::{ErrorCode, RepoError, StorageError, TransformError};
 pub use model::*;
-pub use repo::{MessageOptions, Repo, StorageRepo};
+pub use check::{Check, RejectCategory, RejectReason};
+pub use repo::{MessageOptions, ReadPromotion, Repo, StorageRepo};
 pub use storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage};
 
 /// Re-exported so plugins use the same version of the inventory crate.

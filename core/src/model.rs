@@ -203,11 +203,11 @@ impl BlockOperation {
         if entity == HEADER_FIELD {
             return Err(TransformError::HeaderChange);
         }
-        let Some(field) = block.fields.get_mut(entity.as_str()) else {
-            return Err(TransformError::MissingField { entity: entity.clone() });
-        };
         match inserted {
             Value::Array(items) => {
+                let Some(field) = block.fields.get_mut(entity.as_str()) else {
+                    return Err(TransformError::MissingField { entity: entity.clone() });
+                };
                 let Value::Array(target) = field else {
                     return Err(TransformError::NotAnArray { entity: entity.clone() });
                 };
@@ -218,7 +218,10 @@ impl BlockOperation {
                 let end = start.saturating_add(usize::try_from(*delete_count).unwrap_or(usize::MAX)).min(len);
                 target.splice(start..end, items.iter().cloned());
             }
-            other => *field = other.clone(),
+            // A set creates the field when it is absent (SPEC 1.1).
+            other => {
+                block.fields.insert(entity.clone(), other.clone());
+            }
         }
         Ok(())
     }

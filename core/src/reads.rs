@@ -3,7 +3,8 @@
 //!
 //! - [`ReadMode::Quorum`] (default): for each block whose cluster includes this node, a majority of
 //!   the cluster (this node plus enough peers) reports its latest revision; if any is newer than
-//!   the local one, this node catches up from that peer first, then answers from local storage.
+//!   the local one, this node catches up first (verified, SPEC 4.10), then answers from local
+//!   storage.
 //!   An acknowledged commit is on a majority of its cluster, and any two majorities intersect, so a
 //!   quorum read never misses an acknowledged commit. Fails with `unavailable` when too few peers
 //!   answer.
@@ -57,7 +58,7 @@ impl ClusterReads {
         mode: ReadMode,
         timeout: Duration,
     ) -> Self {
-        let catch_up = CatchUp::new(network.clone(), local.clone(), timeout);
+        let catch_up = CatchUp::new(network.clone(), local.clone(), key_network.clone(), timeout);
         Self { writes, local, key_network, network, catch_up, mode, timeout }
     }
 
@@ -123,15 +124,12 @@ impl ClusterReads {
         }
         for block_id in block_ids {
             let local_rev = self.local.storage().latest(block_id).await?.map(|l| l.rev);
-            let newest = answers
-                .iter()
-                .filter_map(|(peer, r)| r.latest.get(block_id).cloned().flatten().map(|l| (l.rev, *peer)))
-                .max();
-            if let Some((rev, peer)) = newest
+            let newest = answers.values().filter_map(|r| r.latest.get(block_id).cloned().flatten().map(|l| l.rev)).max();
+            if let Some(rev) = newest
                 && local_rev.is_none_or(|l| rev > l)
             {
-                tracing::debug!(%block_id, %peer, rev, ?local_rev, "behind a quorum peer; catching up before the read");
-                self.catch_up.catch_up_from(block_id, peer).await?;
+                tracing::debug!(%block_id, rev, ?local_rev, "behind a quorum peer; catching up before the read");
+                self.catch_up.catch_up_in(block_id, members).await?;
             }
         }
         Ok(())

@@ -46,6 +46,8 @@ pub struct PluginContext {
     pub local_repo: Option<StorageRepo>,
     /// The built key network.
     pub key_network: Option<Arc<dyn KeyNetwork>>,
+    /// Where a consensus reports that this node is behind on a block (the node catches it up).
+    pub behind: Option<Arc<dyn crate::consensus::BehindSink>>,
 }
 
 impl PluginContext {
@@ -60,6 +62,7 @@ impl PluginContext {
             storage: None,
             local_repo: None,
             key_network: None,
+            behind: None,
         }
     }
 

@@ -8,13 +8,15 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use crate::check::Check;
 use crate::error::{RepoError, StorageError};
+use crate::evidence::{self, Evidence};
 use crate::model::{
     BlockGetResult, BlockGets, BlockId, BlockTrxRef, BlockTrxState, CommitRequest, CommitResult,
     GetBlockResults, PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms,
     TrxBlocks, TrxId, TrxRev, TrxTransforms,
 };
-use crate::storage::{BlockCommit, BlockValue, RawStorage};
+use crate::storage::{BlockCommit, BlockValue, MetaWrite, RawStorage};
 use crate::time::now_ms;
 
 /// Options carried with every repo call.
@@ -120,10 +122,30 @@ impl Drop for HeldLocks<'_> {
     }
 }
 
+/// Most committed revisions per block a `StaleFailure`'s `missing` lists: the newest ones (a
+/// client far behind re-reads instead; the answer's size and the work to build it stay bounded).
+pub const MAX_MISSING_REVISIONS: u64 = 64;
+
+/// What a `get` with a context does with the committed trxs the context reports (SPEC 2 get step
+/// 2 and 2.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadPromotion {
+    /// A single node commits them here first (SPEC 2 get step 2).
+    #[default]
+    Persist,
+    /// A cluster member computes them into that answer only and never writes storage on a read
+    /// (SPEC 2.1): storage changes only through consensus and verified catch-up.
+    AnswerOnly,
+}
+
 /// SPEC section 2 over any [`RawStorage`]: the repository of one peer's local blocks.
+///
+/// Clones share the storage and the block locks; [`StorageRepo::with_read_promotion`] gives a
+/// clone that reads differently over the same state.
 #[derive(Debug, Clone)]
 pub struct StorageRepo {
     inner: Arc<Inner>,
+    promotion: ReadPromotion,
 }
 
 #[derive(Debug)]
@@ -133,9 +155,20 @@ struct Inner {
 }
 
 impl StorageRepo {
-    /// A repository over a storage engine.
+    /// A repository over a storage engine (reads promote as a single node does).
     pub fn new(storage: Arc<dyn RawStorage>) -> Self {
-        Self { inner: Arc::new(Inner { storage, locks: BlockLocks::default() }) }
+        Self { inner: Arc::new(Inner { storage, locks: BlockLocks::default() }), promotion: ReadPromotion::Persist }
+    }
+
+    /// The same repository (same storage and locks) with reads promoting as `promotion` says.
+    #[must_use]
+    pub fn with_read_promotion(&self, promotion: ReadPromotion) -> Self {
+        Self { inner: self.inner.clone(), promotion }
+    }
+
+    /// How reads treat a context's committed trxs.
+    pub fn read_promotion(&self) -> ReadPromotion {
+        self.promotion
     }
 
     /// The storage engine.
@@ -202,37 +235,43 @@ impl StorageRepo {
         Ok(value)
     }
 
-    /// Applies a revision committed elsewhere in the block's cluster (catch-up of a lagging
-    /// member, SPEC 4.6): commits `transform` as `trx_rev.trx_id` at `trx_rev.rev`, whether or not
-    /// the transaction is pending here (a pending record of it is removed, so it is never both
-    /// pending and committed). Returns `true` when applied, `false` when the block already holds
-    /// exactly this revision (idempotent).
+    /// Applies a revision committed elsewhere in the block's cluster (verified catch-up of a
+    /// lagging member, SPEC 4.10): commits `transform` as `trx_rev.trx_id` at `trx_rev.rev`,
+    /// whether or not the transaction is pending here (a pending record of it is removed, so it is
+    /// never both pending and committed), and keeps `evidence` as the revision's evidence. The
+    /// caller has verified the revision ([`crate::evidence::verify`] or a quorum's agreement).
+    /// Returns `true` when applied, `false` when the block already holds exactly this revision
+    /// (idempotent).
     ///
     /// Errors, changing nothing: [`RepoError::InvalidTransform`] when the transform is malformed or
-    /// does not apply to the value at `latest`; [`RepoError::Internal`] when the block is already
-    /// at or past `rev` with another history, or the transaction is committed here at another
-    /// revision (the replicas diverged: `latest.rev` never decreases, so it cannot be applied).
+    /// does not apply to the value at `latest`; [`RepoError::BadRequest`] for a revision gap (the
+    /// revision is not `latest + 1`: revisions are contiguous, SPEC 2 item 7);
+    /// [`RepoError::Internal`] when the block is already at or past `rev` with another history,
+    /// or the transaction is committed here at another revision (the replicas diverged).
     pub async fn apply_replica(
         &self,
         block_id: &BlockId,
         trx_rev: &TrxRev,
         transform: &Transform,
+        evidence: Option<&Evidence>,
     ) -> Result<bool, RepoError> {
         transform
             .validate_shape(block_id)
             .map_err(|source| RepoError::InvalidTransform { block_id: block_id.clone(), source })?;
         let _lock = self.inner.locks.lock([block_id]).await;
-        if let Some(latest) = self.raw().latest(block_id).await?
-            && latest.rev >= trx_rev.rev
-        {
+        let latest_rev = self.raw().latest(block_id).await?.map_or(0, |l| l.rev);
+        if latest_rev >= trx_rev.rev {
             let at = self.raw().revisions(block_id, trx_rev.rev, trx_rev.rev).await?;
             if at.first() == Some(trx_rev) {
                 return Ok(false);
             }
             return Err(RepoError::Internal(format!(
-                "cannot apply {} at rev {} to {block_id}: the block is already at rev {} (trx {}) and has {:?} there",
-                trx_rev.trx_id, trx_rev.rev, latest.rev, latest.trx_id, at
+                "cannot apply {} at rev {} to {block_id}: the block is already at rev {latest_rev} and has {:?} there",
+                trx_rev.trx_id, trx_rev.rev, at
             )));
+        }
+        if latest_rev.saturating_add(1) != trx_rev.rev {
+            return Err(Check::gap_error(block_id, latest_rev, trx_rev.rev));
         }
         if let Some(done) = self.raw().committed(block_id, &trx_rev.trx_id).await? {
             return Err(RepoError::Internal(format!(
@@ -241,8 +280,34 @@ impl StorageRepo {
             )));
         }
         let step = self.prepare_commit(block_id, &trx_rev.trx_id, trx_rev.rev, transform.clone()).await?;
+        if let Some(evidence) = evidence {
+            self.write_evidence(block_id, trx_rev, evidence).await?;
+        }
         self.raw().commit_block(block_id, &step).await?;
         Ok(true)
+    }
+
+    /// The evidence kept for revision `rev` of a block, if any (SPEC 4.10).
+    pub async fn evidence(&self, block_id: &BlockId, rev: u64) -> Result<Option<Evidence>, RepoError> {
+        match self.raw().get_meta(&evidence::rev_key(block_id, rev)).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StorageError::Corrupt(format!("evidence of {block_id} rev {rev}: {e}")).into()),
+        }
+    }
+
+    /// Writes a revision's evidence (before the revision's commit step: any commit at a revision
+    /// writes its evidence first under the block lock, so what is kept for a committed revision
+    /// is always that revision's).
+    async fn write_evidence(&self, block_id: &BlockId, trx_rev: &TrxRev, evidence: &Evidence) -> Result<(), RepoError> {
+        let bytes = serde_json::to_vec(evidence).map_err(|e| RepoError::Internal(format!("encoding evidence: {e}")))?;
+        let writes = [
+            MetaWrite::Put(evidence::rev_key(block_id, trx_rev.rev), bytes),
+            MetaWrite::Delete(evidence::pend_key(block_id, &trx_rev.trx_id)),
+        ];
+        self.raw().write_meta(&writes).await?;
+        Ok(())
     }
 
     /// The block's value at `latest` (`None` if unknown or deleted).
@@ -254,7 +319,8 @@ impl StorageRepo {
         Ok((Some(latest), value))
     }
 
-    /// Committed transactions of a block with `rev >= from_rev`, added to `missing` grouped per trx.
+    /// Committed transactions of a block with `from_rev <= rev <= to_rev`, newest
+    /// [`MAX_MISSING_REVISIONS`] at most, added to `missing` grouped per trx.
     async fn collect_missing(
         &self,
         block_id: &BlockId,
@@ -262,6 +328,7 @@ impl StorageRepo {
         to_rev: u64,
         missing: &mut BTreeMap<TrxId, (u64, Transforms)>,
     ) -> Result<(), RepoError> {
+        let from_rev = from_rev.max(to_rev.saturating_sub(MAX_MISSING_REVISIONS - 1));
         for entry in self.raw().revisions(block_id, from_rev, to_rev).await? {
             let committed = self.raw().committed(block_id, &entry.trx_id).await?.ok_or_else(|| {
                 StorageError::Corrupt(format!("revision {} of {block_id} has no committed transform", entry.rev))
@@ -272,39 +339,181 @@ impl StorageRepo {
         Ok(())
     }
 
-    fn missing_list(missing: BTreeMap<TrxId, (u64, Transforms)>) -> Vec<TrxTransforms> {
+    fn stale(reason: &str, missing: BTreeMap<TrxId, (u64, Transforms)>) -> Check {
         let mut list: Vec<TrxTransforms> = missing
             .into_iter()
             .map(|(trx_id, (rev, transforms))| TrxTransforms { trx_id, rev, transforms })
             .collect();
         list.sort_by(|a, b| a.rev.cmp(&b.rev).then_with(|| a.trx_id.cmp(&b.trx_id)));
-        list
+        Check::Stale(StaleFailure { reason: Some(reason.into()), missing: Some(list), ..StaleFailure::default() })
     }
 
-    /// Commit step 2 on one block whose lock is held: true when the block is already at or past
-    /// `rev`. Then either the transaction is committed there at exactly `rev` (an idempotent
-    /// re-commit: nothing to do, even when later transactions followed it, so a retry can complete
-    /// an interrupted multi-block commit), or the committed transactions from `rev` on are added
-    /// to `missing`.
-    async fn is_at_or_past(
-        &self,
-        block_id: &BlockId,
-        trx_id: &TrxId,
-        rev: u64,
-        missing: &mut BTreeMap<TrxId, (u64, Transforms)>,
-    ) -> Result<bool, RepoError> {
-        let Some(latest) = self.raw().latest(block_id).await? else {
-            return Ok(false);
-        };
-        if latest.rev < rev {
-            return Ok(false);
+    /// What `pend` would do (SPEC 2 pend, and SPEC 4.6 for the gap), without changing anything.
+    /// Checks in order, across all blocks: transform shapes; unknown blocks ([`Check::Behind`]);
+    /// the trx already committed or pending with other transforms ([`Check::Invalid`]), or
+    /// pending with the same ones everywhere ([`Check::Done`]); staleness; a revision gap; that the
+    /// transforms apply to the current values; then the policy towards other pending trxs.
+    ///
+    /// Takes the blocks' locks for a consistent view; the answer may be out of date as soon as it
+    /// returns (the operation itself checks again). Errors only on storage failures.
+    pub async fn check_pend(&self, request: &PendRequest) -> Result<Check, RepoError> {
+        let block_ids = request.transforms.block_ids();
+        let _locks = self.inner.locks.lock(&block_ids).await;
+        self.check_pend_locked(request, &block_ids).await
+    }
+
+    async fn check_pend_locked(&self, request: &PendRequest, block_ids: &[BlockId]) -> Result<Check, RepoError> {
+        if block_ids.is_empty() {
+            return Ok(Check::Invalid(RepoError::BadRequest("pend touches no block".into())));
         }
-        let done = (latest.trx_id == *trx_id && latest.rev == rev)
-            || self.raw().committed(block_id, trx_id).await?.is_some_and(|c| c.rev == rev);
-        if !done {
-            self.collect_missing(block_id, rev, latest.rev, missing).await?;
+        let per_block: Vec<(&BlockId, Transform)> =
+            block_ids.iter().map(|id| (id, request.transforms.transform_for(id))).collect();
+        for (block_id, transform) in &per_block {
+            if let Err(source) = transform.validate_shape(block_id) {
+                return Ok(Check::Invalid(RepoError::InvalidTransform { block_id: (*block_id).clone(), source }));
+            }
         }
-        Ok(true)
+        let mut latests = Vec::with_capacity(per_block.len());
+        for (block_id, transform) in &per_block {
+            let latest = self.raw().latest(block_id).await?;
+            if latest.is_none() && !transform.inserts() {
+                return Ok(Check::Behind { block_id: (*block_id).clone(), error: RepoError::UnknownBlock((*block_id).clone()) });
+            }
+            latests.push(latest);
+        }
+        let trx_id = &request.trx_id;
+        let mut already_pending = 0usize;
+        for (block_id, transform) in &per_block {
+            if self.raw().committed(block_id, trx_id).await?.is_some() {
+                return Ok(Check::Invalid(RepoError::AlreadyCommitted {
+                    trx_id: trx_id.clone(),
+                    block_id: (*block_id).clone(),
+                }));
+            }
+            match self.raw().pending(block_id, trx_id).await? {
+                Some(existing) if existing == *transform => already_pending += 1,
+                Some(_) => {
+                    return Ok(Check::Invalid(RepoError::TrxConflict { trx_id: trx_id.clone(), block_id: (*block_id).clone() }));
+                }
+                None => {}
+            }
+        }
+        if already_pending == per_block.len() {
+            return Ok(Check::Done);
+        }
+        let mut missing = BTreeMap::new();
+        for ((block_id, transform), latest) in per_block.iter().zip(&latests) {
+            if let Some(latest) = latest
+                && (request.rev.is_some() || transform.inserts())
+            {
+                let from = request.rev.unwrap_or(0);
+                if latest.rev >= from {
+                    self.collect_missing(block_id, from, latest.rev, &mut missing).await?;
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Ok(Self::stale("stale revision", missing));
+        }
+        if let Some(rev) = request.rev {
+            for ((block_id, _), latest) in per_block.iter().zip(&latests) {
+                let latest_rev = latest.as_ref().map_or(0, |l| l.rev);
+                if latest_rev.saturating_add(1) < rev {
+                    return Ok(Check::Gap { block_id: (*block_id).clone(), latest_rev, rev });
+                }
+            }
+        }
+        for ((block_id, transform), latest) in per_block.iter().zip(&latests) {
+            let current = match latest {
+                Some(l) => self.value_at(block_id, l.rev).await?,
+                None => None,
+            };
+            if let Err(source) = transform.apply(current.as_ref(), block_id) {
+                return Ok(Check::Invalid(RepoError::InvalidTransform { block_id: (*block_id).clone(), source }));
+            }
+        }
+        if request.policy != PendPolicy::Continue {
+            let with_transforms = request.policy == PendPolicy::Return;
+            let pending = self.others_pending(block_ids, trx_id, with_transforms).await?;
+            if !pending.is_empty() {
+                return Ok(Check::Stale(StaleFailure {
+                    reason: Some("other transactions are pending".into()),
+                    pending: Some(pending),
+                    ..StaleFailure::default()
+                }));
+            }
+        }
+        Ok(Check::Ok)
+    }
+
+    /// What `commit` would do (SPEC 2 commit, item 7 and SPEC 4.6), without changing anything.
+    /// Per block: at or past `rev` is [`Check::Done`] when the trx is committed there at exactly
+    /// `rev`, else stale (so is a trx committed here at another revision); then a revision gap
+    /// ([`Check::Gap`]); then the trx must be pending ([`Check::Behind`]); then every transform must
+    /// apply ([`Check::Invalid`]). Staleness on any block wins over the rest, so the answer does not
+    /// depend on the order of the ids. [`Check::Done`] only when every block is done.
+    ///
+    /// Takes the blocks' locks for a consistent view. Errors only on storage failures.
+    pub async fn check_commit(&self, request: &CommitRequest) -> Result<Check, RepoError> {
+        let block_ids: BTreeSet<&BlockId> = request.block_ids.iter().collect();
+        let _locks = self.inner.locks.lock(block_ids.iter().copied()).await;
+        Ok(self.check_commit_locked(request).await?.0)
+    }
+
+    /// The check and, when it is [`Check::Ok`], each block still to commit with its step.
+    async fn check_commit_locked(&self, request: &CommitRequest) -> Result<(Check, Vec<(BlockId, BlockCommit)>), RepoError> {
+        let block_ids: BTreeSet<&BlockId> = request.block_ids.iter().collect();
+        if block_ids.is_empty() {
+            return Ok((Check::Invalid(RepoError::BadRequest("commit names no block".into())), Vec::new()));
+        }
+        let (trx_id, rev) = (&request.trx_id, request.rev);
+        let mut missing = BTreeMap::new();
+        let mut to_commit = Vec::with_capacity(block_ids.len());
+        for block_id in &block_ids {
+            let latest = self.raw().latest(block_id).await?;
+            let latest_rev = latest.as_ref().map_or(0, |l| l.rev);
+            if let Some(done) = self.raw().committed(block_id, trx_id).await? {
+                if done.rev != rev {
+                    self.collect_missing(block_id, rev.min(done.rev), latest_rev.max(done.rev), &mut missing).await?;
+                }
+                continue;
+            }
+            if latest_rev >= rev && latest.is_some() {
+                self.collect_missing(block_id, rev, latest_rev, &mut missing).await?;
+                continue;
+            }
+            to_commit.push((*block_id, latest_rev));
+        }
+        if !missing.is_empty() {
+            return Ok((Self::stale("stale revision", missing), Vec::new()));
+        }
+        for (block_id, latest_rev) in &to_commit {
+            if latest_rev.saturating_add(1) < rev {
+                return Ok((Check::Gap { block_id: (*block_id).clone(), latest_rev: *latest_rev, rev }, Vec::new()));
+            }
+        }
+        let mut to_apply = Vec::with_capacity(to_commit.len());
+        for (block_id, _) in to_commit {
+            match self.raw().pending(block_id, trx_id).await? {
+                Some(transform) => to_apply.push((block_id, transform)),
+                None => {
+                    let error = RepoError::PendingNotFound { trx_id: trx_id.clone(), block_id: block_id.clone() };
+                    return Ok((Check::Behind { block_id: block_id.clone(), error }, Vec::new()));
+                }
+            }
+        }
+        if to_apply.is_empty() {
+            return Ok((Check::Done, Vec::new()));
+        }
+        let mut steps = Vec::with_capacity(to_apply.len());
+        for (block_id, transform) in to_apply {
+            match self.prepare_commit(block_id, trx_id, rev, transform).await {
+                Ok(step) => steps.push((block_id.clone(), step)),
+                Err(e @ RepoError::InvalidTransform { .. }) => return Ok((Check::Invalid(e), Vec::new())),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((Check::Ok, steps))
     }
 
     /// Computes the commit step of a pending transform on a block whose lock is held.
@@ -325,18 +534,21 @@ impl StorageRepo {
         Ok(BlockCommit { trx_id: trx_id.clone(), rev, transform, value, prune_value_at })
     }
 
-    /// Read-driven promotion (SPEC 2 get step 2) on one block whose lock is held.
+    /// Read-driven promotion (SPEC 2 get step 2) on one block whose lock is held, persisted.
     async fn promote(&self, block_id: &BlockId, committed: &[TrxRev]) -> Result<(), RepoError> {
-        let mut reported: Vec<&TrxRev> = committed.iter().collect();
-        reported.sort_by_key(|t| t.rev);
-        for entry in reported {
-            let latest_rev = self.raw().latest(block_id).await?.map(|l| l.rev);
-            if latest_rev.is_some_and(|l| l >= entry.rev) {
+        for entry in Self::reported_in_order(committed) {
+            let latest_rev = self.raw().latest(block_id).await?.map_or(0, |l| l.rev);
+            if latest_rev >= entry.rev {
                 continue;
             }
             let Some(transform) = self.raw().pending(block_id, &entry.trx_id).await? else {
                 continue;
             };
+            if latest_rev.saturating_add(1) != entry.rev {
+                tracing::warn!(%block_id, trx_id = %entry.trx_id, rev = entry.rev, latest_rev,
+                    "reported-committed transaction would leave a revision gap; not promoted");
+                continue;
+            }
             match self.prepare_commit(block_id, &entry.trx_id, entry.rev, transform).await {
                 Ok(step) => self.raw().commit_block(block_id, &step).await?,
                 Err(RepoError::InvalidTransform { source, .. }) => {
@@ -349,8 +561,159 @@ impl StorageRepo {
         Ok(())
     }
 
+    fn reported_in_order(committed: &[TrxRev]) -> Vec<&TrxRev> {
+        let mut reported: Vec<&TrxRev> = committed.iter().collect();
+        reported.sort_by_key(|t| t.rev);
+        reported
+    }
+
+    /// The value a read answers for one block: at `context.rev` (if older than `latest`) or at
+    /// `latest`; under [`ReadPromotion::AnswerOnly`], with the context's reported-committed trxs
+    /// that are pending here applied on top for this answer only (SPEC 2.1).
+    async fn read_value(
+        &self,
+        block_id: &BlockId,
+        latest: Option<&TrxRev>,
+        context: Option<&crate::model::TrxContext>,
+    ) -> Result<BlockValue, RepoError> {
+        let latest_rev = latest.map_or(0, |l| l.rev);
+        if let Some(context) = context
+            && latest.is_some()
+            && context.rev < latest_rev
+        {
+            return self.value_at(block_id, context.rev).await;
+        }
+        let mut value = match latest {
+            Some(l) => self.value_at(block_id, l.rev).await?,
+            None => None,
+        };
+        if self.promotion == ReadPromotion::AnswerOnly
+            && let Some(context) = context
+        {
+            let mut at = latest_rev;
+            for entry in Self::reported_in_order(&context.committed) {
+                if entry.rev != at.saturating_add(1) || entry.rev > context.rev {
+                    continue;
+                }
+                let Some(transform) = self.raw().pending(block_id, &entry.trx_id).await? else { continue };
+                match transform.apply(value.as_ref(), block_id) {
+                    Ok(next) => {
+                        value = next;
+                        at = entry.rev;
+                    }
+                    Err(source) => {
+                        tracing::warn!(%block_id, trx_id = %entry.trx_id, error = %source,
+                            "reported-committed transaction does not apply here; left out of the answer");
+                    }
+                }
+            }
+        }
+        Ok(value)
+    }
+
     async fn pendings_of(&self, block_id: &BlockId) -> Result<Vec<TrxId>, RepoError> {
         Ok(self.raw().pending_trx_ids(block_id).await?)
+    }
+
+    /// `pend` with the decided pend record that carried it (a cluster member executing a decided
+    /// record): the record is kept per block as the pend half of the evidence of the revision
+    /// its commit will produce (SPEC 4.10). Same answers as [`Repo::pend`].
+    pub async fn pend_recorded(
+        &self,
+        request: &PendRequest,
+        options: &MessageOptions,
+        record: Option<&serde_json::Value>,
+    ) -> Result<PendResult, RepoError> {
+        options.check_expired()?;
+        let block_ids = request.transforms.block_ids();
+        let _locks = self.inner.locks.lock(&block_ids).await;
+        match self.check_pend_locked(request, &block_ids).await? {
+            Check::Ok => {}
+            Check::Done => {
+                let pending = self.others_pending(&block_ids, &request.trx_id, false).await?;
+                return Ok(PendResult::Success(PendSuccess { success: crate::model::True, pending, block_ids }));
+            }
+            Check::Stale(failure) => return Ok(PendResult::Stale(failure)),
+            Check::Behind { error, .. } | Check::Invalid(error) => return Err(error),
+            Check::Gap { block_id, latest_rev, rev } => return Err(Check::gap_error(&block_id, latest_rev, rev)),
+        }
+        let pending = self.others_pending(&block_ids, &request.trx_id, request.policy == PendPolicy::Return).await?;
+        if let Some(record) = record {
+            let bytes = serde_json::to_vec(record).map_err(|e| RepoError::Internal(format!("encoding a pend record: {e}")))?;
+            let writes: Vec<MetaWrite> = block_ids
+                .iter()
+                .map(|b| MetaWrite::Put(evidence::pend_key(b, &request.trx_id), bytes.clone()))
+                .collect();
+            self.raw().write_meta(&writes).await?;
+        }
+        for block_id in &block_ids {
+            self.raw().save_pending(block_id, &request.trx_id, &request.transforms.transform_for(block_id)).await?;
+        }
+        Ok(PendResult::Success(PendSuccess { success: crate::model::True, pending, block_ids }))
+    }
+
+    /// `commit` with the decided commit record (a cluster member executing a decided record): each
+    /// block's new revision keeps `{pend, commit}` as its evidence (SPEC 4.10), written before the
+    /// block's commit step. Same answers as [`Repo::commit`].
+    pub async fn commit_recorded(
+        &self,
+        request: &CommitRequest,
+        options: &MessageOptions,
+        record: Option<&serde_json::Value>,
+    ) -> Result<CommitResult, RepoError> {
+        options.check_expired()?;
+        let block_ids: BTreeSet<&BlockId> = request.block_ids.iter().collect();
+        let _locks = self.inner.locks.lock(block_ids.iter().copied()).await;
+        let steps = match self.check_commit_locked(request).await? {
+            (Check::Ok, steps) => steps,
+            (Check::Done, _) => return Ok(CommitResult::success()),
+            (Check::Stale(failure), _) => return Ok(CommitResult::Stale(failure)),
+            (Check::Behind { error, .. } | Check::Invalid(error), _) => return Err(error),
+            (Check::Gap { block_id, latest_rev, rev }, _) => return Err(Check::gap_error(&block_id, latest_rev, rev)),
+        };
+        for (block_id, step) in &steps {
+            if let Some(commit) = record {
+                let pend = self.raw().get_meta(&evidence::pend_key(block_id, &request.trx_id)).await?;
+                let pend = pend.and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                let trx_rev = TrxRev { trx_id: request.trx_id.clone(), rev: request.rev };
+                self.write_evidence(block_id, &trx_rev, &Evidence { pend, commit: commit.clone() }).await?;
+            }
+            self.raw().commit_block(block_id, step).await?;
+        }
+        Ok(CommitResult::success())
+    }
+
+    /// `cancel` by a cluster member: also drops the kept pend records of the trx on the blocks.
+    pub async fn cancel_recorded(&self, trx: &TrxBlocks, options: &MessageOptions) -> Result<(), RepoError> {
+        options.check_expired()?;
+        let _locks = self.inner.locks.lock(&trx.block_ids).await;
+        let writes: Vec<MetaWrite> =
+            trx.block_ids.iter().map(|b| MetaWrite::Delete(evidence::pend_key(b, &trx.trx_id))).collect();
+        self.raw().write_meta(&writes).await?;
+        for block_id in &trx.block_ids {
+            self.raw().delete_pending(block_id, &trx.trx_id).await?;
+        }
+        Ok(())
+    }
+
+    async fn others_pending(
+        &self,
+        block_ids: &[BlockId],
+        trx_id: &TrxId,
+        with_transforms: bool,
+    ) -> Result<Vec<BlockTrxRef>, RepoError> {
+        let mut pending = Vec::new();
+        for block_id in block_ids {
+            for other in self.pendings_of(block_id).await? {
+                if &other == trx_id {
+                    continue;
+                }
+                let transform =
+                    if with_transforms { self.raw().pending(block_id, &other).await? } else { None };
+                pending.push(BlockTrxRef { block_id: block_id.clone(), trx_id: other, transform });
+            }
+        }
+        Ok(pending)
     }
 }
 
@@ -361,20 +724,15 @@ impl Repo for StorageRepo {
         let mut results = GetBlockResults::new();
         let ids: BTreeSet<&BlockId> = gets.block_ids.iter().collect();
         for block_id in ids {
-            if let Some(context) = &gets.context
+            if self.promotion == ReadPromotion::Persist
+                && let Some(context) = &gets.context
                 && !context.committed.is_empty()
             {
                 let _lock = self.inner.locks.lock([block_id]).await;
                 self.promote(block_id, &context.committed).await?;
             }
             let latest = self.raw().latest(block_id).await?;
-            let mut block = match (&gets.context, &latest) {
-                (_, None) => None,
-                (Some(context), Some(latest)) if context.rev < latest.rev => {
-                    self.value_at(block_id, context.rev).await?
-                }
-                (_, Some(latest)) => self.value_at(block_id, latest.rev).await?,
-            };
+            let mut block = self.read_value(block_id, latest.as_ref(), gets.context.as_ref()).await?;
             if let Some(trx_id) = gets.context.as_ref().and_then(|c| c.trx_id.as_ref()) {
                 let Some(transform) = self.raw().pending(block_id, trx_id).await? else {
                     return Err(RepoError::PendingNotFound { trx_id: trx_id.clone(), block_id: block_id.clone() });
@@ -390,98 +748,7 @@ impl Repo for StorageRepo {
     }
 
     async fn pend(&self, request: &PendRequest, options: &MessageOptions) -> Result<PendResult, RepoError> {
-        options.check_expired()?;
-        let block_ids = request.transforms.block_ids();
-        if block_ids.is_empty() {
-            return Err(RepoError::BadRequest("pend touches no block".into()));
-        }
-        let per_block: Vec<(BlockId, Transform)> =
-            block_ids.iter().map(|id| (id.clone(), request.transforms.transform_for(id))).collect();
-        // 1. Transform shape (insert header id, header changes): needs no stored state.
-        for (block_id, transform) in &per_block {
-            transform
-                .validate_shape(block_id)
-                .map_err(|source| RepoError::InvalidTransform { block_id: block_id.clone(), source })?;
-        }
-
-        let _locks = self.inner.locks.lock(&block_ids).await;
-
-        // 2. Unknown blocks: an update or delete of a block with no `latest` here that the same
-        //    transform does not insert.
-        let mut latests = Vec::with_capacity(per_block.len());
-        for (block_id, transform) in &per_block {
-            let latest = self.raw().latest(block_id).await?;
-            if latest.is_none() && !transform.inserts() {
-                return Err(RepoError::UnknownBlock(block_id.clone()));
-            }
-            latests.push(latest);
-        }
-
-        // 3. Re-pend: the same transforms again are a no-op success, different ones a conflict; a
-        //    trx already committed on a block cannot be pended there again.
-        let mut already_pending = 0usize;
-        for (block_id, transform) in &per_block {
-            if self.raw().committed(block_id, &request.trx_id).await?.is_some() {
-                return Err(RepoError::AlreadyCommitted { trx_id: request.trx_id.clone(), block_id: block_id.clone() });
-            }
-            match self.raw().pending(block_id, &request.trx_id).await? {
-                Some(existing) if existing == *transform => already_pending += 1,
-                Some(_) => {
-                    return Err(RepoError::TrxConflict { trx_id: request.trx_id.clone(), block_id: block_id.clone() });
-                }
-                None => {}
-            }
-        }
-        if already_pending == per_block.len() {
-            let pending = self.others_pending(&per_block, &request.trx_id, false).await?;
-            return Ok(PendResult::Success(PendSuccess { success: crate::model::True, pending, block_ids }));
-        }
-
-        // 4. Staleness, before anything is stored.
-        let mut missing = BTreeMap::new();
-        for ((block_id, transform), latest) in per_block.iter().zip(&latests) {
-            if let Some(latest) = latest
-                && (request.rev.is_some() || transform.inserts())
-            {
-                let from = request.rev.unwrap_or(0);
-                if latest.rev >= from {
-                    self.collect_missing(block_id, from, latest.rev, &mut missing).await?;
-                }
-            }
-        }
-        if !missing.is_empty() {
-            return Ok(PendResult::Stale(StaleFailure {
-                reason: Some("stale revision".into()),
-                missing: Some(Self::missing_list(missing)),
-                ..StaleFailure::default()
-            }));
-        }
-
-        // 5. The transforms must apply to the current values.
-        for ((block_id, transform), latest) in per_block.iter().zip(&latests) {
-            let current = match latest {
-                Some(l) => self.value_at(block_id, l.rev).await?,
-                None => None,
-            };
-            transform
-                .apply(current.as_ref(), block_id)
-                .map_err(|source| RepoError::InvalidTransform { block_id: block_id.clone(), source })?;
-        }
-
-        // 6. The policy towards other pending transactions, then store.
-        let with_transforms = request.policy == PendPolicy::Return;
-        let pending = self.others_pending(&per_block, &request.trx_id, with_transforms).await?;
-        if !pending.is_empty() && request.policy != PendPolicy::Continue {
-            return Ok(PendResult::Stale(StaleFailure {
-                reason: Some("other transactions are pending".into()),
-                pending: Some(pending),
-                ..StaleFailure::default()
-            }));
-        }
-        for (block_id, transform) in &per_block {
-            self.raw().save_pending(block_id, &request.trx_id, transform).await?;
-        }
-        Ok(PendResult::Success(PendSuccess { success: crate::model::True, pending, block_ids }))
+        self.pend_recorded(request, options, None).await
     }
 
     async fn cancel(&self, trx: &TrxBlocks, options: &MessageOptions) -> Result<(), RepoError> {
@@ -494,72 +761,6 @@ impl Repo for StorageRepo {
     }
 
     async fn commit(&self, request: &CommitRequest, options: &MessageOptions) -> Result<CommitResult, RepoError> {
-        options.check_expired()?;
-        let block_ids: BTreeSet<&BlockId> = request.block_ids.iter().collect();
-        if block_ids.is_empty() {
-            return Err(RepoError::BadRequest("commit names no block".into()));
-        }
-        let _locks = self.inner.locks.lock(block_ids.iter().copied()).await;
-
-        // Step 2 on every block first, so the answer does not depend on the order of the ids.
-        let mut missing = BTreeMap::new();
-        let mut to_commit = Vec::with_capacity(block_ids.len());
-        for block_id in &block_ids {
-            if !self.is_at_or_past(block_id, &request.trx_id, request.rev, &mut missing).await? {
-                to_commit.push(*block_id);
-            }
-        }
-        if !missing.is_empty() {
-            return Ok(CommitResult::Stale(StaleFailure {
-                reason: Some("stale revision".into()),
-                missing: Some(Self::missing_list(missing)),
-                ..StaleFailure::default()
-            }));
-        }
-        // Step 3: the trx must be pending on every block still to commit.
-        let mut to_apply = Vec::with_capacity(to_commit.len());
-        for block_id in to_commit {
-            match self.raw().pending(block_id, &request.trx_id).await? {
-                Some(transform) => to_apply.push((block_id, transform)),
-                None => {
-                    return Err(RepoError::PendingNotFound {
-                        trx_id: request.trx_id.clone(),
-                        block_id: block_id.clone(),
-                    });
-                }
-            }
-        }
-        // Step 4: every new value first: if any transform fails, nothing changes anywhere.
-        let mut steps = Vec::with_capacity(to_apply.len());
-        for (block_id, transform) in to_apply {
-            steps.push((block_id, self.prepare_commit(block_id, &request.trx_id, request.rev, transform).await?));
-        }
-        // Step 5: the atomic per-block commit steps.
-        for (block_id, step) in &steps {
-            self.raw().commit_block(block_id, step).await?;
-        }
-        Ok(CommitResult::success())
-    }
-}
-
-impl StorageRepo {
-    async fn others_pending(
-        &self,
-        per_block: &[(BlockId, Transform)],
-        trx_id: &TrxId,
-        with_transforms: bool,
-    ) -> Result<Vec<BlockTrxRef>, RepoError> {
-        let mut pending = Vec::new();
-        for (block_id, _) in per_block {
-            for other in self.pendings_of(block_id).await? {
-                if &other == trx_id {
-                    continue;
-                }
-                let transform =
-                    if with_transforms { self.raw().pending(block_id, &other).await? } else { None };
-                pending.push(BlockTrxRef { block_id: block_id.clone(), trx_id: other, transform });
-            }
-        }
-        Ok(pending)
+        self.commit_recorded(request, options, None).await
     }
 }

@@ -1,15 +1,21 @@
-//! Catch-up of lagging members over `<prefix>/sync/1.0.0`.
+//! Catch-up of lagging members over `<prefix>/sync/1.0.0`, verified (SPEC 4.10).
 //!
 //! A member that missed commits (it was down, partitioned, or rejected a record as behind) asks
-//! its cluster peers for the committed revisions it lacks, checks the chain, and applies it as a
-//! replica. The same protocol answers "what is your latest?" for quorum reads.
+//! the peers of its own view of the block's cluster for the committed revisions it lacks. Each
+//! revision comes with its evidence (the decided pend and commit records, [`crate::evidence`]) and
+//! is applied only when that evidence verifies against this node's view and the revision is exactly
+//! `latest + 1`. When membership changed so that old evidence does not cover the view (or a
+//! revision has none), the revision is applied only if a quorum of the view, this node excluded,
+//! reports it identically. Nothing a single peer says on its own is applied: a peer serving
+//! unverifiable data is logged and skipped for that catch-up.
 //!
 //! Requests (JSON):
 //! - `{"op": "latest", "blockIds": [id]}` -> `{"latest": {id: TrxRev | null}}` (at most
 //!   [`MAX_LATEST_IDS`] ids)
 //! - `{"op": "revisions", "blockId": id, "afterRev": u64 | null, "limit": n}` ->
-//!   `{"latest": TrxRev | null, "entries": [{"trxId", "rev", "transform"}], "more": bool}`
-//!   (at most [`MAX_SYNC_ENTRIES`] entries and about [`MAX_SYNC_RESPONSE_BYTES`] of transforms)
+//!   `{"latest": TrxRev | null, "entries": [{"trxId", "rev", "transform", "evidence"?}], "more": bool}`
+//!   (at most [`MAX_SYNC_ENTRIES`] entries and about [`MAX_SYNC_RESPONSE_BYTES`]; only the
+//!   page's revisions are read from storage)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,7 +25,10 @@ use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::canon::canon;
 use crate::error::RepoError;
+use crate::evidence::{self, Evidence, EvidenceError};
+use crate::keynet::KeyNetwork;
 use crate::model::{BlockId, Transform, TrxId, TrxRev};
 use crate::network::{PeerNetwork, ProtocolKind};
 use crate::repo::StorageRepo;
@@ -66,6 +75,9 @@ pub struct SyncEntry {
     pub rev: u64,
     /// Its transform on the block.
     pub transform: Transform,
+    /// The decided records proving it, when the serving peer keeps them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
 }
 
 /// Answer to [`SyncRequest::Latest`].
@@ -138,37 +150,55 @@ impl SyncServer {
             None => 0,
         };
         let limit = limit.clamp(1, MAX_SYNC_ENTRIES);
-        let log = storage.revisions(block_id, from, latest_rev).await?;
+        let last = from.saturating_add(limit as u64 - 1).min(latest_rev);
+        let log = storage.revisions(block_id, from, last).await?;
         let mut entries = Vec::new();
         let mut bytes = 0usize;
-        let mut more = false;
+        let mut more = last < latest_rev;
         for entry in log {
-            if entries.len() >= limit || bytes >= MAX_SYNC_RESPONSE_BYTES {
+            if bytes >= MAX_SYNC_RESPONSE_BYTES {
                 more = true;
                 break;
             }
             let committed = storage.committed(block_id, &entry.trx_id).await?.ok_or_else(|| {
                 RepoError::Internal(format!("revision {} of {block_id} has no committed transform", entry.rev))
             })?;
-            bytes = bytes.saturating_add(serde_json::to_vec(&committed.transform).map_or(0, |v| v.len()));
-            entries.push(SyncEntry { trx_id: entry.trx_id, rev: entry.rev, transform: committed.transform });
+            let evidence = self.local.evidence(block_id, entry.rev).await?;
+            let sync_entry =
+                SyncEntry { trx_id: entry.trx_id, rev: entry.rev, transform: committed.transform, evidence };
+            bytes = bytes.saturating_add(serde_json::to_vec(&sync_entry).map_or(0, |v| v.len()));
+            entries.push(sync_entry);
         }
         Ok(RevisionsResponse { latest, entries, more })
     }
 }
 
-/// Fetches and applies missing committed revisions from cluster peers.
-#[derive(Clone, Debug)]
+/// Fetches, verifies and applies missing committed revisions from the peers of this node's view
+/// of a block's cluster.
+#[derive(Clone)]
 pub struct CatchUp {
     network: Arc<dyn PeerNetwork>,
     local: StorageRepo,
+    key_network: Arc<dyn KeyNetwork>,
     timeout: Duration,
 }
 
+impl std::fmt::Debug for CatchUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatchUp").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
 impl CatchUp {
-    /// A catch-up client; `timeout` bounds each request.
-    pub fn new(network: Arc<dyn PeerNetwork>, local: StorageRepo, timeout: Duration) -> Self {
-        Self { network, local, timeout }
+    /// A catch-up client; `key_network` gives this node's view of each block's cluster (the peers
+    /// asked, and what evidence must cover); `timeout` bounds each request.
+    pub fn new(
+        network: Arc<dyn PeerNetwork>,
+        local: StorageRepo,
+        key_network: Arc<dyn KeyNetwork>,
+        timeout: Duration,
+    ) -> Self {
+        Self { network, local, key_network, timeout }
     }
 
     /// Asks `peers` (not this node) for their latest revision of each block. Peers that fail to
@@ -199,54 +229,115 @@ impl CatchUp {
         out
     }
 
-    /// Brings the local copy of `block_id` up to `peer`'s latest, applying each missing committed
-    /// revision in order. Returns how many revisions were
-    /// applied. The chain is checked: revisions strictly ascend past the local latest and every
-    /// transform applies; a bad chain stops the catch-up with an error and keeps what was applied
-    /// before it (each applied revision is a valid commit).
-    pub async fn catch_up_from(&self, block_id: &BlockId, peer: PeerId) -> Result<usize, RepoError> {
+    /// Catches `block_id` up from the peers of this node's current view of its cluster. Returns
+    /// the revisions applied.
+    ///
+    /// Errors: [`RepoError::Unavailable`] when the view cannot be found; storage errors.
+    pub async fn catch_up(&self, block_id: &BlockId) -> Result<usize, RepoError> {
+        let view = self
+            .key_network
+            .find_cluster(block_id)
+            .await
+            .map_err(|e| RepoError::Unavailable(format!("cluster of {block_id}: {e}")))?;
+        let view: Vec<PeerId> = view.keys().copied().collect();
+        self.catch_up_in(block_id, &view).await
+    }
+
+    /// Catches `block_id` up within `view` (this node's view of the block's cluster): asks the
+    /// other peers of the view for their latest revision, then pulls from those ahead of this node,
+    /// newest claim first, applying only verified revisions (see the module documentation), until
+    /// this node holds the newest claimed revision or every such peer was tried. A peer that serves
+    /// unverifiable data is skipped for this catch-up. Returns the revisions applied.
+    pub async fn catch_up_in(&self, block_id: &BlockId, view: &[PeerId]) -> Result<usize, RepoError> {
+        let me = self.network.local_peer_id();
+        let others: Vec<PeerId> = view.iter().copied().filter(|p| *p != me).collect();
+        let answers = self.latest_of(&others, std::slice::from_ref(block_id)).await;
+        let mut claims: Vec<(u64, PeerId)> = answers
+            .into_iter()
+            .filter_map(|(peer, r)| r.latest.get(block_id).cloned().flatten().map(|l| (l.rev, peer)))
+            .collect();
+        claims.sort_by(|a, b| b.cmp(a));
         let mut applied = 0usize;
-        for _ in 0..MAX_SYNC_PAGES {
-            let after_rev = self.local.storage().latest(block_id).await?.map(|l| l.rev);
-            let request = SyncRequest::Revisions { block_id: block_id.clone(), after_rev, limit: MAX_SYNC_ENTRIES };
-            let request = serde_json::to_value(request).map_err(|e| RepoError::Internal(e.to_string()))?;
-            let answer = self.network.request(peer, ProtocolKind::Sync, request, self.timeout).await?;
-            let page: RevisionsResponse = serde_json::from_value(answer)
-                .map_err(|e| RepoError::Unavailable(format!("malformed sync answer from {peer}: {e}")))?;
-            let mut previous = after_rev;
-            for entry in &page.entries {
-                if previous.is_some_and(|p| entry.rev <= p) {
-                    return Err(RepoError::Unavailable(format!(
-                        "{peer} sent revision {} of {block_id} out of order",
-                        entry.rev
-                    )));
-                }
-                self.local
-                    .apply_replica(block_id, &TrxRev { trx_id: entry.trx_id.clone(), rev: entry.rev }, &entry.transform)
-                    .await?;
-                previous = Some(entry.rev);
-                applied += 1;
+        for (claimed, peer) in claims {
+            if self.local_rev(block_id).await? >= claimed {
+                continue;
             }
-            if !page.more || page.entries.is_empty() {
-                return Ok(applied);
+            match self.pull_from(block_id, peer, view).await {
+                Ok(n) => applied += n,
+                Err(e) => tracing::warn!(%block_id, %peer, error = %e, "catch-up from a peer stopped; trying the next"),
             }
         }
         Ok(applied)
     }
 
-    /// Catches `block_id` up from whichever of `peers` reports the newest latest revision, if it is
-    /// newer than the local one. Returns the revisions applied.
-    pub async fn catch_up(&self, block_id: &BlockId, peers: &[PeerId]) -> Result<usize, RepoError> {
-        let local_rev = self.local.storage().latest(block_id).await?.map(|l| l.rev);
-        let answers = self.latest_of(peers, std::slice::from_ref(block_id)).await;
-        let best = answers
-            .into_iter()
-            .filter_map(|(peer, r)| r.latest.get(block_id).cloned().flatten().map(|l| (l.rev, peer)))
-            .filter(|(rev, _)| local_rev.is_none_or(|l| *rev > l))
-            .max();
-        match best {
-            Some((_, peer)) => self.catch_up_from(block_id, peer).await,
-            None => Ok(0),
+    async fn local_rev(&self, block_id: &BlockId) -> Result<u64, RepoError> {
+        Ok(self.local.storage().latest(block_id).await?.map_or(0, |l| l.rev))
+    }
+
+    async fn page(&self, peer: PeerId, block_id: &BlockId, after_rev: u64, limit: usize) -> Result<RevisionsResponse, RepoError> {
+        let request = SyncRequest::Revisions { block_id: block_id.clone(), after_rev: Some(after_rev), limit };
+        let request = serde_json::to_value(request).map_err(|e| RepoError::Internal(e.to_string()))?;
+        let answer = self.network.request(peer, ProtocolKind::Sync, request, self.timeout).await?;
+        serde_json::from_value(answer).map_err(|e| RepoError::Unavailable(format!("malformed sync answer from {peer}: {e}")))
+    }
+
+    /// Pulls and applies verified revisions from `peer`, page after page.
+    async fn pull_from(&self, block_id: &BlockId, peer: PeerId, view: &[PeerId]) -> Result<usize, RepoError> {
+        let mut applied = 0usize;
+        for _ in 0..MAX_SYNC_PAGES {
+            let after_rev = self.local_rev(block_id).await?;
+            let page = self.page(peer, block_id, after_rev, MAX_SYNC_ENTRIES).await?;
+            let mut expected = after_rev.saturating_add(1);
+            for entry in &page.entries {
+                if entry.rev != expected {
+                    return Err(RepoError::Unavailable(format!(
+                        "{peer} sent revision {} of {block_id} where {expected} was due",
+                        entry.rev
+                    )));
+                }
+                let trx_rev = TrxRev { trx_id: entry.trx_id.clone(), rev: entry.rev };
+                let kept = match evidence::verify(entry.evidence.as_ref(), block_id, &trx_rev, &entry.transform, view) {
+                    Ok(()) => entry.evidence.as_ref(),
+                    Err(e @ (EvidenceError::Missing { .. } | EvidenceError::Membership { .. })) => {
+                        if !self.agreed_by_quorum(block_id, entry, peer, view).await {
+                            return Err(RepoError::Unavailable(format!("{e}, and no quorum of the view reports it")));
+                        }
+                        tracing::info!(%block_id, rev = entry.rev, "applying a revision a quorum of the view reports identically");
+                        None
+                    }
+                    Err(e @ EvidenceError::Invalid { .. }) => {
+                        return Err(RepoError::Unavailable(format!("{peer} served {e}")));
+                    }
+                };
+                self.local.apply_replica(block_id, &trx_rev, &entry.transform, kept).await?;
+                applied += 1;
+                expected = expected.saturating_add(1);
+            }
+            if !page.more || page.entries.is_empty() {
+                break;
+            }
         }
+        Ok(applied)
+    }
+
+    /// Whether a quorum of `view`, this node excluded, reports `entry` identically (same trxId,
+    /// rev and canonical transform); `source` already did.
+    async fn agreed_by_quorum(&self, block_id: &BlockId, entry: &SyncEntry, source: PeerId, view: &[PeerId]) -> bool {
+        let me = self.network.local_peer_id();
+        let needed = evidence::majority(view.len());
+        let Ok(wanted) = serde_json::to_value(&entry.transform).map(|v| canon(&v)) else { return false };
+        let mut agreeing = usize::from(view.contains(&source));
+        let askers = view.iter().copied().filter(|p| *p != me && *p != source);
+        let asks = askers.map(|peer| self.page(peer, block_id, entry.rev.saturating_sub(1), 1));
+        for answer in futures::future::join_all(asks).await {
+            let Ok(page) = answer else { continue };
+            let same = page.entries.first().is_some_and(|other| {
+                other.rev == entry.rev
+                    && other.trx_id == entry.trx_id
+                    && serde_json::to_value(&other.transform).is_ok_and(|v| canon(&v) == wanted)
+            });
+            agreeing += usize::from(same);
+        }
+        agreeing >= needed
     }
 }

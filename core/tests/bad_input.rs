@@ -702,7 +702,6 @@ async fn seeded() -> (Arc<MiniStorage>, StorageRepo) {
 fn invalid_pends() -> Vec<Value> {
     vec![
         json!({"updates": {"a": [["header", 0, 0, {"id": "a"}]]}}),
-        json!({"updates": {"a": [["nope", 0, 0, 1]]}}),
         json!({"updates": {"a": [["nope", 0, 0, [1]]]}}),
         json!({"updates": {"a": [["name", 0, 0, [1]]]}}),
         json!({"updates": {"a": [["items", 4, 0, [1]]]}}),
@@ -711,7 +710,7 @@ fn invalid_pends() -> Vec<Value> {
         json!({"updates": {"ghost": [["items", 0, 0, [1]]]}}),
         json!({"deletes": ["a", "ghost"]}),
         json!({"inserts": {"c": {"header": {"id": "d", "type": "t", "collectionId": "c"}}}}),
-        json!({"inserts": {"c": {"header": {"id": "c", "type": "t", "collectionId": "c"}}}, "updates": {"c": [["x", 0, 0, 1]]}}),
+        json!({"inserts": {"c": {"header": {"id": "c", "type": "t", "collectionId": "c"}}}, "updates": {"c": [["x", 0, 0, [1]]]}}),
         json!({}),
     ]
 }

@@ -15,12 +15,12 @@ fn model_op(fields: &Map<String, Value>, op: &BlockOperation) -> Result<Map<Stri
     if entity == "header" {
         return Err(TransformError::HeaderChange);
     }
-    let Some(current) = fields.get(entity) else {
-        return Err(TransformError::MissingField { entity: entity.clone() });
-    };
     let mut out = fields.clone();
     let new_value = match inserted {
         Value::Array(items) => {
+            let Some(current) = fields.get(entity) else {
+                return Err(TransformError::MissingField { entity: entity.clone() });
+            };
             let Value::Array(array) = current else {
                 return Err(TransformError::NotAnArray { entity: entity.clone() });
             };
@@ -258,10 +258,12 @@ fn header_changes_are_invalid() {
 }
 
 #[test]
-fn missing_fields_are_invalid_for_set_and_splice() {
+fn a_set_creates_a_missing_field_and_a_splice_of_one_is_invalid() {
     let missing = Err(TransformError::MissingField { entity: "nope".into() });
-    assert_eq!(apply(BlockOperation::set("nope", json!(1))), (missing.clone(), base()));
-    assert_eq!(apply(BlockOperation::set("nope", Value::Null)), (missing.clone(), base()));
+    let (result, created) = apply(BlockOperation::set("nope", json!(1)));
+    assert_eq!((result, &created.fields["nope"]), (Ok(()), &json!(1)));
+    let (result, created) = apply(BlockOperation::set("nope", Value::Null));
+    assert_eq!((result, &created.fields["nope"]), (Ok(()), &Value::Null));
     assert_eq!(apply(BlockOperation::splice("nope", 0, 0, vec![])), (missing, base()));
 }
 
@@ -326,7 +328,7 @@ fn transform_errors_by_name() {
     assert_eq!(got.fields["items"], json!([2, 3]));
     // A failing second update leaves the input untouched (apply does not mutate its input).
     let failing = Transform {
-        updates: Some(vec![BlockOperation::set("name", json!(2)), BlockOperation::set("nope", json!(3))]),
+        updates: Some(vec![BlockOperation::set("name", json!(2)), BlockOperation::splice("nope", 0, 0, vec![json!(3)])]),
         ..Transform::default()
     };
     let input = base();

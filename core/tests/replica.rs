@@ -36,34 +36,37 @@ async fn replicas_apply_in_order_idempotently_and_never_rewrite_history() {
     let repo = StorageRepo::new(storage.clone());
     let a = bid("a");
 
-    assert!(repo.apply_replica(&a, &rev("t1", 1), &insert("a")).await.unwrap());
-    assert!(!repo.apply_replica(&a, &rev("t1", 1), &insert("a")).await.unwrap(), "a second apply is a no-op");
+    assert!(repo.apply_replica(&a, &rev("t1", 1), &insert("a"), None).await.unwrap());
+    assert!(!repo.apply_replica(&a, &rev("t1", 1), &insert("a"), None).await.unwrap(), "a second apply is a no-op");
 
     // A trx pending here is committed by the replica and no longer pending.
     let pend = PendRequest {
         trx_id: TrxId::new("t2").unwrap(),
-        rev: Some(3),
+        rev: Some(2),
         transforms: Transforms::single(&a, &set_n(2)),
         policy: PendPolicy::Continue,
     };
     repo.pend(&pend, &MessageOptions::default()).await.unwrap();
-    assert!(repo.apply_replica(&a, &rev("t2", 3), &set_n(2)).await.unwrap());
+    assert!(repo.apply_replica(&a, &rev("t2", 2), &set_n(2), None).await.unwrap());
     assert!(storage.pending(&a, &TrxId::new("t2").unwrap()).await.unwrap().is_none());
-    assert_eq!(storage.latest(&a).await.unwrap(), Some(rev("t2", 3)));
-    assert_eq!(repo.value_at(&a, 3).await.unwrap().unwrap().fields["n"], json!(2));
+    assert_eq!(storage.latest(&a).await.unwrap(), Some(rev("t2", 2)));
+    assert_eq!(repo.value_at(&a, 2).await.unwrap().unwrap().fields["n"], json!(2));
 
     let before = storage.dump();
-    let diverged = repo.apply_replica(&a, &rev("other", 3), &set_n(9)).await;
-    assert!(matches!(diverged, Err(RepoError::Internal(_))), "another trx at rev 3: {diverged:?}");
-    let older = repo.apply_replica(&a, &rev("t0", 2), &set_n(9)).await;
+    let diverged = repo.apply_replica(&a, &rev("other", 2), &set_n(9), None).await;
+    assert!(matches!(diverged, Err(RepoError::Internal(_))), "another trx at rev 2: {diverged:?}");
+    let older = repo.apply_replica(&a, &rev("t0", 1), &set_n(9), None).await;
     assert!(matches!(older, Err(RepoError::Internal(_))), "an older revision: {older:?}");
-    let twice = repo.apply_replica(&a, &rev("t1", 9), &set_n(9)).await;
+    let twice = repo.apply_replica(&a, &rev("t1", 3), &set_n(9), None).await;
     assert!(matches!(twice, Err(RepoError::Internal(_))), "t1 committed at another rev: {twice:?}");
+    let gap = repo.apply_replica(&a, &rev("t9", 9), &set_n(9), None).await;
+    assert!(matches!(&gap, Err(RepoError::BadRequest(m)) if m.contains("revision gap")), "a revision gap: {gap:?}");
     let invalid = repo
         .apply_replica(
             &a,
-            &rev("t9", 9),
-            &Transform { updates: Some(vec![BlockOperation::set("nope", json!(1))]), ..Transform::default() },
+            &rev("t9", 3),
+            &Transform { updates: Some(vec![BlockOperation::splice("nope", 0, 0, vec![json!(1)])]), ..Transform::default() },
+            None,
         )
         .await;
     assert!(
@@ -73,8 +76,9 @@ async fn replicas_apply_in_order_idempotently_and_never_rewrite_history() {
     let header = repo
         .apply_replica(
             &a,
-            &rev("t9", 9),
+            &rev("t9", 3),
             &Transform { updates: Some(vec![BlockOperation::set("header", json!(1))]), ..Transform::default() },
+            None,
         )
         .await;
     assert!(matches!(header, Err(RepoError::InvalidTransform { source: TransformError::HeaderChange, .. })));

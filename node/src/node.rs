@@ -17,18 +17,18 @@ use libp2p::identity::Keypair;
 use std::collections::HashSet;
 
 use libp2p::PeerId;
-use optimystic_core::consensus::Consensus;
+use optimystic_core::consensus::{BehindSink, Consensus};
 use optimystic_core::coordinator::CoordinatorRepo;
 use optimystic_core::keynet::{ClusterPeers, KeyNetwork, PeerRouting};
 use optimystic_core::record::ClusterRecord;
 use optimystic_core::sync::CatchUp;
-use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
+use optimystic_core::wire::{RepoMessage, RepoResponse};
 use optimystic_core::model::{BlockGets, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks};
 use optimystic_core::network::PeerNetwork;
 use optimystic_core::reads::ClusterReads;
 use optimystic_core::registry::{PluginContext, PluginError, Registry};
 use optimystic_core::sync::SyncServer;
-use optimystic_core::{BlockId, MessageOptions, RawStorage, Repo, RepoError, StorageRepo};
+use optimystic_core::{BlockId, MessageOptions, RawStorage, ReadPromotion, Repo, RepoError, StorageRepo};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
@@ -81,106 +81,57 @@ pub struct Node {
     background: Vec<JoinHandle<()>>,
 }
 
-/// Most background catch-ups started by reject-as-behind votes at once; more are skipped (the
-/// next behind vote retries).
+/// Blocks reported behind that wait for catch-up at most; more reports are dropped (the next
+/// behind vote or waiting record reports again).
+pub const MAX_BEHIND_QUEUE: usize = 1_024;
+/// Catch-ups of behind blocks running at once.
 pub const MAX_BEHIND_CATCH_UPS: usize = 8;
 
-/// The member side of the node's consensus: when this node votes reject as behind (it missed a pend
-/// or a base revision), it catches the record's blocks up from the record's other peers in the
-/// background, so the next round finds it current (SPEC 4.6).
+/// The consensus's [`BehindSink`]: queues each reported block (deduplicated, bounded) for the
+/// catch-up worker ([`catch_up_behind`]).
 #[derive(Debug)]
-struct CatchUpOnBehind {
-    inner: Arc<dyn Consensus>,
-    catch_up: CatchUp,
-    me: PeerId,
-    running: Arc<tokio::sync::Semaphore>,
-    in_flight: Arc<std::sync::Mutex<HashSet<BlockId>>>,
+struct BehindQueue {
+    tx: tokio::sync::mpsc::Sender<BlockId>,
+    queued: Arc<std::sync::Mutex<HashSet<BlockId>>>,
 }
 
-impl CatchUpOnBehind {
-    fn new(inner: Arc<dyn Consensus>, catch_up: CatchUp, me: PeerId) -> Self {
-        Self {
-            inner,
-            catch_up,
-            me,
-            running: Arc::new(tokio::sync::Semaphore::new(MAX_BEHIND_CATCH_UPS)),
-            in_flight: Arc::default(),
+impl BehindSink for BehindQueue {
+    fn behind(&self, block_id: &BlockId) {
+        let mut queued = self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if queued.len() >= MAX_BEHIND_QUEUE || !queued.insert(block_id.clone()) {
+            return;
+        }
+        if self.tx.try_send(block_id.clone()).is_err() {
+            queued.remove(block_id);
         }
     }
+}
 
-    /// Starts a catch-up when `answer` (a member's merged record) carries this node's behind vote.
-    fn inspect(&self, answer: &Value) {
-        let Some(vote) = answer.get("promises").and_then(|p| p.get(self.me.to_string())) else { return };
-        let behind = vote.get("type").and_then(Value::as_str) == Some("reject")
-            && vote.get("rejectReason").and_then(Value::as_str).is_some_and(|r| r.starts_with("behind"));
-        if !behind {
-            return;
-        }
-        let Some(message) = answer.get("message").cloned().and_then(|m| RepoMessage::from_value(m).ok()) else {
-            return;
-        };
-        let blocks: Vec<BlockId> = match message.operation() {
-            Ok(RepoOperation::Pend(p)) => p.transforms.block_ids(),
-            Ok(RepoOperation::Commit(c)) => c.block_ids.clone(),
-            Ok(RepoOperation::Cancel { trx_ref }) => trx_ref.block_ids.clone(),
-            _ => return,
-        };
-        let peers: Vec<PeerId> = answer
-            .get("peers")
-            .and_then(Value::as_object)
-            .map(|p| p.keys().filter_map(|k| k.parse().ok()).filter(|p| *p != self.me).collect())
-            .unwrap_or_default();
-        let Ok(permit) = self.running.clone().try_acquire_owned() else { return };
-        let fresh: Vec<BlockId> = {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            blocks.into_iter().filter(|b| in_flight.insert(b.clone())).collect()
-        };
-        if fresh.is_empty() {
-            return;
-        }
-        let catch_up = self.catch_up.clone();
-        let in_flight = self.in_flight.clone();
+/// Catches up each block a member reported behind on, from this node's own view of its cluster
+/// (verified, SPEC 4.10), then tells the consensus so decided records waiting for it can run.
+async fn catch_up_behind(
+    mut rx: tokio::sync::mpsc::Receiver<BlockId>,
+    queued: Arc<std::sync::Mutex<HashSet<BlockId>>>,
+    catch_up: CatchUp,
+    consensus: Arc<dyn Consensus>,
+) {
+    let running = Arc::new(tokio::sync::Semaphore::new(MAX_BEHIND_CATCH_UPS));
+    while let Some(block_id) = rx.recv().await {
+        let Ok(permit) = running.clone().acquire_owned().await else { return };
+        let (catch_up, consensus, queued) = (catch_up.clone(), consensus.clone(), queued.clone());
         tokio::spawn(async move {
-            for block_id in &fresh {
-                match catch_up.catch_up(block_id, &peers).await {
-                    Ok(applied) if applied > 0 => tracing::debug!(%block_id, applied, "caught up after a behind vote"),
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(%block_id, error = %e, "catch-up after a behind vote failed"),
+            queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&block_id);
+            match catch_up.catch_up(&block_id).await {
+                Ok(applied) => {
+                    if applied > 0 {
+                        tracing::debug!(%block_id, applied, "caught up a block this member was behind on");
+                    }
+                    consensus.caught_up(&block_id).await;
                 }
-            }
-            let mut in_flight = in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for block_id in &fresh {
-                in_flight.remove(block_id);
+                Err(e) => tracing::debug!(%block_id, error = %e, "catch-up of a behind block failed"),
             }
             drop(permit);
         });
-    }
-}
-
-#[async_trait]
-impl Consensus for CatchUpOnBehind {
-    async fn execute(&self, peers: &ClusterPeers, message: &RepoMessage) -> Result<RepoResponse, RepoError> {
-        self.inner.execute(peers, message).await
-    }
-
-    async fn on_update(&self, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
-        let merged = self.inner.on_update(record).await?;
-        self.inspect(&merged.to_value());
-        Ok(merged)
-    }
-
-    async fn handle_request(&self, request: Value) -> Result<Value, RepoError> {
-        let answer = self.inner.handle_request(request).await?;
-        self.inspect(&answer);
-        Ok(answer)
-    }
-
-    async fn start(&self) -> Result<(), RepoError> {
-        self.inner.start().await
-    }
-
-    fn shutdown(&self) {
-        self.inner.shutdown();
     }
 }
 
@@ -205,12 +156,20 @@ impl Consensus for MeteredConsensus {
         result
     }
 
-    async fn on_update(&self, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
-        self.inner.on_update(record).await
+    async fn on_update(&self, sender: PeerId, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+        self.inner.on_update(sender, record).await
     }
 
-    async fn handle_request(&self, request: Value) -> Result<Value, RepoError> {
-        self.inner.handle_request(request).await
+    async fn handle_request(&self, sender: PeerId, request: Value) -> Result<Value, RepoError> {
+        self.inner.handle_request(sender, request).await
+    }
+
+    fn read_promotion(&self) -> ReadPromotion {
+        self.inner.read_promotion()
+    }
+
+    async fn caught_up(&self, block_id: &BlockId) {
+        self.inner.caught_up(block_id).await;
     }
 }
 
@@ -356,23 +315,26 @@ impl Node {
         let key_network: Arc<dyn KeyNetwork> =
             registry.build_key_network(&config.key_network.kind, &cx, &config.key_network.to_value())?;
         cx.key_network = Some(key_network.clone());
+        let (behind_tx, behind_rx) = tokio::sync::mpsc::channel(MAX_BEHIND_QUEUE);
+        let behind_queued = Arc::new(std::sync::Mutex::new(HashSet::new()));
+        cx.behind = Some(Arc::new(BehindQueue { tx: behind_tx, queued: behind_queued.clone() }));
         let consensus = registry.build_consensus(&config.consensus.kind, &cx, &config.consensus.to_value())?;
+        // SPEC 2.1: on a cluster member a read never writes storage.
+        let read_local = local.with_read_promotion(consensus.read_promotion());
 
         let timeout = Duration::from_millis(config.limits.request_timeout_ms);
         let metrics = Arc::new(Metrics::new());
         let coordinated: Arc<dyn Consensus> = Arc::new(MeteredConsensus { inner: consensus.clone(), metrics: metrics.clone() });
         let writes: Arc<dyn Repo> =
-            Arc::new(CoordinatorRepo::new(key_network.clone(), coordinated, Arc::new(local.clone())));
+            Arc::new(CoordinatorRepo::new(key_network.clone(), coordinated, Arc::new(read_local.clone())));
         let reads =
-            ClusterReads::new(writes, local.clone(), key_network.clone(), network, config.node.read_mode, timeout);
+            ClusterReads::new(writes, read_local, key_network.clone(), network, config.node.read_mode, timeout);
         let catch_up = reads.catch_up().clone();
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });
-        let member: Arc<dyn Consensus> =
-            Arc::new(CatchUpOnBehind::new(consensus.clone(), catch_up.clone(), host.local_peer_id()));
         consensus.start().await.map_err(|e| NodeError::Config(format!("consensus did not start: {e}")))?;
         host.set_handlers(
             Handlers::repo(repo.clone())
-                .with_cluster(member)
+                .with_cluster(consensus.clone())
                 .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone())))),
         );
 
@@ -389,7 +351,8 @@ impl Node {
 
         let background = vec![
             tokio::spawn(sample_gauges(storage.clone(), host.clone(), metrics.clone())),
-            tokio::spawn(catch_up_after_start(storage.clone(), key_network, catch_up, host.clone())),
+            tokio::spawn(catch_up_behind(behind_rx, behind_queued, catch_up.clone(), consensus.clone())),
+            tokio::spawn(catch_up_after_start(storage.clone(), catch_up, consensus.clone(), host.clone())),
         ];
         metrics.set_ready(true);
         Ok(Self { host, consensus, storage, repo, metrics, metrics_server, background })
@@ -467,8 +430,8 @@ async fn sample_gauges(storage: Arc<dyn RawStorage>, host: HostHandle, metrics: 
 /// After a (re)start, brings every locally stored block up to its cluster's newest revision.
 async fn catch_up_after_start(
     storage: Arc<dyn RawStorage>,
-    key_network: Arc<dyn KeyNetwork>,
-    catch_up: optimystic_core::sync::CatchUp,
+    catch_up: CatchUp,
+    consensus: Arc<dyn Consensus>,
     host: HostHandle,
 ) {
     let mut updates = host.routing_updates();
@@ -487,10 +450,11 @@ async fn catch_up_after_start(
         };
         let Some(last) = page.last().cloned() else { break };
         for block_id in &page {
-            let Ok(cluster) = key_network.find_cluster(block_id).await else { continue };
-            let peers: Vec<_> = cluster.keys().copied().collect();
-            match catch_up.catch_up(block_id, &peers).await {
-                Ok(n) => applied += n,
+            match catch_up.catch_up(block_id).await {
+                Ok(n) => {
+                    applied += n;
+                    consensus.caught_up(block_id).await;
+                }
                 Err(e) => tracing::debug!(%block_id, error = %e, "restart catch-up of a block failed"),
             }
         }

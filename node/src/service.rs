@@ -16,6 +16,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use async_trait::async_trait;
 use futures::FutureExt;
 use optimystic_core::consensus::Consensus;
+use optimystic_core::identity::PeerId;
 use optimystic_core::network::ProtocolKind;
 use optimystic_core::time::now_ms;
 use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
@@ -163,16 +164,17 @@ impl ClusterService {
         Self { consensus }
     }
 
-    /// Answers one request frame through [`Consensus::handle_request`] (`update`, and whatever
-    /// other operations the consensus defines, such as recovery `status` queries). A malformed frame
-    /// is `bad-request` without calling the consensus; parsing and verifying records (hashes,
-    /// signatures, expiry) is the consensus's job.
-    pub async fn serve(&self, frame: Frame) -> Value {
+    /// Answers one request frame from `sender` (as the transport authenticated it) through
+    /// [`Consensus::handle_request`] (`update`, and whatever other operations the consensus
+    /// defines, such as recovery `status` queries). A malformed frame is `bad-request` without
+    /// calling the consensus; parsing and verifying records (hashes, signatures, expiry) is the
+    /// consensus's job.
+    pub async fn serve(&self, sender: PeerId, frame: Frame) -> Value {
         let value = match frame {
             Frame::Json(value) => value,
             Frame::Malformed(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
         };
-        match self.consensus.handle_request(value).await {
+        match self.consensus.handle_request(sender, value).await {
             Ok(answer) => answer,
             Err(e) => error_value(&e),
         }
@@ -333,7 +335,7 @@ impl Services {
 
     /// Answers one request on `kind` with the current handlers. A handler that panics is answered
     /// `internal`; the node goes on serving.
-    pub async fn serve(&self, kind: ProtocolKind, frame: Frame) -> Value {
+    pub async fn serve(&self, kind: ProtocolKind, sender: PeerId, frame: Frame) -> Value {
         let handlers = self.handlers();
         let work = async move {
             match kind {
@@ -342,7 +344,7 @@ impl Services {
                     None => not_served(kind),
                 },
                 ProtocolKind::Cluster => match handlers.cluster {
-                    Some(consensus) => ClusterService::new(consensus).serve(frame).await,
+                    Some(consensus) => ClusterService::new(consensus).serve(sender, frame).await,
                     None => not_served(kind),
                 },
                 ProtocolKind::Sync => match handlers.sync {
@@ -428,7 +430,7 @@ mod tests {
     #[tokio::test]
     async fn services_bound_requests_in_flight_and_queued_and_report_missing_handlers() {
         let services = Services::new(2, 1);
-        let unserved = services.serve(ProtocolKind::Cluster, Frame::Json(json!({}))).await;
+        let unserved = services.serve(ProtocolKind::Cluster, PeerId::random(), Frame::Json(json!({}))).await;
         assert_eq!(code(&unserved), "unavailable");
         let a = services.admit(ProtocolKind::Repo).unwrap().ready().await.unwrap();
         let _b = services.admit(ProtocolKind::Repo).unwrap().ready().await.unwrap();
@@ -462,7 +464,7 @@ mod tests {
     async fn a_panicking_handler_is_answered_internal() {
         let services = Services::new(1, 0);
         services.set_handlers(Handlers::default().with_sync(Arc::new(Panicking)));
-        let answer = services.serve(ProtocolKind::Sync, Frame::Json(json!(1))).await;
+        let answer = services.serve(ProtocolKind::Sync, PeerId::random(), Frame::Json(json!(1))).await;
         assert_eq!(code(&answer), "internal");
     }
 
@@ -479,14 +481,15 @@ mod tests {
             ) -> Result<RepoResponse, RepoError> {
                 Err(RepoError::Internal("unused".into()))
             }
-            async fn on_update(&self, _record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+            async fn on_update(&self, _sender: PeerId, _record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
                 Err(RepoError::Expired)
             }
         }
         let service = ClusterService::new(Arc::new(Refuse));
-        assert_eq!(code(&service.serve(Frame::Json(json!([]))).await), "bad-request");
-        assert_eq!(code(&service.serve(Frame::Json(json!({"operation": "delete"}))).await), "bad-request");
-        assert_eq!(code(&service.serve(Frame::Json(json!({"operation": "update"}))).await), "bad-request");
-        assert_eq!(code(&service.serve(Frame::Json(json!({"operation": "update", "record": 5}))).await), "bad-request");
+        let peer = PeerId::random();
+        assert_eq!(code(&service.serve(peer, Frame::Json(json!([]))).await), "bad-request");
+        assert_eq!(code(&service.serve(peer, Frame::Json(json!({"operation": "delete"}))).await), "bad-request");
+        assert_eq!(code(&service.serve(peer, Frame::Json(json!({"operation": "update"}))).await), "bad-request");
+        assert_eq!(code(&service.serve(peer, Frame::Json(json!({"operation": "update", "record": 5}))).await), "bad-request");
     }
 }

@@ -72,14 +72,14 @@ pub struct ConsensusHandler(pub Arc<dyn Consensus>);
 impl SimHandler for ConsensusHandler {
     fn handle(
         &self,
-        _from: PeerId,
+        from: PeerId,
         protocol: ProtocolKind,
         request: Value,
     ) -> BoxFuture<'static, Result<Value, RepoError>> {
         let consensus = self.0.clone();
         Box::pin(async move {
             match protocol {
-                ProtocolKind::Cluster => consensus.handle_request(request).await,
+                ProtocolKind::Cluster => consensus.handle_request(from, request).await,
                 other => Err(RepoError::BadRequest(format!("this simulated node does not serve {}", other.name()))),
             }
         })

@@ -435,7 +435,7 @@ impl SwarmTask {
                     let (response, permit) = match admission.ready().await {
                         // The requester gave up while the request waited: nothing to answer.
                         Ok(_) if !channel.is_open() => return,
-                        Ok(permit) => (services.serve(kind, request).await, Some(permit)),
+                        Ok(permit) => (services.serve(kind, peer, request).await, Some(permit)),
                         Err(refusal) => (refusal, None),
                     };
                     let _ = answers.send(Answer { kind, channel, response }).await;

@@ -19,7 +19,9 @@ pub enum Threshold {
 }
 
 impl Threshold {
-    /// The votes required among `n` peers, between 1 and `max(n, 1)`.
+    /// The votes required among `n` peers, between a majority of `n` and `max(n, 1)`: never
+    /// below a majority (SPEC 4.13; configuration refuses such thresholds, and a record with
+    /// fewer peers than the configured cluster size must not lower the bar either).
     #[must_use]
     pub fn of(&self, n: usize) -> usize {
         let n = n.max(1);
@@ -33,15 +35,26 @@ impl Threshold {
                 votes
             }
         };
-        required.clamp(1, n)
+        required.max(n / 2 + 1).clamp(1, n)
     }
 
-    /// The promise votes required among `n` peers: [`Threshold::of`], but never less than a
-    /// majority, because any two promise quorums must share a peer (that peer's reservation is
-    /// what keeps two conflicting records from both being decided).
+    /// The promise votes required among `n` peers: [`Threshold::of`] (a majority at least, because
+    /// any two promise quorums must share a peer: that peer's reservation is what keeps two
+    /// conflicting records from both being decided).
     #[must_use]
     pub fn promise_quorum(&self, n: usize) -> usize {
-        self.of(n).max(Self::Majority.of(n))
+        self.of(n)
+    }
+
+    /// Refuses a count threshold below a majority of `cluster_size` (SPEC 4.13).
+    pub fn check_cluster_size(&self, key: &str, cluster_size: usize) -> Result<(), PluginError> {
+        let majority = cluster_size / 2 + 1;
+        match *self {
+            Self::Count(count) if count < majority => Err(config_error(format!(
+                "{key}: {count} is below a majority of the cluster size {cluster_size} ({majority})"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn parse(key: &str, value: &Value, promise: bool) -> Result<Self, PluginError> {
@@ -50,15 +63,17 @@ impl Threshold {
             Value::String(s) if s == "majority" => Ok(Self::Majority),
             Value::Number(n) if n.is_u64() => match n.as_u64() {
                 Some(0) | None => Err(bad("a count threshold must be at least 1".into())),
+                Some(1) => Err(bad("a count of 1 is below a majority of any cluster of 2 or more (SPEC 4.13)".into())),
                 Some(count) => usize::try_from(count).map(Self::Count).map_err(|_| bad(format!("{count} is too large"))),
             },
             Value::Number(n) => match n.as_f64() {
-                Some(f) if promise && f > 0.5 && f <= 1.0 => Ok(Self::Fraction(f)),
-                Some(f) if !promise && f > 0.0 && f <= 1.0 => Ok(Self::Fraction(f)),
+                Some(f) if f > 0.5 && f <= 1.0 => Ok(Self::Fraction(f)),
                 Some(f) if promise => Err(bad(format!(
                     "a promise fraction must be in (0.5, 1] so that two quorums always share a peer, got {f}"
                 ))),
-                Some(f) => Err(bad(format!("a fraction must be in (0, 1], got {f}"))),
+                Some(f) => Err(bad(format!(
+                    "a commit fraction must be in (0.5, 1]: an acknowledged write must be on a majority (SPEC 4.13), got {f}"
+                ))),
                 None => Err(bad("not a number".into())),
             },
             other => Err(bad(format!("expected \"majority\", a count >= 1 or a fraction, got {other}"))),
@@ -92,6 +107,9 @@ pub struct MajorityConfig {
     pub recovery_backoff_max_ms: u64,
     /// Most live reservations a member holds; beyond it, it votes reject (`busy`).
     pub max_reservations: usize,
+    /// Most live reservations a member holds for records from one sender (SPEC 4.11); beyond it,
+    /// it votes reject (`busy`) on that sender's records.
+    pub max_reservations_per_sender: usize,
     /// Most recovery status queries in flight at once on a member.
     pub max_recovery_queries_in_flight: usize,
     /// How long past its expiration a resolved record's marker (executed, aborted, rejected) is
@@ -113,6 +131,7 @@ impl Default for MajorityConfig {
             retry_max_ms: 4_000,
             recovery_backoff_max_ms: 30_000,
             max_reservations: 10_000,
+            max_reservations_per_sender: 2_500,
             max_recovery_queries_in_flight: 64,
             marker_retention_ms: 7 * 24 * 60 * 60 * 1_000,
         }
@@ -156,6 +175,7 @@ impl MajorityConfig {
                 "retry_max_ms" => out.retry_max_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
                 "recovery_backoff_max_ms" => out.recovery_backoff_max_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
                 "max_reservations" => out.max_reservations = count(key, value)?,
+                "max_reservations_per_sender" => out.max_reservations_per_sender = count(key, value)?,
                 "max_recovery_queries_in_flight" => out.max_recovery_queries_in_flight = count(key, value)?,
                 "marker_retention_ms" => out.marker_retention_ms = millis(key, value, 1, MAX_RETENTION_MS)?,
                 other => return Err(config_error(format!("unknown option {other:?}"))),
@@ -185,9 +205,12 @@ impl MajorityConfig {
                 self.marker_retention_ms, self.grace_ms
             )));
         }
-        if self.max_reservations == 0 || self.max_recovery_queries_in_flight == 0 {
-            return Err(config_error("max_reservations and max_recovery_queries_in_flight must be at least 1".into()));
+        if self.max_reservations == 0 || self.max_recovery_queries_in_flight == 0 || self.max_reservations_per_sender == 0 {
+            return Err(config_error(
+                "max_reservations, max_reservations_per_sender and max_recovery_queries_in_flight must be at least 1".into(),
+            ));
         }
+
         Ok(())
     }
 }
@@ -220,13 +243,17 @@ mod tests {
         assert_eq!(Threshold::Majority.of(4), 3);
         assert_eq!(Threshold::Majority.of(5), 3);
         assert_eq!(Threshold::Count(4).of(3), 3);
-        assert_eq!(Threshold::Count(1).of(5), 1);
+        assert_eq!(Threshold::Count(1).of(5), 3, "never below a majority");
         assert_eq!(Threshold::Count(1).promise_quorum(5), 3);
+        assert_eq!(Threshold::Count(2).of(3), 2);
+        assert!(Threshold::Count(2).check_cluster_size("t", 5).is_err());
+        assert!(Threshold::Count(3).check_cluster_size("t", 5).is_ok());
+        assert!(Threshold::Majority.check_cluster_size("t", 5).is_ok());
         assert_eq!(Threshold::Count(5).promise_quorum(5), 5);
         assert_eq!(Threshold::Fraction(0.75).of(4), 3);
         assert_eq!(Threshold::Fraction(0.7).of(3), 3);
         assert_eq!(Threshold::Fraction(1.0).of(5), 5);
-        assert_eq!(Threshold::Fraction(0.1).of(3), 1);
+        assert_eq!(Threshold::Fraction(0.1).of(3), 2, "never below a majority");
         assert_eq!(Threshold::Majority.of(0), 1);
     }
 
@@ -237,7 +264,7 @@ mod tests {
         let config = MajorityConfig::from_value(&json!({
             "kind": "majority-2pc",
             "promise_threshold": 0.75,
-            "commit_threshold": 1,
+            "commit_threshold": 2,
             "record_timeout_ms": 5000,
             "request_timeout_ms": 100,
             "grace_ms": 300,
@@ -246,12 +273,13 @@ mod tests {
             "retry_max_ms": 20,
             "recovery_backoff_max_ms": 40,
             "max_reservations": 3,
+            "max_reservations_per_sender": 2,
             "max_recovery_queries_in_flight": 2,
             "marker_retention_ms": 600
         }))
         .unwrap();
         assert_eq!(config.promise_threshold, Threshold::Fraction(0.75));
-        assert_eq!(config.commit_threshold, Threshold::Count(1));
+        assert_eq!(config.commit_threshold, Threshold::Count(2));
         assert_eq!(config.retry_attempts, 0);
         assert_eq!(config.max_reservations, 3);
     }
@@ -262,6 +290,9 @@ mod tests {
             (json!({"promise_threshold": 0.5}), "promise_threshold"),
             (json!({"promise_threshold": 0}), "at least 1"),
             (json!({"commit_threshold": 1.5}), "commit_threshold"),
+            (json!({"commit_threshold": 0.5}), "commit fraction"),
+            (json!({"commit_threshold": 1}), "below a majority"),
+            (json!({"promise_threshold": 1}), "below a majority"),
             (json!({"commit_threshold": "most"}), "commit_threshold"),
             (json!({"request_timeout_ms": 0}), "request_timeout_ms"),
             (json!({"grace_ms": -1}), "grace_ms"),

@@ -16,12 +16,11 @@ use optimystic_core::model::{CommitResult, PendResult, StaleFailure};
 use optimystic_core::network::{NetworkError, ProtocolKind};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, Vote, VoteType};
 use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse, decode_response};
-use optimystic_core::{ErrorCode, RepoError};
+use optimystic_core::{ErrorCode, RejectCategory, RejectReason, RepoError};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::checks::{INVALID, STALE};
 use crate::engine::{Inner, RESULT_FIELD};
 use crate::member::{Origin, verified_vote};
 
@@ -68,7 +67,7 @@ impl Promises {
         let Some(vote) = verified_vote(&reply.promises, peer, &record.promise_hash()) else {
             return self.silent.push(format!("{peer}: no valid promise"));
         };
-        let stale = vote.reject_reason.as_deref().is_some_and(|r| r.starts_with(STALE));
+        let stale = vote.reject_reason.as_deref().is_some_and(|r| RejectReason::parse(r).category == RejectCategory::Stale);
         if stale && self.stale.is_none() {
             self.stale = reply.extra.get(RESULT_FIELD).cloned().or_else(|| {
                 let reason = vote.reject_reason.clone();
@@ -275,7 +274,10 @@ impl Inner {
         if let Some(stale) = stale {
             return stale_response(kind, stale);
         }
-        if abort_proven && !reasons.is_empty() && reasons.iter().all(|r| r.starts_with(INVALID)) {
+        if abort_proven
+            && !reasons.is_empty()
+            && reasons.iter().all(|r| RejectReason::parse(r).category == RejectCategory::Invalid)
+        {
             return Err(RepoError::BadRequest(reasons.join("; ")));
         }
         Err(RepoError::ConsensusFailed(summary))

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::future::Future;
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 
-use optimystic_core::consensus::Clock;
+use optimystic_core::consensus::{BehindSink, Clock};
 use optimystic_core::crypto;
 use optimystic_core::identity::{Keypair, PeerId};
 use optimystic_core::keynet::KeyNetwork;
@@ -30,7 +30,16 @@ pub const RESULT_FIELD: &str = "result";
 pub(crate) struct Live {
     pub status: RecordStatus,
     pub claims: Vec<Claim>,
+    /// The peer that sent the record (reservations are bounded per sender, SPEC 4.11); `None`
+    /// when unknown (reservations stored before senders were kept).
+    pub sender: Option<PeerId>,
+    /// The record's expiration (where its entry is stored).
+    pub expiration_ms: u64,
 }
+
+/// Most peer ids a member remembers from records it executed (SPEC 4.11 "its own record of past
+/// cluster peers").
+pub(crate) const MAX_SEEN_PEERS: usize = 4_096;
 
 /// The in-memory index of live reservations, rebuilt from storage at start.
 #[derive(Debug, Default)]
@@ -46,6 +55,12 @@ pub(crate) struct MemberState {
     /// scheduler starts a task for those still live then. Entries of records resolved earlier are
     /// skipped when they come up.
     pub due: BinaryHeap<Reverse<DueRecovery>>,
+    /// Live reservations per sender.
+    pub per_sender: BTreeMap<PeerId, usize>,
+    /// Decided records waiting for catch-up of a block this member is behind on (SPEC 4.6).
+    pub waiting: BTreeMap<BlockId, BTreeSet<String>>,
+    /// Peers of records this member executed (bounded by [`MAX_SEEN_PEERS`]).
+    pub seen_peers: BTreeSet<String>,
 }
 
 /// A promised record's recovery time.
@@ -77,12 +92,48 @@ impl MemberState {
         for claim in &live.claims {
             self.by_block.entry(claim.block_id.clone()).or_default().insert(message_hash.to_owned());
         }
-        self.live.insert(message_hash.to_owned(), live);
+        let sender = live.sender;
+        if let Some(previous) = self.live.insert(message_hash.to_owned(), live) {
+            self.forget_sender(previous.sender);
+        }
+        if let Some(sender) = sender {
+            *self.per_sender.entry(sender).or_default() += 1;
+        }
+    }
+
+    /// Live reservations of records `sender` sent.
+    pub fn reservations_of(&self, sender: &PeerId) -> usize {
+        self.per_sender.get(sender).copied().unwrap_or(0)
+    }
+
+    fn forget_sender(&mut self, sender: Option<PeerId>) {
+        let Some(sender) = sender else { return };
+        if let Some(count) = self.per_sender.get_mut(&sender) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_sender.remove(&sender);
+            }
+        }
+    }
+
+    /// Remembers the peers of an executed record (bounded).
+    pub fn remember_peers<'a>(&mut self, peers: impl IntoIterator<Item = &'a String>) {
+        for peer in peers {
+            if self.seen_peers.len() >= MAX_SEEN_PEERS {
+                return;
+            }
+            self.seen_peers.insert(peer.clone());
+        }
     }
 
     pub fn release(&mut self, message_hash: &str) {
         self.unsaved.remove(message_hash);
+        for waiting in self.waiting.values_mut() {
+            waiting.remove(message_hash);
+        }
+        self.waiting.retain(|_, w| !w.is_empty());
         let Some(live) = self.live.remove(message_hash) else { return };
+        self.forget_sender(live.sender);
         for claim in live.claims {
             if let Some(set) = self.by_block.get_mut(&claim.block_id) {
                 set.remove(message_hash);
@@ -129,6 +180,8 @@ pub(crate) struct Inner {
     pub recovery_permits: Semaphore,
     /// Wakes the recovery scheduler when a recovery became due earlier than it waits for.
     pub recovery_wake: Notify,
+    /// Where this member reports blocks it is behind on.
+    pub behind: Option<Arc<dyn BehindSink>>,
 }
 
 /// Maps a verification failure to the error a member answers with.
@@ -161,6 +214,37 @@ impl Inner {
         tasks.set.abort_all();
     }
 
+    /// Reports a block this member is behind on to the node (which catches it up).
+    pub fn report_behind(&self, block_id: &BlockId) {
+        tracing::debug!(%block_id, "behind on a block; asking for catch-up");
+        if let Some(sink) = &self.behind {
+            sink.behind(block_id);
+        }
+    }
+
+    /// SPEC 4.11: a phase-1 record may name only peers this node has seen (its key network's
+    /// view, configured members, or peers of records it executed).
+    pub async fn check_peers_seen(&self, record: &ClusterRecord) -> Result<(), RepoError> {
+        let Some(key_network) = &self.key_network else { return Ok(()) };
+        let unknown: Vec<&String> = {
+            let state = self.state.lock().await;
+            record.peers.keys().filter(|p| **p != self.me_text && !state.seen_peers.contains(*p)).collect()
+        };
+        for peer in unknown {
+            let seen = match peer.parse::<PeerId>() {
+                Ok(id) => key_network.has_seen(&id).await,
+                Err(_) => false,
+            };
+            if !seen {
+                let shown: String = peer.chars().take(64).collect();
+                return Err(RepoError::BadRequest(format!(
+                    "refused: the record's peer set names {shown}, a peer this member has never seen"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Publishes the number of live reservations (after the state changed).
     pub fn publish(&self, state: &MemberState) {
         self.live_count.send_replace(state.live.len());
@@ -188,6 +272,9 @@ impl Inner {
             return Err(RepoError::BadRequest("a get is not agreed by consensus".into()));
         }
         let claims = claims(&operation);
+        if claims.is_empty() {
+            return Err(RepoError::BadRequest("the record names no block".into()));
+        }
         let promise_quorum = self.config.promise_threshold.promise_quorum(record.peers.len());
         Ok(RecordContext { operation, claims, expiration_ms, promise_quorum })
     }

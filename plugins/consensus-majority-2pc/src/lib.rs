@@ -70,9 +70,9 @@ use std::sync::{Arc, Mutex as StdMutex};
 
 use async_trait::async_trait;
 use optimystic_core::consensus::{
-    Clock, Consensus, UPDATE_OPERATION, split_request, system_clock, take_record,
+    BehindSink, Clock, Consensus, UPDATE_OPERATION, split_request, system_clock, take_record,
 };
-use optimystic_core::identity::Keypair;
+use optimystic_core::identity::{Keypair, PeerId};
 use optimystic_core::keynet::{ClusterPeers, KeyNetwork};
 use optimystic_core::network::PeerNetwork;
 use optimystic_core::record::ClusterRecord;
@@ -106,6 +106,9 @@ pub struct MajorityDeps {
     pub key_network: Option<Arc<dyn KeyNetwork>>,
     /// The wall clock record expirations are judged by.
     pub clock: Arc<dyn Clock>,
+    /// Where this member reports blocks it is behind on (the node catches them up and calls
+    /// [`Consensus::caught_up`]); `None` leaves catching up to someone else.
+    pub behind: Option<Arc<dyn BehindSink>>,
 }
 
 /// The majority two-phase commit of one node: coordinator and member. Dropping it (or
@@ -149,6 +152,7 @@ impl MajorityConsensus {
             tasks: StdMutex::new(Tasks::default()),
             recovery_permits: Semaphore::new(permits),
             recovery_wake: tokio::sync::Notify::new(),
+            behind: deps.behind,
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -163,11 +167,11 @@ impl MajorityConsensus {
     /// with `{"messageHash", "status", "record"?}` where status is `executed` or `decided` (with the
     /// decided copy), `aborted`, `not-executed` (past expiration here, so it never will be unless
     /// another peer executed it) or `pending`. Errors are sent as the error envelope.
-    pub async fn handle_cluster_request(&self, request: Value) -> Result<Value, RepoError> {
+    pub async fn handle_cluster_request(&self, sender: PeerId, request: Value) -> Result<Value, RepoError> {
         let (operation, mut fields) = split_request(request)?;
         let record = take_record(&mut fields)?;
         match operation.as_str() {
-            UPDATE_OPERATION => Ok(self.inner.update(record, Origin::Remote).await?.to_value()),
+            UPDATE_OPERATION => Ok(self.inner.update(record, Origin::Remote(sender)).await?.to_value()),
             STATUS_OPERATION => self.inner.status(record).await,
             other => {
                 let shown: String = other.chars().take(64).collect();
@@ -219,12 +223,16 @@ impl Consensus for MajorityConsensus {
         self.inner.coordinate(peers, message).await
     }
 
-    async fn on_update(&self, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
-        self.inner.update(record, Origin::Remote).await
+    async fn on_update(&self, sender: PeerId, record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+        self.inner.update(record, Origin::Remote(sender)).await
     }
 
-    async fn handle_request(&self, request: Value) -> Result<Value, RepoError> {
-        self.handle_cluster_request(request).await
+    async fn handle_request(&self, sender: PeerId, request: Value) -> Result<Value, RepoError> {
+        self.handle_cluster_request(sender, request).await
+    }
+
+    async fn caught_up(&self, block_id: &BlockId) {
+        self.inner.retry_waiting(block_id).await;
     }
 
     async fn start(&self) -> Result<(), RepoError> {
@@ -238,12 +246,17 @@ impl Consensus for MajorityConsensus {
 
 fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
     let config = MajorityConfig::from_value(config)?;
+    if let Some(key_network) = &cx.key_network {
+        config.promise_threshold.check_cluster_size("promise_threshold", key_network.cluster_size())?;
+        config.commit_threshold.check_cluster_size("commit_threshold", key_network.cluster_size())?;
+    }
     let deps = MajorityDeps {
         keypair: cx.require(&cx.keypair, "the node's identity key pair")?.clone(),
         network: cx.require(&cx.network, "the peer network")?.clone(),
         local: cx.require(&cx.local_repo, "a local repository")?.clone(),
         key_network: cx.key_network.clone(),
         clock: system_clock(),
+        behind: cx.behind.clone(),
     };
     Ok(Arc::new(MajorityConsensus::new(config, deps)?))
 }

@@ -17,6 +17,7 @@ use futures::future::join_all;
 use optimystic_core::identity::PeerId;
 use optimystic_core::network::ProtocolKind;
 use optimystic_core::record::ClusterRecord;
+use optimystic_core::wire::RepoOperation;
 use optimystic_core::{RepoError, StorageError};
 use serde_json::{Value, json};
 
@@ -24,7 +25,7 @@ use std::cmp::Reverse;
 
 use crate::engine::{DueRecovery, Inner, Live, MemberState};
 use crate::member::{STATUS_OPERATION, answer, stored_record};
-use crate::store::{ENTRY_PREFIX, Entry, RecordStatus, expiration_of_key, live_key, live_pointers, read_entry};
+use crate::store::{ENTRY_PREFIX, Entry, RecordStatus, TOMB_PREFIX, expiration_of_key, live_key, live_pointers, read_entry};
 
 /// Scheduled recoveries kept per allowed reservation before those of resolved records are
 /// dropped early.
@@ -35,6 +36,8 @@ const GC_INTERVAL_MS: u64 = 60_000;
 const GC_BATCH: usize = 64;
 /// Collection steps per interval at most.
 const GC_STEPS_PER_INTERVAL: usize = 16;
+/// Cancel tombstones examined per collection step (cancels are rare: failed transactions).
+const GC_TOMBSTONES_LISTED: usize = 256;
 
 /// What one recovery round concluded.
 enum Round {
@@ -69,7 +72,8 @@ impl Inner {
             };
             let record = stored_record(Some(&entry))?;
             let cx = self.context(&record, self.clock.now_ms(), false)?;
-            state.reserve(&hash, Live { status: entry.status, claims: cx.claims.clone() });
+            let sender = entry.sender.as_deref().and_then(|s| s.parse().ok());
+            state.reserve(&hash, Live { status: entry.status, claims: cx.claims.clone(), sender, expiration_ms });
             if entry.status == RecordStatus::Decided {
                 // Decided before a crash: execute now, whatever the time (it is decided).
                 if let Err(e) = self.execute(&mut state, record, Some(entry), &cx).await {
@@ -214,9 +218,13 @@ impl Inner {
         if !others.is_empty() {
             let query = json!({"operation": STATUS_OPERATION, "record": record.to_value()});
             let answers = join_all(others.iter().map(|peer| self.ask(*peer, query.clone()))).await;
+            let renounced = entry.as_ref().is_some_and(|e| e.renounced);
             for (peer, answer) in others.iter().zip(answers) {
                 let Some(answer) = answer else { continue };
                 if let Some(copy) = self.decided_copy(&record, &answer).await {
+                    if renounced {
+                        return self.settle_renounced(hash, &record, expiration_ms).await;
+                    }
                     self.execute_recovered(copy, expiration_ms).await?;
                     return Ok(Round::Done);
                 }
@@ -239,6 +247,37 @@ impl Inner {
         if entry.as_ref().map(|e| e.status) == Some(RecordStatus::Promised) {
             tracing::info!(message_hash = %hash, "no peer executed the record; dropping its reservation");
             self.abort(&mut state, &record, entry, expiration_ms).await?;
+        }
+        Ok(Round::Done)
+    }
+
+    /// A record this member renounced (it answered "not executed", SPEC 4.11) turned out decided
+    /// elsewhere: it never executes it, so it is behind on the record's blocks. A commit keeps its
+    /// reservation until catch-up has brought every block to the commit's revision (a conflicting
+    /// record at that revision must not be approved here meanwhile); a pend or cancel fixes no
+    /// revision and is released at once.
+    async fn settle_renounced(self: &Arc<Self>, hash: &str, record: &ClusterRecord, expiration_ms: u64) -> Result<Round, RepoError> {
+        let cx = self.context(record, self.clock.now_ms(), false)?;
+        if let RepoOperation::Commit(commit) = &cx.operation {
+            let mut behind = Vec::new();
+            for block_id in &commit.block_ids {
+                let latest_rev = self.storage().latest(block_id).await?.map_or(0, |l| l.rev);
+                if latest_rev < commit.rev {
+                    behind.push(block_id.clone());
+                }
+            }
+            if !behind.is_empty() {
+                for block_id in &behind {
+                    self.report_behind(block_id);
+                }
+                return Ok(Round::Again);
+            }
+        }
+        let mut state = self.state.lock().await;
+        let entry = read_entry(self.storage(), expiration_ms, hash).await?;
+        if entry.as_ref().map(|e| e.status) == Some(RecordStatus::Promised) {
+            tracing::info!(message_hash = %hash, "a renounced record was decided elsewhere; caught up past it, releasing");
+            self.abort(&mut state, record, entry, expiration_ms).await?;
         }
         Ok(Round::Done)
     }
@@ -275,7 +314,9 @@ impl Inner {
         let cx = self.context(&copy, self.clock.now_ms(), false)?;
         let mut state = self.state.lock().await;
         let entry = read_entry(self.storage(), expiration_ms, &copy.message_hash).await?;
-        if matches!(entry.as_ref().map(|e| e.status), Some(RecordStatus::Executed | RecordStatus::Aborted)) {
+        if matches!(entry.as_ref().map(|e| e.status), Some(RecordStatus::Executed | RecordStatus::Aborted))
+            || entry.as_ref().is_some_and(|e| e.renounced)
+        {
             return Ok(());
         }
         tracing::info!(message_hash = %copy.message_hash, "recovery found the record decided; executing it");
@@ -315,6 +356,13 @@ impl Inner {
             if !live {
                 self.storage().delete_meta(&key).await?;
                 deleted += 1;
+            }
+        }
+        let now = self.clock.now_ms();
+        for (key, bytes) in self.storage().list_meta(TOMB_PREFIX, GC_TOMBSTONES_LISTED).await? {
+            let keep_until = std::str::from_utf8(&bytes).ok().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+            if keep_until < now {
+                self.storage().delete_meta(&key).await?;
             }
         }
         Ok(deleted >= GC_BATCH)

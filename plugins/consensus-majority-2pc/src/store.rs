@@ -20,6 +20,23 @@ use serde_json::Value;
 pub(crate) const ENTRY_PREFIX: &str = "2pc/entry/";
 /// Prefix of the live pointers.
 pub(crate) const LIVE_PREFIX: &str = "2pc/live/";
+/// Prefix of cancel tombstones: `2pc/tomb/<hex block id>/<hex trx id>` -> the time (ms) after which
+/// it may be collected (SPEC 4.12).
+pub(crate) const TOMB_PREFIX: &str = "2pc/tomb/";
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The tombstone key of a cancelled trx on a block.
+pub(crate) fn tomb_key(block_id: &optimystic_core::BlockId, trx_id: &optimystic_core::TrxId) -> String {
+    format!("{TOMB_PREFIX}{}/{}", hex(block_id.as_str().as_bytes()), hex(trx_id.as_str().as_bytes()))
+}
 
 /// Where a member stands on one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,10 +79,18 @@ pub(crate) struct Entry {
     /// This member's commit vote, once executed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<Vote>,
-    /// The execution result (a repo response or an error envelope), or the stale answer that came
-    /// with a stale rejection.
+    /// The execution result (a repo response or an error envelope). Never a copy of history for a
+    /// rejection (SPEC 4.11): a stale answer is computed when answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
+    /// The peer that sent the record, while it holds a reservation (per-sender bounds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// This member answered a status query "not executed" (past expiration): it will never
+    /// execute the record (SPEC 4.11). A promised record keeps its reservation until recovery
+    /// settles it (see the `recovery` module).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renounced: bool,
 }
 
 pub(crate) fn entry_key(expiration_ms: u64, message_hash: &str) -> String {
@@ -151,6 +176,8 @@ mod tests {
             record: Some(serde_json::json!({"x": 1})),
             commit: None,
             result: None,
+            sender: None,
+            renounced: false,
         };
         let text = serde_json::to_string(&entry).unwrap();
         assert_eq!(text, r#"{"status":"promised","expirationMs":5,"record":{"x":1}}"#);

@@ -51,6 +51,7 @@ fn member_over(storage: Arc<dyn RawStorage>) -> Member {
         local: local.clone(),
         key_network: None,
         clock: sim.clock(),
+        behind: None,
     };
     Member { consensus: MajorityConsensus::new(config(), deps).unwrap(), keypair, sim, local }
 }
@@ -76,7 +77,7 @@ fn sign(record: &mut ClusterRecord, keypair: &Keypair, vote: VoteType, reason: O
 }
 
 async fn status(m: &Member, record: &ClusterRecord) -> Value {
-    m.consensus.handle_cluster_request(json!({"operation": "status", "record": record.to_value()})).await.unwrap()
+    m.consensus.handle_cluster_request(PeerId::random(), json!({"operation": "status", "record": record.to_value()})).await.unwrap()
 }
 
 #[tokio::test(start_paused = true)]
@@ -123,24 +124,24 @@ async fn lifecycle_status_answers_and_marker_collection() {
     let phase1 = record(&peers, insert_x(), now + 1_000);
     assert_eq!(status(&m, &phase1).await["status"], json!("pending"));
 
-    let voted = m.consensus.on_update(phase1.clone()).await.unwrap();
+    let voted = m.consensus.on_update(PeerId::random(), phase1.clone()).await.unwrap();
     assert!(voted.promises[&me.to_base58()].is_approve());
     assert_eq!(m.consensus.live_reservations(), 1);
     assert_eq!(m.consensus.status_of(&phase1).await.unwrap(), Some(RecordStatus::Promised));
     // Re-delivery: the same vote.
-    let again = m.consensus.on_update(phase1.clone()).await.unwrap();
+    let again = m.consensus.on_update(PeerId::random(), phase1.clone()).await.unwrap();
     assert_eq!(again.promises[&me.to_base58()], voted.promises[&me.to_base58()]);
 
     // Phase 2 with the others' promises: applied once, the result travels next to the vote.
     let mut decided = phase1.clone();
     sign(&mut decided, &a, VoteType::Approve, None);
     sign(&mut decided, &b, VoteType::Approve, None);
-    let executed = m.consensus.on_update(decided.clone()).await.unwrap();
+    let executed = m.consensus.on_update(PeerId::random(), decided.clone()).await.unwrap();
     executed.verify(None).unwrap();
     assert!(executed.commits[&me.to_base58()].is_approve());
     assert_eq!(executed.extra[RESULT_FIELD]["success"], json!(true));
     assert_eq!(m.consensus.live_reservations(), 0);
-    let redelivered = m.consensus.on_update(decided.clone()).await.unwrap();
+    let redelivered = m.consensus.on_update(PeerId::random(), decided.clone()).await.unwrap();
     assert_eq!(redelivered.commits, executed.commits, "votes are final");
     let answer = status(&m, &decided).await;
     assert_eq!(answer["status"], json!("executed"));
@@ -153,7 +154,7 @@ async fn lifecycle_status_answers_and_marker_collection() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(status(&m, &other).await["status"], json!("not-executed"));
     // Expired records are refused for voting.
-    let e = m.consensus.on_update(other).await.unwrap_err();
+    let e = m.consensus.on_update(PeerId::random(), other).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::Expired);
 
     // Past the retention the executed marker is collected.
@@ -172,17 +173,17 @@ async fn provable_aborts_free_the_reservation_at_once() {
     let peers = [me, a.public().to_peer_id(), b.public().to_peer_id()];
     let now = m.sim.clock().now_ms();
     let phase1 = record(&peers, insert_x(), now + 1_000);
-    m.consensus.on_update(phase1.clone()).await.unwrap();
+    m.consensus.on_update(PeerId::random(), phase1.clone()).await.unwrap();
     assert_eq!(m.consensus.reserved_blocks().await, std::collections::BTreeSet::from([x()]));
 
     // One rejection leaves the quorum reachable: nothing changes.
     let mut one = phase1.clone();
     sign(&mut one, &a, VoteType::Reject, Some("conflict: elsewhere"));
-    m.consensus.on_update(one.clone()).await.unwrap();
+    m.consensus.on_update(PeerId::random(), one.clone()).await.unwrap();
     assert_eq!(m.consensus.live_reservations(), 1);
     // Two rejections out of three: out of reach, aborted.
     sign(&mut one, &b, VoteType::Reject, Some("stale: moved on"));
-    m.consensus.on_update(one).await.unwrap();
+    m.consensus.on_update(PeerId::random(), one).await.unwrap();
     assert_eq!(m.consensus.live_reservations(), 0);
     assert_eq!(m.consensus.status_of(&phase1).await.unwrap(), Some(RecordStatus::Aborted));
     assert_eq!(status(&m, &phase1).await["status"], json!("aborted"));
@@ -190,15 +191,15 @@ async fn provable_aborts_free_the_reservation_at_once() {
 
     // Refusals change nothing: a record without this member, a tampered one.
     let outsider = record(&peers[1..], insert_x(), now + 1_000);
-    assert_eq!(m.consensus.on_update(outsider).await.unwrap_err().code(), ErrorCode::BadRequest);
+    assert_eq!(m.consensus.on_update(PeerId::random(), outsider).await.unwrap_err().code(), ErrorCode::BadRequest);
     let mut tampered = phase1.clone();
     tampered.message["expiration"] = json!(now + 2_000);
-    assert_eq!(m.consensus.on_update(tampered).await.unwrap_err().code(), ErrorCode::BadRequest);
+    assert_eq!(m.consensus.on_update(PeerId::random(), tampered).await.unwrap_err().code(), ErrorCode::BadRequest);
     let far = record(&peers, insert_x(), now + 60_000);
-    assert_eq!(m.consensus.on_update(far).await.unwrap_err().code(), ErrorCode::BadRequest);
-    let unknown = m.consensus.handle_cluster_request(json!({"operation": "vote", "record": phase1.to_value()})).await;
+    assert_eq!(m.consensus.on_update(PeerId::random(), far).await.unwrap_err().code(), ErrorCode::BadRequest);
+    let unknown = m.consensus.handle_cluster_request(PeerId::random(), json!({"operation": "vote", "record": phase1.to_value()})).await;
     assert_eq!(unknown.unwrap_err().code(), ErrorCode::BadRequest);
-    let update = m.consensus.handle_cluster_request(update_request(&phase1)).await.unwrap();
+    let update = m.consensus.handle_cluster_request(PeerId::random(), update_request(&phase1)).await.unwrap();
     assert_eq!(update["messageHash"], json!(phase1.message_hash));
 }
 
@@ -308,7 +309,7 @@ async fn an_executed_marker_that_failed_to_save_is_retried_without_applying_agai
     sign(&mut decided, &b, VoteType::Approve, None);
 
     storage.fail_next_executed.store(true, Ordering::SeqCst);
-    let failed = m.consensus.on_update(decided.clone()).await.unwrap_err();
+    let failed = m.consensus.on_update(PeerId::random(), decided.clone()).await.unwrap_err();
     assert!(matches!(failed, RepoError::Storage(StorageError::Full(_))), "{failed}");
     assert_eq!(storage.pends_saved.load(Ordering::SeqCst), 1, "applied once");
     assert_eq!(m.consensus.live_reservations(), 1, "still reserved until the marker is saved");
@@ -319,12 +320,12 @@ async fn an_executed_marker_that_failed_to_save_is_retried_without_applying_agai
     let mut cancel = record(&peers, RepoOperation::Cancel { trx_ref }, now + 1_000);
     sign(&mut cancel, &a, VoteType::Approve, None);
     sign(&mut cancel, &b, VoteType::Approve, None);
-    assert!(m.consensus.on_update(cancel).await.unwrap().commits[&me.to_base58()].is_approve());
+    assert!(m.consensus.on_update(PeerId::random(), cancel).await.unwrap().commits[&me.to_base58()].is_approve());
     assert!(m.local.storage().pending(&x(), &TrxId::new("t1").unwrap()).await.unwrap().is_none());
 
     // A re-delivery of the pend (or the recovery task) saves its marker without applying the pend
     // again: re-applying now would resurrect a transaction the cluster cancelled.
-    let executed = m.consensus.on_update(decided.clone()).await.unwrap();
+    let executed = m.consensus.on_update(PeerId::random(), decided.clone()).await.unwrap();
     assert!(executed.commits[&me.to_base58()].is_approve());
     assert_eq!(storage.pends_saved.load(Ordering::SeqCst), 1, "not applied twice");
     assert!(m.local.storage().pending(&x(), &TrxId::new("t1").unwrap()).await.unwrap().is_none(), "still cancelled");

@@ -181,6 +181,9 @@ impl KeyNetwork for StaticKeys {
     fn cluster_size(&self) -> usize {
         self.size
     }
+    async fn has_seen(&self, peer: &PeerId) -> bool {
+        self.peers.contains(peer)
+    }
 }
 
 #[derive(Clone)]
@@ -269,6 +272,7 @@ impl World {
             local: local.clone(),
             key_network: Some(keys.clone()),
             clock: self.sim.clock_with_skew(self.skews[&peer]),
+            behind: None,
         };
         let consensus = Arc::new(MajorityConsensus::new(consensus_config(), deps).unwrap());
         consensus.start().await.unwrap();
@@ -960,7 +964,7 @@ async fn restart_keeps_promises(seed: u64) -> String {
     };
     let (first, second) = (commit_of(&t), commit_of(&u));
     let node = world.node(target).unwrap();
-    let voted = node.consensus.on_update(first.clone()).await.unwrap();
+    let voted = node.consensus.on_update(world.peers[0], first.clone()).await.unwrap();
     let vote = voted.promises[&target.to_base58()].clone();
     assert!(vote.is_approve());
 
@@ -969,11 +973,11 @@ async fn restart_keeps_promises(seed: u64) -> String {
     world.start(target).await;
     let node = world.node(target).unwrap();
     assert_eq!(node.consensus.reserved_blocks().await, BTreeSet::from([x()]));
-    let other = node.consensus.on_update(second).await.unwrap();
+    let other = node.consensus.on_update(world.peers[0], second).await.unwrap();
     let refused = &other.promises[&target.to_base58()];
     assert_eq!(refused.r#type, VoteType::Reject);
     assert!(refused.reject_reason.as_deref().unwrap_or("").starts_with("conflict"), "{refused:?}");
-    let again = node.consensus.on_update(first.clone()).await.unwrap();
+    let again = node.consensus.on_update(world.peers[0], first.clone()).await.unwrap();
     assert_eq!(again.promises[&target.to_base58()], vote, "votes are final");
     // Nobody sends phase 2: recovery drops the reservation once every peer answered.
     world.settle().await;

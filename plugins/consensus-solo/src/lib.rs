@@ -9,7 +9,8 @@ use optimystic_core::keynet::ClusterPeers;
 use optimystic_core::record::ClusterRecord;
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
 use optimystic_core::wire::{RepoMessage, RepoResponse};
-use optimystic_core::{RepoError, StorageRepo};
+use optimystic_core::identity::PeerId;
+use optimystic_core::{ReadPromotion, RepoError, StorageRepo};
 use serde_json::Value;
 
 /// Applies every operation to the local repository.
@@ -35,8 +36,13 @@ impl Consensus for SoloConsensus {
         apply_operation(&self.local, message).await
     }
 
-    async fn on_update(&self, _record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
+    async fn on_update(&self, _sender: PeerId, _record: ClusterRecord) -> Result<ClusterRecord, RepoError> {
         Err(RepoError::BadRequest("this node runs solo consensus and takes no cluster records".into()))
+    }
+
+    /// A cluster of one is a single node: reads promote as SPEC 2 get step 2 says.
+    fn read_promotion(&self) -> ReadPromotion {
+        ReadPromotion::Persist
     }
 }
 

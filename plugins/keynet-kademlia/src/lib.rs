@@ -10,7 +10,7 @@
 //! Configuration: `{"kind": "kademlia", "cluster_size": 3, "cache_ttl_ms": 2000}`, both optional;
 //! `cache_ttl_ms = 0` disables the cache. Needs the host's routing ([`PluginContext::routing`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,12 @@ pub struct KademliaKeyNetwork {
     cluster_size: usize,
     cache_ttl: Duration,
     cache: Mutex<Cache>,
+    /// Peers returned by DHT lookups (bounded by [`MAX_SEEN_PEERS`]), for [`KeyNetwork::has_seen`].
+    seen: Mutex<HashSet<PeerId>>,
 }
+
+/// Most peers remembered from DHT lookups.
+pub const MAX_SEEN_PEERS: usize = 4_096;
 
 impl KademliaKeyNetwork {
     /// A key network over `routing` with `cluster_size` peers per cluster (at least one) and
@@ -65,6 +70,7 @@ impl KademliaKeyNetwork {
             cluster_size: cluster_size.clamp(1, MAX_CLUSTER_SIZE),
             cache_ttl: Duration::from_millis(cache_ttl_ms.min(MAX_CACHE_TTL_MS)),
             cache: Mutex::new(Cache::default()),
+            seen: Mutex::new(HashSet::new()),
         }
     }
 
@@ -147,6 +153,14 @@ impl KademliaKeyNetwork {
         if candidates.len() < self.cluster_size {
             match self.routing.closest_peers(block_id).await {
                 Ok(found) => {
+                    {
+                        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+                        for peer in found.keys() {
+                            if seen.len() < MAX_SEEN_PEERS {
+                                seen.insert(*peer);
+                            }
+                        }
+                    }
                     for (peer, info) in found {
                         let known = candidates.entry(peer).or_default();
                         for addr in info.multiaddrs {
@@ -191,6 +205,16 @@ impl KeyNetwork for KademliaKeyNetwork {
 
     fn cluster_size(&self) -> usize {
         self.cluster_size
+    }
+
+    /// This node, a peer in the routing table, or a peer an earlier DHT lookup returned.
+    async fn has_seen(&self, peer: &PeerId) -> bool {
+        if *peer == self.routing.local_peer_id()
+            || self.seen.lock().unwrap_or_else(PoisonError::into_inner).contains(peer)
+        {
+            return true;
+        }
+        self.routing.known_peers().await.contains_key(peer)
     }
 }
 

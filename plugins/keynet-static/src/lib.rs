@@ -157,6 +157,11 @@ impl KeyNetwork for StaticKeyNetwork {
     fn cluster_size(&self) -> usize {
         self.cluster_size
     }
+
+    /// A configured member (this node is one).
+    async fn has_seen(&self, peer: &PeerId) -> bool {
+        self.members.contains_key(peer)
+    }
 }
 
 fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> {

@@ -42,9 +42,9 @@ fn model_op(fields: &mut Map<String, Value>, op: &BlockOperation) -> Result<(), 
     if entity == "header" {
         return Err(TransformError::HeaderChange);
     }
-    let current = fields.get(entity).ok_or_else(|| TransformError::MissingField { entity: entity.clone() })?;
     let new_value = match inserted {
         Value::Array(items) => {
+            let current = fields.get(entity).ok_or_else(|| TransformError::MissingField { entity: entity.clone() })?;
             let Value::Array(array) = current else {
                 return Err(TransformError::NotAnArray { entity: entity.clone() });
             };

@@ -1,0 +1,197 @@
+//! Evidence of committed revisions (SPEC 4.10): the decided pend and commit records behind each
+//! revision a cluster member stores, and their verification by a peer catching up.
+//!
+//! A member executing a decided pend keeps the record per block and transaction
+//! ([`pend_key`]); executing the decided commit of that transaction at revision `r` turns it into the
+//! revision's evidence ([`rev_key`]): `{"pend": record, "commit": record}`. Catch-up serves each
+//! revision with its evidence, and the receiver applies it only when [`verify`] accepts it
+//! against the receiver's own view of the block's cluster. Both records are kept as received (their
+//! hashes and signatures are over the JSON as sent), so they verify anywhere.
+
+use libp2p_identity::PeerId;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::crypto;
+use crate::model::{BlockId, Transform, TrxId, TrxRev};
+use crate::record::ClusterRecord;
+use crate::wire::{RepoMessage, RepoOperation};
+
+/// Metadata key prefix of revision evidence.
+pub const REV_PREFIX: &str = "evidence/rev/";
+/// Metadata key prefix of decided pend records awaiting their commit.
+pub const PEND_PREFIX: &str = "evidence/pend/";
+
+/// The decided records proving one committed revision of a block.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evidence {
+    /// The decided pend record that carried the transaction's transform for the block (`None`
+    /// when this member never held it, for example a revision applied before evidence was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pend: Option<Value>,
+    /// The decided commit record of the revision.
+    pub commit: Value,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The metadata key of a revision's evidence. Block ids are hex-escaped (any byte string is a
+/// valid id).
+#[must_use]
+pub fn rev_key(block_id: &BlockId, rev: u64) -> String {
+    format!("{REV_PREFIX}{}/{rev:020}", hex(block_id.as_str().as_bytes()))
+}
+
+/// The metadata key of a decided pend record of `trx_id` on a block, kept until the commit.
+#[must_use]
+pub fn pend_key(block_id: &BlockId, trx_id: &TrxId) -> String {
+    format!("{PEND_PREFIX}{}/{}", hex(block_id.as_str().as_bytes()), hex(trx_id.as_str().as_bytes()))
+}
+
+/// Why evidence was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvidenceError {
+    /// The peer sent no evidence (or no pend record) for the revision.
+    #[error("no evidence for revision {rev} of {block_id}")]
+    Missing {
+        /// The block.
+        block_id: BlockId,
+        /// The revision.
+        rev: u64,
+    },
+    /// The records verify, but their peer set or approvals do not cover a quorum of this node's
+    /// view of the cluster (membership changed since): the quorum-agreement fallback may apply.
+    #[error("evidence for revision {rev} of {block_id} does not cover this node's view: {detail}")]
+    Membership {
+        /// The block.
+        block_id: BlockId,
+        /// The revision.
+        rev: u64,
+        /// Why.
+        detail: String,
+    },
+    /// The evidence is forged, tampered with or about something else: the peer that sent it is
+    /// not to be trusted for this catch-up.
+    #[error("invalid evidence for revision {rev} of {block_id}: {detail}")]
+    Invalid {
+        /// The block.
+        block_id: BlockId,
+        /// The revision.
+        rev: u64,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// Approvals needed among `n` peers: a majority (thresholds below a majority are configuration
+/// errors, SPEC 4.13, so a majority is what every honest decided record carries).
+#[must_use]
+pub fn majority(n: usize) -> usize {
+    n / 2 + 1
+}
+
+/// Checks `evidence` for revision `trx_rev` of `block_id` carrying `transform` (SPEC 4.10 (a)-(c),
+/// except the `latest + 1` rule, which the caller checks under its block lock): both records
+/// verify, are decided (a majority of their peer set approved), name this transaction, revision,
+/// block and transform, and their peer sets cover a majority of `view` (this node's own view of the
+/// block's cluster).
+///
+/// Errors: [`EvidenceError::Missing`] without a pend record; [`EvidenceError::Membership`] when
+/// only the view coverage fails; [`EvidenceError::Invalid`] otherwise.
+pub fn verify(
+    evidence: Option<&Evidence>,
+    block_id: &BlockId,
+    trx_rev: &TrxRev,
+    transform: &Transform,
+    view: &[PeerId],
+) -> Result<(), EvidenceError> {
+    let rev = trx_rev.rev;
+    let missing = || EvidenceError::Missing { block_id: block_id.clone(), rev };
+    let evidence = evidence.ok_or_else(missing)?;
+    let pend_value = evidence.pend.as_ref().ok_or_else(missing)?;
+    let invalid = |detail: String| EvidenceError::Invalid { block_id: block_id.clone(), rev, detail };
+
+    let commit = decided(&evidence.commit).map_err(|e| invalid(format!("commit record: {e}")))?;
+    match commit_operation(&commit).map_err(|e| invalid(format!("commit record: {e}")))? {
+        RepoOperation::Commit(c) if c.trx_id == trx_rev.trx_id && c.rev == rev && c.block_ids.contains(block_id) => {}
+        _ => return Err(invalid("the commit record is not the commit of this transaction, revision and block".into())),
+    }
+    let pend = decided(pend_value).map_err(|e| invalid(format!("pend record: {e}")))?;
+    match commit_operation(&pend).map_err(|e| invalid(format!("pend record: {e}")))? {
+        RepoOperation::Pend(p)
+            if p.trx_id == trx_rev.trx_id
+                && p.transforms.block_ids().contains(block_id)
+                && p.transforms.transform_for(block_id) == *transform => {}
+        _ => return Err(invalid("the pend record does not carry this transaction's transform for the block".into())),
+    }
+    for (what, record) in [("pend", &pend), ("commit", &commit)] {
+        let needed = majority(view.len());
+        let covered = view.iter().filter(|p| record.peers.contains_key(&crypto::peer_text(p))).count();
+        if covered < needed {
+            return Err(EvidenceError::Membership {
+                block_id: block_id.clone(),
+                rev,
+                detail: format!(
+                    "the {what} record's peer set covers {covered} of the {} peers of this node's view; {needed} needed",
+                    view.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A record that verifies (digest, hash, keys, every vote; expiry is not checked: evidence is
+/// old by nature) and carries approving promises from a majority of its peer set.
+fn decided(value: &Value) -> Result<ClusterRecord, String> {
+    let record = ClusterRecord::from_value(value.clone()).map_err(|e| e.to_string())?;
+    record.verify(None).map_err(|e| e.to_string())?;
+    let approvals = record.promises.values().filter(|v| v.is_approve()).count();
+    let needed = majority(record.peers.len());
+    if approvals < needed {
+        return Err(format!("{approvals} of {} peers approved, {needed} needed", record.peers.len()));
+    }
+    Ok(record)
+}
+
+fn commit_operation(record: &ClusterRecord) -> Result<RepoOperation, String> {
+    let message = RepoMessage::from_value(record.message.clone()).map_err(|e| e.to_string())?;
+    message.into_operation().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn keys_escape_ids_and_sort_revisions() {
+        let b = BlockId::new("a/b").unwrap();
+        assert_eq!(rev_key(&b, 7), "evidence/rev/612f62/00000000000000000007");
+        assert!(rev_key(&b, 9) < rev_key(&b, 10));
+        assert_eq!(pend_key(&b, &TrxId::new("t").unwrap()), "evidence/pend/612f62/74");
+    }
+
+    #[test]
+    fn no_evidence_is_missing() {
+        let b = BlockId::new("b").unwrap();
+        let trx_rev = TrxRev { trx_id: TrxId::new("t").unwrap(), rev: 1 };
+        let err = verify(None, &b, &trx_rev, &Transform::default(), &[]).unwrap_err();
+        assert!(matches!(err, EvidenceError::Missing { .. }));
+        let without_pend = Evidence { pend: None, commit: Value::Null };
+        let err = verify(Some(&without_pend), &b, &trx_rev, &Transform::default(), &[]).unwrap_err();
+        assert!(matches!(err, EvidenceError::Missing { .. }));
+        let garbage = Evidence { pend: Some(Value::Null), commit: Value::Null };
+        let err = verify(Some(&garbage), &b, &trx_rev, &Transform::default(), &[]).unwrap_err();
+        assert!(matches!(err, EvidenceError::Invalid { .. }));
+    }
+}
