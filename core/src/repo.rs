@@ -359,10 +359,12 @@ impl StorageRepo {
     pub async fn check_pend(&self, request: &PendRequest) -> Result<Check, RepoError> {
         let block_ids = request.transforms.block_ids();
         let _locks = self.inner.locks.lock(&block_ids).await;
-        self.check_pend_locked(request, &block_ids).await
+        self.check_pend_locked(request, &block_ids, true).await
     }
 
-    async fn check_pend_locked(&self, request: &PendRequest, block_ids: &[BlockId]) -> Result<Check, RepoError> {
+    /// `gaps`: whether a revision gap counts ([`Check::Gap`]); a single node's pend has no gap rule
+    /// (SPEC 2 pend), a cluster member's has (SPEC 4.6).
+    async fn check_pend_locked(&self, request: &PendRequest, block_ids: &[BlockId], gaps: bool) -> Result<Check, RepoError> {
         if block_ids.is_empty() {
             return Ok(Check::Invalid(RepoError::BadRequest("pend touches no block".into())));
         }
@@ -415,7 +417,7 @@ impl StorageRepo {
         if !missing.is_empty() {
             return Ok(Self::stale("stale revision", missing));
         }
-        if let Some(rev) = request.rev {
+        if let Some(rev) = request.rev.filter(|_| gaps) {
             for ((block_id, _), latest) in per_block.iter().zip(&latests) {
                 let latest_rev = latest.as_ref().map_or(0, |l| l.rev);
                 if latest_rev.saturating_add(1) < rev {
@@ -617,7 +619,9 @@ impl StorageRepo {
 
     /// `pend` with the decided pend record that carried it (a cluster member executing a decided
     /// record): the record is kept per block as the pend half of the evidence of the revision
-    /// its commit will produce (SPEC 4.10). Same answers as [`Repo::pend`].
+    /// its commit will produce (SPEC 4.10), and a revision gap is refused (SPEC 4.6: a member
+    /// never applies on a base it does not hold). Without a record, [`Repo::pend`] of a single
+    /// node.
     pub async fn pend_recorded(
         &self,
         request: &PendRequest,
@@ -627,7 +631,7 @@ impl StorageRepo {
         options.check_expired()?;
         let block_ids = request.transforms.block_ids();
         let _locks = self.inner.locks.lock(&block_ids).await;
-        match self.check_pend_locked(request, &block_ids).await? {
+        match self.check_pend_locked(request, &block_ids, record.is_some()).await? {
             Check::Ok => {}
             Check::Done => {
                 let pending = self.others_pending(&block_ids, &request.trx_id, false).await?;

@@ -497,6 +497,9 @@ impl Inner {
                 json!({"messageHash": hash, "status": answer::DECIDED, "record": stored_record(entry.as_ref())?.to_value()})
             }
             Some(RecordStatus::Aborted) => json!({"messageHash": hash, "status": answer::ABORTED}),
+            Some(RecordStatus::Promised) if entry.as_ref().is_some_and(|e| e.renounced) => {
+                json!({"messageHash": hash, "status": answer::NOT_EXECUTED})
+            }
             _ if self.clock.now_ms() > cx.expiration_ms => {
                 // Persisted before it is said, under the lock executions take (SPEC 4.11): this
                 // member will never execute the record now. A promise keeps its reservation

@@ -42,8 +42,11 @@ fn member() -> Member {
 }
 
 fn member_over(storage: Arc<dyn RawStorage>) -> Member {
+    member_with(storage, Keypair::generate_ed25519())
+}
+
+fn member_with(storage: Arc<dyn RawStorage>, keypair: Keypair) -> Member {
     let sim = SimNet::new(1, SimConfig::default());
-    let keypair = Keypair::generate_ed25519();
     let local = StorageRepo::new(storage);
     let deps = MajorityDeps {
         keypair: keypair.clone(),
@@ -332,4 +335,374 @@ async fn an_executed_marker_that_failed_to_save_is_retried_without_applying_agai
     m.consensus.wait_idle().await;
     assert_eq!(m.consensus.live_reservations(), 0);
     assert_eq!(m.consensus.status_of(&decided).await.unwrap(), Some(RecordStatus::Executed));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication integrity: one test per finding of the replication issue (each fails on the code
+// before it, passes after).
+
+fn trx(text: &str) -> TrxId {
+    TrxId::new(text).unwrap()
+}
+
+fn set_v(trx_id: &str, rev: Option<u64>, v: i64) -> RepoOperation {
+    RepoOperation::Pend(PendRequest {
+        trx_id: trx(trx_id),
+        rev,
+        transforms: Transforms::single(&x(), &optimystic_core::Transform {
+            updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(v))]),
+            ..optimystic_core::Transform::default()
+        }),
+        policy: PendPolicy::Continue,
+    })
+}
+
+fn commit_op(trx_id: &str, rev: u64) -> RepoOperation {
+    RepoOperation::Commit(CommitRequest { trx_id: trx(trx_id), block_ids: vec![x()], rev, tail_id: x(), header_id: None })
+}
+
+/// The record for `operation` with approving promises of `a` and `b` (a decided record).
+fn decided(peers: &[PeerId], operation: RepoOperation, expiration_ms: u64, a: &Keypair, b: &Keypair) -> ClusterRecord {
+    let mut r = record(peers, operation, expiration_ms);
+    sign(&mut r, a, VoteType::Approve, None);
+    sign(&mut r, b, VoteType::Approve, None);
+    r
+}
+
+/// Puts block x at revision 1 (t1) directly in the member's storage.
+async fn x_at_rev_1(m: &Member) {
+    let o = optimystic_core::MessageOptions::default();
+    let RepoOperation::Pend(pend) = insert_x() else { unreachable!() };
+    optimystic_core::Repo::pend(&m.local, &pend, &o).await.unwrap();
+    let RepoOperation::Commit(commit) = commit_op("t1", 1) else { unreachable!() };
+    assert!(matches!(optimystic_core::Repo::commit(&m.local, &commit, &o).await.unwrap(), CommitResult::Success(_)));
+}
+
+struct Three {
+    m: Member,
+    a: Keypair,
+    b: Keypair,
+    peers: [PeerId; 3],
+}
+
+fn three() -> Three {
+    let m = member();
+    let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let peers = [m.keypair.public().to_peer_id(), a.public().to_peer_id(), b.public().to_peer_id()];
+    Three { m, a, b, peers }
+}
+
+/// Finding 1 / SPEC 2 item 7 and 4.6: a decided record on a base this member does not hold is
+/// neither applied nor approved; it waits, and runs once catch-up brought the block forward.
+#[tokio::test(start_paused = true)]
+async fn a_decided_commit_on_a_missing_base_waits_for_catch_up() {
+    let Three { m, a, b, peers } = three();
+    let me = peers[0].to_base58();
+    x_at_rev_1(&m).await;
+    let o = optimystic_core::MessageOptions::default();
+    // t3 is pending here (a single node's pend has no gap rule), but revision 2 is missing.
+    let RepoOperation::Pend(p3) = set_v("t3", Some(3), 3) else { unreachable!() };
+    optimystic_core::Repo::pend(&m.local, &p3, &o).await.unwrap();
+    let now = m.sim.clock().now_ms();
+    let commit3 = decided(&peers, commit_op("t3", 3), now + 1_000, &a, &b);
+    let reply = m.consensus.on_update(peers[1], commit3.clone()).await.unwrap();
+    assert!(!reply.commits.contains_key(&me), "no commit vote without the base: {:?}", reply.commits);
+    assert_eq!(m.local.storage().latest(&x()).await.unwrap().map(|l| l.rev), Some(1), "nothing applied on a gap");
+    assert_eq!(m.consensus.status_of(&commit3).await.unwrap(), Some(RecordStatus::Decided));
+    // A decided pend with a gap waits the same way.
+    let pend4 = decided(&peers, set_v("t4", Some(4), 4), now + 1_000, &a, &b);
+    let reply = m.consensus.on_update(peers[1], pend4.clone()).await.unwrap();
+    assert!(!reply.commits.contains_key(&me));
+    assert!(m.local.storage().pending(&x(), &trx("t4")).await.unwrap().is_none());
+
+    // Catch-up brings revision 2; the waiting commit then runs on the right base.
+    let t2 = optimystic_core::TrxRev { trx_id: trx("t2"), rev: 2 };
+    let set2 = optimystic_core::Transform {
+        updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(2))]),
+        ..optimystic_core::Transform::default()
+    };
+    assert!(m.local.apply_replica(&x(), &t2, &set2, None).await.unwrap());
+    m.consensus.caught_up(&x()).await;
+    assert_eq!(m.consensus.status_of(&commit3).await.unwrap(), Some(RecordStatus::Executed));
+    let (latest, value) = m.local.latest_value(&x()).await.unwrap();
+    assert_eq!(latest.map(|l| l.rev), Some(3));
+    assert_eq!(value.unwrap().fields["v"], json!(3));
+    let again = m.consensus.on_update(peers[1], commit3).await.unwrap();
+    assert!(again.commits[&me].is_approve(), "applied here on the right base");
+    // The member kept the commit record as the revision's evidence.
+    let evidence = m.local.evidence(&x(), 3).await.unwrap().unwrap();
+    assert_eq!(evidence.commit["messageHash"], json!(again.message_hash));
+}
+
+/// Finding 4: an approving commit vote means "applied here"; a stale result is signed reject.
+#[tokio::test(start_paused = true)]
+async fn a_stale_result_is_signed_as_a_reject() {
+    let Three { m, a, b, peers } = three();
+    x_at_rev_1(&m).await;
+    let o = optimystic_core::MessageOptions::default();
+    let RepoOperation::Pend(p9) = set_v("t9", None, 9) else { unreachable!() };
+    optimystic_core::Repo::pend(&m.local, &p9, &o).await.unwrap();
+    let now = m.sim.clock().now_ms();
+    let commit = decided(&peers, commit_op("t9", 1), now + 1_000, &a, &b);
+    let reply = m.consensus.on_update(peers[1], commit).await.unwrap();
+    let vote = &reply.commits[&peers[0].to_base58()];
+    assert_eq!(vote.r#type, VoteType::Reject);
+    assert!(vote.reject_reason.as_deref().unwrap().starts_with("stale: "), "{vote:?}");
+    assert_eq!(reply.extra[RESULT_FIELD]["success"], json!(false));
+}
+
+/// Finding 5 / SPEC 4.12: two pends of one trx with different transforms conflict.
+#[tokio::test(start_paused = true)]
+async fn two_pends_of_one_trx_with_different_transforms_conflict() {
+    let Three { m, peers, .. } = three();
+    x_at_rev_1(&m).await;
+    let now = m.sim.clock().now_ms();
+    let first = m.consensus.on_update(peers[1], record(&peers, set_v("t5", Some(2), 1), now + 1_000)).await.unwrap();
+    assert!(first.promises[&peers[0].to_base58()].is_approve());
+    let other = m.consensus.on_update(peers[2], record(&peers, set_v("t5", Some(2), 2), now + 1_000)).await.unwrap();
+    let vote = &other.promises[&peers[0].to_base58()];
+    assert_eq!(vote.r#type, VoteType::Reject);
+    assert!(vote.reject_reason.as_deref().unwrap().starts_with("conflict: "), "{vote:?}");
+}
+
+/// Finding 6 / SPEC 4.12: a cancelled trx cannot be pended again on the block (tombstone).
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_pend_never_comes_back() {
+    let Three { m, a, b, peers } = three();
+    x_at_rev_1(&m).await;
+    let now = m.sim.clock().now_ms();
+    let cancel = RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx("t6"), block_ids: vec![x()] } };
+    let done = m.consensus.on_update(peers[1], decided(&peers, cancel, now + 1_000, &a, &b)).await.unwrap();
+    assert!(done.commits[&peers[0].to_base58()].is_approve());
+    // The pend's decided copy arriving late (another record of it) is refused.
+    let late = m.consensus.on_update(peers[1], record(&peers, set_v("t6", Some(2), 6), now + 1_000)).await.unwrap();
+    let vote = &late.promises[&peers[0].to_base58()];
+    assert_eq!(vote.r#type, VoteType::Reject);
+    assert!(vote.reject_reason.as_deref().unwrap().contains("cancelled"), "{vote:?}");
+    assert!(m.local.storage().pending(&x(), &trx("t6")).await.unwrap().is_none());
+}
+
+/// A key network seeing exactly `peers`.
+#[derive(Debug)]
+struct Seen(Vec<PeerId>);
+
+#[async_trait::async_trait]
+impl optimystic_core::keynet::KeyNetwork for Seen {
+    async fn find_cluster(&self, _block_id: &BlockId) -> Result<ClusterPeers, optimystic_core::keynet::KeyNetworkError> {
+        Ok(self.0.iter().map(|p| (*p, PeerInfo::default())).collect())
+    }
+    async fn find_coordinator(&self, _b: &BlockId, _e: &[PeerId]) -> Result<PeerId, optimystic_core::keynet::KeyNetworkError> {
+        Ok(self.0[0])
+    }
+    fn cluster_size(&self) -> usize {
+        self.0.len()
+    }
+    async fn has_seen(&self, peer: &PeerId) -> bool {
+        self.0.contains(peer)
+    }
+}
+
+/// Finding 7 / SPEC 4.11: a record naming a never-seen peer pins nothing, and one sender cannot
+/// take every reservation.
+#[tokio::test(start_paused = true)]
+async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
+    let sim = SimNet::new(1, SimConfig::default());
+    let keypair = Keypair::generate_ed25519();
+    let me = keypair.public().to_peer_id();
+    let ed25519 = || Keypair::generate_ed25519().public().to_peer_id();
+    let (a, b) = (ed25519(), ed25519());
+    let local = StorageRepo::new(Arc::new(MemoryStorage::new()));
+    let deps = MajorityDeps {
+        keypair,
+        network: sim.network(me),
+        local,
+        key_network: Some(Arc::new(Seen(vec![me, a, b]))),
+        clock: sim.clock(),
+        behind: None,
+    };
+    let config = MajorityConfig { max_reservations: 10, max_reservations_per_sender: 2, ..config() };
+    let consensus = MajorityConsensus::new(config, deps).unwrap();
+    let now = sim.clock().now_ms();
+    let made_up = ed25519();
+    let pinning = record(&[me, a, made_up], insert_x(), now + 1_000);
+    let e = consensus.on_update(a, pinning).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::BadRequest);
+    assert!(e.to_string().contains("never seen"), "{e}");
+    assert_eq!(consensus.live_reservations(), 0);
+
+    let insert = |id: &str| {
+        let block = Block::new(BlockId::new(id).unwrap(), "t", "c");
+        RepoOperation::Pend(PendRequest {
+            trx_id: trx(&format!("i-{id}")),
+            rev: Some(1),
+            transforms: Transforms { inserts: BTreeMap::from([(BlockId::new(id).unwrap(), block)]), ..Transforms::default() },
+            policy: PendPolicy::Continue,
+        })
+    };
+    let spammer = ed25519();
+    let mut votes = Vec::new();
+    for id in ["p1", "p2", "p3"] {
+        let answer = consensus.on_update(spammer, record(&[me, a, b], insert(id), now + 1_000)).await.unwrap();
+        votes.push(answer.promises[&me.to_base58()].clone());
+    }
+    assert!(votes[0].is_approve() && votes[1].is_approve());
+    assert!(votes[2].reject_reason.as_deref().unwrap().starts_with("busy: "), "{:?}", votes[2]);
+    let honest = consensus.on_update(a, record(&[me, a, b], insert("p4"), now + 1_000)).await.unwrap();
+    assert!(honest.promises[&me.to_base58()].is_approve(), "other senders are still served");
+    // A record naming no block is refused.
+    let empty = RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx("e"), block_ids: vec![] } };
+    assert_eq!(consensus.on_update(a, record(&[me, a, b], empty, now + 1_000)).await.unwrap_err().code(), ErrorCode::BadRequest);
+}
+
+/// Finding 8 / SPEC 4.11: once this member answered "not executed", it never executes the record.
+#[tokio::test(start_paused = true)]
+async fn not_executed_is_final() {
+    let storage: Arc<dyn RawStorage> = Arc::new(MemoryStorage::new());
+    let m = member_over(storage.clone());
+    let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let peers = [m.keypair.public().to_peer_id(), a.public().to_peer_id(), b.public().to_peer_id()];
+    let now = m.sim.clock().now_ms();
+    let phase1 = record(&peers, insert_x(), now + 1_000);
+    m.consensus.on_update(peers[1], phase1.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    assert_eq!(status(&m, &phase1).await["status"], json!("not-executed"));
+    let mut copy = phase1.clone();
+    sign(&mut copy, &a, VoteType::Approve, None);
+    sign(&mut copy, &b, VoteType::Approve, None);
+    assert_eq!(m.consensus.on_update(peers[1], copy).await.unwrap_err().code(), ErrorCode::Expired);
+    assert!(m.local.storage().latest(&x()).await.unwrap().is_none());
+    assert!(m.local.storage().pending(&x(), &trx("t1")).await.unwrap().is_none());
+    // The answer was persisted: a restarted member says the same.
+    let keypair = m.keypair.clone();
+    drop(m);
+    let again = member_with(storage, keypair);
+    assert_eq!(status(&again, &phase1).await["status"], json!("not-executed"));
+}
+
+/// Finding 9 / SPEC 4.11: a stale rejection stores no history, and answers are bounded.
+#[tokio::test(start_paused = true)]
+async fn stale_rejections_store_no_history_and_missing_is_bounded() {
+    let Three { m, peers, .. } = three();
+    x_at_rev_1(&m).await;
+    let o = optimystic_core::MessageOptions::default();
+    for rev in 2..=80u64 {
+        let RepoOperation::Pend(p) = set_v(&format!("h{rev}"), Some(rev), i64::try_from(rev).unwrap()) else { unreachable!() };
+        optimystic_core::Repo::pend(&m.local, &p, &o).await.unwrap();
+        let RepoOperation::Commit(c) = commit_op(&format!("h{rev}"), rev) else { unreachable!() };
+        optimystic_core::Repo::commit(&m.local, &c, &o).await.unwrap();
+    }
+    let now = m.sim.clock().now_ms();
+    let stale = m.consensus.on_update(peers[1], record(&peers, set_v("old", Some(2), 0), now + 1_000)).await.unwrap();
+    let vote = &stale.promises[&peers[0].to_base58()];
+    assert!(vote.reject_reason.as_deref().unwrap().starts_with("stale: "), "{vote:?}");
+    let missing = stale.extra[RESULT_FIELD]["missing"].as_array().unwrap();
+    assert_eq!(missing.len() as u64, optimystic_core::repo::MAX_MISSING_REVISIONS, "the newest revisions only");
+    assert_eq!(missing.last().unwrap()["rev"], json!(80));
+    for (_, bytes) in m.local.storage().list_meta("2pc/", 100).await.unwrap() {
+        assert!(bytes.len() < 1_024, "a stored 2pc entry carries history: {} bytes", bytes.len());
+    }
+}
+
+/// Finding 3 / SPEC 2.1: on a member a read with a context never writes storage.
+#[tokio::test]
+async fn a_read_on_a_member_never_writes() {
+    let m = member();
+    x_at_rev_1(&m).await;
+    let o = optimystic_core::MessageOptions::default();
+    let RepoOperation::Pend(p) = set_v("t2", Some(2), 2) else { unreachable!() };
+    optimystic_core::Repo::pend(&m.local, &p, &o).await.unwrap();
+    let reads = m.local.with_read_promotion(optimystic_core::ReadPromotion::AnswerOnly);
+    let gets = optimystic_core::model::BlockGets {
+        block_ids: vec![x()],
+        context: Some(optimystic_core::model::TrxContext {
+            committed: vec![optimystic_core::TrxRev { trx_id: trx("t2"), rev: 2 }],
+            rev: 2,
+            trx_id: None,
+        }),
+        read_mode: None,
+    };
+    let answer = optimystic_core::Repo::get(&reads, &gets, &o).await.unwrap();
+    assert_eq!(answer[&x()].block.as_ref().unwrap().fields["v"], json!(2), "the reader's context is in its answer");
+    assert_eq!(m.local.storage().latest(&x()).await.unwrap().map(|l| l.rev), Some(1), "nothing committed by a read");
+    assert!(m.local.storage().pending(&x(), &trx("t2")).await.unwrap().is_some());
+    assert_eq!(m.consensus.read_promotion(), optimystic_core::ReadPromotion::AnswerOnly);
+}
+
+/// Serves one canned sync answer per request kind.
+struct CannedSync {
+    latest: Value,
+    page: Value,
+}
+
+impl optimystic_core::testkit::sim::SimHandler for CannedSync {
+    fn handle(
+        &self,
+        _from: PeerId,
+        _protocol: optimystic_core::network::ProtocolKind,
+        request: Value,
+    ) -> futures::future::BoxFuture<'static, Result<Value, optimystic_core::RepoError>> {
+        let answer = if request["op"] == json!("latest") { self.latest.clone() } else { self.page.clone() };
+        Box::pin(async move { Ok(answer) })
+    }
+}
+
+/// Finding 2 / SPEC 4.10: catch-up applies nothing a single peer says on its own; verified
+/// evidence is applied.
+#[tokio::test(start_paused = true)]
+async fn catch_up_applies_only_verified_revisions() {
+    let Three { m, a, b, peers } = three();
+    x_at_rev_1(&m).await;
+    let forger = Keypair::generate_ed25519().public().to_peer_id();
+    let view = [peers[0], forger, peers[2]];
+    let set = |v: i64| {
+        optimystic_core::Transform {
+            updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(v))]),
+            ..optimystic_core::Transform::default()
+        }
+    };
+    let now = m.sim.clock().now_ms();
+    // Evidence signed by keys the forger made up (its own peer set) for an invented revision.
+    let (f1, f2) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let fake_peers = [forger, f1.public().to_peer_id(), f2.public().to_peer_id()];
+    let forged = json!({
+        "pend": decided(&fake_peers, set_v("forged", Some(2), 666), now + 1_000, &f1, &f2).to_value(),
+        "commit": decided(&fake_peers, commit_op("forged", 2), now + 1_000, &f1, &f2).to_value(),
+    });
+    for evidence in [Value::Null, forged] {
+        let mut entry = json!({"trxId": "forged", "rev": 2, "transform": set(666)});
+        if !evidence.is_null() {
+            entry["evidence"] = evidence;
+        }
+        m.sim.register(forger, Arc::new(CannedSync {
+            latest: json!({"latest": {"x": {"trxId": "forged", "rev": 1_000_000}}}),
+            page: json!({"latest": {"trxId": "forged", "rev": 1_000_000}, "entries": [entry], "more": false}),
+        }));
+        let catch_up = optimystic_core::sync::CatchUp::new(
+            m.sim.network(peers[0]),
+            m.local.clone(),
+            Arc::new(Seen(view.to_vec())),
+            Duration::from_millis(500),
+        );
+        assert_eq!(catch_up.catch_up_in(&x(), &view).await.unwrap(), 0);
+        assert_eq!(m.local.storage().latest(&x()).await.unwrap().map(|l| l.rev), Some(1), "nothing invented applied");
+    }
+
+    // Genuine evidence (decided by the real cluster) is applied, and kept.
+    let genuine = json!({
+        "pend": decided(&peers, set_v("t2", Some(2), 2), now + 1_000, &a, &b).to_value(),
+        "commit": decided(&peers, commit_op("t2", 2), now + 1_000, &a, &b).to_value(),
+    });
+    m.sim.register(peers[1], Arc::new(CannedSync {
+        latest: json!({"latest": {"x": {"trxId": "t2", "rev": 2}}}),
+        page: json!({"latest": {"trxId": "t2", "rev": 2}, "entries": [{"trxId": "t2", "rev": 2, "transform": set(2), "evidence": genuine}], "more": false}),
+    }));
+    let catch_up = optimystic_core::sync::CatchUp::new(
+        m.sim.network(peers[0]),
+        m.local.clone(),
+        Arc::new(Seen(peers.to_vec())),
+        Duration::from_millis(500),
+    );
+    assert_eq!(catch_up.catch_up_in(&x(), &peers).await.unwrap(), 1);
+    assert_eq!(m.local.latest_value(&x()).await.unwrap().1.unwrap().fields["v"], json!(2));
+    assert!(m.local.evidence(&x(), 2).await.unwrap().is_some());
 }
