@@ -94,7 +94,7 @@ impl Commits {
     fn add(&mut self, reply: &ClusterRecord, peer: &str, local: bool) {
         let Some(vote) = reply.commits.get(peer) else {
             if local {
-                tracing::warn!("the local member answered the decided record without a commit vote");
+                tracing::debug!("the local member did not apply the decided record (it is behind on a block)");
             }
             return;
         };

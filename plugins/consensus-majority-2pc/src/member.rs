@@ -355,6 +355,8 @@ impl Inner {
                     Ok(Executed::Behind(block_id)) => {
                         state.waiting.entry(block_id.clone()).or_default().insert(hash.clone());
                         self.report_behind(&block_id);
+                        // Retried with backoff too, should no catch-up ever report back.
+                        self.spawn_recovery(state, &hash, cx.expiration_ms);
                         return Ok(copy);
                     }
                     Err(e) => {

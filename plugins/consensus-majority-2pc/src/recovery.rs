@@ -187,11 +187,13 @@ impl Inner {
             match entry.as_ref().map(|e| e.status) {
                 Some(RecordStatus::Promised) => entry,
                 Some(RecordStatus::Decided) => {
-                    // A transient execution failure: try again.
+                    // A transient execution failure, or a member behind on the record's blocks
+                    // (SPEC 4.6): try again, with backoff, until it is executed.
                     let record = stored_record(entry.as_ref())?;
                     let cx = self.context(&record, self.clock.now_ms(), false)?;
                     self.execute(&mut state, record, entry, &cx).await?;
-                    return Ok(Round::Done);
+                    let now = read_entry(self.storage(), expiration_ms, hash).await?.map(|e| e.status);
+                    return Ok(if now == Some(RecordStatus::Decided) { Round::Again } else { Round::Done });
                 }
                 _ => {
                     // Resolved: nothing left to recover. A reservation (or live pointer) left by
