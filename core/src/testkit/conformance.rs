@@ -143,6 +143,7 @@ macro_rules! storage_conformance {
             pend_rejects_insert_id_mismatch,
             pend_rejects_header_change,
             pend_rejects_missing_field,
+            set_creates_a_missing_field,
             pend_rejects_splice_of_non_array,
             pend_rejects_splice_index_past_end,
             pend_rejects_unknown_block,
@@ -165,6 +166,7 @@ macro_rules! storage_conformance {
             commit_stale_reports_missing_from_rev,
             commit_without_pending_is_error,
             commit_is_all_or_nothing,
+            commit_with_a_revision_gap_is_refused_and_changes_nothing,
             commit_keeps_invariants,
             // reads at old revisions
             reads_at_every_revision_across_checkpoints,

@@ -281,19 +281,26 @@ impl Model {
         let mut to_commit = Vec::new();
         for id in &ids {
             let b = self.block(id).clone();
-            match &b.latest {
-                Some(latest) if latest.rev >= rev => {
-                    let done = b.committed.get(trx).is_some_and(|(r, _)| *r == rev);
-                    if !done {
-                        b.collect_missing(id, rev, &mut missing);
-                    }
-                }
-                _ => to_commit.push(id.clone()),
+            let latest_rev = b.latest.as_ref().map_or(0, |l| l.rev);
+            match b.committed.get(trx) {
+                // Already committed here at `rev`: done on this block.
+                Some((done, _)) if *done == rev => {}
+                // Committed here at another revision: stale, `missing` from the older of the two
+                // revisions on (it names the trx itself). This is StorageRepo's rule; SPEC 2
+                // commit.3 read literally would answer PendingNotFound when `latest.rev < rev`.
+                Some((done, _)) => b.collect_missing(id, rev.min(*done), &mut missing),
+                None if b.latest.is_some() && latest_rev >= rev => b.collect_missing(id, rev, &mut missing),
+                None => to_commit.push((id.clone(), latest_rev)),
             }
         }
         if !missing.is_empty() {
             return Outcome::Stale { missing: missing_list(missing), pending: Vec::new() };
         }
+        // SPEC 2 item 7: revisions are contiguous; a block not at `rev - 1` is a revision gap.
+        if to_commit.iter().any(|(_, latest_rev)| latest_rev + 1 < rev) {
+            return Outcome::Error(ErrorKind::BadRequest);
+        }
+        let to_commit: Vec<BlockId> = to_commit.into_iter().map(|(id, _)| id).collect();
         let mut steps = Vec::new();
         for id in &to_commit {
             let Some(t) = self.block(id).pending.get(trx).cloned() else {
@@ -331,10 +338,15 @@ impl Model {
                 reported.sort_by_key(|t| t.rev); // stable
                 for entry in reported {
                     let b = self.block(&id);
-                    if b.latest.as_ref().is_some_and(|l| l.rev >= entry.rev) {
+                    let latest_rev = b.latest.as_ref().map_or(0, |l| l.rev);
+                    if b.latest.is_some() && latest_rev >= entry.rev {
                         continue;
                     }
                     let Some(t) = b.pending.get(&entry.trx_id).cloned() else { continue };
+                    // SPEC 2 item 7: never promoted over a revision gap.
+                    if latest_rev + 1 != entry.rev {
+                        continue;
+                    }
                     if let Ok(value) = model_apply(b.latest_value().as_ref(), &t, &id) {
                         b.commit(&entry.trx_id, entry.rev, t, value);
                     }
@@ -659,7 +671,9 @@ fn model_state(model: &Model, max_rev: u64) -> State {
     State { block_ids, blocks }
 }
 
-fn run_sequence(ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// Runs the init prefix then `ops`, comparing each answer and the state after it with the model;
+/// returns the answers to `ops`.
+fn run_sequence(ops: Vec<Op>) -> Result<Vec<Outcome>, TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     runtime.block_on(async {
         let storage: Arc<dyn RawStorage> = Arc::new(MemoryStorage::new());
@@ -675,6 +689,7 @@ fn run_sequence(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Pend { trx: tid("init"), rev: Some(Rev::Fixed(1)), transforms, policy: PendPolicy::Fail },
             Op::Commit { trx: Trx::Fixed(tid("init")), blocks: Blocks::PendingOf, rev: Rev::Fixed(1) },
         ];
+        let mut answers = Vec::new();
         for (step, op) in prefix.iter().chain(&ops).enumerate() {
             let (request, got, expected) = run_op(&repo, &mut model, op).await;
             prop_assert_eq!(&got, &expected, "step {}: {}", step, request);
@@ -682,8 +697,11 @@ fn run_sequence(ops: Vec<Op>) -> Result<(), TestCaseError> {
             let stored = storage_state(&repo, max_rev.max(MAX_REV + 1)).await;
             let modelled = model_state(&model, max_rev.max(MAX_REV + 1));
             prop_assert_eq!(stored, modelled, "state after step {}: {}", step, request);
+            if step >= prefix.len() {
+                answers.push(got);
+            }
         }
-        Ok(())
+        Ok(answers)
     })
 }
 
@@ -694,11 +712,12 @@ proptest! {
     /// answer and state by state.
     #[test]
     fn repo_matches_reference_model(ops in prop::collection::vec(op(), 1..40)) {
-        run_sequence(ops)?;
+        run_sequence(ops).map(|_| ())?;
     }
 }
 
-/// The run is not vacuous: a sequence that must commit does, and the model agrees.
+/// The run is not vacuous: a sequence that must commit does, a revision gap is refused (SPEC 2
+/// item 7), and the model agrees.
 #[test]
 fn a_known_sequence_commits() {
     let t = |ops: Vec<BlockOperation>| Transform { updates: Some(ops), ..Transform::default() };
@@ -713,7 +732,9 @@ fn a_known_sequence_commits() {
             transforms: Transforms::single(&bid("c"), &insert),
             policy: PendPolicy::Fail,
         },
+        // c is new (revision 0): a commit at 2 is a gap, at 1 it commits.
         Op::Commit { trx: Trx::Fixed(tid("t0")), blocks: Blocks::PendingOf, rev: Rev::Fixed(2) },
+        Op::Commit { trx: Trx::Fixed(tid("t0")), blocks: Blocks::PendingOf, rev: Rev::Fixed(1) },
         Op::Pend {
             trx: tid("t1"),
             rev: Some(Rev::Next),
@@ -722,6 +743,26 @@ fn a_known_sequence_commits() {
         },
         Op::Commit { trx: Trx::Pending(0), blocks: Blocks::PendingOf, rev: Rev::Next },
         Op::Get { blocks: vec![bid("c")], context: Some((Rev::Fixed(1), None, vec![])) },
+        // a (at 1) and c (at 2) together: the next revision of the pair, 3, is a gap on a.
+        Op::Pend {
+            trx: tid("t2"),
+            rev: None,
+            transforms: {
+                let mut both = Transforms::single(&bid("a"), &t(vec![BlockOperation::set("n", json!(2))]));
+                both.add(&bid("c"), &t(vec![BlockOperation::set("fresh", json!(2))]));
+                both
+            },
+            policy: PendPolicy::Continue,
+        },
+        Op::Commit { trx: Trx::Fixed(tid("t2")), blocks: Blocks::PendingOf, rev: Rev::Next },
     ];
-    run_sequence(ops).unwrap();
+    let answers = run_sequence(ops).unwrap();
+    assert!(matches!(&answers[0], Outcome::Pended { .. }), "{:?}", answers[0]);
+    assert_eq!(answers[1], Outcome::Error(ErrorKind::BadRequest), "c at 0, commit at 2");
+    assert_eq!(answers[2], Outcome::Committed);
+    assert!(matches!(&answers[3], Outcome::Pended { .. }), "{:?}", answers[3]);
+    assert_eq!(answers[4], Outcome::Committed);
+    assert!(matches!(&answers[5], Outcome::Got(_)), "{:?}", answers[5]);
+    assert!(matches!(&answers[6], Outcome::Pended { .. }), "{:?}", answers[6]);
+    assert_eq!(answers[7], Outcome::Error(ErrorKind::BadRequest), "a at 1, c at 2, commit at 3");
 }

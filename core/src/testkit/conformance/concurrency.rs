@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use super::support::{Harness, Tx, bid, check_block_invariants, opts, set, splice, tid};
 use super::{CONCURRENT_TASKS, DEFAULT_OPS_PER_TASK, Fixture, OPS_ENV, SEED_ENV};
 use crate::error::RepoError;
-use crate::model::{BlockGets, CommitResult, PendPolicy, PendResult, TrxContext, TrxRev};
+use crate::model::{BlockGets, BlockOperation, CommitResult, PendPolicy, PendResult, TrxContext, TrxRev};
 use crate::repo::Repo;
 
 const BLOCKS: [&str; 4] = ["c0", "c1", "c2", "c3"];
@@ -39,6 +39,10 @@ struct WorkerLog {
     invalid_pends: usize,
     stale_commits: usize,
     invalid_commits: usize,
+    /// Commits refused as a revision gap (SPEC 2 item 7): a block of the trx was not at `rev - 1`.
+    gap_commits: usize,
+    /// Single-block trxs committed to bring a block level with another before a two-block pend.
+    fillers: usize,
     cancels: usize,
     reads: usize,
 }
@@ -69,28 +73,83 @@ async fn next_rev(h: &Harness, blocks: &[&str]) -> Result<u64, String> {
     Ok(rev + 1)
 }
 
+/// The update of one block by `trx`: pushes `trx` on the block's log and names it in `last`,
+/// sometimes trimming the log or appending at its end (valid now; past the end if the log shrinks
+/// before the commit).
+async fn ops_for(h: &Harness, rng: &mut StdRng, trx: &str, id: &str) -> Result<Vec<BlockOperation>, String> {
+    let value = h.repo.latest_value(&bid(id)).await.map_err(|e| format!("value of {id}: {e}"))?.1;
+    let len = value.as_ref().and_then(|b| b.fields.get("log")).and_then(Value::as_array).map_or(0, Vec::len) as u64;
+    let mut ops = Vec::new();
+    let mut len_after = len;
+    if rng.gen_bool(0.15) {
+        ops.push(splice("log", 0, 2, json!([])));
+        len_after = len.saturating_sub(2);
+    }
+    if rng.gen_bool(0.2) {
+        ops.push(splice("log", len_after, 0, json!(["tail"])));
+    }
+    ops.push(splice("log", 0, 0, json!([trx])));
+    ops.push(set("last", json!(trx)));
+    Ok(ops)
+}
+
+/// Revisions are contiguous (SPEC 2 item 7): a trx on two blocks commits only when both are at the
+/// same revision. Before most two-block pends, commits single-block "filler" trxs on the block
+/// that is behind until the two are level (other tasks move them too: a few tries at most).
+/// Fillers that commit are logged as pended and acknowledged; the others are cancelled.
+async fn level(
+    h: &Harness,
+    rng: &mut StdRng,
+    trx: &str,
+    blocks: &[&'static str],
+    log: &mut WorkerLog,
+) -> Result<(), String> {
+    for attempt in 0..4 {
+        let mut revs = Vec::new();
+        for id in blocks {
+            let latest = h.raw().latest(&bid(id)).await.map_err(|e| format!("latest of {id}: {e}"))?;
+            revs.push((latest.map_or(0, |l| l.rev), *id));
+        }
+        revs.sort_unstable();
+        let (Some(&(low, behind)), Some(&(high, _))) = (revs.first(), revs.last()) else { return Ok(()) };
+        if low == high {
+            return Ok(());
+        }
+        let filler = format!("{trx}-fill{attempt}");
+        let rev = low + 1;
+        let transforms = Tx::new().update(behind, ops_for(h, rng, &filler, behind).await?).build();
+        match h.pend(&filler, Some(rev), transforms, PendPolicy::Continue).await {
+            Ok(PendResult::Success(_)) => {}
+            Ok(PendResult::Stale(_)) | Err(RepoError::InvalidTransform { .. }) => continue,
+            Err(e) => return Err(format!("pend of filler {filler} on {behind} at {rev}: unexpected error {e}")),
+        }
+        let filled = Trx { id: filler.clone(), blocks: vec![behind], rev };
+        log.pended.push(filled.clone());
+        match h.commit(&filler, &[behind], rev).await {
+            Ok(CommitResult::Success(_)) => {
+                log.acked.push(filled);
+                log.fillers += 1;
+            }
+            Ok(CommitResult::Stale(_)) | Err(RepoError::InvalidTransform { .. }) => {
+                h.cancel(&filler, &[behind]).await;
+            }
+            Err(e) => return Err(format!("commit of filler {filler} on {behind} at {rev}: unexpected error {e}")),
+        }
+    }
+    Ok(())
+}
+
 async fn do_pend(h: &Harness, rng: &mut StdRng, trx: String, log: &mut WorkerLog) -> Result<Option<Trx>, String> {
     let count = if rng.gen_bool(0.5) { 1 } else { 2 };
     let mut blocks: Vec<&'static str> = BLOCKS.choose_multiple(rng, count).copied().collect();
     blocks.sort_unstable();
+    if blocks.len() > 1 && rng.gen_bool(0.8) {
+        level(h, rng, &trx, &blocks, log).await?;
+    }
     let rev = next_rev(h, &blocks).await?;
     let mut tx = Tx::new();
     for id in &blocks {
-        let value = h.repo.latest_value(&bid(id)).await.map_err(|e| format!("value of {id}: {e}"))?.1;
-        let len = value.as_ref().and_then(|b| b.fields.get("log")).and_then(Value::as_array).map_or(0, Vec::len) as u64;
-        let mut ops = Vec::new();
-        let mut len_after = len;
-        if rng.gen_bool(0.15) {
-            ops.push(splice("log", 0, 2, json!([])));
-            len_after = len.saturating_sub(2);
-        }
-        if rng.gen_bool(0.2) {
-            // Valid now; past the end if the log shrinks before the commit.
-            ops.push(splice("log", len_after, 0, json!(["tail"])));
-        }
-        ops.push(splice("log", 0, 0, json!([trx.clone()])));
-        ops.push(set("last", json!(trx.clone())));
-        tx = tx.update(id, ops);
+        tx = tx.update(id, ops_for(h, rng, &trx, id).await?);
     }
     let policy = match rng.gen_range(0..100) {
         0..70 => PendPolicy::Continue,
@@ -135,22 +194,32 @@ async fn worker(h: Arc<Harness>, task: usize, seed: u64, ops: usize, notify: Arc
             let mut order = trx.blocks.clone();
             order.shuffle(&mut rng);
             let result = h.commit(&trx.id, &order, rev).await;
-            match &result {
-                Ok(CommitResult::Success(_)) => log.acked.push(Trx { rev, ..trx.clone() }),
-                Ok(CommitResult::Stale(_)) | Err(RepoError::InvalidTransform { .. }) => {
-                    if result.is_ok() {
-                        log.stale_commits += 1;
-                    } else {
-                        log.invalid_commits += 1;
-                    }
-                    if rng.gen_bool(0.5) {
-                        h.cancel(&trx.id, &trx.blocks).await;
-                        log.cancels += 1;
-                    } else {
-                        pending.push(trx);
-                    }
+            let refused = match &result {
+                Ok(CommitResult::Success(_)) => {
+                    log.acked.push(Trx { rev, ..trx.clone() });
+                    false
+                }
+                Ok(CommitResult::Stale(_)) => {
+                    log.stale_commits += 1;
+                    true
+                }
+                Err(RepoError::InvalidTransform { .. }) => {
+                    log.invalid_commits += 1;
+                    true
+                }
+                Err(RepoError::BadRequest(message)) if message.contains("revision gap") => {
+                    log.gap_commits += 1;
+                    true
                 }
                 Err(e) => return Err(format!("commit {} at {rev} on {order:?}: unexpected error {e}", trx.id)),
+            };
+            if refused {
+                if rng.gen_bool(0.5) {
+                    h.cancel(&trx.id, &trx.blocks).await;
+                    log.cancels += 1;
+                } else {
+                    pending.push(trx);
+                }
             }
         } else if roll < 88 {
             let trx = pending.swap_remove(rng.gen_range(0..pending.len()));
@@ -259,14 +328,17 @@ pub async fn concurrent_random_operations_keep_invariants(fixture: Fixture) {
     let acked: Vec<&Trx> = logs.iter().flat_map(|l| &l.acked).collect();
     let sum = |f: fn(&WorkerLog) -> usize| logs.iter().map(f).sum::<usize>();
     eprintln!(
-        "conformance concurrency: {} pended, {} committed, {} stale / {} invalid pends, {} stale / {} invalid commits, \
-         {} cancels, {} reads, {rounds} watcher rounds",
+        "conformance concurrency: {} pended, {} committed ({} on two blocks, {} fillers), {} stale / {} invalid \
+         pends, {} stale / {} invalid / {} revision-gap commits, {} cancels, {} reads, {rounds} watcher rounds",
         sum(|l| l.pended.len()),
         acked.len(),
+        acked.iter().filter(|t| t.blocks.len() > 1).count(),
+        sum(|l| l.fillers),
         sum(|l| l.stale_pends),
         sum(|l| l.invalid_pends),
         sum(|l| l.stale_commits),
         sum(|l| l.invalid_commits),
+        sum(|l| l.gap_commits),
         sum(|l| l.cancels),
         sum(|l| l.reads),
     );
@@ -304,12 +376,16 @@ pub async fn concurrent_random_operations_keep_invariants(fixture: Fixture) {
             assert!(pending.is_some(), "{replay}: {} should still be pending on {id}", trx.id);
         }
     }
-    // Per block: invariants, and every revision equals a replay of the committed transforms.
+    // Per block: invariants, revisions exactly 1..=latest (SPEC 2 item 7), and every revision
+    // equals a replay of the committed transforms.
     for id in BLOCKS {
         let block_id = bid(id);
         check_block_invariants(&h.repo, &block_id, &replay).await;
+        let log = h.raw().revisions(&block_id, 0, u64::MAX).await.expect("revisions");
+        let revs: Vec<u64> = log.iter().map(|e| e.rev).collect();
+        assert_eq!(revs, (1..=revs.len() as u64).collect::<Vec<_>>(), "{replay}: revisions of {id} are contiguous");
         let mut value = None;
-        for entry in h.raw().revisions(&block_id, 0, u64::MAX).await.expect("revisions") {
+        for entry in log {
             let committed = h.raw().committed(&block_id, &entry.trx_id).await.expect("committed").expect("in log");
             value = committed.transform.apply(value.as_ref(), &block_id).expect("committed transforms replay");
             let stored = h.repo.value_at(&block_id, entry.rev).await.expect("value_at");

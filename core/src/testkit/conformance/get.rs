@@ -38,18 +38,23 @@ pub async fn get_omits_unknown_and_deleted_blocks(fixture: Fixture) {
     assert_eq!(unknown.block, None);
     assert_eq!(unknown.state.latest, None);
 
-    h.apply("t1", 3, Tx::new().insert("a", json!({"n": 1})).build()).await;
-    h.apply("t2", 5, Tx::new().delete("a").build()).await;
+    h.apply("t1", 1, Tx::new().insert("a", json!({"n": 1})).build()).await;
+    h.apply("t2", 2, Tx::new().update("a", vec![set("n", json!(2))]).build()).await;
+    h.apply("t3", 3, Tx::new().delete("a").build()).await;
 
     let deleted = h.read_one("a", None).await;
     assert_eq!(deleted.block, None, "a deleted block is omitted at latest");
-    assert_eq!(deleted.state.latest, Some(TrxRev { trx_id: tid("t2"), rev: 5 }), "a deleted block keeps its latest");
-    assert_eq!(h.value("a", Some(2)).await, None, "before its creation the block does not exist");
-    assert_eq!(h.value("a", Some(3)).await, Some(block("a", json!({"n": 1}))), "it existed at rev 3");
-    assert_eq!(h.value("a", Some(4)).await, Some(block("a", json!({"n": 1}))), "and until its deletion");
-    assert_eq!(h.value("a", Some(5)).await, None, "deleted at rev 5");
-    assert_eq!(h.value("a", Some(500)).await, None, "deleted after rev 5");
-    h.check_invariants(&["a"], "after delete").await;
+    assert_eq!(deleted.state.latest, Some(TrxRev { trx_id: tid("t3"), rev: 3 }), "a deleted block keeps its latest");
+    assert_eq!(h.value("a", Some(0)).await, None, "before its creation the block does not exist");
+    assert_eq!(h.value("a", Some(1)).await, Some(block("a", json!({"n": 1}))), "it existed at rev 1");
+    assert_eq!(h.value("a", Some(2)).await, Some(block("a", json!({"n": 2}))), "and until its deletion");
+    assert_eq!(h.value("a", Some(3)).await, None, "deleted at rev 3");
+    assert_eq!(h.value("a", Some(500)).await, None, "deleted after rev 3");
+    // Another block created later in the store's life also starts at its revision 1.
+    h.apply("u1", 1, Tx::new().insert("b", json!({"n": 1})).build()).await;
+    assert_eq!(h.value("b", Some(0)).await, None, "b before its creation");
+    assert_eq!(h.value("b", Some(3)).await, Some(block("b", json!({"n": 1}))), "b after its creation");
+    h.check_invariants(&["a", "b"], "after delete").await;
 }
 
 /// SPEC 2 get.3: the block is read at `context.rev` (the newest revision at or before it), else at
@@ -58,24 +63,30 @@ pub async fn get_reads_at_context_rev(fixture: Fixture) {
     let h = Harness::new(fixture);
     h.apply("t1", 1, Tx::new().insert("a", json!({"n": 1})).build()).await;
     h.apply("t2", 2, Tx::new().update("a", vec![set("n", json!(2))]).build()).await;
-    h.apply("t5", 5, Tx::new().update("a", vec![set("n", json!(5))]).build()).await;
+    h.apply("t3", 3, Tx::new().update("a", vec![set("m", json!(3))]).build()).await;
+    h.apply("t4", 4, Tx::new().update("a", vec![set("n", json!(4))]).build()).await;
 
-    let expected = [None, Some(1), Some(2), Some(2), Some(2), Some(5), Some(5), Some(5)];
-    for (rev, n) in expected.iter().enumerate() {
+    let expected = [
+        None,
+        Some(json!({"n": 1})),
+        Some(json!({"n": 2})),
+        Some(json!({"n": 2, "m": 3})),
+        Some(json!({"n": 4, "m": 3})),
+        Some(json!({"n": 4, "m": 3})),
+        Some(json!({"n": 4, "m": 3})),
+    ];
+    for (rev, fields) in expected.iter().enumerate() {
         let got = h.read_one("a", Some(rev as u64)).await;
-        assert_eq!(got.block, n.map(|n| block("a", json!({"n": n}))), "value of a at context.rev {rev}");
+        assert_eq!(got.block, fields.clone().map(|f| block("a", f)), "value of a at context.rev {rev}");
         assert_eq!(
             got.state.latest,
-            Some(TrxRev { trx_id: tid("t5"), rev: 5 }),
+            Some(TrxRev { trx_id: tid("t4"), rev: 4 }),
             "state.latest does not depend on the revision read"
         );
     }
-    assert_eq!(h.value("a", None).await, Some(block("a", json!({"n": 5}))), "no context reads latest");
-    assert_eq!(
-        h.value("a", Some(u64::MAX)).await,
-        Some(block("a", json!({"n": 5}))),
-        "a huge context.rev reads latest"
-    );
+    let newest = Some(block("a", json!({"n": 4, "m": 3})));
+    assert_eq!(h.value("a", None).await, newest, "no context reads latest");
+    assert_eq!(h.value("a", Some(u64::MAX)).await, newest, "a huge context.rev reads latest");
 }
 
 /// SPEC 2 get.2: with a context, every reported committed trx newer than `latest` and pending here
@@ -117,17 +128,25 @@ pub async fn get_promotes_reported_commits_in_rev_order(fixture: Fixture) {
     );
     assert_eq!(h.raw().committed(&bid("a"), &tid("ghost")).await.expect("committed"), None);
 
-    // A pending insert of a new block is promoted too.
+    // A pending insert of a new block is promoted too (at revision 1: revisions are contiguous).
     h.pend_ok("t3", None, Tx::new().insert("b", json!({"k": true})).build(), PendPolicy::Continue).await;
-    let results = h.get(&["b"], context(7, &[("t3", 7)], None)).await.expect("get b");
+    let results = h.get(&["b"], context(7, &[("t3", 1)], None)).await.expect("get b");
     let b = &results[&bid("b")];
-    assert_eq!(b.state.latest, Some(TrxRev { trx_id: tid("t3"), rev: 7 }));
+    assert_eq!(b.state.latest, Some(TrxRev { trx_id: tid("t3"), rev: 1 }));
     assert_eq!(b.block, Some(block("b", json!({"k": true}))));
     assert!(b.state.pendings.is_empty());
 
     // Without a reported commit nothing is promoted.
     let results = h.get(&["a"], context(9, &[], None)).await.expect("get a");
     assert_eq!(results[&bid("a")].state.pendings, vec![tid("t4")]);
+
+    // A reported commit that would leave a revision gap (SPEC 2 item 7) is not promoted.
+    let before = h.snapshot(&["a"]).await;
+    let results = h.get(&["a"], context(9, &[("t4", 5)], None)).await.expect("get a with a gap");
+    let a = &results[&bid("a")];
+    assert_eq!(a.state.latest, Some(TrxRev { trx_id: tid("t2"), rev: 3 }), "t4 at rev 5 is not promoted over rev 3");
+    assert_eq!(a.state.pendings, vec![tid("t4")]);
+    assert_eq!(h.snapshot(&["a"]).await, before, "a gapped report changes nothing");
     h.check_invariants(&["a", "b"], "after promotion").await;
 }
 

@@ -7,7 +7,7 @@ use super::support::{
     Harness, Tx, assert_invalid, base_fields, bid, block, describe, missing_of, refs, set, splice, tid, with_base_block,
 };
 use crate::error::{RepoError, TransformError};
-use crate::model::{PendPolicy, Transforms, TrxId};
+use crate::model::{BlockOperation, PendPolicy, Transforms, TrxContext, TrxId};
 
 /// Pends `transforms` as a fresh trx and expects `InvalidTransform` on `block` with `source`,
 /// leaving the store unchanged.
@@ -96,6 +96,61 @@ pub async fn pend_rejects_missing_field(fixture: Fixture) {
         "missing field of the block inserted by the same transform",
     )
     .await;
+}
+
+/// SPEC 1.1: a *set* (an operation whose `inserted` is not an array) of a field the block lacks
+/// creates it (index and deleteCount ignored), at pend (own-writes read) and at commit, on an
+/// existing block and on one inserted by the same transform. A *splice* (`inserted` an array) of a
+/// missing field is still invalid, also before a set of it in the same transform.
+pub async fn set_creates_a_missing_field(fixture: Fixture) {
+    let h = Harness::new(fixture);
+    with_base_block(&h).await;
+    let t1 = Tx::new()
+        .update(
+            "a",
+            vec![
+                BlockOperation("fresh".into(), 7, 3, json!({"x": [1]})),
+                set("nil", json!(null)),
+                set("count", json!(1)),
+                set("count", json!(2)),
+            ],
+        )
+        .build();
+    let created =
+        block("a", json!({"items": [1, 2, 3], "name": "x", "n": 0, "fresh": {"x": [1]}, "nil": null, "count": 2}));
+    h.pend_ok("t1", Some(2), t1, PendPolicy::Continue).await;
+    let own = h
+        .get(&["a"], Some(TrxContext { committed: Vec::new(), rev: 1, trx_id: Some(tid("t1")) }))
+        .await
+        .expect("own-writes read");
+    assert_eq!(own.get(&bid("a")).and_then(|r| r.block.clone()), Some(created.clone()), "t1 reads its new fields");
+    h.commit_ok("t1", &["a"], 2).await;
+    assert_eq!(h.value("a", None).await, Some(created), "the set created the fields");
+    assert_eq!(h.value("a", Some(1)).await, Some(block("a", base_fields())), "rev 1 is unchanged");
+
+    // On a block inserted by the same transform.
+    h.apply("t2", 1, Tx::new().insert("b", json!({"x": 1})).update("b", vec![set("y", json!("new"))]).build()).await;
+    assert_eq!(h.value("b", None).await, Some(block("b", json!({"x": 1, "y": "new"}))));
+
+    // A splice of a missing field is still invalid, before a set of it too.
+    let missing = TransformError::MissingField { entity: "nope".into() };
+    expect_invalid(
+        &h,
+        Tx::new().update("a", vec![splice("nope", 0, 0, json!([1]))]).build(),
+        "a",
+        missing.clone(),
+        "splice of a missing field",
+    )
+    .await;
+    expect_invalid(
+        &h,
+        Tx::new().update("a", vec![splice("nope", 0, 0, json!([1])), set("nope", json!(1))]).build(),
+        "a",
+        missing,
+        "splice of a missing field before a set of it",
+    )
+    .await;
+    h.check_invariants(&["a", "b"], "after sets of missing fields").await;
 }
 
 /// SPEC 1.1: a splice of a field that is not an array is invalid.
@@ -396,7 +451,7 @@ pub async fn cancel_removes_pending_and_is_idempotent(fixture: Fixture) {
         other => panic!("update of a block whose pending insert was cancelled: got {}", describe(&other)),
     }
     // After a cancel the trx may pend other transforms.
-    h.apply("t1", 3, Tx::new().update("a", vec![set("n", json!(3))]).build()).await;
+    h.apply("t1", 2, Tx::new().update("a", vec![set("n", json!(3))]).build()).await;
     assert_eq!(h.value("a", None).await, Some(block("a", json!({"items": [1, 2, 3], "name": "x", "n": 3}))));
     h.check_invariants(&["a", "b"], "after cancels").await;
 }

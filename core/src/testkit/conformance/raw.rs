@@ -344,8 +344,16 @@ pub async fn raw_ids_are_opaque(fixture: Fixture) {
     .collect();
     let short = |id: &str| id.chars().take(8).collect::<String>();
     let trx_of = |i: usize, id: &str| if i == 0 { long_trx.clone() } else { format!("{}/trx\u{0}{i}", short(id)) };
+    // Blocks end at different revisions (1 to 4; revisions are contiguous, SPEC 2 item 7), so that
+    // an engine mixing up two ids shows a wrong `latest`.
+    let last_rev = |i: usize| 1 + (i % 4) as u64;
     for (i, id) in ids.iter().enumerate() {
-        h.apply(&trx_of(i, id), 1 + i as u64, Tx::new().insert(id, json!({"i": i, "id": id})).build()).await;
+        for rev in 1..last_rev(i) {
+            let fields = json!({"i": i, "id": id, "rev": rev});
+            h.apply(&format!("{}/pre\u{0}{i}-{rev}", short(id)), rev, Tx::new().insert(id, fields).build()).await;
+        }
+        let rev = last_rev(i);
+        h.apply(&trx_of(i, id), rev, Tx::new().insert(id, json!({"i": i, "id": id})).build()).await;
         h.pend_ok(
             &format!("p-{}-{i}", short(id)),
             None,
@@ -358,7 +366,7 @@ pub async fn raw_ids_are_opaque(fixture: Fixture) {
         assert_eq!(h.value(id, None).await, Some(block(id, json!({"i": i, "id": id}))), "value of {id:?}");
         assert_eq!(
             h.latest(id).await,
-            Some(TrxRev { trx_id: tid(&trx_of(i, id)), rev: 1 + i as u64 }),
+            Some(TrxRev { trx_id: tid(&trx_of(i, id)), rev: last_rev(i) }),
             "latest of {id:?}"
         );
         assert_eq!(h.pendings(id).await, vec![tid(&format!("p-{}-{i}", short(id)))], "pendings of {id:?}");
