@@ -85,7 +85,7 @@ pub mod crash {
     }
 
     /// Runs transactions on `repo` forever (until killed or an error): each one pends and commits
-    /// inserts, updates or deletes on one or two blocks at the next revision, and a few are pended and
+    /// inserts, updates or deletes on one block, or two at the same revision, at the next revision, and a few are pended and
     /// cancelled instead. `ack` is called after every successful commit. Transaction ids start with
     /// the seed, so runs with different seeds never reuse one.
     pub async fn run_workload(
@@ -103,8 +103,18 @@ pub mod crash {
             chosen.sort();
             let trx_id = TrxId::new(format!("{seed:016x}-{n}"))?;
 
-            let current =
+            let mut current =
                 repo.get(&BlockGets { block_ids: chosen.clone(), context: None, read_mode: None }, &options).await?;
+            // Revisions are contiguous (SPEC 2 item 7): two blocks commit together only when they
+            // are at the same revision; otherwise the transaction touches the first alone.
+            let revs: Vec<u64> = chosen
+                .iter()
+                .map(|id| current.get(id).and_then(|r| r.state.latest.as_ref()).map_or(0, |l| l.rev))
+                .collect();
+            if revs.windows(2).any(|w| w.first() != w.last()) {
+                chosen.truncate(1);
+                current.retain(|id, _| chosen.contains(id));
+            }
             let rev = current.values().filter_map(|r| r.state.latest.as_ref()).map(|l| l.rev).max().unwrap_or(0) + 1;
             let mut transforms = Transforms::default();
             for id in &chosen {
