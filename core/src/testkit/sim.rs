@@ -23,6 +23,13 @@
 //!   error envelope on the wire.
 //! - [`SimNet::in_flight`] / [`SimNet::wait_quiet`] tell when no message is on the wire, so tests
 //!   can await quiescence instead of sleeping.
+//! - A node as the real node composes it: [`NodeHandler`] serves the cluster protocol with a
+//!   [`Consensus`] and the sync protocol with a [`SyncServer`]; [`SimCatchUp`] is the
+//!   [`BehindSink`] that catches up the blocks the consensus reports behind (verified catch-up,
+//!   then [`Consensus::caught_up`]), as tasks of the node's incarnation.
+//! - `OPTIMYSTIC_SIM_TRACE=1` in the environment prints every routed message and every behind
+//!   report and catch-up, with its virtual time ([`SimNet::trace_event`] adds lines of a test's
+//!   own).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,9 +45,13 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
-use crate::consensus::{Clock, Consensus};
+use crate::consensus::{BehindSink, Clock, Consensus};
 use crate::error::RepoError;
+use crate::keynet::KeyNetwork;
+use crate::model::BlockId;
 use crate::network::{NetworkError, PeerNetwork, ProtocolKind};
+use crate::repo::StorageRepo;
+use crate::sync::{CatchUp, SyncServer};
 use crate::wire::ErrorEnvelope;
 
 /// The default simulated epoch: 2096-10-02, far in the future, so that code reading the real
@@ -87,6 +98,175 @@ impl SimHandler for ConsensusHandler {
 
     fn on_crash(&self) {
         self.0.shutdown();
+    }
+}
+
+/// A [`SimHandler`] serving what a node serves to its peers: the cluster protocol with a
+/// [`Consensus`] ([`Consensus::handle_request`]) and the sync protocol (verified catch-up, SPEC
+/// 4.10) with a [`SyncServer`] over the node's local repository. The repo protocol is refused with
+/// `bad-request` (simulated clients call a node's repository directly). A crash calls
+/// [`Consensus::shutdown`].
+#[derive(Debug, Clone)]
+pub struct NodeHandler {
+    /// Serves the cluster protocol.
+    pub consensus: Arc<dyn Consensus>,
+    /// Serves the sync protocol.
+    pub sync: SyncServer,
+}
+
+impl NodeHandler {
+    /// A handler serving `consensus` and the sync protocol over `local`.
+    pub fn new(consensus: Arc<dyn Consensus>, local: StorageRepo) -> Self {
+        Self { consensus, sync: SyncServer::new(local) }
+    }
+}
+
+impl SimHandler for NodeHandler {
+    fn handle(
+        &self,
+        from: PeerId,
+        protocol: ProtocolKind,
+        request: Value,
+    ) -> BoxFuture<'static, Result<Value, RepoError>> {
+        let consensus = self.consensus.clone();
+        let sync = self.sync.clone();
+        Box::pin(async move {
+            match protocol {
+                ProtocolKind::Cluster => consensus.handle_request(from, request).await,
+                ProtocolKind::Sync => sync.handle(request).await,
+                other => Err(RepoError::BadRequest(format!("this simulated node does not serve {}", other.name()))),
+            }
+        })
+    }
+
+    fn on_crash(&self) {
+        self.consensus.shutdown();
+    }
+}
+
+/// A [`BehindSink`] for a simulated node, doing what the real node does with the reports of its
+/// consensus: each reported block is caught up ([`CatchUp::catch_up`], verified, from the node's
+/// own view of the block's cluster), then [`Consensus::caught_up`] is called so decided records
+/// waiting for the block can run. The work runs as a task of the node's incarnation (a crash
+/// aborts it; a sink of an earlier incarnation does nothing). A block already queued is not queued
+/// twice (a report arriving while its catch-up runs queues one more run).
+///
+/// Build it before the consensus (it goes into the consensus's dependencies), then hand it the
+/// consensus with [`SimCatchUp::set_consensus`].
+#[derive(Clone)]
+pub struct SimCatchUp {
+    inner: Arc<CatchUpInner>,
+}
+
+struct CatchUpInner {
+    network: Arc<SimPeerNetwork>,
+    catch_up: CatchUp,
+    consensus: std::sync::OnceLock<std::sync::Weak<dyn Consensus>>,
+    queued: Mutex<BTreeSet<BlockId>>,
+    reports: std::sync::atomic::AtomicU64,
+    runs: std::sync::atomic::AtomicU64,
+    applied: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for SimCatchUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimCatchUp")
+            .field("peer", &self.inner.network.peer)
+            .field("reports", &self.reports())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimCatchUp {
+    /// A sink for the node behind `network`, catching up over `network` into `local`, with
+    /// `key_network` as the node's view of clusters and `timeout` per request.
+    pub fn new(
+        network: Arc<SimPeerNetwork>,
+        local: StorageRepo,
+        key_network: Arc<dyn KeyNetwork>,
+        timeout: Duration,
+    ) -> Self {
+        let catch_up = CatchUp::new(network.clone(), local, key_network, timeout);
+        Self {
+            inner: Arc::new(CatchUpInner {
+                network,
+                catch_up,
+                consensus: std::sync::OnceLock::new(),
+                queued: Mutex::new(BTreeSet::new()),
+                reports: std::sync::atomic::AtomicU64::new(0),
+                runs: std::sync::atomic::AtomicU64::new(0),
+                applied: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The consensus told when a catch-up ran (held weakly: the consensus holds this sink).
+    pub fn set_consensus(&self, consensus: &Arc<dyn Consensus>) {
+        let _ = self.inner.consensus.set(Arc::downgrade(consensus));
+    }
+
+    /// The catch-up client.
+    pub fn catch_up(&self) -> &CatchUp {
+        &self.inner.catch_up
+    }
+
+    /// Reports received so far.
+    pub fn reports(&self) -> u64 {
+        self.inner.reports.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Catch-ups run so far (reports are deduplicated while queued).
+    pub fn runs(&self) -> u64 {
+        self.inner.runs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Revisions applied by this sink's catch-ups and [`SimCatchUp::run`] so far.
+    pub fn applied(&self) -> u64 {
+        self.inner.applied.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Catches `block_id` up now (in the caller's task), then tells the consensus. Returns the
+    /// revisions applied.
+    ///
+    /// Errors: those of [`CatchUp::catch_up`] (the consensus is not told then).
+    pub async fn run(&self, block_id: &BlockId) -> Result<usize, RepoError> {
+        Self::run_inner(&self.inner, block_id).await
+    }
+
+    async fn run_inner(inner: &CatchUpInner, block_id: &BlockId) -> Result<usize, RepoError> {
+        inner.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let applied = inner.catch_up.catch_up(block_id).await?;
+        inner.network.sim.trace_event(&format!("{} caught {block_id} up: {applied} revisions", short(&inner.network.peer)));
+        inner.applied.fetch_add(applied as u64, std::sync::atomic::Ordering::SeqCst);
+        let consensus = inner.consensus.get().and_then(std::sync::Weak::upgrade);
+        if let Some(consensus) = consensus {
+            consensus.caught_up(block_id).await;
+        }
+        Ok(applied)
+    }
+}
+
+impl BehindSink for SimCatchUp {
+    fn behind(&self, block_id: &BlockId) {
+        let n = self.inner.reports.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.inner.network.sim.trace_event(&format!("{} is behind on {block_id} (report {n})", short(&self.inner.network.peer)));
+        {
+            let mut queued = self.inner.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !queued.insert(block_id.clone()) {
+                return;
+            }
+        }
+        let inner = self.inner.clone();
+        let id = block_id.clone();
+        let task = async move {
+            inner.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+            if let Err(e) = Self::run_inner(&inner, &id).await {
+                tracing::debug!(block_id = %id, error = %e, "simulated catch-up of a behind block failed");
+            }
+        };
+        if !self.inner.network.spawn(task) {
+            self.inner.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(block_id);
+        }
     }
 }
 
@@ -242,6 +422,8 @@ enum Route {
 
 struct Inner {
     seed: u64,
+    /// Print every message routed (`OPTIMYSTIC_SIM_TRACE` set in the environment).
+    trace: bool,
     epoch: Instant,
     state: Mutex<State>,
     /// Requests on the wire: sent and not yet answered, lost or aborted.
@@ -289,7 +471,9 @@ impl SimNet {
             filter: None,
             stats: SimStats::default(),
         };
-        let inner = Inner { seed, epoch: Instant::now(), state: Mutex::new(state), in_flight: watch::Sender::new(0) };
+        let trace = std::env::var_os("OPTIMYSTIC_SIM_TRACE").is_some_and(|v| !v.is_empty() && v != "0");
+        let inner =
+            Inner { seed, trace, epoch: Instant::now(), state: Mutex::new(state), in_flight: watch::Sender::new(0) };
         Self { inner: Arc::new(inner) }
     }
 
@@ -435,8 +619,36 @@ impl SimNet {
         let _ = watch.wait_for(|n| *n == 0).await;
     }
 
+    /// Prints `text` with the virtual time when tracing (`OPTIMYSTIC_SIM_TRACE`) is on.
+    pub fn trace_event(&self, text: &str) {
+        if self.inner.trace {
+            eprintln!("[sim {:>9} ms] {text}", self.inner.epoch.elapsed().as_millis());
+        }
+    }
+
     /// Decides the fate of one message from `from` (incarnation `generation`) to `to`.
     fn route(&self, envelope: &Envelope<'_>, generation: u64) -> (Route, Option<Arc<dyn SimHandler>>) {
+        let routed = self.route_inner(envelope, generation);
+        if self.inner.trace {
+            let fate = match &routed.0 {
+                Route::Deliver(delay) => format!("deliver in {} ms", delay.as_millis()),
+                Route::Lost => "lost".to_owned(),
+                Route::SenderCrashed => "sender down".to_owned(),
+            };
+            eprintln!(
+                "[sim {:>9} ms] {} -> {} {} {:?}: {} ({fate})",
+                self.inner.epoch.elapsed().as_millis(),
+                short(&envelope.from),
+                short(&envelope.to),
+                envelope.protocol.name(),
+                envelope.direction,
+                summary(envelope.body),
+            );
+        }
+        routed
+    }
+
+    fn route_inner(&self, envelope: &Envelope<'_>, generation: u64) -> (Route, Option<Arc<dyn SimHandler>>) {
         let mut state = self.state();
         if state.generation(&envelope.from) != generation {
             return (Route::SenderCrashed, None);
@@ -487,6 +699,50 @@ impl SimNet {
     }
 }
 
+/// The last characters of a peer id (enough to tell a simulation's peers apart).
+fn short(peer: &PeerId) -> String {
+    let text = peer.to_base58();
+    let skip = text.chars().count().saturating_sub(6);
+    text.chars().skip(skip).collect()
+}
+
+/// A one-line description of a message body, for traces.
+fn summary(body: &Value) -> String {
+    if let Some(error) = body.get("error") {
+        return format!("error {}", error.get("code").unwrap_or(&Value::Null));
+    }
+    let record = body.get("record").unwrap_or(body);
+    let mut out = Vec::new();
+    for key in ["operation", "op", "status"] {
+        if let Some(v) = body.get(key).and_then(Value::as_str) {
+            out.push(format!("{key}={v}"));
+        }
+    }
+    if let Some(ops) = record.pointer("/message/operations").and_then(Value::as_array) {
+        for op in ops {
+            if let Some((kind, inner)) = op.as_object().and_then(|o| o.iter().next()) {
+                let trx = inner.get("trxId").or_else(|| inner.pointer("/trxRef/trxId")).and_then(Value::as_str).unwrap_or("?");
+                let rev = inner.get("rev").map(ToString::to_string).unwrap_or_default();
+                out.push(format!("{kind} {trx}@{rev}"));
+            }
+        }
+        let count = |field: &str| {
+            record.get(field).and_then(Value::as_object).map_or((0, 0), |m| {
+                (m.values().filter(|v| v.get("type") == Some(&Value::from("approve"))).count(), m.len())
+            })
+        };
+        let (pa, pn) = count("promises");
+        let (ca, cn) = count("commits");
+        out.push(format!("promises {pa}/{pn} commits {ca}/{cn}"));
+    }
+    if let Some(entries) = body.get("entries").and_then(Value::as_array) {
+        out.push(format!("{} entries, latest {}", entries.len(), body.get("latest").unwrap_or(&Value::Null)));
+    } else if let Some(latest) = body.get("latest") {
+        out.push(format!("latest {latest}"));
+    }
+    out.join(" ")
+}
+
 fn run_on_crash(handler: Option<Arc<dyn SimHandler>>) {
     if let Some(handler) = handler {
         handler.on_crash();
@@ -517,6 +773,12 @@ pub struct SimPeerNetwork {
 }
 
 impl SimPeerNetwork {
+    /// Runs `future` as a task of this handle's node incarnation; false (and nothing runs) when
+    /// the node crashed since the handle was made.
+    pub fn spawn(&self, future: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+        self.sim.spawn_in_generation(self.peer, self.generation, future)
+    }
+
     /// Sends a request and waits for its answer. The request is routed at once (so filters and
     /// crashes happen in call order); its delivery, service and answer then run in a task of the
     /// sending node, which outlives this call: a requester that stops waiting (timeout, dropped
