@@ -3,12 +3,27 @@
 //!
 //! Every scenario runs on the simulated network of `optimystic_core::testkit::sim`, on a
 //! current-thread tokio runtime with paused time (timeouts cost no wall time), once per seed.
+//! Each simulated node is composed as the real node composes itself: the consensus reports the
+//! blocks it is behind on to a catch-up sink (`SimCatchUp`: verified catch-up, then
+//! `Consensus::caught_up`), the node serves the cluster and sync protocols (`NodeHandler`), reads
+//! go through `ClusterReads` over a repository that never writes on a read, and a (re)started node
+//! catches every stored block up. Every scenario ends in `World::check`: faults stop, crashed nodes
+//! restart, catch-up runs until nothing moves, and the history is checked against every node's
+//! storage, SPEC 5.7 convergence and reads included.
 //!
-//! - `OPTIMYSTIC_SIM_SEEDS=<n>`: seeds per scenario (default 100).
+//! - `OPTIMYSTIC_SIM_SEEDS=<n>`: seeds per scenario (default 30; run 1,000 or more locally, in
+//!   `--release`).
 //! - `OPTIMYSTIC_SIM_SEED_BASE=<n>`: first seed (default: random, printed on failure).
 //! - `OPTIMYSTIC_SIM_SEED=<n>`: run only this seed (replays a failure).
+//! - `OPTIMYSTIC_SIM_KEEP_GOING=1`: run every seed and list the failing ones at the end.
+//! - `OPTIMYSTIC_SIM_WALL_SECS=<n>`: wall time one seed may take before it counts as spinning
+//!   (a busy loop that never lets virtual time advance; default 120).
+//! - `OPTIMYSTIC_SIM_TRACE=1`: print every message of the simulated network and every behind
+//!   report / catch-up, with its virtual time (use with one seed).
+//! - `OPTIMYSTIC_SIM_NO_CATCH_UP=1`: nodes without catch-up (to study the consensus alone).
 //!
-//! A failure names its scenario and seed and prints the command that replays it.
+//! A failure names its scenario and seed and prints the command that replays it. Tests marked
+//! `#[ignore]` demonstrate known bugs (see each one's reason); run them with `--include-ignored`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
@@ -21,22 +36,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use optimystic_consensus_majority_2pc::{MajorityConfig, MajorityConsensus, MajorityDeps, RecordStatus};
 use optimystic_core::consensus::{Consensus, update_request};
 use optimystic_core::coordinator::{CoordinatorConfig, CoordinatorRepo};
 use optimystic_core::crypto;
 use optimystic_core::identity::{Keypair, PeerId};
 use optimystic_core::keynet::{ClusterPeers, KeyNetwork, KeyNetworkError, PeerInfo, block_key, rank_peers};
-use optimystic_core::model::{BlockOperation, CommitRequest, CommitResult, PendPolicy, PendRequest, PendResult, TrxBlocks};
+use optimystic_core::model::{
+    BlockGets, BlockOperation, CommitRequest, CommitResult, PendPolicy, PendRequest, PendResult, TrxBlocks, TrxContext,
+};
 use optimystic_core::network::{NetworkError, PeerNetwork, ProtocolKind};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
 use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform};
-use optimystic_core::testkit::history::{ClientOp, History, NodeSnapshot, snapshot};
-use optimystic_core::testkit::sim::{ConsensusHandler, Direction, Envelope, SimConfig, SimNet, Verdict};
+use optimystic_core::reads::{ClusterReads, ReadMode};
+use optimystic_core::testkit::history::{ClientOp, History, NodeSnapshot, ReadRecord, snapshot};
+use optimystic_core::testkit::sim::{Direction, Envelope, NodeHandler, SimCatchUp, SimConfig, SimHandler, SimNet, Verdict};
 use optimystic_core::wire::{RepoMessage, RepoOperation};
+use optimystic_core::sync::SyncServer;
 use optimystic_core::{
-    Block, BlockId, ErrorCode, MessageOptions, RawStorage, Repo, RepoError, StorageError, StorageRepo, Transform, Transforms,
-    TrxId, TrxRev,
+    Block, BlockId, ErrorCode, MessageOptions, RawStorage, ReadPromotion, Repo, RepoError, StorageError, StorageRepo,
+    Transform, Transforms, TrxId, TrxRev,
 };
 use optimystic_storage_memory::MemoryStorage;
 use rand::Rng;
@@ -47,11 +67,15 @@ use tokio::time::Instant;
 // Seeds and the runner
 // ---------------------------------------------------------------------------------------------
 
-const DEFAULT_SEEDS: u64 = 100;
+const DEFAULT_SEEDS: u64 = 30;
 /// Virtual time one seed may take before it counts as hung.
 const VIRTUAL_BUDGET: Duration = Duration::from_secs(3_600);
 /// Virtual time the cluster gets to free every reservation once faults stop.
 const SETTLE_BUDGET: Duration = Duration::from_secs(600);
+/// Most writes a chaos scenario issues while waiting for its faults to play out.
+const MAX_CHAOS_WRITES: usize = 60;
+/// Catch-up rounds quiescence may take (each round catches every block up on every node).
+const MAX_QUIESCE_ROUNDS: usize = 8;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{name} must be an integer, got {v:?}")))
@@ -66,6 +90,12 @@ fn seeds() -> Vec<u64> {
     (0..count).map(|i| base.wrapping_add(i)).collect()
 }
 
+/// Whether nodes run without catch-up (`OPTIMYSTIC_SIM_NO_CATCH_UP=1`, to study the consensus
+/// alone).
+fn no_catch_up() -> bool {
+    std::env::var("OPTIMYSTIC_SIM_NO_CATCH_UP").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 type Scenario = fn(u64) -> Pin<Box<dyn Future<Output = String> + Send>>;
 
 /// Runs one seed of a scenario on a fresh paused-time runtime; returns its trace.
@@ -76,24 +106,67 @@ fn run_seed(scenario: Scenario, seed: u64) -> String {
     })
 }
 
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_default()
+}
+
+/// Runs one seed in its own thread, so that a run that spins without advancing virtual time (a
+/// busy loop in the code under test) is reported after `wall` of real time instead of hanging the
+/// test. A spinning thread is left behind (it ends with the process).
+fn run_guarded(scenario: Scenario, seed: u64, wall: Duration) -> Result<String, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("seed-{seed}"))
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_seed(scenario, seed)));
+            let _ = tx.send(outcome.map_err(|panic| panic_message(panic.as_ref())));
+        })
+        .expect("cannot spawn a seed's thread");
+    match rx.recv_timeout(wall) {
+        Ok(outcome) => outcome,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+            "no result after {wall:?} of wall time: the run spins without advancing virtual time (a busy loop)"
+        )),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err("the seed's thread died".into()),
+    }
+}
+
+/// Runs every seed of a scenario. A failure names the seed and the command that replays it. With
+/// `OPTIMYSTIC_SIM_KEEP_GOING=1` every seed runs and the failing ones are listed at the end;
+/// `OPTIMYSTIC_SIM_WALL_SECS` bounds one seed's wall time (default 120).
 fn run(name: &str, scenario: Scenario) {
     let seeds = seeds();
+    let keep_going = std::env::var("OPTIMYSTIC_SIM_KEEP_GOING").is_ok_and(|v| !v.is_empty() && v != "0");
+    let wall = Duration::from_secs(env_u64("OPTIMYSTIC_SIM_WALL_SECS").unwrap_or(120));
     let started = std::time::Instant::now();
+    let mut failures = Vec::new();
     for seed in &seeds {
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_seed(scenario, *seed)));
-        if let Err(panic) = outcome {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_default();
-            panic!(
+        if let Err(message) = run_guarded(scenario, *seed, wall) {
+            let report = format!(
                 "scenario {name} failed with seed {seed}: {message}\n  replay: OPTIMYSTIC_SIM_SEED={seed} cargo test \
                  -p optimystic-consensus-majority-2pc --test simulation {name}"
             );
+            if !keep_going {
+                panic!("{report}");
+            }
+            eprintln!("{report}");
+            let first_line: String = message.lines().next().unwrap_or_default().chars().take(300).collect();
+            failures.push(format!("seed {seed}: {first_line}"));
         }
     }
-    eprintln!("{name}: {} seeds from {:?} passed in {:?}", seeds.len(), seeds.first(), started.elapsed());
+    eprintln!(
+        "{name}: {} seeds from {:?}: {} passed, {} failed, in {:?}",
+        seeds.len(),
+        seeds.first(),
+        seeds.len() - failures.len(),
+        failures.len(),
+        started.elapsed()
+    );
+    assert!(failures.is_empty(), "scenario {name} failed with {} seeds:\n{}", failures.len(), failures.join("\n"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -190,6 +263,43 @@ impl KeyNetwork for StaticKeys {
 struct Node {
     consensus: Arc<MajorityConsensus>,
     repo: Arc<CoordinatorRepo>,
+    /// The node's repository as its clients see it: writes through the coordinator, reads in a
+    /// read mode (quorum reads catch up first), as the real node composes it.
+    reads: Arc<ClusterReads>,
+    /// The local repository reads are answered from (promotion as the consensus says: a member
+    /// never writes on a read, SPEC 2.1).
+    local: StorageRepo,
+    /// The node's `BehindSink`: catch-up of blocks its consensus reports behind.
+    catch_up: SimCatchUp,
+}
+
+/// Answers a sync request in place of the node's honest sync server (`None`: the honest answer).
+type SyncForgery = Arc<dyn Fn(Value) -> BoxFuture<'static, Option<Value>> + Send + Sync>;
+
+/// A node whose sync protocol lies where its forgery says so.
+struct ForgingHandler {
+    honest: NodeHandler,
+    forgery: SyncForgery,
+}
+
+impl SimHandler for ForgingHandler {
+    fn handle(&self, from: PeerId, protocol: ProtocolKind, request: Value) -> BoxFuture<'static, Result<Value, RepoError>> {
+        if protocol != ProtocolKind::Sync {
+            return self.honest.handle(from, protocol, request);
+        }
+        let forgery = (self.forgery)(request.clone());
+        let honest = self.honest.clone();
+        Box::pin(async move {
+            match forgery.await {
+                Some(forged) => Ok(forged),
+                None => honest.handle(from, protocol, request).await,
+            }
+        })
+    }
+
+    fn on_crash(&self) {
+        self.honest.on_crash();
+    }
 }
 
 /// Settings of the simulated deployment: short timeouts, in virtual time.
@@ -226,6 +336,10 @@ struct World {
     next_trx: AtomicU64,
     /// Longest client commit, in virtual ms.
     longest_commit_ms: AtomicU64,
+    /// Nodes whose sync protocol lies (byzantine peers).
+    forgeries: Mutex<BTreeMap<PeerId, SyncForgery>>,
+    /// The task snapshotting every node's storage during the run (SPEC 5.7 "at every moment").
+    sampler: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl World {
@@ -251,6 +365,8 @@ impl World {
             history: History::new(),
             next_trx: AtomicU64::new(0),
             longest_commit_ms: AtomicU64::new(0),
+            forgeries: Mutex::new(BTreeMap::new()),
+            sampler: Mutex::new(None),
         });
         for peer in world.peers.clone() {
             world.start(peer).await;
@@ -262,25 +378,56 @@ impl World {
         Arc::new(StaticKeys { peers: self.peers.clone(), size: self.peers.len() })
     }
 
-    /// Starts (or restarts, over its surviving storage) a node.
+    /// Starts (or restarts, over its surviving storage) a node, composed as the real node composes
+    /// it: the consensus reports behind blocks to a catch-up sink, the node serves the cluster and
+    /// sync protocols, reads go through `ClusterReads` over a local repository that never writes on
+    /// a read, and after a start every stored block is caught up (as `catch_up_after_start`).
     async fn start(&self, peer: PeerId) {
         let local = StorageRepo::new(Arc::new(self.storages[&peer].clone()));
         let keys = self.key_network();
+        let network = self.sim.network(peer);
+        let timeout = Duration::from_millis(consensus_config().request_timeout_ms);
+        let catch_up = SimCatchUp::new(network.clone(), local.clone(), keys.clone(), timeout);
         let deps = MajorityDeps {
             keypair: self.keys[&peer].clone(),
-            network: self.sim.network(peer),
+            network: network.clone(),
             local: local.clone(),
             key_network: Some(keys.clone()),
             clock: self.sim.clock_with_skew(self.skews[&peer]),
-            behind: None,
+            // `OPTIMYSTIC_SIM_NO_CATCH_UP=1` (a debugging aid) builds nodes without catch-up.
+            behind: (!no_catch_up()).then(|| Arc::new(catch_up.clone()) as Arc<dyn optimystic_core::consensus::BehindSink>),
         };
         let consensus = Arc::new(MajorityConsensus::new(consensus_config(), deps).unwrap());
+        let as_dyn: Arc<dyn Consensus> = consensus.clone();
+        catch_up.set_consensus(&as_dyn);
         consensus.start().await.unwrap();
-        let repo = CoordinatorRepo::new(keys, consensus.clone(), Arc::new(local.clone()))
-            .with_clock(self.sim.clock_with_skew(self.skews[&peer]))
-            .with_config(CoordinatorConfig { operation_timeout_ms: OPERATION_TIMEOUT_MS, ..CoordinatorConfig::default() });
-        self.sim.register(peer, Arc::new(ConsensusHandler(consensus.clone())));
-        self.nodes.lock().unwrap().insert(peer, Node { consensus, repo: Arc::new(repo) });
+        // SPEC 2.1: on a cluster member a read never writes storage.
+        let read_local = local.with_read_promotion(consensus.read_promotion());
+        let repo = Arc::new(
+            CoordinatorRepo::new(keys.clone(), consensus.clone(), Arc::new(read_local.clone()))
+                .with_clock(self.sim.clock_with_skew(self.skews[&peer]))
+                .with_config(CoordinatorConfig { operation_timeout_ms: OPERATION_TIMEOUT_MS, ..CoordinatorConfig::default() }),
+        );
+        let reads = Arc::new(ClusterReads::new(repo.clone(), read_local.clone(), keys, network, ReadMode::Quorum, timeout));
+        let honest = NodeHandler::new(as_dyn, local.clone());
+        let forgery = self.forgeries.lock().unwrap().get(&peer).cloned();
+        let handler: Arc<dyn SimHandler> = match forgery {
+            Some(forgery) => Arc::new(ForgingHandler { honest, forgery }),
+            None => Arc::new(honest),
+        };
+        self.sim.register(peer, handler);
+        let node = Node { consensus, repo, reads, local: read_local, catch_up: catch_up.clone() };
+        self.nodes.lock().unwrap().insert(peer, node);
+        // After a (re)start, every stored block is caught up from the cluster.
+        if no_catch_up() {
+            return;
+        }
+        let storage = self.storages[&peer].clone();
+        drop(self.sim.spawn_on(peer, async move {
+            for block_id in storage.block_ids(None, 10_000).await.unwrap_or_default() {
+                let _ = catch_up.run(&block_id).await;
+            }
+        }));
     }
 
     fn crash(&self, peer: PeerId) {
@@ -389,8 +536,10 @@ impl World {
         self.storages[&peer].latest(&x()).await.unwrap().map_or(0, |l| l.rev)
     }
 
-    /// Stops every fault, restarts crashed nodes and waits until no node holds a reservation.
+    /// Stops every fault, restarts crashed nodes, and waits for quiescence: no message in flight,
+    /// no reservation held, and a catch-up of every block on every node applies nothing more.
     async fn settle(&self) {
+        self.stop_sampler();
         self.sim.set_filter(None);
         self.sim.set_drop_probability(0.0);
         self.sim.heal();
@@ -399,7 +548,51 @@ impl World {
                 self.start(*peer).await;
             }
         }
-        self.wait_idle().await;
+        self.quiesce().await;
+    }
+
+    /// Waits until nothing moves any more: [`World::wait_idle`], then a catch-up of every stored
+    /// block on every running node (as a restarted node does), until a round applies nothing.
+    async fn quiesce(&self) {
+        for _ in 0..MAX_QUIESCE_ROUNDS {
+            self.wait_idle().await;
+            let applied = self.catch_up_everywhere().await;
+            self.wait_idle().await;
+            if applied == 0 {
+                return;
+            }
+        }
+        panic!("catch-up still applied revisions after {MAX_QUIESCE_ROUNDS} rounds with faults stopped");
+    }
+
+    /// Every block any node stores.
+    async fn blocks(&self) -> Vec<BlockId> {
+        let mut blocks = BTreeSet::new();
+        for storage in self.storages.values() {
+            blocks.extend(storage.block_ids(None, 10_000).await.unwrap());
+        }
+        blocks.into_iter().collect()
+    }
+
+    /// Catches every block up on every running node (each as a task of its node); returns the
+    /// revisions applied.
+    async fn catch_up_everywhere(&self) -> usize {
+        if no_catch_up() {
+            return 0;
+        }
+        let blocks = self.blocks().await;
+        let mut applied = 0;
+        for peer in self.up() {
+            let Some(node) = self.node(peer) else { continue };
+            for block_id in &blocks {
+                let catch_up = node.catch_up.clone();
+                let block_id = block_id.clone();
+                if let Ok(Ok(n)) = self.sim.spawn_on(peer, async move { catch_up.run(&block_id).await }).await {
+                    applied += n;
+                }
+            }
+        }
+        applied
     }
 
     /// Waits until no request is in flight and no running node holds a reservation (the records
@@ -421,26 +614,133 @@ impl World {
         if tokio::time::timeout(SETTLE_BUDGET, all_idle).await.is_err() {
             let held: Vec<(PeerId, usize)> =
                 self.nodes.lock().unwrap().iter().map(|(p, n)| (*p, n.consensus.live_reservations())).collect();
-            panic!("reservations still held {SETTLE_BUDGET:?} after faults stopped: {held:?}");
+            panic!("reservations still held {SETTLE_BUDGET:?} after faults stopped: {held:?}\n{}", self.describe_live().await);
         }
     }
 
-    async fn snapshots(&self) -> Vec<NodeSnapshot> {
-        let mut out = Vec::new();
+    /// The live 2pc entries of every node, for failure reports: status, renounced flag, operation.
+    async fn describe_live(&self) -> String {
+        let mut out = String::new();
         for peer in &self.peers {
-            out.push(snapshot(*peer, &self.storages[peer], &[x()]).await.unwrap());
+            let storage = &self.storages[peer];
+            let live = storage.list_meta("2pc/live/", 1_000).await.unwrap_or_default();
+            if live.is_empty() {
+                continue;
+            }
+            let entries = storage.list_meta("2pc/entry/", 100_000).await.unwrap_or_default();
+            let latest = self.latest_rev(*peer).await;
+            for (key, _) in live {
+                let hash = key.trim_start_matches("2pc/live/");
+                let entry = entries.iter().find(|(k, _)| k.ends_with(hash)).and_then(|(_, v)| serde_json::from_slice::<Value>(v).ok());
+                let entry = entry.unwrap_or(Value::Null);
+                let op = entry.pointer("/record/message/operations/0").map(|op| {
+                    let text = op.to_string();
+                    text.chars().take(160).collect::<String>()
+                });
+                out.push_str(&format!(
+                    "  {peer} (x at rev {latest}, up {}): {hash} status {} renounced {} op {}\n",
+                    self.sim.is_up(*peer),
+                    entry.get("status").unwrap_or(&Value::Null),
+                    entry.get("renounced").unwrap_or(&Value::Null),
+                    op.unwrap_or_default()
+                ));
+            }
         }
         out
     }
 
-    /// Checks the history against every node's storage; returns the run's trace.
+    async fn snapshots(&self) -> Vec<NodeSnapshot> {
+        let blocks = self.blocks().await;
+        let mut out = Vec::new();
+        for peer in &self.peers {
+            out.push(snapshot(*peer, &self.storages[peer], &blocks).await.unwrap());
+        }
+        out
+    }
+
+    /// Snapshots every node's storage now and hands the snapshots to the history checker, which
+    /// checks them at once (no gap, value = fold of the committed transforms, latest never
+    /// decreasing) and reports at [`World::check`].
+    async fn observe(&self) {
+        for snap in self.snapshots().await {
+            self.history.observe(&snap);
+        }
+    }
+
+    /// Observes every node's storage every `every` of virtual time until [`World::settle`].
+    fn start_sampler(self: &Arc<Self>, every: Duration) {
+        let world = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(world) = world.upgrade() else { return };
+                world.observe().await;
+            }
+        });
+        *self.sampler.lock().unwrap() = Some(task.abort_handle());
+    }
+
+    fn stop_sampler(&self) {
+        if let Some(task) = self.sampler.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+
+    /// Reads `x` at `via` in `mode` (a client of that node), records the answer for the checker
+    /// (SPEC 5.7: the value of a committed revision, plus the context's own trxs), and returns it.
+    /// `asserted` are the transforms of the context's committed entries, `own` that of its
+    /// `trxId`.
+    async fn read(
+        &self,
+        via: PeerId,
+        mode: ReadMode,
+        context: Option<TrxContext>,
+        asserted: Vec<(TrxRev, Transform)>,
+        own: Option<Transform>,
+    ) -> Option<Result<(Option<TrxRev>, Option<Block>), RepoError>> {
+        let gets = BlockGets { block_ids: vec![x()], context, read_mode: None };
+        let invoked_at = self.history.tick();
+        let result = self
+            .on(via, move |node| {
+                Box::pin(async move { node.reads.get_in_mode(&gets, &MessageOptions::default(), mode).await })
+            })
+            .await?;
+        let answer = result.map(|mut results| {
+            let entry = results.remove(&x()).expect("a read answers every block it was asked");
+            (entry.state.latest, entry.block)
+        });
+        if let Ok((latest, value)) = &answer {
+            self.history.read(ReadRecord {
+                client: via.to_base58(),
+                block_id: x(),
+                asserted,
+                own,
+                quorum: mode == ReadMode::Quorum,
+                invoked_at,
+                latest: latest.clone(),
+                value: value.clone(),
+            });
+        }
+        Some(answer)
+    }
+
+    /// A plain read (no context) at `via` in a random mode.
+    async fn random_read(&self, via: PeerId) -> Option<Result<(Option<TrxRev>, Option<Block>), RepoError>> {
+        let mode = if self.sim.random(|r| r.gen_bool(0.5)) { ReadMode::Quorum } else { ReadMode::Local };
+        self.read(via, mode, None, Vec::new(), None).await
+    }
+
+    /// Quiesces (faults off, crashed nodes restarted, catch-up run), then checks the history
+    /// against every node's storage, SPEC 5.7 convergence included; returns the run's trace.
     async fn check(&self) -> String {
+        self.settle().await;
         let snapshots = self.snapshots().await;
         let cluster = self.peers.clone();
-        if let Err(violations) = self.history.check(&snapshots, &|_| cluster.clone()) {
-            panic!("safety violations: {violations:#?}\nhistory: {:#?}", self.history.ops());
+        let up: BTreeSet<PeerId> = self.up().into_iter().collect();
+        if let Err(violations) = self.history.check_converged(&snapshots, &|_| cluster.clone(), &|p| up.contains(p)) {
+            panic!("safety violations: {violations:#?}\nhistory: {:#?}\nsnapshots: {snapshots:#?}", self.history.ops());
         }
-        format!("seed {} ops {:?} snapshots {:?}", self.seed, self.history.ops(), snapshots)
+        format!("seed {} ops {:?} reads {:?} snapshots {:?}", self.seed, self.history.ops(), self.history.reads(), snapshots)
     }
 }
 
@@ -536,9 +836,10 @@ enum CrashPoint {
     CommitAnswer(usize),
 }
 
-/// The coordinator of a commit dies mid-protocol (optionally with another peer unreachable):
-/// members converge (all that promised execute, or none), no conflicting commit takes the block
-/// while the outcome is unknown, and reservations are freed once every peer has answered.
+/// The coordinator of a commit dies mid-protocol (optionally with another peer unreachable): no
+/// conflicting commit takes the block once the first was executed anywhere, every member ends up
+/// holding the decided revision (by executing the record or, if it answered "not executed" first,
+/// by catching the revision up: SPEC 4.11, 5.7), and reservations are freed once settled.
 async fn coordinator_crash(seed: u64, after_phase1: bool) -> String {
     let world = World::new(seed, 5, SimConfig::default()).await;
     world.bootstrap().await;
@@ -637,20 +938,29 @@ async fn coordinator_crash(seed: u64, after_phase1: bool) -> String {
     }
     let executed: BTreeSet<PeerId> =
         statuses.iter().filter(|(_, s)| **s == Some(RecordStatus::Executed)).map(|(p, _)| *p).collect();
-    if !executed.is_empty() {
-        // Every member that promised it executed it too: none gave up on it.
-        assert!(
-            statuses.values().all(|s| *s != Some(RecordStatus::Aborted)),
-            "members diverged on {t} ({point:?}): {statuses:?}"
-        );
-        assert!(!u_won, "{u} committed at revision 2 although {t} was decided ({point:?})");
-        for peer in &executed {
-            let revs = snapshot(*peer, &world.storages[peer], &[x()]).await.unwrap();
-            assert!(revs.blocks[&x()].revisions.iter().any(|r| r.trx_id == t && r.rev == 2));
-        }
-    }
     if matches!(point, CrashPoint::FirstDecidedSend | CrashPoint::CommitAnswer(_)) {
         assert!(executed.contains(&c), "the coordinator applied the decided record locally before sending it");
+    }
+    let snapshots = world.snapshots().await;
+    if !executed.is_empty() {
+        // SPEC 4.11: a member that answered "not executed" never executes the record, even when
+        // another peer did; it catches the committed revision up instead. So members may end
+        // Executed or Aborted, but every one holds t at revision 2 (by execution or catch-up),
+        // and u never takes revision 2 anywhere.
+        assert!(!u_won, "{u} committed at revision 2 although {t} was decided ({point:?}, statuses {statuses:?})");
+        for snap in &snapshots {
+            let revs = &snap.blocks[&x()].revisions;
+            assert!(
+                revs.iter().any(|r| r.trx_id == t && r.rev == 2),
+                "{} does not hold {t} at revision 2 after settling ({point:?}, statuses {statuses:?}): {revs:?}",
+                snap.peer
+            );
+        }
+    }
+    for peer in &world.peers {
+        let node = world.node(*peer).unwrap();
+        assert_eq!(node.consensus.live_reservations(), 0, "{peer} still holds a reservation after settling");
+        assert!(node.consensus.reserved_blocks().await.is_empty());
     }
     world.check().await
 }
@@ -663,6 +973,8 @@ async fn member_crash_restart(seed: u64) -> String {
     random_delays(&world);
     let drop = world.sim.random(|r| r.gen_range(0.0..0.05));
     world.sim.set_drop_probability(drop);
+    world.start_sampler(Duration::from_millis(25));
+    let reader = spawn_reader(&world);
 
     let writers: Vec<_> = (0..2)
         .map(|w| {
@@ -707,8 +1019,42 @@ async fn member_crash_restart(seed: u64) -> String {
         writer.await.unwrap();
     }
     chaos.await.unwrap();
+    reader.stop().await;
     world.settle().await;
     world.check().await
+}
+
+/// A client reading `x` at random nodes in random modes until stopped (its answers go to the
+/// history checker: SPEC 5.7 reads, and quorum reads that must not miss acknowledged commits).
+struct Reader {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap();
+    }
+}
+
+fn spawn_reader(world: &Arc<World>) -> Reader {
+    let stop = Arc::new(AtomicBool::new(false));
+    let world = world.clone();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        while !stopped.load(Ordering::SeqCst) {
+            let wait = world.sim.random(|r| r.gen_range(2..40));
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let up = world.up();
+            if up.is_empty() {
+                continue;
+            }
+            let via = world.pick(&up);
+            let _ = world.random_read(via).await;
+        }
+    });
+    Reader { stop, task }
 }
 
 /// Reads `x` at `via`, pends a write at the next revision and commits it; retries stale or
@@ -763,6 +1109,7 @@ async fn conflicting_writers(seed: u64) -> String {
     let drop = world.sim.random(|r| if r.gen_bool(0.5) { 0.0 } else { r.gen_range(0.0..0.05) });
     world.sim.set_drop_probability(drop);
     let writers = world.sim.random(|r| r.gen_range(2..=3));
+    let reader = spawn_reader(&world);
     let mut tasks = Vec::new();
     for w in 0..writers {
         let world = world.clone();
@@ -797,6 +1144,7 @@ async fn conflicting_writers(seed: u64) -> String {
             Some(Err(e)) => assert!(is_retryable(&e), "{trx}: commit failed with {e} (pend {pended:?})"),
         }
     }
+    reader.stop().await;
     assert!(winners <= 1, "{winners} writers committed revision 2");
     let longest = world.longest_commit_ms.load(Ordering::SeqCst);
     assert!(longest <= consensus_config().record_timeout_ms + 50, "a commit waited {longest} ms, past its expiration");
@@ -986,6 +1334,555 @@ async fn restart_keeps_promises(seed: u64) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Catch-up, byzantine peers and read contexts
+// ---------------------------------------------------------------------------------------------
+
+/// Counts the decided records (a promise quorum attached) sent to `to` on the cluster protocol.
+fn is_decided_request_to(e: &Envelope<'_>, to: PeerId) -> bool {
+    e.protocol == ProtocolKind::Cluster
+        && e.direction == Direction::Request
+        && e.to == to
+        && e.body.get("operation") == Some(&json!("update"))
+        && has_votes(e.body, "promises")
+}
+
+/// A member crashes when a decided record reaches it and restarts while the coordinator still
+/// re-sends decided records to it, possibly behind by several revisions written meanwhile
+/// (SPEC 4.6): it never applies a commit on a base it does not hold (sampled throughout: the
+/// revision log stays exactly 1..=latest and the value the fold of the committed transforms), and
+/// after settling every member has converged (SPEC 5.7).
+async fn member_restarts_during_resends(seed: u64) -> String {
+    let n = if seed.is_multiple_of(2) { 3 } else { 5 };
+    let world = World::new(seed, n, SimConfig::default()).await;
+    world.bootstrap().await;
+    random_delays(&world);
+    world.start_sampler(Duration::from_millis(20));
+    let m = world.pick(&world.peers);
+    let others: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != m).collect();
+    let c = world.pick(&others);
+    let crash_at = world.sim.random(|r| r.gen_range(1..=6usize));
+    let restarts = world.sim.random(|r| r.gen_range(1..=2usize));
+    let decided_seen = Arc::new(AtomicUsize::new(0));
+    let armed = Arc::new(AtomicBool::new(true));
+    let crashed = Arc::new(tokio::sync::Notify::new());
+    {
+        let (decided_seen, armed, crashed) = (decided_seen.clone(), armed.clone(), crashed.clone());
+        world.sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
+            if !is_decided_request_to(e, m) {
+                return Verdict::Deliver;
+            }
+            let k = decided_seen.fetch_add(1, Ordering::SeqCst) + 1;
+            if k >= crash_at && armed.swap(false, Ordering::SeqCst) {
+                crashed.notify_one();
+                return Verdict::CrashReceiver;
+            }
+            Verdict::Deliver
+        })));
+    }
+    let writes = world.sim.random(|r| r.gen_range(6..=10usize));
+    let chaos_done = Arc::new(AtomicBool::new(false));
+    let chaos_more = Arc::new(AtomicBool::new(true));
+    let chaos = {
+        let world = world.clone();
+        let (armed, chaos_done, chaos_more) = (armed.clone(), chaos_done.clone(), chaos_more.clone());
+        tokio::spawn(async move {
+            for round in 0..restarts {
+                crashed.notified().await;
+                world.crash(m);
+                // Down for a while (writes go on), then back while the coordinator's re-sends of
+                // the record it crashed on, and of those it missed, may still be on their way.
+                let down = world.sim.random(|r| r.gen_range(5..1_200));
+                world.sim.trace_event(&format!("{m} crashed on a decided record; down for {down} ms"));
+                tokio::time::sleep(Duration::from_millis(down)).await;
+                world.sim.trace_event(&format!("{m} restarts at revision {}", world.latest_rev(m).await));
+                world.start(m).await;
+                if round + 1 < restarts && chaos_more.load(Ordering::SeqCst) {
+                    armed.store(true, Ordering::SeqCst);
+                } else {
+                    break;
+                }
+            }
+            chaos_done.store(true, Ordering::SeqCst);
+        })
+    };
+    // Writes go on until the member has crashed and restarted (and a few more after).
+    let mut committed = 0;
+    for i in 0..MAX_CHAOS_WRITES {
+        if i >= writes && chaos_done.load(Ordering::SeqCst) {
+            break;
+        }
+        committed += usize::from(write_with_retries(&world, c, &format!("w{i}"), 4).await);
+        if world.sim.random(|r| r.gen_bool(0.3)) {
+            let reader = world.pick(&world.up());
+            let _ = world.random_read(reader).await;
+        }
+    }
+    assert!(committed > 0, "no write committed through {c}");
+    if chaos_done.load(Ordering::SeqCst) || !world.sim.is_up(m) {
+        // Done, or down and about to restart: no further round.
+        chaos_more.store(false, Ordering::SeqCst);
+        armed.store(false, Ordering::SeqCst);
+        chaos.await.unwrap();
+    } else {
+        // The crash point was never reached: stop waiting for it.
+        armed.store(false, Ordering::SeqCst);
+        chaos.abort();
+    }
+    world.check().await
+}
+
+/// A member is partitioned away while 20 or more commits go through, then the partition heals
+/// while the coordinator still re-sends the last decided records: the member applies nothing
+/// across a gap (it is at revision 1 and receives commits at revision 20+), catches up with
+/// evidence (its catch-up keeps the evidence of every revision) and converges.
+async fn far_behind_member(seed: u64) -> String {
+    let n = if seed.is_multiple_of(2) { 3 } else { 5 };
+    let world = World::new(seed, n, SimConfig::default()).await;
+    world.bootstrap().await;
+    random_delays(&world);
+    world.start_sampler(Duration::from_millis(50));
+    let m = world.pick(&world.peers);
+    let rest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != m).collect();
+    let c = world.pick(&rest);
+    world.sim.partition(&[vec![m], rest.clone()]);
+    let commits = world.sim.random(|r| r.gen_range(20..=30usize));
+    let heal_after = commits - world.sim.random(|r| r.gen_range(0..=2usize));
+    let mut committed = 0;
+    for i in 0..commits {
+        if i == heal_after {
+            world.sim.heal();
+        }
+        assert!(write_with_retries(&world, c, &format!("p{i}"), 6).await, "write {i} through {c} failed");
+        committed += 1;
+    }
+    world.sim.heal();
+    // The re-sends and the next writes reach the member: it votes behind, waits, and catches up.
+    for i in 0..3 {
+        let via = world.pick(&world.peers);
+        write_with_retries(&world, via, &format!("h{i}"), 6).await;
+        let _ = world.random_read(world.pick(&world.peers)).await;
+    }
+    world.wait_idle().await;
+    let newest = world.latest_rev(c).await;
+    assert!(newest > committed as u64, "the writes went through (latest {newest})");
+    // The member caught up by itself (behind reports, before any settle-time catch-up).
+    assert_eq!(world.latest_rev(m).await, newest, "{m} did not catch up after the partition healed");
+    let node = world.node(m).unwrap();
+    assert!(node.catch_up.reports() > 0, "{m} never reported being behind");
+    for rev in 2..=newest {
+        assert!(node.local.evidence(&x(), rev).await.unwrap().is_some(), "{m} keeps no evidence for revision {rev}");
+    }
+    world.check().await
+}
+
+/// Made-up Ed25519 identities (peers nobody has seen), drawn from the seed.
+fn made_up_keys(world: &World, count: usize) -> Vec<Keypair> {
+    (0..count)
+        .map(|_| {
+            let mut secret: [u8; 32] = world.sim.random(|r| r.r#gen());
+            Keypair::ed25519_from_bytes(&mut secret).unwrap()
+        })
+        .collect()
+}
+
+fn set_value(value: Value) -> Transform {
+    Transform { updates: Some(vec![BlockOperation::set("value", value)]), ..Transform::default() }
+}
+
+fn pend_op(trx_id: &TrxId, rev: u64, value: Value) -> RepoOperation {
+    RepoOperation::Pend(PendRequest {
+        trx_id: trx_id.clone(),
+        rev: Some(rev),
+        transforms: Transforms { updates: BTreeMap::from([(x(), vec![BlockOperation::set("value", value)])]), ..Transforms::default() },
+        policy: PendPolicy::Continue,
+    })
+}
+
+fn commit_op(trx_id: &TrxId, rev: u64) -> RepoOperation {
+    RepoOperation::Commit(CommitRequest { trx_id: trx_id.clone(), block_ids: vec![x()], rev, tail_id: x(), header_id: None })
+}
+
+/// A record among `peers` with approving (or rejecting) promises signed by `signers`.
+fn signed(peers: &[PeerId], operation: RepoOperation, expiration: u64, signers: &[&Keypair], vote: VoteType) -> ClusterRecord {
+    let mut record = record_for(peers, &RepoMessage::new(operation, expiration));
+    for signer in signers {
+        let signed = record.sign_promise(signer, vote, (vote == VoteType::Reject).then(|| "conflict: made up".to_owned())).unwrap();
+        record.promises.insert(signer.public().to_peer_id().to_base58(), signed);
+    }
+    record
+}
+
+/// What the byzantine peer's sync protocol serves.
+#[derive(Clone)]
+struct Forger {
+    byz: Keypair,
+    view: Vec<PeerId>,
+    made_up: Vec<Keypair>,
+    honest: SyncServer,
+    /// Also serve evidence whose peer set is the whole view plus made-up peers, "decided" by the
+    /// forger and its made-up peers (their approvals outnumber the view's).
+    inflate: bool,
+    served: Arc<AtomicUsize>,
+    clock: Arc<dyn optimystic_core::consensus::Clock>,
+}
+
+impl Forger {
+    /// A forged page: one entry at `rev` (what the asker expects), of one of several kinds.
+    async fn page(&self, block_id: &BlockId, rev: u64) -> Value {
+        let kind = self.served.fetch_add(1, Ordering::SeqCst);
+        let trx = TrxId::new(format!("forged-{kind}")).unwrap();
+        let transform = set_value(json!(format!("forged {kind}")));
+        let expiration = self.clock.now_ms() + 1_000;
+        let byz_id = self.byz.public().to_peer_id();
+        let mut entry = json!({"trxId": trx.as_str(), "rev": rev, "transform": transform});
+        // The inflated kind alone when asked for (it is the known hole), else the four others.
+        let variant = if self.inflate { 4 } else { kind % 4 };
+        match variant {
+            // No evidence: only a quorum of the view reporting it identically would do.
+            0 => {}
+            // Evidence decided by made-up peers (and the forger) among themselves.
+            1 => {
+                let peers: Vec<PeerId> = std::iter::once(byz_id).chain(self.made_up.iter().map(|k| k.public().to_peer_id())).collect();
+                let signers: Vec<&Keypair> = std::iter::once(&self.byz).chain(self.made_up.iter()).collect();
+                entry["evidence"] = json!({
+                    "pend": signed(&peers, pend_op(&trx, rev, json!(format!("forged {kind}"))), expiration, &signers, VoteType::Approve).to_value(),
+                    "commit": signed(&peers, commit_op(&trx, rev), expiration, &signers, VoteType::Approve).to_value(),
+                });
+            }
+            // Genuine evidence of a real revision with its transform tampered with.
+            2 => {
+                let request = json!({"op": "revisions", "blockId": block_id.as_str(), "afterRev": rev.saturating_sub(1), "limit": 1});
+                if let Ok(real) = self.honest.handle(request).await
+                    && let Some(first) = real["entries"].get(0)
+                {
+                    entry = first.clone();
+                    entry["transform"] = serde_json::to_value(&transform).unwrap();
+                }
+            }
+            // Genuine evidence of the previous revision, replayed for this one.
+            3 => {
+                let request = json!({"op": "revisions", "blockId": block_id.as_str(), "afterRev": rev.saturating_sub(2), "limit": 1});
+                if let Ok(real) = self.honest.handle(request).await
+                    && let Some(first) = real["entries"].get(0)
+                {
+                    entry = first.clone();
+                    entry["rev"] = json!(rev);
+                }
+            }
+            // Inflated evidence: the whole view plus more made-up peers than the view has,
+            // approved by the forger and the made-up peers only.
+            _ => {
+                let peers: Vec<PeerId> =
+                    self.view.iter().copied().chain(self.made_up.iter().map(|k| k.public().to_peer_id())).collect();
+                let signers: Vec<&Keypair> = std::iter::once(&self.byz).chain(self.made_up.iter()).collect();
+                entry["evidence"] = json!({
+                    "pend": signed(&peers, pend_op(&trx, rev, json!(format!("forged {kind}"))), expiration, &signers, VoteType::Approve).to_value(),
+                    "commit": signed(&peers, commit_op(&trx, rev), expiration, &signers, VoteType::Approve).to_value(),
+                });
+            }
+        }
+        json!({"latest": {"trxId": "forged-top", "rev": 1_000_000}, "entries": [entry], "more": true})
+    }
+
+    fn forgery(self) -> SyncForgery {
+        Arc::new(move |request: Value| {
+            let forger = self.clone();
+            Box::pin(async move {
+                match request.get("op").and_then(Value::as_str) {
+                    Some("latest") => {
+                        let ids = request["blockIds"].as_array().cloned().unwrap_or_default();
+                        let latest: serde_json::Map<String, Value> = ids
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .map(|id| (id.to_owned(), json!({"trxId": "forged-top", "rev": 1_000_000})))
+                            .collect();
+                        Some(json!({"latest": latest}))
+                    }
+                    Some("revisions") => {
+                        let block_id = BlockId::new(request["blockId"].as_str()?).ok()?;
+                        let after = request["afterRev"].as_u64().unwrap_or(0);
+                        Some(forger.page(&block_id, after + 1).await)
+                    }
+                    _ => None,
+                }
+            })
+        })
+    }
+}
+
+/// The byzantine peer sends records naming made-up peers to `target`: each is refused and leaves
+/// no reservation and no block change behind. Returns how many 2pc metadata entries the target
+/// gained from the records that are answered rather than refused (an abort proven by made-up
+/// rejections, a status query of an expired made-up record).
+async fn send_made_up_records(world: &World, byz: &Keypair, target: PeerId, made_up: &[Keypair]) -> usize {
+    let byz_id = byz.public().to_peer_id();
+    let net = world.sim.network(byz_id);
+    let now = world.sim.clock().now_ms();
+    let latest = world.latest_rev(target).await;
+    let ids: Vec<PeerId> = made_up.iter().map(|k| k.public().to_peer_id()).collect();
+    let inflated: Vec<PeerId> = world.peers.iter().copied().chain(ids.iter().copied()).collect();
+    let trx = TrxId::new("made-up").unwrap();
+    let made_up_signers: Vec<&Keypair> = made_up.iter().collect();
+    let byz_and_made_up: Vec<&Keypair> = std::iter::once(byz).chain(made_up.iter()).collect();
+    let cases = [
+        ("phase 1 naming a made-up peer", record_for(&[world.peers.clone(), vec![ids[0]]].concat(), &RepoMessage::new(pend_op(&trx, latest + 1, json!("m")), now + 1_000))),
+        ("phase 1 among made-up peers", record_for(&[vec![target, byz_id], ids[..3].to_vec()].concat(), &RepoMessage::new(pend_op(&trx, latest + 1, json!("m")), now + 1_000))),
+        ("phase 1 without the sender", record_for(&[vec![target], ids[..2].to_vec()].concat(), &RepoMessage::new(commit_op(&trx, latest + 1), now + 1_000))),
+        ("decided by made-up peers outnumbering the view", signed(&inflated, commit_op(&trx, latest + 1), now + 1_000, &byz_and_made_up, VoteType::Approve)),
+        ("pend decided by made-up peers outnumbering the view", signed(&inflated, pend_op(&trx, latest + 1, json!("m")), now + 1_000, &byz_and_made_up, VoteType::Approve)),
+    ];
+    let before = snapshot(target, &world.storages[&target], &[x()]).await.unwrap();
+    for (name, record) in cases {
+        let answer = net.request(target, ProtocolKind::Cluster, update_request(&record), Duration::from_secs(1)).await;
+        assert!(
+            matches!(&answer, Err(NetworkError::Remote { code, .. }) if code == ErrorCode::BadRequest.as_str()),
+            "{name}: expected a refusal, got {answer:?}"
+        );
+        let node = world.node(target).unwrap();
+        assert!(node.consensus.reserved_blocks().await.is_empty(), "{name} left a reservation");
+        assert_eq!(snapshot(target, &world.storages[&target], &[x()]).await.unwrap(), before, "{name} changed a block");
+    }
+    // Answered, not refused: what do they make the target store?
+    let meta_before = world.storages[&target].list_meta("2pc/", 100_000).await.unwrap().len();
+    let abort = signed(&inflated, commit_op(&trx, latest + 1), now + 1_000, &made_up_signers, VoteType::Reject);
+    let _ = net.request(target, ProtocolKind::Cluster, update_request(&abort), Duration::from_secs(1)).await;
+    let expired = record_for(&inflated, &RepoMessage::new(commit_op(&trx, latest + 1), now.saturating_sub(10_000)));
+    let status = json!({"operation": "status", "record": expired.to_value()});
+    let _ = net.request(target, ProtocolKind::Cluster, status, Duration::from_secs(1)).await;
+    let node = world.node(target).unwrap();
+    assert!(node.consensus.reserved_blocks().await.is_empty(), "an answered made-up record left a reservation");
+    assert_eq!(snapshot(target, &world.storages[&target], &[x()]).await.unwrap(), before, "a made-up record changed a block");
+    world.storages[&target].list_meta("2pc/", 100_000).await.unwrap().len().saturating_sub(meta_before)
+}
+
+/// A byzantine member (it votes honestly but its sync protocol lies: it claims revision 1,000,000
+/// and serves invented revisions without evidence, with evidence decided among made-up peers,
+/// with genuine evidence and a tampered transform, or with the previous revision's evidence
+/// replayed; and it sends records naming made-up peers). Honest members apply nothing it
+/// invents: their histories stay the honest one, the made-up records are refused and hold no
+/// reservation (SPEC 4.10, 4.11, 5.8).
+async fn byzantine_peer(seed: u64, inflate: bool) -> String {
+    let world = World::new(seed, 5, SimConfig::default()).await;
+    let byz = world.pick(&world.peers);
+    let honest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != byz).collect();
+    let made_up = made_up_keys(&world, 6);
+    let forger = Forger {
+        byz: world.keys[&byz].clone(),
+        view: world.peers.clone(),
+        made_up: made_up.clone(),
+        honest: SyncServer::new(StorageRepo::new(Arc::new(world.storages[&byz].clone()))),
+        inflate,
+        served: Arc::new(AtomicUsize::new(0)),
+        clock: world.sim.clock(),
+    };
+    let served = forger.served.clone();
+    world.crash(byz);
+    world.forgeries.lock().unwrap().insert(byz, forger.forgery());
+    world.start(byz).await;
+    world.bootstrap().await;
+    random_delays(&world);
+    world.start_sampler(Duration::from_millis(50));
+
+    // A member misses some commits; every catch-up asks the byzantine peer first (it claims the
+    // newest revision).
+    let m = world.pick(&honest);
+    let rest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != m).collect();
+    let c = world.pick(&honest.iter().copied().filter(|p| *p != m).collect::<Vec<_>>());
+    world.sim.partition(&[vec![m], rest]);
+    let missed = world.sim.random(|r| r.gen_range(3..=8usize));
+    for i in 0..missed {
+        assert!(write_with_retries(&world, c, &format!("p{i}"), 6).await, "write {i} failed");
+    }
+    world.sim.heal();
+    for i in 0..3 {
+        write_with_retries(&world, world.pick(&honest), &format!("h{i}"), 6).await;
+        let _ = world.random_read(world.pick(&honest)).await;
+    }
+    world.wait_idle().await;
+    let no_forged_revision = async || {
+        for snap in world.snapshots().await {
+            for rev in &snap.blocks[&x()].revisions {
+                assert!(
+                    !rev.trx_id.as_str().starts_with("forged") && rev.trx_id.as_str() != "made-up",
+                    "{} applied a revision the byzantine peer invented: {rev:?}",
+                    snap.peer
+                );
+            }
+        }
+    };
+    no_forged_revision().await;
+    let target = world.pick(&honest);
+    let stored = send_made_up_records(&world, &world.keys[&byz], target, &made_up).await;
+    let trace = world.check().await;
+    assert!(served.load(Ordering::SeqCst) > 0, "no catch-up ever asked the byzantine peer for a page");
+    no_forged_revision().await;
+    format!("{trace} made-up records stored {stored} 2pc entries")
+}
+
+/// SPEC 4.11 / 5.8: records a single peer makes up (naming made-up peers) make a member store
+/// nothing: an abort "proven" by made-up rejections and a status query of an expired made-up
+/// record are answered without persisting anything.
+async fn made_up_records_store_nothing(seed: u64) -> String {
+    let world = World::new(seed, 5, SimConfig::default()).await;
+    world.bootstrap().await;
+    let byz = world.pick(&world.peers);
+    let honest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != byz).collect();
+    let target = world.pick(&honest);
+    let made_up = made_up_keys(&world, 6);
+    let stored = send_made_up_records(&world, &world.keys[&byz], target, &made_up).await;
+    assert_eq!(stored, 0, "records invented by one peer made {target} store {stored} 2pc entries");
+    world.check().await
+}
+
+/// SPEC 2.1: a read whose context names a transaction that was pended but never committed (and
+/// one that exists nowhere) answers with the reader's context on a member, for that answer only:
+/// storage is unchanged, nothing is promoted, and a later commit of another transaction at that
+/// revision goes through.
+async fn read_with_uncommitted_context(seed: u64) -> String {
+    let world = World::new(seed, 3, SimConfig::default()).await;
+    world.bootstrap().await;
+    random_delays(&world);
+    let c = world.pick(&world.peers);
+    let t = world.trx("never");
+    assert!(matches!(world.pend(c, &t, 2, json!("never")).await.unwrap().unwrap(), PendResult::Success(_)));
+    world.wait_idle().await;
+    let ghost = TrxId::new("ghost").unwrap();
+    let t_at_2 = TrxRev { trx_id: t.clone(), rev: 2 };
+    let ghost_at_2 = TrxRev { trx_id: ghost.clone(), rev: 2 };
+    let asserted = vec![(t_at_2.clone(), set_value(json!("never")))];
+    let before = world.snapshots().await;
+    let meta_before: Vec<_> = {
+        let mut all = Vec::new();
+        for peer in &world.peers {
+            all.push(world.storages[peer].list_meta("", 100_000).await.unwrap());
+        }
+        all
+    };
+    for peer in world.peers.clone() {
+        for mode in [ReadMode::Local, ReadMode::Quorum] {
+            let context = TrxContext { committed: vec![t_at_2.clone()], rev: 2, trx_id: None };
+            let (latest, value) = world.read(peer, mode, Some(context), asserted.clone(), None).await.unwrap().unwrap();
+            assert_eq!(latest.map(|l| l.rev), Some(1));
+            assert_eq!(value.unwrap().fields["value"], json!("never"), "the reader's context is in its own answer");
+            // The reader's own pending transaction.
+            let context = TrxContext { committed: vec![], rev: 1, trx_id: Some(t.clone()) };
+            let (_, value) = world.read(peer, mode, Some(context), Vec::new(), Some(set_value(json!("never")))).await.unwrap().unwrap();
+            assert_eq!(value.unwrap().fields["value"], json!("never"));
+            // A transaction pending nowhere is left out.
+            let context = TrxContext { committed: vec![ghost_at_2.clone()], rev: 2, trx_id: None };
+            let (_, value) = world.read(peer, mode, Some(context), Vec::new(), None).await.unwrap().unwrap();
+            assert_eq!(value.unwrap().fields["value"], json!(0));
+        }
+        // The local repository itself (AnswerOnly, as the consensus asks) and the coordinator.
+        let node = world.node(peer).unwrap();
+        assert_eq!(node.local.read_promotion(), ReadPromotion::AnswerOnly);
+        let gets = BlockGets {
+            block_ids: vec![x()],
+            context: Some(TrxContext { committed: vec![t_at_2.clone(), ghost_at_2.clone()], rev: 2, trx_id: None }),
+            read_mode: None,
+        };
+        let answer = node.local.get(&gets, &MessageOptions::default()).await.unwrap();
+        assert_eq!(answer[&x()].block.as_ref().unwrap().fields["value"], json!("never"));
+        let answer = node.repo.get(&gets, &MessageOptions::default()).await.unwrap();
+        assert_eq!(answer[&x()].block.as_ref().unwrap().fields["value"], json!("never"));
+    }
+    world.wait_idle().await;
+    assert_eq!(world.snapshots().await, before, "a read changed storage");
+    for (peer, meta) in world.peers.iter().zip(&meta_before) {
+        assert_eq!(&world.storages[peer].list_meta("", 100_000).await.unwrap(), meta, "a read changed {peer}'s metadata");
+    }
+    // Another transaction takes revision 2; the reader's assertion is then simply out of date.
+    let u = world.trx("other");
+    assert!(matches!(world.pend(c, &u, 2, json!("other")).await.unwrap().unwrap(), PendResult::Success(_)));
+    assert!(matches!(world.commit(c, &u, 2).await.unwrap().unwrap(), CommitResult::Success(_)));
+    world.wait_idle().await;
+    for peer in world.peers.clone() {
+        let context = TrxContext { committed: vec![t_at_2.clone()], rev: 2, trx_id: None };
+        let (latest, value) = world.read(peer, ReadMode::Quorum, Some(context), asserted.clone(), None).await.unwrap().unwrap();
+        assert_eq!(latest, Some(TrxRev { trx_id: u.clone(), rev: 2 }));
+        assert_eq!(value.unwrap().fields["value"], json!("other"));
+    }
+    let trace = world.check().await;
+    for snap in world.snapshots().await {
+        assert!(snap.blocks[&x()].revisions.iter().all(|r| r.trx_id != t), "{snap:?}");
+    }
+    trace
+}
+
+/// SPEC 4.6: a decided record waiting for catch-up that cannot happen yet is retried at a
+/// bounded pace, never in a busy loop: first while every sync answer is lost (each catch-up
+/// attempt waits for its timeout), then while every other peer is down (each attempt fails at
+/// once). The member catches up once the cluster is back.
+async fn waiting_record_backs_off(seed: u64) -> String {
+    let world = World::new(seed, 3, SimConfig::default()).await;
+    world.bootstrap().await;
+    let m = world.pick(&world.peers);
+    let rest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != m).collect();
+    let c = world.pick(&rest);
+    // m misses two commits entirely.
+    world.sim.partition(&[vec![m], rest.clone()]);
+    for i in 0..2 {
+        assert!(write_with_retries(&world, c, &format!("p{i}"), 4).await);
+    }
+    world.wait_idle().await;
+    // Past the records' lifetime: the coordinator has stopped re-sending them to m.
+    tokio::time::sleep(Duration::from_millis(2 * consensus_config().record_timeout_ms)).await;
+    assert_eq!(world.latest_rev(m).await, 1);
+    // Sync is cut for m; then the decided records of revision 4 reach it (it is at 1).
+    world.sim.heal();
+    world.sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
+        if e.protocol == ProtocolKind::Sync && (e.from == m || e.to == m) { Verdict::Drop } else { Verdict::Deliver }
+    })));
+    assert!(write_with_retries(&world, c, "late", 4).await);
+    let node = world.node(m).unwrap();
+    let window = Duration::from_secs(10);
+    let before = node.catch_up.reports();
+    tokio::time::sleep(window).await;
+    let lost_answers = node.catch_up.reports() - before;
+    assert_eq!(world.latest_rev(m).await, 1, "{m} caught up without sync");
+    assert!(node.consensus.live_reservations() > 0, "{m} holds the decided records it waits to apply");
+    // Every other peer goes down: catch-up attempts now fail at once.
+    world.sim.set_filter(None);
+    for peer in &rest {
+        world.crash(*peer);
+    }
+    let before = node.catch_up.reports();
+    tokio::time::sleep(window).await;
+    let peers_down = node.catch_up.reports() - before;
+    assert!(
+        lost_answers <= 1_000 && peers_down <= 1_000,
+        "{m} reported being behind {lost_answers} times in {window:?} with sync answers lost and {peers_down} times with \
+         its peers down: a retry loop without backoff"
+    );
+    world.check().await
+}
+
+/// `ReadMode::Quorum` (core/src/reads.rs): "a quorum read never misses an acknowledged commit".
+/// A member that missed a commit reads in quorum mode while its catch-up cannot fetch the
+/// revisions (its sync `revisions` requests are lost, `latest` answers arrive): the read must not
+/// answer the older revision as if it were current (it may fail with a retryable error).
+async fn quorum_read_sees_acknowledged_commits(seed: u64) -> String {
+    let world = World::new(seed, 3, SimConfig::default()).await;
+    world.bootstrap().await;
+    let m = world.pick(&world.peers);
+    let rest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != m).collect();
+    world.sim.partition(&[vec![m], rest.clone()]);
+    assert!(write_with_retries(&world, rest[0], "acked", 4).await);
+    world.wait_idle().await;
+    tokio::time::sleep(Duration::from_millis(2 * consensus_config().record_timeout_ms)).await;
+    world.sim.heal();
+    world.sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
+        let revisions = e.body.get("op") == Some(&json!("revisions"));
+        if e.protocol == ProtocolKind::Sync && e.from == m && revisions { Verdict::Drop } else { Verdict::Deliver }
+    })));
+    let answer = world.read(m, ReadMode::Quorum, None, Vec::new(), None).await.unwrap();
+    if let Err(e) = &answer {
+        assert!(is_retryable(e), "a quorum read failed with {e}");
+    }
+    world.check().await
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
 
@@ -1032,11 +1929,63 @@ fn sim_restart_keeps_promises() {
 /// A seed replays exactly: the same operations, outcomes and final storage.
 #[test]
 fn sim_seeds_replay() {
-    let scenarios: [Scenario; 2] =
-        [|seed| Box::pin(conflicting_writers(seed)), |seed| Box::pin(coordinator_crash(seed, false))];
+    let scenarios: [Scenario; 4] = [
+        |seed| Box::pin(conflicting_writers(seed)),
+        |seed| Box::pin(coordinator_crash(seed, false)),
+        |seed| Box::pin(member_restarts_during_resends(seed)),
+        |seed| Box::pin(byzantine_peer(seed, false)),
+    ];
     for scenario in scenarios {
         for seed in [1, 2, 3] {
             assert_eq!(run_seed(scenario, seed), run_seed(scenario, seed), "seed {seed} did not replay");
         }
     }
+}
+
+#[test]
+fn sim_member_restarts_during_resends() {
+    run("sim_member_restarts_during_resends", |seed| Box::pin(member_restarts_during_resends(seed)));
+}
+
+#[test]
+fn sim_far_behind_member() {
+    run("sim_far_behind_member", |seed| Box::pin(far_behind_member(seed)));
+}
+
+#[test]
+fn sim_byzantine_peer() {
+    run("sim_byzantine_peer", |seed| Box::pin(byzantine_peer(seed, false)));
+}
+
+/// Evidence whose peer set is the whole view plus more made-up peers than the view has, approved
+/// by one real peer and the made-up ones, passes `evidence::verify` (it checks that the peer set
+/// covers the view and that a majority of the peer set approved, not that a majority of the view
+/// approved): one byzantine peer makes members apply invented revisions.
+#[test]
+#[ignore = "known bug: evidence::verify accepts approvals of made-up peers outnumbering the view"]
+fn sim_byzantine_peer_inflated_evidence() {
+    run("sim_byzantine_peer_inflated_evidence", |seed| Box::pin(byzantine_peer(seed, true)));
+}
+
+#[test]
+#[ignore = "known gap: an abort proven by made-up rejections, or a status query, persists a 2pc entry"]
+fn sim_made_up_records_store_nothing() {
+    run("sim_made_up_records_store_nothing", |seed| Box::pin(made_up_records_store_nothing(seed)));
+}
+
+#[test]
+fn sim_read_with_uncommitted_context() {
+    run("sim_read_with_uncommitted_context", |seed| Box::pin(read_with_uncommitted_context(seed)));
+}
+
+#[test]
+#[ignore = "known bug: behind report -> catch-up -> caught_up -> behind report loops without backoff"]
+fn sim_waiting_record_backs_off() {
+    run("sim_waiting_record_backs_off", |seed| Box::pin(waiting_record_backs_off(seed)));
+}
+
+#[test]
+#[ignore = "known bug: a quorum read whose catch-up fails answers the older revision"]
+fn sim_quorum_read_sees_acknowledged_commits() {
+    run("sim_quorum_read_sees_acknowledged_commits", |seed| Box::pin(quorum_read_sees_acknowledged_commits(seed)));
 }
