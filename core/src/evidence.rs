@@ -67,8 +67,9 @@ pub enum EvidenceError {
         /// The revision.
         rev: u64,
     },
-    /// The records verify, but their peer set or approvals do not cover a quorum of this node's
-    /// view of the cluster (membership changed since): the quorum-agreement fallback may apply.
+    /// The records verify, but their approvals do not come from a majority of this node's view of
+    /// the cluster (membership changed since, or padded peer sets): the quorum-agreement fallback
+    /// may apply.
     #[error("evidence for revision {rev} of {block_id} does not cover this node's view: {detail}")]
     Membership {
         /// The block.
@@ -101,8 +102,8 @@ pub fn majority(n: usize) -> usize {
 /// Checks `evidence` for revision `trx_rev` of `block_id` carrying `transform` (SPEC 4.10 (a)-(c),
 /// except the `latest + 1` rule, which the caller checks under its block lock): both records
 /// verify, are decided (a majority of their peer set approved), name this transaction, revision,
-/// block and transform, and their peer sets cover a majority of `view` (this node's own view of the
-/// block's cluster).
+/// block and transform, and each carries approving promises from a majority of `view` (this node's
+/// own view of the block's cluster: approvals from outside it count for nothing).
 ///
 /// Errors: [`EvidenceError::Missing`] without a pend record; [`EvidenceError::Membership`] when
 /// only the view coverage fails; [`EvidenceError::Invalid`] otherwise.
@@ -133,14 +134,19 @@ pub fn verify(
         _ => return Err(invalid("the pend record does not carry this transaction's transform for the block".into())),
     }
     for (what, record) in [("pend", &pend), ("commit", &commit)] {
+        // Approvals from a majority of this node's own view: a peer set padded with made-up keys
+        // approving each other proves nothing (their approvals are not from the view).
         let needed = majority(view.len());
-        let covered = view.iter().filter(|p| record.peers.contains_key(&crypto::peer_text(p))).count();
-        if covered < needed {
+        let approving = view
+            .iter()
+            .filter(|p| record.promises.get(&crypto::peer_text(p)).is_some_and(|v| v.is_approve()))
+            .count();
+        if approving < needed {
             return Err(EvidenceError::Membership {
                 block_id: block_id.clone(),
                 rev,
                 detail: format!(
-                    "the {what} record's peer set covers {covered} of the {} peers of this node's view; {needed} needed",
+                    "{approving} of the {} peers of this node's view approved the {what} record; {needed} needed",
                     view.len()
                 ),
             });

@@ -129,7 +129,15 @@ impl ClusterReads {
                 && local_rev.is_none_or(|l| rev > l)
             {
                 tracing::debug!(%block_id, rev, ?local_rev, "behind a quorum peer; catching up before the read");
-                self.catch_up.catch_up_in(block_id, members).await?;
+                let report = self.catch_up.catch_up_report(block_id, members).await?;
+                if let Some((peer, claimed)) = report.unreached.first() {
+                    // An acknowledged commit may be among the revisions not reached: answering now
+                    // could miss it. A peer whose claim is disproved (it served unverifiable data)
+                    // does not block the read.
+                    return Err(RepoError::Unavailable(format!(
+                        "quorum read of {block_id}: {peer} reports revision {claimed}, which this node could not catch up to"
+                    )));
+                }
             }
         }
         Ok(())

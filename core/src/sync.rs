@@ -173,6 +173,27 @@ impl SyncServer {
     }
 }
 
+/// What one catch-up of a block did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CatchUpReport {
+    /// Revisions applied.
+    pub applied: usize,
+    /// Peers whose claimed latest revision is still above this node's after the catch-up and
+    /// that did not disprove their claim (they could not be reached, or their revisions could not
+    /// be verified yet), with the revision claimed.
+    pub unreached: Vec<(PeerId, u64)>,
+}
+
+/// Why a pull from one peer stopped.
+enum Pull {
+    /// The peer served data that cannot be true (a revision out of order, forged or tampered
+    /// evidence, a transform that does not apply): its claims are ignored for this catch-up.
+    Disproved(String),
+    /// The pull failed without proving anything about the peer (network, storage, no quorum to
+    /// confirm an unproven revision).
+    Failed(RepoError),
+}
+
 /// Fetches, verifies and applies missing committed revisions from the peers of this node's view
 /// of a block's cluster.
 #[derive(Clone)]
@@ -249,6 +270,12 @@ impl CatchUp {
     /// this node holds the newest claimed revision or every such peer was tried. A peer that serves
     /// unverifiable data is skipped for this catch-up. Returns the revisions applied.
     pub async fn catch_up_in(&self, block_id: &BlockId, view: &[PeerId]) -> Result<usize, RepoError> {
+        Ok(self.catch_up_report(block_id, view).await?.applied)
+    }
+
+    /// [`CatchUp::catch_up_in`], reporting also the claims still above this node's latest
+    /// afterwards that no peer disproved (a quorum read cannot answer past those).
+    pub async fn catch_up_report(&self, block_id: &BlockId, view: &[PeerId]) -> Result<CatchUpReport, RepoError> {
         let me = self.network.local_peer_id();
         let others: Vec<PeerId> = view.iter().copied().filter(|p| *p != me).collect();
         let answers = self.latest_of(&others, std::slice::from_ref(block_id)).await;
@@ -257,17 +284,34 @@ impl CatchUp {
             .filter_map(|(peer, r)| r.latest.get(block_id).cloned().flatten().map(|l| (l.rev, peer)))
             .collect();
         claims.sort_by(|a, b| b.cmp(a));
-        let mut applied = 0usize;
-        for (claimed, peer) in claims {
-            if self.local_rev(block_id).await? >= claimed {
+        let mut report = CatchUpReport::default();
+        let mut disproved = Vec::new();
+        for (claimed, peer) in &claims {
+            if self.local_rev(block_id).await? >= *claimed {
                 continue;
             }
-            match self.pull_from(block_id, peer, view).await {
-                Ok(n) => applied += n,
-                Err(e) => tracing::warn!(%block_id, %peer, error = %e, "catch-up from a peer stopped; trying the next"),
+            let mut applied = 0usize;
+            let outcome = self.pull_from(block_id, *peer, view, &mut applied).await;
+            report.applied += applied;
+            match outcome {
+                Ok(()) if self.local_rev(block_id).await? < *claimed => {
+                    tracing::warn!(%block_id, %peer, claimed, "a peer claimed a revision it did not serve");
+                    disproved.push(*peer);
+                }
+                Ok(()) => {}
+                Err(Pull::Disproved(why)) => {
+                    tracing::warn!(%block_id, %peer, why = %why, "a peer served unverifiable data; skipped for this catch-up");
+                    disproved.push(*peer);
+                }
+                Err(Pull::Failed(e)) => {
+                    tracing::debug!(%block_id, %peer, error = %e, "catch-up from a peer failed; trying the next");
+                }
             }
         }
-        Ok(applied)
+        let local = self.local_rev(block_id).await?;
+        report.unreached =
+            claims.into_iter().filter(|(rev, peer)| *rev > local && !disproved.contains(peer)).map(|(r, p)| (p, r)).collect();
+        Ok(report)
     }
 
     async fn local_rev(&self, block_id: &BlockId) -> Result<u64, RepoError> {
@@ -281,43 +325,44 @@ impl CatchUp {
         serde_json::from_value(answer).map_err(|e| RepoError::Unavailable(format!("malformed sync answer from {peer}: {e}")))
     }
 
-    /// Pulls and applies verified revisions from `peer`, page after page.
-    async fn pull_from(&self, block_id: &BlockId, peer: PeerId, view: &[PeerId]) -> Result<usize, RepoError> {
-        let mut applied = 0usize;
+    /// Pulls and applies verified revisions from `peer`, page after page, counting them in
+    /// `applied`.
+    async fn pull_from(&self, block_id: &BlockId, peer: PeerId, view: &[PeerId], applied: &mut usize) -> Result<(), Pull> {
         for _ in 0..MAX_SYNC_PAGES {
-            let after_rev = self.local_rev(block_id).await?;
-            let page = self.page(peer, block_id, after_rev, MAX_SYNC_ENTRIES).await?;
+            let after_rev = self.local_rev(block_id).await.map_err(Pull::Failed)?;
+            let page = self.page(peer, block_id, after_rev, MAX_SYNC_ENTRIES).await.map_err(Pull::Failed)?;
             let mut expected = after_rev.saturating_add(1);
             for entry in &page.entries {
                 if entry.rev != expected {
-                    return Err(RepoError::Unavailable(format!(
-                        "{peer} sent revision {} of {block_id} where {expected} was due",
-                        entry.rev
-                    )));
+                    return Err(Pull::Disproved(format!("it sent revision {} where {expected} was due", entry.rev)));
                 }
                 let trx_rev = TrxRev { trx_id: entry.trx_id.clone(), rev: entry.rev };
                 let kept = match evidence::verify(entry.evidence.as_ref(), block_id, &trx_rev, &entry.transform, view) {
                     Ok(()) => entry.evidence.as_ref(),
                     Err(e @ (EvidenceError::Missing { .. } | EvidenceError::Membership { .. })) => {
                         if !self.agreed_by_quorum(block_id, entry, peer, view).await {
-                            return Err(RepoError::Unavailable(format!("{e}, and no quorum of the view reports it")));
+                            return Err(Pull::Failed(RepoError::Unavailable(format!(
+                                "{e}, and no quorum of the view reports it"
+                            ))));
                         }
                         tracing::info!(%block_id, rev = entry.rev, "applying a revision a quorum of the view reports identically");
                         None
                     }
-                    Err(e @ EvidenceError::Invalid { .. }) => {
-                        return Err(RepoError::Unavailable(format!("{peer} served {e}")));
-                    }
+                    Err(e @ EvidenceError::Invalid { .. }) => return Err(Pull::Disproved(e.to_string())),
                 };
-                self.local.apply_replica(block_id, &trx_rev, &entry.transform, kept).await?;
-                applied += 1;
+                match self.local.apply_replica(block_id, &trx_rev, &entry.transform, kept).await {
+                    Ok(true) => *applied += 1,
+                    Ok(false) => {}
+                    Err(e @ RepoError::InvalidTransform { .. }) => return Err(Pull::Disproved(e.to_string())),
+                    Err(e) => return Err(Pull::Failed(e)),
+                }
                 expected = expected.saturating_add(1);
             }
             if !page.more || page.entries.is_empty() {
                 break;
             }
         }
-        Ok(applied)
+        Ok(())
     }
 
     /// Whether a quorum of `view`, this node excluded, reports `entry` identically (same trxId,

@@ -122,12 +122,13 @@ async fn catch_up_behind(
         tokio::spawn(async move {
             queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&block_id);
             match catch_up.catch_up(&block_id).await {
-                Ok(applied) => {
-                    if applied > 0 {
-                        tracing::debug!(%block_id, applied, "caught up a block this member was behind on");
-                    }
+                // Only progress wakes the waiting records: a catch-up that applied nothing would
+                // have them report behind again at once (their own retries back off instead).
+                Ok(applied) if applied > 0 => {
+                    tracing::debug!(%block_id, applied, "caught up a block this member was behind on");
                     consensus.caught_up(&block_id).await;
                 }
+                Ok(_) => {}
                 Err(e) => tracing::debug!(%block_id, error = %e, "catch-up of a behind block failed"),
             }
             drop(permit);
@@ -453,7 +454,9 @@ async fn catch_up_after_start(
             match catch_up.catch_up(block_id).await {
                 Ok(n) => {
                     applied += n;
-                    consensus.caught_up(block_id).await;
+                    if n > 0 {
+                        consensus.caught_up(block_id).await;
+                    }
                 }
                 Err(e) => tracing::debug!(%block_id, error = %e, "restart catch-up of a block failed"),
             }

@@ -238,7 +238,8 @@ impl SimCatchUp {
         let applied = inner.catch_up.catch_up(block_id).await?;
         inner.network.sim.trace_event(&format!("{} caught {block_id} up: {applied} revisions", short(&inner.network.peer)));
         inner.applied.fetch_add(applied as u64, std::sync::atomic::Ordering::SeqCst);
-        let consensus = inner.consensus.get().and_then(std::sync::Weak::upgrade);
+        // As the node does: only progress wakes the waiting records.
+        let consensus = inner.consensus.get().and_then(std::sync::Weak::upgrade).filter(|_| applied > 0);
         if let Some(consensus) = consensus {
             consensus.caught_up(block_id).await;
         }

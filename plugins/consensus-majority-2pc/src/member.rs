@@ -87,7 +87,7 @@ impl Inner {
         let decided = approvals >= cx.promise_quorum;
         self.check_view(&record, &cx, decided).await?;
         let abort_proven = rejections > record.peers.len().saturating_sub(cx.promise_quorum);
-        if !decided && !abort_proven && matches!(origin, Origin::Remote(_)) {
+        if !decided && matches!(origin, Origin::Remote(_)) {
             self.check_peers_seen(&record).await?;
         }
 
@@ -488,7 +488,7 @@ impl Inner {
         self.ensure_started().await?;
         record.verify(None).map_err(refusal)?;
         let cx = self.context(&record, self.clock.now_ms(), false)?;
-        let mut state = self.state.lock().await;
+        let _state = self.state.lock().await;
         let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
         let hash = record.message_hash.clone();
         Ok(match entry.as_ref().map(|e| e.status) {
@@ -507,14 +507,14 @@ impl Inner {
                 // member will never execute the record now. A promise keeps its reservation
                 // until recovery settles the record: another peer may have executed it, and a
                 // conflicting record must not take the block meanwhile.
-                match entry {
-                    Some(mut promised) if promised.status == RecordStatus::Promised => {
-                        if !promised.renounced {
-                            promised.renounced = true;
-                            write_entry(self.storage(), &hash, &promised).await?;
-                        }
-                    }
-                    other => self.abort(&mut state, &record, other, cx.expiration_ms).await?,
+                // A record this member never promised needs nothing stored: it is past its
+                // expiration, so no delivery can make this member execute it (SPEC 4.11, and
+                // nothing is kept for records a made-up sender asks about, SPEC 5.8).
+                if let Some(mut promised) = entry.filter(|e| e.status == RecordStatus::Promised)
+                    && !promised.renounced
+                {
+                    promised.renounced = true;
+                    write_entry(self.storage(), &hash, &promised).await?;
                 }
                 json!({"messageHash": hash, "status": answer::NOT_EXECUTED})
             }

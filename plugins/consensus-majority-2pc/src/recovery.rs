@@ -220,15 +220,15 @@ impl Inner {
         if !others.is_empty() {
             let query = json!({"operation": STATUS_OPERATION, "record": record.to_value()});
             let answers = join_all(others.iter().map(|peer| self.ask(*peer, query.clone()))).await;
-            let renounced = entry.as_ref().is_some_and(|e| e.renounced);
             for (peer, answer) in others.iter().zip(answers) {
                 let Some(answer) = answer else { continue };
                 if let Some(copy) = self.decided_copy(&record, &answer).await {
-                    if renounced {
-                        return self.settle_renounced(hash, &record, expiration_ms).await;
+                    // This member may have renounced the record while its own queries were in
+                    // flight: `execute_recovered` decides under the lock.
+                    if self.execute_recovered(copy, expiration_ms).await? {
+                        return Ok(Round::Done);
                     }
-                    self.execute_recovered(copy, expiration_ms).await?;
-                    return Ok(Round::Done);
+                    return self.settle_renounced(hash, &record, expiration_ms).await;
                 }
                 let status = answer.get("status").and_then(Value::as_str);
                 if matches!(status, Some(answer::NOT_EXECUTED | answer::ABORTED)) {
@@ -312,17 +312,20 @@ impl Inner {
     }
 
     /// Executes a record recovery found decided elsewhere (past its expiration: it is decided).
-    async fn execute_recovered(self: &Arc<Self>, copy: ClusterRecord, expiration_ms: u64) -> Result<(), RepoError> {
+    /// Returns `false`, executing nothing, when this member renounced it (SPEC 4.11): the caller
+    /// settles it as renounced instead.
+    async fn execute_recovered(self: &Arc<Self>, copy: ClusterRecord, expiration_ms: u64) -> Result<bool, RepoError> {
         let cx = self.context(&copy, self.clock.now_ms(), false)?;
         let mut state = self.state.lock().await;
         let entry = read_entry(self.storage(), expiration_ms, &copy.message_hash).await?;
-        if matches!(entry.as_ref().map(|e| e.status), Some(RecordStatus::Executed | RecordStatus::Aborted))
-            || entry.as_ref().is_some_and(|e| e.renounced)
-        {
-            return Ok(());
+        if entry.as_ref().is_some_and(|e| e.renounced && e.status == RecordStatus::Promised) {
+            return Ok(false);
+        }
+        if matches!(entry.as_ref().map(|e| e.status), Some(RecordStatus::Executed | RecordStatus::Aborted)) {
+            return Ok(true);
         }
         tracing::info!(message_hash = %copy.message_hash, "recovery found the record decided; executing it");
-        self.execute(&mut state, copy, entry, &cx).await.map(|_| ())
+        self.execute(&mut state, copy, entry, &cx).await.map(|_| true)
     }
 
     async fn collect_garbage_forever(self: &Arc<Self>) {

@@ -22,8 +22,7 @@
 //!   report / catch-up, with its virtual time (use with one seed).
 //! - `OPTIMYSTIC_SIM_NO_CATCH_UP=1`: nodes without catch-up (to study the consensus alone).
 //!
-//! A failure names its scenario and seed and prints the command that replays it. Tests marked
-//! `#[ignore]` demonstrate known bugs (see each one's reason); run them with `--include-ignored`.
+//! A failure names its scenario and seed and prints the command that replays it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
@@ -1962,13 +1961,11 @@ fn sim_byzantine_peer() {
 /// covers the view and that a majority of the peer set approved, not that a majority of the view
 /// approved): one byzantine peer makes members apply invented revisions.
 #[test]
-#[ignore = "known bug: evidence::verify accepts approvals of made-up peers outnumbering the view"]
 fn sim_byzantine_peer_inflated_evidence() {
     run("sim_byzantine_peer_inflated_evidence", |seed| Box::pin(byzantine_peer(seed, true)));
 }
 
 #[test]
-#[ignore = "known gap: an abort proven by made-up rejections, or a status query, persists a 2pc entry"]
 fn sim_made_up_records_store_nothing() {
     run("sim_made_up_records_store_nothing", |seed| Box::pin(made_up_records_store_nothing(seed)));
 }
@@ -1979,13 +1976,11 @@ fn sim_read_with_uncommitted_context() {
 }
 
 #[test]
-#[ignore = "known bug: behind report -> catch-up -> caught_up -> behind report loops without backoff"]
 fn sim_waiting_record_backs_off() {
     run("sim_waiting_record_backs_off", |seed| Box::pin(waiting_record_backs_off(seed)));
 }
 
 #[test]
-#[ignore = "known bug: a quorum read whose catch-up fails answers the older revision"]
 fn sim_quorum_read_sees_acknowledged_commits() {
     run("sim_quorum_read_sees_acknowledged_commits", |seed| Box::pin(quorum_read_sees_acknowledged_commits(seed)));
 }
