@@ -129,7 +129,7 @@ impl ClusterReads {
                 && local_rev.is_none_or(|l| rev > l)
             {
                 tracing::debug!(%block_id, rev, ?local_rev, "behind a quorum peer; catching up before the read");
-                let report = self.catch_up.catch_up_report(block_id, members).await?;
+                let report = self.catch_up.catch_up_to_claims(block_id, members, &answers).await?;
                 if let Some((peer, claimed)) = report.unreached.first() {
                     // An acknowledged commit may be among the revisions not reached: answering now
                     // could miss it. A peer whose claim is disproved (it served unverifiable data)

@@ -279,9 +279,21 @@ impl CatchUp {
         let me = self.network.local_peer_id();
         let others: Vec<PeerId> = view.iter().copied().filter(|p| *p != me).collect();
         let answers = self.latest_of(&others, std::slice::from_ref(block_id)).await;
+        self.catch_up_to_claims(block_id, view, &answers).await
+    }
+
+    /// [`CatchUp::catch_up_report`] from `latest` answers already collected (a quorum read has
+    /// them: asking again could lose the one claim that matters).
+    pub async fn catch_up_to_claims(
+        &self,
+        block_id: &BlockId,
+        view: &[PeerId],
+        answers: &BTreeMap<PeerId, LatestResponse>,
+    ) -> Result<CatchUpReport, RepoError> {
         let mut claims: Vec<(u64, PeerId)> = answers
-            .into_iter()
-            .filter_map(|(peer, r)| r.latest.get(block_id).cloned().flatten().map(|l| (l.rev, peer)))
+            .iter()
+            .filter(|(peer, _)| view.contains(peer))
+            .filter_map(|(peer, r)| r.latest.get(block_id).cloned().flatten().map(|l| (l.rev, *peer)))
             .collect();
         claims.sort_by(|a, b| b.cmp(a));
         let mut report = CatchUpReport::default();
