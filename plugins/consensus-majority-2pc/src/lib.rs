@@ -35,7 +35,17 @@
 //!   the stored vote.
 //! - Phase 2: a record carrying a verified promise quorum is applied exactly once: the decided
 //!   copy is persisted, the operation applied, then the executed marker (result and commit vote,
-//!   keyed by messageHash) persisted. A re-delivery gets the stored commit vote and result.
+//!   keyed by messageHash) persisted. A re-delivery gets the stored commit vote and result. The
+//!   member keeps the decided pend and commit records as each revision's evidence (SPEC 4.10). A
+//!   member lacking the base (revision r - 1, or the pending trx) applies nothing and signs no
+//!   commit vote: it reports the block behind ([`optimystic_core::consensus::BehindSink`]) and
+//!   runs the record once catch-up brought the block forward (SPEC 4.6). Only an operation
+//!   applied here gets an approving commit vote; a stale result is signed as a reject.
+//! - Bounds (SPEC 4.11-4.13): phase-1 records naming a peer this node never saw are refused;
+//!   reservations are bounded in total and per sender; a rejection stores no history; a "not
+//!   executed" status answer is final (persisted, under the lock executions take); two pends of
+//!   one trx with different transforms conflict, and a cancelled trx cannot be pended again
+//!   (tombstones); thresholds below a majority are configuration errors.
 //! - Recovery (SPEC 4.5): see the `recovery` module documentation; status queries use the extra
 //!   request shape `{"operation": "status", "record": ClusterRecord}`.
 //!
@@ -52,8 +62,9 @@
 //! - A member's vote decisions and executions are serialized by one lock per node (simple and
 //!   obviously atomic; it bounds one node's consensus throughput, not the cluster's).
 //! - A member that rejected a record, or never saw it, and missed its decided copy stays behind
-//!   for that record: it votes reject (`behind:`) on what depends on it until the catch-up of
-//!   committed revisions (the sync protocol, outside this plugin) brings it up to date.
+//!   for that record: it votes reject (`behind: ...`) on what depends on it until verified
+//!   catch-up (the sync protocol, driven by the node through the `BehindSink`) brings it up to
+//!   date.
 //! - Under churn, members judge membership by their own view; two concurrent inserts of one new
 //!   block id under divergent views remain the risk documented for the project (SPEC 4.9).
 
