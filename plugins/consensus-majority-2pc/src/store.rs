@@ -24,17 +24,9 @@ pub(crate) const LIVE_PREFIX: &str = "2pc/live/";
 /// it may be collected (SPEC 4.12).
 pub(crate) const TOMB_PREFIX: &str = "2pc/tomb/";
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
-}
-
 /// The tombstone key of a cancelled trx on a block.
 pub(crate) fn tomb_key(block_id: &optimystic_core::BlockId, trx_id: &optimystic_core::TrxId) -> String {
+    use optimystic_core::evidence::hex;
     format!("{TOMB_PREFIX}{}/{}", hex(block_id.as_str().as_bytes()), hex(trx_id.as_str().as_bytes()))
 }
 
