@@ -315,26 +315,45 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
         }
     }
 
-    // 1. Per-read sanity.
+    // 1. Per-read sanity (each bad value reported once, with the first read that shows it).
+    let mut reported: HashSet<&str> = HashSet::new();
     for read in &reads {
         let mut seen = HashSet::new();
         for v in &read.list {
             if !seen.insert(v.as_str()) {
-                let mut involved = vec![read.op];
-                involved.extend(by_value.get(v).copied());
-                violation(report, "duplicate", block, format!("value {v:?} appears more than once in a read ({} times)", read.list.iter().filter(|x| *x == v).count()), &involved);
-                break;
+                if reported.insert(v.as_str()) {
+                    let mut involved = vec![read.op];
+                    let append = by_value.get(v).copied();
+                    involved.extend(append);
+                    let attempts = append
+                        .and_then(|a| a.complete.as_ref())
+                        .and_then(|c| c.detail.as_ref())
+                        .and_then(|d| d.get("failed_attempts"))
+                        .map(|a| format!("; its write made failed attempts before: {a}"))
+                        .unwrap_or_default();
+                    let at: Vec<usize> = read.list.iter().enumerate().filter(|(_, x)| *x == v).map(|(i, _)| i).collect();
+                    violation(
+                        report,
+                        "duplicate",
+                        block,
+                        format!("value {v:?} appears {} times in a read, at append positions {at:?} (oldest first){attempts}", at.len()),
+                        &involved,
+                    );
+                }
+                continue;
             }
             match by_value.get(v) {
-                None => violation(report, "unexpected-value", block, format!("a read shows {v:?}, which no operation appended to this block"), &[read.op]),
-                Some(w) if w.status() == Status::Fail => violation(
+                None if reported.insert(v.as_str()) => {
+                    violation(report, "unexpected-value", block, format!("a read shows {v:?}, which no operation appended to this block"), &[read.op]);
+                }
+                Some(w) if w.status() == Status::Fail && reported.insert(v.as_str()) => violation(
                     report,
                     "failed-append-visible",
                     block,
                     format!("a read shows {v:?}, whose append was reported failed: {}", w.complete.as_ref().and_then(|c| c.error.clone()).unwrap_or_default()),
                     &[w, read.op],
                 ),
-                Some(_) => {}
+                _ => {}
             }
         }
     }

@@ -40,6 +40,16 @@ pub enum WriteResult {
     Info(String),
 }
 
+/// A write's outcome with the reasons of its failed attempts (`write` retries inside the
+/// process, with a new transaction each time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The outcome.
+    pub result: WriteResult,
+    /// One reason per failed attempt, in order.
+    pub attempts: Vec<String>,
+}
+
 /// Starts client processes.
 #[derive(Clone, Debug)]
 pub struct Invoker {
@@ -122,29 +132,33 @@ impl Invoker {
     }
 
     /// `write --block B --update '[["entries",0,0,[value]]]'`.
-    pub async fn append(&self, peer: &str, block: &str, value: &str) -> WriteResult {
+    pub async fn append(&self, peer: &str, block: &str, value: &str) -> Written {
         let update = json!([["entries", 0, 0, [value]]]).to_string();
         self.write(peer, block, "--update", &update).await
     }
 
     /// `write --block B --insert '{"header":{"id":B,"type":"log","collectionId":"n"},"entries":[]}'`.
-    pub async fn create(&self, peer: &str, block: &str) -> WriteResult {
+    pub async fn create(&self, peer: &str, block: &str) -> Written {
         let insert = json!({"header": {"id": block, "type": "log", "collectionId": "n"}, "entries": []}).to_string();
         self.write(peer, block, "--insert", &insert).await
     }
 
-    async fn write(&self, peer: &str, block: &str, flag: &str, arg: &str) -> WriteResult {
+    async fn write(&self, peer: &str, block: &str, flag: &str, arg: &str) -> Written {
         let mut args = self.base_args(peer);
         args.extend(["write".into(), "--block".into(), block.into(), flag.into(), arg.into()]);
         // Debug lines of the transaction loop name each failed attempt's reason.
         match self.run(&args, "warn,optimystic_node::txn=debug").await {
-            Outcome::TimedOut => WriteResult::Info(format!("timed out after {:?} (client killed)", self.op_timeout)),
-            Outcome::SpawnFailed(e) => WriteResult::Fail(format!("client not started: {e}")),
-            Outcome::Exited { code: 0, stdout, .. } => {
-                let rev = serde_json::from_str::<Value>(&stdout).ok().and_then(|v| v.get("rev").and_then(Value::as_u64));
-                WriteResult::Ok(rev)
+            Outcome::TimedOut => {
+                Written { result: WriteResult::Info(format!("timed out after {:?} (client killed)", self.op_timeout)), attempts: Vec::new() }
             }
-            Outcome::Exited { code, stderr, .. } => classify_write_failure(code, &stderr),
+            Outcome::SpawnFailed(e) => Written { result: WriteResult::Fail(format!("client not started: {e}")), attempts: Vec::new() },
+            Outcome::Exited { code: 0, stdout, stderr } => {
+                let rev = serde_json::from_str::<Value>(&stdout).ok().and_then(|v| v.get("rev").and_then(Value::as_u64));
+                Written { result: WriteResult::Ok(rev), attempts: attempt_reasons(&stderr) }
+            }
+            Outcome::Exited { code, stderr, .. } => {
+                Written { result: classify_write_failure(code, &stderr), attempts: attempt_reasons(&stderr) }
+            }
         }
     }
 
@@ -200,6 +214,15 @@ fn final_error_applied_nothing(error: &str) -> bool {
     e.starts_with("bad request") || e.starts_with("invalid transform") || e.starts_with("unknown block") || e.starts_with("pending transaction")
 }
 
+/// The reason of each failed attempt, from the `transaction attempt did not commit` debug lines.
+pub fn attempt_reasons(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("transaction attempt did not commit"))
+        .map(|l| l.split_once("reason=").map_or("", |(_, r)| r).trim().to_owned())
+        .collect()
+}
+
 /// Classifies a non-zero exit of `optimystic client write`. `write` retries inside the process
 /// (a fresh transaction per attempt): the write certainly failed only when every attempt's
 /// reason (one `transaction attempt did not commit` debug line each) and the final error prove
@@ -209,11 +232,7 @@ pub fn classify_write_failure(code: i32, stderr: &str) -> WriteResult {
     let error = last_error_line(stderr);
     let message = if error.is_empty() { format!("exit {code}") } else { error.clone() };
     let final_error = error.trim_start_matches("error:").trim();
-    let attempts: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("transaction attempt did not commit"))
-        .map(|l| l.split_once("reason=").map_or("", |(_, r)| r))
-        .collect();
+    let attempts = attempt_reasons(stderr);
     if code != 2 {
         return WriteResult::Info(message);
     }

@@ -227,7 +227,11 @@ async fn client_loop(ctx: Arc<Ctx>, id: usize, targets: Targets, stop: Arc<Atomi
             e.node = Some(slot);
             let invoke = ctx.rec.record(e);
             let mut c = invoke;
-            match ctx.inv.append(&addr, &block, &value).await {
+            let written = ctx.inv.append(&addr, &block, &value).await;
+            if !written.attempts.is_empty() {
+                c.detail = Some(json!({ "failed_attempts": written.attempts }));
+            }
+            match written.result {
                 WriteResult::Ok(rev) => {
                     c.kind = Kind::Ok;
                     c.rev = rev;
@@ -495,7 +499,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
             e.block = Some(b.clone());
             e.node = Some(0);
             let mut c = ctx.rec.record(e);
-            let r = ctx.inv.create(&first, &b).await;
+            let r = ctx.inv.create(&first, &b).await.result;
             match &r {
                 WriteResult::Ok(rev) => {
                     c.kind = Kind::Ok;
