@@ -4,7 +4,9 @@
 //! `entries` reversed is the list in append order. The checks, in the order they are reported:
 //!
 //! 1. `duplicate` / `unexpected-value` / `failed-append-visible`: a read shows a value twice, a
-//!    value nobody appended to that block, or a value whose append certainly failed.
+//!    value nobody appended to that block, or a value whose append certainly failed. A duplicate
+//!    whose write made an attempt with an unknown outcome before it succeeded (the `write` CLI
+//!    then retries with a fresh transaction) is reported as `duplicate-after-retry`.
 //! 2. `incompatible-order`: all successful reads of a block, from any node, in any mode, at any
 //!    time, are prefixes of one order (the longest read's): no two reads disagree on an order.
 //! 3. `lost-append`: an acknowledged append is missing from a final read of some node.
@@ -325,16 +327,22 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                     let mut involved = vec![read.op];
                     let append = by_value.get(v).copied();
                     involved.extend(append);
-                    let attempts = append
+                    let attempts: Vec<String> = append
                         .and_then(|a| a.complete.as_ref())
                         .and_then(|c| c.detail.as_ref())
                         .and_then(|d| d.get("failed_attempts"))
-                        .map(|a| format!("; its write made failed attempts before: {a}"))
+                        .and_then(Value::as_array)
+                        .map(|a| a.iter().map(|r| r.as_str().unwrap_or_default().to_owned()).collect())
                         .unwrap_or_default();
+                    // The write CLI retries with a fresh transaction after an attempt whose outcome
+                    // was unknown: if that attempt had committed, the value is applied twice.
+                    let retried = attempts.iter().any(|r| !crate::client::attempt_applied_nothing(r));
+                    let kind = if retried { "duplicate-after-retry" } else { "duplicate" };
+                    let attempts = if attempts.is_empty() { String::new() } else { format!("; its write made failed attempts before: {attempts:?}") };
                     let at: Vec<usize> = read.list.iter().enumerate().filter(|(_, x)| *x == v).map(|(i, _)| i).collect();
                     violation(
                         report,
-                        "duplicate",
+                        kind,
                         block,
                         format!("value {v:?} appears {} times in a read, at append positions {at:?} (oldest first){attempts}", at.len()),
                         &involved,
@@ -734,6 +742,16 @@ mod tests {
         h.append("b", "1", 0, 10, Kind::Ok).append("b", "2", 0, 10, Kind::Ok).finals("b", &["1", "2", "1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "duplicate", "{}", r.render());
+    }
+
+    #[test]
+    fn a_duplicate_after_an_unknown_attempt_is_told_apart() {
+        let mut h = H::default();
+        h.append("b", "1", 0, 10, Kind::Ok);
+        h.events[1].detail = Some(json!({"failed_attempts": ["unavailable: connection closed before the response"]}));
+        h.finals("b", &["1", "1"], 100, 1);
+        let r = h.check();
+        assert_eq!(kinds(&r)[0], "duplicate-after-retry", "{}", r.render());
     }
 
     #[test]

@@ -199,7 +199,7 @@ fn last_error_line(stderr: &str) -> String {
 /// A failed attempt's reason that proves the attempt applied nothing: the cluster did not agree
 /// (`consensus failed`: no promise quorum, so no member executes it), it was busy, or a member
 /// found the transaction stale (the pend or commit was refused).
-fn attempt_applied_nothing(reason: &str) -> bool {
+pub fn attempt_applied_nothing(reason: &str) -> bool {
     let r = reason.trim().trim_matches('"');
     r.starts_with("consensus failed")
         || r.starts_with("busy")
