@@ -149,6 +149,8 @@ pub struct Report {
     pub violations: Vec<Violation>,
     /// Things worth knowing that are not violations.
     pub warnings: Vec<String>,
+    /// Violations of kinds the caller chose to tolerate (`--allow`); they do not fail the check.
+    pub tolerated: Vec<Violation>,
 }
 
 impl Report {
@@ -159,11 +161,15 @@ impl Report {
 
     /// Violations by kind.
     pub fn violation_counts(&self) -> BTreeMap<&'static str, usize> {
-        let mut counts = BTreeMap::new();
-        for v in &self.violations {
-            *counts.entry(v.kind).or_insert(0) += 1;
-        }
-        counts
+        counts(&self.violations)
+    }
+
+    /// Moves the violations of the `allowed` kinds to [`Report::tolerated`].
+    pub fn tolerate(&mut self, allowed: &[String]) {
+        let (tolerated, kept): (Vec<Violation>, Vec<Violation>) =
+            std::mem::take(&mut self.violations).into_iter().partition(|v| allowed.iter().any(|a| a == v.kind));
+        self.violations = kept;
+        self.tolerated.extend(tolerated);
     }
 
     /// The human summary: totals, then the first violation in full.
@@ -190,6 +196,11 @@ impl Report {
         if self.warnings.len() > 20 {
             let _ = writeln!(s, "warning: ... {} more", self.warnings.len() - 20);
         }
+        if let Some(v) = self.tolerated.first() {
+            let counts: Vec<String> = counts(&self.tolerated).iter().map(|(k, n)| format!("{k}={n}")).collect();
+            let _ = writeln!(s, "tolerated violations (--allow): {} ({})", self.tolerated.len(), counts.join(" "));
+            let _ = writeln!(s, "first tolerated: {} on block {}: {}", v.kind, v.block, v.message);
+        }
         if let Some(v) = self.violations.first() {
             let counts: Vec<String> = self.violation_counts().iter().map(|(k, n)| format!("{k}={n}")).collect();
             let _ = writeln!(s, "VIOLATIONS: {} ({})", self.violations.len(), counts.join(" "));
@@ -202,6 +213,14 @@ impl Report {
         }
         s
     }
+}
+
+fn counts(violations: &[Violation]) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for v in violations {
+        *counts.entry(v.kind).or_insert(0) += 1;
+    }
+    counts
 }
 
 /// The list a read returned, in append order (`None` for a read that did not succeed).
@@ -752,6 +771,10 @@ mod tests {
         h.finals("b", &["1", "1"], 100, 1);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "duplicate-after-retry", "{}", r.render());
+        let mut r = r;
+        r.tolerate(&["duplicate-after-retry".to_owned()]);
+        assert!(r.valid(), "{}", r.render());
+        assert_eq!(r.tolerated.len(), 1);
     }
 
     #[test]

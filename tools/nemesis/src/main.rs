@@ -29,6 +29,9 @@ enum Cmd {
     Check {
         /// The history (JSON lines).
         file: PathBuf,
+        /// Violation kinds to report without failing, comma-separated (e.g. duplicate-after-retry).
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
     },
     /// Remove namespaces (and the processes inside them) left by harness runs that were killed.
     Cleanup {
@@ -88,6 +91,9 @@ struct RunArgs {
     /// Longest wait for the replicas to converge at the end, in seconds.
     #[arg(long, default_value_t = 90)]
     settle_secs: u64,
+    /// Violation kinds to report without failing, comma-separated (e.g. duplicate-after-retry).
+    #[arg(long, value_delimiter = ',')]
+    allow: Vec<String>,
 }
 
 fn default_bin() -> PathBuf {
@@ -100,9 +106,10 @@ fn default_bin() -> PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Check { file } => match history::load(&file) {
+        Cmd::Check { file, allow } => match history::load(&file) {
             Ok(events) => {
-                let report = checker::check(&events);
+                let mut report = checker::check(&events);
+                report.tolerate(&allow);
                 print!("{}", report.render());
                 if report.valid() { ExitCode::SUCCESS } else { ExitCode::from(1) }
             }
@@ -131,6 +138,7 @@ fn main() -> ExitCode {
 }
 
 fn run_command(args: RunArgs) -> ExitCode {
+    let allow = args.allow.clone();
     let faults = match args.faults.iter().filter(|f| !f.trim().is_empty()).map(|f| Fault::parse(f)).collect::<anyhow::Result<Vec<_>>>() {
         Ok(f) => f,
         Err(e) => {
@@ -202,7 +210,8 @@ fn run_command(args: RunArgs) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let report = checker::check(&events);
+            let mut report = checker::check(&events);
+            report.tolerate(&allow);
             let faults: Vec<String> = summary.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
             let mut text = format!(
                 "seed: {}\nnamespaces: {}\nfaults injected: {}\nreplicas converged before the final reads: {}\n",
