@@ -70,7 +70,7 @@ impl Resources {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
         for ns in namespaces.iter().rev() {
-            delete_namespace(ns);
+            let _ = delete_namespace(ns);
         }
     }
 }
@@ -104,8 +104,8 @@ fn ip_output(args: &[&str]) -> String {
 }
 
 /// Kills the processes inside `ns` (they are the harness's own: nodes and clients it started
-/// there) and deletes it.
-pub fn delete_namespace(ns: &str) {
+/// there) and deletes it; true when it is gone.
+pub fn delete_namespace(ns: &str) -> bool {
     for _ in 0..3 {
         let pids: Vec<i32> = ip_output(&["netns", "pids", ns]).split_whitespace().filter_map(|p| p.parse().ok()).collect();
         if pids.is_empty() {
@@ -116,7 +116,7 @@ pub fn delete_namespace(ns: &str) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = ip(&["netns", "del", ns]);
+    ip(&["netns", "del", ns]).is_ok()
 }
 
 /// Namespaces left by earlier runs whose harness process is gone (`nmz<pid>...`).
@@ -128,7 +128,8 @@ pub fn stale_namespaces(all: bool) -> Vec<String> {
         .filter(|n| {
             all || {
                 let pid: String = n.trim_start_matches(NS_PREFIX).chars().take_while(char::is_ascii_digit).collect();
-                pid.parse::<i32>().is_ok_and(|p| kill(Pid::from_raw(p), None).is_err())
+                // Only "no such process" proves the harness gone (EPERM means it runs as another user).
+                pid.parse::<i32>().is_ok_and(|p| kill(Pid::from_raw(p), None) == Err(nix::errno::Errno::ESRCH))
             }
         })
         .map(str::to_owned)
@@ -195,7 +196,7 @@ impl Netns {
     /// Removes node `slot`'s namespace (its veth goes with it).
     pub fn remove_node(&self, slot: usize) {
         let ns = self.node_ns(slot);
-        delete_namespace(&ns);
+        let _ = delete_namespace(&ns);
         self.res.remove_ns(&ns);
     }
 

@@ -618,9 +618,5 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
 
 /// Removes namespaces (and the processes in them) left by runs whose harness is gone.
 pub fn cleanup_stale(all: bool) -> usize {
-    let stale = crate::net::stale_namespaces(all);
-    for ns in &stale {
-        crate::net::delete_namespace(ns);
-    }
-    stale.len()
+    crate::net::stale_namespaces(all).iter().filter(|ns| crate::net::delete_namespace(ns)).count()
 }
