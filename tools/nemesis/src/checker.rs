@@ -428,7 +428,16 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                 report,
                 "lost-append",
                 block,
-                format!("acknowledged append {:?} is missing from the final read through node {:?} ({} entries)", w.value, fr.op.invoke.node, fr.list.len()),
+                format!(
+                    "acknowledged append {:?} is missing from the final read through node {:?} ({})",
+                    w.value,
+                    fr.op.invoke.node,
+                    if fr.op.complete.as_ref().is_some_and(|c| c.value.as_ref().is_none_or(Value::is_null)) {
+                        "the block is absent there".to_owned()
+                    } else {
+                        format!("{} entries", fr.list.len())
+                    }
+                ),
                 &[w.op, fr.op],
             );
             break;
