@@ -208,6 +208,13 @@ impl Report {
             for op in &v.ops {
                 let _ = writeln!(s, "  op: {op}");
             }
+            let mut shown = vec![v.kind];
+            for other in &self.violations {
+                if !shown.contains(&other.kind) {
+                    shown.push(other.kind);
+                    let _ = writeln!(s, "first {} on block {}: {}", other.kind, other.block, other.message);
+                }
+            }
         } else {
             let _ = writeln!(s, "valid: no violations");
         }

@@ -270,6 +270,34 @@ async fn client_loop(ctx: Arc<Ctx>, id: usize, targets: Targets, stop: Arc<Atomi
     }
 }
 
+impl Ctx {
+    /// A read of one block, recorded.
+    async fn read_one(&self, process: &str, slot: usize, addr: &str, block: &str, mode: &str, is_final: bool) -> bool {
+        let id = self.rec.next_id();
+        let mut e = Event::new(Kind::Invoke, id, process, "read");
+        e.block = Some(block.to_owned());
+        e.node = Some(slot);
+        e.mode = Some(mode.into());
+        e.is_final = is_final;
+        let mut c = self.rec.record(e);
+        let result = self.inv.get(addr, &[block.to_owned()], mode).await;
+        match &result {
+            Ok(v) => {
+                let (entries, rev) = block_of(v, block);
+                c.kind = Kind::Ok;
+                c.value = Some(entries.unwrap_or(Value::Null));
+                c.rev = rev;
+            }
+            Err(err) => {
+                c.kind = Kind::Fail;
+                c.error = Some(err.clone());
+            }
+        }
+        self.rec.record(c);
+        result.is_ok()
+    }
+}
+
 /// Reads every block through every live node at once (quorum reads catch the members up).
 async fn sweep(ctx: &Arc<Ctx>, cluster: &Cluster, process: &str, mode: &str) -> usize {
     let mut set = tokio::task::JoinSet::new();
@@ -586,15 +614,21 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
     log(start, &format!("replicas {} after {rounds} settle rounds", if is_converged { "converged" } else { "did NOT converge" }));
     for slot in cluster.live() {
         let Some(addr) = cluster.addr(slot) else { continue };
+        let mut done = false;
         for attempt in 0..3 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
-            // Only the last attempt's failure is recorded (earlier ones are retried).
-            let probe = ctx.inv.get(&addr, &ctx.blocks, "quorum").await;
-            if probe.is_ok() || attempt == 2 {
-                ctx.read_blocks("final", slot, &addr, "quorum", true, None).await;
+            // Failed attempts are not recorded: they are retried, then block by block.
+            if ctx.inv.get(&addr, &ctx.blocks, "quorum").await.is_ok() {
+                done = ctx.read_blocks("final", slot, &addr, "quorum", true, None).await;
                 break;
+            }
+        }
+        if !done {
+            // One block that cannot be read fails the whole get: read each block on its own.
+            for b in &ctx.blocks {
+                ctx.read_one("final", slot, &addr, b, "quorum", true).await;
             }
         }
     }
