@@ -1,11 +1,11 @@
-//! A short nemesis pass (about two minutes) against the built `optimystic` binary: five nodes, in
+//! A short nemesis pass (two to four minutes) against the built `optimystic` binary: five nodes, in
 //! network namespaces when this runs as root (else on 127.0.0.1 with kill and pause only), every
 //! fault kind, the list-append workload, and the checker. Fails when the checker finds a
 //! violation (exit 1) or the harness fails (exit 2).
 //!
 //! `OPTIMYSTIC_BIN` names the node binary (default: `target/<profile>/optimystic`, built by
 //! `cargo build --workspace --all-targets` as CI does); `NEMESIS_SEED` replaces the fixed seed;
-//! `NEMESIS_SECONDS` the length of the fault phase (default 75); `NEMESIS_ALLOW` violation kinds
+//! `NEMESIS_SECONDS` the length of the fault phase (default 60); `NEMESIS_ALLOW` violation kinds
 //! to report without failing (comma-separated, e.g. `duplicate-after-retry`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -41,13 +41,13 @@ fn optimystic_bin() -> PathBuf {
 fn a_short_nemesis_pass_finds_no_violation() {
     let bin = optimystic_bin();
     let seed = std::env::var("NEMESIS_SEED").unwrap_or_else(|_| "20261130".into());
-    let seconds = std::env::var("NEMESIS_SECONDS").unwrap_or_else(|_| "75".into());
+    let seconds = std::env::var("NEMESIS_SECONDS").unwrap_or_else(|_| "60".into());
     let out = std::env::temp_dir().join(format!("optimystic-nemesis-soak-{}", std::process::id()));
     let status = Command::new(env!("CARGO_BIN_EXE_optimystic-nemesis"))
         .args(["run", "--nodes", "5", "--cluster-size", "3", "--blocks", "3", "--clients", "4"])
         .args(["--seconds", &seconds, "--seed", &seed])
         .args(["--faults", "kill,pause,isolate,split,churn"])
-        .args(["--gap-min-ms", "3000", "--gap-max-ms", "7000", "--settle-secs", "60"])
+        .args(["--gap-min-ms", "3000", "--gap-max-ms", "7000", "--settle-secs", "45", "--op-timeout-ms", "12000"])
         .arg("--bin")
         .arg(&bin)
         .arg("--out")
