@@ -167,7 +167,9 @@ impl Report {
     /// Moves the violations of the `allowed` kinds to [`Report::tolerated`].
     pub fn tolerate(&mut self, allowed: &[String]) {
         let (tolerated, kept): (Vec<Violation>, Vec<Violation>) =
-            std::mem::take(&mut self.violations).into_iter().partition(|v| allowed.iter().any(|a| a == v.kind));
+            std::mem::take(&mut self.violations)
+                .into_iter()
+                .partition(|v| allowed.iter().any(|a| a == v.kind));
         self.violations = kept;
         self.tolerated.extend(tolerated);
     }
@@ -185,11 +187,35 @@ impl Report {
             "appends: {} acknowledged, {} failed, {} unknown ({} of them present at the end)",
             t.appends_ok, t.appends_fail, t.appends_info, t.appends_info_present
         );
-        let _ = writeln!(s, "reads: {} ok; final reads: {} ok, {} failed", t.reads_ok, t.final_reads_ok, t.final_reads_failed);
+        let _ = writeln!(
+            s,
+            "reads: {} ok; final reads: {} ok, {} failed",
+            t.reads_ok, t.final_reads_ok, t.final_reads_failed
+        );
         let nemesis: Vec<String> = t.nemesis.iter().map(|(k, n)| format!("{k}={n}")).collect();
-        let _ = writeln!(s, "nemesis: {}", if nemesis.is_empty() { "none".into() } else { nemesis.join(" ") });
-        let lens: Vec<String> = t.final_len.iter().map(|(k, n)| format!("{k}={n}")).collect();
-        let _ = writeln!(s, "final list lengths: {}", if lens.is_empty() { "none".into() } else { lens.join(" ") });
+        let _ = writeln!(
+            s,
+            "nemesis: {}",
+            if nemesis.is_empty() {
+                "none".into()
+            } else {
+                nemesis.join(" ")
+            }
+        );
+        let lens: Vec<String> = t
+            .final_len
+            .iter()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "final list lengths: {}",
+            if lens.is_empty() {
+                "none".into()
+            } else {
+                lens.join(" ")
+            }
+        );
         for w in self.warnings.iter().take(20) {
             let _ = writeln!(s, "warning: {w}");
         }
@@ -197,14 +223,39 @@ impl Report {
             let _ = writeln!(s, "warning: ... {} more", self.warnings.len() - 20);
         }
         if let Some(v) = self.tolerated.first() {
-            let counts: Vec<String> = counts(&self.tolerated).iter().map(|(k, n)| format!("{k}={n}")).collect();
-            let _ = writeln!(s, "tolerated violations (--allow): {} ({})", self.tolerated.len(), counts.join(" "));
-            let _ = writeln!(s, "first tolerated: {} on block {}: {}", v.kind, v.block, v.message);
+            let counts: Vec<String> = counts(&self.tolerated)
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "tolerated violations (--allow): {} ({})",
+                self.tolerated.len(),
+                counts.join(" ")
+            );
+            let _ = writeln!(
+                s,
+                "first tolerated: {} on block {}: {}",
+                v.kind, v.block, v.message
+            );
         }
         if let Some(v) = self.violations.first() {
-            let counts: Vec<String> = self.violation_counts().iter().map(|(k, n)| format!("{k}={n}")).collect();
-            let _ = writeln!(s, "VIOLATIONS: {} ({})", self.violations.len(), counts.join(" "));
-            let _ = writeln!(s, "first violation: {} on block {}: {}", v.kind, v.block, v.message);
+            let counts: Vec<String> = self
+                .violation_counts()
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "VIOLATIONS: {} ({})",
+                self.violations.len(),
+                counts.join(" ")
+            );
+            let _ = writeln!(
+                s,
+                "first violation: {} on block {}: {}",
+                v.kind, v.block, v.message
+            );
             for op in &v.ops {
                 let _ = writeln!(s, "  op: {op}");
             }
@@ -212,7 +263,11 @@ impl Report {
             for other in &self.violations {
                 if !shown.contains(&other.kind) {
                     shown.push(other.kind);
-                    let _ = writeln!(s, "first {} on block {}: {}", other.kind, other.block, other.message);
+                    let _ = writeln!(
+                        s,
+                        "first {} on block {}: {}",
+                        other.kind, other.block, other.message
+                    );
                 }
             }
         } else {
@@ -238,7 +293,10 @@ fn read_list(op: &Op) -> Option<Vec<String>> {
     let value = op.complete.as_ref()?.value.as_ref();
     let mut list: Vec<String> = match value {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+            .collect(),
         Some(other) => vec![other.to_string()],
     };
     list.reverse();
@@ -265,21 +323,43 @@ pub fn check(events: &[Event]) -> Report {
                 *report.totals.nemesis.entry(event.f.clone()).or_insert(0) += 1;
             }
             Kind::Invoke => {
-                if ops.insert(event.id, Op { invoke: event.clone(), complete: None }).is_some() {
-                    report.warnings.push(format!("operation id {} invoked twice; the later one is kept", event.id));
+                if ops
+                    .insert(
+                        event.id,
+                        Op {
+                            invoke: event.clone(),
+                            complete: None,
+                        },
+                    )
+                    .is_some()
+                {
+                    report.warnings.push(format!(
+                        "operation id {} invoked twice; the later one is kept",
+                        event.id
+                    ));
                 }
             }
             Kind::Ok | Kind::Fail | Kind::Info => match ops.get_mut(&event.id) {
                 Some(op) if op.complete.is_none() => op.complete = Some(event.clone()),
-                Some(_) => report.warnings.push(format!("operation {} completed twice; the first completion is kept", event.id)),
-                None => report.warnings.push(format!("completion of operation {} that was never invoked", event.id)),
+                Some(_) => report.warnings.push(format!(
+                    "operation {} completed twice; the first completion is kept",
+                    event.id
+                )),
+                None => report.warnings.push(format!(
+                    "completion of operation {} that was never invoked",
+                    event.id
+                )),
             },
         }
     }
     report.totals.ops = ops.len();
     let mut blocks: BTreeMap<String, Vec<&Op>> = BTreeMap::new();
     for op in ops.values() {
-        *report.totals.by_kind.entry(format!("{}/{}", op.invoke.f, op.status().name())).or_insert(0) += 1;
+        *report
+            .totals
+            .by_kind
+            .entry(format!("{}/{}", op.invoke.f, op.status().name()))
+            .or_insert(0) += 1;
         if let Some(block) = &op.invoke.block {
             blocks.entry(block.clone()).or_default().push(op);
         }
@@ -307,14 +387,22 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
     for &op in block_ops {
         match op.invoke.f.as_str() {
             "append" => {
-                let value = op.invoke.value.as_ref().map_or_else(String::new, |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+                let value = op.invoke.value.as_ref().map_or_else(String::new, |v| {
+                    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                });
                 match op.status() {
                     Status::Ok => report.totals.appends_ok += 1,
                     Status::Fail => report.totals.appends_fail += 1,
                     Status::Info => report.totals.appends_info += 1,
                 }
                 if let Some(prev) = by_value.insert(value.clone(), op) {
-                    violation(report, "duplicate-invocation", block, format!("value {value:?} was appended by two operations (a harness bug)"), &[prev, op]);
+                    violation(
+                        report,
+                        "duplicate-invocation",
+                        block,
+                        format!("value {value:?} was appended by two operations (a harness bug)"),
+                        &[prev, op],
+                    );
                 }
                 appends.push(Append { op, value });
             }
@@ -325,7 +413,11 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                         report.totals.final_reads_ok += 1;
                     } else {
                         report.totals.final_reads_failed += 1;
-                        let err = op.complete.as_ref().and_then(|c| c.error.clone()).unwrap_or_else(|| "no completion".into());
+                        let err = op
+                            .complete
+                            .as_ref()
+                            .and_then(|c| c.error.clone())
+                            .unwrap_or_else(|| "no completion".into());
                         report.warnings.push(format!(
                             "final {} read of {block} through node {} failed: {}",
                             op.invoke.mode.as_deref().unwrap_or("quorum"),
@@ -358,19 +450,42 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                         .and_then(|c| c.detail.as_ref())
                         .and_then(|d| d.get("failed_attempts"))
                         .and_then(Value::as_array)
-                        .map(|a| a.iter().map(|r| r.as_str().unwrap_or_default().to_owned()).collect())
+                        .map(|a| {
+                            a.iter()
+                                .map(|r| r.as_str().unwrap_or_default().to_owned())
+                                .collect()
+                        })
                         .unwrap_or_default();
                     // The write CLI retries with a fresh transaction after an attempt whose outcome
                     // was unknown: if that attempt had committed, the value is applied twice.
-                    let retried = attempts.iter().any(|r| !crate::client::attempt_applied_nothing(r));
-                    let kind = if retried { "duplicate-after-retry" } else { "duplicate" };
-                    let attempts = if attempts.is_empty() { String::new() } else { format!("; its write made failed attempts before: {attempts:?}") };
-                    let at: Vec<usize> = read.list.iter().enumerate().filter(|(_, x)| *x == v).map(|(i, _)| i).collect();
+                    let retried = attempts
+                        .iter()
+                        .any(|r| !crate::client::attempt_applied_nothing(r));
+                    let kind = if retried {
+                        "duplicate-after-retry"
+                    } else {
+                        "duplicate"
+                    };
+                    let attempts = if attempts.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; its write made failed attempts before: {attempts:?}")
+                    };
+                    let at: Vec<usize> = read
+                        .list
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, x)| *x == v)
+                        .map(|(i, _)| i)
+                        .collect();
                     violation(
                         report,
                         kind,
                         block,
-                        format!("value {v:?} appears {} times in a read, at append positions {at:?} (oldest first){attempts}", at.len()),
+                        format!(
+                            "value {v:?} appears {} times in a read, at append positions {at:?} (oldest first){attempts}",
+                            at.len()
+                        ),
                         &involved,
                     );
                 }
@@ -378,13 +493,25 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
             }
             match by_value.get(v) {
                 None if reported.insert(v.as_str()) => {
-                    violation(report, "unexpected-value", block, format!("a read shows {v:?}, which no operation appended to this block"), &[read.op]);
+                    violation(
+                        report,
+                        "unexpected-value",
+                        block,
+                        format!("a read shows {v:?}, which no operation appended to this block"),
+                        &[read.op],
+                    );
                 }
                 Some(w) if w.status() == Status::Fail && reported.insert(v.as_str()) => violation(
                     report,
                     "failed-append-visible",
                     block,
-                    format!("a read shows {v:?}, whose append was reported failed: {}", w.complete.as_ref().and_then(|c| c.error.clone()).unwrap_or_default()),
+                    format!(
+                        "a read shows {v:?}, whose append was reported failed: {}",
+                        w.complete
+                            .as_ref()
+                            .and_then(|c| c.error.clone())
+                            .unwrap_or_default()
+                    ),
                     &[w, read.op],
                 ),
                 _ => {}
@@ -395,7 +522,13 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
     // 2. One order: every read is a prefix of the longest.
     let Some(longest) = reads.iter().max_by_key(|r| r.list.len()) else {
         if final_reads_seen {
-            violation(report, "no-final-read", block, "no read of the block succeeded, final reads included".into(), &[]);
+            violation(
+                report,
+                "no-final-read",
+                block,
+                "no read of the block succeeded, final reads included".into(),
+                &[],
+            );
         }
         return;
     };
@@ -420,17 +553,38 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
             break;
         }
     }
-    let pos: HashMap<&str, usize> = order.iter().enumerate().map(|(i, v)| (v.as_str(), i)).collect();
+    let pos: HashMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_str(), i))
+        .collect();
 
     // 3. Final reads hold every acknowledged append.
-    let final_quorum: Vec<&Read<'_>> = reads.iter().filter(|r| r.op.invoke.is_final && r.op.is_quorum()).collect();
+    let final_quorum: Vec<&Read<'_>> = reads
+        .iter()
+        .filter(|r| r.op.invoke.is_final && r.op.is_quorum())
+        .collect();
     if final_reads_seen && final_quorum.is_empty() {
-        let failed: Vec<&Op> = block_ops.iter().copied().filter(|o| o.invoke.is_final && o.invoke.f == "read").take(3).collect();
-        violation(report, "no-final-read", block, "the final phase got no successful quorum read of this block through any node".into(), &failed);
+        let failed: Vec<&Op> = block_ops
+            .iter()
+            .copied()
+            .filter(|o| o.invoke.is_final && o.invoke.f == "read")
+            .take(3)
+            .collect();
+        violation(
+            report,
+            "no-final-read",
+            block,
+            "the final phase got no successful quorum read of this block through any node".into(),
+            &failed,
+        );
     }
     for fr in &final_quorum {
         let present: HashSet<&str> = fr.list.iter().map(String::as_str).collect();
-        if let Some(w) = appends.iter().find(|a| a.op.status() == Status::Ok && !present.contains(a.value.as_str())) {
+        if let Some(w) = appends
+            .iter()
+            .find(|a| a.op.status() == Status::Ok && !present.contains(a.value.as_str()))
+        {
             violation(
                 report,
                 "lost-append",
@@ -439,7 +593,12 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                     "acknowledged append {:?} is missing from the final read through node {:?} ({})",
                     w.value,
                     fr.op.invoke.node,
-                    if fr.op.complete.as_ref().is_some_and(|c| c.value.as_ref().is_none_or(Value::is_null)) {
+                    if fr
+                        .op
+                        .complete
+                        .as_ref()
+                        .is_some_and(|c| c.value.as_ref().is_none_or(Value::is_null))
+                    {
                         "the block is absent there".to_owned()
                     } else {
                         format!("{} entries", fr.list.len())
@@ -452,8 +611,14 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
     }
     if let Some(fr) = final_quorum.first() {
         let present: HashSet<&str> = fr.list.iter().map(String::as_str).collect();
-        report.totals.appends_info_present += appends.iter().filter(|a| a.op.status() == Status::Info && present.contains(a.value.as_str())).count();
-        report.totals.final_len.insert(block.to_owned(), fr.list.len());
+        report.totals.appends_info_present += appends
+            .iter()
+            .filter(|a| a.op.status() == Status::Info && present.contains(a.value.as_str()))
+            .count();
+        report
+            .totals
+            .final_len
+            .insert(block.to_owned(), fr.list.len());
     }
 
     if order_ok {
@@ -477,7 +642,10 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                 &[first.op, other.op],
             );
         }
-        for r in reads.iter().filter(|r| r.op.invoke.is_final && r.op.is_local() && r.op.invoke.member == Some(true)) {
+        for r in reads
+            .iter()
+            .filter(|r| r.op.invoke.is_final && r.op.is_local() && r.op.invoke.member == Some(true))
+        {
             if r.list != first.list {
                 violation(
                     report,
@@ -500,13 +668,25 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
 }
 
 /// Checks 4 to 7, given that every read is a prefix of `pos`'s order.
-fn realtime_checks(block: &str, appends: &[Append<'_>], reads: &[Read<'_>], pos: &HashMap<&str, usize>, report: &mut Report) {
+fn realtime_checks(
+    block: &str,
+    appends: &[Append<'_>],
+    reads: &[Read<'_>],
+    pos: &HashMap<&str, usize>,
+    report: &mut Report,
+) {
     // Acknowledged appends by completion time, with the running maximum of their positions
     // (usize::MAX when absent from every read).
     let mut acked: Vec<(u64, usize, &Append<'_>)> = appends
         .iter()
         .filter(|a| a.op.status() == Status::Ok)
-        .map(|a| (a.op.complete_ns(), pos.get(a.value.as_str()).copied().unwrap_or(usize::MAX), a))
+        .map(|a| {
+            (
+                a.op.complete_ns(),
+                pos.get(a.value.as_str()).copied().unwrap_or(usize::MAX),
+                a,
+            )
+        })
         .collect();
     acked.sort_by_key(|(t, _, _)| *t);
     let mut acked_max: Vec<(usize, usize)> = Vec::with_capacity(acked.len()); // (max pos, index of argmax)
@@ -529,7 +709,11 @@ fn realtime_checks(block: &str, appends: &[Append<'_>], reads: &[Read<'_>], pos:
         if let Some((m, w)) = latest_acked_before(read.op.invoke_ns())
             && m >= read.list.len()
         {
-            let what = if m == usize::MAX { "is in no read at all".to_owned() } else { format!("sits at append position {m}") };
+            let what = if m == usize::MAX {
+                "is in no read at all".to_owned()
+            } else {
+                format!("sits at append position {m}")
+            };
             violation(
                 report,
                 "stale-read",
@@ -547,8 +731,10 @@ fn realtime_checks(block: &str, appends: &[Append<'_>], reads: &[Read<'_>], pos:
     }
 
     // 5. No read shows an append invoked after it completed.
-    let mut present: Vec<(u64, usize, &Append<'_>)> =
-        appends.iter().filter_map(|a| pos.get(a.value.as_str()).map(|p| (a.op.invoke_ns(), *p, a))).collect();
+    let mut present: Vec<(u64, usize, &Append<'_>)> = appends
+        .iter()
+        .filter_map(|a| pos.get(a.value.as_str()).map(|p| (a.op.invoke_ns(), *p, a)))
+        .collect();
     present.sort_by_key(|(t, _, _)| *t);
     let mut suffix_min: Vec<(usize, usize)> = vec![(usize::MAX, 0); present.len()];
     let mut best = (usize::MAX, 0);
@@ -573,7 +759,10 @@ fn realtime_checks(block: &str, appends: &[Append<'_>], reads: &[Read<'_>], pos:
                 report,
                 "future-read",
                 block,
-                format!("a read through node {:?} shows {:?}, whose append was invoked after the read completed", read.op.invoke.node, w.value),
+                format!(
+                    "a read through node {:?} shows {:?}, whose append was invoked after the read completed",
+                    read.op.invoke.node, w.value
+                ),
                 &[read.op, w.op],
             );
             break;
@@ -587,13 +776,22 @@ fn realtime_checks(block: &str, appends: &[Append<'_>], reads: &[Read<'_>], pos:
     for (i, r) in by_complete.iter().enumerate() {
         let prev = longest_before.last().copied();
         longest_before.push(match prev {
-            Some(j) if by_complete.get(j).is_some_and(|b| b.list.len() >= r.list.len()) => j,
+            Some(j)
+                if by_complete
+                    .get(j)
+                    .is_some_and(|b| b.list.len() >= r.list.len()) =>
+            {
+                j
+            }
             _ => i,
         });
     }
     for read in reads.iter().filter(|r| r.op.is_quorum()) {
         let n = by_complete.partition_point(|r| r.op.complete_ns() < read.op.invoke_ns());
-        if let Some(earlier) = n.checked_sub(1).and_then(|k| longest_before.get(k)).and_then(|j| by_complete.get(*j))
+        if let Some(earlier) = n
+            .checked_sub(1)
+            .and_then(|k| longest_before.get(k))
+            .and_then(|j| by_complete.get(*j))
             && earlier.list.len() > read.list.len()
         {
             violation(
@@ -615,7 +813,9 @@ fn realtime_checks(block: &str, appends: &[Append<'_>], reads: &[Read<'_>], pos:
 
     // 7. Real-time order of appends.
     for a in appends {
-        let Some(p) = pos.get(a.value.as_str()).copied() else { continue };
+        let Some(p) = pos.get(a.value.as_str()).copied() else {
+            continue;
+        };
         if let Some((m, w)) = latest_acked_before(a.op.invoke_ns())
             && m != usize::MAX
             && m > p
@@ -636,7 +836,12 @@ fn realtime_checks(block: &str, appends: &[Append<'_>], reads: &[Read<'_>], pos:
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::too_many_arguments)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::too_many_arguments
+)]
 mod tests {
     use serde_json::json;
 
@@ -674,7 +879,17 @@ mod tests {
         }
 
         /// `list` in append order (it is stored newest first, as nodes return it).
-        fn read_full(&mut self, block: &str, list: &[&str], t0: u64, t1: u64, node: usize, is_final: bool, mode: &str, member: Option<bool>) -> &mut Self {
+        fn read_full(
+            &mut self,
+            block: &str,
+            list: &[&str],
+            t0: u64,
+            t1: u64,
+            node: usize,
+            is_final: bool,
+            mode: &str,
+            member: Option<bool>,
+        ) -> &mut Self {
             let id = self.id();
             let mut i = ev(Kind::Invoke, id, "read", block, t0);
             i.node = Some(node);
@@ -725,7 +940,16 @@ mod tests {
             .read("c", &[], 0, 1) // concurrent with the append: may miss it
             .finals("b", &["1", "2", "3"], 100, 3)
             .finals("c", &["x"], 100, 3)
-            .read_full("b", &["1", "2", "3"], 110, 111, 1, true, "local", Some(true))
+            .read_full(
+                "b",
+                &["1", "2", "3"],
+                110,
+                111,
+                1,
+                true,
+                "local",
+                Some(true),
+            )
             .read_full("b", &["1"], 110, 111, 4, true, "local", Some(false)); // not a member: not compared
         h
     }
@@ -744,7 +968,11 @@ mod tests {
     #[test]
     fn history_round_trips_through_json_lines() {
         let h = valid_history();
-        let text: String = h.events.iter().map(|e| serde_json::to_string(e).unwrap() + "\n").collect();
+        let text: String = h
+            .events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.jsonl");
         std::fs::write(&path, text).unwrap();
@@ -756,7 +984,9 @@ mod tests {
     #[test]
     fn a_lost_acknowledged_append_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok).append("b", "2", 0, 10, Kind::Ok).finals("b", &["1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok)
+            .append("b", "2", 0, 10, Kind::Ok)
+            .finals("b", &["1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "lost-append", "{}", r.render());
     }
@@ -774,7 +1004,9 @@ mod tests {
     #[test]
     fn a_duplicate_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok).append("b", "2", 0, 10, Kind::Ok).finals("b", &["1", "2", "1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok)
+            .append("b", "2", 0, 10, Kind::Ok)
+            .finals("b", &["1", "2", "1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "duplicate", "{}", r.render());
     }
@@ -783,7 +1015,9 @@ mod tests {
     fn a_duplicate_after_an_unknown_attempt_is_told_apart() {
         let mut h = H::default();
         h.append("b", "1", 0, 10, Kind::Ok);
-        h.events[1].detail = Some(json!({"failed_attempts": ["unavailable: connection closed before the response"]}));
+        h.events[1].detail = Some(
+            json!({"failed_attempts": ["unavailable: connection closed before the response"]}),
+        );
         h.finals("b", &["1", "1"], 100, 1);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "duplicate-after-retry", "{}", r.render());
@@ -796,7 +1030,8 @@ mod tests {
     #[test]
     fn a_visible_failed_append_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Fail).finals("b", &["1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Fail)
+            .finals("b", &["1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "failed-append-visible", "{}", r.render());
     }
@@ -804,7 +1039,8 @@ mod tests {
     #[test]
     fn a_value_nobody_appended_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok).finals("b", &["1", "zz"], 100, 1);
+        h.append("b", "1", 0, 10, Kind::Ok)
+            .finals("b", &["1", "zz"], 100, 1);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "unexpected-value", "{}", r.render());
     }
@@ -823,7 +1059,9 @@ mod tests {
     #[test]
     fn a_stale_quorum_read_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok).read("b", &[], 11, 12).finals("b", &["1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok)
+            .read("b", &[], 11, 12)
+            .finals("b", &["1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r), vec!["stale-read"], "{}", r.render());
     }
@@ -831,7 +1069,9 @@ mod tests {
     #[test]
     fn a_stale_local_read_is_allowed() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok).read_full("b", &[], 11, 12, 0, false, "local", None).finals("b", &["1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok)
+            .read_full("b", &[], 11, 12, 0, false, "local", None)
+            .finals("b", &["1"], 100, 2);
         assert!(h.check().valid());
     }
 
@@ -851,7 +1091,9 @@ mod tests {
     #[test]
     fn a_read_from_the_future_is_found() {
         let mut h = H::default();
-        h.read("b", &["1"], 0, 5).append("b", "1", 10, 20, Kind::Ok).finals("b", &["1"], 100, 2);
+        h.read("b", &["1"], 0, 5)
+            .append("b", "1", 10, 20, Kind::Ok)
+            .finals("b", &["1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r), vec!["future-read"], "{}", r.render());
     }
@@ -859,7 +1101,9 @@ mod tests {
     #[test]
     fn appends_out_of_real_time_order_are_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok).append("b", "2", 20, 30, Kind::Ok).finals("b", &["2", "1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok)
+            .append("b", "2", 20, 30, Kind::Ok)
+            .finals("b", &["2", "1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r), vec!["append-order"], "{}", r.render());
     }
@@ -874,7 +1118,11 @@ mod tests {
             .finals("b", &["2", "1"], 100, 2);
         let r = h.check();
         assert!(!r.valid(), "{}", r.render());
-        assert!(matches!(kinds(&r)[0], "incompatible-order" | "append-order"), "{}", r.render());
+        assert!(
+            matches!(kinds(&r)[0], "incompatible-order" | "append-order"),
+            "{}",
+            r.render()
+        );
     }
 
     #[test]
@@ -918,8 +1166,10 @@ mod tests {
     #[test]
     fn nemesis_events_are_counted() {
         let mut h = valid_history();
-        h.events.push(Event::new(Kind::Nemesis, 0, "nemesis", "kill"));
-        h.events.push(Event::new(Kind::Nemesis, 0, "nemesis", "kill"));
+        h.events
+            .push(Event::new(Kind::Nemesis, 0, "nemesis", "kill"));
+        h.events
+            .push(Event::new(Kind::Nemesis, 0, "nemesis", "kill"));
         let r = h.check();
         assert_eq!(r.totals.nemesis.get("kill"), Some(&2));
     }

@@ -128,7 +128,13 @@ impl Invoker {
     }
 
     fn base_args(&self, peer: &str) -> Vec<String> {
-        vec!["client".into(), "--peer".into(), peer.into(), "--timeout-ms".into(), self.client_timeout_ms.to_string()]
+        vec![
+            "client".into(),
+            "--peer".into(),
+            peer.into(),
+            "--timeout-ms".into(),
+            self.client_timeout_ms.to_string(),
+        ]
     }
 
     /// `write --block B --update '[["entries",0,0,[value]]]'`.
@@ -139,26 +145,51 @@ impl Invoker {
 
     /// `write --block B --insert '{"header":{"id":B,"type":"log","collectionId":"n"},"entries":[]}'`.
     pub async fn create(&self, peer: &str, block: &str) -> Written {
-        let insert = json!({"header": {"id": block, "type": "log", "collectionId": "n"}, "entries": []}).to_string();
+        let insert =
+            json!({"header": {"id": block, "type": "log", "collectionId": "n"}, "entries": []})
+                .to_string();
         self.write(peer, block, "--insert", &insert).await
     }
 
     async fn write(&self, peer: &str, block: &str, flag: &str, arg: &str) -> Written {
         let mut args = self.base_args(peer);
-        args.extend(["write".into(), "--block".into(), block.into(), flag.into(), arg.into()]);
+        args.extend([
+            "write".into(),
+            "--block".into(),
+            block.into(),
+            flag.into(),
+            arg.into(),
+        ]);
         // Debug lines of the transaction loop name each failed attempt's reason.
         match self.run(&args, "warn,optimystic_node::txn=debug").await {
-            Outcome::TimedOut => {
-                Written { result: WriteResult::Info(format!("timed out after {:?} (client killed)", self.op_timeout)), attempts: Vec::new() }
+            Outcome::TimedOut => Written {
+                result: WriteResult::Info(format!(
+                    "timed out after {:?} (client killed)",
+                    self.op_timeout
+                )),
+                attempts: Vec::new(),
+            },
+            Outcome::SpawnFailed(e) => Written {
+                result: WriteResult::Fail(format!("client not started: {e}")),
+                attempts: Vec::new(),
+            },
+            Outcome::Exited {
+                code: 0,
+                stdout,
+                stderr,
+            } => {
+                let rev = serde_json::from_str::<Value>(&stdout)
+                    .ok()
+                    .and_then(|v| v.get("rev").and_then(Value::as_u64));
+                Written {
+                    result: WriteResult::Ok(rev),
+                    attempts: attempt_reasons(&stderr),
+                }
             }
-            Outcome::SpawnFailed(e) => Written { result: WriteResult::Fail(format!("client not started: {e}")), attempts: Vec::new() },
-            Outcome::Exited { code: 0, stdout, stderr } => {
-                let rev = serde_json::from_str::<Value>(&stdout).ok().and_then(|v| v.get("rev").and_then(Value::as_u64));
-                Written { result: WriteResult::Ok(rev), attempts: attempt_reasons(&stderr) }
-            }
-            Outcome::Exited { code, stderr, .. } => {
-                Written { result: classify_write_failure(code, &stderr), attempts: attempt_reasons(&stderr) }
-            }
+            Outcome::Exited { code, stderr, .. } => Written {
+                result: classify_write_failure(code, &stderr),
+                attempts: attempt_reasons(&stderr),
+            },
         }
     }
 
@@ -168,10 +199,18 @@ impl Invoker {
         let gets = json!({"blockIds": blocks, "readMode": mode}).to_string();
         args.extend(["get".into(), "--json".into(), gets]);
         match self.run(&args, "error").await {
-            Outcome::TimedOut => Err(format!("timed out after {:?} (client killed)", self.op_timeout)),
+            Outcome::TimedOut => Err(format!(
+                "timed out after {:?} (client killed)",
+                self.op_timeout
+            )),
             Outcome::SpawnFailed(e) => Err(format!("client not started: {e}")),
-            Outcome::Exited { code: 0, stdout, .. } => serde_json::from_str(&stdout).map_err(|e| format!("unreadable answer: {e}: {stdout}")),
-            Outcome::Exited { code, stderr, .. } => Err(format!("exit {code}: {}", last_error_line(&stderr))),
+            Outcome::Exited {
+                code: 0, stdout, ..
+            } => serde_json::from_str(&stdout)
+                .map_err(|e| format!("unreadable answer: {e}: {stdout}")),
+            Outcome::Exited { code, stderr, .. } => {
+                Err(format!("exit {code}: {}", last_error_line(&stderr)))
+            }
         }
     }
 }
@@ -179,9 +218,15 @@ impl Invoker {
 /// The block's entries (newest first) and latest revision in a GetBlockResults object; `None`
 /// entries for an absent block.
 pub fn block_of(results: &Value, block: &str) -> (Option<Value>, Option<u64>) {
-    let Some(r) = results.get(block) else { return (None, None) };
+    let Some(r) = results.get(block) else {
+        return (None, None);
+    };
     let entries = r.get("block").and_then(|b| b.get("entries")).cloned();
-    let rev = r.get("state").and_then(|s| s.get("latest")).and_then(|l| l.get("rev")).and_then(Value::as_u64);
+    let rev = r
+        .get("state")
+        .and_then(|s| s.get("latest"))
+        .and_then(|l| l.get("rev"))
+        .and_then(Value::as_u64);
     (entries, rev)
 }
 
@@ -211,7 +256,10 @@ pub fn attempt_applied_nothing(reason: &str) -> bool {
 /// A final error that proves its attempt applied nothing (the request was refused as invalid).
 fn final_error_applied_nothing(error: &str) -> bool {
     let e = error.trim();
-    e.starts_with("bad request") || e.starts_with("invalid transform") || e.starts_with("unknown block") || e.starts_with("pending transaction")
+    e.starts_with("bad request")
+        || e.starts_with("invalid transform")
+        || e.starts_with("unknown block")
+        || e.starts_with("pending transaction")
 }
 
 /// The reason of each failed attempt, from the `transaction attempt did not commit` debug lines.
@@ -219,7 +267,12 @@ pub fn attempt_reasons(stderr: &str) -> Vec<String> {
     stderr
         .lines()
         .filter(|l| l.contains("transaction attempt did not commit"))
-        .map(|l| l.split_once("reason=").map_or("", |(_, r)| r).trim().to_owned())
+        .map(|l| {
+            l.split_once("reason=")
+                .map_or("", |(_, r)| r)
+                .trim()
+                .to_owned()
+        })
         .collect()
 }
 
@@ -230,7 +283,11 @@ pub fn attempt_reasons(stderr: &str) -> Vec<String> {
 /// unknown reason) is recorded as unknown.
 pub fn classify_write_failure(code: i32, stderr: &str) -> WriteResult {
     let error = last_error_line(stderr);
-    let message = if error.is_empty() { format!("exit {code}") } else { error.clone() };
+    let message = if error.is_empty() {
+        format!("exit {code}")
+    } else {
+        error.clone()
+    };
     let final_error = error.trim_start_matches("error:").trim();
     let attempts = attempt_reasons(stderr);
     if code != 2 {
@@ -238,13 +295,19 @@ pub fn classify_write_failure(code: i32, stderr: &str) -> WriteResult {
     }
     if let Some(rest) = final_error.strip_prefix("gave up after ") {
         // Every attempt failed in the retry loop, and each logged its reason.
-        let claimed: usize = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+        let claimed: usize = rest
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(usize::MAX);
         if attempts.len() == claimed && attempts.iter().all(|r| attempt_applied_nothing(r)) {
             return WriteResult::Fail(message);
         }
         return WriteResult::Info(message);
     }
-    if final_error_applied_nothing(final_error) && attempts.iter().all(|r| attempt_applied_nothing(r)) {
+    if final_error_applied_nothing(final_error)
+        && attempts.iter().all(|r| attempt_applied_nothing(r))
+    {
         return WriteResult::Fail(message);
     }
     WriteResult::Info(message)
@@ -257,7 +320,10 @@ mod tests {
 
     #[test]
     fn ansi_is_stripped() {
-        assert_eq!(strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m x"), "time DEBUG x");
+        assert_eq!(
+            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m x"),
+            "time DEBUG x"
+        );
     }
 
     #[test]
@@ -265,7 +331,10 @@ mod tests {
         let stderr = "t DEBUG optimystic_node::txn: transaction attempt did not commit block_id=b attempt=1 reason=consensus failed: x\n\
                       t DEBUG optimystic_node::txn: transaction attempt did not commit block_id=b attempt=2 reason=stale revision\n\
                       error: gave up after 2 attempts: stale revision\n";
-        assert!(matches!(classify_write_failure(2, stderr), WriteResult::Fail(_)));
+        assert!(matches!(
+            classify_write_failure(2, stderr),
+            WriteResult::Fail(_)
+        ));
     }
 
     #[test]
@@ -273,19 +342,34 @@ mod tests {
         let stderr = "t DEBUG optimystic_node::txn: transaction attempt did not commit block_id=b attempt=1 reason=unavailable: the record was decided\n\
                       t DEBUG optimystic_node::txn: transaction attempt did not commit block_id=b attempt=2 reason=stale revision\n\
                       error: gave up after 2 attempts: stale revision\n";
-        assert!(matches!(classify_write_failure(2, stderr), WriteResult::Info(_)));
+        assert!(matches!(
+            classify_write_failure(2, stderr),
+            WriteResult::Info(_)
+        ));
     }
 
     #[test]
     fn missing_attempt_lines_make_the_outcome_unknown() {
         let stderr = "error: gave up after 10 attempts: consensus failed: x\n";
-        assert!(matches!(classify_write_failure(2, stderr), WriteResult::Info(_)));
+        assert!(matches!(
+            classify_write_failure(2, stderr),
+            WriteResult::Info(_)
+        ));
     }
 
     #[test]
     fn an_expired_request_is_unknown_and_a_bad_request_a_failure() {
-        assert!(matches!(classify_write_failure(2, "error: request expired\n"), WriteResult::Info(_)));
-        assert!(matches!(classify_write_failure(2, "error: bad request: no\n"), WriteResult::Fail(_)));
-        assert!(matches!(classify_write_failure(-1, ""), WriteResult::Info(_)));
+        assert!(matches!(
+            classify_write_failure(2, "error: request expired\n"),
+            WriteResult::Info(_)
+        ));
+        assert!(matches!(
+            classify_write_failure(2, "error: bad request: no\n"),
+            WriteResult::Fail(_)
+        ));
+        assert!(matches!(
+            classify_write_failure(-1, ""),
+            WriteResult::Info(_)
+        ));
     }
 }
