@@ -48,6 +48,9 @@ enum Command {
         OPTIMYSTIC_NODE__LISTEN='[\"/ip4/127.0.0.1/tcp/4002\"]' optimystic start --storage memory")]
     Start(StartArgs),
     /// Talk to a running node.
+    ///
+    /// Exit codes: 0 done; 2 error (a `write` certainly committed nothing); 4 a `write`'s outcome
+    /// is unknown (its commit was sent and never confirmed).
     #[command(after_help = "Examples:\n  optimystic client --peer /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... get diary\n  \
         optimystic client --peer ADDR write --block diary --insert '{\"header\":{\"id\":\"diary\",\"type\":\"log\",\"collectionId\":\"c\"},\"entries\":[]}'\n  \
         optimystic client --peer ADDR write --block diary --update '[[\"entries\",0,0,[\"hello\"]]]'")]
@@ -209,6 +212,10 @@ enum ClientOp {
     },
 }
 
+/// Exit code of a `client write` whose commit was sent and never confirmed: it may or may not
+/// have committed (2 means it certainly did not).
+const EXIT_OUTCOME_UNKNOWN: u8 = 4;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format.unwrap_or_default();
@@ -337,7 +344,14 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let repo = RepoClient::new(network, peer).with_default_timeout_ms(args.timeout_ms);
     let result = client_op(&repo, args.op, args.timeout_ms).await;
     host.shutdown().await;
-    let value = result?;
+    let value = match result {
+        Ok(value) => value,
+        Err(e) if e.downcast_ref::<txn::TxnError>().is_some_and(|t| !t.nothing_committed()) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(EXIT_OUTCOME_UNKNOWN));
+        }
+        Err(e) => return Err(e),
+    };
     println!("{}", serde_json::to_string_pretty(&value)?);
     Ok(ExitCode::SUCCESS)
 }

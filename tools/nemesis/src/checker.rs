@@ -4,9 +4,8 @@
 //! `entries` reversed is the list in append order. The checks, in the order they are reported:
 //!
 //! 1. `duplicate` / `unexpected-value` / `failed-append-visible`: a read shows a value twice, a
-//!    value nobody appended to that block, or a value whose append certainly failed. A duplicate
-//!    whose write made an attempt with an unknown outcome before it succeeded (the `write` CLI
-//!    then retries with a fresh transaction) is reported as `duplicate-after-retry`.
+//!    value nobody appended to that block, or a value whose append certainly failed (`write`
+//!    applies at most once: a commit whose answer is lost is re-sent, never replaced).
 //! 2. `incompatible-order`: all successful reads of a block, from any node, in any mode, at any
 //!    time, are prefixes of one order (the longest read's): no two reads disagree on an order.
 //! 3. `lost-append`: an acknowledged append is missing from a final read of some node.
@@ -456,16 +455,7 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                                 .collect()
                         })
                         .unwrap_or_default();
-                    // The write CLI retries with a fresh transaction after an attempt whose outcome
-                    // was unknown: if that attempt had committed, the value is applied twice.
-                    let retried = attempts
-                        .iter()
-                        .any(|r| !crate::client::attempt_applied_nothing(r));
-                    let kind = if retried {
-                        "duplicate-after-retry"
-                    } else {
-                        "duplicate"
-                    };
+                    let kind = "duplicate";
                     let attempts = if attempts.is_empty() {
                         String::new()
                     } else {
@@ -1009,22 +999,6 @@ mod tests {
             .finals("b", &["1", "2", "1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "duplicate", "{}", r.render());
-    }
-
-    #[test]
-    fn a_duplicate_after_an_unknown_attempt_is_told_apart() {
-        let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok);
-        h.events[1].detail = Some(
-            json!({"failed_attempts": ["unavailable: connection closed before the response"]}),
-        );
-        h.finals("b", &["1", "1"], 100, 1);
-        let r = h.check();
-        assert_eq!(kinds(&r)[0], "duplicate-after-retry", "{}", r.render());
-        let mut r = r;
-        r.tolerate(&["duplicate-after-retry".to_owned()]);
-        assert!(r.valid(), "{}", r.render());
-        assert_eq!(r.tolerated.len(), 1);
     }
 
     #[test]

@@ -241,27 +241,6 @@ fn last_error_line(stderr: &str) -> String {
         .to_owned()
 }
 
-/// A failed attempt's reason that proves the attempt applied nothing: the cluster did not agree
-/// (`consensus failed`: no promise quorum, so no member executes it), it was busy, or a member
-/// found the transaction stale (the pend or commit was refused).
-pub fn attempt_applied_nothing(reason: &str) -> bool {
-    let r = reason.trim().trim_matches('"');
-    r.starts_with("consensus failed")
-        || r.starts_with("busy")
-        || r.starts_with("stale")
-        || r.starts_with("other transactions are pending")
-        || r.starts_with("a member reported staleness")
-}
-
-/// A final error that proves its attempt applied nothing (the request was refused as invalid).
-fn final_error_applied_nothing(error: &str) -> bool {
-    let e = error.trim();
-    e.starts_with("bad request")
-        || e.starts_with("invalid transform")
-        || e.starts_with("unknown block")
-        || e.starts_with("pending transaction")
-}
-
 /// The reason of each failed attempt, from the `transaction attempt did not commit` debug lines.
 pub fn attempt_reasons(stderr: &str) -> Vec<String> {
     stderr
@@ -276,41 +255,21 @@ pub fn attempt_reasons(stderr: &str) -> Vec<String> {
         .collect()
 }
 
-/// Classifies a non-zero exit of `optimystic client write`. `write` retries inside the process
-/// (a fresh transaction per attempt): the write certainly failed only when every attempt's
-/// reason (one `transaction attempt did not commit` debug line each) and the final error prove
-/// that nothing was applied. Anything else (`unavailable`, `request expired`, a timeout, an
-/// unknown reason) is recorded as unknown.
+/// Classifies a non-zero exit of `optimystic client write`: exit 2 means nothing was committed
+/// (every attempt was refused before its commit, or its commit was refuted); anything else (exit
+/// 4, "outcome unknown", a signal) may have committed.
 pub fn classify_write_failure(code: i32, stderr: &str) -> WriteResult {
     let error = last_error_line(stderr);
     let message = if error.is_empty() {
         format!("exit {code}")
     } else {
-        error.clone()
+        error
     };
-    let final_error = error.trim_start_matches("error:").trim();
-    let attempts = attempt_reasons(stderr);
-    if code != 2 {
-        return WriteResult::Info(message);
+    if code == 2 {
+        WriteResult::Fail(message)
+    } else {
+        WriteResult::Info(message)
     }
-    if let Some(rest) = final_error.strip_prefix("gave up after ") {
-        // Every attempt failed in the retry loop, and each logged its reason.
-        let claimed: usize = rest
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(usize::MAX);
-        if attempts.len() == claimed && attempts.iter().all(|r| attempt_applied_nothing(r)) {
-            return WriteResult::Fail(message);
-        }
-        return WriteResult::Info(message);
-    }
-    if final_error_applied_nothing(final_error)
-        && attempts.iter().all(|r| attempt_applied_nothing(r))
-    {
-        return WriteResult::Fail(message);
-    }
-    WriteResult::Info(message)
 }
 
 #[cfg(test)]
@@ -327,45 +286,14 @@ mod tests {
     }
 
     #[test]
-    fn every_attempt_refused_is_a_failure() {
-        let stderr = "t DEBUG optimystic_node::txn: transaction attempt did not commit block_id=b attempt=1 reason=consensus failed: x\n\
-                      t DEBUG optimystic_node::txn: transaction attempt did not commit block_id=b attempt=2 reason=stale revision\n\
-                      error: gave up after 2 attempts: stale revision\n";
+    fn exit_2_is_a_failure_and_anything_else_unknown() {
         assert!(matches!(
-            classify_write_failure(2, stderr),
+            classify_write_failure(2, "error: gave up after 10 attempts: stale revision\n"),
             WriteResult::Fail(_)
         ));
-    }
-
-    #[test]
-    fn an_unavailable_attempt_makes_the_outcome_unknown() {
-        let stderr = "t DEBUG optimystic_node::txn: transaction attempt did not commit block_id=b attempt=1 reason=unavailable: the record was decided\n\
-                      t DEBUG optimystic_node::txn: transaction attempt did not commit block_id=b attempt=2 reason=stale revision\n\
-                      error: gave up after 2 attempts: stale revision\n";
         assert!(matches!(
-            classify_write_failure(2, stderr),
+            classify_write_failure(4, "error: outcome unknown: the commit of x at revision 3 was sent and not confirmed: unavailable\n"),
             WriteResult::Info(_)
-        ));
-    }
-
-    #[test]
-    fn missing_attempt_lines_make_the_outcome_unknown() {
-        let stderr = "error: gave up after 10 attempts: consensus failed: x\n";
-        assert!(matches!(
-            classify_write_failure(2, stderr),
-            WriteResult::Info(_)
-        ));
-    }
-
-    #[test]
-    fn an_expired_request_is_unknown_and_a_bad_request_a_failure() {
-        assert!(matches!(
-            classify_write_failure(2, "error: request expired\n"),
-            WriteResult::Info(_)
-        ));
-        assert!(matches!(
-            classify_write_failure(2, "error: bad request: no\n"),
-            WriteResult::Fail(_)
         ));
         assert!(matches!(
             classify_write_failure(-1, ""),

@@ -37,7 +37,7 @@ enum Cmd {
     Check {
         /// The history (JSON lines).
         file: PathBuf,
-        /// Violation kinds to report without failing, comma-separated (e.g. duplicate-after-retry).
+        /// Violation kinds to report without failing, comma-separated (e.g. no-final-read).
         #[arg(long, value_delimiter = ',')]
         allow: Vec<String>,
     },
@@ -103,7 +103,7 @@ struct RunArgs {
     /// Longest wait for the replicas to converge at the end, in seconds.
     #[arg(long, default_value_t = 90)]
     settle_secs: u64,
-    /// Violation kinds to report without failing, comma-separated (e.g. duplicate-after-retry).
+    /// Violation kinds to report without failing, comma-separated (e.g. no-final-read).
     #[arg(long, value_delimiter = ',')]
     allow: Vec<String>,
 }

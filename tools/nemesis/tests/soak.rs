@@ -6,7 +6,7 @@
 //! `OPTIMYSTIC_BIN` names the node binary (default: `target/<profile>/optimystic`, built by
 //! `cargo build --workspace --all-targets` as CI does); `NEMESIS_SEED` replaces the fixed seed;
 //! `NEMESIS_SECONDS` the length of the fault phase (default 60); `NEMESIS_ALLOW` violation kinds
-//! to report without failing (comma-separated, e.g. `duplicate-after-retry`).
+//! to report without failing (comma-separated, e.g. `no-final-read`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
