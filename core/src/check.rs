@@ -101,6 +101,9 @@ pub enum RejectCategory {
     Refused,
     /// The decided operation failed when applied here (commit votes).
     Failed,
+    /// Some operations of a batched record (SPEC 4.14) fail; the detail lists each one's index and
+    /// reason (see [`BatchFailure`]).
+    Batch,
     /// A category this implementation does not know (other implementations may send more).
     Other(String),
 }
@@ -117,6 +120,7 @@ impl RejectCategory {
             Self::Busy => "busy",
             Self::Refused => "refused",
             Self::Failed => "failed",
+            Self::Batch => "batch",
             Self::Other(text) => text,
         }
     }
@@ -130,6 +134,7 @@ impl RejectCategory {
             "busy" => Self::Busy,
             "refused" => Self::Refused,
             "failed" => Self::Failed,
+            "batch" => Self::Batch,
             other => Self::Other(other.to_owned()),
         }
     }
@@ -171,6 +176,51 @@ impl RejectReason {
     }
 }
 
+/// One failing operation of a batched record (SPEC 4.14): its index in the record's `operations`
+/// and its own reason.
+///
+/// On the wire a batch rejection is the reason `batch: ` followed by a JSON array of
+/// `[index, "category: detail"]` pairs, one per failing operation, by ascending index, for example
+/// `batch: [[0,"stale: stale revision"],[3,"conflict: block b is reserved by z..."]]`. Each entry's
+/// reason is a complete reason of its own (cut to [`MAX_REJECT_DETAIL_CHARS`] like any other);
+/// operations not listed passed. JSON strings quote and escape the inner reasons, so any detail
+/// text parses back exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFailure {
+    /// The operation's index in the record's `operations`.
+    pub index: usize,
+    /// Why it fails.
+    pub reason: RejectReason,
+}
+
+impl RejectReason {
+    /// The rejection of a batched record whose operations `failures` fail (any order; listed by
+    /// ascending index). The detail is not cut: each entry's reason already is.
+    #[must_use]
+    pub fn batch(failures: &[BatchFailure]) -> Self {
+        let mut sorted: Vec<&BatchFailure> = failures.iter().collect();
+        sorted.sort_by_key(|f| f.index);
+        let entries: Vec<serde_json::Value> =
+            sorted.iter().map(|f| serde_json::json!([f.index, f.reason.to_string()])).collect();
+        Self { category: RejectCategory::Batch, detail: serde_json::Value::Array(entries).to_string() }
+    }
+
+    /// The failing operations listed by a [`RejectCategory::Batch`] reason; `None` for any other
+    /// category, `Some(Err(why))` for a batch reason whose detail does not parse.
+    #[must_use]
+    pub fn batch_failures(&self) -> Option<Result<Vec<BatchFailure>, String>> {
+        if self.category != RejectCategory::Batch {
+            return None;
+        }
+        let parsed = serde_json::from_str::<Vec<(usize, String)>>(&self.detail)
+            .map_err(|e| format!("malformed batch rejection: {e}"))
+            .map(|entries| {
+                entries.into_iter().map(|(index, text)| BatchFailure { index, reason: Self::parse(&text) }).collect()
+            });
+        Some(parsed)
+    }
+}
+
 impl fmt::Display for RejectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.detail.is_empty() {
@@ -197,13 +247,31 @@ mod tests {
             RejectCategory::Busy,
             RejectCategory::Refused,
             RejectCategory::Failed,
-            RejectCategory::Other("batch".into()),
+            RejectCategory::Other("shrug".into()),
         ] {
             let reason = RejectReason::new(category, "block b: why: more");
             assert_eq!(RejectReason::parse(&reason.to_string()), reason);
         }
         assert_eq!(RejectReason::parse("behind").category, RejectCategory::Behind);
         assert_eq!(RejectReason::new(RejectCategory::Busy, "x".repeat(1000)).detail.len(), MAX_REJECT_DETAIL_CHARS);
+    }
+
+    #[test]
+    fn batch_rejections_list_each_failing_operation_and_parse_back() {
+        let awkward = RejectReason::new(RejectCategory::Conflict, "block \"a, b\"]: [[1,\"x\"]] is reserved by z");
+        let stale = RejectReason::new(RejectCategory::Stale, "stale revision");
+        let reason = RejectReason::batch(&[
+            BatchFailure { index: 3, reason: awkward.clone() },
+            BatchFailure { index: 0, reason: stale.clone() },
+        ]);
+        let text = reason.to_string();
+        assert!(text.starts_with("batch: [[0,\"stale: stale revision\"],[3,"), "{text}");
+        let parsed = RejectReason::parse(&text);
+        assert_eq!(parsed.category, RejectCategory::Batch);
+        let failures = parsed.batch_failures().unwrap().unwrap();
+        assert_eq!(failures, vec![BatchFailure { index: 0, reason: stale }, BatchFailure { index: 3, reason: awkward }]);
+        assert!(RejectReason::parse("batch: [[0").batch_failures().unwrap().is_err());
+        assert!(RejectReason::parse("stale: x").batch_failures().is_none());
     }
 
     #[test]

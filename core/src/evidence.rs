@@ -7,6 +7,10 @@
 //! revision with its evidence, and the receiver applies it only when [`verify`] accepts it
 //! against the receiver's own view of the block's cluster. Both records are kept as received (their
 //! hashes and signatures are over the JSON as sent), so they verify anywhere.
+//!
+//! A record may carry several operations (a batch, SPEC 4.14) on pairwise disjoint blocks: the
+//! evidence of a revision is then the whole batch record, and verification looks for the one
+//! operation that names the block.
 
 use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
@@ -15,7 +19,7 @@ use serde_json::Value;
 use crate::crypto;
 use crate::model::{BlockId, Transform, TrxId, TrxRev};
 use crate::record::ClusterRecord;
-use crate::wire::{RepoMessage, RepoOperation};
+use crate::wire::{RecordMessage, RepoOperation};
 
 /// Metadata key prefix of revision evidence.
 pub const REV_PREFIX: &str = "evidence/rev/";
@@ -123,16 +127,13 @@ pub fn verify(
     let invalid = |detail: String| EvidenceError::Invalid { block_id: block_id.clone(), rev, detail };
 
     let commit = decided(&evidence.commit).map_err(|e| invalid(format!("commit record: {e}")))?;
-    match commit_operation(&commit).map_err(|e| invalid(format!("commit record: {e}")))? {
-        RepoOperation::Commit(c) if c.trx_id == trx_rev.trx_id && c.rev == rev && c.block_ids.contains(block_id) => {}
+    match operation_on(&commit, block_id).map_err(|e| invalid(format!("commit record: {e}")))? {
+        RepoOperation::Commit(c) if c.trx_id == trx_rev.trx_id && c.rev == rev => {}
         _ => return Err(invalid("the commit record is not the commit of this transaction, revision and block".into())),
     }
     let pend = decided(pend_value).map_err(|e| invalid(format!("pend record: {e}")))?;
-    match commit_operation(&pend).map_err(|e| invalid(format!("pend record: {e}")))? {
-        RepoOperation::Pend(p)
-            if p.trx_id == trx_rev.trx_id
-                && p.transforms.block_ids().contains(block_id)
-                && p.transforms.transform_for(block_id) == *transform => {}
+    match operation_on(&pend, block_id).map_err(|e| invalid(format!("pend record: {e}")))? {
+        RepoOperation::Pend(p) if p.trx_id == trx_rev.trx_id && p.transforms.transform_for(block_id) == *transform => {}
         _ => return Err(invalid("the pend record does not carry this transaction's transform for the block".into())),
     }
     for (what, record) in [("pend", &pend), ("commit", &commit)] {
@@ -170,9 +171,25 @@ fn decided(value: &Value) -> Result<ClusterRecord, String> {
     Ok(record)
 }
 
-fn commit_operation(record: &ClusterRecord) -> Result<RepoOperation, String> {
-    let message = RepoMessage::from_value(record.message.clone()).map_err(|e| e.to_string())?;
-    message.into_operation().map_err(|e| e.to_string())
+/// The one operation of `record` that names `block_id` (a record of several operations names each
+/// block in at most one of them, SPEC 4.14); an error when none or several do.
+fn operation_on(record: &ClusterRecord, block_id: &BlockId) -> Result<RepoOperation, String> {
+    let message = RecordMessage::from_value(record.message.clone()).map_err(|e| e.to_string())?;
+    let mut naming = message.operations.into_iter().filter(|op| names_block(op, block_id));
+    match (naming.next(), naming.next()) {
+        (Some(op), None) => Ok(op),
+        (None, _) => Err(format!("no operation names block {block_id}")),
+        (Some(_), Some(_)) => Err(format!("several operations name block {block_id}")),
+    }
+}
+
+fn names_block(operation: &RepoOperation, block_id: &BlockId) -> bool {
+    match operation {
+        RepoOperation::Get(_) => false,
+        RepoOperation::Pend(p) => p.transforms.block_ids().contains(block_id),
+        RepoOperation::Commit(c) => c.block_ids.contains(block_id),
+        RepoOperation::Cancel { trx_ref } => trx_ref.block_ids.contains(block_id),
+    }
 }
 
 #[cfg(test)]
@@ -201,5 +218,66 @@ mod tests {
         let garbage = Evidence { pend: Some(Value::Null), commit: Value::Null };
         let err = verify(Some(&garbage), &b, &trx_rev, &Transform::default(), &[]).unwrap_err();
         assert!(matches!(err, EvidenceError::Invalid { .. }));
+    }
+
+    /// A batched record (SPEC 4.14) is evidence for each of its operations: verification finds
+    /// the operation naming the block; a record naming the block twice proves nothing.
+    #[test]
+    fn batched_records_prove_each_of_their_operations() {
+        use libp2p_identity::Keypair;
+
+        use crate::model::{BlockOperation, CommitRequest, PendPolicy, PendRequest, Transforms};
+        use crate::record::{ClusterPeer, VoteType};
+
+        let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
+        let view: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+        let decided_record = |operations: Vec<RepoOperation>| {
+            let peers = view.iter().map(|p| (crypto::peer_text(p), ClusterPeer::new(p, vec![]).unwrap())).collect();
+            let message = serde_json::to_value(RecordMessage { operations, expiration: 1 }).unwrap();
+            let mut record = ClusterRecord::new(peers, message);
+            for key in keys.iter().take(2) {
+                let vote = record.sign_promise(key, VoteType::Approve, None).unwrap();
+                record.promises.insert(crypto::peer_text(&key.public().to_peer_id()), vote);
+            }
+            record.to_value()
+        };
+        let set = |v: i64| Transform { updates: Some(vec![BlockOperation::set("v", serde_json::json!(v))]), ..Transform::default() };
+        let pend = |trx: &str, block: &BlockId, v: i64| {
+            RepoOperation::Pend(PendRequest {
+                trx_id: TrxId::new(trx).unwrap(),
+                rev: Some(2),
+                transforms: Transforms::single(block, &set(v)),
+                policy: PendPolicy::Continue,
+            })
+        };
+        let commit = |trx: &str, block: &BlockId| {
+            RepoOperation::Commit(CommitRequest {
+                trx_id: TrxId::new(trx).unwrap(),
+                block_ids: vec![block.clone()],
+                rev: 2,
+                tail_id: block.clone(),
+                header_id: None,
+            })
+        };
+        let (a, b) = (BlockId::new("a").unwrap(), BlockId::new("b").unwrap());
+        let evidence = Evidence {
+            pend: Some(decided_record(vec![pend("ta", &a, 1), pend("tb", &b, 2)])),
+            commit: decided_record(vec![commit("tb", &b), commit("ta", &a)]),
+        };
+        let at = |trx: &str| TrxRev { trx_id: TrxId::new(trx).unwrap(), rev: 2 };
+        verify(Some(&evidence), &a, &at("ta"), &set(1), &view).unwrap();
+        verify(Some(&evidence), &b, &at("tb"), &set(2), &view).unwrap();
+        // Another transaction, another transform, or a block the batch does not name.
+        for (block, trx, v) in [(&a, "tb", 1), (&b, "tb", 1), (&BlockId::new("c").unwrap(), "ta", 1)] {
+            let e = verify(Some(&evidence), block, &at(trx), &set(v), &view).unwrap_err();
+            assert!(matches!(e, EvidenceError::Invalid { .. }), "{e}");
+        }
+        // Two operations naming one block: ambiguous, refused.
+        let doubled = Evidence {
+            pend: Some(decided_record(vec![pend("ta", &a, 1), pend("tz", &a, 3)])),
+            commit: decided_record(vec![commit("ta", &a)]),
+        };
+        let e = verify(Some(&doubled), &a, &at("ta"), &set(1), &view).unwrap_err();
+        assert!(e.to_string().contains("several operations"), "{e}");
     }
 }

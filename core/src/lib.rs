@@ -30,7 +30,7 @@ pub mod wire;
 
 pub use error::{ErrorCode, RepoError, StorageError, TransformError};
 pub use model::*;
-pub use check::{Check, RejectCategory, RejectReason};
+pub use check::{BatchFailure, Check, RejectCategory, RejectReason};
 pub use repo::{MessageOptions, ReadPromotion, Repo, StorageRepo};
 pub use storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage};
 

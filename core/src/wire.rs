@@ -111,6 +111,41 @@ impl RepoMessage {
     }
 }
 
+/// Most operations one cluster record's message may carry (SPEC 4.14): the hard bound a member
+/// accepts whatever its own `max_batch_ops`, so that nodes configured differently still agree.
+pub const MAX_RECORD_OPERATIONS: usize = 1_024;
+
+/// The message of a cluster record (SPEC 3.3, 4.14): `{"operations": [op, ...], "expiration": ms}`
+/// with 1 to [`MAX_RECORD_OPERATIONS`] operations. A record of one operation carries exactly the
+/// [`RepoMessage`] of the repo protocol (the same JSON); a batched record carries several, each
+/// agreed and executed as if it were alone. Rules on which operations may share a record (their
+/// block sets are pairwise disjoint) belong to the consensus that builds and checks it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordMessage {
+    /// The operations, in the order their results are reported.
+    pub operations: Vec<RepoOperation>,
+    /// Milliseconds since the Unix epoch after which no member may execute the record.
+    pub expiration: u64,
+}
+
+impl RecordMessage {
+    /// Parses and validates a record's message: 1 to [`MAX_RECORD_OPERATIONS`] operations.
+    pub fn from_value(value: Value) -> Result<Self, WireError> {
+        let message: Self = serde_json::from_value(value).map_err(WireError::Json)?;
+        match message.operations.len() {
+            1..=MAX_RECORD_OPERATIONS => Ok(message),
+            n => Err(WireError::RecordOperationCount(n)),
+        }
+    }
+}
+
+impl From<RepoMessage> for RecordMessage {
+    fn from(message: RepoMessage) -> Self {
+        Self { operations: message.operations, expiration: message.expiration }
+    }
+}
+
 /// A malformed message.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -120,6 +155,9 @@ pub enum WireError {
     /// The message does not carry exactly one operation.
     #[error("a message carries exactly one operation, got {0}")]
     OperationCount(usize),
+    /// A cluster record's message carries no operation or more than [`MAX_RECORD_OPERATIONS`].
+    #[error("a record's message carries 1 to {MAX_RECORD_OPERATIONS} operations, got {0}")]
+    RecordOperationCount(usize),
     /// A response of the wrong shape for its request.
     #[error("unexpected response: {0}")]
     UnexpectedResponse(String),

@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use optimystic_core::registry::PluginError;
+use optimystic_core::wire::MAX_RECORD_OPERATIONS;
 
 /// The plugin name used in configuration and error messages.
 pub(crate) const PLUGIN: &str = "consensus majority-2pc";
@@ -116,6 +117,20 @@ pub struct MajorityConfig {
     /// kept. Recovery queries about a record are answered from it, so it must exceed the longest
     /// time a peer may stay down and still come back.
     pub marker_retention_ms: u64,
+    /// Most operations the coordinator puts in one record (SPEC 4.14): operations queued for a
+    /// peer set while its records are in flight go out together in the next one. 1 disables
+    /// batching (every operation runs its own record at once). Members accept records of up to
+    /// [`MAX_RECORD_OPERATIONS`] operations whatever this says.
+    pub max_batch_ops: usize,
+    /// Most bytes of operations (as JSON) the coordinator puts in one batched record; a single
+    /// larger operation still goes alone. Keep it well under the node's
+    /// `limits.max_cluster_frame_bytes` (1 MiB by default): a record travels with its votes, and
+    /// a member's answer to a batch carries each operation's result. Also bounds the
+    /// `StaleFailure`s a member's answer to a rejected batch carries in full.
+    pub max_batch_bytes: usize,
+    /// Most records of one peer set the coordinator has in flight at once when batching; an
+    /// operation that finds fewer goes out at once, alone.
+    pub max_records_in_flight: usize,
 }
 
 impl Default for MajorityConfig {
@@ -134,6 +149,9 @@ impl Default for MajorityConfig {
             max_reservations_per_sender: 2_500,
             max_recovery_queries_in_flight: 64,
             marker_retention_ms: 7 * 24 * 60 * 60 * 1_000,
+            max_batch_ops: DEFAULT_MAX_BATCH_OPS,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_records_in_flight: DEFAULT_MAX_RECORDS_IN_FLIGHT,
         }
     }
 }
@@ -141,6 +159,20 @@ impl Default for MajorityConfig {
 fn config_error(message: String) -> PluginError {
     PluginError::Config { plugin: PLUGIN.into(), message }
 }
+
+/// Default of [`MajorityConfig::max_batch_ops`] (SPEC 4.14).
+pub const DEFAULT_MAX_BATCH_OPS: usize = 64;
+/// Default of [`MajorityConfig::max_batch_bytes`]: 256 KiB, a quarter of the default cluster frame
+/// limit.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Smallest [`MajorityConfig::max_batch_bytes`]: 1 KiB.
+pub const MIN_BATCH_BYTES: usize = 1024;
+/// Largest [`MajorityConfig::max_batch_bytes`]: 256 MiB, the largest frame limit a node accepts.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024 * 1024;
+/// Default of [`MajorityConfig::max_records_in_flight`].
+pub const DEFAULT_MAX_RECORDS_IN_FLIGHT: usize = 1;
+/// Largest [`MajorityConfig::max_records_in_flight`].
+pub const MAX_RECORDS_IN_FLIGHT: usize = 1_024;
 
 /// Upper bounds that keep a typo from configuring a week-long timeout.
 const MAX_TIMEOUT_MS: u64 = 60 * 60 * 1_000;
@@ -178,6 +210,9 @@ impl MajorityConfig {
                 "max_reservations_per_sender" => out.max_reservations_per_sender = count(key, value)?,
                 "max_recovery_queries_in_flight" => out.max_recovery_queries_in_flight = count(key, value)?,
                 "marker_retention_ms" => out.marker_retention_ms = millis(key, value, 1, MAX_RETENTION_MS)?,
+                "max_batch_ops" => out.max_batch_ops = bounded(key, value, 1, MAX_RECORD_OPERATIONS)?,
+                "max_batch_bytes" => out.max_batch_bytes = bounded(key, value, MIN_BATCH_BYTES, MAX_BATCH_BYTES)?,
+                "max_records_in_flight" => out.max_records_in_flight = bounded(key, value, 1, MAX_RECORDS_IN_FLIGHT)?,
                 other => return Err(config_error(format!("unknown option {other:?}"))),
             }
         }
@@ -210,6 +245,30 @@ impl MajorityConfig {
                 "max_reservations, max_reservations_per_sender and max_recovery_queries_in_flight must be at least 1".into(),
             ));
         }
+        if !(1..=MAX_RECORD_OPERATIONS).contains(&self.max_batch_ops) {
+            return Err(config_error(format!(
+                "max_batch_ops: {} is outside 1..={MAX_RECORD_OPERATIONS}",
+                self.max_batch_ops
+            )));
+        }
+        if !(MIN_BATCH_BYTES..=MAX_BATCH_BYTES).contains(&self.max_batch_bytes) {
+            return Err(config_error(format!(
+                "max_batch_bytes: {} is outside {MIN_BATCH_BYTES}..={MAX_BATCH_BYTES}",
+                self.max_batch_bytes
+            )));
+        }
+        if !(1..=MAX_RECORDS_IN_FLIGHT).contains(&self.max_records_in_flight) {
+            return Err(config_error(format!(
+                "max_records_in_flight: {} is outside 1..={MAX_RECORDS_IN_FLIGHT}",
+                self.max_records_in_flight
+            )));
+        }
+        if self.max_batch_ops > self.max_reservations_per_sender {
+            return Err(config_error(format!(
+                "max_batch_ops ({}) exceeds max_reservations_per_sender ({}): members would refuse full batches as busy",
+                self.max_batch_ops, self.max_reservations_per_sender
+            )));
+        }
 
         Ok(())
     }
@@ -221,6 +280,12 @@ fn millis(key: &str, value: &Value, min: u64, max: u64) -> Result<u64, PluginErr
         Some(v) => Err(config_error(format!("{key}: {v} is outside {min}..={max}"))),
         None => Err(config_error(format!("{key}: expected a non-negative integer, got {value}"))),
     }
+}
+
+fn bounded(key: &str, value: &Value, min: usize, max: usize) -> Result<usize, PluginError> {
+    let (low, high) = (u64::try_from(min).unwrap_or(u64::MAX), u64::try_from(max).unwrap_or(u64::MAX));
+    let v = millis(key, value, low, high)?;
+    usize::try_from(v).map_err(|_| config_error(format!("{key}: {v} is too large")))
 }
 
 fn count(key: &str, value: &Value) -> Result<usize, PluginError> {
@@ -275,9 +340,13 @@ mod tests {
             "max_reservations": 3,
             "max_reservations_per_sender": 2,
             "max_recovery_queries_in_flight": 2,
-            "marker_retention_ms": 600
+            "marker_retention_ms": 600,
+            "max_batch_ops": 2,
+            "max_batch_bytes": 4096,
+            "max_records_in_flight": 3
         }))
         .unwrap();
+        assert_eq!((config.max_batch_ops, config.max_batch_bytes, config.max_records_in_flight), (2, 4096, 3));
         assert_eq!(config.promise_threshold, Threshold::Fraction(0.75));
         assert_eq!(config.commit_threshold, Threshold::Count(2));
         assert_eq!(config.retry_attempts, 0);
@@ -300,6 +369,12 @@ mod tests {
             (json!({"retry_base_ms": 500, "retry_max_ms": 100}), "retry_base_ms"),
             (json!({"marker_retention_ms": 10}), "marker_retention_ms"),
             (json!({"max_reservations": 0}), "max_reservations"),
+            (json!({"max_batch_ops": 0}), "max_batch_ops"),
+            (json!({"max_batch_ops": 1025}), "max_batch_ops"),
+            (json!({"max_batch_ops": "many"}), "max_batch_ops"),
+            (json!({"max_batch_ops": 64, "max_reservations_per_sender": 10}), "max_batch_ops"),
+            (json!({"max_batch_bytes": 100}), "max_batch_bytes"),
+            (json!({"max_records_in_flight": 0}), "max_records_in_flight"),
             (json!({"colour": "blue"}), "unknown option"),
             (json!([1]), "expected a table"),
         ] {

@@ -1,9 +1,34 @@
-//! The coordinator side (SPEC 4.1-4.4): build the record, collect promises, then commits.
+//! The coordinator side (SPEC 4.1-4.4, 4.14): build the record, collect promises, then commits.
+//!
+//! # Batching (SPEC 4.14)
+//! Operations are queued per peer set, in a *lane*. A lane runs at most `max_records_in_flight`
+//! records at a time. An operation that finds a record slot free goes out at once, alone: there
+//! is no timer, so an idle cluster answers as fast as without batching. Operations that arrive
+//! while every slot is busy wait in the lane and go out together in the next record: at most
+//! `max_batch_ops` of them and about `max_batch_bytes` of JSON (a single larger operation still
+//! goes alone), their block sets pairwise disjoint (an operation naming a block already in the
+//! batch waits for the next record, so operations on one block keep their order), in arrival
+//! order otherwise. An operation whose expiration passed while queued is answered `expired`.
+//! The record's expiration is the earliest of its operations' (capped at `record_timeout_ms`).
+//!
+//! Members approve a batch only when every operation passes. When the promise quorum is missed
+//! and the rejections prove it out of reach, the coordinator answers the client of each operation
+//! a member named in a `batch:` rejection (or that a member rejected as a whole) with that
+//! operation's own outcome, exactly as if it had been alone (a `StaleFailure` with its member's
+//! `missing`, `bad-request` when every rejection naming it says invalid and enough members did,
+//! `consensus-failed` otherwise), waits until the approving members dropped their reservations,
+//! and re-runs the other operations in a new record. When the quorum is missed without proof
+//! (members did not answer), every operation is answered: their reservations may stand until
+//! recovery, so a re-run would only meet them. A decided batch's commit votes and results are
+//! counted per operation: an operation succeeded once `commit_threshold` members applied it.
+//!
+//! With `max_batch_ops = 1` there are no lanes: every operation runs its own record at once, as
+//! many concurrently as callers ask.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -15,35 +40,78 @@ use optimystic_core::keynet::ClusterPeers;
 use optimystic_core::model::{CommitResult, PendResult, StaleFailure};
 use optimystic_core::network::{NetworkError, ProtocolKind};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, Vote, VoteType};
-use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse, decode_response};
-use optimystic_core::{ErrorCode, RejectCategory, RejectReason, RepoError};
+use optimystic_core::wire::{RecordMessage, RepoMessage, RepoOperation, RepoResponse, decode_response};
+use optimystic_core::{BlockId, ErrorCode, RejectCategory, RejectReason, RepoError};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::checks::claims;
 use crate::engine::{Inner, RESULT_FIELD};
 use crate::member::{Origin, verified_vote};
 
 /// One promise being asked for: the peer and its answer.
 type PromiseAsk<'a> = Pin<Box<dyn Future<Output = (PeerId, Result<ClusterRecord, String>)> + Send + 'a>>;
 
+/// What a record came to for one of its operations.
+#[derive(Debug)]
+enum OpOutcome {
+    /// The answer to the operation's client.
+    Answer(Result<RepoResponse, RepoError>),
+    /// The batch was rejected for other operations only: run this one again in a new record.
+    Rerun,
+}
+
+/// Which operations of a record a rejecting vote names, and why: a `batch:` reason lists them;
+/// any other reason (and a conflict vote) concerns every operation.
+fn named(vote: &Vote, ops: usize) -> Vec<(usize, RejectReason)> {
+    let text = match vote.r#type {
+        VoteType::Conflict => format!("conflict with {}", vote.conflict_with.as_deref().unwrap_or("?")),
+        _ => vote.reject_reason.clone().unwrap_or_else(|| "rejected".to_owned()),
+    };
+    let reason = RejectReason::parse(&text);
+    match reason.batch_failures() {
+        Some(Ok(failures)) => {
+            failures.into_iter().filter(|f| f.index < ops).map(|f| (f.index, f.reason)).collect()
+        }
+        Some(Err(_)) | None => (0..ops).map(|index| (index, reason.clone())).collect(),
+    }
+}
+
 /// The votes collected in phase 1.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Promises {
     votes: BTreeMap<String, Vote>,
-    /// The first `StaleFailure` a stale rejection came with.
-    stale: Option<Value>,
+    /// Per operation, the first `StaleFailure` a stale rejection of it came with.
+    stale: Vec<Option<Value>>,
     /// Peers that gave no valid vote, with why.
     silent: Vec<String>,
 }
 
 impl Promises {
+    fn new(ops: usize) -> Self {
+        Self { votes: BTreeMap::new(), stale: vec![None; ops], silent: Vec::new() }
+    }
+
     fn approvals(&self) -> usize {
         self.votes.values().filter(|v| v.is_approve()).count()
     }
 
     fn rejections(&self) -> usize {
         self.votes.len() - self.approvals()
+    }
+
+    /// Per operation: the reasons of the rejections naming it (one per rejecting member).
+    fn per_operation(&self) -> Vec<Vec<RejectReason>> {
+        let mut out = vec![Vec::new(); self.stale.len()];
+        for vote in self.votes.values().filter(|v| !v.is_approve()) {
+            for (index, reason) in named(vote, self.stale.len()) {
+                if let Some(reasons) = out.get_mut(index) {
+                    reasons.push(reason);
+                }
+            }
+        }
+        out
     }
 
     fn reasons(&self) -> Vec<String> {
@@ -67,30 +135,47 @@ impl Promises {
         let Some(vote) = verified_vote(&reply.promises, peer, &record.promise_hash()) else {
             return self.silent.push(format!("{peer}: no valid promise"));
         };
-        let stale = vote.reject_reason.as_deref().is_some_and(|r| RejectReason::parse(r).category == RejectCategory::Stale);
-        if stale && self.stale.is_none() {
-            self.stale = reply.extra.get(RESULT_FIELD).cloned().or_else(|| {
-                let reason = vote.reject_reason.clone();
-                serde_json::to_value(StaleFailure { reason, ..StaleFailure::default() }).ok()
-            });
+        if !vote.is_approve() {
+            let ops = self.stale.len();
+            let result = reply.extra.get(RESULT_FIELD);
+            for (index, reason) in named(&vote, ops) {
+                let Some(slot) = self.stale.get_mut(index) else { continue };
+                if reason.category != RejectCategory::Stale || slot.is_some() {
+                    continue;
+                }
+                // A single operation's answer carries its `StaleFailure`; a batch's, an array of them.
+                let sent = if ops == 1 { result } else { result.and_then(|r| r.get(index)) };
+                *slot = sent.filter(|v| v.is_object()).cloned().or_else(|| {
+                    let bare = StaleFailure { reason: Some(reason.detail.clone()), ..StaleFailure::default() };
+                    serde_json::to_value(bare).ok()
+                });
+            }
         }
         self.votes.insert(crypto::peer_text(peer), vote);
     }
 }
 
-/// The commit votes collected in phase 2.
-#[derive(Debug, Default)]
+/// The commit votes collected in phase 2, per operation.
+#[derive(Debug)]
 struct Commits {
-    approvals: usize,
-    failures: usize,
-    /// The result of the first member that applied the operation.
-    result: Option<Value>,
-    /// The error of the first member that failed to apply it.
-    failure: Option<Value>,
+    /// Members that applied each operation.
+    applied: Vec<usize>,
+    /// Members on which each operation failed.
+    failed: Vec<usize>,
+    /// The result of the first member that applied each operation.
+    results: Vec<Option<Value>>,
+    /// The answer of the first member on which each operation failed.
+    failures: Vec<Option<Value>>,
 }
 
 impl Commits {
-    /// Counts `peer`'s commit vote in its answer (already verified unless `local`).
+    fn new(ops: usize) -> Self {
+        Self { applied: vec![0; ops], failed: vec![0; ops], results: vec![None; ops], failures: vec![None; ops] }
+    }
+
+    /// Counts `peer`'s commit vote in its answer (already verified unless `local`): an approving
+    /// vote applied every operation; a rejecting one failed those it names (all, unless it is a
+    /// `batch:` reason) and applied the others.
     fn add(&mut self, reply: &ClusterRecord, peer: &str, local: bool) {
         let Some(vote) = reply.commits.get(peer) else {
             if local {
@@ -98,18 +183,57 @@ impl Commits {
             }
             return;
         };
-        let result = reply.extra.get(RESULT_FIELD).cloned();
-        if vote.is_approve() {
-            self.approvals += 1;
-            if self.result.is_none() {
-                self.result = result;
-            }
-        } else {
-            self.failures += 1;
-            if self.failure.is_none() {
-                self.failure = result;
+        let ops = self.applied.len();
+        let failing: BTreeSet<usize> =
+            if vote.is_approve() { BTreeSet::new() } else { named(vote, ops).into_iter().map(|(i, _)| i).collect() };
+        let result = reply.extra.get(RESULT_FIELD);
+        for index in 0..ops {
+            let sent = if ops == 1 { result } else { result.and_then(|r| r.get(index)) };
+            let (count, kept) = if failing.contains(&index) {
+                (self.failed.get_mut(index), self.failures.get_mut(index))
+            } else {
+                (self.applied.get_mut(index), self.results.get_mut(index))
+            };
+            if let (Some(count), Some(kept)) = (count, kept) {
+                *count += 1;
+                if kept.is_none() {
+                    *kept = sent.cloned();
+                }
             }
         }
+    }
+
+    /// Whether every operation succeeded on `needed` members or failed on too many for that.
+    fn settled(&self, needed: usize, n: usize) -> bool {
+        self.applied.iter().zip(&self.failed).all(|(applied, failed)| *applied >= needed || *failed > n - needed)
+    }
+
+    /// Each operation's answer.
+    fn answers(self, kinds: &[&str], needed: usize, n: usize) -> Vec<Result<RepoResponse, RepoError>> {
+        let Self { applied, failed, results, failures } = self;
+        applied
+            .into_iter()
+            .zip(failed)
+            .zip(results.into_iter().zip(failures))
+            .zip(kinds)
+            .map(|(((applied, failed), (result, failure)), kind)| {
+                if applied >= needed {
+                    let result =
+                        result.ok_or_else(|| RepoError::Unavailable("no member reported the execution result".into()))?;
+                    return decode_response(kind, result);
+                }
+                if failed > n - needed
+                    && let Some(failure) = failure
+                {
+                    // Applied everywhere it could be, and failed the same way on enough members:
+                    // the operation's own answer (for example a transform that no longer applies).
+                    return decode_response(kind, failure);
+                }
+                Err(RepoError::Unavailable(format!(
+                    "the record was decided but only {applied} of {needed} needed commits arrived; recovery settles it"
+                )))
+            })
+            .collect()
     }
 }
 
@@ -143,12 +267,138 @@ fn stale_response(kind: &str, value: Value) -> Result<RepoResponse, RepoError> {
     }
 }
 
+/// One operation waiting in a lane for the next record.
+#[derive(Debug)]
+struct Queued {
+    /// The peer set, as the caller gave it (the record carries the first operation's).
+    peers: ClusterPeers,
+    operation: RepoOperation,
+    /// The operation's own expiration, ms since the Unix epoch.
+    expiration_ms: u64,
+    /// The blocks it names.
+    blocks: Vec<BlockId>,
+    /// Its size as JSON, in bytes.
+    bytes: usize,
+    reply: oneshot::Sender<Result<RepoResponse, RepoError>>,
+}
+
+/// The operations queued for one peer set, and how many records of it are in flight.
+#[derive(Debug, Default)]
+struct Lane {
+    running: usize,
+    queue: VecDeque<Queued>,
+}
+
+/// The coordinator's lanes, by peer set (sorted peer ids).
+#[derive(Debug, Default)]
+pub(crate) struct Lanes {
+    lanes: StdMutex<HashMap<Vec<PeerId>, Lane>>,
+}
+
+/// What the next record of a lane is built from.
+struct Batch {
+    peers: ClusterPeers,
+    queued: Vec<Queued>,
+}
+
+impl Lanes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<PeerId>, Lane>> {
+        self.lanes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues an operation; `true` when the caller must start a driver for the lane (fewer than
+    /// `max_running` records of it in flight).
+    fn push(&self, key: &[PeerId], queued: Queued, max_running: usize) -> bool {
+        let mut lanes = self.lock();
+        let lane = lanes.entry(key.to_vec()).or_default();
+        lane.queue.push_back(queued);
+        if lane.running < max_running {
+            lane.running += 1;
+            return true;
+        }
+        false
+    }
+
+    /// Puts operations to run again at the front of the lane, in their order.
+    fn requeue(&self, key: &[PeerId], queued: Vec<Queued>) {
+        let mut lanes = self.lock();
+        let lane = lanes.entry(key.to_vec()).or_default();
+        for q in queued.into_iter().rev() {
+            lane.queue.push_front(q);
+        }
+    }
+
+    /// Takes the next batch of the lane (see the module documentation); `None` when the queue is
+    /// empty, and then the calling driver is counted out (in the same step, so an operation
+    /// queued meanwhile always finds a driver).
+    fn next_batch(&self, key: &[PeerId], max_ops: usize, max_bytes: usize, now_ms: u64) -> Option<Batch> {
+        let mut lanes = self.lock();
+        let lane = lanes.get_mut(key)?;
+        let mut queued: Vec<Queued> = Vec::new();
+        let mut blocks: BTreeSet<BlockId> = BTreeSet::new();
+        let mut bytes = 0usize;
+        let mut index = 0;
+        while queued.len() < max_ops {
+            let Some(next) = lane.queue.get(index) else { break };
+            if next.expiration_ms < now_ms {
+                if let Some(expired) = lane.queue.remove(index) {
+                    let _ = expired.reply.send(Err(RepoError::Expired));
+                }
+                continue;
+            }
+            let fits = queued.is_empty() || bytes.saturating_add(next.bytes) <= max_bytes;
+            if !fits || next.blocks.iter().any(|b| blocks.contains(b)) {
+                index += 1;
+                continue;
+            }
+            let Some(taken) = lane.queue.remove(index) else { break };
+            blocks.extend(taken.blocks.iter().cloned());
+            bytes = bytes.saturating_add(taken.bytes);
+            queued.push(taken);
+        }
+        let Some(first) = queued.first() else {
+            lane.running = lane.running.saturating_sub(1);
+            if lane.running == 0 && lane.queue.is_empty() {
+                lanes.remove(key);
+            }
+            return None;
+        };
+        Some(Batch { peers: first.peers.clone(), queued })
+    }
+
+    /// A driver of the lane stopped without finishing (node shutdown or a panic): the last one
+    /// gone fails what is still queued (each caller gets `unavailable`).
+    fn driver_gone(&self, key: &[PeerId]) {
+        let mut lanes = self.lock();
+        let Some(lane) = lanes.get_mut(key) else { return };
+        lane.running = lane.running.saturating_sub(1);
+        if lane.running == 0 {
+            lanes.remove(key);
+        }
+    }
+}
+
+/// Counts a lane's driver out if it stops before its lane ran empty.
+struct DriverGuard<'a> {
+    lanes: &'a Lanes,
+    key: &'a [PeerId],
+    finished: bool,
+}
+
+impl Drop for DriverGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.lanes.driver_gone(self.key);
+        }
+    }
+}
+
 impl Inner {
-    /// Runs the majority two-phase commit of `message` among `peers`.
+    /// Runs the majority two-phase commit of `message` among `peers`: in a record of its own when
+    /// batching is off (`max_batch_ops = 1`), else through the peer set's lane.
     pub(crate) async fn coordinate(self: &Arc<Self>, peers: &ClusterPeers, message: &RepoMessage) -> Result<RepoResponse, RepoError> {
         self.ensure_started().await?;
         let operation = message.operation()?;
-        let kind = operation.kind();
         match operation {
             RepoOperation::Get(_) => return Err(RepoError::BadRequest("a get is not agreed by consensus".into())),
             RepoOperation::Pend(request) => {
@@ -165,19 +415,86 @@ impl Inner {
         if peers.is_empty() {
             return Err(RepoError::BadRequest("the cluster has no peer".into()));
         }
-        let now = self.clock.now_ms();
-        if message.is_expired(now) {
+        if message.is_expired(self.clock.now_ms()) {
             return Err(RepoError::Expired);
         }
-        let expiration_ms = message.expiration.min(now.saturating_add(self.config.record_timeout_ms));
+        if self.config.max_batch_ops <= 1 {
+            let outcome = self.run_record(peers, &[(operation.clone(), message.expiration)]).await.into_iter().next();
+            return match outcome {
+                Some(OpOutcome::Answer(answer)) => answer,
+                Some(OpOutcome::Rerun) | None => Err(RepoError::Internal("a record of one operation has no other to blame".into())),
+            };
+        }
+        let bytes = serde_json::to_vec(operation).map_err(|e| RepoError::Internal(format!("encoding an operation: {e}")))?.len();
+        let blocks = claims(operation).into_iter().map(|c| c.block_id).collect();
+        let (reply, answer) = oneshot::channel();
+        let queued =
+            Queued { peers: peers.clone(), operation: operation.clone(), expiration_ms: message.expiration, blocks, bytes, reply };
+        let key: Vec<PeerId> = peers.keys().copied().collect();
+        if self.lanes.push(&key, queued, self.config.max_records_in_flight) {
+            let me = Arc::clone(self);
+            let lane = key.clone();
+            if !self.spawn(async move { me.drive(lane).await }) {
+                // Shutting down: nothing will run the lane.
+                self.lanes.driver_gone(&key);
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(RepoError::Unavailable("the coordinator stopped before the operation's record was settled".into()))
+        })
+    }
+
+    /// Runs records for a lane until its queue is empty: each takes the next batch, and answers
+    /// its operations' callers (or queues them again, see [`OpOutcome::Rerun`]).
+    async fn drive(self: Arc<Self>, key: Vec<PeerId>) {
+        let mut guard = DriverGuard { lanes: &self.lanes, key: &key, finished: false };
+        loop {
+            let now = self.clock.now_ms();
+            let Some(batch) = self.lanes.next_batch(&key, self.config.max_batch_ops, self.config.max_batch_bytes, now) else {
+                break;
+            };
+            let operations: Vec<(RepoOperation, u64)> =
+                batch.queued.iter().map(|q| (q.operation.clone(), q.expiration_ms)).collect();
+            let outcomes = self.run_record(&batch.peers, &operations).await;
+            let mut again = Vec::new();
+            for (queued, outcome) in batch.queued.into_iter().zip(outcomes) {
+                match outcome {
+                    // The caller may have stopped waiting: that is fine.
+                    OpOutcome::Answer(answer) => drop(queued.reply.send(answer)),
+                    OpOutcome::Rerun => again.push(queued),
+                }
+            }
+            if !again.is_empty() {
+                self.lanes.requeue(&key, again);
+            }
+        }
+        guard.finished = true;
+    }
+
+    /// Runs one record of `operations` (each with its own expiration) among `peers`: its outcome
+    /// for each operation, in order.
+    async fn run_record(self: &Arc<Self>, peers: &ClusterPeers, operations: &[(RepoOperation, u64)]) -> Vec<OpOutcome> {
+        let answer_all =
+            |error: &dyn Fn() -> RepoError| operations.iter().map(|_| OpOutcome::Answer(Err(error()))).collect();
+        let now = self.clock.now_ms();
+        let earliest = operations.iter().map(|(_, expiration)| *expiration).min().unwrap_or(now);
+        if earliest < now {
+            return answer_all(&|| RepoError::Expired);
+        }
+        let expiration_ms = earliest.min(now.saturating_add(self.config.record_timeout_ms));
         let deadline = Instant::now() + Duration::from_millis(expiration_ms.saturating_sub(now));
-        let message = RepoMessage { expiration: expiration_ms, ..message.clone() };
-        let value = serde_json::to_value(&message).map_err(|e| RepoError::Internal(format!("encoding the message: {e}")))?;
+        let kinds: Vec<&'static str> = operations.iter().map(|(op, _)| op.kind()).collect();
+        let message = RecordMessage { operations: operations.iter().map(|(op, _)| op.clone()).collect(), expiration: expiration_ms };
+        let value = match serde_json::to_value(&message) {
+            Ok(value) => value,
+            Err(e) => return answer_all(&|| RepoError::Internal(format!("encoding the message: {e}"))),
+        };
         let mut peer_map = BTreeMap::new();
         for (peer, info) in peers {
-            let entry = ClusterPeer::new(peer, info.multiaddrs.clone())
-                .map_err(|e| RepoError::BadRequest(format!("cluster peer {peer}: {e}")))?;
-            peer_map.insert(crypto::peer_text(peer), entry);
+            match ClusterPeer::new(peer, info.multiaddrs.clone()) {
+                Ok(entry) => peer_map.insert(crypto::peer_text(peer), entry),
+                Err(e) => return answer_all(&|| RepoError::BadRequest(format!("cluster peer {peer}: {e}"))),
+            };
         }
         let record = ClusterRecord::new(peer_map, value);
         let n = record.peers.len();
@@ -190,7 +507,7 @@ impl Inner {
         // abort. The local promise runs as its own task: abandoning it midway (say, in the middle
         // of persisting the vote) would leave a stored promise without its reservation. The task
         // is short (one member decision) and may outlive a node shutdown by that much.
-        let mut promises = Promises::default();
+        let mut promises = Promises::new(operations.len());
         let request = update_request(&record);
         let mut asks: FuturesUnordered<PromiseAsk<'_>> = others
             .iter()
@@ -219,13 +536,13 @@ impl Inner {
         drop(asks);
 
         if promises.approvals() < quorum {
-            return self.fail(record, promises, kind, quorum, member, others).await;
+            return self.fail(record, promises, &kinds, quorum, member, others).await;
         }
 
         // Phase 2: the record with its promise quorum.
         let mut decided = record;
         decided.promises = promises.votes;
-        self.commit_phase(decided, kind, member, others, deadline).await
+        self.commit_phase(decided, &kinds, member, others, deadline).await.into_iter().map(OpOutcome::Answer).collect()
     }
 
     /// One cluster request, within the request timeout and the record's deadline.
@@ -236,65 +553,87 @@ impl Inner {
     }
 
     /// The promise quorum was not reached: free reservations when provably out of reach, and
-    /// answer the client.
+    /// settle each operation (see the module documentation).
     async fn fail(
         self: &Arc<Self>,
         record: ClusterRecord,
         promises: Promises,
-        kind: &str,
+        kinds: &[&str],
         quorum: usize,
         member: bool,
         others: Vec<PeerId>,
-    ) -> Result<RepoResponse, RepoError> {
+    ) -> Vec<OpOutcome> {
         let n = record.peers.len();
         let abort_proven = promises.rejections() > n - quorum;
-        let reasons = promises.reasons();
         let summary = format!(
             "{} of {n} peers approved, {quorum} needed; rejections: [{}]; no vote: [{}]",
             promises.approvals(),
-            reasons.join("; "),
+            promises.reasons().join("; "),
             promises.silent.join("; ")
         );
-        let stale = promises.stale.clone();
+        tracing::debug!(%summary, "promise phase failed");
+        let per_operation = promises.per_operation();
+        let rerun: Vec<bool> =
+            per_operation.iter().map(|reasons| kinds.len() > 1 && abort_proven && reasons.is_empty()).collect();
         if abort_proven {
             let mut aborted = record;
-            aborted.promises = promises.votes;
+            aborted.promises = promises.votes.clone();
             if member && let Err(e) = self.update(aborted.clone(), Origin::Local).await {
                 tracing::debug!(error = %e, "local abort failed; the reservation expires through recovery");
             }
             let request = update_request(&aborted);
-            let me = Arc::clone(self);
             let deadline = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
+            // A re-run must not meet this record's reservations: the approving peers hear of the
+            // abort before it starts; the others whenever it reaches them.
+            let (wait, later): (Vec<PeerId>, Vec<PeerId>) = if rerun.iter().any(|r| *r) {
+                others.into_iter().partition(|p| promises.votes.get(&crypto::peer_text(p)).is_some_and(Vote::is_approve))
+            } else {
+                (Vec::new(), others)
+            };
+            let me = Arc::clone(self);
+            let later_request = request.clone();
             self.spawn(async move {
-                let sends = others.iter().map(|peer| me.send(*peer, request.clone(), deadline));
+                let sends = later.iter().map(|peer| me.send(*peer, later_request.clone(), deadline));
                 futures::future::join_all(sends).await;
             });
+            futures::future::join_all(wait.iter().map(|peer| self.send(*peer, request.clone(), deadline))).await;
         }
-        tracing::debug!(%summary, "promise phase failed");
-        if let Some(stale) = stale {
-            return stale_response(kind, stale);
-        }
-        if abort_proven
-            && !reasons.is_empty()
-            && reasons.iter().all(|r| RejectReason::parse(r).category == RejectCategory::Invalid)
-        {
-            return Err(RepoError::BadRequest(reasons.join("; ")));
-        }
-        Err(RepoError::ConsensusFailed(summary))
+        let Promises { stale, .. } = promises;
+        per_operation
+            .into_iter()
+            .zip(stale)
+            .zip(rerun)
+            .zip(kinds)
+            .map(|(((reasons, stale), rerun), kind)| {
+                if rerun {
+                    return OpOutcome::Rerun;
+                }
+                if let Some(stale) = stale {
+                    return OpOutcome::Answer(stale_response(kind, stale));
+                }
+                let proven = reasons.len() > n - quorum;
+                if proven && reasons.iter().all(|r| r.category == RejectCategory::Invalid) {
+                    let text: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+                    return OpOutcome::Answer(Err(RepoError::BadRequest(text.join("; "))));
+                }
+                OpOutcome::Answer(Err(RepoError::ConsensusFailed(summary.clone())))
+            })
+            .collect()
     }
 
-    /// Sends the decided record, applies it locally, and waits for the commit threshold.
+    /// Sends the decided record, applies it locally, and waits until each operation reached the
+    /// commit threshold (or cannot).
     async fn commit_phase(
         self: &Arc<Self>,
         decided: ClusterRecord,
-        kind: &str,
+        kinds: &[&str],
         member: bool,
         others: Vec<PeerId>,
         deadline: Instant,
-    ) -> Result<RepoResponse, RepoError> {
+    ) -> Vec<Result<RepoResponse, RepoError>> {
         let n = decided.peers.len();
         let needed = self.config.commit_threshold.of(n);
-        let mut commits = Commits::default();
+        let mut commits = Commits::new(kinds.len());
         let (tx, mut rx) = mpsc::channel(others.len().max(1));
         for peer in &others {
             let me = Arc::clone(self);
@@ -308,9 +647,9 @@ impl Inner {
                 Err(e) => tracing::warn!(error = %e, "executing the decided record locally failed"),
             }
         }
-        // Stop when the commit threshold is reached, or when enough members failed to apply it
-        // that it cannot be.
-        while commits.approvals < needed && commits.failures <= n - needed {
+        // Stop when every operation reached the commit threshold, or failed on enough members
+        // that it cannot.
+        while !commits.settled(needed, n) {
             let Ok(Some((peer, reply))) = tokio::time::timeout_at(deadline, rx.recv()).await else { break };
             let Ok(reply) = ClusterRecord::from_value(reply) else { continue };
             if reply.message_hash != decided.message_hash {
@@ -322,21 +661,7 @@ impl Inner {
             // signatures are not checked here (members check every vote they are sent).
             commits.add(&reply, &crypto::peer_text(&peer), false);
         }
-        if commits.approvals >= needed {
-            let result = commits.result.ok_or_else(|| RepoError::Unavailable("no member reported the execution result".into()))?;
-            return decode_response(kind, result);
-        }
-        if commits.failures > n - needed
-            && let Some(failure) = commits.failure
-        {
-            // Applied everywhere it could be, and failed the same way on enough members: the
-            // operation's own answer (for example a transform that no longer applies).
-            return decode_response(kind, failure);
-        }
-        Err(RepoError::Unavailable(format!(
-            "the record was decided but only {} of {needed} needed commits arrived; recovery settles it",
-            commits.approvals
-        )))
+        commits.answers(kinds, needed, n)
     }
 
     /// Sends the decided record to one peer, re-sending with doubling delays while it does not

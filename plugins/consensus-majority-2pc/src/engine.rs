@@ -1,9 +1,22 @@
 //! The state shared by the member, coordinator and recovery sides of one node.
+//!
+//! # Locking
+//! A member's decisions and executions serialize per block, not per node: every step that reads
+//! or writes a record's 2pc entry, or votes on or executes the record, holds the member's
+//! [`BlockLocks`] of the record's blocks (all of them, taken in sorted id order, so two records
+//! never deadlock). Records on disjoint blocks proceed in parallel; two records sharing a block
+//! (a conflict candidate) and two deliveries of one record (same blocks) are serialized. The
+//! in-memory index of reservations ([`MemberState`]) sits behind a plain mutex that is never held
+//! across an `.await`: it is consulted and updated in short steps under the block locks, so the
+//! conflict check and the reservation of a record are atomic with respect to every other record
+//! on its blocks. Per-sender and total bounds are checked and taken in one such step.
+//! Locks are always taken in this order: member block locks, then the repository's own block
+//! locks (inside [`StorageRepo`]), then the index mutex; never the other way round.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard, PoisonError};
 
 use optimystic_core::consensus::{BehindSink, Clock};
 use optimystic_core::crypto;
@@ -11,13 +24,14 @@ use optimystic_core::identity::{Keypair, PeerId};
 use optimystic_core::keynet::KeyNetwork;
 use optimystic_core::network::PeerNetwork;
 use optimystic_core::record::{ClusterRecord, RecordError};
-use optimystic_core::wire::{RepoMessage, RepoOperation};
+use optimystic_core::wire::{RecordMessage, RepoOperation};
 use optimystic_core::{BlockId, RawStorage, RepoError, StorageRepo};
-use tokio::sync::{Mutex, Notify, OnceCell, Semaphore, watch};
+use tokio::sync::{Mutex, Notify, OnceCell, OwnedMutexGuard, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::checks::{Claim, claims};
 use crate::config::MajorityConfig;
+use crate::coordinate::Lanes;
 use crate::store::{Entry, RecordStatus};
 
 /// Top-level field of a member's answer carrying its execution result (or the `StaleFailure` of a
@@ -35,6 +49,9 @@ pub(crate) struct Live {
     pub sender: Option<PeerId>,
     /// The record's expiration (where its entry is stored).
     pub expiration_ms: u64,
+    /// The reservations it counts for against the bounds: one per operation (a batched record
+    /// reserves as much as its operations would one by one).
+    pub weight: usize,
 }
 
 /// Most peer ids a member remembers from records it executed (SPEC 4.11 "its own record of past
@@ -55,8 +72,10 @@ pub(crate) struct MemberState {
     /// scheduler starts a task for those still live then. Entries of records resolved earlier are
     /// skipped when they come up.
     pub due: BinaryHeap<Reverse<DueRecovery>>,
-    /// Live reservations per sender.
+    /// Live reservations per sender (weighted: one per operation).
     pub per_sender: BTreeMap<PeerId, usize>,
+    /// Live reservations in total (weighted: one per operation).
+    pub held: usize,
     /// Decided records waiting for catch-up of a block this member is behind on (SPEC 4.6).
     pub waiting: BTreeMap<BlockId, BTreeSet<String>>,
     /// Peers of records this member executed (bounded by [`MAX_SEEN_PEERS`]).
@@ -92,24 +111,27 @@ impl MemberState {
         for claim in &live.claims {
             self.by_block.entry(claim.block_id.clone()).or_default().insert(message_hash.to_owned());
         }
-        let sender = live.sender;
+        let (sender, weight) = (live.sender, live.weight);
         if let Some(previous) = self.live.insert(message_hash.to_owned(), live) {
-            self.forget_sender(previous.sender);
+            self.forget(previous.sender, previous.weight);
         }
+        self.held = self.held.saturating_add(weight);
         if let Some(sender) = sender {
-            *self.per_sender.entry(sender).or_default() += 1;
+            let count = self.per_sender.entry(sender).or_default();
+            *count = count.saturating_add(weight);
         }
     }
 
-    /// Live reservations of records `sender` sent.
+    /// Live reservations of records `sender` sent (weighted).
     pub fn reservations_of(&self, sender: &PeerId) -> usize {
         self.per_sender.get(sender).copied().unwrap_or(0)
     }
 
-    fn forget_sender(&mut self, sender: Option<PeerId>) {
+    fn forget(&mut self, sender: Option<PeerId>, weight: usize) {
+        self.held = self.held.saturating_sub(weight);
         let Some(sender) = sender else { return };
         if let Some(count) = self.per_sender.get_mut(&sender) {
-            *count = count.saturating_sub(1);
+            *count = count.saturating_sub(weight);
             if *count == 0 {
                 self.per_sender.remove(&sender);
             }
@@ -133,7 +155,7 @@ impl MemberState {
         }
         self.waiting.retain(|_, w| !w.is_empty());
         let Some(live) = self.live.remove(message_hash) else { return };
-        self.forget_sender(live.sender);
+        self.forget(live.sender, live.weight);
         for claim in live.claims {
             if let Some(set) = self.by_block.get_mut(&claim.block_id) {
                 set.remove(message_hash);
@@ -148,11 +170,72 @@ impl MemberState {
 /// What a verified record asks for.
 #[derive(Debug, Clone)]
 pub(crate) struct RecordContext {
-    pub operation: RepoOperation,
+    /// The operations, in record order (one, or several for a batch).
+    pub operations: Vec<RepoOperation>,
+    /// The claims of each operation, in the same order.
+    pub op_claims: Vec<Vec<Claim>>,
+    /// Every claim of the record.
     pub claims: Vec<Claim>,
     pub expiration_ms: u64,
     /// Approving promises needed among the record's peers.
     pub promise_quorum: usize,
+}
+
+impl RecordContext {
+    /// Whether the record carries several operations (a batch, SPEC 4.14): its reject reasons
+    /// and results are per operation.
+    pub fn batched(&self) -> bool {
+        self.operations.len() > 1
+    }
+
+    /// Every block the record names.
+    pub fn blocks(&self) -> BTreeSet<&BlockId> {
+        self.claims.iter().map(|c| &c.block_id).collect()
+    }
+}
+
+/// A member's per-block locks (see the module documentation). Entries are dropped when no one
+/// holds or waits for them, so memory stays bounded by the blocks in use.
+#[derive(Debug, Default)]
+pub(crate) struct BlockLocks {
+    locks: StdMutex<HashMap<BlockId, Arc<Mutex<()>>>>,
+}
+
+/// The held locks of a record's blocks; released on drop.
+#[derive(Debug)]
+pub(crate) struct HeldBlocks<'a> {
+    owner: &'a BlockLocks,
+    held: Vec<(BlockId, OwnedMutexGuard<()>)>,
+}
+
+impl BlockLocks {
+    /// Locks `ids` in sorted order (duplicates once).
+    pub async fn lock<'a, 'b>(&'a self, ids: impl IntoIterator<Item = &'b BlockId>) -> HeldBlocks<'a> {
+        let sorted: BTreeSet<&BlockId> = ids.into_iter().collect();
+        let mut held = HeldBlocks { owner: self, held: Vec::with_capacity(sorted.len()) };
+        for id in sorted {
+            let mutex = {
+                let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+                Arc::clone(locks.entry(id.clone()).or_default())
+            };
+            let guard = mutex.lock_owned().await;
+            held.held.push((id.clone(), guard));
+        }
+        held
+    }
+}
+
+impl Drop for HeldBlocks<'_> {
+    fn drop(&mut self) {
+        let mut locks = self.owner.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, guard) in self.held.drain(..) {
+            drop(guard);
+            // Only the map holds it now: nobody waits, drop the entry.
+            if locks.get(&id).is_some_and(|m| Arc::strong_count(m) == 1) {
+                locks.remove(&id);
+            }
+        }
+    }
 }
 
 /// Background tasks of a node; aborted at shutdown.
@@ -173,7 +256,12 @@ pub(crate) struct Inner {
     pub local: StorageRepo,
     pub key_network: Option<Arc<dyn KeyNetwork>>,
     pub clock: Arc<dyn Clock>,
-    pub state: Mutex<MemberState>,
+    /// The in-memory index of reservations; never held across an `.await`.
+    pub state: StdMutex<MemberState>,
+    /// Per-block locks of the member side.
+    pub locks: BlockLocks,
+    /// The coordinator's queues of operations per peer set (batching, SPEC 4.14).
+    pub lanes: Lanes,
     pub live_count: watch::Sender<usize>,
     pub started: OnceCell<()>,
     pub tasks: StdMutex<Tasks>,
@@ -197,14 +285,22 @@ impl Inner {
         self.local.storage().as_ref()
     }
 
-    /// Runs `future` in the background until it ends or the node shuts down.
-    pub fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) {
+    /// The in-memory index of reservations (a short critical section: never held across an
+    /// `.await`).
+    pub fn state(&self) -> MutexGuard<'_, MemberState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `future` in the background until it ends or the node shuts down; `false` (and nothing
+    /// runs) once the node is shutting down.
+    pub fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) -> bool {
         let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         if tasks.closed {
-            return;
+            return false;
         }
         while tasks.set.try_join_next().is_some() {}
         tasks.set.spawn(future);
+        true
     }
 
     /// Aborts every background task; no new one starts afterwards.
@@ -227,7 +323,7 @@ impl Inner {
     pub async fn check_peers_seen(&self, record: &ClusterRecord) -> Result<(), RepoError> {
         let Some(key_network) = &self.key_network else { return Ok(()) };
         let unknown: Vec<&String> = {
-            let state = self.state.lock().await;
+            let state = self.state();
             record.peers.keys().filter(|p| **p != self.me_text && !state.seen_peers.contains(*p)).collect()
         };
         for peer in unknown {
@@ -250,8 +346,10 @@ impl Inner {
         self.live_count.send_replace(state.live.len());
     }
 
-    /// Parses what a record asks for. `check_lifetime` refuses records expiring further ahead than
-    /// this node would ever issue (updates; status queries skip it).
+    /// Parses what a record asks for: one operation, or several on pairwise disjoint blocks (a
+    /// batch, SPEC 4.14, at most [`optimystic_core::wire::MAX_RECORD_OPERATIONS`]), each naming
+    /// at least one block and none a `get`. `check_lifetime` refuses records expiring further
+    /// ahead than this node would ever issue (updates; status queries skip it).
     pub fn context(&self, record: &ClusterRecord, now_ms: u64, check_lifetime: bool) -> Result<RecordContext, RepoError> {
         if !record.peers.contains_key(&self.me_text) {
             return Err(RepoError::BadRequest(format!(
@@ -259,7 +357,7 @@ impl Inner {
                 self.me_text
             )));
         }
-        let message = RepoMessage::from_value(record.message.clone())?;
+        let message = RecordMessage::from_value(record.message.clone())?;
         let expiration_ms = message.expiration;
         let horizon = now_ms.saturating_add(self.config.record_timeout_ms).saturating_add(self.config.grace_ms);
         if check_lifetime && expiration_ms > horizon {
@@ -267,16 +365,29 @@ impl Inner {
                 "the record expires at {expiration_ms} ms, more than record_timeout_ms + grace_ms ahead"
             )));
         }
-        let operation = message.into_operation()?;
-        if matches!(operation, RepoOperation::Get(_)) {
-            return Err(RepoError::BadRequest("a get is not agreed by consensus".into()));
+        let mut op_claims = Vec::with_capacity(message.operations.len());
+        let mut named: BTreeMap<BlockId, usize> = BTreeMap::new();
+        for (index, operation) in message.operations.iter().enumerate() {
+            if matches!(operation, RepoOperation::Get(_)) {
+                return Err(RepoError::BadRequest("a get is not agreed by consensus".into()));
+            }
+            let op = claims(operation);
+            if op.is_empty() {
+                return Err(RepoError::BadRequest(format!("operation {index} of the record names no block")));
+            }
+            for claim in &op {
+                if let Some(first) = named.insert(claim.block_id.clone(), index) {
+                    return Err(RepoError::BadRequest(format!(
+                        "operations {first} and {index} of the record both name block {}: a batch's blocks are disjoint",
+                        claim.block_id
+                    )));
+                }
+            }
+            op_claims.push(op);
         }
-        let claims = claims(&operation);
-        if claims.is_empty() {
-            return Err(RepoError::BadRequest("the record names no block".into()));
-        }
+        let claims = op_claims.iter().flatten().cloned().collect();
         let promise_quorum = self.config.promise_threshold.promise_quorum(record.peers.len());
-        Ok(RecordContext { operation, claims, expiration_ms, promise_quorum })
+        Ok(RecordContext { operations: message.operations, op_claims, claims, expiration_ms, promise_quorum })
     }
 
     /// Membership against this member's own view of each block's cluster (when it has a key

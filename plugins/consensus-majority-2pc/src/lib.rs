@@ -91,7 +91,7 @@ use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
 use optimystic_core::wire::{RepoMessage, RepoResponse};
 use optimystic_core::{BlockId, RepoError, StorageRepo};
 use serde_json::Value;
-use tokio::sync::{Mutex, OnceCell, Semaphore, watch};
+use tokio::sync::{OnceCell, Semaphore, watch};
 
 use crate::member::Origin;
 
@@ -101,7 +101,8 @@ pub use member::STATUS_OPERATION;
 pub use store::RecordStatus;
 
 use crate::config::PLUGIN;
-use crate::engine::{Inner, MemberState, Tasks};
+use crate::coordinate::Lanes;
+use crate::engine::{BlockLocks, Inner, MemberState, Tasks};
 
 /// What a [`MajorityConsensus`] is built from.
 #[derive(Debug, Clone)]
@@ -157,7 +158,9 @@ impl MajorityConsensus {
             local: deps.local,
             key_network: deps.key_network,
             clock: deps.clock,
-            state: Mutex::new(MemberState::default()),
+            state: StdMutex::new(MemberState::default()),
+            locks: BlockLocks::default(),
+            lanes: Lanes::default(),
             live_count: watch::Sender::new(0),
             started: OnceCell::new(),
             tasks: StdMutex::new(Tasks::default()),
@@ -211,7 +214,7 @@ impl MajorityConsensus {
 
     /// The blocks this member holds live reservations on.
     pub async fn reserved_blocks(&self) -> BTreeSet<BlockId> {
-        self.inner.state.lock().await.by_block.keys().cloned().collect()
+        self.inner.state().by_block.keys().cloned().collect()
     }
 
     /// Deletes resolved markers older than `marker_retention_ms` past their expiration, one batch;

@@ -1,17 +1,30 @@
 //! The member side: votes, reservations, execution exactly once, and answers to status queries.
+//!
+//! A record may carry several operations (a batch, SPEC 4.14). Each is checked as it would be
+//! alone (bounds, conflicts with other reservations, tombstones, the repository's dry run); the
+//! batch is approved only when every one passes, otherwise rejected with a
+//! [`RejectCategory::Batch`] reason listing each failing operation's index and reason
+//! ([`BatchFailure`]), and the `"result"` field of the answer is an array with each stale
+//! operation's `StaleFailure` at its index (`null` elsewhere). A decided batch is executed
+//! operation by operation, in record order, under the locks of all its blocks: nothing is applied
+//! while any operation lacks its base (SPEC 4.6), and each operation's result is kept, in order,
+//! in the executed marker (an array); the commit vote approves when every operation applied, and
+//! otherwise rejects with a batch reason naming the ones that did not. One atomic storage step
+//! per batch (group commit) is not built: a crash midway re-executes the batch at restart, which
+//! the repository makes a no-op for the operations already applied.
 
 use std::sync::Arc;
 
 use optimystic_core::error::ErrorCode;
 use optimystic_core::identity::PeerId;
-use optimystic_core::model::{CommitResult, PendResult};
+use optimystic_core::model::{CommitResult, PendResult, StaleFailure};
 use optimystic_core::record::{ClusterRecord, Phase, RecordError, Vote, VoteType};
 use optimystic_core::wire::{ErrorEnvelope, RepoOperation, RepoResponse};
-use optimystic_core::{Check, MessageOptions, MetaWrite, RejectCategory, RejectReason, RepoError};
+use optimystic_core::{BatchFailure, BlockId, Check, MessageOptions, MetaWrite, RejectCategory, RejectReason, RepoError};
 use serde_json::{Map, Value, json};
 
 use crate::checks::check_operation;
-use crate::engine::{Inner, Live, MemberState, RESULT_FIELD, RecordContext, refusal};
+use crate::engine::{HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
 use crate::store::{Entry, RecordStatus, read_entry, tomb_key, write_entry};
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
@@ -65,9 +78,46 @@ pub(crate) enum Origin {
 enum Executed {
     /// Applied (or answered deterministically): the executed marker to persist.
     Marker(Entry),
-    /// This member lacks the base the operation needs (SPEC 4.6): nothing applied, no commit vote,
+    /// This member lacks the base an operation needs (SPEC 4.6): nothing applied, no commit vote,
     /// the record stays decided until catch-up brings the block forward.
-    Behind(optimystic_core::BlockId),
+    Behind(BlockId),
+}
+
+/// The reject reason of a record whose operations fail as `failures` says (index order): a
+/// single operation's own reason, or a batch reason listing each failing one.
+fn record_reason(batched: bool, failures: &[Option<RejectReason>]) -> Option<RejectReason> {
+    if !batched {
+        return failures.iter().flatten().next().cloned();
+    }
+    let listed: Vec<BatchFailure> = failures
+        .iter()
+        .enumerate()
+        .filter_map(|(index, reason)| reason.clone().map(|reason| BatchFailure { index, reason }))
+        .collect();
+    (!listed.is_empty()).then(|| RejectReason::batch(&listed))
+}
+
+/// The per-operation results of a batch as one array, within `budget` bytes of JSON: past it,
+/// `StaleFailure`s lose their `missing` and `pending` lists (the client re-reads either way), so
+/// an answer stays well under the cluster frame limit.
+fn fit_results(results: Vec<Option<Value>>, budget: usize) -> Value {
+    let mut used = 0usize;
+    let fitted = results
+        .into_iter()
+        .map(|result| {
+            let Some(mut value) = result else { return Value::Null };
+            let size = serde_json::to_vec(&value).map_or(0, |v| v.len());
+            if used.saturating_add(size) > budget
+                && let Some(object) = value.as_object_mut()
+            {
+                object.remove("missing");
+                object.remove("pending");
+            }
+            used = used.saturating_add(serde_json::to_vec(&value).map_or(0, |v| v.len()));
+            value
+        })
+        .collect();
+    Value::Array(fitted)
 }
 
 impl Inner {
@@ -91,7 +141,7 @@ impl Inner {
             self.check_peers_seen(&record).await?;
         }
 
-        let mut state = self.state.lock().await;
+        let held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
         if matches!(origin, Origin::Remote(_)) {
             self.check_own_votes(&record, entry.as_ref())?;
@@ -101,21 +151,21 @@ impl Inner {
             Some(RecordStatus::Aborted) => return Ok(self.with_promise(record, entry.as_ref())),
             Some(RecordStatus::Decided) => {
                 let copy = stored_record(entry.as_ref())?;
-                return self.execute(&mut state, copy, entry, &cx).await;
+                return self.execute(&held, copy, entry, &cx).await;
             }
             Some(RecordStatus::Promised | RecordStatus::Rejected) | None => {}
         }
-        // Checked again under the lock that answers status queries (SPEC 4.11): a status answer
-        // of "not executed" is persisted as aborted under this lock, so it can never be followed
-        // by an execution.
+        // Checked again under the locks that answer status queries (SPEC 4.11): a status answer
+        // of "not executed" is persisted as aborted under them, so it can never be followed by an
+        // execution.
         if self.clock.now_ms() > cx.expiration_ms {
             return Err(RepoError::Expired);
         }
         if decided {
-            return self.execute(&mut state, record, entry, &cx).await;
+            return self.execute(&held, record, entry, &cx).await;
         }
         if abort_proven {
-            self.abort(&mut state, &record, entry.clone(), cx.expiration_ms).await?;
+            self.abort(&held, &record, entry.clone(), cx.expiration_ms).await?;
             return Ok(self.with_promise(record, entry.as_ref()));
         }
         if entry.as_ref().is_some_and(|e| e.promise.is_some()) {
@@ -125,7 +175,7 @@ impl Inner {
             Origin::Remote(sender) => sender,
             Origin::Local => self.me,
         };
-        self.promise(&mut state, record, &cx, sender).await
+        self.promise(&held, record, &cx, sender).await
     }
 
     /// This member's votes in a received record must be the ones it stored; a vote it has no copy
@@ -175,43 +225,80 @@ impl Inner {
         Ok(copy)
     }
 
-    /// Phase 1: decides, persists and returns this member's promise vote.
+    /// Phase 1: decides, persists and returns this member's promise vote. The caller holds the
+    /// record's block locks.
     async fn promise(
         self: &Arc<Self>,
-        state: &mut MemberState,
+        _held: &HeldBlocks<'_>,
         mut record: ClusterRecord,
         cx: &RecordContext,
         sender: PeerId,
     ) -> Result<ClusterRecord, RepoError> {
-        let mut stale = None;
-        let reason = if state.live.len() >= self.config.max_reservations {
-            Some(RejectReason::new(RejectCategory::Busy, format!("{} reservations held", state.live.len())))
-        } else if state.reservations_of(&sender) >= self.config.max_reservations_per_sender {
-            Some(RejectReason::new(
-                RejectCategory::Busy,
-                format!("{} reservations held for records from {sender}", state.reservations_of(&sender)),
-            ))
-        } else if let Some((block_id, other)) = state.conflict(&record.message_hash, &cx.claims) {
-            Some(RejectReason::new(RejectCategory::Conflict, format!("block {block_id} is reserved by {other}")))
-        } else if let Some(reason) = self.tombstoned(cx).await? {
-            Some(reason)
-        } else {
-            let check = check_operation(&self.local, &cx.operation).await?;
-            if let Some(block_id) = check.behind_block() {
-                self.report_behind(block_id);
+        let hash = record.message_hash.clone();
+        let weight = cx.operations.len();
+        let mut failures: Vec<Option<RejectReason>> = vec![None; weight];
+        // Bounds, conflicts with other reservations and, when both pass, the reservation itself,
+        // in one step of the index: concurrent records on other blocks cannot overrun the bounds.
+        let (busy, reserved) = {
+            let mut state = self.state();
+            let held = state.held;
+            let of_sender = state.reservations_of(&sender);
+            let busy = if held.saturating_add(weight) > self.config.max_reservations {
+                Some(RejectReason::new(RejectCategory::Busy, format!("{held} reservations held")))
+            } else if of_sender.saturating_add(weight) > self.config.max_reservations_per_sender {
+                Some(RejectReason::new(
+                    RejectCategory::Busy,
+                    format!("{of_sender} reservations held for records from {sender}"),
+                ))
+            } else {
+                None
+            };
+            if busy.is_none() {
+                for (failure, claims) in failures.iter_mut().zip(&cx.op_claims) {
+                    if let Some((block_id, other)) = state.conflict(&hash, claims) {
+                        *failure = Some(RejectReason::new(
+                            RejectCategory::Conflict,
+                            format!("block {block_id} is reserved by {other}"),
+                        ));
+                    }
+                }
             }
-            let reason = check.reject_reason();
-            if let Check::Stale(failure) = check {
-                stale = Some(
-                    serde_json::to_value(&failure)
-                        .map_err(|e| RepoError::Internal(format!("encoding a stale answer: {e}")))?,
-                );
+            let reserve = busy.is_none() && failures.iter().all(Option::is_none);
+            if reserve {
+                let live = Live {
+                    status: RecordStatus::Promised,
+                    claims: cx.claims.clone(),
+                    sender: Some(sender),
+                    expiration_ms: cx.expiration_ms,
+                    weight,
+                };
+                state.reserve(&hash, live);
             }
-            reason
+            (busy, reserve)
         };
-        let (vote, entry) = match reason {
+        let outcome = match busy {
+            Some(busy) => Ok((Some(busy), Vec::new())),
+            None => self.check_operations(cx, &mut failures).await.map(|stale| (record_reason(cx.batched(), &failures), stale)),
+        };
+        let (reason, stale) = match outcome {
+            Ok(judged) => judged,
+            Err(e) => {
+                if reserved {
+                    self.state().release(&hash);
+                }
+                return Err(e);
+            }
+        };
+        let (vote, entry) = match &reason {
             None => {
-                let vote = record.sign_promise(&self.keypair, VoteType::Approve, None).map_err(sign_error)?;
+                let vote = record.sign_promise(&self.keypair, VoteType::Approve, None).map_err(sign_error);
+                let vote = match vote {
+                    Ok(vote) => vote,
+                    Err(e) => {
+                        self.state().release(&hash);
+                        return Err(e);
+                    }
+                };
                 let entry = Entry {
                     status: RecordStatus::Promised,
                     expiration_ms: cx.expiration_ms,
@@ -225,6 +312,9 @@ impl Inner {
                 (vote, entry)
             }
             Some(reason) => {
+                if reserved {
+                    self.state().release(&hash);
+                }
                 let vote =
                     record.sign_promise(&self.keypair, VoteType::Reject, Some(reason.to_string())).map_err(sign_error)?;
                 let entry = Entry {
@@ -240,28 +330,63 @@ impl Inner {
                 (vote, entry)
             }
         };
-        write_entry(self.storage(), &record.message_hash, &entry).await?;
+        if let Err(e) = write_entry(self.storage(), &hash, &entry).await {
+            if entry.status == RecordStatus::Promised {
+                self.state().release(&hash);
+            }
+            return Err(e);
+        }
         if entry.status == RecordStatus::Promised {
-            let live = Live {
-                status: RecordStatus::Promised,
-                claims: cx.claims.clone(),
-                sender: Some(sender),
-                expiration_ms: cx.expiration_ms,
-            };
-            state.reserve(&record.message_hash, live);
-            self.publish(state);
-            self.schedule_recovery(state, &record.message_hash, cx.expiration_ms);
+            let mut state = self.state();
+            self.publish(&state);
+            self.schedule_recovery(&mut state, &hash, cx.expiration_ms);
         }
         record.promises.insert(self.me_text.clone(), vote);
-        if let Some(stale) = stale {
+        if cx.batched() {
+            if stale.iter().any(Option::is_some) {
+                record.extra.insert(RESULT_FIELD.to_owned(), fit_results(stale, self.config.max_batch_bytes));
+            }
+        } else if let Some(Some(stale)) = stale.into_iter().next() {
             record.extra.insert(RESULT_FIELD.to_owned(), stale);
         }
         Ok(record)
     }
 
+    /// Checks each operation not already failing against tombstones (SPEC 4.12) and local
+    /// storage (the repository's dry run), recording why it fails in `failures`; returns each
+    /// stale operation's `StaleFailure` (by index). Reports blocks this member is behind on.
+    async fn check_operations(
+        &self,
+        cx: &RecordContext,
+        failures: &mut [Option<RejectReason>],
+    ) -> Result<Vec<Option<Value>>, RepoError> {
+        let mut stale = vec![None; cx.operations.len()];
+        for ((operation, failure), stale) in cx.operations.iter().zip(failures.iter_mut()).zip(stale.iter_mut()) {
+            if failure.is_some() {
+                continue;
+            }
+            if let Some(reason) = self.tombstoned(operation).await? {
+                *failure = Some(reason);
+                continue;
+            }
+            let check = check_operation(&self.local, operation).await?;
+            if let Some(block_id) = check.behind_block() {
+                self.report_behind(block_id);
+            }
+            *failure = check.reject_reason();
+            if let Check::Stale(found) = check {
+                *stale = Some(
+                    serde_json::to_value(&found)
+                        .map_err(|e| RepoError::Internal(format!("encoding a stale answer: {e}")))?,
+                );
+            }
+        }
+        Ok(stale)
+    }
+
     /// SPEC 4.12: a pend of a trx this member saw cancelled on a block is refused.
-    async fn tombstoned(&self, cx: &RecordContext) -> Result<Option<RejectReason>, RepoError> {
-        let RepoOperation::Pend(pend) = &cx.operation else { return Ok(None) };
+    async fn tombstoned(&self, operation: &RepoOperation) -> Result<Option<RejectReason>, RepoError> {
+        let RepoOperation::Pend(pend) = operation else { return Ok(None) };
         for block_id in pend.transforms.block_ids() {
             if self.storage().get_meta(&tomb_key(&block_id, &pend.trx_id)).await?.is_some() {
                 return Ok(Some(RejectReason::new(
@@ -274,10 +399,10 @@ impl Inner {
     }
 
     /// Marks a record aborted (its promise quorum is out of reach, or recovery found that no peer
-    /// executed it) and frees its reservation.
+    /// executed it) and frees its reservation. The caller holds the record's block locks.
     pub(crate) async fn abort(
         &self,
-        state: &mut MemberState,
+        _held: &HeldBlocks<'_>,
         record: &ClusterRecord,
         entry: Option<Entry>,
         expiration_ms: u64,
@@ -298,8 +423,9 @@ impl Inner {
         entry.status = RecordStatus::Aborted;
         entry.record = None;
         write_entry(self.storage(), &record.message_hash, &entry).await?;
+        let mut state = self.state();
         state.release(&record.message_hash);
-        self.publish(state);
+        self.publish(&state);
         Ok(())
     }
 
@@ -311,19 +437,22 @@ impl Inner {
     /// applied here is never applied again: a marker that could not be written is kept in memory
     /// and only its write is retried.
     ///
-    /// A member without the base the operation needs (SPEC 4.6) applies nothing and signs no
+    /// A member without the base an operation needs (SPEC 4.6) applies nothing and signs no
     /// commit vote: the record stays decided (with its reservation), the node is asked to catch
     /// the block up, and the record is executed once it can be ([`Inner::retry_waiting`]).
+    ///
+    /// The caller holds the record's block locks.
     pub(crate) async fn execute(
         self: &Arc<Self>,
-        state: &mut MemberState,
+        _held: &HeldBlocks<'_>,
         mut copy: ClusterRecord,
         prior: Option<Entry>,
         cx: &RecordContext,
     ) -> Result<ClusterRecord, RepoError> {
         copy.extra.remove(RESULT_FIELD);
         let hash = copy.message_hash.clone();
-        let executed = match state.unsaved.remove(&hash) {
+        let unsaved = self.state().unsaved.remove(&hash);
+        let executed = match unsaved {
             Some(executed) => executed,
             None => {
                 let decided = match prior {
@@ -345,23 +474,35 @@ impl Inner {
                     }
                 };
                 let sender = decided.sender.as_deref().and_then(|s| s.parse().ok());
-                let live = Live { status: RecordStatus::Decided, claims: cx.claims.clone(), sender, expiration_ms: cx.expiration_ms };
-                state.reserve(&hash, live);
-                self.publish(state);
-                // Should this call be abandoned midway, recovery still finds the record decided.
-                self.schedule_recovery(state, &hash, cx.expiration_ms);
+                {
+                    let live = Live {
+                        status: RecordStatus::Decided,
+                        claims: cx.claims.clone(),
+                        sender,
+                        expiration_ms: cx.expiration_ms,
+                        weight: cx.operations.len(),
+                    };
+                    let mut state = self.state();
+                    state.reserve(&hash, live);
+                    self.publish(&state);
+                    // Should this call be abandoned midway, recovery still finds the record decided.
+                    self.schedule_recovery(&mut state, &hash, cx.expiration_ms);
+                }
                 match self.apply_once(&copy, decided, cx).await {
                     Ok(Executed::Marker(executed)) => executed,
                     Ok(Executed::Behind(block_id)) => {
-                        state.waiting.entry(block_id.clone()).or_default().insert(hash.clone());
+                        {
+                            let mut state = self.state();
+                            state.waiting.entry(block_id.clone()).or_default().insert(hash.clone());
+                            // Retried with backoff too, should no catch-up ever report back.
+                            self.spawn_recovery(&mut state, &hash, cx.expiration_ms);
+                        }
                         self.report_behind(&block_id);
-                        // Retried with backoff too, should no catch-up ever report back.
-                        self.spawn_recovery(state, &hash, cx.expiration_ms);
                         return Ok(copy);
                     }
                     Err(e) => {
                         tracing::warn!(message_hash = %hash, error = %e, "executing a decided record failed; will retry");
-                        self.spawn_recovery(state, &hash, cx.expiration_ms);
+                        self.spawn_recovery(&mut self.state(), &hash, cx.expiration_ms);
                         return Err(e);
                     }
                 }
@@ -369,13 +510,17 @@ impl Inner {
         };
         if let Err(e) = write_entry(self.storage(), &hash, &executed).await {
             tracing::warn!(message_hash = %hash, error = %e, "writing an executed marker failed; will retry");
+            let mut state = self.state();
             state.unsaved.insert(hash.clone(), executed);
-            self.spawn_recovery(state, &hash, cx.expiration_ms);
+            self.spawn_recovery(&mut state, &hash, cx.expiration_ms);
             return Err(e);
         }
-        state.release(&hash);
-        state.remember_peers(copy.peers.keys());
-        self.publish(state);
+        {
+            let mut state = self.state();
+            state.release(&hash);
+            state.remember_peers(copy.peers.keys());
+            self.publish(&state);
+        }
         if let Some(vote) = executed.commit {
             copy.commits.insert(self.me_text.clone(), vote);
         }
@@ -387,25 +532,57 @@ impl Inner {
 
     /// Applies a decided record to local storage and signs the commit vote: the executed marker
     /// to persist. An approving commit vote means "applied here, on the right base": a stale
-    /// answer or a deterministic failure of the operation is its result, signed as a reject. A
-    /// member lacking the base applies nothing ([`Executed::Behind`]); any other error leaves the
-    /// record decided and unapplied.
+    /// answer or a deterministic failure of an operation is its result, signed as a reject (for a
+    /// batch, naming the operations concerned). A member lacking the base of any operation
+    /// applies nothing ([`Executed::Behind`]); any other error leaves the record decided.
     async fn apply_once(&self, copy: &ClusterRecord, decided: Entry, cx: &RecordContext) -> Result<Executed, RepoError> {
-        let check = check_operation(&self.local, &cx.operation).await?;
-        if let Some(block_id) = check.behind_block() {
-            return Ok(Executed::Behind(block_id.clone()));
+        for operation in &cx.operations {
+            let check = check_operation(&self.local, operation).await?;
+            if let Some(block_id) = check.behind_block() {
+                return Ok(Executed::Behind(block_id.clone()));
+            }
         }
-        let options = MessageOptions::default();
         let record = copy.to_value();
-        let applied = match &cx.operation {
+        let mut results = Vec::with_capacity(cx.operations.len());
+        let mut failures = Vec::with_capacity(cx.operations.len());
+        for operation in &cx.operations {
+            let (result, failure) = self.apply_operation(operation, &record, cx.expiration_ms).await?;
+            results.push(result);
+            failures.push(failure);
+        }
+        let reason = record_reason(cx.batched(), &failures);
+        let vote = match reason {
+            None => copy.sign_commit(&self.keypair, VoteType::Approve, None),
+            Some(reason) => copy.sign_commit(&self.keypair, VoteType::Reject, Some(reason.to_string())),
+        };
+        let result = if cx.batched() { Value::Array(results) } else { results.into_iter().next().unwrap_or(Value::Null) };
+        Ok(Executed::Marker(Entry {
+            status: RecordStatus::Executed,
+            commit: Some(vote.map_err(sign_error)?),
+            result: Some(result),
+            sender: None,
+            ..decided
+        }))
+    }
+
+    /// Applies one decided operation (`record` is its decided record, kept as evidence): its
+    /// result, and why it did not apply when it did not (stale, or a deterministic failure).
+    async fn apply_operation(
+        &self,
+        operation: &RepoOperation,
+        record: &Value,
+        expiration_ms: u64,
+    ) -> Result<(Value, Option<RejectReason>), RepoError> {
+        let options = MessageOptions::default();
+        let applied = match operation {
             RepoOperation::Pend(request) => {
-                self.local.pend_recorded(request, &options, Some(&record)).await.map(RepoResponse::Pend)
+                self.local.pend_recorded(request, &options, Some(record)).await.map(RepoResponse::Pend)
             }
             RepoOperation::Commit(request) => {
-                self.local.commit_recorded(request, &options, Some(&record)).await.map(RepoResponse::Commit)
+                self.local.commit_recorded(request, &options, Some(record)).await.map(RepoResponse::Commit)
             }
             RepoOperation::Cancel { trx_ref } => {
-                let keep_until = cx.expiration_ms.saturating_add(self.config.marker_retention_ms).to_string();
+                let keep_until = expiration_ms.saturating_add(self.config.marker_retention_ms).to_string();
                 let tombs: Vec<MetaWrite> = trx_ref
                     .block_ids
                     .iter()
@@ -416,71 +593,56 @@ impl Inner {
             }
             RepoOperation::Get(_) => Err(RepoError::BadRequest("a get is not agreed by consensus".into())),
         };
-        let (result, vote) = match applied {
+        match applied {
             Ok(response) => {
                 let stale = match &response {
                     RepoResponse::Pend(PendResult::Stale(f)) | RepoResponse::Commit(CommitResult::Stale(f)) => {
-                        Some(f.reason.clone().unwrap_or_else(|| "stale revision".into()))
+                        Some(stale_reason(f))
                     }
                     _ => None,
                 };
                 let value = response
                     .to_value()
                     .map_err(|e| RepoError::Internal(format!("encoding an execution result: {e}")))?;
-                let vote = match stale {
-                    None => copy.sign_commit(&self.keypair, VoteType::Approve, None),
-                    Some(detail) => {
-                        let reason = RejectReason::new(RejectCategory::Stale, detail);
-                        copy.sign_commit(&self.keypair, VoteType::Reject, Some(reason.to_string()))
-                    }
-                };
-                (value, vote.map_err(sign_error)?)
+                Ok((value, stale))
             }
             Err(e) if deterministic(&e) => {
                 let value = serde_json::to_value(ErrorEnvelope::from(&e))
                     .map_err(|e| RepoError::Internal(format!("encoding an execution error: {e}")))?;
-                let reason = RejectReason::new(RejectCategory::Failed, e.to_string());
-                (value, copy.sign_commit(&self.keypair, VoteType::Reject, Some(reason.to_string())).map_err(sign_error)?)
+                Ok((value, Some(RejectReason::new(RejectCategory::Failed, e.to_string()))))
             }
-            Err(e) => return Err(e),
-        };
-        Ok(Executed::Marker(Entry {
-            status: RecordStatus::Executed,
-            commit: Some(vote),
-            result: Some(result),
-            sender: None,
-            ..decided
-        }))
+            Err(e) => Err(e),
+        }
     }
 
     /// Executes the decided records that waited for `block_id` (SPEC 4.6), after catch-up moved
     /// it forward. Those still behind keep waiting.
-    pub(crate) async fn retry_waiting(self: &Arc<Self>, block_id: &optimystic_core::BlockId) {
-        let mut state = self.state.lock().await;
-        let Some(hashes) = state.waiting.remove(block_id) else { return };
+    pub(crate) async fn retry_waiting(self: &Arc<Self>, block_id: &BlockId) {
+        let Some(hashes) = self.state().waiting.remove(block_id) else { return };
         for hash in hashes {
-            let Some(expiration_ms) = state.live.get(&hash).map(|l| l.expiration_ms) else { continue };
-            let entry = match read_entry(self.storage(), expiration_ms, &hash).await {
-                Ok(entry) => entry,
-                Err(e) => {
-                    tracing::warn!(message_hash = %hash, error = %e, "reading a waiting record failed");
-                    continue;
-                }
-            };
-            if entry.as_ref().map(|e| e.status) != Some(RecordStatus::Decided) {
-                continue;
-            }
-            let outcome = match stored_record(entry.as_ref()) {
-                Ok(record) => match self.context(&record, self.clock.now_ms(), false) {
-                    Ok(cx) => self.execute(&mut state, record, entry, &cx).await.map(|_| ()),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
-            if let Err(e) = outcome {
+            let Some(expiration_ms) = self.state().live.get(&hash).map(|l| l.expiration_ms) else { continue };
+            if let Err(e) = self.execute_decided(&hash, expiration_ms).await {
                 tracing::debug!(message_hash = %hash, error = %e, "a waiting record did not execute yet");
             }
         }
+    }
+
+    /// Executes the record `hash` if it is still decided here, under its block locks; returns
+    /// its status afterwards (`None` when this member has no entry for it).
+    pub(crate) async fn execute_decided(self: &Arc<Self>, hash: &str, expiration_ms: u64) -> Result<Option<RecordStatus>, RepoError> {
+        let peek = read_entry(self.storage(), expiration_ms, hash).await?;
+        if peek.as_ref().map(|e| e.status) != Some(RecordStatus::Decided) {
+            return Ok(peek.map(|e| e.status));
+        }
+        let record = stored_record(peek.as_ref())?;
+        let cx = self.context(&record, self.clock.now_ms(), false)?;
+        let held = self.locks.lock(cx.blocks()).await;
+        let entry = read_entry(self.storage(), expiration_ms, hash).await?;
+        if entry.as_ref().map(|e| e.status) != Some(RecordStatus::Decided) {
+            return Ok(entry.map(|e| e.status));
+        }
+        self.execute(&held, record, entry, &cx).await?;
+        Ok(read_entry(self.storage(), expiration_ms, hash).await?.map(|e| e.status))
     }
 
     /// Answers a recovery status query about `record` (which may be expired).
@@ -488,7 +650,7 @@ impl Inner {
         self.ensure_started().await?;
         record.verify(None).map_err(refusal)?;
         let cx = self.context(&record, self.clock.now_ms(), false)?;
-        let _state = self.state.lock().await;
+        let _held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
         let hash = record.message_hash.clone();
         Ok(match entry.as_ref().map(|e| e.status) {
@@ -503,7 +665,7 @@ impl Inner {
                 json!({"messageHash": hash, "status": answer::NOT_EXECUTED})
             }
             _ if self.clock.now_ms() > cx.expiration_ms => {
-                // Persisted before it is said, under the lock executions take (SPEC 4.11): this
+                // Persisted before it is said, under the locks executions take (SPEC 4.11): this
                 // member will never execute the record now. A promise keeps its reservation
                 // until recovery settles the record: another peer may have executed it, and a
                 // conflicting record must not take the block meanwhile.
@@ -527,6 +689,11 @@ impl Inner {
         let expiration_ms = record.expiration_ms().unwrap_or(0);
         Ok(read_entry(self.storage(), expiration_ms, &record.message_hash).await?.map(|e| e.status))
     }
+}
+
+/// The reject reason detail of a stale execution result.
+fn stale_reason(failure: &StaleFailure) -> RejectReason {
+    RejectReason::new(RejectCategory::Stale, failure.reason.clone().unwrap_or_else(|| "stale revision".into()))
 }
 
 /// The record an entry keeps.

@@ -62,7 +62,6 @@ impl Inner {
                 self.config.max_reservations
             ))));
         }
-        let mut state = self.state.lock().await;
         for (hash, expiration_ms) in pointers {
             let entry = read_entry(self.storage(), expiration_ms, &hash).await?;
             let Some(entry) = entry.filter(|e| e.status.is_live()) else {
@@ -73,18 +72,25 @@ impl Inner {
             let record = stored_record(Some(&entry))?;
             let cx = self.context(&record, self.clock.now_ms(), false)?;
             let sender = entry.sender.as_deref().and_then(|s| s.parse().ok());
-            state.reserve(&hash, Live { status: entry.status, claims: cx.claims.clone(), sender, expiration_ms });
+            let live = Live {
+                status: entry.status,
+                claims: cx.claims.clone(),
+                sender,
+                expiration_ms,
+                weight: cx.operations.len(),
+            };
+            self.state().reserve(&hash, live);
             if entry.status == RecordStatus::Decided {
                 // Decided before a crash: execute now, whatever the time (it is decided).
-                if let Err(e) = self.execute(&mut state, record, Some(entry), &cx).await {
+                let held = self.locks.lock(cx.blocks()).await;
+                if let Err(e) = self.execute(&held, record, Some(entry), &cx).await {
                     tracing::warn!(message_hash = %hash, error = %e, "executing a decided record at start failed");
                 }
             } else {
-                self.schedule_recovery(&mut state, &hash, expiration_ms);
+                self.schedule_recovery(&mut self.state(), &hash, expiration_ms);
             }
         }
-        self.publish(&state);
-        drop(state);
+        self.publish(&self.state());
         let me = Arc::clone(self);
         self.spawn(async move { me.collect_garbage_forever().await });
         let me = Arc::clone(self);
@@ -113,7 +119,7 @@ impl Inner {
     async fn schedule_recoveries_forever(self: &Arc<Self>) {
         loop {
             let next_due = {
-                let mut state = self.state.lock().await;
+                let mut state = self.state();
                 let now = self.clock.now_ms();
                 while let Some(Reverse(head)) = state.due.peek() {
                     if head.due_ms >= now {
@@ -147,10 +153,13 @@ impl Inner {
         let decided = state.live.get(message_hash).is_some_and(|l| l.status == RecordStatus::Decided);
         let me = Arc::clone(self);
         let hash = message_hash.to_owned();
-        self.spawn(async move {
+        let spawned = self.spawn(async move {
             me.recover(&hash, expiration_ms, decided).await;
-            me.state.lock().await.recovering.remove(&hash);
+            me.state().recovering.remove(&hash);
         });
+        if !spawned {
+            state.recovering.remove(message_hash);
+        }
     }
 
     async fn recover(self: &Arc<Self>, hash: &str, expiration_ms: u64, decided: bool) {
@@ -181,34 +190,34 @@ impl Inner {
         expiration_ms: u64,
         finals: &mut BTreeSet<PeerId>,
     ) -> Result<Round, RepoError> {
-        let entry = {
-            let mut state = self.state.lock().await;
-            let entry = read_entry(self.storage(), expiration_ms, hash).await?;
-            match entry.as_ref().map(|e| e.status) {
-                Some(RecordStatus::Promised) => entry,
-                Some(RecordStatus::Decided) => {
-                    // A transient execution failure, or a member behind on the record's blocks
-                    // (SPEC 4.6): try again, with backoff, until it is executed.
-                    let record = stored_record(entry.as_ref())?;
-                    let cx = self.context(&record, self.clock.now_ms(), false)?;
-                    self.execute(&mut state, record, entry, &cx).await?;
-                    let now = read_entry(self.storage(), expiration_ms, hash).await?.map(|e| e.status);
-                    return Ok(if now == Some(RecordStatus::Decided) { Round::Again } else { Round::Done });
-                }
-                _ => {
-                    // Resolved: nothing left to recover. A reservation (or live pointer) left by
-                    // a write that failed halfway goes too.
-                    if state.live.contains_key(hash) {
+        let entry = read_entry(self.storage(), expiration_ms, hash).await?;
+        match entry.as_ref().map(|e| e.status) {
+            Some(RecordStatus::Promised) => {}
+            Some(RecordStatus::Decided) => {
+                // A transient execution failure, or a member behind on the record's blocks
+                // (SPEC 4.6): try again, with backoff, until it is executed.
+                let now = self.execute_decided(hash, expiration_ms).await?;
+                return Ok(if now == Some(RecordStatus::Decided) { Round::Again } else { Round::Done });
+            }
+            _ => {
+                // Resolved: nothing left to recover. A reservation (or live pointer) left by a
+                // write that failed halfway goes too, under the record's block locks.
+                let claims = self.state().live.get(hash).map(|l| l.claims.clone());
+                if let Some(claims) = claims {
+                    let _held = self.locks.lock(claims.iter().map(|c| &c.block_id)).await;
+                    let now = read_entry(self.storage(), expiration_ms, hash).await?;
+                    if !now.is_some_and(|e| e.status.is_live()) {
+                        let mut state = self.state();
                         state.release(hash);
                         self.publish(&state);
                     }
-                    if let Err(e) = self.storage().delete_meta(&live_key(hash)).await {
-                        tracing::debug!(message_hash = %hash, error = %e, "a stale live pointer stays until restart");
-                    }
-                    return Ok(Round::Done);
                 }
+                if let Err(e) = self.storage().delete_meta(&live_key(hash)).await {
+                    tracing::debug!(message_hash = %hash, error = %e, "a stale live pointer stays until restart");
+                }
+                return Ok(Round::Done);
             }
-        };
+        }
         let record = stored_record(entry.as_ref())?;
         let others: Vec<PeerId> = record
             .peers
@@ -244,42 +253,44 @@ impl Inner {
         if !every_peer_answered {
             return Ok(Round::Again);
         }
-        let mut state = self.state.lock().await;
+        let cx = self.context(&record, self.clock.now_ms(), false)?;
+        let held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), expiration_ms, hash).await?;
         if entry.as_ref().map(|e| e.status) == Some(RecordStatus::Promised) {
             tracing::info!(message_hash = %hash, "no peer executed the record; dropping its reservation");
-            self.abort(&mut state, &record, entry, expiration_ms).await?;
+            self.abort(&held, &record, entry, expiration_ms).await?;
         }
         Ok(Round::Done)
     }
 
     /// A record this member renounced (it answered "not executed", SPEC 4.11) turned out decided
-    /// elsewhere: it never executes it, so it is behind on the record's blocks. A commit keeps its
-    /// reservation until catch-up has brought every block to the commit's revision (a conflicting
-    /// record at that revision must not be approved here meanwhile); a pend or cancel fixes no
-    /// revision and is released at once.
+    /// elsewhere: it never executes it, so it is behind on the record's blocks. A record with a
+    /// commit keeps its reservation until catch-up has brought every committed block to the
+    /// commit's revision (a conflicting record at that revision must not be approved here
+    /// meanwhile); pends and cancels fix no revision and are released at once.
     async fn settle_renounced(self: &Arc<Self>, hash: &str, record: &ClusterRecord, expiration_ms: u64) -> Result<Round, RepoError> {
         let cx = self.context(record, self.clock.now_ms(), false)?;
-        if let RepoOperation::Commit(commit) = &cx.operation {
-            let mut behind = Vec::new();
+        let mut behind = Vec::new();
+        for operation in &cx.operations {
+            let RepoOperation::Commit(commit) = operation else { continue };
             for block_id in &commit.block_ids {
                 let latest_rev = self.storage().latest(block_id).await?.map_or(0, |l| l.rev);
                 if latest_rev < commit.rev {
                     behind.push(block_id.clone());
                 }
             }
-            if !behind.is_empty() {
-                for block_id in &behind {
-                    self.report_behind(block_id);
-                }
-                return Ok(Round::Again);
-            }
         }
-        let mut state = self.state.lock().await;
+        if !behind.is_empty() {
+            for block_id in &behind {
+                self.report_behind(block_id);
+            }
+            return Ok(Round::Again);
+        }
+        let held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), expiration_ms, hash).await?;
         if entry.as_ref().map(|e| e.status) == Some(RecordStatus::Promised) {
             tracing::info!(message_hash = %hash, "a renounced record was decided elsewhere; caught up past it, releasing");
-            self.abort(&mut state, record, entry, expiration_ms).await?;
+            self.abort(&held, record, entry, expiration_ms).await?;
         }
         Ok(Round::Done)
     }
@@ -316,7 +327,7 @@ impl Inner {
     /// settles it as renounced instead.
     async fn execute_recovered(self: &Arc<Self>, copy: ClusterRecord, expiration_ms: u64) -> Result<bool, RepoError> {
         let cx = self.context(&copy, self.clock.now_ms(), false)?;
-        let mut state = self.state.lock().await;
+        let held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), expiration_ms, &copy.message_hash).await?;
         if entry.as_ref().is_some_and(|e| e.renounced && e.status == RecordStatus::Promised) {
             return Ok(false);
@@ -325,7 +336,7 @@ impl Inner {
             return Ok(true);
         }
         tracing::info!(message_hash = %copy.message_hash, "recovery found the record decided; executing it");
-        self.execute(&mut state, copy, entry, &cx).await.map(|_| true)
+        self.execute(&held, copy, entry, &cx).await.map(|_| true)
     }
 
     async fn collect_garbage_forever(self: &Arc<Self>) {
@@ -348,7 +359,9 @@ impl Inner {
     /// deleted (more may remain).
     pub(crate) async fn collect_garbage_once(&self) -> Result<bool, RepoError> {
         let cutoff = self.clock.now_ms().saturating_sub(self.config.marker_retention_ms);
-        let _state = self.state.lock().await;
+        // No lock needed: only resolved entries whose record expired more than the retention ago
+        // are deleted, and such an entry never changes any more (every delivery of its record is
+        // refused as expired, and status queries persist nothing for a resolved record).
         let live_count = *self.live_count.borrow();
         let listed = self.storage().list_meta(ENTRY_PREFIX, live_count.saturating_add(GC_BATCH)).await?;
         let mut deleted = 0usize;

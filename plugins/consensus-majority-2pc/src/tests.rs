@@ -520,7 +520,7 @@ async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
         clock: sim.clock(),
         behind: None,
     };
-    let config = MajorityConfig { max_reservations: 10, max_reservations_per_sender: 2, ..config() };
+    let config = MajorityConfig { max_reservations: 10, max_reservations_per_sender: 2, max_batch_ops: 2, ..config() };
     let consensus = MajorityConsensus::new(config, deps).unwrap();
     let now = sim.clock().now_ms();
     let made_up = ed25519();
