@@ -10,7 +10,9 @@
 //!
 //! A record may carry several operations (a batch, SPEC 4.14) on pairwise disjoint blocks: the
 //! evidence of a revision is then the whole batch record, and verification looks for the one
-//! operation that names the block.
+//! operation that names the block. A member keeps each decided record once ([`record_key`]) and
+//! its evidence refers to it ([`StoredEvidence`]), so a batch of `k` operations costs one copy of
+//! the record, not `k`; catch-up still serves and receives whole records ([`Evidence`]).
 
 use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,8 @@ use crate::wire::{RecordMessage, RepoOperation};
 pub const REV_PREFIX: &str = "evidence/rev/";
 /// Metadata key prefix of decided pend records awaiting their commit.
 pub const PEND_PREFIX: &str = "evidence/pend/";
+/// Metadata key prefix of decided records kept once, which evidence refers to.
+pub const RECORD_PREFIX: &str = "evidence/record/";
 
 /// The decided records proving one committed revision of a block.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,6 +40,42 @@ pub struct Evidence {
     pub pend: Option<Value>,
     /// The decided commit record of the revision.
     pub commit: Value,
+}
+
+/// A decided record as stored evidence holds it: a reference to the record kept once under
+/// [`record_key`] (`{"record": messageHash}`), or the record itself (evidence written before
+/// references were kept).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StoredRecord {
+    /// The record's messageHash; the record is under [`record_key`].
+    Ref(RecordRef),
+    /// The record itself.
+    Inline(Value),
+}
+
+/// `{"record": messageHash}`: a decided record kept under [`record_key`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordRef {
+    /// The record's messageHash.
+    pub record: String,
+}
+
+/// The evidence of a revision as a member stores it under [`rev_key`] (served as [`Evidence`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvidence {
+    /// The decided pend record, when this member held it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pend: Option<StoredRecord>,
+    /// The decided commit record.
+    pub commit: StoredRecord,
+}
+
+/// The metadata key of a decided record kept once (hex of its messageHash).
+#[must_use]
+pub fn record_key(message_hash: &str) -> String {
+    format!("{RECORD_PREFIX}{}", hex(message_hash.as_bytes()))
 }
 
 /// Lower-case hex of `bytes`: how ids (any byte string) go into metadata keys.

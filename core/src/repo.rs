@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::check::Check;
 use crate::error::{RepoError, StorageError};
-use crate::evidence::{self, Evidence};
+use crate::evidence::{self, Evidence, RecordRef, StoredEvidence, StoredRecord};
 use crate::model::{
     BlockGetResult, BlockGets, BlockId, BlockTrxRef, BlockTrxState, CommitRequest, CommitResult,
     GetBlockResults, PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms,
@@ -281,33 +281,63 @@ impl StorageRepo {
         }
         let step = self.prepare_commit(block_id, &trx_rev.trx_id, trx_rev.rev, transform.clone()).await?;
         if let Some(evidence) = evidence {
-            self.write_evidence(block_id, trx_rev, evidence).await?;
+            let mut writes = Vec::with_capacity(4);
+            let pend = match &evidence.pend {
+                Some(pend) => Some(StoredRecord::Ref(keep_write(pend, &mut writes)?)),
+                None => None,
+            };
+            let commit = StoredRecord::Ref(keep_write(&evidence.commit, &mut writes)?);
+            writes.extend(evidence_writes(block_id, trx_rev, &StoredEvidence { pend, commit })?);
+            self.raw().write_meta(&writes).await?;
         }
         self.raw().commit_block(block_id, &step).await?;
         Ok(true)
     }
 
-    /// The evidence kept for revision `rev` of a block, if any (SPEC 4.10).
-    pub async fn evidence(&self, block_id: &BlockId, rev: u64) -> Result<Option<Evidence>, RepoError> {
-        match self.raw().get_meta(&evidence::rev_key(block_id, rev)).await? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StorageError::Corrupt(format!("evidence of {block_id} rev {rev}: {e}")).into()),
-        }
+    /// Keeps a decided record once in the metadata space (SPEC 4.10), before the operations it
+    /// carries are executed with [`StorageRepo::pend_recorded`] / [`StorageRepo::commit_recorded`]:
+    /// the evidence of every revision they produce refers to it, however many operations (a
+    /// batch, SPEC 4.14) it carries. Keeping it again is harmless.
+    ///
+    /// Errors: [`RepoError::BadRequest`] for a record without a string `messageHash`; storage
+    /// errors.
+    pub async fn keep_record(&self, record: &serde_json::Value) -> Result<KeptRecord, RepoError> {
+        let mut writes = Vec::with_capacity(1);
+        let reference = keep_write(record, &mut writes)?;
+        self.raw().write_meta(&writes).await?;
+        Ok(KeptRecord { message_hash: reference.record })
     }
 
-    /// Writes a revision's evidence (before the revision's commit step: any commit at a revision
-    /// writes its evidence first under the block lock, so what is kept for a committed revision
-    /// is always that revision's).
-    async fn write_evidence(&self, block_id: &BlockId, trx_rev: &TrxRev, evidence: &Evidence) -> Result<(), RepoError> {
-        let bytes = serde_json::to_vec(evidence).map_err(|e| RepoError::Internal(format!("encoding evidence: {e}")))?;
-        let writes = [
-            MetaWrite::Put(evidence::rev_key(block_id, trx_rev.rev), bytes),
-            MetaWrite::Delete(evidence::pend_key(block_id, &trx_rev.trx_id)),
-        ];
-        self.raw().write_meta(&writes).await?;
-        Ok(())
+    /// The evidence kept for revision `rev` of a block, if any (SPEC 4.10), with its records
+    /// resolved.
+    ///
+    /// Errors: [`StorageError::Corrupt`] when the stored evidence or a record it refers to is
+    /// unreadable or missing; storage errors.
+    pub async fn evidence(&self, block_id: &BlockId, rev: u64) -> Result<Option<Evidence>, RepoError> {
+        let corrupt = |what: String| RepoError::from(StorageError::Corrupt(format!("evidence of {block_id} rev {rev}: {what}")));
+        let Some(bytes) = self.raw().get_meta(&evidence::rev_key(block_id, rev)).await? else {
+            return Ok(None);
+        };
+        let stored: StoredEvidence = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let pend = match stored.pend {
+            Some(pend) => Some(self.resolve(pend).await?.ok_or_else(|| corrupt("its pend record is missing".into()))?),
+            None => None,
+        };
+        let commit = self.resolve(stored.commit).await?.ok_or_else(|| corrupt("its commit record is missing".into()))?;
+        Ok(Some(Evidence { pend, commit }))
+    }
+
+    /// The record a stored reference names (`None` when it is not kept).
+    async fn resolve(&self, stored: StoredRecord) -> Result<Option<serde_json::Value>, RepoError> {
+        match stored {
+            StoredRecord::Inline(record) => Ok(Some(record)),
+            StoredRecord::Ref(reference) => match self.raw().get_meta(&evidence::record_key(&reference.record)).await? {
+                None => Ok(None),
+                Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                    StorageError::Corrupt(format!("kept record {}: {e}", reference.record)).into()
+                }),
+            },
+        }
     }
 
     /// The block's value at `latest` (`None` if unknown or deleted).
@@ -617,16 +647,16 @@ impl StorageRepo {
         Ok(self.raw().pending_trx_ids(block_id).await?)
     }
 
-    /// `pend` with the decided pend record that carried it (a cluster member executing a decided
-    /// record): the record is kept per block as the pend half of the evidence of the revision
-    /// its commit will produce (SPEC 4.10), and a revision gap is refused (SPEC 4.6: a member
-    /// never applies on a base it does not hold). Without a record, [`Repo::pend`] of a single
-    /// node.
+    /// `pend` with the decided pend record that carried it, kept with
+    /// [`StorageRepo::keep_record`] (a cluster member executing a decided record): a reference to
+    /// the record is kept per block as the pend half of the evidence of the revision its commit
+    /// will produce (SPEC 4.10), and a revision gap is refused (SPEC 4.6: a member never applies
+    /// on a base it does not hold). Without a record, [`Repo::pend`] of a single node.
     pub async fn pend_recorded(
         &self,
         request: &PendRequest,
         options: &MessageOptions,
-        record: Option<&serde_json::Value>,
+        record: Option<&KeptRecord>,
     ) -> Result<PendResult, RepoError> {
         options.check_expired()?;
         let block_ids = request.transforms.block_ids();
@@ -643,7 +673,9 @@ impl StorageRepo {
         }
         let pending = self.others_pending(&block_ids, &request.trx_id, request.policy == PendPolicy::Return).await?;
         if let Some(record) = record {
-            let bytes = serde_json::to_vec(record).map_err(|e| RepoError::Internal(format!("encoding a pend record: {e}")))?;
+            let reference = StoredRecord::Ref(RecordRef { record: record.message_hash.clone() });
+            let bytes =
+                serde_json::to_vec(&reference).map_err(|e| RepoError::Internal(format!("encoding a pend record: {e}")))?;
             let writes: Vec<MetaWrite> = block_ids
                 .iter()
                 .map(|b| MetaWrite::Put(evidence::pend_key(b, &request.trx_id), bytes.clone()))
@@ -656,14 +688,15 @@ impl StorageRepo {
         Ok(PendResult::Success(PendSuccess { success: crate::model::True, pending, block_ids }))
     }
 
-    /// `commit` with the decided commit record (a cluster member executing a decided record): each
-    /// block's new revision keeps `{pend, commit}` as its evidence (SPEC 4.10), written before the
-    /// block's commit step. Same answers as [`Repo::commit`].
+    /// `commit` with the decided commit record, kept with [`StorageRepo::keep_record`] (a cluster
+    /// member executing a decided record): each block's new revision keeps `{pend, commit}` as its
+    /// evidence (SPEC 4.10), written before the block's commit step. Same answers as
+    /// [`Repo::commit`].
     pub async fn commit_recorded(
         &self,
         request: &CommitRequest,
         options: &MessageOptions,
-        record: Option<&serde_json::Value>,
+        record: Option<&KeptRecord>,
     ) -> Result<CommitResult, RepoError> {
         options.check_expired()?;
         let block_ids: BTreeSet<&BlockId> = request.block_ids.iter().collect();
@@ -677,10 +710,14 @@ impl StorageRepo {
         };
         for (block_id, step) in &steps {
             if let Some(commit) = record {
+                // Evidence is written before the block's commit step, under its lock, so what is
+                // kept for a committed revision is always that revision's.
                 let pend = self.raw().get_meta(&evidence::pend_key(block_id, &request.trx_id)).await?;
-                let pend = pend.and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                let pend = pend.and_then(|bytes| serde_json::from_slice::<StoredRecord>(&bytes).ok());
+                let commit = StoredRecord::Ref(RecordRef { record: commit.message_hash.clone() });
                 let trx_rev = TrxRev { trx_id: request.trx_id.clone(), rev: request.rev };
-                self.write_evidence(block_id, &trx_rev, &Evidence { pend, commit: commit.clone() }).await?;
+                let writes = evidence_writes(block_id, &trx_rev, &StoredEvidence { pend, commit })?;
+                self.raw().write_meta(&writes).await?;
             }
             self.raw().commit_block(block_id, step).await?;
         }
@@ -719,6 +756,41 @@ impl StorageRepo {
         }
         Ok(pending)
     }
+}
+
+/// A decided record kept once in the metadata space by [`StorageRepo::keep_record`]; the evidence
+/// [`StorageRepo::pend_recorded`] and [`StorageRepo::commit_recorded`] write refers to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeptRecord {
+    message_hash: String,
+}
+
+impl KeptRecord {
+    /// The record's messageHash.
+    #[must_use]
+    pub fn message_hash(&self) -> &str {
+        &self.message_hash
+    }
+}
+
+/// Adds the write keeping `record` under its messageHash to `writes`; returns the reference.
+fn keep_write(record: &serde_json::Value, writes: &mut Vec<MetaWrite>) -> Result<RecordRef, RepoError> {
+    let hash = record
+        .get("messageHash")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| RepoError::BadRequest("a decided record without a messageHash".into()))?;
+    let bytes = serde_json::to_vec(record).map_err(|e| RepoError::Internal(format!("encoding a record: {e}")))?;
+    writes.push(MetaWrite::Put(evidence::record_key(hash), bytes));
+    Ok(RecordRef { record: hash.to_owned() })
+}
+
+/// The writes storing a revision's evidence (and dropping the pend record it came from).
+fn evidence_writes(block_id: &BlockId, trx_rev: &TrxRev, stored: &StoredEvidence) -> Result<Vec<MetaWrite>, RepoError> {
+    let bytes = serde_json::to_vec(stored).map_err(|e| RepoError::Internal(format!("encoding evidence: {e}")))?;
+    Ok(vec![
+        MetaWrite::Put(evidence::rev_key(block_id, trx_rev.rev), bytes),
+        MetaWrite::Delete(evidence::pend_key(block_id, &trx_rev.trx_id)),
+    ])
 }
 
 #[async_trait]

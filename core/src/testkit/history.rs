@@ -17,7 +17,11 @@
 //!   own asserted or pending transforms; a read without a context whose answer names `latest`
 //!   returned exactly the value of that revision (never a mixture);
 //! - with [`History::check_converged`], after writes stopped and catch-up ran (5.7): every live
-//!   member of a block's cluster has the same `latest` and the same value.
+//!   member of a block's cluster has the same `latest` and the same value;
+//! - with [`check_evidence`] (SPEC 4.10): every revision a peer keeps evidence for is proven by
+//!   it: both decided records verify, are decided by a majority of the cluster, and carry this
+//!   revision's transaction and transform, whether the record carried that operation alone or in
+//!   a batch of several (SPEC 4.14).
 //!
 //! Snapshots given to [`History::observe`] during a run are checked against the per-snapshot
 //! properties too (5.6, 5.7 "at every moment"), and reported by the next [`History::check`].
@@ -314,6 +318,49 @@ pub enum Violation {
         /// Its revision.
         rev: u64,
     },
+    /// The evidence a peer keeps for a revision does not prove it (SPEC 4.10).
+    BadEvidence {
+        /// The peer.
+        peer: PeerId,
+        /// The block.
+        block_id: BlockId,
+        /// The revision.
+        rev: u64,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// Checks the evidence `local` (the storage of `peer`) keeps for every committed revision of
+/// `block_ids` against `cluster`, the blocks' cluster: each kept evidence must prove its revision
+/// ([`crate::evidence::verify`]: both records verify and are decided by a majority of the
+/// cluster, and name this revision's transaction and transform, alone or among the operations of
+/// a batched record). A revision without evidence (applied by quorum agreement, or written
+/// outside a cluster) is not a violation.
+pub async fn check_evidence(
+    peer: PeerId,
+    local: &crate::repo::StorageRepo,
+    block_ids: &[BlockId],
+    cluster: &[PeerId],
+) -> Result<Vec<Violation>, RepoError> {
+    let mut violations = Vec::new();
+    for block_id in block_ids {
+        for entry in local.storage().revisions(block_id, 0, u64::MAX).await? {
+            let Some(evidence) = local.evidence(block_id, entry.rev).await? else { continue };
+            let detail = match local.storage().committed(block_id, &entry.trx_id).await? {
+                None => Some("no committed transform".to_owned()),
+                Some(committed) => {
+                    crate::evidence::verify(Some(&evidence), block_id, &entry, &committed.transform, cluster)
+                        .err()
+                        .map(|e| e.to_string())
+                }
+            };
+            if let Some(detail) = detail {
+                violations.push(Violation::BadEvidence { peer, block_id: block_id.clone(), rev: entry.rev, detail });
+            }
+        }
+    }
+    Ok(violations)
 }
 
 fn show(value: &BlockValue) -> String {

@@ -11,16 +11,21 @@
 //! order otherwise. An operation whose expiration passed while queued is answered `expired`.
 //! The record's expiration is the earliest of its operations' (capped at `record_timeout_ms`).
 //!
-//! Members approve a batch only when every operation passes. When the promise quorum is missed
-//! and the rejections prove it out of reach, the coordinator answers the client of each operation
-//! a member named in a `batch:` rejection (or that a member rejected as a whole) with that
-//! operation's own outcome, exactly as if it had been alone (a `StaleFailure` with its member's
-//! `missing`, `bad-request` when every rejection naming it says invalid and enough members did,
-//! `consensus-failed` otherwise), waits until the approving members dropped their reservations,
-//! and re-runs the other operations in a new record. When the quorum is missed without proof
-//! (members did not answer), every operation is answered: their reservations may stand until
-//! recovery, so a re-run would only meet them. A decided batch's commit votes and results are
-//! counted per operation: an operation succeeded once `commit_threshold` members applied it.
+//! Members approve a batch only when every operation passes. When the promise quorum is missed,
+//! the coordinator answers the client of each operation a member named in a `batch:` rejection
+//! (or that a member rejected as a whole) with that operation's own outcome, exactly as if it had
+//! been alone (a `StaleFailure` with its member's `missing`, `bad-request` when every rejection
+//! naming it says invalid and enough members did, `consensus-failed` otherwise). The other
+//! operations run again in a new record when nothing of the failed one stays reserved: when the
+//! rejections prove it out of reach (the coordinator waits until the approving members heard of
+//! the abort), or when no member but this node's own approved (its member drops a promise that
+//! never left the node, `Inner::abandon`). Otherwise (approving members that did not hear the
+//! end of the record keep their reservations until recovery) they are answered
+//! `consensus-failed` too: a re-run would only meet those reservations. This is the price of
+//! batching under failures: with a member unreachable, an operation another member rejects can
+//! fail the operations that shared its record (retryably). A decided batch's commit votes and
+//! results are counted per operation: an operation succeeded once `commit_threshold` members
+//! applied it.
 //!
 //! With `max_batch_ops = 1` there are no lanes: every operation runs its own record at once, as
 //! many concurrently as callers ask.
@@ -518,17 +523,23 @@ impl Inner {
             .collect();
         let local_promise = member.then(|| {
             let (me, local) = (Arc::clone(self), record.clone());
-            tokio::spawn(async move { me.update(local, Origin::Local).await })
+            let (tx, rx) = oneshot::channel();
+            let task = tokio::spawn(async move {
+                // The coordinator may have stopped listening: that is fine.
+                let _ = tx.send(me.update(local, Origin::Local).await);
+            });
+            (task, rx)
         });
-        if let Some(handle) = local_promise {
+        let local_task = local_promise.map(|(task, rx)| {
             asks.push(Box::pin(async move {
-                let answer = match handle.await {
+                let answer = match rx.await {
                     Ok(answer) => answer.map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("the local promise task failed: {e}")),
+                    Err(_) => Err("the local promise task stopped".to_owned()),
                 };
                 (self.me, answer)
             }));
-        }
+            task
+        });
         while promises.approvals() < quorum && promises.rejections() <= n - quorum {
             let Some((peer, answer)) = asks.next().await else { break };
             promises.add(&record, &peer, answer);
@@ -536,6 +547,12 @@ impl Inner {
         drop(asks);
 
         if promises.approvals() < quorum {
+            // The local member's decision must be complete before the record is given up.
+            if let Some(task) = local_task
+                && let Err(e) = task.await
+            {
+                tracing::debug!(error = %e, "the local promise task failed");
+            }
             return self.fail(record, promises, &kinds, quorum, member, others).await;
         }
 
@@ -573,8 +590,25 @@ impl Inner {
         );
         tracing::debug!(%summary, "promise phase failed");
         let per_operation = promises.per_operation();
+        // Without proof, the approving members keep their reservations until recovery, except
+        // this node's own member, which drops a promise that never left the node: when no other
+        // member approved, nothing is left reserved and the other operations can run again.
+        let freed = if abort_proven {
+            true
+        } else {
+            let remote_approvals =
+                promises.votes.iter().filter(|(peer, vote)| **peer != self.me_text && vote.is_approve()).count();
+            let local_free = !member
+                || self.abandon(&record).await.unwrap_or_else(|e| {
+                    tracing::debug!(error = %e, "abandoning the local promise failed; recovery releases it");
+                    false
+                });
+            local_free && remote_approvals == 0
+        };
+        // Each re-run answers at least one operation (one that was named), so re-runs end.
+        let any_named = per_operation.iter().any(|reasons| !reasons.is_empty());
         let rerun: Vec<bool> =
-            per_operation.iter().map(|reasons| kinds.len() > 1 && abort_proven && reasons.is_empty()).collect();
+            per_operation.iter().map(|reasons| kinds.len() > 1 && freed && any_named && reasons.is_empty()).collect();
         if abort_proven {
             let mut aborted = record;
             aborted.promises = promises.votes.clone();

@@ -19,6 +19,7 @@ use optimystic_core::error::ErrorCode;
 use optimystic_core::identity::PeerId;
 use optimystic_core::model::{CommitResult, PendResult, StaleFailure};
 use optimystic_core::record::{ClusterRecord, Phase, RecordError, Vote, VoteType};
+use optimystic_core::repo::KeptRecord;
 use optimystic_core::wire::{ErrorEnvelope, RepoOperation, RepoResponse};
 use optimystic_core::{BatchFailure, BlockId, Check, MessageOptions, MetaWrite, RejectCategory, RejectReason, RepoError};
 use serde_json::{Map, Value, json};
@@ -77,7 +78,7 @@ pub(crate) enum Origin {
 /// What executing a decided record here came to.
 enum Executed {
     /// Applied (or answered deterministically): the executed marker to persist.
-    Marker(Entry),
+    Marker(Box<Entry>),
     /// This member lacks the base an operation needs (SPEC 4.6): nothing applied, no commit vote,
     /// the record stays decided until catch-up brings the block forward.
     Behind(BlockId),
@@ -168,8 +169,13 @@ impl Inner {
             self.abort(&held, &record, entry.clone(), cx.expiration_ms).await?;
             return Ok(self.with_promise(record, entry.as_ref()));
         }
-        if entry.as_ref().is_some_and(|e| e.promise.is_some()) {
-            return Ok(self.with_promise(record, entry.as_ref()));
+        if let Some(mut stored) = entry.filter(|e| e.promise.is_some()) {
+            if stored.local_only && matches!(origin, Origin::Remote(_)) {
+                // The vote leaves this node now: it can no longer be abandoned.
+                stored.local_only = false;
+                write_entry(self.storage(), &record.message_hash, &stored).await?;
+            }
+            return Ok(self.with_promise(record, Some(&stored)));
         }
         let sender = match origin {
             Origin::Remote(sender) => sender,
@@ -308,6 +314,7 @@ impl Inner {
                     result: None,
                     sender: Some(sender.to_base58()),
                     renounced: false,
+                    local_only: sender == self.me,
                 };
                 (vote, entry)
             }
@@ -326,6 +333,7 @@ impl Inner {
                     result: None,
                     sender: None,
                     renounced: false,
+                    local_only: false,
                 };
                 (vote, entry)
             }
@@ -398,6 +406,37 @@ impl Inner {
         Ok(None)
     }
 
+    /// This node's coordinator gives `record` up without a decision (its promise quorum was
+    /// missed, and the rejections do not prove it out of reach). When this member's promise never
+    /// left the node ([`Entry::local_only`]), no decided copy can ever count it (the coordinator
+    /// that holds it decides nothing more, and every other copy lacks it), so the member drops
+    /// the vote, marks the record aborted and frees the reservation at once instead of waiting
+    /// for recovery; a later delivery of the record gets no vote from it. Returns whether this
+    /// member holds no reservation for the record now.
+    pub(crate) async fn abandon(&self, record: &ClusterRecord) -> Result<bool, RepoError> {
+        let cx = self.context(record, self.clock.now_ms(), false)?;
+        let _held = self.locks.lock(cx.blocks()).await;
+        let Some(mut entry) = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await? else {
+            return Ok(true);
+        };
+        match entry.status {
+            RecordStatus::Rejected | RecordStatus::Aborted => Ok(true),
+            RecordStatus::Decided | RecordStatus::Executed => Ok(false),
+            RecordStatus::Promised if !entry.local_only || entry.renounced => Ok(false),
+            RecordStatus::Promised => {
+                entry.status = RecordStatus::Aborted;
+                entry.promise = None;
+                entry.record = None;
+                entry.local_only = false;
+                write_entry(self.storage(), &record.message_hash, &entry).await?;
+                let mut state = self.state();
+                state.release(&record.message_hash);
+                self.publish(&state);
+                Ok(true)
+            }
+        }
+    }
+
     /// Marks a record aborted (its promise quorum is out of reach, or recovery found that no peer
     /// executed it) and frees its reservation. The caller holds the record's block locks.
     pub(crate) async fn abort(
@@ -416,6 +455,7 @@ impl Inner {
             result: None,
             sender: None,
             renounced: true,
+            local_only: false,
         });
         if matches!(entry.status, RecordStatus::Executed | RecordStatus::Decided) {
             return Ok(());
@@ -468,6 +508,7 @@ impl Inner {
                             result: None,
                             sender,
                             renounced: false,
+                            local_only: false,
                         };
                         write_entry(self.storage(), &hash, &decided).await?;
                         decided
@@ -489,7 +530,7 @@ impl Inner {
                     self.schedule_recovery(&mut state, &hash, cx.expiration_ms);
                 }
                 match self.apply_once(&copy, decided, cx).await {
-                    Ok(Executed::Marker(executed)) => executed,
+                    Ok(Executed::Marker(executed)) => *executed,
                     Ok(Executed::Behind(block_id)) => {
                         {
                             let mut state = self.state();
@@ -542,11 +583,14 @@ impl Inner {
                 return Ok(Executed::Behind(block_id.clone()));
             }
         }
-        let record = copy.to_value();
+        // The record is kept once, whatever the number of operations it carries: the evidence of
+        // every revision they produce refers to it (SPEC 4.10).
+        let keeps = cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
+        let kept = if keeps { Some(self.local.keep_record(&copy.to_value()).await?) } else { None };
         let mut results = Vec::with_capacity(cx.operations.len());
         let mut failures = Vec::with_capacity(cx.operations.len());
         for operation in &cx.operations {
-            let (result, failure) = self.apply_operation(operation, &record, cx.expiration_ms).await?;
+            let (result, failure) = self.apply_operation(operation, kept.as_ref(), cx.expiration_ms).await?;
             results.push(result);
             failures.push(failure);
         }
@@ -556,30 +600,31 @@ impl Inner {
             Some(reason) => copy.sign_commit(&self.keypair, VoteType::Reject, Some(reason.to_string())),
         };
         let result = if cx.batched() { Value::Array(results) } else { results.into_iter().next().unwrap_or(Value::Null) };
-        Ok(Executed::Marker(Entry {
+        Ok(Executed::Marker(Box::new(Entry {
             status: RecordStatus::Executed,
             commit: Some(vote.map_err(sign_error)?),
             result: Some(result),
             sender: None,
             ..decided
-        }))
+        })))
     }
 
-    /// Applies one decided operation (`record` is its decided record, kept as evidence): its
-    /// result, and why it did not apply when it did not (stale, or a deterministic failure).
+    /// Applies one decided operation (`record` is its decided record, kept for evidence; present
+    /// for pends and commits): its result, and why it did not apply when it did not (stale, or a
+    /// deterministic failure).
     async fn apply_operation(
         &self,
         operation: &RepoOperation,
-        record: &Value,
+        record: Option<&KeptRecord>,
         expiration_ms: u64,
     ) -> Result<(Value, Option<RejectReason>), RepoError> {
         let options = MessageOptions::default();
         let applied = match operation {
             RepoOperation::Pend(request) => {
-                self.local.pend_recorded(request, &options, Some(record)).await.map(RepoResponse::Pend)
+                self.local.pend_recorded(request, &options, record).await.map(RepoResponse::Pend)
             }
             RepoOperation::Commit(request) => {
-                self.local.commit_recorded(request, &options, Some(record)).await.map(RepoResponse::Commit)
+                self.local.commit_recorded(request, &options, record).await.map(RepoResponse::Commit)
             }
             RepoOperation::Cancel { trx_ref } => {
                 let keep_until = expiration_ms.saturating_add(self.config.marker_retention_ms).to_string();

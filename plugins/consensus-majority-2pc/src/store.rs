@@ -42,8 +42,9 @@ pub enum RecordStatus {
     Decided,
     /// Executed: applied to local storage exactly once, result and commit vote kept.
     Executed,
-    /// Known never to execute anywhere: the promise quorum is out of reach, or every other peer
-    /// answered that it did not execute it after its expiration.
+    /// Never to execute here: the promise quorum is out of reach, or every other peer answered
+    /// that it did not execute it after its expiration, or this node's own coordinator gave it
+    /// up while this member's promise had never left the node.
     Aborted,
 }
 
@@ -83,6 +84,12 @@ pub(crate) struct Entry {
     /// settles it (see the `recovery` module).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub renounced: bool,
+    /// This member's promise was cast for its own coordinator and never sent to another peer:
+    /// when that coordinator gives the record up, nobody else holds the vote, so no decided copy
+    /// can count it and the reservation may go at once (see `Inner::abandon`). Entries written
+    /// before this flag existed read as shared.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local_only: bool,
 }
 
 pub(crate) fn entry_key(expiration_ms: u64, message_hash: &str) -> String {
@@ -170,6 +177,7 @@ mod tests {
             result: None,
             sender: None,
             renounced: false,
+            local_only: false,
         };
         let text = serde_json::to_string(&entry).unwrap();
         assert_eq!(text, r#"{"status":"promised","expirationMs":5,"record":{"x":1}}"#);

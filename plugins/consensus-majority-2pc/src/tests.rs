@@ -706,3 +706,338 @@ async fn catch_up_applies_only_verified_revisions() {
     assert_eq!(m.local.latest_value(&x()).await.unwrap().1.unwrap().fields["v"], json!(2));
     assert!(m.local.evidence(&x(), 2).await.unwrap().is_some());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Batched records (SPEC 4.14), through a coordinator and three members on the simulated network.
+
+/// Three members on one simulated network, each serving the cluster protocol; node 0 coordinates.
+struct Trio {
+    sim: SimNet,
+    nodes: Vec<(Arc<MajorityConsensus>, StorageRepo)>,
+    peers: ClusterPeers,
+    /// The phase-1 records the coordinator sent (one per messageHash), in order.
+    records: Arc<std::sync::Mutex<Vec<ClusterRecord>>>,
+    /// The promise votes members answered with.
+    replies: Arc<std::sync::Mutex<Vec<ClusterRecord>>>,
+}
+
+fn trio(config: MajorityConfig, sim_config: SimConfig) -> Trio {
+    let sim = SimNet::new(7, sim_config);
+    let mut nodes = Vec::new();
+    let mut peers = ClusterPeers::new();
+    for _ in 0..3 {
+        let keypair = Keypair::generate_ed25519();
+        let me = keypair.public().to_peer_id();
+        let local = StorageRepo::new(Arc::new(MemoryStorage::new()));
+        let deps = MajorityDeps {
+            keypair,
+            network: sim.network(me),
+            local: local.clone(),
+            key_network: None,
+            clock: sim.clock(),
+            behind: None,
+        };
+        let consensus = Arc::new(MajorityConsensus::new(config.clone(), deps).unwrap());
+        let handler = optimystic_core::testkit::sim::NodeHandler::new(consensus.clone(), local.clone());
+        sim.register(me, Arc::new(handler));
+        peers.insert(me, PeerInfo::default());
+        nodes.push((consensus, local));
+    }
+    let records = Arc::new(std::sync::Mutex::new(Vec::<ClusterRecord>::new()));
+    let replies = Arc::new(std::sync::Mutex::new(Vec::<ClusterRecord>::new()));
+    let (seen, answered) = (records.clone(), replies.clone());
+    sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
+        if e.protocol == optimystic_core::network::ProtocolKind::Cluster
+            && let Some(record) = e.body.get("record").or(Some(e.body)).and_then(|r| ClusterRecord::from_value(r.clone()).ok())
+        {
+            if e.direction == optimystic_core::testkit::sim::Direction::Request && record.promises.is_empty() {
+                let mut seen = seen.lock().unwrap();
+                if seen.iter().all(|r| r.message_hash != record.message_hash) {
+                    seen.push(record);
+                }
+            } else if e.direction == optimystic_core::testkit::sim::Direction::Response && record.commits.is_empty() {
+                answered.lock().unwrap().push(record);
+            }
+        }
+        Verdict::Deliver
+    })));
+    Trio { sim, nodes, peers, records, replies }
+}
+
+impl Trio {
+    fn coordinator(&self) -> &MajorityConsensus {
+        &self.nodes[0].0
+    }
+
+    /// Puts `block` at revision 1 (trx `init-<block>`) on every member, directly in storage.
+    async fn seed(&self, block: &str) {
+        let o = optimystic_core::MessageOptions::default();
+        for (_, local) in &self.nodes {
+            optimystic_core::Repo::pend(local, &insert_pend(block, &trx(&format!("init-{block}"))), &o).await.unwrap();
+            let RepoOperation::Commit(commit) = commit_on(block, &format!("init-{block}"), 1) else { unreachable!() };
+            assert!(optimystic_core::Repo::commit(local, &commit, &o).await.unwrap().is_success());
+        }
+    }
+
+    async fn run(&self, operation: RepoOperation) -> Result<RepoResponse, RepoError> {
+        let now = self.sim.clock().now_ms();
+        self.coordinator().execute(&self.peers, &RepoMessage::new(operation, now + 5_000)).await
+    }
+
+    /// How many operations each record the coordinator sent carried, in order.
+    fn sizes(&self) -> Vec<usize> {
+        self.records.lock().unwrap().iter().map(|r| r.message["operations"].as_array().map_or(0, Vec::len)).collect()
+    }
+
+    async fn wait_idle(&self) {
+        self.sim.wait_quiet().await;
+        for (consensus, _) in &self.nodes {
+            consensus.wait_idle().await;
+        }
+    }
+}
+
+fn block(id: &str) -> BlockId {
+    BlockId::new(id).unwrap()
+}
+
+fn insert_pend(block_id: &str, trx_id: &TrxId) -> PendRequest {
+    let b = Block::new(block(block_id), "t", "c").with_field("v", json!(0));
+    PendRequest {
+        trx_id: trx_id.clone(),
+        rev: Some(1),
+        transforms: Transforms { inserts: BTreeMap::from([(block(block_id), b)]), ..Transforms::default() },
+        policy: PendPolicy::Continue,
+    }
+}
+
+fn set_on(block_id: &str, trx_id: &str, rev: Option<u64>, v: i64) -> RepoOperation {
+    RepoOperation::Pend(PendRequest {
+        trx_id: trx(trx_id),
+        rev,
+        transforms: Transforms::single(&block(block_id), &optimystic_core::Transform {
+            updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(v))]),
+            ..optimystic_core::Transform::default()
+        }),
+        policy: PendPolicy::Continue,
+    })
+}
+
+fn commit_on(block_id: &str, trx_id: &str, rev: u64) -> RepoOperation {
+    RepoOperation::Commit(CommitRequest {
+        trx_id: trx(trx_id),
+        block_ids: vec![block(block_id)],
+        rev,
+        tail_id: block(block_id),
+        header_id: None,
+    })
+}
+
+fn pended(answer: &Result<RepoResponse, RepoError>) -> bool {
+    matches!(answer, Ok(RepoResponse::Pend(PendResult::Success(_))))
+}
+
+fn committed(answer: &Result<RepoResponse, RepoError>) -> bool {
+    matches!(answer, Ok(RepoResponse::Commit(CommitResult::Success(_))))
+}
+
+/// SPEC 4.14: an operation arriving at an idle lane goes out at once, alone, in a record that is
+/// exactly the repo message (byte-compatible with records before batching), and takes exactly as
+/// long as with batching off.
+#[tokio::test(start_paused = true)]
+async fn a_lone_operation_goes_alone_at_once() {
+    let fixed = SimConfig { min_delay_ms: 3, max_delay_ms: 3, ..SimConfig::default() };
+    let mut took = Vec::new();
+    for max_batch_ops in [64, 1] {
+        let t = trio(MajorityConfig { max_batch_ops, ..config() }, fixed);
+        t.seed("x").await;
+        let now = t.sim.clock().now_ms();
+        let started = tokio::time::Instant::now();
+        let message = RepoMessage::new(set_on("x", "lone", Some(2), 2), now + 1_000);
+        assert!(pended(&t.coordinator().execute(&t.peers, &message).await));
+        took.push(started.elapsed());
+        let sent = t.records.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].message, serde_json::to_value(&message).unwrap(), "a record of one operation is the repo message");
+    }
+    assert_eq!(took[0], took[1], "no waiting for company: {took:?}");
+    assert!(took[0] <= Duration::from_millis(4 * 3), "two round trips: {took:?}");
+}
+
+/// SPEC 4.14: operations queued while a record is in flight go out together in the next record,
+/// at most `max_batch_ops` at a time.
+#[tokio::test(start_paused = true)]
+async fn queued_operations_share_records_of_at_most_max_batch_ops() {
+    let t = trio(MajorityConfig { max_batch_ops: 2, ..config() }, SimConfig::default());
+    let ids = ["a", "b", "c", "d", "e"];
+    let answers = futures::future::join_all(ids.iter().map(|id| {
+        t.run(RepoOperation::Pend(insert_pend(id, &trx(&format!("i-{id}")))))
+    }))
+    .await;
+    assert!(answers.iter().all(pended), "{answers:?}");
+    assert_eq!(t.sizes(), vec![2, 2, 1]);
+    // A record that names more than a member accepts is refused as a whole.
+    let peers: Vec<PeerId> = t.peers.keys().copied().collect();
+    let now = t.sim.clock().now_ms();
+    let too_many: Vec<RepoOperation> = (0..=optimystic_core::wire::MAX_RECORD_OPERATIONS)
+        .map(|i| RepoOperation::Pend(insert_pend(&format!("n{i}"), &trx(&format!("n{i}")))))
+        .collect();
+    let message = optimystic_core::wire::RecordMessage { operations: too_many, expiration: now + 1_000 };
+    let huge = batch_record(&peers, message);
+    let e = t.nodes[1].0.on_update(peers[0], huge).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::BadRequest);
+}
+
+fn batch_record(peers: &[PeerId], message: optimystic_core::wire::RecordMessage) -> ClusterRecord {
+    let peers = peers.iter().map(|p| (p.to_base58(), ClusterPeer::new(p, vec![]).unwrap())).collect();
+    ClusterRecord::new(peers, serde_json::to_value(message).unwrap())
+}
+
+/// SPEC 4.14: a batch's block sets are pairwise disjoint: an operation naming a block already in
+/// the batch waits for the next record, and a member refuses a record naming a block twice.
+#[tokio::test(start_paused = true)]
+async fn a_batch_names_each_block_once() {
+    let t = trio(config(), SimConfig::default());
+    t.seed("x").await;
+    t.seed("y").await;
+    let (first, second, other) = futures::join!(
+        t.run(set_on("x", "t1", None, 1)),
+        t.run(set_on("x", "t2", None, 2)),
+        t.run(set_on("y", "t3", None, 3)),
+    );
+    assert!(pended(&first) && pended(&second) && pended(&other), "{first:?} {second:?} {other:?}");
+    let sent = t.records.lock().unwrap().clone();
+    let trxs = |r: &ClusterRecord| -> Vec<String> {
+        r.message["operations"].as_array().unwrap().iter().map(|op| op["pend"]["trxId"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(sent.iter().map(trxs).collect::<Vec<_>>(), vec![vec!["t1", "t3"], vec!["t2"]]);
+
+    let peers: Vec<PeerId> = t.peers.keys().copied().collect();
+    let now = t.sim.clock().now_ms();
+    let message = optimystic_core::wire::RecordMessage {
+        operations: vec![set_on("x", "u1", None, 1), set_on("y", "u2", None, 1), set_on("x", "u3", None, 1)],
+        expiration: now + 1_000,
+    };
+    let e = t.nodes[1].0.on_update(peers[0], batch_record(&peers, message)).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::BadRequest);
+    assert!(e.to_string().contains("both name block x"), "{e}");
+}
+
+/// SPEC 4.14: a batch with one stale operation is rejected by the members, naming it; its client
+/// gets its own `StaleFailure` (with its block's missing revisions) and the other operations
+/// commit after a re-run in a new record. Each revision committed in a batch keeps the batch as
+/// its evidence, which verifies for that revision.
+#[tokio::test(start_paused = true)]
+async fn a_stale_operation_is_answered_and_the_rest_of_its_batch_reruns() {
+    let t = trio(config(), SimConfig::default());
+    for id in ["x", "y", "z"] {
+        t.seed(id).await;
+    }
+    let (x, y, z) = futures::join!(
+        t.run(set_on("x", "tx", Some(2), 2)),
+        t.run(set_on("y", "ty", Some(1), 2)),
+        t.run(set_on("z", "tz", Some(2), 2)),
+    );
+    assert!(pended(&x) && pended(&z), "{x:?} {z:?}");
+    let Ok(RepoResponse::Pend(PendResult::Stale(stale))) = &y else { panic!("expected a StaleFailure, got {y:?}") };
+    let missing = stale.missing.as_ref().unwrap();
+    assert_eq!((missing.len(), missing[0].rev, missing[0].trx_id.as_str()), (1, 1, "init-y"));
+    assert_eq!(t.sizes(), vec![3, 2], "the batch, then the re-run of the others");
+    let reasons: Vec<String> = t
+        .replies
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.promises.values().filter_map(|v| v.reject_reason.clone()).collect::<Vec<_>>())
+        .collect();
+    assert!(!reasons.is_empty() && reasons.iter().all(|r| r.starts_with("batch: [[1,\"stale: ")), "{reasons:?}");
+
+    let (cx, cz) = futures::join!(t.run(commit_on("x", "tx", 2)), t.run(commit_on("z", "tz", 2)));
+    assert!(committed(&cx) && committed(&cz), "{cx:?} {cz:?}");
+    t.wait_idle().await;
+    let view: Vec<PeerId> = t.peers.keys().copied().collect();
+    for (_, local) in &t.nodes {
+        for id in ["x", "z"] {
+            assert_eq!(local.latest_value(&block(id)).await.unwrap().0.map(|l| l.rev), Some(2));
+            let evidence = local.evidence(&block(id), 2).await.unwrap().unwrap();
+            assert_eq!(evidence.commit["message"]["operations"].as_array().unwrap().len(), 2, "committed in one batch");
+            let trx_rev = optimystic_core::TrxRev { trx_id: trx(&format!("t{id}")), rev: 2 };
+            let set = optimystic_core::Transform {
+                updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(2))]),
+                ..optimystic_core::Transform::default()
+            };
+            optimystic_core::evidence::verify(Some(&evidence), &block(id), &trx_rev, &set, &view).unwrap();
+        }
+        assert_eq!(local.latest_value(&block("y")).await.unwrap().0.map(|l| l.rev), Some(1));
+    }
+}
+
+/// SPEC 4.14: a batch rejected for a conflict on one index: that operation's client gets
+/// `consensus-failed` (retryable), the others go through in a new record.
+#[tokio::test(start_paused = true)]
+async fn a_conflict_on_one_operation_fails_it_alone() {
+    let t = trio(config(), SimConfig::default());
+    for id in ["x", "y", "z"] {
+        t.seed(id).await;
+    }
+    // Another record holds a reservation on y at every member.
+    let peers: Vec<PeerId> = t.peers.keys().copied().collect();
+    let now = t.sim.clock().now_ms();
+    let blocker = record(&peers, set_on("y", "blocker", Some(2), 9), now + 1_000);
+    for (consensus, _) in &t.nodes {
+        assert!(consensus.on_update(peers[1], blocker.clone()).await.unwrap().promises.values().all(|v| v.is_approve()));
+    }
+    let (x, y, z) = futures::join!(
+        t.run(set_on("x", "tx", Some(2), 2)),
+        t.run(set_on("y", "ty", Some(2), 2)),
+        t.run(set_on("z", "tz", Some(2), 2)),
+    );
+    assert!(pended(&x) && pended(&z), "{x:?} {z:?}");
+    assert!(matches!(&y, Err(RepoError::ConsensusFailed(_))), "{y:?}");
+    assert_eq!(t.sizes(), vec![3, 2]);
+    let batch_hash = t.records.lock().unwrap()[0].message_hash.clone();
+    let reasons: Vec<String> = t
+        .replies
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.message_hash == batch_hash)
+        .flat_map(|r| r.promises.values().filter_map(|v| v.reject_reason.clone()).collect::<Vec<_>>())
+        .collect();
+    let expected = format!("batch: [[1,\"conflict: block y is reserved by {}\"]]", blocker.message_hash);
+    assert!(!reasons.is_empty() && reasons.iter().all(|r| *r == expected), "{reasons:?}");
+    for (_, local) in &t.nodes {
+        assert!(local.storage().pending(&block("y"), &trx("ty")).await.unwrap().is_none());
+        assert!(local.storage().pending(&block("x"), &trx("tx")).await.unwrap().is_some());
+    }
+}
+
+/// A decided batch whose operation cannot apply on this member (here: stale) applies the others,
+/// keeps each result in order, and signs a reject naming that operation.
+#[tokio::test(start_paused = true)]
+async fn a_decided_batch_reports_each_operation() {
+    let Three { m, a, b, peers } = three();
+    x_at_rev_1(&m).await;
+    let o = optimystic_core::MessageOptions::default();
+    let RepoOperation::Pend(p9) = set_v("t9", None, 9) else { unreachable!() };
+    optimystic_core::Repo::pend(&m.local, &p9, &o).await.unwrap();
+    let now = m.sim.clock().now_ms();
+    let message = optimystic_core::wire::RecordMessage {
+        operations: vec![RepoOperation::Pend(insert_pend("w", &trx("tw"))), commit_op("t9", 1)],
+        expiration: now + 1_000,
+    };
+    let mut batch = batch_record(&peers, message);
+    sign(&mut batch, &a, VoteType::Approve, None);
+    sign(&mut batch, &b, VoteType::Approve, None);
+    let reply = m.consensus.on_update(peers[1], batch.clone()).await.unwrap();
+    let vote = &reply.commits[&peers[0].to_base58()];
+    assert_eq!(vote.r#type, VoteType::Reject);
+    assert!(vote.reject_reason.as_deref().unwrap().starts_with("batch: [[1,\"stale: "), "{vote:?}");
+    let results = reply.extra[RESULT_FIELD].as_array().unwrap();
+    assert_eq!(results[0]["success"], json!(true));
+    assert_eq!(results[1]["success"], json!(false));
+    assert!(m.local.storage().pending(&block("w"), &trx("tw")).await.unwrap().is_some(), "the other operation applied");
+    assert_eq!(m.consensus.status_of(&batch).await.unwrap(), Some(RecordStatus::Executed));
+    let again = m.consensus.on_update(peers[1], batch).await.unwrap();
+    assert_eq!(again.extra[RESULT_FIELD], reply.extra[RESULT_FIELD], "the results are kept in the marker");
+}

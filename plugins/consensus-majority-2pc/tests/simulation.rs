@@ -49,7 +49,7 @@ use optimystic_core::network::{NetworkError, PeerNetwork, ProtocolKind};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
 use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform};
 use optimystic_core::reads::{ClusterReads, ReadMode};
-use optimystic_core::testkit::history::{ClientOp, History, NodeSnapshot, ReadRecord, snapshot};
+use optimystic_core::testkit::history::{ClientOp, History, NodeSnapshot, ReadRecord, check_evidence, snapshot};
 use optimystic_core::testkit::sim::{Direction, Envelope, NodeHandler, SimCatchUp, SimConfig, SimHandler, SimNet, Verdict};
 use optimystic_core::wire::{RepoMessage, RepoOperation};
 use optimystic_core::sync::SyncServer;
@@ -136,29 +136,42 @@ fn run_guarded(scenario: Scenario, seed: u64, wall: Duration) -> Result<String, 
 
 /// Runs every seed of a scenario. A failure names the seed and the command that replays it. With
 /// `OPTIMYSTIC_SIM_KEEP_GOING=1` every seed runs and the failing ones are listed at the end;
-/// `OPTIMYSTIC_SIM_WALL_SECS` bounds one seed's wall time (default 120).
-fn run(name: &str, scenario: Scenario) {
+/// `OPTIMYSTIC_SIM_WALL_SECS` bounds one seed's wall time (default 120). Returns how many seeds
+/// kept batched records (records of several operations, SPEC 4.14).
+fn run(name: &str, scenario: Scenario) -> usize {
     let seeds = seeds();
     let keep_going = std::env::var("OPTIMYSTIC_SIM_KEEP_GOING").is_ok_and(|v| !v.is_empty() && v != "0");
     let wall = Duration::from_secs(env_u64("OPTIMYSTIC_SIM_WALL_SECS").unwrap_or(120));
     let started = std::time::Instant::now();
     let mut failures = Vec::new();
+    let (mut batched_seeds, mut batched_records) = (0usize, 0usize);
     for seed in &seeds {
-        if let Err(message) = run_guarded(scenario, *seed, wall) {
-            let report = format!(
-                "scenario {name} failed with seed {seed}: {message}\n  replay: OPTIMYSTIC_SIM_SEED={seed} cargo test \
-                 -p optimystic-consensus-majority-2pc --test simulation {name}"
-            );
-            if !keep_going {
-                panic!("{report}");
+        match run_guarded(scenario, *seed, wall) {
+            Ok(trace) => {
+                let batched = trace
+                    .lines()
+                    .find_map(|l| l.strip_prefix(BATCHED))
+                    .and_then(|n| n.split_whitespace().next())
+                    .and_then(|n| n.parse::<usize>().ok());
+                batched_records += batched.unwrap_or(0);
+                batched_seeds += usize::from(batched.unwrap_or(0) > 0);
             }
-            eprintln!("{report}");
-            let first_line: String = message.lines().next().unwrap_or_default().chars().take(300).collect();
-            failures.push(format!("seed {seed}: {first_line}"));
+            Err(message) => {
+                let report = format!(
+                    "scenario {name} failed with seed {seed}: {message}\n  replay: OPTIMYSTIC_SIM_SEED={seed} cargo test \
+                     -p optimystic-consensus-majority-2pc --test simulation {name}"
+                );
+                if !keep_going {
+                    panic!("{report}");
+                }
+                eprintln!("{report}");
+                let first_line: String = message.lines().next().unwrap_or_default().chars().take(300).collect();
+                failures.push(format!("seed {seed}: {first_line}"));
+            }
         }
     }
     eprintln!(
-        "{name}: {} seeds from {:?}: {} passed, {} failed, in {:?}",
+        "{name}: {} seeds from {:?}: {} passed, {} failed, in {:?}; {batched_records} batched records in {batched_seeds} seeds",
         seeds.len(),
         seeds.first(),
         seeds.len() - failures.len(),
@@ -166,6 +179,14 @@ fn run(name: &str, scenario: Scenario) {
         started.elapsed()
     );
     assert!(failures.is_empty(), "scenario {name} failed with {} seeds:\n{}", failures.len(), failures.join("\n"));
+    batched_seeds
+}
+
+/// [`run`] for a scenario with concurrent writers on several blocks: batches must have formed
+/// (in at least one seed; a single seed may, by its timing, never queue two operations at once).
+fn run_batched(name: &str, scenario: Scenario) {
+    let batched_seeds = run(name, scenario);
+    assert!(batched_seeds > 0, "scenario {name}: no seed kept a record of several operations: batching never happened");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -462,9 +483,17 @@ impl World {
     }
 
     async fn pend(&self, via: PeerId, trx_id: &TrxId, rev: u64, value: Value) -> Option<Result<PendResult, RepoError>> {
-        let transforms = Transforms {
-            updates: BTreeMap::from([(x(), vec![BlockOperation::set("value", value)])]),
-            ..Transforms::default()
+        self.pend_on(via, &x(), trx_id, rev, value).await
+    }
+
+    /// Pends a write of `value` to block `block` at `rev`: an insert at revision 1 (the block is
+    /// new), else an update of its `value` field.
+    async fn pend_on(&self, via: PeerId, block: &BlockId, trx_id: &TrxId, rev: u64, value: Value) -> Option<Result<PendResult, RepoError>> {
+        let transforms = if rev == 1 {
+            let inserted = Block::new(block.clone(), "counter", "c").with_field("value", value);
+            Transforms { inserts: BTreeMap::from([(block.clone(), inserted)]), ..Transforms::default() }
+        } else {
+            Transforms { updates: BTreeMap::from([(block.clone(), vec![BlockOperation::set("value", value)])]), ..Transforms::default() }
         };
         self.pend_transforms(via, trx_id, Some(rev), transforms).await
     }
@@ -491,8 +520,14 @@ impl World {
     }
 
     async fn commit(&self, via: PeerId, trx_id: &TrxId, rev: u64) -> Option<Result<CommitResult, RepoError>> {
-        let request = CommitRequest { trx_id: trx_id.clone(), block_ids: vec![x()], rev, tail_id: x(), header_id: None };
-        let id = self.history.invoke(via.to_base58(), ClientOp::Commit { trx_id: trx_id.clone(), block_ids: vec![x()], rev });
+        self.commit_on(via, &x(), trx_id, rev).await
+    }
+
+    async fn commit_on(&self, via: PeerId, block: &BlockId, trx_id: &TrxId, rev: u64) -> Option<Result<CommitResult, RepoError>> {
+        let request =
+            CommitRequest { trx_id: trx_id.clone(), block_ids: vec![block.clone()], rev, tail_id: block.clone(), header_id: None };
+        let id =
+            self.history.invoke(via.to_base58(), ClientOp::Commit { trx_id: trx_id.clone(), block_ids: vec![block.clone()], rev });
         let started = Instant::now();
         let result = self
             .on(via, move |node| Box::pin(async move { node.repo.commit(&request, &MessageOptions::default()).await }))
@@ -505,9 +540,9 @@ impl World {
         result
     }
 
-    async fn cancel(&self, via: PeerId, trx_id: &TrxId) -> Option<Result<(), RepoError>> {
-        let trx = TrxBlocks { trx_id: trx_id.clone(), block_ids: vec![x()] };
-        let id = self.history.invoke(via.to_base58(), ClientOp::Cancel { trx_id: trx_id.clone(), block_ids: vec![x()] });
+    async fn cancel_on(&self, via: PeerId, block: &BlockId, trx_id: &TrxId) -> Option<Result<(), RepoError>> {
+        let trx = TrxBlocks { trx_id: trx_id.clone(), block_ids: vec![block.clone()] };
+        let id = self.history.invoke(via.to_base58(), ClientOp::Cancel { trx_id: trx_id.clone(), block_ids: vec![block.clone()] });
         let result = self
             .on(via, move |node| Box::pin(async move { node.repo.cancel(&trx, &MessageOptions::default()).await }))
             .await;
@@ -532,7 +567,12 @@ impl World {
 
     /// The newest revision of `x` a node's storage holds.
     async fn latest_rev(&self, peer: PeerId) -> u64 {
-        self.storages[&peer].latest(&x()).await.unwrap().map_or(0, |l| l.rev)
+        self.latest_rev_of(peer, &x()).await
+    }
+
+    /// The newest revision of `block` a node's storage holds.
+    async fn latest_rev_of(&self, peer: PeerId, block: &BlockId) -> u64 {
+        self.storages[&peer].latest(block).await.unwrap().map_or(0, |l| l.rev)
     }
 
     /// Stops every fault, restarts crashed nodes, and waits for quiescence: no message in flight,
@@ -632,9 +672,9 @@ impl World {
                 let hash = key.trim_start_matches("2pc/live/");
                 let entry = entries.iter().find(|(k, _)| k.ends_with(hash)).and_then(|(_, v)| serde_json::from_slice::<Value>(v).ok());
                 let entry = entry.unwrap_or(Value::Null);
-                let op = entry.pointer("/record/message/operations/0").map(|op| {
+                let op = entry.pointer("/record/message/operations").map(|op| {
                     let text = op.to_string();
-                    text.chars().take(160).collect::<String>()
+                    text.chars().take(320).collect::<String>()
                 });
                 out.push_str(&format!(
                     "  {peer} (x at rev {latest}, up {}): {hash} status {} renounced {} op {}\n",
@@ -739,7 +779,36 @@ impl World {
         if let Err(violations) = self.history.check_converged(&snapshots, &|_| cluster.clone(), &|p| up.contains(p)) {
             panic!("safety violations: {violations:#?}\nhistory: {:#?}\nsnapshots: {snapshots:#?}", self.history.ops());
         }
-        format!("seed {} ops {:?} reads {:?} snapshots {:?}", self.seed, self.history.ops(), self.history.reads(), snapshots)
+        // Every revision's kept evidence (batched records included) proves that revision.
+        let blocks = self.blocks().await;
+        for peer in &self.peers {
+            let local = StorageRepo::new(Arc::new(self.storages[peer].clone()));
+            let violations = check_evidence(*peer, &local, &blocks, &cluster).await.unwrap();
+            assert!(violations.is_empty(), "evidence that does not prove its revision: {violations:#?}");
+        }
+        format!(
+            "seed {} ops {:?} reads {:?} snapshots {:?}\n{BATCHED}{}",
+            self.seed,
+            self.history.ops(),
+            self.history.reads(),
+            snapshots,
+            self.batched_records().await
+        )
+    }
+
+    /// How many distinct records of several operations (batches, SPEC 4.14) the nodes kept.
+    async fn batched_records(&self) -> usize {
+        let mut batched = BTreeSet::new();
+        for storage in self.storages.values() {
+            for (key, bytes) in storage.list_meta("2pc/entry/", 1_000_000).await.unwrap() {
+                let Ok(entry) = serde_json::from_slice::<Value>(&bytes) else { continue };
+                let ops = entry.pointer("/record/message/operations").and_then(Value::as_array).map_or(0, Vec::len);
+                if ops > 1 {
+                    batched.insert(key.rsplit('/').next().unwrap_or_default().to_owned());
+                }
+            }
+        }
+        batched.len()
     }
 }
 
@@ -755,10 +824,14 @@ fn is_retryable(e: &RepoError) -> bool {
     matches!(e.code(), ErrorCode::ConsensusFailed | ErrorCode::Unavailable | ErrorCode::Busy | ErrorCode::Expired)
 }
 
-/// The commit trx id a record (or the record inside an update request) is about.
-fn commit_trx(body: &Value) -> Option<&str> {
+/// Whether a record (or the record inside an update request) carries the commit of `trx` (alone
+/// or in a batch).
+fn commits_trx(body: &Value, trx: &str) -> bool {
     let record = body.get("record").unwrap_or(body);
-    record.pointer("/message/operations/0/commit/trxId").and_then(Value::as_str)
+    record
+        .pointer("/message/operations")
+        .and_then(Value::as_array)
+        .is_some_and(|ops| ops.iter().any(|op| op.pointer("/commit/trxId").and_then(Value::as_str) == Some(trx)))
 }
 
 fn has_votes(body: &Value, field: &str) -> bool {
@@ -789,6 +862,7 @@ async fn minority_partition(seed: u64) -> String {
     world.wait_idle().await;
 
     random_delays(&world);
+    let side = spawn_side_writers(&world);
     world.sim.partition(&[minority.clone(), majority.clone()]);
     let minority_first = world.sim.random(|r| r.gen_bool(0.5));
     let (w1, w2) = (world.clone(), world.clone());
@@ -812,6 +886,7 @@ async fn minority_partition(seed: u64) -> String {
     let late = world.pend(m, &t_new, 3, json!("late")).await.unwrap();
     assert!(!matches!(late, Ok(PendResult::Success(_))), "minority pend: {late:?}");
 
+    side.stop().await;
     world.settle().await;
     for peer in &majority {
         assert_eq!(world.latest_rev(*peer).await, 2);
@@ -851,6 +926,7 @@ async fn coordinator_crash(seed: u64, after_phase1: bool) -> String {
     assert!(matches!(world.pend(q, &u, 2, json!("u")).await.unwrap().unwrap(), PendResult::Success(_)));
     world.wait_idle().await;
     random_delays(&world);
+    let side = spawn_side_writers(&world);
 
     let point = world.sim.random(|r| {
         if after_phase1 {
@@ -871,7 +947,7 @@ async fn coordinator_crash(seed: u64, after_phase1: bool) -> String {
     {
         let (count, crashed, record_seen) = (count.clone(), crashed.clone(), record_seen.clone());
         world.sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
-            if crashed.load(Ordering::SeqCst) || commit_trx(e.body) != Some(t_text.as_str()) {
+            if crashed.load(Ordering::SeqCst) || !commits_trx(e.body, &t_text) {
                 return Verdict::Deliver;
             }
             if e.direction == Direction::Request && e.from == c {
@@ -928,6 +1004,7 @@ async fn coordinator_crash(seed: u64, after_phase1: bool) -> String {
     // Restart the coordinator after a while (before or after recovery begins), then heal.
     let downtime = world.sim.random(|r| r.gen_range(100..6_000));
     tokio::time::sleep(Duration::from_millis(downtime)).await;
+    side.stop().await;
     world.settle().await;
 
     let mut statuses = BTreeMap::new();
@@ -974,6 +1051,7 @@ async fn member_crash_restart(seed: u64) -> String {
     world.sim.set_drop_probability(drop);
     world.start_sampler(Duration::from_millis(25));
     let reader = spawn_reader(&world);
+    let side = spawn_side_writers(&world);
 
     let writers: Vec<_> = (0..2)
         .map(|w| {
@@ -1019,6 +1097,7 @@ async fn member_crash_restart(seed: u64) -> String {
     }
     chaos.await.unwrap();
     reader.stop().await;
+    side.stop().await;
     world.settle().await;
     world.check().await
 }
@@ -1059,10 +1138,15 @@ fn spawn_reader(world: &Arc<World>) -> Reader {
 /// Reads `x` at `via`, pends a write at the next revision and commits it; retries stale or
 /// retryable failures with a new transaction. Returns whether a write committed.
 async fn write_with_retries(world: &World, via: PeerId, label: &str, attempts: usize) -> bool {
-    let mut rev = world.latest_rev(via).await + 1;
+    write_block_with_retries(world, via, &x(), label, attempts).await
+}
+
+/// [`write_with_retries`] on `block` (inserted by the first write that finds it at revision 0).
+async fn write_block_with_retries(world: &World, via: PeerId, block: &BlockId, label: &str, attempts: usize) -> bool {
+    let mut rev = world.latest_rev_of(via, block).await + 1;
     for attempt in 0..attempts {
         let trx = world.trx(&format!("{label}a{attempt}"));
-        match world.pend(via, &trx, rev, json!(label)).await {
+        match world.pend_on(via, block, &trx, rev, json!(label)).await {
             None => return false,
             Some(Ok(PendResult::Success(_))) => {}
             Some(Ok(PendResult::Stale(stale))) => {
@@ -1075,7 +1159,7 @@ async fn write_with_retries(world: &World, via: PeerId, label: &str, attempts: u
                 continue;
             }
         }
-        match world.commit(via, &trx, rev).await {
+        match world.commit_on(via, block, &trx, rev).await {
             None => return false,
             Some(Ok(CommitResult::Success(_))) => return true,
             Some(Ok(CommitResult::Stale(stale))) => {
@@ -1091,11 +1175,61 @@ async fn write_with_retries(world: &World, via: PeerId, label: &str, attempts: u
                 }
             }
         }
-        if world.cancel(via, &trx).await.is_none() {
+        if world.cancel_on(via, block, &trx).await.is_none() {
             return false;
         }
     }
     false
+}
+
+/// Prefix of the trace line counting batched records (see [`World::check`] and [`run_batched`]).
+const BATCHED: &str = "batched records: ";
+
+/// Writers on blocks of their own (`s0`, `s1`, ...), a few writes each, through one node of the
+/// run (another running node while it is down): their operations queue in that coordinator's
+/// lane together and with the scenario's, so they share records (batching, SPEC 4.14); the
+/// history checker checks their blocks like `x`.
+struct SideWriters {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SideWriters {
+    async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+    }
+}
+
+fn spawn_side_writers(world: &Arc<World>) -> SideWriters {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = world.sim.random(|r| r.gen_range(2..=4usize));
+    let home = world.pick(&world.peers);
+    let tasks = (0..count)
+        .map(|w| {
+            let (world, stopped) = (world.clone(), stop.clone());
+            let writes = world.sim.random(|r| r.gen_range(3..=10usize));
+            tokio::spawn(async move {
+                let block = BlockId::new(format!("s{w}")).unwrap();
+                for i in 0..writes {
+                    if stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let wait = world.sim.random(|r| r.gen_range(0..10));
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    let up = world.up();
+                    if up.is_empty() {
+                        continue;
+                    }
+                    let via = if up.contains(&home) { home } else { world.pick(&up) };
+                    write_block_with_retries(&world, via, &block, &format!("s{w}i{i}"), 3).await;
+                }
+            })
+        })
+        .collect();
+    SideWriters { stop, tasks }
 }
 
 /// Conflicting writers on one block through different coordinators: at most one commit per
@@ -1109,6 +1243,7 @@ async fn conflicting_writers(seed: u64) -> String {
     world.sim.set_drop_probability(drop);
     let writers = world.sim.random(|r| r.gen_range(2..=3));
     let reader = spawn_reader(&world);
+    let side = spawn_side_writers(&world);
     let mut tasks = Vec::new();
     for w in 0..writers {
         let world = world.clone();
@@ -1144,6 +1279,7 @@ async fn conflicting_writers(seed: u64) -> String {
         }
     }
     reader.stop().await;
+    side.stop().await;
     assert!(winners <= 1, "{winners} writers committed revision 2");
     let longest = world.longest_commit_ms.load(Ordering::SeqCst);
     assert!(longest <= consensus_config().record_timeout_ms + 50, "a commit waited {longest} ms, past its expiration");
@@ -1379,6 +1515,7 @@ async fn member_restarts_during_resends(seed: u64) -> String {
         })));
     }
     let writes = world.sim.random(|r| r.gen_range(6..=10usize));
+    let side = spawn_side_writers(&world);
     let chaos_done = Arc::new(AtomicBool::new(false));
     let chaos_more = Arc::new(AtomicBool::new(true));
     let chaos = {
@@ -1427,6 +1564,7 @@ async fn member_restarts_during_resends(seed: u64) -> String {
         armed.store(false, Ordering::SeqCst);
         chaos.abort();
     }
+    side.stop().await;
     world.check().await
 }
 
@@ -1444,6 +1582,7 @@ async fn far_behind_member(seed: u64) -> String {
     let rest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != m).collect();
     let c = world.pick(&rest);
     world.sim.partition(&[vec![m], rest.clone()]);
+    let side = spawn_side_writers(&world);
     let commits = world.sim.random(|r| r.gen_range(20..=30usize));
     let heal_after = commits - world.sim.random(|r| r.gen_range(0..=2usize));
     let mut committed = 0;
@@ -1461,6 +1600,7 @@ async fn far_behind_member(seed: u64) -> String {
         write_with_retries(&world, via, &format!("h{i}"), 6).await;
         let _ = world.random_read(world.pick(&world.peers)).await;
     }
+    side.stop().await;
     world.wait_idle().await;
     let newest = world.latest_rev(c).await;
     assert!(newest > committed as u64, "the writes went through (latest {newest})");
@@ -1681,6 +1821,7 @@ async fn byzantine_peer(seed: u64, inflate: bool) -> String {
     world.bootstrap().await;
     random_delays(&world);
     world.start_sampler(Duration::from_millis(50));
+    let side = spawn_side_writers(&world);
 
     // A member misses some commits; every catch-up asks the byzantine peer first (it claims the
     // newest revision).
@@ -1697,6 +1838,7 @@ async fn byzantine_peer(seed: u64, inflate: bool) -> String {
         write_with_retries(&world, world.pick(&honest), &format!("h{i}"), 6).await;
         let _ = world.random_read(world.pick(&honest)).await;
     }
+    side.stop().await;
     world.wait_idle().await;
     let no_forged_revision = async || {
         for snap in world.snapshots().await {
@@ -1887,27 +2029,27 @@ async fn quorum_read_sees_acknowledged_commits(seed: u64) -> String {
 
 #[test]
 fn sim_minority_partition() {
-    run("sim_minority_partition", |seed| Box::pin(minority_partition(seed)));
+    run_batched("sim_minority_partition", |seed| Box::pin(minority_partition(seed)));
 }
 
 #[test]
 fn sim_coordinator_dies_after_phase1() {
-    run("sim_coordinator_dies_after_phase1", |seed| Box::pin(coordinator_crash(seed, true)));
+    run_batched("sim_coordinator_dies_after_phase1", |seed| Box::pin(coordinator_crash(seed, true)));
 }
 
 #[test]
 fn sim_coordinator_dies_in_phase2() {
-    run("sim_coordinator_dies_in_phase2", |seed| Box::pin(coordinator_crash(seed, false)));
+    run_batched("sim_coordinator_dies_in_phase2", |seed| Box::pin(coordinator_crash(seed, false)));
 }
 
 #[test]
 fn sim_member_crash_restart() {
-    run("sim_member_crash_restart", |seed| Box::pin(member_crash_restart(seed)));
+    run_batched("sim_member_crash_restart", |seed| Box::pin(member_crash_restart(seed)));
 }
 
 #[test]
 fn sim_conflicting_writers() {
-    run("sim_conflicting_writers", |seed| Box::pin(conflicting_writers(seed)));
+    run_batched("sim_conflicting_writers", |seed| Box::pin(conflicting_writers(seed)));
 }
 
 #[test]
@@ -1943,17 +2085,17 @@ fn sim_seeds_replay() {
 
 #[test]
 fn sim_member_restarts_during_resends() {
-    run("sim_member_restarts_during_resends", |seed| Box::pin(member_restarts_during_resends(seed)));
+    run_batched("sim_member_restarts_during_resends", |seed| Box::pin(member_restarts_during_resends(seed)));
 }
 
 #[test]
 fn sim_far_behind_member() {
-    run("sim_far_behind_member", |seed| Box::pin(far_behind_member(seed)));
+    run_batched("sim_far_behind_member", |seed| Box::pin(far_behind_member(seed)));
 }
 
 #[test]
 fn sim_byzantine_peer() {
-    run("sim_byzantine_peer", |seed| Box::pin(byzantine_peer(seed, false)));
+    run_batched("sim_byzantine_peer", |seed| Box::pin(byzantine_peer(seed, false)));
 }
 
 /// Evidence whose peer set is the whole view plus more made-up peers than the view has, approved
@@ -1962,7 +2104,7 @@ fn sim_byzantine_peer() {
 /// approved): one byzantine peer makes members apply invented revisions.
 #[test]
 fn sim_byzantine_peer_inflated_evidence() {
-    run("sim_byzantine_peer_inflated_evidence", |seed| Box::pin(byzantine_peer(seed, true)));
+    run_batched("sim_byzantine_peer_inflated_evidence", |seed| Box::pin(byzantine_peer(seed, true)));
 }
 
 #[test]
