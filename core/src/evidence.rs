@@ -81,10 +81,12 @@ pub fn record_key(message_hash: &str) -> String {
 /// Lower-case hex of `bytes`: how ids (any byte string) go into metadata keys.
 #[must_use]
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
+    let digit = |nibble: u8| char::from(DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'));
     for b in bytes {
-        let _ = write!(out, "{b:02x}");
+        out.push(digit(b >> 4));
+        out.push(digit(b & 0x0f));
     }
     out
 }
@@ -214,7 +216,7 @@ fn decided(value: &Value) -> Result<ClusterRecord, String> {
 /// The one operation of `record` that names `block_id` (a record of several operations names each
 /// block in at most one of them, SPEC 4.14); an error when none or several do.
 fn operation_on(record: &ClusterRecord, block_id: &BlockId) -> Result<RepoOperation, String> {
-    let message = RecordMessage::from_value(record.message.clone()).map_err(|e| e.to_string())?;
+    let message = RecordMessage::from_value(&record.message).map_err(|e| e.to_string())?;
     let mut naming = message.operations.into_iter().filter(|op| names_block(op, block_id));
     match (naming.next(), naming.next()) {
         (Some(op), None) => Ok(op),

@@ -131,8 +131,8 @@ pub struct RecordMessage {
 
 impl RecordMessage {
     /// Parses and validates a record's message: 1 to [`MAX_RECORD_OPERATIONS`] operations.
-    pub fn from_value(value: Value) -> Result<Self, WireError> {
-        let message: Self = serde_json::from_value(value).map_err(WireError::Json)?;
+    pub fn from_value(value: &Value) -> Result<Self, WireError> {
+        let message = Self::deserialize(value).map_err(WireError::Json)?;
         match message.operations.len() {
             1..=MAX_RECORD_OPERATIONS => Ok(message),
             n => Err(WireError::RecordOperationCount(n)),

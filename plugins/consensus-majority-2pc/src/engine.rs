@@ -310,6 +310,26 @@ impl Inner {
         tasks.set.abort_all();
     }
 
+    /// Reports a block this member is behind on to the node, unless another record than
+    /// `except` that this member promised holds a reservation on it: its decided copy is most
+    /// likely what the block waits for (a commit overtaking the decided copy of its own pend), and
+    /// its execution retries the records waiting for the block, so a catch-up now would only ask
+    /// the peers for what is on its way. A record decided here but itself waiting does not count
+    /// (it waits too); a promise never decided ends by recovery, and later reports go through.
+    pub fn report_behind_unless_awaited(&self, block_id: &BlockId, except: &str) {
+        let awaited = {
+            let state = self.state();
+            state.by_block.get(block_id).is_some_and(|holders| {
+                holders
+                    .iter()
+                    .any(|h| h != except && state.live.get(h).is_some_and(|l| l.status == RecordStatus::Promised))
+            })
+        };
+        if !awaited {
+            self.report_behind(block_id);
+        }
+    }
+
     /// Reports a block this member is behind on to the node (which catches it up).
     pub fn report_behind(&self, block_id: &BlockId) {
         tracing::debug!(%block_id, "behind on a block; asking for catch-up");
@@ -357,7 +377,7 @@ impl Inner {
                 self.me_text
             )));
         }
-        let message = RecordMessage::from_value(record.message.clone())?;
+        let message = RecordMessage::from_value(&record.message)?;
         let expiration_ms = message.expiration;
         let horizon = now_ms.saturating_add(self.config.record_timeout_ms).saturating_add(self.config.grace_ms);
         if check_lifetime && expiration_ms > horizon {

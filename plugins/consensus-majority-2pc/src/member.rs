@@ -19,9 +19,12 @@ use optimystic_core::error::ErrorCode;
 use optimystic_core::identity::PeerId;
 use optimystic_core::model::{CommitResult, PendResult, StaleFailure};
 use optimystic_core::record::{ClusterRecord, Phase, RecordError, Vote, VoteType};
+use optimystic_core::evidence::{RecordRef, StoredRecord, record_key};
 use optimystic_core::repo::KeptRecord;
 use optimystic_core::wire::{ErrorEnvelope, RepoOperation, RepoResponse};
-use optimystic_core::{BatchFailure, BlockId, Check, MessageOptions, MetaWrite, RejectCategory, RejectReason, RepoError};
+use optimystic_core::{
+    BatchFailure, BlockId, Check, MessageOptions, MetaWrite, RawStorage, RejectCategory, RejectReason, RepoError,
+};
 use serde_json::{Map, Value, json};
 
 use crate::checks::check_operation;
@@ -55,13 +58,15 @@ fn deterministic(e: &RepoError) -> bool {
     matches!(e.code(), ErrorCode::BadRequest | ErrorCode::Expired)
 }
 
-/// A record without votes or extras: what a promised entry keeps for recovery queries.
-fn bare(record: &ClusterRecord) -> ClusterRecord {
-    let mut copy = record.clone();
-    copy.promises.clear();
-    copy.commits.clear();
-    copy.extra = Map::new();
-    copy
+/// A record without votes or extras, as JSON: what a promised entry keeps for recovery queries.
+fn bare(record: &ClusterRecord) -> Value {
+    let mut value = record.to_value();
+    if let Value::Object(fields) = &mut value {
+        fields.retain(|key, _| matches!(key.as_str(), "messageHash" | "peers" | "membershipVersion" | "membershipDigest" | "message"));
+        fields.insert("promises".to_owned(), Value::Object(Map::new()));
+        fields.insert("commits".to_owned(), Value::Object(Map::new()));
+    }
+    value
 }
 
 /// Where a record handed to [`Inner::update`] comes from.
@@ -148,10 +153,10 @@ impl Inner {
             self.check_own_votes(&record, entry.as_ref())?;
         }
         match entry.as_ref().map(|e| e.status) {
-            Some(RecordStatus::Executed) => return self.executed_reply(entry),
+            Some(RecordStatus::Executed) => return self.executed_reply(entry).await,
             Some(RecordStatus::Aborted) => return Ok(self.with_promise(record, entry.as_ref())),
             Some(RecordStatus::Decided) => {
-                let copy = stored_record(entry.as_ref())?;
+                let copy = stored_record(self.storage(), entry.as_ref()).await?;
                 return self.execute(&held, copy, entry, &cx).await;
             }
             Some(RecordStatus::Promised | RecordStatus::Rejected) | None => {}
@@ -218,8 +223,8 @@ impl Inner {
     }
 
     /// The stored decided copy with this member's commit vote and result.
-    fn executed_reply(&self, entry: Option<Entry>) -> Result<ClusterRecord, RepoError> {
-        let mut copy = stored_record(entry.as_ref())?;
+    async fn executed_reply(&self, entry: Option<Entry>) -> Result<ClusterRecord, RepoError> {
+        let mut copy = stored_record(self.storage(), entry.as_ref()).await?;
         if let Some(entry) = entry {
             if let Some(vote) = entry.commit {
                 copy.commits.insert(self.me_text.clone(), vote);
@@ -284,7 +289,10 @@ impl Inner {
         };
         let outcome = match busy {
             Some(busy) => Ok((Some(busy), Vec::new())),
-            None => self.check_operations(cx, &mut failures).await.map(|stale| (record_reason(cx.batched(), &failures), stale)),
+            None => self
+                .check_operations(&hash, cx, &mut failures)
+                .await
+                .map(|stale| (record_reason(cx.batched(), &failures), stale)),
         };
         let (reason, stale) = match outcome {
             Ok(judged) => judged,
@@ -309,7 +317,7 @@ impl Inner {
                     status: RecordStatus::Promised,
                     expiration_ms: cx.expiration_ms,
                     promise: Some(vote.clone()),
-                    record: Some(bare(&record).to_value()),
+                    record: Some(StoredRecord::Inline(bare(&record))),
                     commit: None,
                     result: None,
                     sender: Some(sender.to_base58()),
@@ -365,6 +373,7 @@ impl Inner {
     /// stale operation's `StaleFailure` (by index). Reports blocks this member is behind on.
     async fn check_operations(
         &self,
+        hash: &str,
         cx: &RecordContext,
         failures: &mut [Option<RejectReason>],
     ) -> Result<Vec<Option<Value>>, RepoError> {
@@ -379,7 +388,7 @@ impl Inner {
             }
             let check = check_operation(&self.local, operation).await?;
             if let Some(block_id) = check.behind_block() {
-                self.report_behind(block_id);
+                self.report_behind_unless_awaited(block_id, hash);
             }
             *failure = check.reject_reason();
             if let Check::Stale(found) = check {
@@ -495,6 +504,10 @@ impl Inner {
         let executed = match unsaved {
             Some(executed) => executed,
             None => {
+                // The decided copy is kept once for evidence (SPEC 4.10) when the record carries
+                // a pend or a commit, and the entry refers to it.
+                let keeps = cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
+                let kept = if keeps { Some(self.local.keep_record(&copy.to_value()).await?) } else { None };
                 let decided = match prior {
                     Some(prior) if prior.status == RecordStatus::Decided => prior,
                     prior => {
@@ -503,7 +516,10 @@ impl Inner {
                             status: RecordStatus::Decided,
                             expiration_ms: cx.expiration_ms,
                             promise: prior.and_then(|e| e.promise),
-                            record: Some(copy.to_value()),
+                            record: Some(match &kept {
+                                Some(kept) => StoredRecord::Ref(RecordRef { record: kept.message_hash().to_owned() }),
+                                None => StoredRecord::Inline(copy.to_value()),
+                            }),
                             commit: None,
                             result: None,
                             sender,
@@ -529,7 +545,7 @@ impl Inner {
                     // Should this call be abandoned midway, recovery still finds the record decided.
                     self.schedule_recovery(&mut state, &hash, cx.expiration_ms);
                 }
-                match self.apply_once(&copy, decided, cx).await {
+                match self.apply_once(&copy, decided, cx, kept.as_ref()).await {
                     Ok(Executed::Marker(executed)) => *executed,
                     Ok(Executed::Behind(block_id)) => {
                         {
@@ -538,7 +554,7 @@ impl Inner {
                             // Retried with backoff too, should no catch-up ever report back.
                             self.spawn_recovery(&mut state, &hash, cx.expiration_ms);
                         }
-                        self.report_behind(&block_id);
+                        self.report_behind_unless_awaited(&block_id, &hash);
                         return Ok(copy);
                     }
                     Err(e) => {
@@ -556,11 +572,17 @@ impl Inner {
             self.spawn_recovery(&mut state, &hash, cx.expiration_ms);
             return Err(e);
         }
-        {
+        let unblocked: Vec<BlockId> = {
             let mut state = self.state();
             state.release(&hash);
             state.remember_peers(copy.peers.keys());
             self.publish(&state);
+            cx.blocks().into_iter().filter(|b| state.waiting.contains_key(*b)).cloned().collect()
+        };
+        // Records that waited for these blocks (SPEC 4.6) may run now; once the caller released
+        // this record's locks.
+        for block_id in unblocked {
+            self.spawn(Arc::clone(self).retry_waiting_task(block_id));
         }
         if let Some(vote) = executed.commit {
             copy.commits.insert(self.me_text.clone(), vote);
@@ -576,21 +598,30 @@ impl Inner {
     /// answer or a deterministic failure of an operation is its result, signed as a reject (for a
     /// batch, naming the operations concerned). A member lacking the base of any operation
     /// applies nothing ([`Executed::Behind`]); any other error leaves the record decided.
-    async fn apply_once(&self, copy: &ClusterRecord, decided: Entry, cx: &RecordContext) -> Result<Executed, RepoError> {
-        for operation in &cx.operations {
-            let check = check_operation(&self.local, operation).await?;
-            if let Some(block_id) = check.behind_block() {
-                return Ok(Executed::Behind(block_id.clone()));
+    async fn apply_once(
+        &self,
+        copy: &ClusterRecord,
+        decided: Entry,
+        cx: &RecordContext,
+        kept: Option<&KeptRecord>,
+    ) -> Result<Executed, RepoError> {
+        // A member that promised the record has held its blocks' reservation since it checked
+        // every operation against its base: only catch-up moved them meanwhile, and only
+        // forward, which makes an operation done or stale, never behind. Any other member checks
+        // first, so that nothing is applied while one operation lacks its base.
+        let promised_here = decided.promise.as_ref().is_some_and(Vote::is_approve);
+        if !promised_here {
+            for operation in &cx.operations {
+                let check = check_operation(&self.local, operation).await?;
+                if let Some(block_id) = check.behind_block() {
+                    return Ok(Executed::Behind(block_id.clone()));
+                }
             }
         }
-        // The record is kept once, whatever the number of operations it carries: the evidence of
-        // every revision they produce refers to it (SPEC 4.10).
-        let keeps = cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
-        let kept = if keeps { Some(self.local.keep_record(&copy.to_value()).await?) } else { None };
         let mut results = Vec::with_capacity(cx.operations.len());
         let mut failures = Vec::with_capacity(cx.operations.len());
         for operation in &cx.operations {
-            let (result, failure) = self.apply_operation(operation, kept.as_ref(), cx.expiration_ms).await?;
+            let (result, failure) = self.apply_operation(operation, kept, cx.expiration_ms).await?;
             results.push(result);
             failures.push(failure);
         }
@@ -660,8 +691,13 @@ impl Inner {
         }
     }
 
-    /// Executes the decided records that waited for `block_id` (SPEC 4.6), after catch-up moved
-    /// it forward. Those still behind keep waiting.
+    /// [`Inner::retry_waiting`] as a task of its own (boxed: executing a record can start it).
+    fn retry_waiting_task(self: Arc<Self>, block_id: BlockId) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move { self.retry_waiting(&block_id).await })
+    }
+
+    /// Executes the decided records that waited for `block_id` (SPEC 4.6), after catch-up (or
+    /// the execution of another record) moved it forward. Those still behind keep waiting.
     pub(crate) async fn retry_waiting(self: &Arc<Self>, block_id: &BlockId) {
         let Some(hashes) = self.state().waiting.remove(block_id) else { return };
         for hash in hashes {
@@ -679,7 +715,7 @@ impl Inner {
         if peek.as_ref().map(|e| e.status) != Some(RecordStatus::Decided) {
             return Ok(peek.map(|e| e.status));
         }
-        let record = stored_record(peek.as_ref())?;
+        let record = stored_record(self.storage(), peek.as_ref()).await?;
         let cx = self.context(&record, self.clock.now_ms(), false)?;
         let held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), expiration_ms, hash).await?;
@@ -700,10 +736,10 @@ impl Inner {
         let hash = record.message_hash.clone();
         Ok(match entry.as_ref().map(|e| e.status) {
             Some(RecordStatus::Executed) => {
-                json!({"messageHash": hash, "status": answer::EXECUTED, "record": self.executed_reply(entry)?.to_value()})
+                json!({"messageHash": hash, "status": answer::EXECUTED, "record": self.executed_reply(entry).await?.to_value()})
             }
             Some(RecordStatus::Decided) => {
-                json!({"messageHash": hash, "status": answer::DECIDED, "record": stored_record(entry.as_ref())?.to_value()})
+                json!({"messageHash": hash, "status": answer::DECIDED, "record": stored_record(self.storage(), entry.as_ref()).await?.to_value()})
             }
             Some(RecordStatus::Aborted) => json!({"messageHash": hash, "status": answer::ABORTED}),
             Some(RecordStatus::Promised) if entry.as_ref().is_some_and(|e| e.renounced) => {
@@ -741,11 +777,17 @@ fn stale_reason(failure: &StaleFailure) -> RejectReason {
     RejectReason::new(RejectCategory::Stale, failure.reason.clone().unwrap_or_else(|| "stale revision".into()))
 }
 
-/// The record an entry keeps.
-pub(crate) fn stored_record(entry: Option<&Entry>) -> Result<ClusterRecord, RepoError> {
-    let value = entry
-        .and_then(|e| e.record.clone())
-        .ok_or_else(|| RepoError::Internal("a 2pc entry lacks its record".into()))?;
+/// The record an entry keeps (read from the copy kept for evidence when it refers to it).
+pub(crate) async fn stored_record(storage: &dyn RawStorage, entry: Option<&Entry>) -> Result<ClusterRecord, RepoError> {
+    let missing = || RepoError::Internal("a 2pc entry lacks its record".into());
+    let value = match entry.and_then(|e| e.record.as_ref()).ok_or_else(missing)? {
+        StoredRecord::Inline(value) => value.clone(),
+        StoredRecord::Ref(reference) => {
+            let bytes = storage.get_meta(&record_key(&reference.record)).await?.ok_or_else(missing)?;
+            serde_json::from_slice(&bytes)
+                .map_err(|e| RepoError::Internal(format!("a kept 2pc record is unreadable: {e}")))?
+        }
+    };
     ClusterRecord::from_value(value).map_err(|e| RepoError::Internal(format!("a stored 2pc record is unreadable: {e}")))
 }
 

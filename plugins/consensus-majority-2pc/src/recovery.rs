@@ -69,7 +69,7 @@ impl Inner {
                 self.storage().delete_meta(&live_key(&hash)).await?;
                 continue;
             };
-            let record = stored_record(Some(&entry))?;
+            let record = stored_record(self.storage(), Some(&entry)).await?;
             let cx = self.context(&record, self.clock.now_ms(), false)?;
             let sender = entry.sender.as_deref().and_then(|s| s.parse().ok());
             let live = Live {
@@ -218,7 +218,7 @@ impl Inner {
                 return Ok(Round::Done);
             }
         }
-        let record = stored_record(entry.as_ref())?;
+        let record = stored_record(self.storage(), entry.as_ref()).await?;
         let others: Vec<PeerId> = record
             .peers
             .keys()

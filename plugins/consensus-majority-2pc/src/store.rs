@@ -11,6 +11,7 @@
 //! without an entry is dropped at load: that vote was never answered), and deleted after the entry
 //! is resolved (a pointer to a resolved entry is dropped at load).
 
+use optimystic_core::evidence::StoredRecord;
 use optimystic_core::record::Vote;
 use optimystic_core::{MetaWrite, RawStorage, RepoError, StorageError};
 use serde::{Deserialize, Serialize};
@@ -66,9 +67,10 @@ pub(crate) struct Entry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promise: Option<Vote>,
     /// The record: without votes while promised; the decided copy (with its promise quorum) once
-    /// decided or executed.
+    /// decided or executed, as a reference to the copy kept for evidence when the record carries
+    /// a pend or a commit ([`optimystic_core::StorageRepo::keep_record`]), else inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub record: Option<Value>,
+    pub record: Option<StoredRecord>,
     /// This member's commit vote, once executed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<Vote>,
@@ -172,7 +174,7 @@ mod tests {
             status: RecordStatus::Promised,
             expiration_ms: 5,
             promise: None,
-            record: Some(serde_json::json!({"x": 1})),
+            record: Some(StoredRecord::Inline(serde_json::json!({"x": 1}))),
             commit: None,
             result: None,
             sender: None,
@@ -182,5 +184,9 @@ mod tests {
         let text = serde_json::to_string(&entry).unwrap();
         assert_eq!(text, r#"{"status":"promised","expirationMs":5,"record":{"x":1}}"#);
         assert_eq!(serde_json::from_str::<Entry>(&text).unwrap(), entry);
+        let by_reference = r#"{"status":"executed","expirationMs":5,"record":{"record":"zA"}}"#;
+        let parsed = serde_json::from_str::<Entry>(by_reference).unwrap();
+        assert!(matches!(&parsed.record, Some(StoredRecord::Ref(r)) if r.record == "zA"));
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), by_reference);
     }
 }

@@ -672,7 +672,17 @@ impl World {
                 let hash = key.trim_start_matches("2pc/live/");
                 let entry = entries.iter().find(|(k, _)| k.ends_with(hash)).and_then(|(_, v)| serde_json::from_slice::<Value>(v).ok());
                 let entry = entry.unwrap_or(Value::Null);
-                let op = entry.pointer("/record/message/operations").map(|op| {
+                // A decided entry refers to the copy kept for evidence.
+                let kept = match entry.pointer("/record/record").and_then(Value::as_str) {
+                    Some(reference) => storage
+                        .get_meta(&optimystic_core::evidence::record_key(reference))
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok()),
+                    None => entry.get("record").cloned(),
+                };
+                let op = kept.as_ref().and_then(|r| r.pointer("/message/operations")).map(|op| {
                     let text = op.to_string();
                     text.chars().take(320).collect::<String>()
                 });
@@ -796,15 +806,21 @@ impl World {
         )
     }
 
-    /// How many distinct records of several operations (batches, SPEC 4.14) the nodes kept.
+    /// How many distinct decided records of several operations (batches, SPEC 4.14) the nodes
+    /// kept (for evidence, or inline in their executed markers).
     async fn batched_records(&self) -> usize {
         let mut batched = BTreeSet::new();
         for storage in self.storages.values() {
-            for (key, bytes) in storage.list_meta("2pc/entry/", 1_000_000).await.unwrap() {
-                let Ok(entry) = serde_json::from_slice::<Value>(&bytes) else { continue };
-                let ops = entry.pointer("/record/message/operations").and_then(Value::as_array).map_or(0, Vec::len);
-                if ops > 1 {
-                    batched.insert(key.rsplit('/').next().unwrap_or_default().to_owned());
+            let kept = storage.list_meta("evidence/record/", 1_000_000).await.unwrap();
+            let entries = storage.list_meta("2pc/entry/", 1_000_000).await.unwrap();
+            for (_, bytes) in kept.into_iter().chain(entries) {
+                let Ok(value) = serde_json::from_slice::<Value>(&bytes) else { continue };
+                let record = value.get("record").filter(|r| r.is_object()).unwrap_or(&value);
+                let ops = record.pointer("/message/operations").and_then(Value::as_array).map_or(0, Vec::len);
+                if ops > 1
+                    && let Some(hash) = record.get("messageHash").and_then(Value::as_str)
+                {
+                    batched.insert(hash.to_owned());
                 }
             }
         }
