@@ -45,13 +45,28 @@ pub struct Evidence {
 /// A decided record as stored evidence holds it: a reference to the record kept once under
 /// [`record_key`] (`{"record": messageHash}`), or the record itself (evidence written before
 /// references were kept).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum StoredRecord {
     /// The record's messageHash; the record is under [`record_key`].
     Ref(RecordRef),
     /// The record itself.
     Inline(Value),
+}
+
+impl<'de> Deserialize<'de> for StoredRecord {
+    /// An object whose only field is a string `record` is a reference; anything else is a record.
+    /// (Read through a [`Value`]: serde's untagged enums buffer the whole input first.)
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        if let Value::Object(fields) = &value
+            && fields.len() == 1
+            && let Some(Value::String(hash)) = fields.get("record")
+        {
+            return Ok(Self::Ref(RecordRef { record: hash.clone() }));
+        }
+        Ok(Self::Inline(value))
+    }
 }
 
 /// `{"record": messageHash}`: a decided record kept under [`record_key`].
@@ -246,6 +261,17 @@ mod tests {
         assert_eq!(rev_key(&b, 7), "evidence/rev/612f62/00000000000000000007");
         assert!(rev_key(&b, 9) < rev_key(&b, 10));
         assert_eq!(pend_key(&b, &TrxId::new("t").unwrap()), "evidence/pend/612f62/74");
+    }
+
+    #[test]
+    fn stored_records_are_references_or_records() {
+        let parse = |text: &str| serde_json::from_str::<StoredRecord>(text).unwrap();
+        assert_eq!(parse(r#"{"record":"zA"}"#), StoredRecord::Ref(RecordRef { record: "zA".into() }));
+        let inline = r#"{"messageHash":"zA","record":"x"}"#;
+        assert!(matches!(parse(inline), StoredRecord::Inline(_)), "a record with more fields is a record");
+        assert!(matches!(parse(r#"{"record":5}"#), StoredRecord::Inline(_)));
+        assert_eq!(serde_json::to_string(&parse(r#"{"record":"zA"}"#)).unwrap(), r#"{"record":"zA"}"#);
+        assert_eq!(serde_json::to_string(&parse(inline)).unwrap(), inline);
     }
 
     #[test]
