@@ -472,6 +472,33 @@ impl ClusterRecord {
         Value::Object(map)
     }
 
+    /// The record as a JSON object, like [`Self::to_value`], consuming it: the message and the
+    /// promises as received move instead of being copied.
+    #[must_use]
+    pub fn into_value(mut self) -> Value {
+        let promises = match self.received_promises.take() {
+            Some(received) if received.parsed == self.promises => received.raw,
+            _ => votes_value(&self.promises),
+        };
+        let mut map = Map::new();
+        map.insert("messageHash".to_owned(), Value::String(self.message_hash));
+        map.insert(
+            "peers".to_owned(),
+            Value::Object(self.peers.iter().map(|(id, peer)| (id.clone(), peer.to_value())).collect()),
+        );
+        map.insert("membershipVersion".to_owned(), Value::from(self.membership_version));
+        map.insert("membershipDigest".to_owned(), Value::String(self.membership_digest));
+        map.insert("message".to_owned(), self.message);
+        map.insert("promises".to_owned(), promises);
+        map.insert("commits".to_owned(), votes_value(&self.commits));
+        for (key, value) in self.extra {
+            if !KNOWN_FIELDS.contains(&key.as_str()) {
+                map.entry(key).or_insert(value);
+            }
+        }
+        Value::Object(map)
+    }
+
     /// The promises object `commitHash` covers: the object as received while [`Self::promises`]
     /// still equals what arrived, otherwise the current votes serialized.
     #[must_use]
@@ -762,6 +789,12 @@ mod tests {
         let typed = serde_json::to_value(&record.promises).unwrap();
         assert_eq!(canon(&typed), canon(&original["promises"]));
         assert_eq!(votes_value(&record.promises), typed);
+        // Consuming the record gives the same JSON, key order included.
+        assert_eq!(serde_json::to_string(&record.clone().into_value()).unwrap(), serde_json::to_string(&record.to_value()).unwrap());
+        let mut changed = record.clone();
+        changed.promises.clear();
+        changed.extra.insert("messageHash".into(), json!("ignored"));
+        assert_eq!(changed.clone().into_value(), changed.to_value());
         // A re-parsed copy still verifies.
         let text = serde_json::to_string(&record).unwrap();
         ClusterRecord::from_json(&text)

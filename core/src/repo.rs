@@ -302,10 +302,21 @@ impl StorageRepo {
     /// Errors: [`RepoError::BadRequest`] for a record without a string `messageHash`; storage
     /// errors.
     pub async fn keep_record(&self, record: &serde_json::Value) -> Result<KeptRecord, RepoError> {
+        let (kept, write) = Self::keep_record_write(record)?;
+        self.raw().write_meta(&[write]).await?;
+        Ok(kept)
+    }
+
+    /// [`StorageRepo::keep_record`] as a metadata write for the caller to include in a batch of
+    /// its own (one synced transaction on transactional engines); the record counts as kept once
+    /// that batch is written.
+    ///
+    /// Errors: [`RepoError::BadRequest`] for a record without a string `messageHash`.
+    pub fn keep_record_write(record: &serde_json::Value) -> Result<(KeptRecord, MetaWrite), RepoError> {
         let mut writes = Vec::with_capacity(1);
         let reference = keep_write(record, &mut writes)?;
-        self.raw().write_meta(&writes).await?;
-        Ok(KeptRecord { message_hash: reference.record })
+        let write = writes.pop().ok_or_else(|| RepoError::Internal("keeping a record wrote nothing".into()))?;
+        Ok((KeptRecord { message_hash: reference.record }, write))
     }
 
     /// The evidence kept for revision `rev` of a block, if any (SPEC 4.10), with its records

@@ -5,23 +5,22 @@
 
 use std::collections::BTreeSet;
 
-use optimystic_core::canon::canon;
-use optimystic_core::crypto::{base64url_encode, sha256};
 use optimystic_core::wire::RepoOperation;
-use optimystic_core::{BlockId, Check, RepoError, StorageRepo, TrxId};
+use optimystic_core::{BlockId, Check, RepoError, StorageRepo, Transform, TrxId};
 
 /// What an operation does to one block, for conflict detection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Claim {
     pub block_id: BlockId,
     pub trx_id: TrxId,
     pub kind: ClaimKind,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum ClaimKind {
-    /// A pend, with the digest of its transform for the block.
-    Pend { transform: String },
+    /// A pend, with its transform for the block (two pends of one trx conflict when these differ,
+    /// by the same equality the repository uses for a re-pend).
+    Pend { transform: Box<Transform> },
     Commit { rev: u64 },
     Cancel,
 }
@@ -49,12 +48,6 @@ impl Claim {
     }
 }
 
-/// The digest a pend claim carries for its transform on a block.
-fn transform_digest(transform: &optimystic_core::Transform) -> String {
-    let text = serde_json::to_value(transform).map(|v| canon(&v)).unwrap_or_default();
-    base64url_encode(&sha256(text.as_bytes()))
-}
-
 /// The claims of an operation, one per distinct block. A `get` claims nothing.
 pub(crate) fn claims(operation: &RepoOperation) -> Vec<Claim> {
     match operation {
@@ -64,12 +57,22 @@ pub(crate) fn claims(operation: &RepoOperation) -> Vec<Claim> {
             .block_ids()
             .into_iter()
             .map(|block_id| {
-                let transform = transform_digest(&p.transforms.transform_for(&block_id));
+                let transform = Box::new(p.transforms.transform_for(&block_id));
                 Claim { block_id, trx_id: p.trx_id.clone(), kind: ClaimKind::Pend { transform } }
             })
             .collect(),
         RepoOperation::Commit(c) => distinct(&c.block_ids, &c.trx_id, &ClaimKind::Commit { rev: c.rev }),
         RepoOperation::Cancel { trx_ref } => distinct(&trx_ref.block_ids, &trx_ref.trx_id, &ClaimKind::Cancel),
+    }
+}
+
+/// The blocks an operation names, without duplicates (a `get` names none here).
+pub(crate) fn blocks_of(operation: &RepoOperation) -> Vec<BlockId> {
+    match operation {
+        RepoOperation::Get(_) => Vec::new(),
+        RepoOperation::Pend(p) => p.transforms.block_ids(),
+        RepoOperation::Commit(c) => c.block_ids.iter().collect::<BTreeSet<_>>().into_iter().cloned().collect(),
+        RepoOperation::Cancel { trx_ref } => trx_ref.block_ids.iter().collect::<BTreeSet<_>>().into_iter().cloned().collect(),
     }
 }
 
@@ -101,8 +104,9 @@ mod tests {
         Claim { block_id: BlockId::new(block).unwrap(), trx_id: TrxId::new(trx).unwrap(), kind }
     }
 
-    fn pend(transform: &str) -> ClaimKind {
-        ClaimKind::Pend { transform: transform.into() }
+    fn pend(value: &str) -> ClaimKind {
+        let set = optimystic_core::BlockOperation::set("v", serde_json::json!(value));
+        ClaimKind::Pend { transform: Box::new(Transform { updates: Some(vec![set]), ..Transform::default() }) }
     }
 
     #[test]

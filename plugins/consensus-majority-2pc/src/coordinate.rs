@@ -51,7 +51,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::checks::claims;
+use crate::checks::blocks_of;
 use crate::engine::{Inner, RESULT_FIELD};
 use crate::member::{Origin, verified_vote};
 
@@ -438,7 +438,7 @@ impl Inner {
             };
         }
         let bytes = serde_json::to_vec(operation).map_err(|e| RepoError::Internal(format!("encoding an operation: {e}")))?.len();
-        let blocks = claims(operation).into_iter().map(|c| c.block_id).collect();
+        let blocks = blocks_of(operation);
         let (reply, answer) = oneshot::channel();
         let queued =
             Queued { peers: peers.clone(), operation: operation.clone(), expiration_ms: message.expiration, blocks, bytes, reply };

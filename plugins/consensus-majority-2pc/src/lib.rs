@@ -3,7 +3,11 @@
 //!
 //! # Coordinator side ([`Consensus::execute`])
 //! 1. Builds a [`ClusterRecord`] for the message among the block group's peers. The message's
-//!    expiration is capped at now + `record_timeout_ms`: every record expires.
+//!    expiration is capped at now + `record_timeout_ms`: every record expires. Operations for
+//!    one peer set are batched (SPEC 4.14): one that finds no record of its peer set in flight
+//!    goes out at once, alone (its record is exactly the repo message, as without batching);
+//!    those arriving meanwhile go out together in the next record, on pairwise disjoint blocks,
+//!    at most `max_batch_ops` of them (see the `coordinate` module documentation).
 //! 2. Phase 1: this node votes first through the local path (no message to itself), then every
 //!    other peer is asked in parallel; it stops waiting once the promise quorum is reached or out
 //!    of reach. Only each peer's own vote, verified against the Ed25519 key in its peer id, counts.
@@ -19,7 +23,11 @@
 //!    `StaleFailure` when a member rejected as stale (the member's computed `StaleFailure` travels
 //!    in the `"result"` field of its answer), `bad-request` when every rejection says the
 //!    operation is invalid, `consensus-failed` otherwise. Nothing was applied anywhere: a record
-//!    is decided only by a coordinator that assembled a promise quorum and sent it.
+//!    is decided only by a coordinator that assembled a promise quorum and sent it. For a batch
+//!    each operation gets its own outcome from the rejections naming it, and the operations no
+//!    member named run again in a new record when nothing of the failed one stays reserved.
+//!    This node's own member drops a promise that never left the node when the coordinator gives
+//!    its record up (no decided copy can ever count that vote).
 //!
 //! # Member side ([`Consensus::on_update`], [`MajorityConsensus::handle_cluster_request`])
 //! - Every record is verified (digest, hash, keys against peer ids, every vote signature) and
@@ -32,18 +40,29 @@
 //!   operation is checked against local storage without applying it; a member that is behind
 //!   (unknown block, pend not found) or stale votes reject with a reason. The vote and the
 //!   reservation are persisted before the vote is returned. Votes are final: a re-delivery gets
-//!   the stored vote.
+//!   the stored vote. A batch (at most [`optimystic_core::wire::MAX_RECORD_OPERATIONS`]
+//!   operations, blocks pairwise disjoint, else refused) is approved only when every operation
+//!   passes, else rejected with `batch: [[index, "category: detail"], ...]` listing each failing
+//!   one ([`optimystic_core::BatchFailure`]), each stale one's `StaleFailure` at its index of the
+//!   `"result"` array. A batch holds one reservation per operation against the bounds.
 //! - Phase 2: a record carrying a verified promise quorum is applied exactly once: the decided
 //!   copy is persisted, the operation applied, then the executed marker (result and commit vote,
 //!   keyed by messageHash) persisted. A re-delivery gets the stored commit vote and result. The
-//!   member keeps the decided pend and commit records as each revision's evidence (SPEC 4.10). A
-//!   member lacking the base (revision r - 1, or the pending trx) applies nothing and signs no
-//!   commit vote: it reports the block behind ([`optimystic_core::consensus::BehindSink`]) and
-//!   runs the record once catch-up brought the block forward (SPEC 4.6). Only an operation
-//!   applied here gets an approving commit vote; a stale result is signed as a reject.
+//!   member keeps the decided pend and commit records as each revision's evidence (SPEC 4.10),
+//!   one copy per record however many revisions it proves. A member lacking the base (revision
+//!   r - 1, or the pending trx) applies nothing and signs no commit vote: it reports the block
+//!   behind ([`optimystic_core::consensus::BehindSink`]) and runs the record once catch-up (or the
+//!   execution of the record it waited for) brought the block forward (SPEC 4.6). Only an
+//!   operation applied here gets an approving commit vote; a stale result is signed as a reject.
+//!   A decided batch runs its operations in order under the locks of all its blocks, nothing
+//!   while one lacks its base; the executed marker keeps the array of their results, and the
+//!   commit vote rejects (`batch:`) naming those that did not apply. One atomic storage step per
+//!   batch (group commit, SPEC 4.14) is not built yet: each operation is its own storage step,
+//!   and a crash midway re-executes the batch at restart, which the repository makes a no-op for
+//!   the operations already applied.
 //! - Bounds (SPEC 4.11-4.13): phase-1 records naming a peer this node never saw are refused;
 //!   reservations are bounded in total and per sender; a rejection stores no history; a "not
-//!   executed" status answer is final (persisted, under the lock executions take); two pends of
+//!   executed" status answer is final (persisted, under the locks executions take); two pends of
 //!   one trx with different transforms conflict, and a cancelled trx cannot be pended again
 //!   (tombstones); thresholds below a majority are configuration errors.
 //! - Recovery (SPEC 4.5): see the `recovery` module documentation; status queries use the extra
@@ -56,11 +75,33 @@
 //! memory-backed identity). Resolved markers are kept `marker_retention_ms` past their record's
 //! expiration, then collected.
 //!
+//! # Configuration (`[consensus]`, `kind = "majority-2pc"`; durations in ms)
+//! | Key | Default | Meaning |
+//! |---|---|---|
+//! | `promise_threshold`, `commit_threshold` | `majority` | `"majority"`, a count, or a fraction in (0.5, 1]; never below a majority |
+//! | `record_timeout_ms` | 10000 | longest lifetime of a record |
+//! | `request_timeout_ms` | 2000 | one cluster request |
+//! | `grace_ms` | 2000 | wait past expiration before recovery asks the peers (above the allowed clock skew) |
+//! | `retry_attempts`, `retry_base_ms`, `retry_max_ms` | 5, 250, 4000 | re-sends of the decided record |
+//! | `recovery_backoff_max_ms` | 30000 | cap of the delay between recovery rounds |
+//! | `max_reservations`, `max_reservations_per_sender` | 10000, 2500 | live reservations (one per operation) in total and per sender |
+//! | `max_recovery_queries_in_flight` | 64 | status queries at once |
+//! | `marker_retention_ms` | 7 days | how long resolved markers are kept past expiration |
+//! | `max_batch_ops` | 64 | most operations per record (1..=1024; 1 disables batching: every operation runs its own record at once); at most `max_reservations_per_sender` |
+//! | `max_batch_bytes` | 262144 (256 KiB) | most bytes of operations (JSON) per batched record, 1 KiB..=256 MiB; keep it well under `limits.max_cluster_frame_bytes` (1 MiB): answers carry votes and per-operation results |
+//! | `max_records_in_flight` | 1 | records of one peer set in flight at once while batching (1..=1024); more shortens waits but shrinks batches, which costs CPU per operation |
+//!
+//! # Locking
+//! A member's decisions and executions serialize per block (the record's blocks' locks, taken in
+//! sorted order), not per node: records on disjoint blocks vote and execute in parallel. See the
+//! `engine` module documentation.
+//!
 //! # Limits and known gaps
 //! - Every node of a cluster must run the same thresholds: a member judges "decided" by its own
 //!   configuration.
-//! - A member's vote decisions and executions are serialized by one lock per node (simple and
-//!   obviously atomic; it bounds one node's consensus throughput, not the cluster's).
+//! - A batch is decided or aborted as a whole. With a member unreachable, an operation another
+//!   member rejects fails the operations that shared its record (retryably, `consensus-failed`)
+//!   unless nothing of the record stays reserved.
 //! - A member that rejected a record, or never saw it, and missed its decided copy stays behind
 //!   for that record: it votes reject (`behind: ...`) on what depends on it until verified
 //!   catch-up (the sync protocol, driven by the node through the `BehindSink`) brings it up to
@@ -185,7 +226,7 @@ impl MajorityConsensus {
         let (operation, mut fields) = split_request(request)?;
         let record = take_record(&mut fields)?;
         match operation.as_str() {
-            UPDATE_OPERATION => Ok(self.inner.update(record, Origin::Remote(sender)).await?.to_value()),
+            UPDATE_OPERATION => Ok(self.inner.update(record, Origin::Remote(sender)).await?.into_value()),
             STATUS_OPERATION => self.inner.status(record).await,
             other => {
                 let shown: String = other.chars().take(64).collect();

@@ -24,12 +24,13 @@ use optimystic_core::repo::KeptRecord;
 use optimystic_core::wire::{ErrorEnvelope, RepoOperation, RepoResponse};
 use optimystic_core::{
     BatchFailure, BlockId, Check, MessageOptions, MetaWrite, RawStorage, RejectCategory, RejectReason, RepoError,
+    StorageRepo,
 };
 use serde_json::{Map, Value, json};
 
 use crate::checks::check_operation;
 use crate::engine::{HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
-use crate::store::{Entry, RecordStatus, read_entry, tomb_key, write_entry};
+use crate::store::{Entry, RecordStatus, read_entry, tomb_key, write_entry, write_entry_after};
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
 pub const STATUS_OPERATION: &str = "status";
@@ -505,11 +506,22 @@ impl Inner {
             Some(executed) => executed,
             None => {
                 // The decided copy is kept once for evidence (SPEC 4.10) when the record carries
-                // a pend or a commit, and the entry refers to it.
+                // a pend or a commit, in the same write as the decided entry that refers to it.
                 let keeps = cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
-                let kept = if keeps { Some(self.local.keep_record(&copy.to_value()).await?) } else { None };
+                let keep = if keeps { Some(StorageRepo::keep_record_write(&copy.to_value())?) } else { None };
+                let (kept, keep_write) = match keep {
+                    Some((kept, write)) => (Some(kept), vec![write]),
+                    None => (None, Vec::new()),
+                };
                 let decided = match prior {
-                    Some(prior) if prior.status == RecordStatus::Decided => prior,
+                    Some(prior) if prior.status == RecordStatus::Decided => {
+                        if !keep_write.is_empty() {
+                            // Kept with the decided entry; kept again (a no-op), as the entry may
+                            // predate references.
+                            self.storage().write_meta(&keep_write).await?;
+                        }
+                        prior
+                    }
                     prior => {
                         let sender = prior.as_ref().and_then(|e| e.sender.clone());
                         let decided = Entry {
@@ -526,7 +538,7 @@ impl Inner {
                             renounced: false,
                             local_only: false,
                         };
-                        write_entry(self.storage(), &hash, &decided).await?;
+                        write_entry_after(self.storage(), &hash, &decided, keep_write).await?;
                         decided
                     }
                 };

@@ -125,15 +125,25 @@ pub(crate) async fn read_entry(
 /// Writes an entry, with the live pointer first when it is live and deleted after when not, in one
 /// metadata batch (one sync on transactional engines; in this order on the others).
 pub(crate) async fn write_entry(storage: &dyn RawStorage, message_hash: &str, entry: &Entry) -> Result<(), RepoError> {
+    write_entry_after(storage, message_hash, entry, Vec::new()).await
+}
+
+/// [`write_entry`], with `before` written first in the same batch (the record an entry refers to).
+pub(crate) async fn write_entry_after(
+    storage: &dyn RawStorage,
+    message_hash: &str,
+    entry: &Entry,
+    mut before: Vec<MetaWrite>,
+) -> Result<(), RepoError> {
     let bytes = serde_json::to_vec(entry).map_err(|e| RepoError::Internal(format!("encoding a 2pc entry: {e}")))?;
     let live = live_key(message_hash);
     let entry_write = MetaWrite::Put(entry_key(entry.expiration_ms, message_hash), bytes);
-    let writes = if entry.status.is_live() {
-        [MetaWrite::Put(live, entry.expiration_ms.to_string().into_bytes()), entry_write]
+    if entry.status.is_live() {
+        before.extend([MetaWrite::Put(live, entry.expiration_ms.to_string().into_bytes()), entry_write]);
     } else {
-        [entry_write, MetaWrite::Delete(live)]
-    };
-    storage.write_meta(&writes).await?;
+        before.extend([entry_write, MetaWrite::Delete(live)]);
+    }
+    storage.write_meta(&before).await?;
     Ok(())
 }
 
