@@ -2,8 +2,10 @@
 //!
 //! # Batching (SPEC 4.14)
 //! Operations are queued per peer set, in a *lane*. A lane runs at most `max_records_in_flight`
-//! records at a time. An operation that finds a record slot free goes out at once, alone: there
-//! is no timer, so an idle cluster answers as fast as without batching. Operations that arrive
+//! records at a time. An operation that finds a record slot free goes out at once, alone, run by
+//! its own caller (no task in between): there is no timer, so an idle cluster answers as fast as
+//! without batching. When that record is settled, the slot passes to a driver task if operations
+//! queued meanwhile, and is freed otherwise. Operations that arrive
 //! while every slot is busy wait in the lane and go out together in the next record: at most
 //! `max_batch_ops` of them and about `max_batch_bytes` of JSON (a single larger operation still
 //! goes alone), their block sets pairwise disjoint (an operation naming a block already in the
@@ -378,8 +380,23 @@ impl Lanes {
         Some(Batch { peers: first.peers.clone(), queued })
     }
 
-    /// A driver of the lane stopped without finishing (node shutdown or a panic): the last one
-    /// gone fails what is still queued (each caller gets `unavailable`).
+    /// Whether a record slot of the lane goes on (operations are queued: `true`, the slot stays
+    /// counted) or is freed (`false`), in one step with the queue.
+    fn continue_or_stop(&self, key: &[PeerId]) -> bool {
+        let mut lanes = self.lock();
+        let Some(lane) = lanes.get_mut(key) else { return false };
+        if !lane.queue.is_empty() {
+            return true;
+        }
+        lane.running = lane.running.saturating_sub(1);
+        if lane.running == 0 {
+            lanes.remove(key);
+        }
+        false
+    }
+
+    /// A record slot of the lane is given up (the node shuts down): the last one gone fails what
+    /// is still queued (each caller gets `unavailable`).
     fn driver_gone(&self, key: &[PeerId]) {
         let mut lanes = self.lock();
         let Some(lane) = lanes.get_mut(key) else { return };
@@ -390,17 +407,19 @@ impl Lanes {
     }
 }
 
-/// Counts a lane's driver out if it stops before its lane ran empty.
-struct DriverGuard<'a> {
-    lanes: &'a Lanes,
-    key: &'a [PeerId],
-    finished: bool,
+/// A record slot of a lane held by the running task. Dropped while held (the record ran, or the
+/// task was cancelled or panicked midway), it passes the slot on ([`Inner::hand_over`]), so a
+/// lane never stalls with operations queued.
+struct Slot {
+    inner: Arc<Inner>,
+    key: Vec<PeerId>,
+    held: bool,
 }
 
-impl Drop for DriverGuard<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
-        if !self.finished {
-            self.lanes.driver_gone(self.key);
+        if self.held {
+            self.inner.hand_over(&self.key);
         }
     }
 }
@@ -444,43 +463,58 @@ impl Inner {
             Queued { peers: peers.clone(), operation: operation.clone(), expiration_ms: message.expiration, blocks, bytes, reply };
         let key: Vec<PeerId> = peers.keys().copied().collect();
         if self.lanes.push(&key, queued, self.config.max_records_in_flight) {
-            let me = Arc::clone(self);
-            let lane = key.clone();
-            if !self.spawn(async move { me.drive(lane).await }) {
-                // Shutting down: nothing will run the lane.
-                self.lanes.driver_gone(&key);
-            }
+            // A free record slot: this caller runs the lane's next record itself (its own
+            // operation is in it; no task to start, no hand-off), then passes the slot on.
+            let mut slot = Slot { inner: Arc::clone(self), key: key.clone(), held: true };
+            slot.held = self.run_next(&key).await;
         }
         answer.await.unwrap_or_else(|_| {
             Err(RepoError::Unavailable("the coordinator stopped before the operation's record was settled".into()))
         })
     }
 
-    /// Runs records for a lane until its queue is empty: each takes the next batch, and answers
-    /// its operations' callers (or queues them again, see [`OpOutcome::Rerun`]).
-    async fn drive(self: Arc<Self>, key: Vec<PeerId>) {
-        let mut guard = DriverGuard { lanes: &self.lanes, key: &key, finished: false };
-        loop {
-            let now = self.clock.now_ms();
-            let Some(batch) = self.lanes.next_batch(&key, self.config.max_batch_ops, self.config.max_batch_bytes, now) else {
-                break;
-            };
-            let operations: Vec<(RepoOperation, u64)> =
-                batch.queued.iter().map(|q| (q.operation.clone(), q.expiration_ms)).collect();
-            let outcomes = self.run_record(&batch.peers, &operations).await;
-            let mut again = Vec::new();
-            for (queued, outcome) in batch.queued.into_iter().zip(outcomes) {
-                match outcome {
-                    // The caller may have stopped waiting: that is fine.
-                    OpOutcome::Answer(answer) => drop(queued.reply.send(answer)),
-                    OpOutcome::Rerun => again.push(queued),
-                }
-            }
-            if !again.is_empty() {
-                self.lanes.requeue(&key, again);
+    /// Passes a lane's record slot on: to a driver task when operations are queued, else frees it.
+    fn hand_over(self: &Arc<Self>, key: &[PeerId]) {
+        if self.lanes.continue_or_stop(key) {
+            let me = Arc::clone(self);
+            let lane = key.to_vec();
+            if !self.spawn(async move { me.drive(lane).await }) {
+                // Shutting down: nothing will run the lane.
+                self.lanes.driver_gone(key);
             }
         }
-        guard.finished = true;
+    }
+
+    /// Runs records for a lane until its queue is empty.
+    async fn drive(self: Arc<Self>, key: Vec<PeerId>) {
+        let mut slot = Slot { inner: Arc::clone(&self), key: key.clone(), held: true };
+        while self.run_next(&key).await {}
+        slot.held = false;
+    }
+
+    /// Runs the lane's next record: takes the next batch, runs it, and answers its operations'
+    /// callers (or queues them again, see [`OpOutcome::Rerun`]). `false` when the queue was
+    /// empty: the slot was freed in the same step.
+    async fn run_next(self: &Arc<Self>, key: &[PeerId]) -> bool {
+        let now = self.clock.now_ms();
+        let Some(batch) = self.lanes.next_batch(key, self.config.max_batch_ops, self.config.max_batch_bytes, now) else {
+            return false;
+        };
+        let operations: Vec<(RepoOperation, u64)> =
+            batch.queued.iter().map(|q| (q.operation.clone(), q.expiration_ms)).collect();
+        let outcomes = self.run_record(&batch.peers, &operations).await;
+        let mut again = Vec::new();
+        for (queued, outcome) in batch.queued.into_iter().zip(outcomes) {
+            match outcome {
+                // The caller may have stopped waiting: that is fine.
+                OpOutcome::Answer(answer) => drop(queued.reply.send(answer)),
+                OpOutcome::Rerun => again.push(queued),
+            }
+        }
+        if !again.is_empty() {
+            self.lanes.requeue(key, again);
+        }
+        true
     }
 
     /// Runs one record of `operations` (each with its own expiration) among `peers`: its outcome

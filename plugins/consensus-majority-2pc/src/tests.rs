@@ -875,7 +875,7 @@ async fn queued_operations_share_records_of_at_most_max_batch_ops() {
     }))
     .await;
     assert!(answers.iter().all(pended), "{answers:?}");
-    assert_eq!(t.sizes(), vec![2, 2, 1]);
+    assert_eq!(t.sizes(), vec![1, 2, 2], "the first alone at once, the others queued meanwhile");
     // A record that names more than a member accepts is refused as a whole.
     let peers: Vec<PeerId> = t.peers.keys().copied().collect();
     let now = t.sim.clock().now_ms();
@@ -898,19 +898,22 @@ fn batch_record(peers: &[PeerId], message: optimystic_core::wire::RecordMessage)
 #[tokio::test(start_paused = true)]
 async fn a_batch_names_each_block_once() {
     let t = trio(config(), SimConfig::default());
-    t.seed("x").await;
-    t.seed("y").await;
-    let (first, second, other) = futures::join!(
+    for id in ["w", "x", "y"] {
+        t.seed(id).await;
+    }
+    // The first goes alone at once; the others queue while it is in flight.
+    let (lone, first, second, other) = futures::join!(
+        t.run(set_on("w", "t0", None, 0)),
         t.run(set_on("x", "t1", None, 1)),
         t.run(set_on("x", "t2", None, 2)),
         t.run(set_on("y", "t3", None, 3)),
     );
-    assert!(pended(&first) && pended(&second) && pended(&other), "{first:?} {second:?} {other:?}");
+    assert!(pended(&lone) && pended(&first) && pended(&second) && pended(&other), "{first:?} {second:?} {other:?}");
     let sent = t.records.lock().unwrap().clone();
     let trxs = |r: &ClusterRecord| -> Vec<String> {
         r.message["operations"].as_array().unwrap().iter().map(|op| op["pend"]["trxId"].as_str().unwrap().to_owned()).collect()
     };
-    assert_eq!(sent.iter().map(trxs).collect::<Vec<_>>(), vec![vec!["t1", "t3"], vec!["t2"]]);
+    assert_eq!(sent.iter().map(trxs).collect::<Vec<_>>(), vec![vec!["t0"], vec!["t1", "t3"], vec!["t2"]]);
 
     let peers: Vec<PeerId> = t.peers.keys().copied().collect();
     let now = t.sim.clock().now_ms();
@@ -930,19 +933,20 @@ async fn a_batch_names_each_block_once() {
 #[tokio::test(start_paused = true)]
 async fn a_stale_operation_is_answered_and_the_rest_of_its_batch_reruns() {
     let t = trio(config(), SimConfig::default());
-    for id in ["x", "y", "z"] {
+    for id in ["w", "x", "y", "z"] {
         t.seed(id).await;
     }
-    let (x, y, z) = futures::join!(
+    let (w, x, y, z) = futures::join!(
+        t.run(set_on("w", "tw", Some(2), 2)),
         t.run(set_on("x", "tx", Some(2), 2)),
         t.run(set_on("y", "ty", Some(1), 2)),
         t.run(set_on("z", "tz", Some(2), 2)),
     );
-    assert!(pended(&x) && pended(&z), "{x:?} {z:?}");
+    assert!(pended(&w) && pended(&x) && pended(&z), "{x:?} {z:?}");
     let Ok(RepoResponse::Pend(PendResult::Stale(stale))) = &y else { panic!("expected a StaleFailure, got {y:?}") };
     let missing = stale.missing.as_ref().unwrap();
     assert_eq!((missing.len(), missing[0].rev, missing[0].trx_id.as_str()), (1, 1, "init-y"));
-    assert_eq!(t.sizes(), vec![3, 2], "the batch, then the re-run of the others");
+    assert_eq!(t.sizes(), vec![1, 3, 2], "the lone first, the batch, then the re-run of the others");
     let reasons: Vec<String> = t
         .replies
         .lock()
@@ -952,8 +956,9 @@ async fn a_stale_operation_is_answered_and_the_rest_of_its_batch_reruns() {
         .collect();
     assert!(!reasons.is_empty() && reasons.iter().all(|r| r.starts_with("batch: [[1,\"stale: ")), "{reasons:?}");
 
-    let (cx, cz) = futures::join!(t.run(commit_on("x", "tx", 2)), t.run(commit_on("z", "tz", 2)));
-    assert!(committed(&cx) && committed(&cz), "{cx:?} {cz:?}");
+    let (cw, cx, cz) =
+        futures::join!(t.run(commit_on("w", "tw", 2)), t.run(commit_on("x", "tx", 2)), t.run(commit_on("z", "tz", 2)));
+    assert!(committed(&cw) && committed(&cx) && committed(&cz), "{cx:?} {cz:?}");
     t.wait_idle().await;
     let view: Vec<PeerId> = t.peers.keys().copied().collect();
     for (_, local) in &t.nodes {
@@ -977,7 +982,7 @@ async fn a_stale_operation_is_answered_and_the_rest_of_its_batch_reruns() {
 #[tokio::test(start_paused = true)]
 async fn a_conflict_on_one_operation_fails_it_alone() {
     let t = trio(config(), SimConfig::default());
-    for id in ["x", "y", "z"] {
+    for id in ["w", "x", "y", "z"] {
         t.seed(id).await;
     }
     // Another record holds a reservation on y at every member.
@@ -987,15 +992,16 @@ async fn a_conflict_on_one_operation_fails_it_alone() {
     for (consensus, _) in &t.nodes {
         assert!(consensus.on_update(peers[1], blocker.clone()).await.unwrap().promises.values().all(|v| v.is_approve()));
     }
-    let (x, y, z) = futures::join!(
+    let (w, x, y, z) = futures::join!(
+        t.run(set_on("w", "tw", Some(2), 2)),
         t.run(set_on("x", "tx", Some(2), 2)),
         t.run(set_on("y", "ty", Some(2), 2)),
         t.run(set_on("z", "tz", Some(2), 2)),
     );
-    assert!(pended(&x) && pended(&z), "{x:?} {z:?}");
+    assert!(pended(&w) && pended(&x) && pended(&z), "{x:?} {z:?}");
     assert!(matches!(&y, Err(RepoError::ConsensusFailed(_))), "{y:?}");
-    assert_eq!(t.sizes(), vec![3, 2]);
-    let batch_hash = t.records.lock().unwrap()[0].message_hash.clone();
+    assert_eq!(t.sizes(), vec![1, 3, 2]);
+    let batch_hash = t.records.lock().unwrap()[1].message_hash.clone();
     let reasons: Vec<String> = t
         .replies
         .lock()
