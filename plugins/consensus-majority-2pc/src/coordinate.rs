@@ -550,9 +550,10 @@ impl Inner {
 
         // Phase 1: promises. The record goes to every peer in parallel (SPEC 4.1), this node's
         // promise through the local path at the same time; the phase ends at a quorum or a proven
-        // abort. The local promise runs as its own task: abandoning it midway (say, in the middle
-        // of persisting the vote) would leave a stored promise without its reservation. The task
-        // is short (one member decision) and may outlive a node shutdown by that much.
+        // abort. The local promise runs as a background task of its own: abandoning it midway
+        // when the caller stops waiting (say, in the middle of persisting the vote) would leave a
+        // stored promise without its reservation. A node shutdown stops it like the rest of the
+        // node's work (as a crash would; the vote is written in one batch, before it is given).
         let mut promises = Promises::new(operations.len());
         let request = update_request(&record);
         let mut asks: FuturesUnordered<PromiseAsk<'_>> = others
@@ -562,16 +563,16 @@ impl Inner {
                 Box::pin(async move { (peer, parse_reply(self.send(peer, request, deadline).await)) })
             })
             .collect();
-        let local_promise = member.then(|| {
+        let local_done = member.then(|| {
             let (me, local) = (Arc::clone(self), record.clone());
             let (tx, rx) = oneshot::channel();
-            let task = tokio::spawn(async move {
+            let (done_tx, done_rx) = oneshot::channel::<()>();
+            // Nothing runs (and the ask below reports it) once the node is shutting down.
+            self.spawn(async move {
                 // The coordinator may have stopped listening: that is fine.
                 let _ = tx.send(me.update(local, Origin::Local).await);
+                let _ = done_tx.send(());
             });
-            (task, rx)
-        });
-        let local_task = local_promise.map(|(task, rx)| {
             asks.push(Box::pin(async move {
                 let answer = match rx.await {
                     Ok(answer) => answer.map_err(|e| e.to_string()),
@@ -579,7 +580,7 @@ impl Inner {
                 };
                 (self.me, answer)
             }));
-            task
+            done_rx
         });
         let promise_hash = record.promise_hash();
         while promises.approvals() < quorum && promises.rejections() <= n - quorum {
@@ -589,11 +590,10 @@ impl Inner {
         drop(asks);
 
         if promises.approvals() < quorum {
-            // The local member's decision must be complete before the record is given up.
-            if let Some(task) = local_task
-                && let Err(e) = task.await
-            {
-                tracing::debug!(error = %e, "the local promise task failed");
+            // The local member's decision must be complete before the record is given up (an
+            // error means the task stopped at a node shutdown: nothing is left to wait for).
+            if let Some(done) = local_done {
+                let _ = done.await;
             }
             return self.fail(record, promises, &kinds, quorum, member, others).await;
         }
