@@ -45,6 +45,9 @@ pub struct NodeConfig {
     pub log: LogSection,
 }
 
+/// Most blocks one replica-repair round may visit (`node.repair_blocks_per_round`).
+pub const MAX_REPAIR_BLOCKS_PER_ROUND: usize = 4_096;
+
 /// `[node]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -61,6 +64,11 @@ pub struct NodeSection {
     /// How `get` reads: `quorum` (never misses an acknowledged commit) or `local` (fastest, may be
     /// stale).
     pub read_mode: ReadMode,
+    /// Between replica-repair rounds (each block this node holds is re-offered to its current
+    /// cluster, so members that joined receive it); 0 repairs only once, after start.
+    pub repair_interval_ms: u64,
+    /// Blocks repaired per round (each costs a cluster lookup and a request per member).
+    pub repair_blocks_per_round: usize,
 }
 
 impl Default for NodeSection {
@@ -71,6 +79,8 @@ impl Default for NodeSection {
             bootstrap: Vec::new(),
             protocol_prefix: optimystic_core::wire::DEFAULT_PROTOCOL_PREFIX.to_owned(),
             read_mode: ReadMode::Quorum,
+            repair_interval_ms: 5_000,
+            repair_blocks_per_round: 64,
         }
     }
 }
@@ -289,6 +299,12 @@ impl LoadedConfig {
         }
         if !c.node.protocol_prefix.starts_with('/') || c.node.protocol_prefix.ends_with('/') {
             return Err(self.invalid("node.protocol_prefix", "must start with '/' and not end with '/'"));
+        }
+        if !(1..=MAX_REPAIR_BLOCKS_PER_ROUND).contains(&c.node.repair_blocks_per_round) {
+            return Err(self.invalid(
+                "node.repair_blocks_per_round",
+                format!("must be 1..={MAX_REPAIR_BLOCKS_PER_ROUND}, got {}", c.node.repair_blocks_per_round),
+            ));
         }
         let l = &c.limits;
         for (key, value, min, max) in [

@@ -44,6 +44,8 @@ pub const GAUGE_SAMPLE_INTERVAL_MS: u64 = 2_000;
 pub const CATCH_UP_PAGE: usize = 256;
 /// How long the restart catch-up waits for the first routing-table entries.
 pub const CATCH_UP_ROUTING_WAIT_MS: u64 = 10_000;
+/// Shortest gap between replica-repair rounds started by routing-table changes.
+pub const REPAIR_MIN_GAP_MS: u64 = 1_000;
 
 /// Why a node could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -318,7 +320,8 @@ impl Node {
         cx.key_network = Some(key_network.clone());
         let (behind_tx, behind_rx) = tokio::sync::mpsc::channel(MAX_BEHIND_QUEUE);
         let behind_queued = Arc::new(std::sync::Mutex::new(HashSet::new()));
-        cx.behind = Some(Arc::new(BehindQueue { tx: behind_tx, queued: behind_queued.clone() }));
+        let behind: Arc<dyn BehindSink> = Arc::new(BehindQueue { tx: behind_tx, queued: behind_queued.clone() });
+        cx.behind = Some(behind.clone());
         let consensus = registry.build_consensus(&config.consensus.kind, &cx, &config.consensus.to_value())?;
         // SPEC 2.1: on a cluster member a read never writes storage.
         let read_local = local.with_read_promotion(consensus.read_promotion());
@@ -336,7 +339,7 @@ impl Node {
         host.set_handlers(
             Handlers::repo(repo.clone())
                 .with_cluster(consensus.clone())
-                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone())))),
+                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone()).with_hints(behind)))),
         );
 
         let metrics_server = if config.metrics.enabled {
@@ -353,7 +356,7 @@ impl Node {
         let background = vec![
             tokio::spawn(sample_gauges(storage.clone(), host.clone(), metrics.clone())),
             tokio::spawn(catch_up_behind(behind_rx, behind_queued, catch_up.clone(), consensus.clone())),
-            tokio::spawn(catch_up_after_start(storage.clone(), catch_up, consensus.clone(), host.clone())),
+            tokio::spawn(repair_replicas(storage.clone(), catch_up, consensus.clone(), host.clone(), RepairPace::of(config))),
         ];
         metrics.set_ready(true);
         Ok(Self { host, consensus, storage, repo, metrics, metrics_server, background })
@@ -428,42 +431,101 @@ async fn sample_gauges(storage: Arc<dyn RawStorage>, host: HostHandle, metrics: 
     }
 }
 
-/// After a (re)start, brings every locally stored block up to its cluster's newest revision.
-async fn catch_up_after_start(
+/// How replica repair walks the local blocks.
+#[derive(Clone, Copy, Debug)]
+struct RepairPace {
+    /// Between rounds; 0: only the pass after start.
+    interval_ms: u64,
+    /// Blocks repaired per round.
+    blocks_per_round: usize,
+}
+
+impl RepairPace {
+    fn of(config: &NodeConfig) -> Self {
+        Self { interval_ms: config.node.repair_interval_ms, blocks_per_round: config.node.repair_blocks_per_round }
+    }
+}
+
+/// Replica repair ([`CatchUp::repair`]): after a (re)start, one pass over every locally stored
+/// block (this node catches up, and hints lagging members); then every `interval_ms`, and soon
+/// after the routing table changes (at most every [`REPAIR_MIN_GAP_MS`]), a round over the next
+/// `blocks_per_round` blocks, wrapping around. A block whose cluster no longer includes this
+/// node is left alone.
+async fn repair_replicas(
     storage: Arc<dyn RawStorage>,
     catch_up: CatchUp,
     consensus: Arc<dyn Consensus>,
     host: HostHandle,
+    pace: RepairPace,
 ) {
     let mut updates = host.routing_updates();
-    if *updates.borrow() == 0 {
+    if *updates.borrow_and_update() == 0 {
         let _ = tokio::time::timeout(Duration::from_millis(CATCH_UP_ROUTING_WAIT_MS), updates.changed()).await;
     }
     let mut after: Option<BlockId> = None;
     let mut applied = 0usize;
     loop {
-        let page = match storage.block_ids(after.as_ref(), CATCH_UP_PAGE).await {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::warn!(error = %e, "restart catch-up could not list blocks");
-                return;
+        match repair_page(&storage, &catch_up, &consensus, after.as_ref(), CATCH_UP_PAGE).await {
+            Some((last, n)) => {
+                applied += n;
+                after = Some(last);
             }
-        };
-        let Some(last) = page.last().cloned() else { break };
-        for block_id in &page {
-            match catch_up.catch_up(block_id).await {
-                Ok(n) => {
-                    applied += n;
-                    if n > 0 {
-                        consensus.caught_up(block_id).await;
-                    }
-                }
-                Err(e) => tracing::debug!(%block_id, error = %e, "restart catch-up of a block failed"),
-            }
+            None => break,
         }
-        after = Some(last);
     }
     if applied > 0 {
         tracing::info!(applied, "caught up after start");
     }
+    if pace.interval_ms == 0 {
+        return;
+    }
+    let mut after: Option<BlockId> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(pace.interval_ms)) => {}
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(REPAIR_MIN_GAP_MS)).await;
+                updates.borrow_and_update();
+            }
+        }
+        after = repair_page(&storage, &catch_up, &consensus, after.as_ref(), pace.blocks_per_round).await.map(|(last, _)| last);
+    }
+}
+
+/// Repairs the (at most `limit`) blocks after `after`; returns the last one and the revisions
+/// applied, or `None` past the last block (or when storage cannot list them).
+async fn repair_page(
+    storage: &Arc<dyn RawStorage>,
+    catch_up: &CatchUp,
+    consensus: &Arc<dyn Consensus>,
+    after: Option<&BlockId>,
+    limit: usize,
+) -> Option<(BlockId, usize)> {
+    let page = match storage.block_ids(after, limit).await {
+        Ok(page) => page,
+        Err(e) => {
+            tracing::warn!(error = %e, "replica repair could not list blocks");
+            return None;
+        }
+    };
+    let last = page.last().cloned()?;
+    let mut applied = 0usize;
+    for block_id in &page {
+        match catch_up.repair(block_id).await {
+            Ok(report) => {
+                applied += report.applied;
+                if report.applied > 0 {
+                    consensus.caught_up(block_id).await;
+                }
+                if !report.hinted.is_empty() {
+                    tracing::debug!(%block_id, hinted = report.hinted.len(), "hinted lagging members");
+                }
+            }
+            Err(e) => tracing::debug!(%block_id, error = %e, "replica repair of a block failed"),
+        }
+    }
+    Some((last, applied))
 }
