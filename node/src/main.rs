@@ -306,7 +306,9 @@ async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     drop(out);
+    let announce = tokio::spawn(announce_ready(node.readiness()));
     wait_for_signal().await?;
+    announce.abort();
     tracing::info!("stopping");
     node.shutdown().await?;
     Ok(ExitCode::SUCCESS)
@@ -432,4 +434,13 @@ fn verify_records(file: Option<PathBuf>, check_expiration: bool) -> anyhow::Resu
         }
     }
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Prints `ready` once, when the node first becomes ready.
+async fn announce_ready(mut readiness: tokio::sync::watch::Receiver<optimystic_node::readiness::Readiness>) {
+    if readiness.wait_for(|r| r.ready).await.is_ok() {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+    }
 }
