@@ -17,6 +17,7 @@ pub mod identity;
 pub mod local_cluster;
 pub mod metrics;
 pub mod node;
+pub mod ops;
 pub mod readiness;
 pub mod service;
 pub mod txn;

@@ -5,6 +5,7 @@
 //! - `/ready` is readiness: `200 {"status": "ready", "detail"}` when the node can serve its role
 //!   (see [`crate::readiness`]), `503 {"status": "not-ready", "detail"}` otherwise.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -72,6 +73,10 @@ pub struct Metrics {
     /// Bytes of local storage (as last sampled; 0 when the engine cannot tell).
     pub stored_bytes: Gauge,
     readiness: Mutex<Readiness>,
+    /// `repo_operations` by op and outcome, readable (prometheus-client families cannot be listed).
+    operation_totals: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
+    /// `consensus_rounds` by outcome, readable.
+    round_totals: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for Metrics {
@@ -107,13 +112,37 @@ impl Metrics {
             stored_blocks,
             stored_bytes,
             readiness: Mutex::new(Readiness::not_ready("starting")),
+            operation_totals: Mutex::new(BTreeMap::new()),
+            round_totals: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Records one served repo operation.
+    /// Records one served repo operation. `op` and `outcome` come from small fixed sets (operation
+    /// kinds, `ok` / `stale` and the error codes), so the counts stay bounded.
     pub fn record_operation(&self, op: &str, outcome: &str, elapsed: Duration) {
         self.repo_operations.get_or_create(&OpLabels { op: op.to_owned(), outcome: outcome.to_owned() }).inc();
         self.repo_latency.get_or_create(&KindLabels { op: op.to_owned() }).observe(elapsed.as_secs_f64());
+        let mut totals = self.operation_totals.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = totals.entry(op.to_owned()).or_default().entry(outcome.to_owned()).or_default();
+        *count = count.saturating_add(1);
+    }
+
+    /// Records one coordinated consensus round by outcome (`committed`, `stale` or an error code).
+    pub fn record_round(&self, outcome: &str) {
+        self.consensus_rounds.get_or_create(&RoundLabels { outcome: outcome.to_owned() }).inc();
+        let mut totals = self.round_totals.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = totals.entry(outcome.to_owned()).or_default();
+        *count = count.saturating_add(1);
+    }
+
+    /// Repo operations served so far, by op, then by outcome.
+    pub fn operation_totals(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.operation_totals.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Coordinated consensus rounds so far, by outcome.
+    pub fn round_totals(&self) -> BTreeMap<String, u64> {
+        self.round_totals.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Sets what `/ready` answers (and the `ready` field of `/health`).
@@ -251,5 +280,18 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "ready");
         assert_eq!(body["detail"], "1 peer connected, 1 in the routing table");
+    }
+
+    #[test]
+    fn counters_are_readable_by_label() {
+        let metrics = Metrics::new();
+        metrics.record_operation("get", "ok", Duration::from_millis(1));
+        metrics.record_operation("get", "ok", Duration::from_millis(1));
+        metrics.record_operation("commit", "stale", Duration::from_millis(1));
+        metrics.record_round("committed");
+        assert_eq!(metrics.operation_totals()["get"]["ok"], 2);
+        assert_eq!(metrics.operation_totals()["commit"]["stale"], 1);
+        assert_eq!(metrics.round_totals()["committed"], 1);
+        assert!(metrics.encode().contains("optimystic_consensus_rounds_total{outcome=\"committed\"} 1"));
     }
 }

@@ -37,7 +37,8 @@ use tokio::task::JoinHandle;
 use crate::config::NodeConfig;
 use crate::host::{Host, HostConfig, HostError, HostHandle};
 use crate::identity::{self, IdentityError};
-use crate::metrics::{Metrics, MetricsError, MetricsServer, RoundLabels};
+use crate::metrics::{Metrics, MetricsError, MetricsServer};
+use crate::ops::{NodeOperator, PluginKinds};
 use crate::readiness::{self, Readiness, ReadinessRule};
 use crate::service::{Handlers, SyncHandler};
 
@@ -158,7 +159,7 @@ impl Consensus for MeteredConsensus {
             Ok(_) => "committed",
             Err(e) => e.code().as_str(),
         };
-        self.metrics.consensus_rounds.get_or_create(&RoundLabels { outcome: outcome.to_owned() }).inc();
+        self.metrics.record_round(outcome);
         result
     }
 
@@ -347,10 +348,17 @@ impl Node {
         let catch_up = reads.catch_up().clone();
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });
         consensus.start().await.map_err(|e| NodeError::Config(format!("consensus did not start: {e}")))?;
+        let kinds = PluginKinds {
+            storage: config.storage.kind.clone(),
+            key_network: config.key_network.kind.clone(),
+            consensus: config.consensus.kind.clone(),
+        };
+        let operator = NodeOperator::new(host.clone(), storage.clone(), key_network.clone(), metrics.clone(), kinds);
         host.set_handlers(
             Handlers::repo(repo.clone())
                 .with_cluster(consensus.clone())
-                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone())))),
+                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone()))))
+                .with_operator(Arc::new(operator)),
         );
 
         let metrics_server = if config.metrics.enabled {
