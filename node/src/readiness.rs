@@ -72,7 +72,13 @@ impl ReadinessRule {
         let connected = now.connected.len();
         let routing = now.routing_table_peers;
         match self {
-            Self::Alone => Readiness { ready: true, detail: "no bootstrap peers configured: serving alone".to_owned() },
+            Self::Alone => Readiness {
+                ready: true,
+                detail: format!(
+                    "no bootstrap peers to join; {} connected, {routing} in the routing table",
+                    plural(connected, "peer")
+                ),
+            },
             Self::Joined => {
                 let detail = format!("{} connected, {routing} in the routing table", plural(connected, "peer"));
                 let ready = connected > 0 && routing > 0;

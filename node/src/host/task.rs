@@ -392,7 +392,7 @@ impl SwarmTask {
                     if self.dial_errors.len() >= MAX_REMEMBERED_DIAL_ERRORS {
                         self.dial_errors.clear();
                     }
-                    self.dial_errors.insert(peer, error.to_string());
+                    self.dial_errors.insert(peer, dial_error_detail(&error));
                 }
                 // Kademlia forgets addresses that fail.
                 self.publish_connectivity();
@@ -552,6 +552,16 @@ fn log_bootstrap_failure(failure: &super::bootstrap::Failure, reason: &str) {
         retry_in_ms,
         "cannot reach bootstrap peer; retrying"
     );
+}
+
+/// Why a dial failed, naming each address tried with its reason (for request errors).
+fn dial_error_detail(error: &DialError) -> String {
+    match error {
+        DialError::Transport(attempts) if !attempts.is_empty() => {
+            attempts.iter().map(|(addr, e)| format!("{addr}: {}", error_reason(e))).collect::<Vec<_>>().join("; ")
+        }
+        other => dial_error_reason(other),
+    }
 }
 
 /// Why a dial failed, in a few words: the transport's innermost reason for each address tried.
