@@ -237,8 +237,10 @@ fn respond<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/ready") => {
             let readiness = metrics.readiness();
-            let (status, word) =
-                if readiness.ready { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not-ready") };
+            let (status, word) = match readiness.ready {
+                true => (StatusCode::OK, "ready"),
+                false => (StatusCode::SERVICE_UNAVAILABLE, "not-ready"),
+            };
             (status, "application/json", json!({"status": word, "detail": readiness.detail}).to_string())
         }
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),

@@ -493,7 +493,8 @@ mod tests {
         assert_eq!(code(&refused), "bad-request");
         assert!(refused["error"]["message"].as_str().unwrap().contains("unknown operator request"), "{refused}");
         let get = Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}], "expiration": later()}));
-        assert!(services.serve(ProtocolKind::Repo, peer, get).await["a"]["state"].is_object(), "repo requests still served");
+        let answer = services.serve(ProtocolKind::Repo, peer, get).await;
+        assert!(answer["a"]["state"].is_object(), "repo requests are still served: {answer}");
     }
 
     #[derive(Debug)]

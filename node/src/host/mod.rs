@@ -11,11 +11,13 @@
 //! Joining cannot fail silently: every bootstrap address is redialled with capped exponential
 //! backoff until a connection stands (and again whenever the node has lost every connection), each
 //! failed dial is logged at `warn` with its address and reason, and the peer reached goes into the
-//! routing table with the address dialled (see `bootstrap.rs`). [`HostHandle::connectivity`]
-//! publishes the connected peers and the routing-table size on every change.
+//! routing table with the address dialled (see `bootstrap.rs`); that connection is kept open while
+//! both ends run (`keep_alive.rs`). [`HostHandle::connectivity`] publishes the connected peers and
+//! the routing-table size on every change.
 
 mod behaviour;
 mod bootstrap;
+mod keep_alive;
 mod task;
 
 use std::collections::BTreeSet;

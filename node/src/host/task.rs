@@ -213,6 +213,7 @@ impl SwarmTask {
                 None => DialOpts::unknown_peer_id().address(dial_addr).build(),
             };
             let connection = opts.connection_id();
+            self.swarm.behaviour_mut().keep_alive.keep(connection);
             match self.swarm.dial(opts) {
                 Ok(()) => self.bootstrap.dialling(index, connection),
                 Err(e) => {
@@ -361,6 +362,7 @@ impl SwarmTask {
             SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(e)) => self.on_identify(e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(_) | NodeBehaviourEvent::Limits(_)) => {}
+            SwarmEvent::Behaviour(NodeBehaviourEvent::KeepAlive(never)) => match never {},
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::debug!(%address, "listening");
                 let mut addrs = self.listen_addrs.write().unwrap_or_else(PoisonError::into_inner);
