@@ -263,12 +263,20 @@ fn rewrite_example_config(dir: &Path, i: usize, ports: &Ports) -> PathBuf {
     let data_dir = format!("data_dir = \"./optimystic-data/node{i}\"");
     assert!(text.contains(&data_dir), "example node{i}.toml changed: {data_dir} not found");
     text = text.replace(&data_dir, &format!("data_dir = {:?}", dir.join(format!("node{i}")).display().to_string()));
+    // Through placeholders, so that a new port is never taken for an old one.
+    for n in 1..=3 {
+        text = text.replace(&format!("/tcp/410{n}\""), &format!("/tcp/@p2p{n}@\"")).replace(
+            &format!("127.0.0.1:910{n}\""),
+            &format!("127.0.0.1:@metrics{n}@\""),
+        );
+    }
+    let own_ports = text.contains(&format!("@p2p{i}@")) && text.contains(&format!("@metrics{i}@"));
+    assert!(own_ports, "example node{i}.toml changed its ports:\n{text}");
     for n in 1..=3 {
         text = text
-            .replace(&format!("/tcp/410{n}\""), &format!("/tcp/{}\"", ports.p2p[n - 1]))
-            .replace(&format!("127.0.0.1:910{n}\""), &format!("127.0.0.1:{}\"", ports.metrics[n - 1]));
+            .replace(&format!("@p2p{n}@"), &ports.p2p[n - 1].to_string())
+            .replace(&format!("@metrics{n}@"), &ports.metrics[n - 1].to_string());
     }
-    assert!(!text.contains("/tcp/410") && !text.contains(":910"), "a port of node{i}.toml was not rewritten:\n{text}");
     let path = dir.join(format!("node{i}.toml"));
     std::fs::write(&path, text).unwrap();
     path
