@@ -496,9 +496,17 @@ fn status_and_locate_describe_a_three_node_cluster() {
         assert!(text.contains(&expected), "{expected:?} missing in:\n{text}");
     }
 
-    let (code, stdout, stderr) = run_bin(&["locate", "--peer", &nodes[2].p2p_addr, "located", "--json"]);
-    assert_eq!(code, Some(0), "{stderr}");
-    let location: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // A commit is acknowledged at a majority; the third member applies it a moment later.
+    let location = loop {
+        let (code, stdout, stderr) = run_bin(&["locate", "--peer", &nodes[2].p2p_addr, "located", "--json"]);
+        assert_eq!(code, Some(0), "{stderr}");
+        let location: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let members = location["members"].as_array().unwrap();
+        if members.len() == 3 && members.iter().all(|m| m["latest"]["rev"] == 1) {
+            break location;
+        }
+        assert!(Instant::now() < deadline, "not every member reports revision 1: {location}");
+    };
     assert_eq!(location["blockId"], "located");
     assert_eq!(location["seenBy"], peer_ids[2].as_str());
     let members = location["members"].as_array().unwrap();
