@@ -85,6 +85,11 @@ impl Bootstrap {
         Self { targets, initial, max }
     }
 
+    /// The peers the addresses name, each with its address (without `/p2p`).
+    pub(crate) fn named_peers(&self) -> Vec<(PeerId, Multiaddr)> {
+        self.targets.iter().filter_map(|t| t.peer.map(|peer| (peer, t.dial_addr.clone()))).collect()
+    }
+
     /// The earliest instant an address is due, if any waits.
     pub(crate) fn next_due(&self) -> Option<Instant> {
         self.targets
@@ -235,6 +240,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Bootstrap::new(&[own, theirs.clone(), theirs.clone(), plain()], local, INITIAL, MAX, t0);
         assert_eq!(b.due(t0), vec![0, 1], "the local address and the repeat are dropped");
+        assert_eq!(b.named_peers(), vec![(remote, "/ip4/127.0.0.1/tcp/4102".parse().unwrap())]);
         assert_eq!(b.target(0).unwrap().peer, Some(remote));
         assert_eq!(b.target(0).unwrap().dial_addr.to_string(), "/ip4/127.0.0.1/tcp/4102");
         let joined = b.connected(ConnectionId::new_unchecked(7), remote);

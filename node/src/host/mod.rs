@@ -76,8 +76,8 @@ pub struct HostConfig {
     /// Peers to join through, with or without a `/p2p/<peer id>` suffix. Each is dialled until a
     /// connection stands, with the delay between attempts growing from
     /// `bootstrap_backoff_initial_ms` to `bootstrap_backoff_max_ms`; the peer reached enters the
-    /// routing table with the address dialled. When the node has lost every connection, all are
-    /// dialled again.
+    /// routing table with the address dialled (a peer named by `/p2p` enters it at start). When the
+    /// node has lost every connection, all are dialled again.
     pub bootstrap: Vec<Multiaddr>,
     /// Delay after the first failed dial of a bootstrap address; doubled after each further one.
     pub bootstrap_backoff_initial_ms: u64,

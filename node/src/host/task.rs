@@ -187,8 +187,13 @@ impl SwarmTask {
     }
 
     /// Dials the bootstrap addresses for the first time. A node whose bootstrap peers are down
-    /// still starts; the swarm task goes on dialling them (see `bootstrap.rs`).
+    /// still starts; the swarm task goes on dialling them (see `bootstrap.rs`). A peer an address
+    /// names (`/p2p/<peer id>`) enters the routing table at once, so lookups and clusters count on
+    /// it while the dial is in flight.
     pub(crate) fn start_bootstrap(&mut self) {
+        for (peer, addr) in self.bootstrap.named_peers() {
+            self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+        }
         self.dial_due_bootstrap();
         self.publish_connectivity();
     }
