@@ -17,6 +17,8 @@ pub mod identity;
 pub mod local_cluster;
 pub mod metrics;
 pub mod node;
+pub mod ops;
+pub mod readiness;
 pub mod service;
 pub mod txn;
 
@@ -36,5 +38,5 @@ pub fn link_bundled_plugins() -> optimystic_core::registry::Registry {
     optimystic_core::registry::Registry::linked()
 }
 
-pub use host::{Host, HostConfig, HostError, HostHandle};
+pub use host::{Connectivity, Host, HostConfig, HostError, HostHandle};
 pub use service::{Handlers, SyncHandler};

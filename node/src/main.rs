@@ -22,6 +22,7 @@ use optimystic_node::bench::{self, BenchOptions};
 use optimystic_node::config::{self, LogFormat};
 use optimystic_node::host::{Host, HostConfig};
 use optimystic_node::node::Node;
+use optimystic_node::ops::{self, OperatorRequest};
 use optimystic_node::service::Handlers;
 use optimystic_node::{demo, identity, link_bundled_plugins, txn};
 use serde_json::{Value, json};
@@ -86,6 +87,19 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Ask a running node how it is: peers, routing table, readiness, storage, counters.
+    #[command(after_help = "Examples:\n  optimystic status --peer /ip4/127.0.0.1/tcp/4101/p2p/12D3Koo...\n  \
+        optimystic status --peer ADDR --json")]
+    Status(OperatorArgs),
+    /// Ask a running node where a block lives: its cluster and each member's latest revision.
+    #[command(after_help = "Examples:\n  optimystic locate --peer /ip4/127.0.0.1/tcp/4101/p2p/12D3Koo... diary\n  \
+        optimystic locate --peer ADDR diary --json")]
+    Locate {
+        #[command(flatten)]
+        operator: OperatorArgs,
+        /// The block id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,7 +234,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format.unwrap_or_default();
     // The demo, the bench and the client print their own output; node logs would bury it.
-    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_) | Command::Client(_));
+    let quiet = matches!(
+        cli.command,
+        Command::Demo(_) | Command::Bench(_) | Command::Client(_) | Command::Status(_) | Command::Locate { .. }
+    );
     init_logging(format, if quiet { "warn" } else { "warn,optimystic=info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -287,6 +304,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             bench::run(options, link_bundled_plugins()).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status(args) => operator_command(args, OperatorRequest::Status).await,
+        Command::Locate { operator, id } => {
+            let block_id = BlockId::new(id).context("the block id")?;
+            operator_command(operator, OperatorRequest::Locate { block_id }).await
+        }
     }
 }
 
@@ -313,7 +335,9 @@ async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     drop(out);
+    let announce = tokio::spawn(announce_ready(node.readiness()));
     wait_for_signal().await?;
+    announce.abort();
     tracing::info!("stopping");
     node.shutdown().await?;
     Ok(ExitCode::SUCCESS)
@@ -446,4 +470,61 @@ fn verify_records(file: Option<PathBuf>, check_expiration: bool) -> anyhow::Resu
         }
     }
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Flags of `status` and `locate`.
+#[derive(Debug, Args)]
+struct OperatorArgs {
+    /// The node to ask: `<multiaddr>/p2p/<peer id>`.
+    #[arg(long)]
+    peer: String,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Deadline of the request.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Protocol id prefix of the network.
+    #[arg(long, default_value = optimystic_core::wire::DEFAULT_PROTOCOL_PREFIX)]
+    protocol_prefix: String,
+}
+
+/// Prints `ready` once, when the node first becomes ready.
+async fn announce_ready(mut readiness: tokio::sync::watch::Receiver<optimystic_node::readiness::Readiness>) {
+    if readiness.wait_for(|r| r.ready).await.is_ok() {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+    }
+}
+
+/// Sends one operator request to `--peer` and prints the answer (JSON with `--json`).
+async fn operator_command(args: OperatorArgs, request: OperatorRequest) -> anyhow::Result<ExitCode> {
+    let addr: Multiaddr = args.peer.parse().with_context(|| format!("--peer {:?}", args.peer))?;
+    let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+        bail!("--peer must end with /p2p/<peer id>");
+    };
+    let mut host_config = HostConfig::new(identity::generate());
+    host_config.protocol_prefix = args.protocol_prefix.clone();
+    host_config.request_timeout_ms = args.timeout_ms;
+    let host = Host::start(host_config, Handlers::default()).await?;
+    let answer = match host.add_address(peer, addr).await {
+        Ok(()) => ops::ask(&host, peer, &request, args.timeout_ms).await.map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
+    };
+    host.shutdown().await;
+    let answer = answer.with_context(|| format!("asking {}", args.peer))?;
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string_pretty(&answer)?)
+    } else {
+        match request {
+            OperatorRequest::Status => ops::decode::<ops::NodeStatus>(answer)?.to_text(),
+            OperatorRequest::Locate { .. } => ops::decode::<ops::Location>(answer)?.to_text(),
+        }
+    };
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the answer"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }

@@ -3,9 +3,11 @@
 //!
 //! Start order: identity, storage (and the local repository over it), host (with no handlers
 //! yet), key network (over the host's routing), consensus (over the host's network), the
-//! coordinator and the read-mode layer; then the handlers are installed and the node is ready.
-//! Stop order is the reverse: the node stops serving, the host shuts down (requests in flight
-//! fail cleanly), background tasks end, and storage is flushed and closed.
+//! coordinator and the read-mode layer; then the handlers are installed. The node is *ready*
+//! ([`crate::readiness`]) once it can serve its role, which a task re-evaluates on every
+//! connection change; `/ready` and [`Node::readiness`] report it. Stop order is the reverse: the
+//! node stops serving, the host shuts down (requests in flight fail cleanly), background tasks end,
+//! and storage is flushed and closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +37,9 @@ use tokio::task::JoinHandle;
 use crate::config::NodeConfig;
 use crate::host::{Host, HostConfig, HostError, HostHandle};
 use crate::identity::{self, IdentityError};
-use crate::metrics::{Metrics, MetricsError, MetricsServer, RoundLabels};
+use crate::metrics::{Metrics, MetricsError, MetricsServer};
+use crate::ops::{NodeOperator, PluginKinds};
+use crate::readiness::{self, Readiness, ReadinessRule};
 use crate::service::{Handlers, SyncHandler};
 
 /// How often storage and peer gauges are sampled.
@@ -80,6 +84,8 @@ pub struct Node {
     repo: Arc<dyn Repo>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
+    readiness: tokio::sync::watch::Receiver<Readiness>,
+    readiness_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -155,7 +161,7 @@ impl Consensus for MeteredConsensus {
             Ok(_) => "committed",
             Err(e) => e.code().as_str(),
         };
-        self.metrics.consensus_rounds.get_or_create(&RoundLabels { outcome: outcome.to_owned() }).inc();
+        self.metrics.record_round(outcome);
         result
     }
 
@@ -270,6 +276,15 @@ impl Node {
         let mut host_config = HostConfig::new(keypair.clone());
         host_config.listen = parse_addrs("node.listen", &config.node.listen)?;
         host_config.bootstrap = parse_addrs("node.bootstrap", &config.node.bootstrap)?;
+        // Static members with an address are dialled like bootstrap peers: their connections are
+        // what makes a static member ready.
+        if config.key_network.kind == "static" {
+            for addr in readiness::static_members(config).into_iter().filter_map(|(_, addr)| addr) {
+                if !host_config.bootstrap.contains(&addr) {
+                    host_config.bootstrap.push(addr);
+                }
+            }
+        }
         host_config.protocol_prefix = config.node.protocol_prefix.clone();
         let limits = &config.limits;
         host_config.max_repo_frame_bytes = limits.max_repo_frame_bytes;
@@ -336,10 +351,17 @@ impl Node {
         let catch_up = reads.catch_up().clone();
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });
         consensus.start().await.map_err(|e| NodeError::Config(format!("consensus did not start: {e}")))?;
+        let kinds = PluginKinds {
+            storage: config.storage.kind.clone(),
+            key_network: config.key_network.kind.clone(),
+            consensus: config.consensus.kind.clone(),
+        };
+        let operator = NodeOperator::new(host.clone(), storage.clone(), key_network.clone(), metrics.clone(), kinds);
         host.set_handlers(
             Handlers::repo(repo.clone())
                 .with_cluster(consensus.clone())
-                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone()).with_hints(behind)))),
+                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone()).with_hints(behind))))
+                .with_operator(Arc::new(operator)),
         );
 
         let metrics_server = if config.metrics.enabled {
@@ -358,8 +380,18 @@ impl Node {
             tokio::spawn(catch_up_behind(behind_rx, behind_queued, catch_up.clone(), consensus.clone())),
             tokio::spawn(repair_replicas(storage.clone(), catch_up, consensus.clone(), host.clone(), RepairPace::of(config))),
         ];
-        metrics.set_ready(true);
-        Ok(Self { host, consensus, storage, repo, metrics, metrics_server, background })
+        let local_peer_id = host.local_peer_id();
+        let rule = ReadinessRule::for_config(config, local_peer_id);
+        let (ready_tx, readiness) = tokio::sync::watch::channel(Readiness::not_ready("starting"));
+        let readiness_task =
+            tokio::spawn(readiness::track(rule, local_peer_id, host.connectivity(), metrics.clone(), ready_tx));
+        Ok(Self { host, consensus, storage, repo, metrics, metrics_server, readiness, readiness_task, background })
+    }
+
+    /// Whether the node can serve its role ([`crate::readiness`]), updated on every connection
+    /// change: await `changed()` to follow it.
+    pub fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {
+        self.readiness.clone()
     }
 
     /// This node's peer id.
@@ -400,7 +432,9 @@ impl Node {
     /// Stops serving, shuts the host down (requests in flight fail cleanly), ends background tasks
     /// and flushes and closes storage.
     pub async fn shutdown(self) -> Result<(), NodeError> {
-        self.metrics.set_ready(false);
+        self.readiness_task.abort();
+        let _ = self.readiness_task.await;
+        self.metrics.set_readiness(Readiness::not_ready("stopping"));
         self.host.shutdown().await;
         self.consensus.shutdown();
         for task in &self.background {

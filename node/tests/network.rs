@@ -588,3 +588,60 @@ async fn repo_round_trip_over_quic() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_bootstrap_address_is_joined_kept_open_past_the_idle_timeout_and_redialled() {
+    bounded(async {
+        const IDLE_MS: u64 = 200;
+        let server = start(|c| c.idle_connection_timeout_ms = IDLE_MS, Handlers::repo(memory_repo())).await;
+        let plain = server.listen_addrs()[0].clone();
+        let joined = start(
+            |c| {
+                c.idle_connection_timeout_ms = IDLE_MS;
+                c.bootstrap = vec![plain.clone()];
+                c.bootstrap_backoff_initial_ms = 50;
+                c.bootstrap_backoff_max_ms = 200;
+            },
+            Handlers::default(),
+        )
+        .await;
+        // The peer id is learned on connect and enters the routing table with the address dialled.
+        let mut connectivity = joined.connectivity();
+        let server_id = server.local_peer_id();
+        connectivity.wait_for(|c| c.connected.contains(&server_id) && c.routing_table_peers == 1).await.unwrap();
+        let entry = joined.known_peers().await[&server.local_peer_id()].multiaddrs.clone();
+        assert_eq!(entry, vec![format!("{plain}/p2p/{}", server.local_peer_id())]);
+
+        // An ordinary connection closes once idle ...
+        let client_host = client_of(&server, |c| c.idle_connection_timeout_ms = IDLE_MS).await;
+        let client = RepoClient::new(Arc::new(client_host.clone()), server.local_peer_id());
+        assert!(get(&client, "b1", None).await[&id("b1")].block.is_none());
+        client_host.connectivity().wait_for(|c| c.connected.is_empty()).await.unwrap();
+        // ... the bootstrap connection does not: ten idle timeouts pass with it open.
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(10 * IDLE_MS),
+            connectivity.wait_for(|c| !c.connected.contains(&server.local_peer_id())),
+        )
+        .await
+        .map(|now| now.map(|c| c.clone()));
+        assert!(dropped.is_err(), "the bootstrap connection closed: {dropped:?}");
+
+        // The bootstrap peer goes away and comes back on the same address: it is dialled again.
+        let port = plain.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+        server.shutdown().await;
+        connectivity.wait_for(|c| c.connected.is_empty()).await.unwrap();
+        let again = start(
+            |c| c.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", port.unwrap()).parse().unwrap()],
+            Handlers::repo(memory_repo()),
+        )
+        .await;
+        connectivity.wait_for(|c| c.connected.contains(&again.local_peer_id())).await.unwrap();
+        for host in [client_host, joined, again] {
+            host.shutdown().await;
+        }
+    })
+    .await;
+}

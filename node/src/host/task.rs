@@ -10,10 +10,9 @@ use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::core::upgrade::NegotiationError;
 use libp2p::identity::PeerId;
-use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{Multiaddr, StreamProtocol, Swarm, identify, kad};
 use optimystic_core::BlockId;
 use optimystic_core::keynet::{ClusterPeers, KeyNetworkError, PeerInfo, block_key, rank_peers};
@@ -21,9 +20,11 @@ use optimystic_core::network::{NetworkError, ProtocolKind};
 use optimystic_core::wire::ErrorEnvelope;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use super::behaviour::{MAX_IDENTIFY_ADDRS, NodeBehaviour, NodeBehaviourEvent, stream_protocol};
-use super::{HostConfig, HostError};
+use super::bootstrap::Bootstrap;
+use super::{Connectivity, HostConfig, HostError, error_reason};
 use crate::codec::Frame;
 use crate::service::{PerProtocol, Services};
 
@@ -75,6 +76,16 @@ struct Pending {
     _permit: OwnedSemaphorePermit,
 }
 
+/// What the swarm task publishes to the handles.
+pub(crate) struct Published {
+    /// The routing epoch, bumped on every routing-table change.
+    pub(crate) epoch: watch::Sender<u64>,
+    /// The connected peers and the routing-table size.
+    pub(crate) connectivity: watch::Sender<Connectivity>,
+    /// The bound listen addresses.
+    pub(crate) listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+}
+
 pub(crate) struct SwarmTask {
     swarm: Swarm<NodeBehaviour>,
     commands: mpsc::Receiver<Command>,
@@ -82,7 +93,9 @@ pub(crate) struct SwarmTask {
     answers: mpsc::Receiver<Answer>,
     services: Arc<Services>,
     epoch: watch::Sender<u64>,
+    connectivity: watch::Sender<Connectivity>,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    bootstrap: Bootstrap,
     pending: HashMap<(ProtocolKind, OutboundRequestId), Pending>,
     lookups: HashMap<kad::QueryId, ([u8; 32], LookupReply)>,
     dial_errors: HashMap<PeerId, String>,
@@ -97,8 +110,7 @@ impl SwarmTask {
         config: &HostConfig,
         commands: mpsc::Receiver<Command>,
         services: Arc<Services>,
-        epoch: watch::Sender<u64>,
-        listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+        published: Published,
     ) -> Result<Self, HostError> {
         // Every admitted request sends at most one answer, so this capacity is never the limit.
         let answers_capacity = config
@@ -107,14 +119,23 @@ impl SwarmTask {
             .saturating_mul(ProtocolKind::ALL.len())
             .max(1);
         let (answers_tx, answers) = mpsc::channel(answers_capacity);
+        let bootstrap = Bootstrap::new(
+            &config.bootstrap,
+            *swarm.local_peer_id(),
+            Duration::from_millis(config.bootstrap_backoff_initial_ms),
+            Duration::from_millis(config.bootstrap_backoff_max_ms),
+            Instant::now(),
+        );
         Ok(Self {
             swarm,
             commands,
             answers_tx,
             answers,
             services,
-            epoch,
-            listen_addrs,
+            epoch: published.epoch,
+            connectivity: published.connectivity,
+            listen_addrs: published.listen_addrs,
+            bootstrap,
             pending: HashMap::new(),
             lookups: HashMap::new(),
             dial_errors: HashMap::new(),
@@ -165,40 +186,93 @@ impl SwarmTask {
         Ok(())
     }
 
-    /// Seeds the routing table with the bootstrap peers, dials them and starts a Kademlia
-    /// bootstrap. Failures are logged: a node whose bootstrap peers are down still starts.
-    pub(crate) fn bootstrap(&mut self, addrs: &[Multiaddr]) {
-        let mut seeded = false;
-        for addr in addrs {
-            let peer = addr.iter().find_map(|p| match p {
-                Protocol::P2p(peer) => Some(peer),
-                _ => None,
-            });
-            let dial = match peer {
-                Some(peer) if peer == *self.swarm.local_peer_id() => continue,
-                Some(peer) => {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                    seeded = true;
-                    DialOpts::peer_id(peer)
-                        .addresses(vec![addr.clone()])
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .build()
-                }
-                None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+    /// Dials the bootstrap addresses for the first time. A node whose bootstrap peers are down
+    /// still starts; the swarm task goes on dialling them (see `bootstrap.rs`). A peer an address
+    /// names (`/p2p/<peer id>`) enters the routing table at once, so lookups and clusters count on
+    /// it while the dial is in flight.
+    pub(crate) fn start_bootstrap(&mut self) {
+        for (peer, addr) in self.bootstrap.named_peers() {
+            self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+        }
+        self.dial_due_bootstrap();
+        self.publish_connectivity();
+    }
+
+    /// Dials every bootstrap address that is due. An address naming a peer already connected
+    /// counts as connected without a dial.
+    fn dial_due_bootstrap(&mut self) {
+        let now = Instant::now();
+        for index in self.bootstrap.due(now) {
+            let Some(target) = self.bootstrap.target(index) else {
+                continue;
             };
-            if let Err(e) = self.swarm.dial(dial) {
-                tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            let (addr, dial_addr, peer) = (target.addr.clone(), target.dial_addr.clone(), target.peer);
+            let opts = match peer {
+                Some(peer) if self.swarm.is_connected(&peer) => {
+                    self.bootstrap.already_connected(index, peer);
+                    continue;
+                }
+                Some(peer) => {
+                    DialOpts::peer_id(peer).addresses(vec![dial_addr]).condition(PeerCondition::Disconnected).build()
+                }
+                None => DialOpts::unknown_peer_id().address(dial_addr).build(),
+            };
+            let connection = opts.connection_id();
+            self.swarm.behaviour_mut().keep_alive.keep(connection);
+            match self.swarm.dial(opts) {
+                Ok(()) => self.bootstrap.dialling(index, connection),
+                Err(e) => {
+                    if let Some(failure) = self.bootstrap.failed(index, now) {
+                        log_bootstrap_failure(&failure, &dial_error_reason(&e));
+                    } else {
+                        tracing::warn!(%addr, reason = %dial_error_reason(&e), "cannot dial bootstrap peer");
+                    }
+                }
             }
         }
-        if seeded && let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+    }
+
+    /// A connection to `peer` made through (or to the peer named by) a bootstrap address: the peer
+    /// enters the routing table with the address dialled. A new entry makes Kademlia look the
+    /// network up on its own shortly after (it waits briefly so that peers joining at the same
+    /// time are found too); a peer already in the table gets an explicit bootstrap.
+    fn joined_through(&mut self, peer: PeerId, addr: &Multiaddr, dial_addr: Multiaddr) {
+        tracing::info!(%addr, %peer, "connected to bootstrap peer");
+        let known = self.in_routing_table(&peer);
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if kad.add_address(&peer, dial_addr) == kad::RoutingUpdate::Failed {
+            tracing::warn!(%addr, %peer, "bootstrap peer not added to the routing table (its bucket is full)");
+        }
+        if known && let Err(e) = kad.bootstrap() {
             tracing::debug!(error = %e, "kademlia bootstrap not started");
         }
+    }
+
+    fn in_routing_table(&mut self, peer: &PeerId) -> bool {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        kad.kbucket(*peer).is_some_and(|bucket| bucket.iter().any(|entry| entry.node.key.preimage() == peer))
+    }
+
+    /// Publishes the connected peers and the routing-table size if they changed.
+    fn publish_connectivity(&mut self) {
+        let connected = self.swarm.connected_peers().copied().collect();
+        let routing_table_peers = self.swarm.behaviour_mut().kad.kbuckets().map(|bucket| bucket.num_entries()).sum();
+        let now = Connectivity { connected, routing_table_peers };
+        self.connectivity.send_if_modified(|published| {
+            if *published == now {
+                return false;
+            }
+            *published = now;
+            true
+        });
     }
 
     pub(crate) async fn run(mut self) {
         let mut stopped = None;
         loop {
+            let next_bootstrap = self.bootstrap.next_due();
             tokio::select! {
+                () = sleep_until(next_bootstrap) => self.dial_due_bootstrap(),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command.map(|c| self.on_command(c)) {
                     Some(ControlFlow::Continue(())) => {}
@@ -241,6 +315,7 @@ impl SwarmTask {
                     tracing::debug!(%peer, %addr, "address not added to the routing table");
                 }
                 self.swarm.add_peer_address(peer, addr);
+                self.publish_connectivity();
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -292,6 +367,7 @@ impl SwarmTask {
             SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(e)) => self.on_identify(e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(_) | NodeBehaviourEvent::Limits(_)) => {}
+            SwarmEvent::Behaviour(NodeBehaviourEvent::KeepAlive(never)) => match never {},
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::debug!(%address, "listening");
                 let mut addrs = self.listen_addrs.write().unwrap_or_else(PoisonError::into_inner);
@@ -302,14 +378,31 @@ impl SwarmTask {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.write().unwrap_or_else(PoisonError::into_inner).retain(|a| *a != address);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } => {
                 self.dial_errors.remove(&peer_id);
-            }
-            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
-                if self.dial_errors.len() >= MAX_REMEMBERED_DIAL_ERRORS {
-                    self.dial_errors.clear();
+                for target in self.bootstrap.connected(connection_id, peer_id) {
+                    self.joined_through(peer_id, &target.addr, target.dial_addr);
                 }
-                self.dial_errors.insert(peer, error.to_string());
+                self.publish_connectivity();
+            }
+            SwarmEvent::ConnectionClosed { .. } => {
+                if self.swarm.connected_peers().next().is_none() && self.bootstrap.rearm(Instant::now()) {
+                    tracing::info!("every connection is closed; dialling the bootstrap peers again");
+                }
+                self.publish_connectivity();
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, connection_id, error } => {
+                if let Some(failure) = self.bootstrap.dial_failed(connection_id, Instant::now()) {
+                    log_bootstrap_failure(&failure, &dial_error_reason(&error));
+                }
+                if let Some(peer) = peer_id {
+                    if self.dial_errors.len() >= MAX_REMEMBERED_DIAL_ERRORS {
+                        self.dial_errors.clear();
+                    }
+                    self.dial_errors.insert(peer, dial_error_detail(&error));
+                }
+                // Kademlia forgets addresses that fail.
+                self.publish_connectivity();
             }
             other => tracing::trace!(event = ?other, "swarm event"),
         }
@@ -327,6 +420,7 @@ impl SwarmTask {
         } else if kad.remove_peer(&peer_id).is_some() {
             // A peer of another network (other prefix) or one that stopped serving the DHT.
             self.bump_epoch();
+            self.publish_connectivity();
         }
     }
 
@@ -335,6 +429,7 @@ impl SwarmTask {
             kad::Event::RoutingUpdated { is_new_peer, old_peer, .. } => {
                 if is_new_peer || old_peer.is_some() {
                     self.bump_epoch();
+                    self.publish_connectivity();
                 }
             }
             kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), .. } => {
@@ -443,5 +538,48 @@ impl SwarmTask {
                 });
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One `warn` line per failed bootstrap dial (one per backoff step: a dial names one address).
+fn log_bootstrap_failure(failure: &super::bootstrap::Failure, reason: &str) {
+    let retry_in_ms = u64::try_from(failure.retry_in.as_millis()).unwrap_or(u64::MAX);
+    tracing::warn!(
+        addr = %failure.addr,
+        %reason,
+        failures = failure.failures,
+        retry_in_ms,
+        "cannot reach bootstrap peer; retrying"
+    );
+}
+
+/// Why a dial failed, naming each address tried with its reason (for request errors).
+fn dial_error_detail(error: &DialError) -> String {
+    match error {
+        DialError::Transport(attempts) if !attempts.is_empty() => {
+            attempts.iter().map(|(addr, e)| format!("{addr}: {}", error_reason(e))).collect::<Vec<_>>().join("; ")
+        }
+        other => dial_error_reason(other),
+    }
+}
+
+/// Why a dial failed, in a few words: the transport's innermost reason for each address tried.
+fn dial_error_reason(error: &DialError) -> String {
+    match error {
+        DialError::Transport(attempts) if !attempts.is_empty() => {
+            attempts.iter().map(|(_, e)| error_reason(e)).collect::<Vec<_>>().join("; ")
+        }
+        DialError::WrongPeerId { obtained, .. } => {
+            format!("the peer there is {obtained}, not the one named")
+        }
+        other => other.to_string(),
     }
 }
