@@ -97,7 +97,9 @@ pub trait PeerRouting: Send + Sync + std::fmt::Debug + 'static {
     /// This node's peer id.
     fn local_peer_id(&self) -> PeerId;
 
-    /// The peers currently in the routing table, with their known addresses.
+    /// The live peers of the routing table, with their known addresses. A host may leave out
+    /// peers it has found unreachable for a long time (they left the network) until they connect
+    /// again, so that they stop holding cluster slots.
     async fn known_peers(&self) -> ClusterPeers;
 
     /// An iterative DHT lookup of the peers closest to the block's key `sha256(utf8(blockId))`,

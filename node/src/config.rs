@@ -69,6 +69,9 @@ pub struct NodeSection {
     pub repair_interval_ms: u64,
     /// Blocks repaired per round (each costs a cluster lookup and a request per member).
     pub repair_blocks_per_round: usize,
+    /// A peer without a connection for this long whose dial then fails leaves the cluster views
+    /// until it connects again (at least 1,000; longer than restarts and short partitions).
+    pub peer_departed_after_ms: u64,
 }
 
 impl Default for NodeSection {
@@ -81,6 +84,7 @@ impl Default for NodeSection {
             read_mode: ReadMode::Quorum,
             repair_interval_ms: 5_000,
             repair_blocks_per_round: 64,
+            peer_departed_after_ms: crate::host::DEFAULT_PEER_DEPARTED_AFTER_MS,
         }
     }
 }
@@ -299,6 +303,12 @@ impl LoadedConfig {
         }
         if !c.node.protocol_prefix.starts_with('/') || c.node.protocol_prefix.ends_with('/') {
             return Err(self.invalid("node.protocol_prefix", "must start with '/' and not end with '/'"));
+        }
+        if c.node.peer_departed_after_ms < 1_000 {
+            return Err(self.invalid(
+                "node.peer_departed_after_ms",
+                format!("must be at least 1000, got {}", c.node.peer_departed_after_ms),
+            ));
         }
         if !(1..=MAX_REPAIR_BLOCKS_PER_ROUND).contains(&c.node.repair_blocks_per_round) {
             return Err(self.invalid(

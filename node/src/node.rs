@@ -295,6 +295,7 @@ impl Node {
         host_config.max_outbound_per_protocol = limits.max_outbound_per_protocol;
         host_config.request_timeout_ms = limits.request_timeout_ms.max(limits.operation_timeout_ms);
         host_config.dial_timeout_ms = limits.dial_timeout_ms;
+        host_config.peer_departed_after_ms = config.node.peer_departed_after_ms;
         let host = match Host::start(host_config, Handlers::default()).await {
             Ok(host) => host,
             Err(e) => {

@@ -645,3 +645,56 @@ async fn a_plain_bootstrap_address_is_joined_kept_open_past_the_idle_timeout_and
     })
     .await;
 }
+
+/// A peer that stays unreachable past `peer_departed_after_ms` leaves the live routing table (so
+/// every cluster view); when it comes back on its address with its identity, it rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_peer_leaves_the_views_and_rejoins_when_it_returns() {
+    bounded(async {
+        const DEPARTED_AFTER_MS: u64 = 1_000;
+        let quick = |c: &mut HostConfig| c.peer_departed_after_ms = DEPARTED_AFTER_MS;
+        let a = start(quick, Handlers::repo(memory_repo())).await;
+        let keypair = identity::generate();
+        let leaving_config = |c: &mut HostConfig| {
+            quick(c);
+            c.keypair = keypair.clone();
+            c.bootstrap = vec![a.p2p_addrs()[0].clone()];
+        };
+        let leaving = start(leaving_config, Handlers::repo(memory_repo())).await;
+        let gone = leaving.local_peer_id();
+        let port = leaving.listen_addrs()[0].iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+        await_routing_tables(&[a.clone()], 1).await;
+        assert!(a.known_peers().await.contains_key(&gone));
+
+        let mut updates = a.routing_updates();
+        leaving.shutdown().await;
+        let started = Instant::now();
+        while a.known_peers().await.contains_key(&gone) {
+            updates.changed().await.unwrap();
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(DEPARTED_AFTER_MS),
+            "left the views after {:?}, before the threshold",
+            started.elapsed()
+        );
+
+        let back = start(
+            |c| {
+                leaving_config(c);
+                c.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", port.unwrap()).parse().unwrap()];
+            },
+            Handlers::repo(memory_repo()),
+        )
+        .await;
+        while !a.known_peers().await.contains_key(&gone) {
+            updates.changed().await.unwrap();
+        }
+        for host in [a, back] {
+            host.shutdown().await;
+        }
+    })
+    .await;
+}

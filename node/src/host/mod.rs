@@ -17,6 +17,7 @@
 
 mod behaviour;
 mod bootstrap;
+mod departures;
 mod keep_alive;
 mod task;
 
@@ -49,6 +50,9 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_DIAL_TIMEOUT_MS: u64 = 5_000;
 /// Default time an unused connection stays open.
 pub const DEFAULT_IDLE_CONNECTION_TIMEOUT_MS: u64 = 60_000;
+/// Default [`HostConfig::peer_departed_after_ms`]: longer than a restart, a pause or a short
+/// partition.
+pub const DEFAULT_PEER_DEPARTED_AFTER_MS: u64 = 30_000;
 /// Default deadline of one iterative Kademlia lookup.
 pub const DEFAULT_KAD_QUERY_TIMEOUT_MS: u64 = 10_000;
 /// Default deadline for binding every listen address at start.
@@ -83,6 +87,10 @@ pub struct HostConfig {
     pub bootstrap_backoff_initial_ms: u64,
     /// Cap of the delay between dials of one bootstrap address.
     pub bootstrap_backoff_max_ms: u64,
+    /// A routing-table peer without a connection for this long whose dial then fails is left out
+    /// of [`PeerRouting::known_peers`] (so out of every cluster view) until it connects again;
+    /// disconnected peers are dialled every third of it. At least 1,000.
+    pub peer_departed_after_ms: u64,
     /// Protocol id prefix, `/db-p2p` by default; nodes with different prefixes do not talk.
     pub protocol_prefix: String,
     /// Frame limit of the repo protocol, both directions.
@@ -124,6 +132,7 @@ impl HostConfig {
             bootstrap: Vec::new(),
             bootstrap_backoff_initial_ms: DEFAULT_BOOTSTRAP_BACKOFF_INITIAL_MS,
             bootstrap_backoff_max_ms: DEFAULT_BOOTSTRAP_BACKOFF_MAX_MS,
+            peer_departed_after_ms: DEFAULT_PEER_DEPARTED_AFTER_MS,
             protocol_prefix: DEFAULT_PROTOCOL_PREFIX.to_owned(),
             max_repo_frame_bytes: DEFAULT_REPO_MAX_FRAME_BYTES,
             max_cluster_frame_bytes: DEFAULT_CLUSTER_MAX_FRAME_BYTES,
@@ -187,6 +196,9 @@ impl HostConfig {
                 "bootstrap_backoff_max_ms = {} must be at least bootstrap_backoff_initial_ms = {}",
                 self.bootstrap_backoff_max_ms, self.bootstrap_backoff_initial_ms
             ));
+        }
+        if self.peer_departed_after_ms < 1_000 {
+            return invalid(format!("peer_departed_after_ms = {} must be at least 1000", self.peer_departed_after_ms));
         }
         if self.max_connections == 0 || self.max_connections_per_peer == 0 {
             return invalid("max_connections and max_connections_per_peer must be at least 1".to_owned());
@@ -520,8 +532,9 @@ impl PeerRouting for HostHandle {
         self.inner.local_peer_id
     }
 
-    /// Every peer in the Kademlia routing table (connected or not), with its known addresses.
-    /// Empty once the host has stopped.
+    /// Every peer in the Kademlia routing table (connected or not) but departed ones (see
+    /// [`HostConfig::peer_departed_after_ms`]), with its known addresses. Empty once the host has
+    /// stopped.
     async fn known_peers(&self) -> ClusterPeers {
         let (reply, answer) = oneshot::channel();
         if self.send(Command::KnownPeers(reply)).await.is_err() {

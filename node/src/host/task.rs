@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::behaviour::{MAX_IDENTIFY_ADDRS, NodeBehaviour, NodeBehaviourEvent, stream_protocol};
 use super::bootstrap::Bootstrap;
+use super::departures::Departures;
 use super::{Connectivity, HostConfig, HostError, error_reason};
 use crate::codec::Frame;
 use crate::service::{PerProtocol, Services};
@@ -99,6 +100,7 @@ pub(crate) struct SwarmTask {
     pending: HashMap<(ProtocolKind, OutboundRequestId), Pending>,
     lookups: HashMap<kad::QueryId, ([u8; 32], LookupReply)>,
     dial_errors: HashMap<PeerId, String>,
+    departures: Departures,
     protocol_ids: PerProtocol<String>,
     kad_protocol: StreamProtocol,
     request_timeout_ms: u64,
@@ -139,6 +141,7 @@ impl SwarmTask {
             pending: HashMap::new(),
             lookups: HashMap::new(),
             dial_errors: HashMap::new(),
+            departures: Departures::new(Duration::from_millis(config.peer_departed_after_ms)),
             protocol_ids: PerProtocol::from_fn(|kind| kind.protocol_id(&config.protocol_prefix)),
             kad_protocol: stream_protocol(optimystic_core::wire::kad_protocol(&config.protocol_prefix))?,
             request_timeout_ms: config.request_timeout_ms,
@@ -269,10 +272,13 @@ impl SwarmTask {
 
     pub(crate) async fn run(mut self) {
         let mut stopped = None;
+        let mut probe = tokio::time::interval(self.departures.probe_interval());
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_bootstrap = self.bootstrap.next_due();
             tokio::select! {
                 () = sleep_until(next_bootstrap) => self.dial_due_bootstrap(),
+                _ = probe.tick() => self.probe_disconnected(),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command.map(|c| self.on_command(c)) {
                     Some(ControlFlow::Continue(())) => {}
@@ -293,6 +299,41 @@ impl SwarmTask {
         tracing::info!(%peer, "host stopped");
         if let Some(reply) = stopped {
             let _ = reply.send(());
+        }
+    }
+
+    /// A dial to a routing-table peer failed: past the departure threshold it leaves the views.
+    fn dial_to_peer_failed(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        if self.swarm.is_connected(&peer) || !self.departures.dial_failed(peer, now) {
+            return;
+        }
+        let unreachable_s = self.departures.unreachable_for(&peer, now).map_or(0, |d| d.as_secs());
+        tracing::warn!(%peer, unreachable_s, "a peer is unreachable; it is left out of the cluster views until it connects again");
+        self.bump_epoch();
+    }
+
+    /// Forgets tracked peers Kademlia dropped, then dials a few disconnected ones: a failure can
+    /// make a peer depart, a connection brings a departed one back.
+    fn probe_disconnected(&mut self) {
+        let mut in_table = HashSet::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                in_table.insert(*entry.node.key.preimage());
+            }
+        }
+        if self.departures.retain(|peer| in_table.contains(peer)) {
+            self.bump_epoch();
+        }
+        for peer in self.departures.probes() {
+            if self.swarm.is_connected(&peer) {
+                continue;
+            }
+            let dial = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            if let Err(e) = self.swarm.dial(dial) {
+                tracing::debug!(%peer, error = %e, "probe dial of a disconnected peer failed at once");
+                self.dial_to_peer_failed(peer);
+            }
         }
     }
 
@@ -343,8 +384,12 @@ impl SwarmTask {
         let mut peers = ClusterPeers::new();
         for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
             for entry in bucket.iter() {
+                let peer = *entry.node.key.preimage();
+                if self.departures.is_departed(&peer) {
+                    continue;
+                }
                 let multiaddrs = entry.node.value.iter().map(ToString::to_string).collect();
-                peers.insert(*entry.node.key.preimage(), PeerInfo { multiaddrs });
+                peers.insert(peer, PeerInfo { multiaddrs });
             }
         }
         peers
@@ -380,12 +425,19 @@ impl SwarmTask {
             }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } => {
                 self.dial_errors.remove(&peer_id);
+                if self.departures.connected(&peer_id) {
+                    tracing::info!(peer = %peer_id, "a departed peer is back; it rejoins the cluster views");
+                    self.bump_epoch();
+                }
                 for target in self.bootstrap.connected(connection_id, peer_id) {
                     self.joined_through(peer_id, &target.addr, target.dial_addr);
                 }
                 self.publish_connectivity();
             }
-            SwarmEvent::ConnectionClosed { .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                if num_established == 0 {
+                    self.departures.disconnected(peer_id, Instant::now());
+                }
                 if self.swarm.connected_peers().next().is_none() && self.bootstrap.rearm(Instant::now()) {
                     tracing::info!("every connection is closed; dialling the bootstrap peers again");
                 }
@@ -400,6 +452,7 @@ impl SwarmTask {
                         self.dial_errors.clear();
                     }
                     self.dial_errors.insert(peer, dial_error_detail(&error));
+                    self.dial_to_peer_failed(peer);
                 }
                 // Kademlia forgets addresses that fail.
                 self.publish_connectivity();

@@ -54,7 +54,8 @@ pub struct KademliaKeyNetwork {
     cluster_size: usize,
     cache_ttl: Duration,
     cache: Mutex<Cache>,
-    /// Peers returned by DHT lookups (bounded by [`MAX_SEEN_PEERS`]), for [`KeyNetwork::has_seen`].
+    /// Peers returned by DHT lookups or seen live in the routing table (bounded by
+    /// [`MAX_SEEN_PEERS`]), for [`KeyNetwork::has_seen`].
     seen: Mutex<HashSet<PeerId>>,
 }
 
@@ -140,6 +141,18 @@ impl KademliaKeyNetwork {
         cache.entries.insert(block_id.clone(), answer.clone());
     }
 
+    /// Remembers peers for [`KeyNetwork::has_seen`] (bounded by [`MAX_SEEN_PEERS`]): a peer stays
+    /// seen after the host leaves it out of the routing table's live peers.
+    fn remember_seen<'a>(&self, peers: impl Iterator<Item = &'a PeerId>) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        for peer in peers {
+            if seen.len() >= MAX_SEEN_PEERS {
+                break;
+            }
+            seen.insert(*peer);
+        }
+    }
+
     /// The block's cluster, closest first, computed or cached.
     async fn resolve(&self, block_id: &BlockId) -> Result<Cached, KeyNetworkError> {
         let epoch = self.routing.routing_epoch();
@@ -149,18 +162,12 @@ impl KademliaKeyNetwork {
         let key = block_key(block_id);
         let local = self.routing.local_peer_id();
         let mut candidates = self.routing.known_peers().await;
+        self.remember_seen(candidates.keys());
         candidates.entry(local).or_default();
         if candidates.len() < self.cluster_size {
             match self.routing.closest_peers(block_id).await {
                 Ok(found) => {
-                    {
-                        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-                        for peer in found.keys() {
-                            if seen.len() < MAX_SEEN_PEERS {
-                                seen.insert(*peer);
-                            }
-                        }
-                    }
+                    self.remember_seen(found.keys());
                     for (peer, info) in found {
                         let known = candidates.entry(peer).or_default();
                         for addr in info.multiaddrs {
