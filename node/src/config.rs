@@ -217,8 +217,10 @@ pub fn defaults() -> NodeConfig {
 /// A configuration problem, naming the key and where its value came from.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The layers could not be read or merged (syntax error, wrong type, unknown key).
-    #[error("configuration: {0}")]
+    /// The layers could not be read or merged (syntax error, wrong type, unknown key). The text
+    /// names each key as its layer spells it (`node.listen in node1.toml`,
+    /// `OPTIMYSTIC_NODE__LISTEN in the environment`).
+    #[error("configuration: {}", load_error_text(.0))]
     Load(Box<figment::Error>),
     /// A value is invalid.
     #[error("configuration key `{key}` (from {source_name}): {message}")]
@@ -258,6 +260,73 @@ pub fn figment(file: Option<&Path>, overrides: &Value) -> Figment {
     fig.merge(env).merge(Serialized::globals(overrides))
 }
 
+/// Reads the layers into a configuration, without validating values.
+pub fn extract(file: Option<&Path>, overrides: &Value) -> Result<NodeConfig, ConfigError> {
+    figment(file, overrides).extract().map_err(|e| ConfigError::Load(Box::new(e)))
+}
+
+/// Where a value came from, as [`figment::Metadata`] tells it.
+enum Layer {
+    Defaults,
+    File(String),
+    Environment,
+    Flags,
+    Other(String),
+}
+
+impl Layer {
+    fn of(meta: &figment::Metadata) -> Self {
+        // Serialized providers are named after their Rust type: say what they are instead.
+        if meta.name.contains("serde_json") {
+            return Self::Flags;
+        }
+        if meta.name.contains("NodeConfig") {
+            return Self::Defaults;
+        }
+        match &meta.source {
+            Some(figment::Source::File(path)) => Self::File(path.display().to_string()),
+            _ if meta.name.contains("environment") => Self::Environment,
+            Some(source) => Self::Other(format!("{} {source}", meta.name)),
+            None => Self::Other(meta.name.to_string()),
+        }
+    }
+}
+
+/// One line per error of `error`: `<key> in <layer>: <what is wrong>`, the key spelled as its
+/// layer spells it.
+fn load_error_text(error: &figment::Error) -> String {
+    let lines: Vec<String> = error.clone().into_iter().map(|e| one_load_error(&e)).collect();
+    lines.join("\n")
+}
+
+fn one_load_error(error: &figment::Error) -> String {
+    use figment::error::Kind;
+    let what = match &error.kind {
+        Kind::UnknownField(_, expected) => format!("unknown key; expected one of: {}", expected.join(", ")),
+        Kind::UnknownVariant(value, expected) => {
+            format!("unknown value {value:?}; expected one of: {}", expected.join(", "))
+        }
+        other => other.to_string(),
+    };
+    let dotted = error.path.join(".");
+    let layer = error.metadata.as_ref().map(Layer::of);
+    let place = match (&layer, dotted.is_empty()) {
+        (Some(Layer::File(path)), true) => path.clone(),
+        (Some(Layer::File(path)), false) => format!("{dotted} in {path}"),
+        (Some(Layer::Environment), false) => {
+            let parts: Vec<String> = error.path.iter().map(|p| p.to_uppercase()).collect();
+            format!("{ENV_PREFIX}{} in the environment", parts.join("__"))
+        }
+        (Some(Layer::Environment), true) => "the environment".to_owned(),
+        (Some(Layer::Flags), _) => format!("{dotted} from the command-line flags"),
+        (Some(Layer::Defaults), _) => format!("{dotted} in the built-in defaults"),
+        (Some(Layer::Other(name)), _) => format!("{dotted} in {name}"),
+        (None, false) => dotted,
+        (None, true) => return what,
+    };
+    format!("{place}: {what}")
+}
+
 /// Loads and validates the configuration.
 pub fn load(file: Option<&Path>, overrides: &Value, registry: &Registry) -> Result<LoadedConfig, ConfigError> {
     let fig = figment(file, overrides);
@@ -273,17 +342,15 @@ impl LoadedConfig {
         let Some(meta) = self.figment.find_metadata(key) else {
             return "built-in defaults".to_owned();
         };
-        // Serialized providers are named after their Rust type: say what they are instead.
-        if meta.name.contains("serde_json") {
-            return "command-line flags".to_owned();
-        }
-        if meta.name.contains("NodeConfig") {
-            return "built-in defaults".to_owned();
-        }
-        match &meta.source {
-            Some(figment::Source::File(path)) => format!("file {}", path.display()),
-            Some(source) => format!("{} {source}", meta.name),
-            None => meta.name.to_string(),
+        match Layer::of(meta) {
+            Layer::Defaults => "built-in defaults".to_owned(),
+            Layer::Flags => "command-line flags".to_owned(),
+            Layer::File(path) => format!("file {path}"),
+            Layer::Environment => {
+                let parts: Vec<String> = key.split('.').map(str::to_uppercase).collect();
+                format!("environment variable {ENV_PREFIX}{}", parts.join("__"))
+            }
+            Layer::Other(name) => name,
         }
     }
 
@@ -463,7 +530,12 @@ mod tests {
 
             jail.create_file("typo.toml", "[node]\nlisen = []\n")?;
             let text = error_text(load(Some(Path::new("typo.toml")), &json!({}), &registry()));
-            assert!(text.contains("lisen"), "{text}");
+            assert!(text.starts_with("configuration: node.lisen in typo.toml: unknown key; expected one of: data_dir, "), "{text}");
+
+            jail.set_env("OPTIMYSTIC_NODE__FROBNICATE", "1");
+            let text = error_text(load(None, &json!({}), &registry()));
+            assert!(text.starts_with("configuration: OPTIMYSTIC_NODE__FROBNICATE in the environment: unknown key"), "{text}");
+            assert!(!text.contains("default."), "{text}");
             Ok(())
         });
     }
