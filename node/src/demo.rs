@@ -54,9 +54,15 @@ pub enum DemoError {
     /// The demo's own checks failed.
     #[error("demo check failed: {0}")]
     Check(String),
-    /// Local I/O failed.
+    /// Local I/O failed (in the text, so not also returned by `source()`).
     #[error("demo I/O: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for DemoError {
+    fn from(error: std::io::Error) -> Self {
+        Self::Io(error)
+    }
 }
 
 fn say(text: &str) {

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod error_text;
 pub mod host;
 pub mod identity;
 pub mod local_cluster;

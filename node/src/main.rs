@@ -11,7 +11,7 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use optimystic_core::client::RepoClient;
 use optimystic_core::model::{
-    Block, BlockGets, BlockId, BlockOperation, CommitRequest, PendRequest, Transform, TrxBlocks,
+    Block, BlockGets, BlockId, BlockOperation, CommitRequest, GetBlockResults, PendRequest, Transform, TrxBlocks,
 };
 use optimystic_core::network::PeerNetwork;
 use optimystic_core::record::ClusterRecord;
@@ -50,11 +50,13 @@ enum Command {
     Start(StartArgs),
     /// Talk to a running node.
     ///
-    /// Exit codes: 0 done; 2 error (a `write` certainly committed nothing); 4 a `write`'s outcome
-    /// is unknown (its commit was sent and never confirmed).
+    /// Exit codes: 0 done; 2 error (a `write` certainly committed nothing); 3 a `get` named a block
+    /// that does not exist (`not found: <id>` on stderr per block; the JSON is still printed); 4 a
+    /// `write`'s outcome is unknown (its commit was sent and never confirmed).
     #[command(after_help = "Examples:\n  optimystic client --peer /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... get diary\n  \
         optimystic client --peer ADDR write --block diary --insert '{\"header\":{\"id\":\"diary\",\"type\":\"log\",\"collectionId\":\"c\"},\"entries\":[]}'\n  \
-        optimystic client --peer ADDR write --block diary --update '[[\"entries\",0,0,[\"hello\"]]]'")]
+        optimystic client --peer ADDR write --block diary --update '[[\"entries\",0,0,[\"hello\"]]]'\n  \
+        optimystic client --peer ADDR write --block diary --append entries '\"hello\"'")]
     Client(ClientArgs),
     /// Start a local 3-node cluster, run a workload, stop and restart a node, and stop cleanly.
     #[command(after_help = "Example:\n  optimystic demo")]
@@ -215,20 +217,26 @@ enum ClientOp {
         #[arg(long)]
         block: String,
         /// Insert this Block JSON.
-        #[arg(long, conflicts_with_all = ["update", "delete"])]
+        #[arg(long, conflicts_with_all = ["update", "delete", "append"])]
         insert: Option<String>,
         /// Apply this [BlockOperation] JSON.
-        #[arg(long, conflicts_with = "delete")]
+        #[arg(long, conflicts_with_all = ["delete", "append"])]
         update: Option<String>,
         /// Delete the block.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "append")]
         delete: bool,
+        /// Append the JSON value to the end of the array field FIELD (of the latest revision,
+        /// whatever its length).
+        #[arg(long, num_args = 2, value_names = ["FIELD", "JSON"])]
+        append: Option<Vec<String>>,
     },
 }
 
 /// Exit code of a `client write` whose commit was sent and never confirmed: it may or may not
 /// have committed (2 means it certainly did not).
 const EXIT_OUTCOME_UNKNOWN: u8 = 4;
+/// Exit code of a `client get` that named a block that does not exist (the answer is printed).
+const EXIT_NOT_FOUND: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -252,10 +260,15 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and each of its causes, every one said once.
+fn error_text(error: &anyhow::Error) -> String {
+    optimystic_node::error_text::chain_text(error.chain())
 }
 
 fn init_logging(format: LogFormat, default_filter: &str) {
@@ -273,9 +286,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Plugins { verbose, config } => {
             let mut registry = link_bundled_plugins();
             if let Some(path) = config {
-                let loaded = config::figment(Some(&path), &json!({}))
-                    .extract::<config::NodeConfig>()
-                    .context("reading the configuration")?;
+                let loaded = config::extract(Some(&path), &json!({}))?;
                 optimystic_dynamic_loader::load_all(&loaded.plugins.load, &mut registry)?;
             }
             for entry in registry.entries() {
@@ -315,7 +326,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 /// The linked plugins plus the configuration's dynamic libraries.
 fn registry_for(file: Option<&Path>, overrides: &Value) -> anyhow::Result<Registry> {
     let mut registry = link_bundled_plugins();
-    let raw: config::NodeConfig = config::figment(file, overrides).extract().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let raw = config::extract(file, overrides)?;
     optimystic_dynamic_loader::load_all(&raw.plugins.load, &mut registry)?;
     Ok(registry)
 }
@@ -368,25 +379,58 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let repo = RepoClient::new(network, peer).with_default_timeout_ms(args.timeout_ms);
     let result = client_op(&repo, args.op, args.timeout_ms).await;
     host.shutdown().await;
-    let value = match result {
-        Ok(value) => value,
+    let answer = match result {
+        Ok(answer) => answer,
         Err(e) if e.downcast_ref::<txn::TxnError>().is_some_and(|t| !t.nothing_committed()) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             return Ok(ExitCode::from(EXIT_OUTCOME_UNKNOWN));
         }
         Err(e) => return Err(e),
     };
-    println!("{}", serde_json::to_string_pretty(&value)?);
-    Ok(ExitCode::SUCCESS)
+    println!("{}", serde_json::to_string_pretty(&answer.value)?);
+    for id in &answer.not_found {
+        eprintln!("not found: {id}");
+    }
+    Ok(if answer.not_found.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_NOT_FOUND) })
+}
+
+/// What a client operation printed, and which asked blocks do not exist.
+struct Answer {
+    value: Value,
+    not_found: Vec<BlockId>,
+}
+
+impl From<Value> for Answer {
+    fn from(value: Value) -> Self {
+        Self { value, not_found: Vec::new() }
+    }
+}
+
+/// The blocks of `gets` that the answer holds no block value for (never created, or deleted at
+/// the revision read).
+fn missing_blocks(gets: &BlockGets, results: &GetBlockResults) -> Vec<BlockId> {
+    gets.block_ids.iter().filter(|id| results.get(*id).is_none_or(|r| r.block.is_none())).cloned().collect()
+}
+
+/// The transform appending `item` to the array field `field` of `block` (its latest value).
+fn append_transform(block_id: &BlockId, block: Option<&Block>, field: &str, item: &Value) -> Result<Transform, String> {
+    let block = block.ok_or_else(|| format!("block {block_id} does not exist; insert it first"))?;
+    let len = match block.fields.get(field) {
+        Some(Value::Array(items)) => items.len(),
+        Some(_) => return Err(format!("field {field:?} of block {block_id} is not an array, cannot append to it")),
+        None => return Err(format!("block {block_id} has no field {field:?}")),
+    };
+    let op = BlockOperation::splice(field, len as u64, 0, vec![item.clone()]);
+    Ok(Transform { updates: Some(vec![op]), ..Transform::default() })
 }
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> anyhow::Result<T> {
     serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON of the expected shape"))
 }
 
-async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::Result<Value> {
+async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::Result<Answer> {
     let options = MessageOptions::expiring_in(timeout_ms);
-    Ok(match op {
+    Ok(Answer::from(match op {
         ClientOp::Get { ids, json } => {
             let gets: BlockGets = if json {
                 match ids.as_slice() {
@@ -400,7 +444,9 @@ async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::
                 }
                 BlockGets { block_ids, context: None, read_mode: None }
             };
-            serde_json::to_value(repo.get(&gets, &options).await?)?
+            let results = repo.get(&gets, &options).await?;
+            let not_found = missing_blocks(&gets, &results);
+            return Ok(Answer { value: serde_json::to_value(results)?, not_found });
         }
         ClientOp::Pend { request } => {
             let request: PendRequest = parse("the PendRequest", &request)?;
@@ -415,21 +461,32 @@ async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::
             repo.cancel(&request, &options).await?;
             Value::Null
         }
-        ClientOp::Write { block, insert, update, delete } => {
+        ClientOp::Write { block, insert, update, delete, append } => {
             let block_id = BlockId::new(block)?;
-            let transform = match (insert, update, delete) {
-                (Some(insert), None, false) => Transform { insert: Some(parse::<Block>("--insert", &insert)?), ..Transform::default() },
-                (None, Some(update), false) => {
-                    Transform { updates: Some(parse::<Vec<BlockOperation>>("--update", &update)?), ..Transform::default() }
-                }
-                (None, None, true) => Transform { delete: Some(true), ..Transform::default() },
-                _ => bail!("give exactly one of --insert, --update or --delete"),
-            };
             let policy = txn::RetryPolicy { operation_timeout_ms: timeout_ms, ..txn::RetryPolicy::default() };
-            let done = txn::write_block(repo, &block_id, &transform, policy).await?;
+            let done = match (insert, update, delete, append.as_deref()) {
+                (Some(insert), None, false, None) => {
+                    let transform = Transform { insert: Some(parse::<Block>("--insert", &insert)?), ..Transform::default() };
+                    txn::write_block(repo, &block_id, &transform, policy).await?
+                }
+                (None, Some(update), false, None) => {
+                    let updates = parse::<Vec<BlockOperation>>("--update", &update)?;
+                    let transform = Transform { updates: Some(updates), ..Transform::default() };
+                    txn::write_block(repo, &block_id, &transform, policy).await?
+                }
+                (None, None, true, None) => {
+                    let transform = Transform { delete: Some(true), ..Transform::default() };
+                    txn::write_block(repo, &block_id, &transform, policy).await?
+                }
+                (None, None, false, Some([field, item])) => {
+                    let item: Value = parse("the --append value", item)?;
+                    txn::write_with(repo, &block_id, policy, |latest| append_transform(&block_id, latest, field, &item)).await?
+                }
+                _ => bail!("give exactly one of --insert, --update, --delete or --append"),
+            };
             json!({ "trxId": done.trx_id, "rev": done.rev })
         }
-    })
+    }))
 }
 
 /// Splits input into records: one JSON document, or JSON Lines.
