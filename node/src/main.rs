@@ -302,7 +302,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Show(args)) => {
             let registry = registry_for(args.config.as_deref(), &args.overrides())?;
             let loaded = config::load(args.config.as_deref(), &args.overrides(), &registry)?;
-            print!("{}", toml::to_string_pretty(&loaded.config).context("printing the configuration")?);
+            let shown = loaded.with_plugin_defaults(&registry);
+            print!("{}", toml::to_string_pretty(&shown).context("printing the configuration")?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Start(args) => start(args).await,
