@@ -19,6 +19,7 @@ pub mod local_cluster;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod progress;
 pub mod readiness;
 pub mod service;
 pub mod txn;
