@@ -13,6 +13,7 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod error_text;
+pub mod history;
 pub mod host;
 pub mod identity;
 pub mod local_cluster;

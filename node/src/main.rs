@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use libp2p::multiaddr::Protocol;
 use optimystic_core::client::RepoClient;
 use optimystic_core::model::{
@@ -20,11 +20,11 @@ use optimystic_core::time::now_ms;
 use optimystic_core::{MessageOptions, Repo};
 use optimystic_node::bench::{self, BenchOptions};
 use optimystic_node::config::{self, LogFormat};
-use optimystic_node::host::{Host, HostConfig};
+use optimystic_node::host::{Host, HostConfig, HostHandle};
 use optimystic_node::node::Node;
 use optimystic_node::ops::{self, OperatorRequest};
 use optimystic_node::service::Handlers;
-use optimystic_node::{demo, identity, link_bundled_plugins, txn};
+use optimystic_node::{demo, history, identity, link_bundled_plugins, txn};
 use serde_json::{Value, json};
 
 /// A consensus round allocates and frees many small JSON values on two or more threads; glibc's
@@ -58,6 +58,17 @@ enum Command {
         optimystic client --peer ADDR write --block diary --update '[[\"entries\",0,0,[\"hello\"]]]'\n  \
         optimystic client --peer ADDR write --block diary --append entries '\"hello\"'")]
     Client(ClientArgs),
+    /// Show a block's committed revisions as one peer holds them, with the evidence kept for each.
+    ///
+    /// Each revision comes with its evidence: the decided pend and commit records (cluster
+    /// records signed by the block's cluster) that prove it. Default output is text for people;
+    /// `--json` prints one JSON object per revision; `--records` prints only the evidence records,
+    /// one per line, the input `optimystic verify-record` reads. Exit codes: 0 done; 2 error; 3 the
+    /// peer holds no revision of the block (it does not exist, or the peer is not in its cluster).
+    #[command(after_help = "Examples:\n  optimystic history --peer /ip4/127.0.0.1/tcp/4101/p2p/12D3Koo... diary\n  \
+        optimystic history --peer ADDR diary --from 10 --json\n  \
+        optimystic history --peer ADDR diary --records | optimystic verify-record")]
+    History(HistoryArgs),
     /// Start a local 3-node cluster, run a workload, stop and restart a node, and stop cleanly.
     #[command(after_help = "Example:\n  optimystic demo")]
     Demo(demo::DemoOptions),
@@ -186,6 +197,31 @@ struct ClientArgs {
     op: ClientOp,
 }
 
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    /// The node to ask: `<multiaddr>/p2p/<peer id>` (a member of the block's cluster).
+    #[arg(long)]
+    peer: String,
+    /// The block.
+    block: String,
+    /// First revision to show.
+    #[arg(long, default_value_t = 1)]
+    from: u64,
+    /// One JSON object per revision: {"blockId", "rev", "trxId", "transform", "evidence"}.
+    #[arg(long, conflicts_with = "records")]
+    json: bool,
+    /// Only the evidence records (pend, then commit, of each revision), one JSON document per
+    /// line: pipe into `optimystic verify-record`.
+    #[arg(long)]
+    records: bool,
+    /// Deadline of each request.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Protocol id prefix of the network.
+    #[arg(long, default_value = optimystic_core::wire::DEFAULT_PROTOCOL_PREFIX)]
+    protocol_prefix: String,
+}
+
 #[derive(Debug, Subcommand)]
 enum ClientOp {
     /// Read blocks: prints the GetBlockResults JSON.
@@ -244,7 +280,12 @@ fn main() -> ExitCode {
     // The demo, the bench and the client print their own output; node logs would bury it.
     let quiet = matches!(
         cli.command,
-        Command::Demo(_) | Command::Bench(_) | Command::Client(_) | Command::Status(_) | Command::Locate { .. }
+        Command::Demo(_)
+            | Command::Bench(_)
+            | Command::Client(_)
+            | Command::Status(_)
+            | Command::Locate { .. }
+            | Command::History(_)
     );
     init_logging(format, if quiet { "warn" } else { "warn,optimystic=info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -312,6 +353,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Start(args) => start(args).await,
         Command::Client(args) => client(args).await,
+        Command::History(args) => history(args).await,
         Command::Demo(options) => {
             demo::run(options, link_bundled_plugins()).await?;
             Ok(ExitCode::SUCCESS)
@@ -370,16 +412,76 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
-    let addr: Multiaddr = args.peer.parse().with_context(|| format!("--peer {:?}", args.peer))?;
+/// A client host (a fresh identity, listening nowhere) that knows the address of `peer_text`
+/// (`<multiaddr>/p2p/<peer id>`), and that peer's id.
+async fn connect(peer_text: &str, timeout_ms: u64, protocol_prefix: &str) -> anyhow::Result<(HostHandle, PeerId)> {
+    let addr: Multiaddr = peer_text.parse().with_context(|| format!("--peer {peer_text:?}"))?;
     let Some(Protocol::P2p(peer)) = addr.iter().last() else {
         bail!("--peer must end with /p2p/<peer id>");
     };
     let mut host_config = HostConfig::new(identity::generate());
-    host_config.protocol_prefix = args.protocol_prefix.clone();
-    host_config.request_timeout_ms = args.timeout_ms;
+    host_config.protocol_prefix = protocol_prefix.to_owned();
+    host_config.request_timeout_ms = timeout_ms;
     let host = Host::start(host_config, Handlers::default()).await?;
-    host.add_address(peer, addr.clone()).await?;
+    host.add_address(peer, addr).await?;
+    Ok((host, peer))
+}
+
+async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let block_id = BlockId::new(args.block.clone())?;
+    let (host, peer) = connect(&args.peer, args.timeout_ms, &args.protocol_prefix).await?;
+    let timeout = std::time::Duration::from_millis(args.timeout_ms);
+    let mut pages = history::Pages::new(&host, peer, block_id.clone(), args.from, timeout);
+    let result = print_history(&mut pages, &block_id, &args).await;
+    let latest = pages.latest().cloned();
+    host.shutdown().await;
+    match result {
+        // The reader went away (`| head`): what it wanted was printed.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => {
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => other?,
+    }
+    if latest.is_none() {
+        eprintln!("not found: {block_id}");
+        return Ok(ExitCode::from(EXIT_NOT_FOUND));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn print_history(pages: &mut history::Pages<'_>, block_id: &BlockId, args: &HistoryArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut shown = 0usize;
+    while let Some(entries) = pages.next().await? {
+        if shown == 0
+            && !args.json
+            && !args.records
+            && let Some(latest) = pages.latest()
+        {
+            writeln!(out, "block {block_id}: latest rev {} (trx {})", latest.rev, latest.trx_id)?;
+        }
+        for entry in &entries {
+            if args.records {
+                for record in history::records(entry) {
+                    writeln!(out, "{}", serde_json::to_string(record)?)?;
+                }
+            } else if args.json {
+                writeln!(out, "{}", history::json_line(block_id, entry))?;
+            } else {
+                write!(out, "{}", history::text(entry))?;
+            }
+        }
+        shown += entries.len();
+        out.flush()?;
+    }
+    if shown == 0 && !args.json && !args.records && let Some(latest) = pages.latest() {
+        writeln!(out, "block {block_id}: latest rev {}; no revision from {} on", latest.rev, args.from)?;
+    }
+    Ok(())
+}
+
+async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let (host, peer) = connect(&args.peer, args.timeout_ms, &args.protocol_prefix).await?;
     let network: Arc<dyn PeerNetwork> = Arc::new(host.clone());
     let repo = RepoClient::new(network, peer).with_default_timeout_ms(args.timeout_ms);
     let result = client_op(&repo, args.op, args.timeout_ms).await;
