@@ -9,6 +9,7 @@
 //! [`host::HostHandle::set_handlers`].
 
 pub mod bench;
+pub mod cluster_up;
 pub mod codec;
 pub mod config;
 pub mod demo;

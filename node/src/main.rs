@@ -24,7 +24,7 @@ use optimystic_node::host::{Host, HostConfig, HostHandle};
 use optimystic_node::node::Node;
 use optimystic_node::ops::{self, OperatorRequest};
 use optimystic_node::service::Handlers;
-use optimystic_node::{demo, history, identity, link_bundled_plugins, txn};
+use optimystic_node::{cluster_up, demo, history, identity, link_bundled_plugins, txn};
 use serde_json::{Value, json};
 
 /// A consensus round allocates and frees many small JSON values on two or more threads; glibc's
@@ -113,6 +113,24 @@ enum Command {
         /// The block id.
         id: String,
     },
+    /// Local clusters of `optimystic start` processes.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Start N local nodes as separate processes and run them until Ctrl-C (SIGINT) or SIGTERM.
+    ///
+    /// Writes `node<i>.toml` config files, data directories and `node<i>.log` logs into one
+    /// directory (printed), starts node 1, then the others bootstrapping from it, and prints each
+    /// node's pid, address and metrics URL and client commands to paste. Ctrl-C or SIGTERM stops
+    /// every node (SIGTERM, then SIGKILL after 20 s) and exits 0; a node that exits on its own
+    /// stops the others and exits 2.
+    #[command(after_help = "Examples:\n  optimystic cluster up\n  \
+        optimystic cluster up --nodes 5 --storage memory --base-port 0\n  \
+        optimystic cluster up --dir ./my-cluster   # reuses the data (and peer ids) of an earlier run")]
+    Up(cluster_up::ClusterUpOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -286,6 +304,7 @@ fn main() -> ExitCode {
             | Command::Status(_)
             | Command::Locate { .. }
             | Command::History(_)
+            | Command::Cluster(_)
     );
     init_logging(format, if quiet { "warn" } else { "warn,optimystic=info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -353,6 +372,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Start(args) => start(args).await,
         Command::Client(args) => client(args).await,
+        Command::Cluster(ClusterCommand::Up(options)) => {
+            let exe = std::env::current_exe().context("finding this program to start the nodes")?;
+            let program = std::env::args().next().unwrap_or_else(|| "optimystic".to_owned());
+            cluster_up::run(&options, &exe, &program).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::History(args) => history(args).await,
         Command::Demo(options) => {
             demo::run(options, link_bundled_plugins()).await?;
