@@ -468,7 +468,7 @@ async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
         other => other?,
     }
     if latest.is_none() {
-        eprintln!("not found: {block_id}");
+        eprintln!("not found: {block_id} (the peer holds no revision of it: no such block, or the peer is not in its cluster)");
         return Ok(ExitCode::from(EXIT_NOT_FOUND));
     }
     Ok(ExitCode::SUCCESS)

@@ -326,31 +326,7 @@ fn pid_alive(pid: u32) -> bool {
 #[test]
 fn cluster_up_runs_three_processes_until_sigint_and_leaves_none_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["cluster", "up", "--nodes", "3", "--storage", "memory", "--base-port", "0", "--dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn optimystic cluster up");
-    let lines = line_channel(child.stdout.take().unwrap());
-    let mut up = ClusterUp { child: Some(child) };
-    let deadline = Instant::now() + STARTUP_TIMEOUT * 2;
-    let mut nodes: Vec<(u32, String)> = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).unwrap_or_else(|e| panic!("cluster up did not report up: {e}"));
-        if line.starts_with("up: ") {
-            break;
-        }
-        // node <i> pid <pid> listening <addr> metrics <url>
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if let ["node", _, "pid", pid, "listening", addr, "metrics", ..] = words.as_slice() {
-            nodes.push((pid.parse().unwrap(), (*addr).to_owned()));
-        }
-    }
-    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    let (mut up, lines, nodes) = cluster_up(dir.path(), 3);
     for i in 1..=3 {
         assert!(dir.path().join(format!("node{i}.toml")).is_file());
         assert!(dir.path().join(format!("node{i}.log")).is_file());
@@ -367,22 +343,78 @@ fn cluster_up_runs_three_processes_until_sigint_and_leaves_none_behind() {
     let child = up.child.take().unwrap();
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let status = wait_exit(child);
+    assert_eq!(status.code(), Some(0), "SIGINT stops cluster up with exit status 0");
+    // Its stdout has closed (it exited): the rest of its lines are in the channel or on the way.
+    let stopped: Vec<String> = remaining(&lines).into_iter().filter(|l| l.contains("stopped (")).collect();
+    assert_eq!(stopped.len(), 3, "{stopped:?}");
+    assert!(stopped.iter().all(|l| l.ends_with("stopped (exit status 0)")), "each node stopped on SIGTERM: {stopped:?}");
+    for (pid, _) in &nodes {
+        assert!(!pid_alive(*pid), "node process {pid} is gone");
+    }
+}
+
+/// Starts `optimystic cluster up --nodes <n>` on free ports and memory storage; returns it, its
+/// stdout lines, and each node's (pid, address) once it printed `up:`.
+fn cluster_up(dir: &Path, n: usize) -> (ClusterUp, mpsc::Receiver<String>, Vec<(u32, String)>) {
+    let mut child = Command::new(BIN)
+        .args(["cluster", "up", "--nodes", &n.to_string(), "--storage", "memory", "--base-port", "0", "--dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn optimystic cluster up");
+    let lines = line_channel(child.stdout.take().unwrap());
+    let up = ClusterUp { child: Some(child) };
+    let deadline = Instant::now() + STARTUP_TIMEOUT * 2;
+    let mut nodes = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).unwrap_or_else(|e| panic!("cluster up did not report up: {e}"));
+        if line.starts_with("up: ") {
+            break;
+        }
+        // node <i> pid <pid> listening <addr> metrics <url>
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let ["node", _, "pid", pid, "listening", addr, "metrics", ..] = words.as_slice() {
+            nodes.push((pid.parse().unwrap(), (*addr).to_owned()));
+        }
+    }
+    assert_eq!(nodes.len(), n, "{nodes:?}");
+    (up, lines, nodes)
+}
+
+/// Waits (at most 60 s) for `child` to exit.
+fn wait_exit(child: Child) -> std::process::ExitStatus {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut child = child;
         let _ = tx.send(child.wait());
     });
-    let status = rx.recv_timeout(Duration::from_secs(60)).expect("cluster up stops within 60 s of SIGINT").unwrap();
-    assert_eq!(status.code(), Some(0), "SIGINT stops cluster up with exit status 0");
-    // Its stdout has closed (it exited): the rest of its lines are in the channel or on the way.
-    let mut stopped = Vec::new();
+    rx.recv_timeout(Duration::from_secs(60)).expect("exits within 60 s").unwrap()
+}
+
+/// The rest of a finished process's stdout lines.
+fn remaining(lines: &mpsc::Receiver<String>) -> Vec<String> {
+    let mut rest = Vec::new();
     while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
-        if line.contains("stopped (") {
-            stopped.push(line);
-        }
+        rest.push(line);
     }
-    assert_eq!(stopped.len(), 3, "{stopped:?}");
-    assert!(stopped.iter().all(|l| l.ends_with("stopped (exit status 0)")), "each node stopped on SIGTERM: {stopped:?}");
+    rest
+}
+
+#[test]
+fn cluster_up_stops_the_others_when_a_node_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, lines, nodes) = cluster_up(dir.path(), 2);
+    let victim = nodes[1].0.to_string();
+    assert!(Command::new("kill").args(["-KILL", &victim]).status().unwrap().success());
+    let status = wait_exit(up.child.take().unwrap());
+    assert_eq!(status.code(), Some(2), "a node that dies is an error");
+    let rest = remaining(&lines);
+    assert!(rest.iter().any(|l| l == "node 2 exited (killed by signal 9); stopping the others"), "{rest:?}");
+    assert!(rest.iter().any(|l| l == "node 1 stopped (exit status 0)"), "{rest:?}");
     for (pid, _) in &nodes {
         assert!(!pid_alive(*pid), "node process {pid} is gone");
     }
