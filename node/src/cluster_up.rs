@@ -245,7 +245,14 @@ async fn start_all(
             listening = wait_until(cluster, deadline, |c| c.nodes.get(i - 1).is_some_and(|n| n.addr.is_some() && n.metrics.is_some())) => listening,
             () = signals.recv() => return Ok(false),
         };
-        listening.map_err(|what| node_error(cluster, i, what))?;
+        match listening {
+            Ok(()) => {}
+            Err(Stop::Exited(node, what)) => return Err(node_error(cluster, node, what)),
+            Err(Stop::Timeout) => {
+                let what = format!("printed no listening and metrics lines within {STARTUP_TIMEOUT_MS} ms");
+                return Err(node_error(cluster, i, what));
+            }
+        }
         if bootstrap.is_none() {
             bootstrap = cluster.nodes.first().and_then(|n| n.addr.clone());
         }
@@ -254,7 +261,7 @@ async fn start_all(
     tokio::select! {
         ready = wait_until(cluster, deadline, |c| c.nodes.iter().all(|n| n.ready)) => {
             // Nodes still not ready are shown as such; a node that exited is an error.
-            if let Err(what) = ready && let Some(node) = exited_node(cluster) {
+            if let Err(Stop::Exited(node, what)) = ready {
                 return Err(node_error(cluster, node, what));
             }
         }
@@ -305,21 +312,35 @@ async fn forward_stdout(i: usize, stdout: tokio::process::ChildStdout, mut log: 
     let _ = sender.send(Event::Closed(i));
 }
 
-/// Applies events until `done` holds. `Err`: what went wrong instead (the deadline passed, or a
-/// node's stdout closed: it exited).
-async fn wait_until(cluster: &mut Cluster, deadline: Instant, done: impl Fn(&Cluster) -> bool) -> Result<(), String> {
+/// Why [`wait_until`] stopped before its condition held.
+#[derive(Debug)]
+enum Stop {
+    /// A node (1-based) closed its output: it exited, as said.
+    Exited(usize, String),
+    /// The deadline passed.
+    Timeout,
+}
+
+/// How long a node that closed its output may take to exit before it is reported as is.
+const EXIT_AFTER_CLOSE_MS: u64 = 5_000;
+
+/// Applies events until `done` holds, a node exits, or `deadline` passes.
+async fn wait_until(cluster: &mut Cluster, deadline: Instant, done: impl Fn(&Cluster) -> bool) -> Result<(), Stop> {
     while !done(cluster) {
         match tokio::time::timeout_at(deadline, cluster.events.recv()).await {
             Ok(Some(Event::Line(i, line))) => apply_line(cluster, i, &line),
             Ok(Some(Event::Closed(i))) => {
                 let status = match cluster.nodes.get_mut(i - 1) {
-                    Some(node) => node.child.wait().await.map(describe).unwrap_or_else(|e| e.to_string()),
-                    None => "unknown".into(),
+                    Some(node) => match tokio::time::timeout(Duration::from_millis(EXIT_AFTER_CLOSE_MS), node.child.wait()).await {
+                        Ok(status) => format!("exited ({})", status.map(describe).unwrap_or_else(|e| e.to_string())),
+                        Err(_) => "closed its output".to_owned(),
+                    },
+                    None => "exited".to_owned(),
                 };
-                return Err(format!("exited ({status})"));
+                return Err(Stop::Exited(i, status));
             }
-            Ok(None) => return Err("output could not be read".into()),
-            Err(_) => return Err(format!("did not report in time (waited {} ms)", deadline.elapsed().as_millis())),
+            // The cluster holds a sender: the channel never closes while it waits.
+            Ok(None) | Err(_) => return Err(Stop::Timeout),
         }
     }
     Ok(())
@@ -337,14 +358,28 @@ fn apply_line(cluster: &mut Cluster, i: usize, line: &str) {
     }
 }
 
-/// The first node whose process has ended.
-fn exited_node(cluster: &mut Cluster) -> Option<usize> {
-    cluster.nodes.iter_mut().position(|n| matches!(n.child.try_wait(), Ok(Some(_)))).map(|p| p + 1)
-}
+/// Most bytes of a node's log read to find its last error line.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
 
+/// What node `node` did, with the last `error: ` line of its log when there is one.
 fn node_error(cluster: &Cluster, node: usize, what: String) -> ClusterUpError {
     let log = cluster.nodes.get(node - 1).map(|n| n.log.clone()).unwrap_or_default();
+    let what = match last_error_line(&log) {
+        Some(line) => format!("{what}: {line}"),
+        None => what,
+    };
     ClusterUpError::Node { node, what, log }
+}
+
+/// The last line starting `error: ` among the last [`LOG_TAIL_BYTES`] of `log`.
+fn last_error_line(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES))).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    String::from_utf8_lossy(&tail).lines().rev().find_map(|l| l.strip_prefix("error: ")).map(|l| l.trim().to_owned())
 }
 
 fn describe(status: ExitStatus) -> String {
