@@ -149,7 +149,7 @@ fn record_summary(record: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
     use optimystic_core::model::{Transform, TrxId};
 
