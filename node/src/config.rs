@@ -583,31 +583,35 @@ mod tests {
 
     #[test]
     fn plugin_defaults_are_shown_and_accepted_by_their_plugins() {
-        let loaded = load(None, &json!({"consensus": {"kind": "majority-2pc", "grace_ms": 3000}}), &registry()).expect("valid");
-        let shown = loaded.with_plugin_defaults(&registry());
-        assert_eq!(shown.storage.options.get("map_size_bytes"), Some(&json!(1u64 << 30)), "{:?}", shown.storage);
-        assert_eq!(shown.storage.options.get("path"), Some(&json!("storage-lmdb")));
-        assert_eq!(shown.consensus.options.get("grace_ms"), Some(&json!(3000)), "the configuration wins");
-        assert_eq!(shown.consensus.options.get("record_timeout_ms"), Some(&json!(10_000)));
-        assert_eq!(shown.key_network.options.get("cache_ttl_ms"), Some(&json!(2_000)));
-        let printed = toml::to_string_pretty(&shown).expect("prints");
-        let reread: NodeConfig = toml::from_str(&printed).expect("the printed configuration reads back");
-        assert_eq!(reread, shown);
+        // In a jail: other tests set OPTIMYSTIC_* variables, and the defaults must be the built-in ones.
+        Jail::expect_with(|_jail| {
+            let loaded = load(None, &json!({"consensus": {"kind": "majority-2pc", "grace_ms": 3000}}), &registry()).expect("valid");
+            let shown = loaded.with_plugin_defaults(&registry());
+            assert_eq!(shown.storage.options.get("map_size_bytes"), Some(&json!(1u64 << 30)), "{:?}", shown.storage);
+            assert_eq!(shown.storage.options.get("path"), Some(&json!("storage-lmdb")));
+            assert_eq!(shown.consensus.options.get("grace_ms"), Some(&json!(3000)), "the configuration wins");
+            assert_eq!(shown.consensus.options.get("record_timeout_ms"), Some(&json!(10_000)));
+            assert_eq!(shown.key_network.options.get("cache_ttl_ms"), Some(&json!(2_000)));
+            let printed = toml::to_string_pretty(&shown).expect("prints");
+            let reread: NodeConfig = toml::from_str(&printed).expect("the printed configuration reads back");
+            assert_eq!(reread, shown);
 
-        // The shown storage options open the same directory as none at all.
-        let dir = tempfile::tempdir().unwrap();
-        let mut cx = optimystic_core::registry::PluginContext::new(libp2p::PeerId::random());
-        cx.data_dir = Some(dir.path().to_path_buf());
-        for kind in ["lmdb", "file"] {
-            let flags = json!({"storage": {"kind": kind}});
+            // The shown storage options open the same directory as none at all.
+            let dir = tempfile::tempdir().unwrap();
+            let mut cx = optimystic_core::registry::PluginContext::new(libp2p::PeerId::random());
+            cx.data_dir = Some(dir.path().to_path_buf());
+            for kind in ["lmdb", "file"] {
+                let flags = json!({"storage": {"kind": kind}});
+                let shown = load(None, &flags, &registry()).expect("valid").with_plugin_defaults(&registry());
+                let storage = registry().build_storage(kind, &cx, &shown.storage.to_value()).expect("defaults accepted");
+                drop(storage);
+                assert!(dir.path().join(format!("storage-{kind}")).is_dir(), "{kind} opened its default directory");
+            }
+            let flags = json!({"key_network": {"kind": "static"}});
             let shown = load(None, &flags, &registry()).expect("valid").with_plugin_defaults(&registry());
-            let storage = registry().build_storage(kind, &cx, &shown.storage.to_value()).expect("defaults accepted");
-            drop(storage);
-            assert!(dir.path().join(format!("storage-{kind}")).is_dir(), "{kind} opened its default directory");
-        }
-        let flags = json!({"key_network": {"kind": "static"}});
-        let shown = load(None, &flags, &registry()).expect("valid").with_plugin_defaults(&registry());
-        registry().build_key_network("static", &cx, &shown.key_network.to_value()).expect("defaults accepted");
+            registry().build_key_network("static", &cx, &shown.key_network.to_value()).expect("defaults accepted");
+            Ok(())
+        });
     }
 
     #[test]
