@@ -159,7 +159,7 @@ fn three_processes_from_config_files_serve_writes_reads_metrics_and_stop_on_sigt
 }
 
 /// Runs the binary with `args` (and `stdin` as its input); returns the finished output.
-fn run_bin(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+fn output_of(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
     let mut command = Command::new(BIN);
     command.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().expect("run optimystic");
@@ -216,7 +216,7 @@ fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
     let block = r#"{"header":{"id":"diary","type":"log","collectionId":"cli"},"entries":[],"title":"t"}"#;
     client(&["--peer", peer, "write", "--block", "diary", "--insert", block]);
 
-    let missing = run_bin(&["client", "--peer", peer, "get", "diary", "nothere", "gone"], None);
+    let missing = output_of(&["client", "--peer", peer, "get", "diary", "nothere", "gone"], None);
     assert_eq!(missing.status.code(), Some(3), "{missing:?}");
     let stderr = String::from_utf8_lossy(&missing.stderr);
     let not_found: Vec<&str> = stderr.lines().filter(|l| l.starts_with("not found: ")).collect();
@@ -224,7 +224,7 @@ fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
     let answer: serde_json::Value = serde_json::from_slice(&missing.stdout).expect("the JSON is still printed");
     assert_eq!(answer["diary"]["block"]["title"], "t", "{answer}");
     assert_eq!(answer["nothere"]["state"]["pendings"], serde_json::json!([]), "{answer}");
-    let present = run_bin(&["client", "--peer", peer, "get", "diary"], None);
+    let present = output_of(&["client", "--peer", peer, "get", "diary"], None);
     assert_eq!(present.status.code(), Some(0), "{present:?}");
 
     for item in [r#""a""#, r#"{"b":2}"#] {
@@ -241,13 +241,13 @@ fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
     ] {
         let mut full = vec!["client", "--peer", peer, "write"];
         full.extend(args);
-        let failed = run_bin(&full, None);
+        let failed = output_of(&full, None);
         assert_eq!(failed.status.code(), Some(2), "{failed:?}");
         let stderr = String::from_utf8_lossy(&failed.stderr);
         assert!(stderr.contains(says), "{stderr}");
     }
 
-    let invalid = run_bin(&["client", "--peer", peer, "write", "--block", "diary", "--update", r#"[["x",0,0,["y"]]]"#], None);
+    let invalid = output_of(&["client", "--peer", peer, "write", "--block", "diary", "--update", r#"[["x",0,0,["y"]]]"#], None);
     assert_eq!(invalid.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&invalid.stderr);
     assert_eq!(stderr.matches("field \"x\" does not exist").count(), 1, "the cause once: {stderr}");
@@ -273,12 +273,12 @@ fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
         client(&["--peer", &peer, "write", "--block", "log", "--append", "entries", item]);
     }
 
-    let history = run_bin(&["history", "--peer", &peer, "log", "--records"], None);
+    let history = output_of(&["history", "--peer", &peer, "log", "--records"], None);
     assert_eq!(history.status.code(), Some(0), "{history:?}");
     let records: Vec<serde_json::Value> =
         String::from_utf8_lossy(&history.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON record per line")).collect();
     assert_eq!(records.len(), 6, "a pend and a commit record for each of 3 revisions: {records:?}");
-    let verified = run_bin(&["verify-record"], Some(&history.stdout));
+    let verified = output_of(&["verify-record"], Some(&history.stdout));
     assert_eq!(verified.status.code(), Some(0), "{verified:?}");
     let verdicts = String::from_utf8_lossy(&verified.stdout);
     assert_eq!(verdicts.lines().count(), 6, "{verdicts}");
@@ -286,18 +286,18 @@ fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
         assert_eq!(line, format!("ok {}", record["messageHash"].as_str().unwrap()));
     }
 
-    let json = run_bin(&["history", "--peer", &peer, "log", "--json", "--from", "2"], None);
+    let json = output_of(&["history", "--peer", &peer, "log", "--json", "--from", "2"], None);
     assert_eq!(json.status.code(), Some(0), "{json:?}");
     let revisions: Vec<serde_json::Value> =
         String::from_utf8_lossy(&json.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let revs: Vec<u64> = revisions.iter().map(|r| r["rev"].as_u64().unwrap()).collect();
     assert_eq!(revs, [2, 3]);
     assert_eq!(revisions[1]["transform"]["updates"], serde_json::json!([["entries", 1, 0, [2]]]), "appended at the end");
-    let text = run_bin(&["history", "--peer", &peer, "log"], None);
+    let text = output_of(&["history", "--peer", &peer, "log"], None);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.starts_with("block log: latest rev 3"), "{text}");
     assert_eq!(text.matches("  evidence commit z").count(), 3, "{text}");
-    let missing = run_bin(&["history", "--peer", &peer, "nothere"], None);
+    let missing = output_of(&["history", "--peer", &peer, "nothere"], None);
     assert_eq!(missing.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not found: nothere"));
 
