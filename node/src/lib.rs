@@ -9,15 +9,19 @@
 //! [`host::HostHandle::set_handlers`].
 
 pub mod bench;
+pub mod cluster_up;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod error_text;
+pub mod history;
 pub mod host;
 pub mod identity;
 pub mod local_cluster;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod progress;
 pub mod readiness;
 pub mod service;
 pub mod txn;

@@ -158,6 +158,268 @@ fn three_processes_from_config_files_serve_writes_reads_metrics_and_stop_on_sigt
     }
 }
 
+/// Runs the binary with `args` (and `stdin` as its input); returns the finished output.
+fn output_of(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+    let mut command = Command::new(BIN);
+    command.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("run optimystic");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+/// A solo node on memory storage (cluster of one, no metrics), started with flags only.
+fn start_solo_node(data_dir: &Path) -> Started {
+    let mut child = Command::new(BIN)
+        .args(["start", "--storage", "memory", "--no-metrics", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(data_dir)
+        .env("OPTIMYSTIC_KEY_NETWORK__KIND", "static")
+        .env("OPTIMYSTIC_CONSENSUS__KIND", "solo")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn optimystic start");
+    let lines = line_channel(child.stdout.take().unwrap());
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let addr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).unwrap_or_else(|e| panic!("the solo node did not report listening: {e}"));
+        if let Some(addr) = line.strip_prefix("listening ") {
+            break addr.to_owned();
+        }
+    };
+    Started { child: Some(child), p2p_addr: addr, metrics: String::new() }
+}
+
+/// The lines of `out`, read on a thread.
+fn line_channel(out: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node(dir.path());
+    let peer = node.p2p_addr.as_str();
+    let block = r#"{"header":{"id":"diary","type":"log","collectionId":"cli"},"entries":[],"title":"t"}"#;
+    client(&["--peer", peer, "write", "--block", "diary", "--insert", block]);
+
+    let missing = output_of(&["client", "--peer", peer, "get", "diary", "nothere", "gone"], None);
+    assert_eq!(missing.status.code(), Some(3), "{missing:?}");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    let not_found: Vec<&str> = stderr.lines().filter(|l| l.starts_with("not found: ")).collect();
+    assert_eq!(not_found, ["not found: nothere", "not found: gone"], "one line per missing block: {stderr}");
+    let answer: serde_json::Value = serde_json::from_slice(&missing.stdout).expect("the JSON is still printed");
+    assert_eq!(answer["diary"]["block"]["title"], "t", "{answer}");
+    assert_eq!(answer["nothere"]["state"]["pendings"], serde_json::json!([]), "{answer}");
+    let present = output_of(&["client", "--peer", peer, "get", "diary"], None);
+    assert_eq!(present.status.code(), Some(0), "{present:?}");
+
+    for item in [r#""a""#, r#"{"b":2}"#] {
+        client(&["--peer", peer, "write", "--block", "diary", "--append", "entries", item]);
+    }
+    let read = client(&["--peer", peer, "get", "diary"]);
+    assert_eq!(read["diary"]["block"]["entries"], serde_json::json!(["a", {"b": 2}]), "{read}");
+    assert_eq!(read["diary"]["state"]["latest"]["rev"], 3, "{read}");
+
+    for (args, says) in [
+        (vec!["--block", "nothere", "--append", "entries", "1"], "block nothere does not exist"),
+        (vec!["--block", "diary", "--append", "title", "1"], "field \"title\" of block diary is not an array"),
+        (vec!["--block", "diary", "--append", "nope", "1"], "block diary has no field \"nope\""),
+    ] {
+        let mut full = vec!["client", "--peer", peer, "write"];
+        full.extend(args);
+        let failed = output_of(&full, None);
+        assert_eq!(failed.status.code(), Some(2), "{failed:?}");
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+    }
+
+    let invalid = output_of(&["client", "--peer", peer, "write", "--block", "diary", "--update", r#"[["x",0,0,["y"]]]"#], None);
+    assert_eq!(invalid.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&invalid.stderr);
+    assert_eq!(stderr.matches("field \"x\" does not exist").count(), 1, "the cause once: {stderr}");
+    assert_eq!(stderr.matches("bad request").count(), 1, "the code once: {stderr}");
+    let status = sigterm_and_wait({ let mut node = node; node.child.take().unwrap() });
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let metrics_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let bootstrap = (i > 0).then(|| ports[0]);
+        nodes.push(start_node(i + 1, &dir.path().join(format!("node{}", i + 1)), ports[i], metrics_ports[i], bootstrap));
+    }
+    let peer = nodes[0].p2p_addr.clone();
+    let block = r#"{"header":{"id":"log","type":"log","collectionId":"cli"},"entries":[]}"#;
+    client(&["--peer", &peer, "write", "--block", "log", "--insert", block]);
+    for item in ["1", "2"] {
+        client(&["--peer", &peer, "write", "--block", "log", "--append", "entries", item]);
+    }
+
+    let history = output_of(&["history", "--peer", &peer, "log", "--records"], None);
+    assert_eq!(history.status.code(), Some(0), "{history:?}");
+    let records: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&history.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON record per line")).collect();
+    assert_eq!(records.len(), 6, "a pend and a commit record for each of 3 revisions: {records:?}");
+    let verified = output_of(&["verify-record"], Some(&history.stdout));
+    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+    let verdicts = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verdicts.lines().count(), 6, "{verdicts}");
+    for (line, record) in verdicts.lines().zip(&records) {
+        assert_eq!(line, format!("ok {}", record["messageHash"].as_str().unwrap()));
+    }
+
+    let json = output_of(&["history", "--peer", &peer, "log", "--json", "--from", "2"], None);
+    assert_eq!(json.status.code(), Some(0), "{json:?}");
+    let revisions: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&json.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let revs: Vec<u64> = revisions.iter().map(|r| r["rev"].as_u64().unwrap()).collect();
+    assert_eq!(revs, [2, 3]);
+    assert_eq!(revisions[1]["transform"]["updates"], serde_json::json!([["entries", 1, 0, [2]]]), "appended at the end");
+    let text = output_of(&["history", "--peer", &peer, "log"], None);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.starts_with("block log: latest rev 3"), "{text}");
+    assert_eq!(text.matches("  evidence commit z").count(), 3, "{text}");
+    let missing = output_of(&["history", "--peer", &peer, "nothere"], None);
+    assert_eq!(missing.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found: nothere"));
+
+    for mut node in nodes {
+        assert_eq!(sigterm_and_wait(node.child.take().unwrap()).code(), Some(0));
+    }
+}
+
+/// A running `optimystic cluster up`; a failing test still stops it (and so its nodes).
+struct ClusterUp {
+    child: Option<Child>,
+}
+
+impl Drop for ClusterUp {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let _ = sigterm_and_wait(child);
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn cluster_up_runs_three_processes_until_sigint_and_leaves_none_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, lines, nodes) = cluster_up(dir.path(), 3);
+    for i in 1..=3 {
+        assert!(dir.path().join(format!("node{i}.toml")).is_file());
+        assert!(dir.path().join(format!("node{i}.log")).is_file());
+    }
+    let bootstrap = std::fs::read_to_string(dir.path().join("node2.toml")).unwrap();
+    assert!(bootstrap.contains(&format!("bootstrap = [\"{}\"]", nodes[0].1)), "node 1 is the bootstrap: {bootstrap}");
+
+    let block = r#"{"header":{"id":"up","type":"log","collectionId":"cli"},"entries":[]}"#;
+    client(&["--peer", &nodes[0].1, "write", "--block", "up", "--insert", block]);
+    client(&["--peer", &nodes[0].1, "write", "--block", "up", "--append", "entries", "\"x\""]);
+    let read = client(&["--peer", &nodes[1].1, "get", "up"]);
+    assert_eq!(read["up"]["block"]["entries"], serde_json::json!(["x"]), "{read}");
+
+    let child = up.child.take().unwrap();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let status = wait_exit(child);
+    assert_eq!(status.code(), Some(0), "SIGINT stops cluster up with exit status 0");
+    // Its stdout has closed (it exited): the rest of its lines are in the channel or on the way.
+    let stopped: Vec<String> = remaining(&lines).into_iter().filter(|l| l.contains("stopped (")).collect();
+    assert_eq!(stopped.len(), 3, "{stopped:?}");
+    assert!(stopped.iter().all(|l| l.ends_with("stopped (exit status 0)")), "each node stopped on SIGTERM: {stopped:?}");
+    for (pid, _) in &nodes {
+        assert!(!pid_alive(*pid), "node process {pid} is gone");
+    }
+}
+
+/// Starts `optimystic cluster up --nodes <n>` on free ports and memory storage; returns it, its
+/// stdout lines, and each node's (pid, address) once it printed `up:`.
+fn cluster_up(dir: &Path, n: usize) -> (ClusterUp, mpsc::Receiver<String>, Vec<(u32, String)>) {
+    let mut child = Command::new(BIN)
+        .args(["cluster", "up", "--nodes", &n.to_string(), "--storage", "memory", "--base-port", "0", "--dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn optimystic cluster up");
+    let lines = line_channel(child.stdout.take().unwrap());
+    let up = ClusterUp { child: Some(child) };
+    let deadline = Instant::now() + STARTUP_TIMEOUT * 2;
+    let mut nodes = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).unwrap_or_else(|e| panic!("cluster up did not report up: {e}"));
+        if line.starts_with("up: ") {
+            break;
+        }
+        // node <i> pid <pid> listening <addr> metrics <url>
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let ["node", _, "pid", pid, "listening", addr, "metrics", ..] = words.as_slice() {
+            nodes.push((pid.parse().unwrap(), (*addr).to_owned()));
+        }
+    }
+    assert_eq!(nodes.len(), n, "{nodes:?}");
+    (up, lines, nodes)
+}
+
+/// Waits (at most 60 s) for `child` to exit.
+fn wait_exit(child: Child) -> std::process::ExitStatus {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = tx.send(child.wait());
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect("exits within 60 s").unwrap()
+}
+
+/// The rest of a finished process's stdout lines.
+fn remaining(lines: &mpsc::Receiver<String>) -> Vec<String> {
+    let mut rest = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+        rest.push(line);
+    }
+    rest
+}
+
+#[test]
+fn cluster_up_stops_the_others_when_a_node_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, lines, nodes) = cluster_up(dir.path(), 2);
+    let victim = nodes[1].0.to_string();
+    assert!(Command::new("kill").args(["-KILL", &victim]).status().unwrap().success());
+    let status = wait_exit(up.child.take().unwrap());
+    assert_eq!(status.code(), Some(2), "a node that dies is an error");
+    let rest = remaining(&lines);
+    assert!(rest.iter().any(|l| l == "node 2 exited (killed by signal 9); stopping the others"), "{rest:?}");
+    assert!(rest.iter().any(|l| l == "node 1 stopped (exit status 0)"), "{rest:?}");
+    for (pid, _) in &nodes {
+        assert!(!pid_alive(*pid), "node process {pid} is gone");
+    }
+}
+
 #[test]
 fn verify_record_accepts_the_javascript_vector_and_refuses_a_tampered_copy() {
     let vector = Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/vectors/cluster-record-example.json");

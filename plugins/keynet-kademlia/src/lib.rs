@@ -230,8 +230,17 @@ fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, Plug
     Ok(Arc::new(KademliaKeyNetwork::from_config(Arc::clone(routing), config)?))
 }
 
+/// The options' defaults.
+fn defaults() -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("cluster_size".to_owned(), Value::from(DEFAULT_CLUSTER_SIZE));
+    map.insert("cache_ttl_ms".to_owned(), Value::from(DEFAULT_CACHE_TTL_MS));
+    map
+}
+
 optimystic_core::inventory::submit! {
     PluginDescriptor::key_network("kademlia", "clusters ranked over the Kademlia DHT routing table", build)
+        .with_defaults(defaults)
 }
 
 #[cfg(test)]
@@ -241,7 +250,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     use optimystic_core::keynet::PeerInfo;
-    use optimystic_core::registry::Registry;
+    use optimystic_core::registry::{PluginKind, Registry};
     use serde_json::json;
 
     use super::*;
@@ -360,7 +369,11 @@ mod tests {
         let mut cx = PluginContext::new(routing.local);
         let registry = Registry::linked();
         assert!(matches!(registry.build_key_network("kademlia", &cx, &Value::Null), Err(PluginError::Missing(_))));
-        cx.routing = Some(routing);
+        cx.routing = Some(routing.clone());
         assert_eq!(registry.build_key_network("kademlia", &cx, &json!({"cluster_size": 4})).unwrap().cluster_size(), 4);
+
+        let declared = registry.defaults(PluginKind::KeyNetwork, "kademlia").unwrap().clone();
+        let network = KademliaKeyNetwork::from_config(routing, &Value::Object(declared)).unwrap();
+        assert_eq!((network.cluster_size(), network.cache_ttl), (DEFAULT_CLUSTER_SIZE, Duration::from_millis(DEFAULT_CACHE_TTL_MS)));
     }
 }
