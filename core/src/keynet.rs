@@ -80,6 +80,16 @@ pub trait KeyNetwork: Send + Sync + std::fmt::Debug + 'static {
     /// `excluded`. Fails with [`KeyNetworkError::AllExcluded`] when every member is excluded.
     async fn find_coordinator(&self, block_id: &BlockId, excluded: &[PeerId]) -> Result<PeerId, KeyNetworkError>;
 
+    /// The first `n` peers of the block's ranking in this node's view, closest first: the cluster
+    /// and then the peers that would replace its members (a quorum read asks those in place of
+    /// members it cannot reach, since other nodes may already count them as members). The default
+    /// is the cluster alone, for key networks whose membership does not change.
+    ///
+    /// Errors: as [`KeyNetwork::find_cluster`].
+    async fn ranked(&self, block_id: &BlockId, n: usize) -> Result<Vec<PeerId>, KeyNetworkError> {
+        Ok(self.find_cluster(block_id).await?.keys().copied().take(n).collect())
+    }
+
     /// The cluster size this key network targets.
     fn cluster_size(&self) -> usize;
 

@@ -210,6 +210,12 @@ impl KeyNetwork for KademliaKeyNetwork {
             .ok_or(KeyNetworkError::AllExcluded)
     }
 
+    async fn ranked(&self, block_id: &BlockId, n: usize) -> Result<Vec<PeerId>, KeyNetworkError> {
+        let mut candidates = self.routing.known_peers().await;
+        candidates.entry(self.routing.local_peer_id()).or_default();
+        Ok(rank_peers(&block_key(block_id), candidates.keys(), n))
+    }
+
     fn cluster_size(&self) -> usize {
         self.cluster_size
     }
