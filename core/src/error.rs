@@ -89,12 +89,38 @@ pub enum StorageError {
         /// What failed.
         message: String,
     },
+    /// The store was closed; every call after `close` (but `close` itself) fails with this.
+    #[error("storage engine {engine} is closed")]
+    Closed {
+        /// The engine.
+        engine: &'static str,
+    },
+    /// An engine failure caused by an error of the library underneath (kept as the source).
+    #[error("storage engine {engine} failed while {context}: {source}")]
+    Engine {
+        /// The engine.
+        engine: &'static str,
+        /// What the engine was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 impl StorageError {
     /// An I/O error with what the engine was doing.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io { context: context.into(), source }
+    }
+
+    /// An engine failure with what the engine was doing and the underlying error.
+    pub fn engine(
+        engine: &'static str,
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self::Engine { engine, context: context.into(), source: source.into() }
     }
 }
 
