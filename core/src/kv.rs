@@ -47,10 +47,7 @@ pub enum KvWrite {
 impl KvWrite {
     /// A put of `value` at `key`.
     pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
-        Self::Put {
-            key: key.into(),
-            value: value.into(),
-        }
+        Self::Put { key: key.into(), value: value.into() }
     }
 
     /// A delete of `key`.
@@ -69,10 +66,7 @@ impl KvWrite {
 /// The [`StorageError::Invalid`] a store returns for a put of a key that is empty or longer than
 /// `limit` bytes.
 pub fn invalid_key(engine: &str, key: &[u8], limit: usize) -> StorageError {
-    StorageError::Invalid(format!(
-        "{engine}: a key of {} bytes is outside 1..={limit} bytes",
-        key.len()
-    ))
+    StorageError::Invalid(format!("{engine}: a key of {} bytes is outside 1..={limit} bytes", key.len()))
 }
 
 /// An ordered byte key-value store with atomic write batches: the narrow storage seam.

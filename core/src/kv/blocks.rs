@@ -48,9 +48,7 @@ use sha2::{Digest, Sha256};
 use super::{KvEntry, KvStore, KvWrite, MAX_KEY_BYTES};
 use crate::error::StorageError;
 use crate::model::{BlockId, Transform, TrxId, TrxRev};
-use crate::storage::{
-    BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage, StorageStats,
-};
+use crate::storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage, StorageStats};
 
 /// First byte of a block record key.
 const BLOCK: u8 = b'b';
@@ -93,9 +91,7 @@ struct Shared<S> {
 
 impl<S: KvStore> Clone for KvBlockStorage<S> {
     fn clone(&self) -> Self {
-        Self {
-            shared: Arc::clone(&self.shared),
-        }
+        Self { shared: Arc::clone(&self.shared) }
     }
 }
 
@@ -114,12 +110,7 @@ impl<S: KvStore> From<S> for KvBlockStorage<S> {
 impl<S: KvStore> KvBlockStorage<S> {
     /// Block storage over `store`, which must be empty or hold this module's layout.
     pub fn over(store: S) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                store,
-                writer: Mutex::new(()),
-            }),
-        }
+        Self { shared: Arc::new(Shared { store, writer: Mutex::new(()) }) }
     }
 
     /// Block storage over a new, empty default store (for example an in-memory one).
@@ -141,21 +132,17 @@ impl<S: KvStore> KvBlockStorage<S> {
         T: Send + 'static,
         F: FnOnce(&Shared<S>) -> Result<T, StorageError> + Send + 'static,
     {
-        let runtime = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if waits => runtime,
-            _ => return work(&self.shared),
+        if !waits {
+            return work(&self.shared);
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return work(&self.shared);
         };
         let shared = Arc::clone(&self.shared);
         runtime
             .spawn_blocking(move || work(&shared))
             .await
-            .map_err(|e| {
-                StorageError::engine(
-                    self.shared.store.name(),
-                    "running a call on the blocking pool",
-                    e,
-                )
-            })?
+            .map_err(|e| StorageError::engine(self.shared.store.name(), "running a call on the blocking pool", e))?
     }
 
     /// Runs a read.
@@ -164,8 +151,7 @@ impl<S: KvStore> KvBlockStorage<S> {
         T: Send + 'static,
         F: FnOnce(&S) -> Result<T, StorageError> + Send + 'static,
     {
-        self.run(S::READS_WAIT, move |shared| work(&shared.store))
-            .await
+        self.run(S::READS_WAIT, move |shared| work(&shared.store)).await
     }
 
     /// Runs a block mutation under the writer lock: `work` reads what it checks and returns the
@@ -178,21 +164,14 @@ impl<S: KvStore> KvBlockStorage<S> {
             // The lock guards no data (the store keeps its own consistency): a poisoned one is fine.
             let _writer = shared.writer.lock().unwrap_or_else(PoisonError::into_inner);
             let batch = work(&shared.store)?;
-            if batch.is_empty() {
-                Ok(())
-            } else {
-                shared.store.write(&batch, true)
-            }
+            if batch.is_empty() { Ok(()) } else { shared.store.write(&batch, true) }
         })
         .await
     }
 
     /// Writes one batch durably.
     async fn write(&self, batch: Vec<KvWrite>) -> Result<(), StorageError> {
-        self.run(S::WRITES_WAIT, move |shared| {
-            shared.store.write(&batch, true)
-        })
-        .await
+        self.run(S::WRITES_WAIT, move |shared| shared.store.write(&batch, true)).await
     }
 }
 
@@ -200,29 +179,18 @@ fn corrupt(engine: &str, what: impl std::fmt::Display) -> StorageError {
     StorageError::Corrupt(format!("{engine}: {what}"))
 }
 
-fn to_json<T: Serialize>(
-    engine: &'static str,
-    what: &str,
-    value: &T,
-) -> Result<Vec<u8>, StorageError> {
-    serde_json::to_vec(value)
-        .map_err(|e| StorageError::engine(engine, format!("encoding {what}"), e))
+fn to_json<T: Serialize>(engine: &'static str, what: &str, value: &T) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(value).map_err(|e| StorageError::engine(engine, format!("encoding {what}"), e))
 }
 
-fn from_json<T: DeserializeOwned>(
-    engine: &str,
-    what: &str,
-    bytes: &[u8],
-) -> Result<T, StorageError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| corrupt(engine, format!("{what} is not valid JSON: {e}")))
+fn from_json<T: DeserializeOwned>(engine: &str, what: &str, bytes: &[u8]) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(engine, format!("{what} is not valid JSON: {e}")))
 }
 
 /// `b<block>`: the prefix of all of a block's records.
 fn block_prefix(block_id: &BlockId) -> Result<Vec<u8>, StorageError> {
     let id = block_id.as_bytes();
-    let len = u16::try_from(id.len())
-        .map_err(|_| StorageError::Invalid(format!("block id of {} bytes", id.len())))?;
+    let len = u16::try_from(id.len()).map_err(|_| StorageError::Invalid(format!("block id of {} bytes", id.len())))?;
     let mut key = Vec::with_capacity(3 + id.len() + 1 + 8);
     key.push(BLOCK);
     key.extend_from_slice(&len.to_be_bytes());
@@ -246,9 +214,7 @@ fn log_key(prefix: &[u8], rev: u64) -> Vec<u8> {
 
 /// The revision of a revision log key (its last 8 bytes, inverted).
 fn rev_of_log_key(engine: &str, key: &[u8]) -> Result<u64, StorageError> {
-    key.last_chunk::<8>()
-        .map(|r| !u64::from_be_bytes(*r))
-        .ok_or_else(|| corrupt(engine, "truncated revision log key"))
+    key.last_chunk::<8>().map(|r| !u64::from_be_bytes(*r)).ok_or_else(|| corrupt(engine, "truncated revision log key"))
 }
 
 fn index_key(block_id: &BlockId) -> Vec<u8> {
@@ -259,20 +225,13 @@ fn index_key(block_id: &BlockId) -> Vec<u8> {
 }
 
 fn decode_trx(engine: &str, bytes: &[u8]) -> Result<TrxId, StorageError> {
-    let text =
-        std::str::from_utf8(bytes).map_err(|_| corrupt(engine, "a transaction id is not UTF-8"))?;
+    let text = std::str::from_utf8(bytes).map_err(|_| corrupt(engine, "a transaction id is not UTF-8"))?;
     TrxId::new(text).map_err(|e| corrupt(engine, e))
 }
 
 /// Splits a leading u64 BE revision off `bytes`.
-fn split_rev<'a>(
-    engine: &str,
-    what: &str,
-    bytes: &'a [u8],
-) -> Result<(u64, &'a [u8]), StorageError> {
-    let (rev, rest) = bytes
-        .split_first_chunk::<8>()
-        .ok_or_else(|| corrupt(engine, format!("{what} is truncated")))?;
+fn split_rev<'a>(engine: &str, what: &str, bytes: &'a [u8]) -> Result<(u64, &'a [u8]), StorageError> {
+    let (rev, rest) = bytes.split_first_chunk::<8>().ok_or_else(|| corrupt(engine, format!("{what} is truncated")))?;
     Ok((u64::from_be_bytes(*rev), rest))
 }
 
@@ -288,10 +247,7 @@ fn latest_in<S: KvStore>(store: &S, prefix: &[u8]) -> Result<Option<TrxRev>, Sto
     match store.get(&record(prefix, LATEST, &[]))? {
         Some(bytes) => {
             let (rev, trx) = split_rev(engine, "a latest record", &bytes)?;
-            Ok(Some(TrxRev {
-                trx_id: decode_trx(engine, trx)?,
-                rev,
-            }))
+            Ok(Some(TrxRev { trx_id: decode_trx(engine, trx)?, rev }))
         }
         None => Ok(None),
     }
@@ -301,12 +257,8 @@ fn latest_in<S: KvStore>(store: &S, prefix: &[u8]) -> Result<Option<TrxRev>, Sto
 fn block_count<S: KvStore>(store: &S) -> Result<u64, StorageError> {
     match store.get(COUNT)? {
         Some(bytes) => {
-            let count = <[u8; 8]>::try_from(bytes.as_slice()).map_err(|_| {
-                corrupt(
-                    store.name(),
-                    format!("the block count has {} bytes, not 8", bytes.len()),
-                )
-            })?;
+            let count = <[u8; 8]>::try_from(bytes.as_slice())
+                .map_err(|_| corrupt(store.name(), format!("the block count has {} bytes, not 8", bytes.len())))?;
             Ok(u64::from_be_bytes(count))
         }
         None => Ok(0),
@@ -314,11 +266,7 @@ fn block_count<S: KvStore>(store: &S) -> Result<u64, StorageError> {
 }
 
 /// Adds to `batch` the index entry of a block that has none yet, and the new count.
-fn index_if_absent<S: KvStore>(
-    store: &S,
-    block_id: &BlockId,
-    batch: &mut Vec<KvWrite>,
-) -> Result<(), StorageError> {
+fn index_if_absent<S: KvStore>(store: &S, block_id: &BlockId, batch: &mut Vec<KvWrite>) -> Result<(), StorageError> {
     let key = index_key(block_id);
     if store.get(&key)?.is_none() {
         let count = block_count(store)?.saturating_add(1);
@@ -366,8 +314,8 @@ fn meta_value(key: &str, value: &[u8]) -> Result<Vec<u8>, StorageError> {
     if key.len() <= META_INLINE_BYTES {
         return Ok(value.to_vec());
     }
-    let len = u32::try_from(key.len())
-        .map_err(|_| StorageError::Invalid(format!("metadata key of {} bytes", key.len())))?;
+    let len =
+        u32::try_from(key.len()).map_err(|_| StorageError::Invalid(format!("metadata key of {} bytes", key.len())))?;
     let mut out = Vec::with_capacity(4 + key.len() + value.len());
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(key.as_bytes());
@@ -376,33 +324,17 @@ fn meta_value(key: &str, value: &[u8]) -> Result<Vec<u8>, StorageError> {
 }
 
 /// A stored metadata entry as `(key, value)`; a long key is checked against its store key.
-fn decode_meta(
-    engine: &str,
-    store_key: &[u8],
-    mut stored: Vec<u8>,
-) -> Result<(String, Vec<u8>), StorageError> {
-    let bad = |what: &str| {
-        corrupt(
-            engine,
-            format!(
-                "metadata entry {}: {what}",
-                String::from_utf8_lossy(store_key)
-            ),
-        )
-    };
+fn decode_meta(engine: &str, store_key: &[u8], mut stored: Vec<u8>) -> Result<(String, Vec<u8>), StorageError> {
+    let bad = |what: &str| corrupt(engine, format!("metadata entry {}: {what}", String::from_utf8_lossy(store_key)));
     if !is_long_meta(store_key) {
         let key = store_key.get(1..).ok_or_else(|| bad("empty key"))?;
         let key = std::str::from_utf8(key).map_err(|_| bad("the key is not UTF-8"))?;
         return Ok((key.to_owned(), stored));
     }
-    let (len, rest) = stored
-        .split_first_chunk::<4>()
-        .ok_or_else(|| bad("truncated key length"))?;
+    let (len, rest) = stored.split_first_chunk::<4>().ok_or_else(|| bad("truncated key length"))?;
     let len = usize::try_from(u32::from_be_bytes(*len)).map_err(|_| bad("key length overflows"))?;
     let key = rest.get(..len).ok_or_else(|| bad("truncated key"))?;
-    let key = std::str::from_utf8(key)
-        .map_err(|_| bad("the key is not UTF-8"))?
-        .to_owned();
+    let key = std::str::from_utf8(key).map_err(|_| bad("the key is not UTF-8"))?.to_owned();
     if meta_key(&key) != store_key {
         return Err(bad("the stored key does not hash to its store key"));
     }
@@ -411,19 +343,13 @@ fn decode_meta(
 }
 
 /// `list_meta` over the store (see the module documentation for long keys).
-fn list_meta_in<S: KvStore>(
-    store: &S,
-    prefix: &str,
-    limit: usize,
-) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+fn list_meta_in<S: KvStore>(store: &S, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
     if limit == 0 {
         return Ok(Vec::new());
     }
     let engine = store.name();
     let decode = |raw: Vec<KvEntry>| -> Result<Vec<(String, Vec<u8>)>, StorageError> {
-        raw.into_iter()
-            .map(|(key, value)| decode_meta(engine, &key, value))
-            .collect()
+        raw.into_iter().map(|(key, value)| decode_meta(engine, &key, value)).collect()
     };
     let mut entries = match prefix.as_bytes().split_at_checked(META_INLINE_BYTES) {
         // Every match is a long key of one group: read the group, keep the matches.
@@ -465,12 +391,7 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         self.read(move |store| latest_in(store, &prefix)).await
     }
 
-    async fn revisions(
-        &self,
-        block_id: &BlockId,
-        from_rev: u64,
-        to_rev: u64,
-    ) -> Result<Vec<TrxRev>, StorageError> {
+    async fn revisions(&self, block_id: &BlockId, from_rev: u64, to_rev: u64) -> Result<Vec<TrxRev>, StorageError> {
         if from_rev > to_rev {
             return Ok(Vec::new());
         }
@@ -484,8 +405,7 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
             if from_rev > to_rev {
                 return Ok(Vec::new());
             }
-            let limit =
-                usize::try_from(to_rev - from_rev).map_or(usize::MAX, |n| n.saturating_add(1));
+            let limit = usize::try_from(to_rev - from_rev).map_or(usize::MAX, |n| n.saturating_add(1));
             let log = record(&prefix, REVISION, &[]);
             let engine = store.name();
             let mut out = Vec::new();
@@ -494,10 +414,7 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
                 if rev < from_rev {
                     break;
                 }
-                out.push(TrxRev {
-                    trx_id: decode_trx(engine, &trx)?,
-                    rev,
-                });
+                out.push(TrxRev { trx_id: decode_trx(engine, &trx)?, rev });
             }
             out.reverse();
             Ok(out)
@@ -505,48 +422,13 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         .await
     }
 
-    async fn revision_at_or_before(
-        &self,
-        block_id: &BlockId,
-        at_rev: u64,
-    ) -> Result<Option<TrxRev>, StorageError> {
+    async fn revision_at_or_before(&self, block_id: &BlockId, at_rev: u64) -> Result<Option<TrxRev>, StorageError> {
         let prefix = block_prefix(block_id)?;
         self.read(move |store| {
             let engine = store.name();
-            match store
-                .scan(
-                    &record(&prefix, REVISION, &[]),
-                    &log_key(&prefix, at_rev),
-                    1,
-                )?
-                .into_iter()
-                .next()
-            {
-                Some((key, trx)) => Ok(Some(TrxRev {
-                    trx_id: decode_trx(engine, &trx)?,
-                    rev: rev_of_log_key(engine, &key)?,
-                })),
-                None => Ok(None),
-            }
-        })
-        .await
-    }
-
-    async fn committed(
-        &self,
-        block_id: &BlockId,
-        trx_id: &TrxId,
-    ) -> Result<Option<CommittedTransform>, StorageError> {
-        let key = record(&block_prefix(block_id)?, COMMITTED, trx_id.as_bytes());
-        self.read(move |store| {
-            let engine = store.name();
-            match store.get(&key)? {
-                Some(bytes) => {
-                    let (rev, json) = split_rev(engine, "a committed transform", &bytes)?;
-                    Ok(Some(CommittedTransform {
-                        rev,
-                        transform: from_json(engine, "a committed transform", json)?,
-                    }))
+            match store.scan(&record(&prefix, REVISION, &[]), &log_key(&prefix, at_rev), 1)?.into_iter().next() {
+                Some((key, trx)) => {
+                    Ok(Some(TrxRev { trx_id: decode_trx(engine, &trx)?, rev: rev_of_log_key(engine, &key)? }))
                 }
                 None => Ok(None),
             }
@@ -554,17 +436,25 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         .await
     }
 
-    async fn pending(
-        &self,
-        block_id: &BlockId,
-        trx_id: &TrxId,
-    ) -> Result<Option<Transform>, StorageError> {
+    async fn committed(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<Option<CommittedTransform>, StorageError> {
+        let key = record(&block_prefix(block_id)?, COMMITTED, trx_id.as_bytes());
+        self.read(move |store| {
+            let engine = store.name();
+            match store.get(&key)? {
+                Some(bytes) => {
+                    let (rev, json) = split_rev(engine, "a committed transform", &bytes)?;
+                    Ok(Some(CommittedTransform { rev, transform: from_json(engine, "a committed transform", json)? }))
+                }
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn pending(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<Option<Transform>, StorageError> {
         let key = record(&block_prefix(block_id)?, PENDING, trx_id.as_bytes());
         self.read(move |store| {
-            store
-                .get(&key)?
-                .map(|bytes| from_json(store.name(), "a pending transform", &bytes))
-                .transpose()
+            store.get(&key)?.map(|bytes| from_json(store.name(), "a pending transform", &bytes)).transpose()
         })
         .await
     }
@@ -574,10 +464,7 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         self.read(move |store| {
             let engine = store.name();
             let entries = store.scan(&pending, &pending, usize::MAX)?;
-            entries
-                .iter()
-                .map(|(key, _)| decode_trx(engine, key.get(pending.len()..).unwrap_or_default()))
-                .collect()
+            entries.iter().map(|(key, _)| decode_trx(engine, key.get(pending.len()..).unwrap_or_default())).collect()
         })
         .await
     }
@@ -614,10 +501,7 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
                 let others = store.scan(&pending, &pending, 2)?;
                 if others.iter().all(|(other, _)| *other == key) {
                     let count = block_count(store)?.checked_sub(1).ok_or_else(|| {
-                        corrupt(
-                            store.name(),
-                            format!("block {block_id} is indexed but the block count is 0"),
-                        )
+                        corrupt(store.name(), format!("block {block_id} is indexed but the block count is 0"))
                     })?;
                     batch.push(KvWrite::delete(index_key(&block_id)));
                     batch.push(KvWrite::put(COUNT, count.to_be_bytes()));
@@ -628,52 +512,28 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         .await
     }
 
-    async fn materialized(
-        &self,
-        block_id: &BlockId,
-        rev: u64,
-    ) -> Result<Option<BlockValue>, StorageError> {
+    async fn materialized(&self, block_id: &BlockId, rev: u64) -> Result<Option<BlockValue>, StorageError> {
         let key = record(&block_prefix(block_id)?, VALUE, &rev.to_be_bytes());
         self.read(move |store| {
-            store
-                .get(&key)?
-                .map(|bytes| from_json(store.name(), "a materialized value", &bytes))
-                .transpose()
+            store.get(&key)?.map(|bytes| from_json(store.name(), "a materialized value", &bytes)).transpose()
         })
         .await
     }
 
-    async fn commit_block(
-        &self,
-        block_id: &BlockId,
-        commit: &BlockCommit,
-    ) -> Result<(), StorageError> {
+    async fn commit_block(&self, block_id: &BlockId, commit: &BlockCommit) -> Result<(), StorageError> {
         let prefix = block_prefix(block_id)?;
         let engine = self.store().name();
         let value = to_json(engine, "a materialized value", &commit.value)?;
         let transform = to_json(engine, "a committed transform", &commit.transform)?;
         let trx = commit.trx_id.as_bytes();
-        let mut batch = vec![KvWrite::put(
-            record(&prefix, VALUE, &commit.rev.to_be_bytes()),
-            value,
-        )];
+        let mut batch = vec![KvWrite::put(record(&prefix, VALUE, &commit.rev.to_be_bytes()), value)];
         if let Some(prune) = commit.prune_value_at.filter(|r| *r != commit.rev) {
-            batch.push(KvWrite::delete(record(
-                &prefix,
-                VALUE,
-                &prune.to_be_bytes(),
-            )));
+            batch.push(KvWrite::delete(record(&prefix, VALUE, &prune.to_be_bytes())));
         }
         batch.push(KvWrite::put(log_key(&prefix, commit.rev), trx));
-        batch.push(KvWrite::put(
-            record(&prefix, COMMITTED, trx),
-            rev_prefixed(commit.rev, &transform),
-        ));
+        batch.push(KvWrite::put(record(&prefix, COMMITTED, trx), rev_prefixed(commit.rev, &transform)));
         batch.push(KvWrite::delete(record(&prefix, PENDING, trx)));
-        batch.push(KvWrite::put(
-            record(&prefix, LATEST, &[]),
-            rev_prefixed(commit.rev, trx),
-        ));
+        batch.push(KvWrite::put(record(&prefix, LATEST, &[]), rev_prefixed(commit.rev, trx)));
         let (block_id, trx_id, rev) = (block_id.clone(), commit.trx_id.clone(), commit.rev);
         self.mutate(move |store| {
             match latest_in(store, &prefix)? {
@@ -700,10 +560,7 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
                 if stored_key == key {
                     Ok(Some(value))
                 } else {
-                    Err(corrupt(
-                        store.name(),
-                        format!("metadata key {key:?} reads back as {stored_key:?}"),
-                    ))
+                    Err(corrupt(store.name(), format!("metadata key {key:?} reads back as {stored_key:?}")))
                 }
             }
             None => Ok(None),
@@ -712,8 +569,7 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
     }
 
     async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.write(vec![KvWrite::put(meta_key(key), meta_value(key, value)?)])
-            .await
+        self.write(vec![KvWrite::put(meta_key(key), meta_value(key, value)?)]).await
     }
 
     async fn delete_meta(&self, key: &str) -> Result<(), StorageError> {
@@ -725,34 +581,23 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         let batch = writes
             .iter()
             .map(|write| match write {
-                MetaWrite::Put(key, value) => {
-                    Ok(KvWrite::put(meta_key(key), meta_value(key, value)?))
-                }
+                MetaWrite::Put(key, value) => Ok(KvWrite::put(meta_key(key), meta_value(key, value)?)),
                 MetaWrite::Delete(key) => Ok(KvWrite::delete(meta_key(key))),
             })
             .collect::<Result<Vec<_>, StorageError>>()?;
         self.write(batch).await
     }
 
-    async fn list_meta(
-        &self,
-        prefix: &str,
-        limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+    async fn list_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         let prefix = prefix.to_owned();
-        self.read(move |store| list_meta_in(store, &prefix, limit))
-            .await
+        self.read(move |store| list_meta_in(store, &prefix, limit)).await
     }
 
     fn durable(&self) -> bool {
         self.store().durable()
     }
 
-    async fn block_ids(
-        &self,
-        after: Option<&BlockId>,
-        limit: usize,
-    ) -> Result<Vec<BlockId>, StorageError> {
+    async fn block_ids(&self, after: Option<&BlockId>, limit: usize) -> Result<Vec<BlockId>, StorageError> {
         // The first key after `i<after>` is `i<after>` followed by a zero byte.
         let start = match after {
             Some(after) => {
@@ -777,17 +622,10 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
 
     /// The block count is one stored number; the bytes are the store's own figure.
     async fn stats(&self) -> Result<Option<StorageStats>, StorageError> {
-        self.read(|store| {
-            Ok(Some(StorageStats {
-                blocks: block_count(store)?,
-                bytes: store.size_bytes()?,
-            }))
-        })
-        .await
+        self.read(|store| Ok(Some(StorageStats { blocks: block_count(store)?, bytes: store.size_bytes()? }))).await
     }
 
     async fn close(&self) -> Result<(), StorageError> {
-        self.run(S::WRITES_WAIT, |shared| shared.store.close())
-            .await
+        self.run(S::WRITES_WAIT, |shared| shared.store.close()).await
     }
 }

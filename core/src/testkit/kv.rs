@@ -189,7 +189,8 @@ pub fn kv_batches_are_never_seen_in_part<S: KvStore>(fixture: KvFixture<S>) {
 pub fn kv_scan_prefix_start_limit<S: KvStore>(fixture: KvFixture<S>) {
     let store = &fixture.store;
     let numbers = [0u64, 1, 255, 256, 1 << 40, u64::MAX];
-    let mut batch: Vec<KvWrite> = numbers.iter().rev().map(|n| put(&[b"r/", &n.to_be_bytes()[..]].concat(), b"")).collect();
+    let mut batch: Vec<KvWrite> =
+        numbers.iter().rev().map(|n| put(&[b"r/", &n.to_be_bytes()[..]].concat(), b"")).collect();
     for key in [&b"p"[..], b"p/", b"p/a", b"p/ab", b"p/b", b"p0", b"q", b"o\xff", b"p/\xff"] {
         batch.push(put(key, key));
     }

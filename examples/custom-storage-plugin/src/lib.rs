@@ -34,10 +34,10 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use optimystic_core::StorageError;
 use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, invalid_key};
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
 use optimystic_core::storage::RawStorage;
-use optimystic_core::StorageError;
 use serde_json::Value;
 
 /// The name configuration uses to pick this engine (`[storage] kind = "example-wal"`).
@@ -151,7 +151,8 @@ impl WalKv {
     /// A damaged or incomplete tail (a crash while appending) is cut off.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
         let path = path.as_ref().to_path_buf();
-        let mut log = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io("opening", &path))?;
+        let mut log =
+            OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io("opening", &path))?;
         let mut bytes = Vec::new();
         log.read_to_end(&mut bytes).map_err(io("reading", &path))?;
         let mut map = BTreeMap::new();
@@ -222,7 +223,9 @@ impl KvStore for WalKv {
     fn write(&self, batch: &[KvWrite], durable: bool) -> Result<(), StorageError> {
         let mut guard = self.lock();
         let open = guard.as_mut().ok_or_else(closed)?;
-        if let Some(bad) = batch.iter().find(|w| matches!(w, KvWrite::Put { key, .. } if key.is_empty() || key.len() > MAX_KEY_BYTES)) {
+        if let Some(bad) =
+            batch.iter().find(|w| matches!(w, KvWrite::Put { key, .. } if key.is_empty() || key.len() > MAX_KEY_BYTES))
+        {
             return Err(invalid_key(ENGINE, bad.key(), MAX_KEY_BYTES));
         }
         if batch.is_empty() {
@@ -324,7 +327,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cx = PluginContext::new(PeerId::random());
         cx.data_dir = Some(dir.path().to_path_buf());
-        let storage = Registry::linked().build_storage(PLUGIN_NAME, &cx, &json!({ "kind": PLUGIN_NAME })).expect("build");
+        let storage =
+            Registry::linked().build_storage(PLUGIN_NAME, &cx, &json!({ "kind": PLUGIN_NAME })).expect("build");
         assert!(storage.durable());
         assert!(dir.path().join(DEFAULT_FILE).exists());
     }

@@ -96,7 +96,8 @@ fn foreign_or_unknown_directories_are_refused() {
         std::fs::write(dir.path().join("FORMAT"), marker).unwrap();
         match open(dir.path()) {
             Err(StorageError::Incompatible(m)) => assert!(
-                m.contains(&format!("format version {version}")) && m.contains(&format!("reads version {FORMAT_VERSION}")),
+                m.contains(&format!("format version {version}"))
+                    && m.contains(&format!("reads version {FORMAT_VERSION}")),
                 "{m}"
             ),
             other => panic!("version {version}: expected Incompatible, got {other:?}"),

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use optimystic_core::StorageError;
 use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, invalid_key};
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
 use optimystic_core::storage::RawStorage;
-use optimystic_core::StorageError;
 use serde_json::Value;
 
 /// The engine's name in errors.

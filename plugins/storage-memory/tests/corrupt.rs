@@ -14,7 +14,13 @@ async fn store() -> MemoryStorage {
     let a = BlockId::new("a").unwrap();
     let value = Block::new(a.clone(), "t", "c");
     let transform = Transform { insert: Some(value.clone()), ..Transform::default() };
-    let commit = BlockCommit { trx_id: tid("t1"), rev: 1, transform: transform.clone(), value: Some(value), prune_value_at: None };
+    let commit = BlockCommit {
+        trx_id: tid("t1"),
+        rev: 1,
+        transform: transform.clone(),
+        value: Some(value),
+        prune_value_at: None,
+    };
     storage.commit_block(&a, &commit).await.unwrap();
     storage.save_pending(&a, &tid("t2"), &transform).await.unwrap();
     storage.put_meta("m", b"v").await.unwrap();
@@ -51,13 +57,21 @@ async fn junk_values_are_corrupt_errors() {
         assert_corrupt("pending", storage.pending(&a, &tid("t2")).await);
         assert_corrupt("materialized", storage.materialized(&a, 1).await);
         assert_corrupt("stats", storage.stats().await);
-        assert_corrupt("commit_block", storage.commit_block(&a, &BlockCommit {
-            trx_id: tid("t3"),
-            rev: 2,
-            transform: Transform::default(),
-            value: None,
-            prune_value_at: None,
-        }).await);
+        assert_corrupt(
+            "commit_block",
+            storage
+                .commit_block(
+                    &a,
+                    &BlockCommit {
+                        trx_id: tid("t3"),
+                        rev: 2,
+                        transform: Transform::default(),
+                        value: None,
+                        prune_value_at: None,
+                    },
+                )
+                .await,
+        );
     }
 }
 

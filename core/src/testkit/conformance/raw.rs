@@ -262,9 +262,7 @@ pub async fn raw_meta_long_keys(fixture: Fixture) {
         keys.push(x(n));
     }
     for key in &keys {
-        raw.put_meta(key, key.as_bytes())
-            .await
-            .expect("put of a long key");
+        raw.put_meta(key, key.as_bytes()).await.expect("put of a long key");
     }
     for key in &keys {
         assert_eq!(
@@ -277,33 +275,15 @@ pub async fn raw_meta_long_keys(fixture: Fixture) {
     keys.sort();
     let listed = |list: Vec<(String, Vec<u8>)>| {
         for (key, value) in &list {
-            assert_eq!(
-                value,
-                key.as_bytes(),
-                "the value listed with a {}-byte key",
-                key.len()
-            );
+            assert_eq!(value, key.as_bytes(), "the value listed with a {}-byte key", key.len());
         }
         list.into_iter().map(|(k, _)| k).collect::<Vec<_>>()
     };
-    assert_eq!(
-        listed(raw.list_meta("k/", usize::MAX).await.expect("list")),
-        keys,
-        "sorted by key"
-    );
+    assert_eq!(listed(raw.list_meta("k/", usize::MAX).await.expect("list")), keys, "sorted by key");
     for limit in [1, 2, 50, keys.len() - 3, keys.len() - 1] {
-        assert_eq!(
-            listed(raw.list_meta("k/", limit).await.expect("list")),
-            keys[..limit],
-            "the first {limit} keys"
-        );
+        assert_eq!(listed(raw.list_meta("k/", limit).await.expect("list")), keys[..limit], "the first {limit} keys");
     }
-    let under = |prefix: &str| {
-        keys.iter()
-            .filter(|k| k.starts_with(prefix))
-            .cloned()
-            .collect::<Vec<_>>()
-    };
+    let under = |prefix: &str| keys.iter().filter(|k| k.starts_with(prefix)).cloned().collect::<Vec<_>>();
     for prefix in [format!("{head}/"), format!("{head}/a"), x(500), x(476)] {
         let expected = under(&prefix);
         assert!(!expected.is_empty());
@@ -321,18 +301,12 @@ pub async fn raw_meta_long_keys(fixture: Fixture) {
         );
     }
     let gone = format!("{head}/a");
-    raw.write_meta(&[
-        MetaWrite::Delete(gone.clone()),
-        MetaWrite::Delete(format!("{head}/never")),
-    ])
-    .await
-    .expect("delete");
+    raw.write_meta(&[MetaWrite::Delete(gone.clone()), MetaWrite::Delete(format!("{head}/never"))])
+        .await
+        .expect("delete");
     assert_eq!(raw.get_meta(&gone).await.expect("get"), None);
     keys.retain(|k| *k != gone);
-    assert_eq!(
-        listed(raw.list_meta("k/", usize::MAX).await.expect("list")),
-        keys
-    );
+    assert_eq!(listed(raw.list_meta("k/", usize::MAX).await.expect("list")), keys);
 }
 
 /// A metadata batch applies its puts and deletes in order; an empty batch and deletes of absent
