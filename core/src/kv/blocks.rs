@@ -63,7 +63,7 @@ const LONG_META: u8 = 0xFF;
 /// Bytes of the SHA-256 that ends the key of a long metadata key.
 const HASH_BYTES: usize = 32;
 /// The longest metadata key stored as it is: longer ones keep this many bytes, then
-/// [`LONG_META`] and their SHA-256, [`MAX_KEY_BYTES`] in all.
+/// a `0xFF` byte and their SHA-256, [`MAX_KEY_BYTES`] in all.
 pub const META_INLINE_BYTES: usize = MAX_KEY_BYTES - 2 - HASH_BYTES;
 
 // Record tags after `<block>`.
