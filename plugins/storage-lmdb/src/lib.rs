@@ -69,6 +69,15 @@ fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn RawStorage>, Plug
     Ok(Arc::new(LmdbStorage::over(LmdbKv::open_with(path, options)?)))
 }
 
+/// The options' defaults: `path` relative to the node's data directory, and the map size.
+fn defaults() -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("path".to_owned(), Value::from(DEFAULT_SUBDIR));
+    map.insert("map_size_bytes".to_owned(), Value::from(DEFAULT_MAP_SIZE));
+    map
+}
+
 optimystic_core::inventory::submit! {
     PluginDescriptor::storage("lmdb", "blocks in an LMDB environment, one write transaction per commit step (durable)", build)
+        .with_defaults(defaults)
 }
