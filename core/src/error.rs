@@ -95,16 +95,16 @@ pub enum StorageError {
         /// The engine.
         engine: &'static str,
     },
-    /// An engine failure caused by an error of the library underneath (kept as the source).
-    #[error("storage engine {engine} failed while {context}: {source}")]
+    /// An engine failure caused by an error of the library underneath, kept for callers that
+    /// inspect it. Its text includes the error's, so it is not also returned by `source()`.
+    #[error("storage engine {engine} failed while {context}: {error}")]
     Engine {
         /// The engine.
         engine: &'static str,
         /// What the engine was doing.
         context: String,
         /// The underlying error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+        error: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 }
 
@@ -118,9 +118,9 @@ impl StorageError {
     pub fn engine(
         engine: &'static str,
         context: impl Into<String>,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
     ) -> Self {
-        Self::Engine { engine, context: context.into(), source: source.into() }
+        Self::Engine { engine, context: context.into(), error: error.into() }
     }
 }
 
@@ -338,6 +338,9 @@ mod tests {
         let io = StorageError::io("opening", std::io::Error::from(std::io::ErrorKind::NotFound));
         says_its_cause_once(&io);
         says_its_cause_once(&RepoError::Storage(io));
+        let engine = StorageError::engine("lmdb", "committing", std::io::Error::other("disk on fire"));
+        says_its_cause_once(&engine);
+        assert!(engine.to_string().contains("disk on fire"), "the cause is in the text: {engine}");
         assert!(RepoError::Storage(StorageError::Full("map".into())).source().is_none());
     }
 

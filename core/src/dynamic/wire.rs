@@ -317,7 +317,7 @@ pub enum WireStorageError {
         /// What is invalid.
         message: String,
     },
-    /// [`StorageError::Backend`], and [`StorageError::Engine`] with its source in the message
+    /// [`StorageError::Backend`], and [`StorageError::Engine`] with its error in the message
     /// (panics of the plugin arrive as this, too).
     Backend {
         /// The engine that failed.
@@ -375,8 +375,8 @@ impl From<&StorageError> for WireStorageError {
             }
             // A closed store refused the call: the request was invalid for it (nothing changed).
             StorageError::Closed { .. } => Self::Invalid { message: e.to_string() },
-            StorageError::Engine { engine, context, source } => {
-                Self::Backend { engine: (*engine).to_owned(), message: format!("{context}: {source}") }
+            StorageError::Engine { engine, context, error } => {
+                Self::Backend { engine: (*engine).to_owned(), message: format!("{context}: {error}") }
             }
         }
     }
