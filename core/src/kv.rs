@@ -16,6 +16,9 @@
 
 pub mod blocks;
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
 use crate::error::StorageError;
 
 pub use blocks::KvBlockStorage;
@@ -63,10 +66,25 @@ impl KvWrite {
     }
 }
 
-/// The [`StorageError::Invalid`] a store returns for a put of a key that is empty or longer than
-/// `limit` bytes.
-pub fn invalid_key(engine: &str, key: &[u8], limit: usize) -> StorageError {
-    StorageError::Invalid(format!("{engine}: a key of {} bytes is outside 1..={limit} bytes", key.len()))
+/// Checks, before a store applies anything, that every put of `batch` has a key of 1 to `limit`
+/// bytes: otherwise the [`StorageError::Invalid`] the [`KvStore::write`] contract asks for.
+pub fn check_keys(engine: &str, batch: &[KvWrite], limit: usize) -> Result<(), StorageError> {
+    match batch.iter().find(|w| matches!(w, KvWrite::Put { key, .. } if key.is_empty() || key.len() > limit)) {
+        Some(bad) => Err(StorageError::Invalid(format!(
+            "{engine}: a key of {} bytes is outside 1..={limit} bytes",
+            bad.key().len()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// [`KvStore::scan`] over a sorted map held in memory, for stores built on a `BTreeMap`.
+pub fn scan_map(map: &BTreeMap<Vec<u8>, Vec<u8>>, prefix: &[u8], start: &[u8], limit: usize) -> Vec<KvEntry> {
+    map.range::<[u8], _>((Bound::Included(start.max(prefix)), Bound::Unbounded))
+        .take_while(|(key, _)| key.starts_with(prefix))
+        .take(limit)
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
 }
 
 /// An ordered byte key-value store with atomic write batches: the narrow storage seam.
@@ -127,7 +145,7 @@ pub trait KvStore: Send + Sync + std::fmt::Debug + 'static {
     /// [`flush`](KvStore::flush); a store may sync it anyway.
     ///
     /// Errors: [`StorageError::Invalid`] when a put's key is empty or too long for the store
-    /// (at least [`MAX_KEY_BYTES`] must be accepted; use [`invalid_key`]); [`StorageError::Full`]
+    /// (at least [`MAX_KEY_BYTES`] must be accepted; see [`check_keys`]); [`StorageError::Full`]
     /// when the store has no room left; I/O and engine errors otherwise. Deleting a key that
     /// cannot be stored is a no-op.
     fn write(&self, batch: &[KvWrite], durable: bool) -> Result<(), StorageError>;

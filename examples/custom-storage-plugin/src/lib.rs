@@ -30,12 +30,11 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use optimystic_core::StorageError;
-use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, invalid_key};
+use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys, scan_map};
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
 use optimystic_core::storage::RawStorage;
 use serde_json::Value;
@@ -206,15 +205,7 @@ impl KvStore for WalKv {
     }
 
     fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
-        let guard = self.lock();
-        let open = guard.as_ref().ok_or_else(closed)?;
-        Ok(open
-            .map
-            .range::<[u8], _>((Bound::Included(start.max(prefix)), Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .take(limit)
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
+        Ok(scan_map(&self.lock().as_ref().ok_or_else(closed)?.map, prefix, start, limit))
     }
 
     /// Log first, then the map: a batch is in the map only once it is in the log (and, when
@@ -223,11 +214,7 @@ impl KvStore for WalKv {
     fn write(&self, batch: &[KvWrite], durable: bool) -> Result<(), StorageError> {
         let mut guard = self.lock();
         let open = guard.as_mut().ok_or_else(closed)?;
-        if let Some(bad) =
-            batch.iter().find(|w| matches!(w, KvWrite::Put { key, .. } if key.is_empty() || key.len() > MAX_KEY_BYTES))
-        {
-            return Err(invalid_key(ENGINE, bad.key(), MAX_KEY_BYTES));
-        }
+        check_keys(ENGINE, batch, MAX_KEY_BYTES)?;
         if batch.is_empty() {
             return Ok(());
         }

@@ -12,7 +12,7 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, MdbError, WithoutTls};
 use optimystic_core::StorageError;
-use optimystic_core::kv::{KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, invalid_key};
+use optimystic_core::kv::{KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys};
 use optimystic_storage_file::datadir::{DataDir, io_error};
 
 use crate::LmdbOptions;
@@ -187,11 +187,7 @@ impl KvStore for LmdbKv {
     fn write(&self, batch: &[KvWrite], _durable: bool) -> Result<(), StorageError> {
         let guard = self.guard();
         let open = env_of(&guard)?;
-        if let Some(KvWrite::Put { key, .. }) =
-            batch.iter().find(|w| matches!(w, KvWrite::Put { key, .. } if !self.storable(key)))
-        {
-            return Err(invalid_key(ENGINE, key, self.max_key));
-        }
+        check_keys(ENGINE, batch, self.max_key)?;
         if batch.is_empty() {
             return Ok(());
         }

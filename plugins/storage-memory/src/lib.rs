@@ -6,11 +6,10 @@
 //! the adapter runs them inline on the calling task.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use optimystic_core::StorageError;
-use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, invalid_key};
+use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys, scan_map};
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
 use optimystic_core::storage::RawStorage;
 use serde_json::Value;
@@ -72,23 +71,12 @@ impl KvStore for MemoryKv {
     }
 
     fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
-        let guard = self.read();
-        let map = guard.as_ref().ok_or_else(closed)?;
-        Ok(map
-            .range::<[u8], _>((Bound::Included(start.max(prefix)), Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .take(limit)
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
+        Ok(scan_map(self.read().as_ref().ok_or_else(closed)?, prefix, start, limit))
     }
 
     /// Checks every key first, then applies the batch under the write lock.
     fn write(&self, batch: &[KvWrite], _durable: bool) -> Result<(), StorageError> {
-        if let Some(KvWrite::Put { key, .. }) =
-            batch.iter().find(|w| matches!(w, KvWrite::Put { key, .. } if key.is_empty() || key.len() > MAX_KEY_BYTES))
-        {
-            return Err(invalid_key(ENGINE, key, MAX_KEY_BYTES));
-        }
+        check_keys(ENGINE, batch, MAX_KEY_BYTES)?;
         let mut guard = self.write_lock();
         let map = guard.as_mut().ok_or_else(closed)?;
         for write in batch {
