@@ -89,12 +89,38 @@ pub enum StorageError {
         /// What failed.
         message: String,
     },
+    /// The store was closed; every call after `close` (but `close` itself) fails with this.
+    #[error("storage engine {engine} is closed")]
+    Closed {
+        /// The engine.
+        engine: &'static str,
+    },
+    /// An engine failure caused by an error of the library underneath, kept for callers that
+    /// inspect it. Its text includes the error's, so it is not also returned by `source()`.
+    #[error("storage engine {engine} failed while {context}: {error}")]
+    Engine {
+        /// The engine.
+        engine: &'static str,
+        /// What the engine was doing.
+        context: String,
+        /// The underlying error.
+        error: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 impl StorageError {
     /// An I/O error with what the engine was doing.
     pub fn io(context: impl Into<String>, error: std::io::Error) -> Self {
         Self::Io { context: context.into(), error }
+    }
+
+    /// An engine failure with what the engine was doing and the underlying error.
+    pub fn engine(
+        engine: &'static str,
+        context: impl Into<String>,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self::Engine { engine, context: context.into(), error: error.into() }
     }
 }
 
@@ -312,6 +338,9 @@ mod tests {
         let io = StorageError::io("opening", std::io::Error::from(std::io::ErrorKind::NotFound));
         says_its_cause_once(&io);
         says_its_cause_once(&RepoError::Storage(io));
+        let engine = StorageError::engine("lmdb", "committing", std::io::Error::other("disk on fire"));
+        says_its_cause_once(&engine);
+        assert!(engine.to_string().contains("disk on fire"), "the cause is in the text: {engine}");
         assert!(RepoError::Storage(StorageError::Full("map".into())).source().is_none());
     }
 

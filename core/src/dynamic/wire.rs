@@ -312,12 +312,13 @@ pub enum WireStorageError {
         /// What is incompatible.
         message: String,
     },
-    /// [`StorageError::Invalid`].
+    /// [`StorageError::Invalid`], and [`StorageError::Closed`] with its message.
     Invalid {
         /// What is invalid.
         message: String,
     },
-    /// [`StorageError::Backend`] (panics of the plugin arrive as this, too).
+    /// [`StorageError::Backend`], and [`StorageError::Engine`] with its error in the message
+    /// (panics of the plugin arrive as this, too).
     Backend {
         /// The engine that failed.
         engine: String,
@@ -371,6 +372,11 @@ impl From<&StorageError> for WireStorageError {
             StorageError::Invalid(message) => Self::Invalid { message: message.clone() },
             StorageError::Backend { engine, message } => {
                 Self::Backend { engine: (*engine).to_owned(), message: message.clone() }
+            }
+            // A closed store refused the call: the request was invalid for it (nothing changed).
+            StorageError::Closed { .. } => Self::Invalid { message: e.to_string() },
+            StorageError::Engine { engine, context, error } => {
+                Self::Backend { engine: (*engine).to_owned(), message: format!("{context}: {error}") }
             }
         }
     }
