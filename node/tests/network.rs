@@ -609,8 +609,10 @@ async fn a_plain_bootstrap_address_is_joined_kept_open_past_the_idle_timeout_and
         let mut connectivity = joined.connectivity();
         let server_id = server.local_peer_id();
         connectivity.wait_for(|c| c.connected.contains(&server_id) && c.routing_table_peers == 1).await.unwrap();
+        // Identify may add the server's own listen addresses beside it.
         let entry = joined.known_peers().await[&server.local_peer_id()].multiaddrs.clone();
-        assert_eq!(entry, vec![format!("{plain}/p2p/{}", server.local_peer_id())]);
+        let dialled = format!("{plain}/p2p/{}", server.local_peer_id());
+        assert!(entry.contains(&dialled), "{entry:?} lacks the address dialled, {dialled}");
 
         // An ordinary connection closes once idle ...
         let client_host = client_of(&server, |c| c.idle_connection_timeout_ms = IDLE_MS).await;
