@@ -54,6 +54,27 @@ async fn read(repo: &dyn Repo, block_id: &BlockId, mode: ReadMode) -> (Option<u6
     (result.state.latest.as_ref().map(|l| l.rev), result.block.clone())
 }
 
+/// A quorum read retried while it answers `unavailable` (for at most 30 s): right after churn a
+/// peer may hold a decided revision that recovery has not yet brought to the reader's view, and
+/// the read refuses to answer below it meanwhile.
+async fn read_settled(repo: &dyn Repo, block_id: &BlockId) -> (Option<u64>, Option<Block>) {
+    let gets = BlockGets { block_ids: vec![block_id.clone()], context: None, read_mode: Some(ReadMode::Quorum) };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match repo.get(&gets, &MessageOptions::expiring_in(10_000)).await {
+            Ok(results) => {
+                let result = results.get(block_id).unwrap();
+                return (result.state.latest.as_ref().map(|l| l.rev), result.block.clone());
+            }
+            Err(e @ optimystic_core::RepoError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+                eprintln!("quorum read of {block_id} not yet answerable: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("quorum read of {block_id}: {e}"),
+        }
+    }
+}
+
 /// `rev -> trxId` of a block on every running node's local storage.
 async fn rev_logs(cluster: &LocalCluster, block_id: &BlockId) -> Vec<BTreeMap<u64, TrxId>> {
     let mut logs = Vec::new();
@@ -229,8 +250,97 @@ async fn joins_and_leaves_during_writes_lose_nothing() {
         let list = acked.get(block_id).cloned().unwrap_or_default();
         check_history(&cluster, block_id, &list, 1).await;
         let newest = list.iter().map(|(_, rev)| *rev).max().unwrap();
-        let (rev, _) = read(repo.as_ref(), block_id, ReadMode::Quorum).await;
+        let (rev, _) = read_settled(repo.as_ref(), block_id).await;
         assert!(rev.unwrap() >= newest, "{block_id}: a quorum read sees every acknowledged commit");
     }
     cluster.shutdown().await.unwrap();
+}
+
+/// Replica repair: nodes that join a block's cluster receive the block's committed revisions with
+/// no read or write going through them (SPEC 4.9-4.10: what a joining member holds comes from
+/// verified catch-up from its own view, started by a hint from a member that holds more). Nodes
+/// join one at a time, as the repair's guarantee assumes (at most one member of a view changes
+/// between repairs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joining_members_receive_their_blocks_without_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start(3, "memory", dir.path(), registry()).await.unwrap();
+    let blocks: Vec<BlockId> = (0..8).map(|i| id(&format!("repair-{i}"))).collect();
+    let repo = cluster.node(0).unwrap().repo();
+    let mut newest = BTreeMap::new();
+    for block_id in &blocks {
+        txn::write_block(repo.as_ref(), block_id, &insert(block_id), patient()).await.unwrap();
+        let done = txn::write_block(repo.as_ref(), block_id, &append("kept"), patient()).await.unwrap();
+        newest.insert(block_id.clone(), done.rev);
+    }
+    let mut received = 0usize;
+    for _ in 0..2 {
+        let joined = cluster.add_node("memory", dir.path()).await.unwrap();
+        cluster.settle(cluster.len() - 1).await.unwrap();
+        let everyone: Vec<libp2p::PeerId> = (0..cluster.len()).map(|i| cluster.node(i).unwrap().peer_id()).collect();
+        let me = cluster.node(joined).unwrap().peer_id();
+        let owed: Vec<&BlockId> = blocks
+            .iter()
+            .filter(|b| {
+                optimystic_core::keynet::rank_peers(&optimystic_core::keynet::block_key(b), &everyone, 3).contains(&me)
+            })
+            .collect();
+        let storage = cluster.node(joined).unwrap().storage().clone();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        for block_id in owed {
+            loop {
+                let latest = storage.latest(block_id).await.unwrap().map(|l| l.rev);
+                if latest == Some(newest[block_id]) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "joined node {joined} holds {block_id} at {latest:?}, its cluster at {}",
+                    newest[block_id]
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            received += 1;
+        }
+    }
+    assert!(received > 0, "with 8 blocks some cluster includes a joined node");
+    for block_id in &blocks {
+        let logs = rev_logs(&cluster, block_id).await;
+        let stored: std::collections::BTreeSet<(TrxId, u64)> =
+            logs.iter().flat_map(|l| l.iter().map(|(r, t)| (t.clone(), *r))).collect();
+        check_history(&cluster, block_id, &stored.into_iter().collect::<Vec<_>>(), 1).await;
+    }
+    cluster.shutdown().await.unwrap();
+}
+
+/// A hint names at most `MAX_HINT_IDS` blocks, is only a reason to look (each block goes to the
+/// node's catch-up queue), and a node without a queue answers that it took none.
+#[tokio::test]
+async fn hints_are_bounded_and_only_queue_catch_ups() {
+    use optimystic_core::consensus::BehindSink;
+    use optimystic_core::sync::{HintResponse, MAX_HINT_IDS, SyncServer};
+
+    #[derive(Debug, Default)]
+    struct Queue(std::sync::Mutex<Vec<BlockId>>);
+    impl BehindSink for Queue {
+        fn behind(&self, block_id: &BlockId) {
+            self.0.lock().unwrap().push(block_id.clone());
+        }
+    }
+
+    let local = optimystic_core::StorageRepo::new(Arc::new(optimystic_storage_memory::MemoryStorage::new()));
+    let hint = |n: usize| json!({"op": "hint", "blockIds": (0..n).map(|i| format!("h{i}")).collect::<Vec<_>>()});
+    let deaf = SyncServer::new(local.clone());
+    let answer: HintResponse = serde_json::from_value(deaf.handle(hint(2)).await.unwrap()).unwrap();
+    assert_eq!(answer.accepted, 0);
+
+    let queue = Arc::new(Queue::default());
+    let server = SyncServer::new(local.clone()).with_hints(queue.clone());
+    let answer: HintResponse = serde_json::from_value(server.handle(hint(2)).await.unwrap()).unwrap();
+    assert_eq!(answer.accepted, 2);
+    assert_eq!(*queue.0.lock().unwrap(), vec![id("h0"), id("h1")]);
+    let refused = server.handle(hint(MAX_HINT_IDS + 1)).await.unwrap_err();
+    assert!(refused.to_string().contains("at most"), "{refused}");
+    assert_eq!(queue.0.lock().unwrap().len(), 2, "a refused hint queues nothing");
+    assert!(local.storage().block_ids(None, 10).await.unwrap().is_empty(), "a hint stores nothing");
 }

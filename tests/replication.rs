@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use optimystic_core::{
     Block, BlockGetResult, BlockId, CommittedTransform, GetBlockResults, RawStorage, StorageRepo, TrxId, TrxRev,
 };
-use optimystic_storage_lmdb::{LmdbOptions, LmdbStorage};
+use optimystic_storage_lmdb::{LmdbKv, LmdbOptions, LmdbStorage};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -433,7 +433,8 @@ impl Stored {
 
 /// Reads every block of `blocks` from a stopped node's LMDB store.
 async fn read_store(dir: &Path, blocks: &[String]) -> Result<BTreeMap<String, Stored>, String> {
-    let storage = LmdbStorage::open_with(dir, LmdbOptions { map_size_bytes: MAP_SIZE_BYTES })
+    let storage = LmdbKv::open_with(dir, LmdbOptions { map_size_bytes: MAP_SIZE_BYTES })
+        .map(LmdbStorage::over)
         .map_err(|e| format!("opening {}: {e}", dir.display()))?;
     let storage: std::sync::Arc<dyn RawStorage> = std::sync::Arc::new(storage);
     let repo = StorageRepo::new(storage.clone());

@@ -56,14 +56,14 @@ pub enum TransformError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StorageError {
-    /// An operating-system I/O error.
-    #[error("storage I/O error while {context}: {source}")]
+    /// An operating-system I/O error. Its text includes the I/O error's, so it is not also
+    /// returned by `source()`.
+    #[error("storage I/O error while {context}: {error}")]
     Io {
         /// What the engine was doing.
         context: String,
         /// The error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Stored data could not be decoded: the store is damaged or was written by something else.
     #[error("stored data is corrupt: {0}")]
@@ -89,12 +89,38 @@ pub enum StorageError {
         /// What failed.
         message: String,
     },
+    /// The store was closed; every call after `close` (but `close` itself) fails with this.
+    #[error("storage engine {engine} is closed")]
+    Closed {
+        /// The engine.
+        engine: &'static str,
+    },
+    /// An engine failure caused by an error of the library underneath, kept for callers that
+    /// inspect it. Its text includes the error's, so it is not also returned by `source()`.
+    #[error("storage engine {engine} failed while {context}: {error}")]
+    Engine {
+        /// The engine.
+        engine: &'static str,
+        /// What the engine was doing.
+        context: String,
+        /// The underlying error.
+        error: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 impl StorageError {
     /// An I/O error with what the engine was doing.
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { context: context.into(), source }
+    pub fn io(context: impl Into<String>, error: std::io::Error) -> Self {
+        Self::Io { context: context.into(), error }
+    }
+
+    /// An engine failure with what the engine was doing and the underlying error.
+    pub fn engine(
+        engine: &'static str,
+        context: impl Into<String>,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self::Engine { engine, context: context.into(), error: error.into() }
     }
 }
 
@@ -153,14 +179,14 @@ impl std::fmt::Display for ErrorCode {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RepoError {
-    /// A transform is invalid for its block. Nothing changed.
-    #[error("invalid transform for block {block_id}: {source}")]
+    /// A transform is invalid for its block. Nothing changed. Its text includes the reason's (it
+    /// travels as text in error envelopes), so the reason is not also returned by `source()`.
+    #[error("invalid transform for block {block_id}: {reason}")]
     InvalidTransform {
         /// The block.
         block_id: BlockId,
         /// Why.
-        #[source]
-        source: TransformError,
+        reason: TransformError,
     },
     /// An update or delete names a block this peer has never seen. Nothing changed.
     #[error("unknown block {0}")]
@@ -238,8 +264,23 @@ impl RepoError {
     }
 
     /// Rebuilds an error from a received envelope (code and message).
+    ///
+    /// Peers send an error's whole text, which starts with the same words this side's text
+    /// adds for the code (`bad request: `, `unavailable: `, ...): they are removed from the
+    /// message so that the rebuilt error says them once.
     pub fn from_envelope(code: &str, message: String) -> Self {
-        match ErrorCode::parse(code) {
+        let code_parsed = ErrorCode::parse(code);
+        let message = match code_parsed.and_then(Self::prefix_of) {
+            Some(prefix) => {
+                let mut rest = message.as_str();
+                while let Some(shorter) = rest.strip_prefix(prefix) {
+                    rest = shorter;
+                }
+                rest.to_owned()
+            }
+            None => message,
+        };
+        match code_parsed {
             Some(ErrorCode::BadRequest) => Self::BadRequest(message),
             Some(ErrorCode::Expired) => Self::Expired,
             Some(ErrorCode::ConsensusFailed) => Self::ConsensusFailed(message),
@@ -250,9 +291,80 @@ impl RepoError {
         }
     }
 
+    /// The words an error rebuilt from an envelope with `code` starts its text with.
+    fn prefix_of(code: ErrorCode) -> Option<&'static str> {
+        match code {
+            ErrorCode::BadRequest => Some("bad request: "),
+            ErrorCode::ConsensusFailed => Some("consensus failed: "),
+            ErrorCode::Unavailable => Some("unavailable: "),
+            ErrorCode::Busy => Some("busy: "),
+            ErrorCode::Internal => Some("internal error: "),
+            ErrorCode::Expired => None,
+        }
+    }
+
     /// True when a retry of the same request may succeed (the cluster or node was busy or
     /// unreachable, or agreement failed).
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::ConsensusFailed(_) | Self::Unavailable(_) | Self::Busy(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// No error's text repeats its `source()`: printing the chain would say it twice.
+    fn says_its_cause_once(error: &(dyn std::error::Error + 'static)) {
+        if let Some(source) = error.source() {
+            let (text, cause) = (error.to_string(), source.to_string());
+            assert!(!text.contains(&cause), "{text:?} repeats its source {cause:?}");
+        }
+    }
+
+    #[test]
+    fn errors_do_not_repeat_their_source() {
+        let block_id = BlockId::new("diary").unwrap();
+        let invalid = RepoError::InvalidTransform {
+            block_id,
+            reason: TransformError::MissingField { entity: "x".into() },
+        };
+        says_its_cause_once(&invalid);
+        assert!(invalid.to_string().contains("field \"x\" does not exist"), "the reason is in the text: {invalid}");
+        let io = StorageError::io("opening", std::io::Error::from(std::io::ErrorKind::NotFound));
+        says_its_cause_once(&io);
+        says_its_cause_once(&RepoError::Storage(io));
+        let engine = StorageError::engine("lmdb", "committing", std::io::Error::other("disk on fire"));
+        says_its_cause_once(&engine);
+        assert!(engine.to_string().contains("disk on fire"), "the cause is in the text: {engine}");
+        assert!(RepoError::Storage(StorageError::Full("map".into())).source().is_none());
+    }
+
+    #[test]
+    fn an_envelope_round_trip_says_the_code_once() {
+        for error in [
+            RepoError::BadRequest("invalid transform for block diary".into()),
+            RepoError::ConsensusFailed("1 of 3 peers approved".into()),
+            RepoError::Unavailable("no route".into()),
+            RepoError::Busy("queue full".into()),
+            RepoError::Internal("bug".into()),
+            RepoError::Expired,
+        ] {
+            let sent = error.to_string();
+            let received = RepoError::from_envelope(error.code().as_str(), sent.clone());
+            assert_eq!(received.to_string(), sent, "one hop");
+            let again = RepoError::from_envelope(received.code().as_str(), received.to_string());
+            assert_eq!(again.to_string(), sent, "a forwarded error");
+        }
+        let unknown = RepoError::InvalidTransform {
+            block_id: BlockId::new("diary").unwrap(),
+            reason: TransformError::HeaderChange,
+        };
+        let received = RepoError::from_envelope("bad-request", unknown.to_string());
+        assert_eq!(received.to_string(), format!("bad request: {unknown}"));
     }
 }

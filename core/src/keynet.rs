@@ -80,6 +80,16 @@ pub trait KeyNetwork: Send + Sync + std::fmt::Debug + 'static {
     /// `excluded`. Fails with [`KeyNetworkError::AllExcluded`] when every member is excluded.
     async fn find_coordinator(&self, block_id: &BlockId, excluded: &[PeerId]) -> Result<PeerId, KeyNetworkError>;
 
+    /// The first `n` peers of the block's ranking in this node's view, closest first: the cluster
+    /// and then the peers that would replace its members (a quorum read asks those in place of
+    /// members it cannot reach, since other nodes may already count them as members). The default
+    /// is the cluster alone, for key networks whose membership does not change.
+    ///
+    /// Errors: as [`KeyNetwork::find_cluster`].
+    async fn ranked(&self, block_id: &BlockId, n: usize) -> Result<Vec<PeerId>, KeyNetworkError> {
+        Ok(self.find_cluster(block_id).await?.keys().copied().take(n).collect())
+    }
+
     /// The cluster size this key network targets.
     fn cluster_size(&self) -> usize;
 
@@ -97,7 +107,9 @@ pub trait PeerRouting: Send + Sync + std::fmt::Debug + 'static {
     /// This node's peer id.
     fn local_peer_id(&self) -> PeerId;
 
-    /// The peers currently in the routing table, with their known addresses.
+    /// The live peers of the routing table, with their known addresses. A host may leave out
+    /// peers it has found unreachable for a long time (they left the network) until they connect
+    /// again, so that they stop holding cluster slots.
     async fn known_peers(&self) -> ClusterPeers;
 
     /// An iterative DHT lookup of the peers closest to the block's key `sha256(utf8(blockId))`,

@@ -15,6 +15,7 @@ pub mod dynamic;
 pub mod error;
 pub mod evidence;
 pub mod keynet;
+pub mod kv;
 pub mod model;
 pub mod network;
 pub mod reads;
@@ -32,6 +33,7 @@ pub use error::{ErrorCode, RepoError, StorageError, TransformError};
 pub use model::*;
 pub use check::{BatchFailure, Check, RejectCategory, RejectReason};
 pub use repo::{MessageOptions, ReadPromotion, Repo, StorageRepo};
+pub use kv::{KvBlockStorage, KvStore, KvWrite};
 pub use storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage};
 
 /// Re-exported so plugins use the same version of the inventory crate.

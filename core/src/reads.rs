@@ -7,7 +7,11 @@
 //!   storage.
 //!   An acknowledged commit is on a majority of its cluster, and any two majorities intersect, so a
 //!   quorum read never misses an acknowledged commit. Fails with `unavailable` when too few peers
-//!   answer.
+//!   answer. While members come and go, views differ (SPEC 4.9): a member this node cannot reach
+//!   may have left, and another node may already count the next-closest peer in its place. So for
+//!   each member that does not answer, the read also asks that stand-in (the next peer of the
+//!   block's ranking) and does not answer below a revision a stand-in reports and this node
+//!   cannot reach: a read never shows less than a read through the stand-in did.
 //! - [`ReadMode::Local`]: answers from local storage; fastest, may be stale.
 //!
 //! In both modes a node outside a block's cluster forwards the read to a member (closest first),
@@ -27,7 +31,7 @@ pub use crate::model::ReadMode;
 use crate::model::{BlockGets, BlockId, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks};
 use crate::network::PeerNetwork;
 use crate::repo::{MessageOptions, Repo, StorageRepo};
-use crate::sync::CatchUp;
+use crate::sync::{CatchUp, LatestResponse};
 
 /// The node's repository: writes go to `writes` (the coordinator), reads follow the read mode.
 #[derive(Clone)]
@@ -122,25 +126,60 @@ impl ClusterReads {
                 answers.len()
             )));
         }
+        let unanswered = others.iter().filter(|p| !answers.contains_key(p)).count();
         for block_id in block_ids {
-            let local_rev = self.local.storage().latest(block_id).await?.map(|l| l.rev);
-            let newest = answers.values().filter_map(|r| r.latest.get(block_id).cloned().flatten().map(|l| l.rev)).max();
-            if let Some(rev) = newest
-                && local_rev.is_none_or(|l| rev > l)
-            {
-                tracing::debug!(%block_id, rev, ?local_rev, "behind a quorum peer; catching up before the read");
-                let report = self.catch_up.catch_up_to_claims(block_id, members, &answers).await?;
-                if let Some((peer, claimed)) = report.unreached.first() {
-                    // An acknowledged commit may be among the revisions not reached: answering now
-                    // could miss it. A peer whose claim is disproved (it served unverifiable data)
-                    // does not block the read.
-                    return Err(RepoError::Unavailable(format!(
-                        "quorum read of {block_id}: {peer} reports revision {claimed}, which this node could not catch up to"
-                    )));
-                }
+            self.converge_block(members, block_id, &answers).await?;
+            if unanswered > 0 {
+                self.converge_with_stand_ins(members, block_id, unanswered).await?;
             }
         }
         Ok(())
+    }
+
+    /// Catches `block_id` up to the claims of its members' `answers`.
+    async fn converge_block(
+        &self,
+        members: &[PeerId],
+        block_id: &BlockId,
+        answers: &BTreeMap<PeerId, LatestResponse>,
+    ) -> Result<(), RepoError> {
+        let local_rev = self.local.storage().latest(block_id).await?.map(|l| l.rev);
+        let newest = answers.values().filter_map(|r| r.latest.get(block_id).cloned().flatten().map(|l| l.rev)).max();
+        if let Some(rev) = newest
+            && local_rev.is_none_or(|l| rev > l)
+        {
+            tracing::debug!(%block_id, rev, ?local_rev, "behind a quorum peer; catching up before the read");
+            let report = self.catch_up.catch_up_to_claims(block_id, members, answers).await?;
+            if let Some((peer, claimed)) = report.unreached.first() {
+                // An acknowledged commit may be among the revisions not reached: answering now
+                // could miss it. A peer whose claim is disproved (it served unverifiable data)
+                // does not block the read.
+                return Err(RepoError::Unavailable(format!(
+                    "quorum read of {block_id}: {peer} reports revision {claimed}, which this node could not catch up to"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the `count` peers ranked next after `members` for `block_id` (those other nodes may
+    /// count as members in place of the unreachable ones) and catches up to what they report,
+    /// within the widened view; a claim it cannot reach fails the read.
+    async fn converge_with_stand_ins(&self, members: &[PeerId], block_id: &BlockId, count: usize) -> Result<(), RepoError> {
+        let ranked = match self.key_network.ranked(block_id, members.len().saturating_add(count)).await {
+            Ok(ranked) => ranked,
+            Err(e) => {
+                tracing::debug!(%block_id, error = %e, "no stand-ins for unreachable members");
+                return Ok(());
+            }
+        };
+        let stand_ins: Vec<PeerId> = ranked.into_iter().filter(|p| !members.contains(p)).take(count).collect();
+        if stand_ins.is_empty() {
+            return Ok(());
+        }
+        let widened: Vec<PeerId> = members.iter().chain(&stand_ins).copied().collect();
+        let answers = self.catch_up.latest_of(&stand_ins, std::slice::from_ref(block_id)).await;
+        self.converge_block(&widened, block_id, &answers).await
     }
 
     /// Forwards a read to the first member that answers.

@@ -265,13 +265,12 @@ pub enum RecordError {
         found: String,
     },
     /// A peer id of the peer set cannot be used (not a peer id, key not embedded, not Ed25519).
-    #[error("bad peer id {peer}: {source}")]
+    #[error("bad peer id {peer}: {reason}")]
     BadPeerId {
         /// The peer id text.
         peer: String,
-        /// What is wrong with it.
-        #[source]
-        source: CryptoError,
+        /// What is wrong with it (in the text above, so not also returned by `source()`).
+        reason: CryptoError,
     },
     /// A peer's `publicKey` is not the key embedded in its peer id.
     #[error("publicKey of peer {peer} does not match its peer id")]
@@ -288,15 +287,14 @@ pub enum RecordError {
         phase: Phase,
     },
     /// A vote's signature does not verify.
-    #[error("bad {phase} signature of {peer}: {source}")]
+    #[error("bad {phase} signature of {peer}: {reason}")]
     BadSignature {
         /// The voter's peer id.
         peer: String,
         /// Which round the vote is in.
         phase: Phase,
-        /// Why it does not verify.
-        #[source]
-        source: CryptoError,
+        /// Why it does not verify (in the text above, so not also returned by `source()`).
+        reason: CryptoError,
     },
     /// The message's `expiration` has passed.
     #[error("record expired at {expiration_ms} ms, now is {now_ms} ms")]
@@ -677,9 +675,9 @@ fn verify_record_inner(record: &ClusterRecord, now_ms: Option<u64>, unchecked_si
 
     let mut keys: BTreeMap<&str, ed25519::PublicKey> = BTreeMap::new();
     for (peer, entry) in &record.peers {
-        let key = crypto::peer_ed25519_key_str(peer).map_err(|source| RecordError::BadPeerId {
+        let key = crypto::peer_ed25519_key_str(peer).map_err(|reason| RecordError::BadPeerId {
             peer: peer.clone(),
-            source,
+            reason,
         })?;
         if crypto::base64url_encode(&key.to_bytes()) != entry.public_key {
             return Err(RecordError::PublicKeyMismatch { peer: peer.clone() });
@@ -720,10 +718,10 @@ fn verify_votes(
             continue;
         }
         vote.verify_with_key(key, hash)
-            .map_err(|source| RecordError::BadSignature {
+            .map_err(|reason| RecordError::BadSignature {
                 peer: peer.clone(),
                 phase,
-                source,
+                reason,
             })?;
     }
     Ok(())
@@ -1179,7 +1177,7 @@ mod tests {
             forged.verify(None),
             Err(RecordError::BadSignature {
                 phase: Phase::Commit,
-                source: CryptoError::SignatureMismatch,
+                reason: CryptoError::SignatureMismatch,
                 ..
             })
         ));

@@ -143,6 +143,11 @@ pub type KeyNetworkBuildFn = fn(&PluginContext, &Value) -> Result<Arc<dyn KeyNet
 /// A static consensus build function.
 pub type ConsensusBuildFn = fn(&PluginContext, &Value) -> Result<Arc<dyn Consensus>, PluginError>;
 
+/// A plugin's option defaults: every option that has a fixed default, as the plugin's builder
+/// reads it (`kind` excluded). Only shown (`optimystic config show`); the builder applies its
+/// defaults itself.
+pub type DefaultsFn = fn() -> serde_json::Map<String, Value>;
+
 /// Static build functions, as a plugin crate submits them.
 #[derive(Clone, Copy, Debug)]
 pub enum StaticBuilder {
@@ -163,6 +168,8 @@ pub struct PluginDescriptor {
     pub description: &'static str,
     /// How to build it.
     pub builder: StaticBuilder,
+    /// Its option defaults, if it declares them ([`PluginDescriptor::with_defaults`]).
+    pub defaults: Option<DefaultsFn>,
 }
 
 impl std::fmt::Debug for PluginDescriptor {
@@ -178,7 +185,7 @@ impl PluginDescriptor {
         description: &'static str,
         build: StorageBuildFn,
     ) -> Self {
-        Self { name, description, builder: StaticBuilder::Storage(build) }
+        Self { name, description, builder: StaticBuilder::Storage(build), defaults: None }
     }
 
     /// A key-network plugin.
@@ -187,7 +194,7 @@ impl PluginDescriptor {
         description: &'static str,
         build: KeyNetworkBuildFn,
     ) -> Self {
-        Self { name, description, builder: StaticBuilder::KeyNetwork(build) }
+        Self { name, description, builder: StaticBuilder::KeyNetwork(build), defaults: None }
     }
 
     /// A consensus plugin.
@@ -196,7 +203,13 @@ impl PluginDescriptor {
         description: &'static str,
         build: ConsensusBuildFn,
     ) -> Self {
-        Self { name, description, builder: StaticBuilder::Consensus(build) }
+        Self { name, description, builder: StaticBuilder::Consensus(build), defaults: None }
+    }
+
+    /// The same descriptor, declaring its option defaults (shown by `optimystic config show`).
+    #[must_use]
+    pub const fn with_defaults(self, defaults: DefaultsFn) -> Self {
+        Self { defaults: Some(defaults), ..self }
     }
 }
 
@@ -259,6 +272,8 @@ pub struct PluginEntry {
     pub origin: String,
     /// How to build it.
     pub builder: Builder,
+    /// Its option defaults (empty when it declares none).
+    pub defaults: serde_json::Map<String, Value>,
 }
 
 impl PluginEntry {
@@ -288,6 +303,7 @@ impl Registry {
                     StaticBuilder::KeyNetwork(f) => Builder::KeyNetwork(Arc::new(f)),
                     StaticBuilder::Consensus(f) => Builder::Consensus(Arc::new(f)),
                 },
+                defaults: d.defaults.map(|f| f()).unwrap_or_default(),
             })
             .collect();
         entries.sort_by(|a, b| (a.kind(), &a.name).cmp(&(b.kind(), &b.name)));
@@ -313,6 +329,11 @@ impl Registry {
     /// The names registered for a kind.
     pub fn names(&self, kind: PluginKind) -> Vec<String> {
         self.entries.iter().filter(|e| e.kind() == kind).map(|e| e.name.clone()).collect()
+    }
+
+    /// The option defaults of the plugin `name` of `kind` (`None`: no such plugin).
+    pub fn defaults(&self, kind: PluginKind, name: &str) -> Option<&serde_json::Map<String, Value>> {
+        self.find(kind, name).map(|e| &e.defaults)
     }
 
     fn find(&self, kind: PluginKind, name: &str) -> Option<&PluginEntry> {

@@ -257,7 +257,7 @@ impl StorageRepo {
     ) -> Result<bool, RepoError> {
         transform
             .validate_shape(block_id)
-            .map_err(|source| RepoError::InvalidTransform { block_id: block_id.clone(), source })?;
+            .map_err(|reason| RepoError::InvalidTransform { block_id: block_id.clone(), reason })?;
         let _lock = self.inner.locks.lock([block_id]).await;
         let latest_rev = self.raw().latest(block_id).await?.map_or(0, |l| l.rev);
         if latest_rev >= trx_rev.rev {
@@ -412,8 +412,8 @@ impl StorageRepo {
         let per_block: Vec<(&BlockId, Transform)> =
             block_ids.iter().map(|id| (id, request.transforms.transform_for(id))).collect();
         for (block_id, transform) in &per_block {
-            if let Err(source) = transform.validate_shape(block_id) {
-                return Ok(Check::Invalid(RepoError::InvalidTransform { block_id: (*block_id).clone(), source }));
+            if let Err(reason) = transform.validate_shape(block_id) {
+                return Ok(Check::Invalid(RepoError::InvalidTransform { block_id: (*block_id).clone(), reason }));
             }
         }
         let mut latests = Vec::with_capacity(per_block.len());
@@ -471,8 +471,8 @@ impl StorageRepo {
                 Some(l) => self.value_at(block_id, l.rev).await?,
                 None => None,
             };
-            if let Err(source) = transform.apply(current.as_ref(), block_id) {
-                return Ok(Check::Invalid(RepoError::InvalidTransform { block_id: (*block_id).clone(), source }));
+            if let Err(reason) = transform.apply(current.as_ref(), block_id) {
+                return Ok(Check::Invalid(RepoError::InvalidTransform { block_id: (*block_id).clone(), reason }));
             }
         }
         if request.policy != PendPolicy::Continue {
@@ -570,7 +570,7 @@ impl StorageRepo {
         let (latest, current) = self.latest_value(block_id).await?;
         let value = transform
             .apply(current.as_ref(), block_id)
-            .map_err(|source| RepoError::InvalidTransform { block_id: block_id.clone(), source })?;
+            .map_err(|reason| RepoError::InvalidTransform { block_id: block_id.clone(), reason })?;
         let prune_value_at = latest
             .map(|l| l.rev)
             .filter(|prev| prev / CHECKPOINT_INTERVAL == rev / CHECKPOINT_INTERVAL);
@@ -594,8 +594,8 @@ impl StorageRepo {
             }
             match self.prepare_commit(block_id, &entry.trx_id, entry.rev, transform).await {
                 Ok(step) => self.raw().commit_block(block_id, &step).await?,
-                Err(RepoError::InvalidTransform { source, .. }) => {
-                    tracing::warn!(%block_id, trx_id = %entry.trx_id, error = %source,
+                Err(RepoError::InvalidTransform { reason, .. }) => {
+                    tracing::warn!(%block_id, trx_id = %entry.trx_id, error = %reason,
                         "reported-committed transaction does not apply here; not promoted");
                 }
                 Err(e) => return Err(e),
@@ -826,7 +826,7 @@ impl Repo for StorageRepo {
                 };
                 block = transform
                     .apply(block.as_ref(), block_id)
-                    .map_err(|source| RepoError::InvalidTransform { block_id: block_id.clone(), source })?;
+                    .map_err(|reason| RepoError::InvalidTransform { block_id: block_id.clone(), reason })?;
             }
             let pendings = self.pendings_of(block_id).await?;
             results.insert(block_id.clone(), BlockGetResult { block, state: BlockTrxState { latest, pendings } });

@@ -16,6 +16,16 @@
 //!   `{"latest": TrxRev | null, "entries": [{"trxId", "rev", "transform", "evidence"?}], "more": bool}`
 //!   (at most [`MAX_SYNC_ENTRIES`] entries and about [`MAX_SYNC_RESPONSE_BYTES`]; only the
 //!   page's revisions are read from storage)
+//! - `{"op": "hint", "blockIds": [id]}` -> `{"accepted": n}`: the sender holds revisions of these
+//!   blocks newer than this node reported; the node queues a catch-up of each from its own view
+//!   (at most [`MAX_HINT_IDS`] ids; the queue is bounded and deduplicated, so a hint is only
+//!   ever a reason to look, never data).
+//!
+//! Replica repair ([`CatchUp::repair`]) keeps a block on its current cluster while members come
+//! and go: a member pulls what its view holds beyond its own copy, then hints every member of its
+//! view that answered with an older revision. New members thus receive the blocks of their
+//! cluster, and while at most one member of a view changes between repairs, the evidence of
+//! every revision covers a quorum of the new view (or a quorum of it reports the revision).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::canon::canon;
+use crate::consensus::BehindSink;
 use crate::error::RepoError;
 use crate::evidence::{self, Evidence, EvidenceError};
 use crate::keynet::KeyNetwork;
@@ -41,6 +52,8 @@ pub const MAX_SYNC_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_LATEST_IDS: usize = 1024;
 /// Most pages one catch-up of a block fetches before giving up (bounds work per call).
 pub const MAX_SYNC_PAGES: usize = 1024;
+/// Most block ids one `hint` request may name.
+pub const MAX_HINT_IDS: usize = 64;
 
 /// A sync request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +75,12 @@ pub enum SyncRequest {
         after_rev: Option<u64>,
         /// Most entries wanted.
         limit: usize,
+    },
+    /// The sender holds newer revisions of these blocks: catch up from your own view.
+    #[serde(rename_all = "camelCase")]
+    Hint {
+        /// The blocks.
+        block_ids: Vec<BlockId>,
     },
 }
 
@@ -98,16 +117,37 @@ pub struct RevisionsResponse {
     pub more: bool,
 }
 
+/// Answer to [`SyncRequest::Hint`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintResponse {
+    /// Blocks handed to the catch-up queue (0 when the node takes no hints).
+    pub accepted: usize,
+}
+
 /// Serves sync requests from a local repository.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SyncServer {
     local: StorageRepo,
+    hints: Option<Arc<dyn BehindSink>>,
+}
+
+impl std::fmt::Debug for SyncServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncServer").field("takes_hints", &self.hints.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl SyncServer {
-    /// A server over the local repository.
+    /// A server over the local repository; it answers hints without acting on them.
     pub fn new(local: StorageRepo) -> Self {
-        Self { local }
+        Self { local, hints: None }
+    }
+
+    /// Hands each hinted block to `sink` (the node's bounded, deduplicated catch-up queue).
+    #[must_use]
+    pub fn with_hints(mut self, sink: Arc<dyn BehindSink>) -> Self {
+        self.hints = Some(sink);
+        self
     }
 
     /// Answers one request. Malformed requests are `bad-request`; nothing is ever changed.
@@ -131,6 +171,24 @@ impl SyncServer {
             }
             SyncRequest::Revisions { block_id, after_rev, limit } => {
                 serde_json::to_value(self.revisions(&block_id, after_rev, limit).await?)
+            }
+            SyncRequest::Hint { block_ids } => {
+                if block_ids.len() > MAX_HINT_IDS {
+                    return Err(RepoError::BadRequest(format!(
+                        "at most {MAX_HINT_IDS} block ids per hint, got {}",
+                        block_ids.len()
+                    )));
+                }
+                let accepted = match &self.hints {
+                    Some(sink) => {
+                        for id in &block_ids {
+                            sink.behind(id);
+                        }
+                        block_ids.len()
+                    }
+                    None => 0,
+                };
+                serde_json::to_value(HintResponse { accepted })
             }
         };
         response.map_err(|e| RepoError::Internal(format!("encoding sync response: {e}")))
@@ -182,6 +240,17 @@ pub struct CatchUpReport {
     /// that did not disprove their claim (they could not be reached, or their revisions could not
     /// be verified yet), with the revision claimed.
     pub unreached: Vec<(PeerId, u64)>,
+}
+
+/// What one repair of a block did ([`CatchUp::repair`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// This node is in its own view of the block's cluster (nothing is done otherwise).
+    pub member: bool,
+    /// Revisions this node pulled and applied.
+    pub applied: usize,
+    /// Members of the view that answered with an older revision and accepted a hint.
+    pub hinted: Vec<PeerId>,
 }
 
 /// Why a pull from one peer stopped.
@@ -324,6 +393,59 @@ impl CatchUp {
         report.unreached =
             claims.into_iter().filter(|(rev, peer)| *rev > local && !disproved.contains(peer)).map(|(r, p)| (p, r)).collect();
         Ok(report)
+    }
+
+    /// Keeps `block_id` on its current cluster: when this node is in its own view of the
+    /// block's cluster, it catches up from the view (as [`CatchUp::catch_up_report`]), then
+    /// sends a hint to each other member of the view that answered with an older revision (or
+    /// none), so that member catches up from its own view. Members that did not answer are left
+    /// for the next repair. Idempotent; costs one cluster lookup, one `latest` request per member
+    /// and one hint per lagging member, plus the pulls.
+    ///
+    /// Errors: [`RepoError::Unavailable`] when the view cannot be found; storage errors.
+    pub async fn repair(&self, block_id: &BlockId) -> Result<RepairReport, RepoError> {
+        let view = self
+            .key_network
+            .find_cluster(block_id)
+            .await
+            .map_err(|e| RepoError::Unavailable(format!("cluster of {block_id}: {e}")))?;
+        let me = self.network.local_peer_id();
+        if !view.contains_key(&me) {
+            return Ok(RepairReport::default());
+        }
+        let view: Vec<PeerId> = view.keys().copied().collect();
+        let others: Vec<PeerId> = view.iter().copied().filter(|p| *p != me).collect();
+        let answers = self.latest_of(&others, std::slice::from_ref(block_id)).await;
+        let pulled = self.catch_up_to_claims(block_id, &view, &answers).await?;
+        let mine = self.local_rev(block_id).await?;
+        let lagging: Vec<PeerId> = answers
+            .iter()
+            .filter(|(_, r)| r.latest.get(block_id).cloned().flatten().map_or(0, |l| l.rev) < mine)
+            .map(|(peer, _)| *peer)
+            .collect();
+        let hinted = self.hint(&lagging, block_id).await;
+        Ok(RepairReport { member: true, applied: pulled.applied, hinted })
+    }
+
+    /// Sends a hint for `block_id` to each of `peers`; returns those that accepted it.
+    async fn hint(&self, peers: &[PeerId], block_id: &BlockId) -> Vec<PeerId> {
+        let Ok(request) = serde_json::to_value(SyncRequest::Hint { block_ids: vec![block_id.clone()] }) else {
+            return Vec::new();
+        };
+        let asks = peers.iter().map(|peer| {
+            let request = request.clone();
+            async move { (*peer, self.network.request(*peer, ProtocolKind::Sync, request, self.timeout).await) }
+        });
+        let mut accepted = Vec::new();
+        for (peer, answer) in futures::future::join_all(asks).await {
+            match answer.map(serde_json::from_value::<HintResponse>) {
+                Ok(Ok(r)) if r.accepted > 0 => accepted.push(peer),
+                Ok(Ok(_)) => tracing::debug!(%block_id, %peer, "a lagging member takes no hints"),
+                Ok(Err(e)) => tracing::debug!(%block_id, %peer, error = %e, "malformed hint answer"),
+                Err(e) => tracing::debug!(%block_id, %peer, error = %e, "hint failed"),
+            }
+        }
+        accepted
     }
 
     async fn local_rev(&self, block_id: &BlockId) -> Result<u64, RepoError> {

@@ -151,7 +151,7 @@ impl From<RepoMessage> for RecordMessage {
 pub enum WireError {
     /// The bytes are not JSON of the expected shape.
     #[error("malformed message: {0}")]
-    Json(#[source] serde_json::Error),
+    Json(serde_json::Error),
     /// The message does not carry exactly one operation.
     #[error("a message carries exactly one operation, got {0}")]
     OperationCount(usize),

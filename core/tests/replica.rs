@@ -70,7 +70,7 @@ async fn replicas_apply_in_order_idempotently_and_never_rewrite_history() {
         )
         .await;
     assert!(
-        matches!(invalid, Err(RepoError::InvalidTransform { source: TransformError::MissingField { .. }, .. })),
+        matches!(invalid, Err(RepoError::InvalidTransform { reason: TransformError::MissingField { .. }, .. })),
         "{invalid:?}"
     );
     let header = repo
@@ -81,6 +81,6 @@ async fn replicas_apply_in_order_idempotently_and_never_rewrite_history() {
             None,
         )
         .await;
-    assert!(matches!(header, Err(RepoError::InvalidTransform { source: TransformError::HeaderChange, .. })));
+    assert!(matches!(header, Err(RepoError::InvalidTransform { reason: TransformError::HeaderChange, .. })));
     assert_eq!(storage.dump(), before, "refused replicas change nothing");
 }

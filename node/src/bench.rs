@@ -4,7 +4,6 @@
 //! appends one entry per transaction (pend + commit of that block at the next revision). Workers
 //! are spread over the nodes and talk to them over libp2p from a separate client host.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -239,8 +238,9 @@ async fn measure(options: &BenchOptions, client_host: &HostHandle, targets: &[Pe
         let block_id = BlockId::new(format!("bench-{run_id}-{w}")).map_err(|e| DemoError::Check(e.to_string()))?;
         workers.push(tokio::spawn(worker(repo, block_id, budget.clone(), progress.clone(), options.timeout_ms)));
     }
-    let reporter = (!options.json).then(|| {
-        let progress = progress.clone();
+    let spinner = if options.json { indicatif::ProgressBar::hidden() } else { crate::progress::spinner() };
+    let reporter = (!spinner.is_hidden()).then(|| {
+        let (progress, spinner) = (progress.clone(), spinner.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
@@ -248,9 +248,12 @@ async fn measure(options: &BenchOptions, client_host: &HostHandle, targets: &[Pe
                 tick.tick().await;
                 let done = progress.done.load(Ordering::Relaxed);
                 let secs = started.elapsed().as_secs_f64().max(0.001);
-                eprint!("\r  {done} committed  {:.0} tx/s  {} stale  {} errors   ", done as f64 / secs,
-                    progress.stale.load(Ordering::Relaxed), progress.errors.load(Ordering::Relaxed));
-                let _ = std::io::stderr().flush();
+                spinner.set_message(format!(
+                    "{done} committed  {:.0} tx/s  {} stale  {} errors",
+                    done as f64 / secs,
+                    progress.stale.load(Ordering::Relaxed),
+                    progress.errors.load(Ordering::Relaxed)
+                ));
             }
         })
     });
@@ -262,8 +265,8 @@ async fn measure(options: &BenchOptions, client_host: &HostHandle, targets: &[Pe
     }
     if let Some(r) = reporter {
         r.abort();
-        eprintln!();
     }
+    spinner.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64().max(0.001);
     latencies.sort();
     let committed = latencies.len() as u64;

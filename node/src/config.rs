@@ -45,6 +45,9 @@ pub struct NodeConfig {
     pub log: LogSection,
 }
 
+/// Most blocks one replica-repair round may visit (`node.repair_blocks_per_round`).
+pub const MAX_REPAIR_BLOCKS_PER_ROUND: usize = 4_096;
+
 /// `[node]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -61,6 +64,14 @@ pub struct NodeSection {
     /// How `get` reads: `quorum` (never misses an acknowledged commit) or `local` (fastest, may be
     /// stale).
     pub read_mode: ReadMode,
+    /// Between replica-repair rounds (each block this node holds is re-offered to its current
+    /// cluster, so members that joined receive it); 0 repairs only once, after start.
+    pub repair_interval_ms: u64,
+    /// Blocks repaired per round (each costs a cluster lookup and a request per member).
+    pub repair_blocks_per_round: usize,
+    /// A peer without a connection for this long whose dial then fails leaves the cluster views
+    /// until it connects again (at least 1,000; longer than restarts and short partitions).
+    pub peer_departed_after_ms: u64,
 }
 
 impl Default for NodeSection {
@@ -71,6 +82,9 @@ impl Default for NodeSection {
             bootstrap: Vec::new(),
             protocol_prefix: optimystic_core::wire::DEFAULT_PROTOCOL_PREFIX.to_owned(),
             read_mode: ReadMode::Quorum,
+            repair_interval_ms: 5_000,
+            repair_blocks_per_round: 64,
+            peer_departed_after_ms: crate::host::DEFAULT_PEER_DEPARTED_AFTER_MS,
         }
     }
 }
@@ -203,8 +217,10 @@ pub fn defaults() -> NodeConfig {
 /// A configuration problem, naming the key and where its value came from.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The layers could not be read or merged (syntax error, wrong type, unknown key).
-    #[error("configuration: {0}")]
+    /// The layers could not be read or merged (syntax error, wrong type, unknown key). The text
+    /// names each key as its layer spells it (`node.listen in node1.toml`,
+    /// `OPTIMYSTIC_NODE__LISTEN in the environment`).
+    #[error("configuration: {}", load_error_text(.0))]
     Load(Box<figment::Error>),
     /// A value is invalid.
     #[error("configuration key `{key}` (from {source_name}): {message}")]
@@ -244,6 +260,73 @@ pub fn figment(file: Option<&Path>, overrides: &Value) -> Figment {
     fig.merge(env).merge(Serialized::globals(overrides))
 }
 
+/// Reads the layers into a configuration, without validating values.
+pub fn extract(file: Option<&Path>, overrides: &Value) -> Result<NodeConfig, ConfigError> {
+    figment(file, overrides).extract().map_err(|e| ConfigError::Load(Box::new(e)))
+}
+
+/// Where a value came from, as [`figment::Metadata`] tells it.
+enum Layer {
+    Defaults,
+    File(String),
+    Environment,
+    Flags,
+    Other(String),
+}
+
+impl Layer {
+    fn of(meta: &figment::Metadata) -> Self {
+        // Serialized providers are named after their Rust type: say what they are instead.
+        if meta.name.contains("serde_json") {
+            return Self::Flags;
+        }
+        if meta.name.contains("NodeConfig") {
+            return Self::Defaults;
+        }
+        match &meta.source {
+            Some(figment::Source::File(path)) => Self::File(path.display().to_string()),
+            _ if meta.name.contains("environment") => Self::Environment,
+            Some(source) => Self::Other(format!("{} {source}", meta.name)),
+            None => Self::Other(meta.name.to_string()),
+        }
+    }
+}
+
+/// One line per error of `error`: `<key> in <layer>: <what is wrong>`, the key spelled as its
+/// layer spells it.
+fn load_error_text(error: &figment::Error) -> String {
+    let lines: Vec<String> = error.clone().into_iter().map(|e| one_load_error(&e)).collect();
+    lines.join("\n")
+}
+
+fn one_load_error(error: &figment::Error) -> String {
+    use figment::error::Kind;
+    let what = match &error.kind {
+        Kind::UnknownField(_, expected) => format!("unknown key; expected one of: {}", expected.join(", ")),
+        Kind::UnknownVariant(value, expected) => {
+            format!("unknown value {value:?}; expected one of: {}", expected.join(", "))
+        }
+        other => other.to_string(),
+    };
+    let dotted = error.path.join(".");
+    let layer = error.metadata.as_ref().map(Layer::of);
+    let place = match (&layer, dotted.is_empty()) {
+        (Some(Layer::File(path)), true) => path.clone(),
+        (Some(Layer::File(path)), false) => format!("{dotted} in {path}"),
+        (Some(Layer::Environment), false) => {
+            let parts: Vec<String> = error.path.iter().map(|p| p.to_uppercase()).collect();
+            format!("{ENV_PREFIX}{} in the environment", parts.join("__"))
+        }
+        (Some(Layer::Environment), true) => "the environment".to_owned(),
+        (Some(Layer::Flags), _) => format!("{dotted} from the command-line flags"),
+        (Some(Layer::Defaults), _) => format!("{dotted} in the built-in defaults"),
+        (Some(Layer::Other(name)), _) => format!("{dotted} in {name}"),
+        (None, false) => dotted,
+        (None, true) => return what,
+    };
+    format!("{place}: {what}")
+}
+
 /// Loads and validates the configuration.
 pub fn load(file: Option<&Path>, overrides: &Value, registry: &Registry) -> Result<LoadedConfig, ConfigError> {
     let fig = figment(file, overrides);
@@ -259,22 +342,38 @@ impl LoadedConfig {
         let Some(meta) = self.figment.find_metadata(key) else {
             return "built-in defaults".to_owned();
         };
-        // Serialized providers are named after their Rust type: say what they are instead.
-        if meta.name.contains("serde_json") {
-            return "command-line flags".to_owned();
-        }
-        if meta.name.contains("NodeConfig") {
-            return "built-in defaults".to_owned();
-        }
-        match &meta.source {
-            Some(figment::Source::File(path)) => format!("file {}", path.display()),
-            Some(source) => format!("{} {source}", meta.name),
-            None => meta.name.to_string(),
+        match Layer::of(meta) {
+            Layer::Defaults => "built-in defaults".to_owned(),
+            Layer::Flags => "command-line flags".to_owned(),
+            Layer::File(path) => format!("file {path}"),
+            Layer::Environment => {
+                let parts: Vec<String> = key.split('.').map(str::to_uppercase).collect();
+                format!("environment variable {ENV_PREFIX}{}", parts.join("__"))
+            }
+            Layer::Other(name) => name,
         }
     }
 
     fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid { key: key.to_owned(), source_name: self.source_of(key), message: message.into() }
+    }
+
+    /// The effective configuration with each plugin's declared option defaults filled in where the
+    /// configuration says nothing (what `optimystic config show` prints).
+    pub fn with_plugin_defaults(&self, registry: &Registry) -> NodeConfig {
+        let mut config = self.config.clone();
+        for (kind, section) in [
+            (PluginKind::Storage, &mut config.storage),
+            (PluginKind::KeyNetwork, &mut config.key_network),
+            (PluginKind::Consensus, &mut config.consensus),
+        ] {
+            if let Some(defaults) = registry.defaults(kind, &section.kind) {
+                for (key, value) in defaults {
+                    section.options.entry(key.clone()).or_insert_with(|| value.clone());
+                }
+            }
+        }
+        config
     }
 
     /// Checks every value that can be checked before start.
@@ -289,6 +388,18 @@ impl LoadedConfig {
         }
         if !c.node.protocol_prefix.starts_with('/') || c.node.protocol_prefix.ends_with('/') {
             return Err(self.invalid("node.protocol_prefix", "must start with '/' and not end with '/'"));
+        }
+        if c.node.peer_departed_after_ms < 1_000 {
+            return Err(self.invalid(
+                "node.peer_departed_after_ms",
+                format!("must be at least 1000, got {}", c.node.peer_departed_after_ms),
+            ));
+        }
+        if !(1..=MAX_REPAIR_BLOCKS_PER_ROUND).contains(&c.node.repair_blocks_per_round) {
+            return Err(self.invalid(
+                "node.repair_blocks_per_round",
+                format!("must be 1..={MAX_REPAIR_BLOCKS_PER_ROUND}, got {}", c.node.repair_blocks_per_round),
+            ));
         }
         let l = &c.limits;
         for (key, value, min, max) in [
@@ -437,7 +548,12 @@ mod tests {
 
             jail.create_file("typo.toml", "[node]\nlisen = []\n")?;
             let text = error_text(load(Some(Path::new("typo.toml")), &json!({}), &registry()));
-            assert!(text.contains("lisen"), "{text}");
+            assert!(text.starts_with("configuration: node.lisen in typo.toml: unknown key; expected one of: data_dir, "), "{text}");
+
+            jail.set_env("OPTIMYSTIC_NODE__FROBNICATE", "1");
+            let text = error_text(load(None, &json!({}), &registry()));
+            assert!(text.starts_with("configuration: OPTIMYSTIC_NODE__FROBNICATE in the environment: unknown key"), "{text}");
+            assert!(!text.contains("default."), "{text}");
             Ok(())
         });
     }
@@ -463,6 +579,39 @@ mod tests {
         let mut cx = cx;
         cx.local_repo = Some(optimystic_core::StorageRepo::new(storage));
         registry().build_consensus("solo", &cx, &loaded.config.consensus.to_value()).expect("solo accepts the defaults");
+    }
+
+    #[test]
+    fn plugin_defaults_are_shown_and_accepted_by_their_plugins() {
+        // In a jail: other tests set OPTIMYSTIC_* variables, and the defaults must be the built-in ones.
+        Jail::expect_with(|_jail| {
+            let loaded = load(None, &json!({"consensus": {"kind": "majority-2pc", "grace_ms": 3000}}), &registry()).expect("valid");
+            let shown = loaded.with_plugin_defaults(&registry());
+            assert_eq!(shown.storage.options.get("map_size_bytes"), Some(&json!(1u64 << 30)), "{:?}", shown.storage);
+            assert_eq!(shown.storage.options.get("path"), Some(&json!("storage-lmdb")));
+            assert_eq!(shown.consensus.options.get("grace_ms"), Some(&json!(3000)), "the configuration wins");
+            assert_eq!(shown.consensus.options.get("record_timeout_ms"), Some(&json!(10_000)));
+            assert_eq!(shown.key_network.options.get("cache_ttl_ms"), Some(&json!(2_000)));
+            let printed = toml::to_string_pretty(&shown).expect("prints");
+            let reread: NodeConfig = toml::from_str(&printed).expect("the printed configuration reads back");
+            assert_eq!(reread, shown);
+
+            // The shown storage options open the same directory as none at all.
+            let dir = tempfile::tempdir().unwrap();
+            let mut cx = optimystic_core::registry::PluginContext::new(libp2p::PeerId::random());
+            cx.data_dir = Some(dir.path().to_path_buf());
+            for kind in ["lmdb", "file"] {
+                let flags = json!({"storage": {"kind": kind}});
+                let shown = load(None, &flags, &registry()).expect("valid").with_plugin_defaults(&registry());
+                let storage = registry().build_storage(kind, &cx, &shown.storage.to_value()).expect("defaults accepted");
+                drop(storage);
+                assert!(dir.path().join(format!("storage-{kind}")).is_dir(), "{kind} opened its default directory");
+            }
+            let flags = json!({"key_network": {"kind": "static"}});
+            let shown = load(None, &flags, &registry()).expect("valid").with_plugin_defaults(&registry());
+            registry().build_key_network("static", &cx, &shown.key_network.to_value()).expect("defaults accepted");
+            Ok(())
+        });
     }
 
     #[test]

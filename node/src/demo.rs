@@ -1,7 +1,6 @@
 //! `optimystic demo`: a local cluster with a visible workload, a node stopped while writes go on,
 //! and the node restarted and caught up.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -54,9 +53,15 @@ pub enum DemoError {
     /// The demo's own checks failed.
     #[error("demo check failed: {0}")]
     Check(String),
-    /// Local I/O failed.
+    /// Local I/O failed (in the text, so not also returned by `source()`).
     #[error("demo I/O: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for DemoError {
+    fn from(error: std::io::Error) -> Self {
+        Self::Io(error)
+    }
 }
 
 fn say(text: &str) {
@@ -75,6 +80,7 @@ async fn client_of(host: &HostHandle, cluster: &LocalCluster, i: usize) -> Resul
 }
 
 async fn append_entries(repo: &dyn Repo, block_id: &BlockId, phase: &str, count: usize) -> Result<u64, DemoError> {
+    let bar = crate::progress::bar(count as u64, "[demo]   [{bar:30}] {pos}/{len} committed, {msg}");
     let mut rev = 0;
     for n in 1..=count {
         let op = BlockOperation(
@@ -86,11 +92,11 @@ async fn append_entries(repo: &dyn Repo, block_id: &BlockId, phase: &str, count:
         let transform = Transform { updates: Some(vec![op]), ..Transform::default() };
         let done = txn::write_block(repo, block_id, &transform, RetryPolicy::default()).await?;
         rev = done.rev;
-        let filled = n * 30 / count.max(1);
-        print!("\r[demo]   [{}{}] {n}/{count} committed, block at rev {rev}   ", "#".repeat(filled), ".".repeat(30 - filled));
-        let _ = std::io::stdout().flush();
+        bar.set_message(format!("block at rev {rev}"));
+        bar.inc(1);
     }
-    println!();
+    bar.finish_and_clear();
+    say(&format!("  {count}/{count} committed, block at rev {rev}"));
     Ok(rev)
 }
 

@@ -23,13 +23,12 @@ const MAX_IDENTITY_FILE_BYTES: u64 = 4096;
 #[non_exhaustive]
 pub enum IdentityError {
     /// Reading or writing the key file failed.
-    #[error("identity key {path}: {source}")]
+    #[error("identity key {path}: {error}")]
     Io {
         /// The key file or data directory.
         path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
+        /// The error (in the text above, so not also returned by `source()`).
+        error: io::Error,
     },
     /// The key file exists but does not hold a usable key. It is left untouched.
     #[error("identity key {path} is corrupt ({reason}); restore it from a backup, or move it away to start as a new peer")]
@@ -64,13 +63,13 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
     match fs::symlink_metadata(&path) {
         Ok(_) => load(&path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => create(data_dir, &path),
-        Err(source) => Err(IdentityError::Io { path, source }),
+        Err(error) => Err(IdentityError::Io { path, error }),
     }
 }
 
 /// Reads the key file at `path`.
 pub fn load(path: &Path) -> Result<Keypair, IdentityError> {
-    let io_error = |source| IdentityError::Io { path: path.to_owned(), source };
+    let io_error = |error| IdentityError::Io { path: path.to_owned(), error };
     let metadata = fs::metadata(path).map_err(io_error)?;
     if !metadata.is_file() {
         return Err(IdentityError::Corrupt { path: path.to_owned(), reason: "not a regular file".into() });
@@ -98,14 +97,14 @@ pub fn load(path: &Path) -> Result<Keypair, IdentityError> {
 }
 
 fn create(data_dir: &Path, path: &Path) -> Result<Keypair, IdentityError> {
-    let dir_error = |source| IdentityError::Io { path: data_dir.to_owned(), source };
+    let dir_error = |error| IdentityError::Io { path: data_dir.to_owned(), error };
     fs::create_dir_all(data_dir).map_err(dir_error)?;
     let keypair = generate();
     let encoded = keypair
         .to_protobuf_encoding()
         .map_err(|e| IdentityError::Corrupt { path: path.to_owned(), reason: format!("cannot encode a new key: {e}") })?;
     let tmp = data_dir.join(format!("{IDENTITY_FILE}.tmp"));
-    let tmp_error = |source| IdentityError::Io { path: tmp.clone(), source };
+    let tmp_error = |error| IdentityError::Io { path: tmp.clone(), error };
     // A leftover temporary file is from an interrupted first start: it was never the identity.
     match fs::remove_file(&tmp) {
         Ok(()) => {}
@@ -117,7 +116,7 @@ fn create(data_dir: &Path, path: &Path) -> Result<Keypair, IdentityError> {
     file.sync_all().map_err(tmp_error)?;
     drop(file);
     // Keep a key file a concurrent start may have written first.
-    fs::hard_link(&tmp, path).map_err(|source| IdentityError::Io { path: path.to_owned(), source })?;
+    fs::hard_link(&tmp, path).map_err(|error| IdentityError::Io { path: path.to_owned(), error })?;
     fs::remove_file(&tmp).map_err(tmp_error)?;
     fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(dir_error)?;
     Ok(keypair)

@@ -9,14 +9,20 @@
 //! [`host::HostHandle::set_handlers`].
 
 pub mod bench;
+pub mod cluster_up;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod error_text;
+pub mod history;
 pub mod host;
 pub mod identity;
 pub mod local_cluster;
 pub mod metrics;
 pub mod node;
+pub mod ops;
+pub mod progress;
+pub mod readiness;
 pub mod service;
 pub mod txn;
 
@@ -36,5 +42,5 @@ pub fn link_bundled_plugins() -> optimystic_core::registry::Registry {
     optimystic_core::registry::Registry::linked()
 }
 
-pub use host::{Host, HostConfig, HostError, HostHandle};
+pub use host::{Connectivity, Host, HostConfig, HostError, HostHandle};
 pub use service::{Handlers, SyncHandler};

@@ -1,17 +1,17 @@
 //! `optimystic`: run and operate Optimystic DB-P2P nodes.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use libp2p::multiaddr::Protocol;
 use optimystic_core::client::RepoClient;
 use optimystic_core::model::{
-    Block, BlockGets, BlockId, BlockOperation, CommitRequest, PendRequest, Transform, TrxBlocks,
+    Block, BlockGets, BlockId, BlockOperation, CommitRequest, GetBlockResults, PendRequest, Transform, TrxBlocks,
 };
 use optimystic_core::network::PeerNetwork;
 use optimystic_core::record::ClusterRecord;
@@ -20,10 +20,11 @@ use optimystic_core::time::now_ms;
 use optimystic_core::{MessageOptions, Repo};
 use optimystic_node::bench::{self, BenchOptions};
 use optimystic_node::config::{self, LogFormat};
-use optimystic_node::host::{Host, HostConfig};
+use optimystic_node::host::{Host, HostConfig, HostHandle};
 use optimystic_node::node::Node;
+use optimystic_node::ops::{self, OperatorRequest};
 use optimystic_node::service::Handlers;
-use optimystic_node::{demo, identity, link_bundled_plugins, txn};
+use optimystic_node::{cluster_up, demo, history, identity, link_bundled_plugins, txn};
 use serde_json::{Value, json};
 
 /// A consensus round allocates and frees many small JSON values on two or more threads; glibc's
@@ -49,12 +50,25 @@ enum Command {
     Start(StartArgs),
     /// Talk to a running node.
     ///
-    /// Exit codes: 0 done; 2 error (a `write` certainly committed nothing); 4 a `write`'s outcome
-    /// is unknown (its commit was sent and never confirmed).
+    /// Exit codes: 0 done; 2 error (a `write` certainly committed nothing); 3 a `get` named a block
+    /// that does not exist (`not found: <id>` on stderr per block; the JSON is still printed); 4 a
+    /// `write`'s outcome is unknown (its commit was sent and never confirmed).
     #[command(after_help = "Examples:\n  optimystic client --peer /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... get diary\n  \
         optimystic client --peer ADDR write --block diary --insert '{\"header\":{\"id\":\"diary\",\"type\":\"log\",\"collectionId\":\"c\"},\"entries\":[]}'\n  \
-        optimystic client --peer ADDR write --block diary --update '[[\"entries\",0,0,[\"hello\"]]]'")]
+        optimystic client --peer ADDR write --block diary --update '[[\"entries\",0,0,[\"hello\"]]]'\n  \
+        optimystic client --peer ADDR write --block diary --append entries '\"hello\"'")]
     Client(ClientArgs),
+    /// Show a block's committed revisions as one peer holds them, with the evidence kept for each.
+    ///
+    /// Each revision comes with its evidence: the decided pend and commit records (cluster
+    /// records signed by the block's cluster) that prove it. Default output is text for people;
+    /// `--json` prints one JSON object per revision; `--records` prints only the evidence records,
+    /// one per line, the input `optimystic verify-record` reads. Exit codes: 0 done; 2 error; 3 the
+    /// peer holds no revision of the block (it does not exist, or the peer is not in its cluster).
+    #[command(after_help = "Examples:\n  optimystic history --peer /ip4/127.0.0.1/tcp/4101/p2p/12D3Koo... diary\n  \
+        optimystic history --peer ADDR diary --from 10 --json\n  \
+        optimystic history --peer ADDR diary --records | optimystic verify-record")]
+    History(HistoryArgs),
     /// Start a local 3-node cluster, run a workload, stop and restart a node, and stop cleanly.
     #[command(after_help = "Example:\n  optimystic demo")]
     Demo(demo::DemoOptions),
@@ -86,6 +100,37 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Ask a running node how it is: peers, routing table, readiness, storage, counters.
+    #[command(after_help = "Examples:\n  optimystic status --peer /ip4/127.0.0.1/tcp/4101/p2p/12D3Koo...\n  \
+        optimystic status --peer ADDR --json")]
+    Status(OperatorArgs),
+    /// Ask a running node where a block lives: its cluster and each member's latest revision.
+    #[command(after_help = "Examples:\n  optimystic locate --peer /ip4/127.0.0.1/tcp/4101/p2p/12D3Koo... diary\n  \
+        optimystic locate --peer ADDR diary --json")]
+    Locate {
+        #[command(flatten)]
+        operator: OperatorArgs,
+        /// The block id.
+        id: String,
+    },
+    /// Local clusters of `optimystic start` processes.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Start N local nodes as separate processes and run them until Ctrl-C (SIGINT) or SIGTERM.
+    ///
+    /// Writes `node<i>.toml` config files, data directories and `node<i>.log` logs into one
+    /// directory (printed), starts node 1, then the others bootstrapping from it, and prints each
+    /// node's pid, address and metrics URL and client commands to paste. Ctrl-C or SIGTERM stops
+    /// every node (SIGTERM, then SIGKILL after 20 s) and exits 0; a node that exits on its own
+    /// stops the others and exits 2.
+    #[command(after_help = "Examples:\n  optimystic cluster up\n  \
+        optimystic cluster up --nodes 5 --storage memory --base-port 0\n  \
+        optimystic cluster up --dir ./my-cluster   # reuses the data (and peer ids) of an earlier run")]
+    Up(cluster_up::ClusterUpOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,6 +215,31 @@ struct ClientArgs {
     op: ClientOp,
 }
 
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    /// The node to ask: `<multiaddr>/p2p/<peer id>` (a member of the block's cluster).
+    #[arg(long)]
+    peer: String,
+    /// The block.
+    block: String,
+    /// First revision to show.
+    #[arg(long, default_value_t = 1)]
+    from: u64,
+    /// One JSON object per revision: {"blockId", "rev", "trxId", "transform", "evidence"}.
+    #[arg(long, conflicts_with = "records")]
+    json: bool,
+    /// Only the evidence records (pend, then commit, of each revision), one JSON document per
+    /// line: pipe into `optimystic verify-record`.
+    #[arg(long)]
+    records: bool,
+    /// Deadline of each request.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Protocol id prefix of the network.
+    #[arg(long, default_value = optimystic_core::wire::DEFAULT_PROTOCOL_PREFIX)]
+    protocol_prefix: String,
+}
+
 #[derive(Debug, Subcommand)]
 enum ClientOp {
     /// Read blocks: prints the GetBlockResults JSON.
@@ -201,26 +271,41 @@ enum ClientOp {
         #[arg(long)]
         block: String,
         /// Insert this Block JSON.
-        #[arg(long, conflicts_with_all = ["update", "delete"])]
+        #[arg(long, conflicts_with_all = ["update", "delete", "append"])]
         insert: Option<String>,
         /// Apply this [BlockOperation] JSON.
-        #[arg(long, conflicts_with = "delete")]
+        #[arg(long, conflicts_with_all = ["delete", "append"])]
         update: Option<String>,
         /// Delete the block.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "append")]
         delete: bool,
+        /// Append the JSON value to the end of the array field FIELD (of the latest revision,
+        /// whatever its length).
+        #[arg(long, num_args = 2, value_names = ["FIELD", "JSON"])]
+        append: Option<Vec<String>>,
     },
 }
 
 /// Exit code of a `client write` whose commit was sent and never confirmed: it may or may not
 /// have committed (2 means it certainly did not).
 const EXIT_OUTCOME_UNKNOWN: u8 = 4;
+/// Exit code of a `client get` that named a block that does not exist (the answer is printed).
+const EXIT_NOT_FOUND: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format.unwrap_or_default();
     // The demo, the bench and the client print their own output; node logs would bury it.
-    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_) | Command::Client(_));
+    let quiet = matches!(
+        cli.command,
+        Command::Demo(_)
+            | Command::Bench(_)
+            | Command::Client(_)
+            | Command::Status(_)
+            | Command::Locate { .. }
+            | Command::History(_)
+            | Command::Cluster(_)
+    );
     init_logging(format, if quiet { "warn" } else { "warn,optimystic=info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -235,16 +320,25 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::from(2)
         }
     }
 }
 
+/// The error and each of its causes, every one said once.
+fn error_text(error: &anyhow::Error) -> String {
+    optimystic_node::error_text::chain_text(error.chain())
+}
+
 fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: not in files, pipes or log collectors.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -256,9 +350,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Plugins { verbose, config } => {
             let mut registry = link_bundled_plugins();
             if let Some(path) = config {
-                let loaded = config::figment(Some(&path), &json!({}))
-                    .extract::<config::NodeConfig>()
-                    .context("reading the configuration")?;
+                let loaded = config::extract(Some(&path), &json!({}))?;
                 optimystic_dynamic_loader::load_all(&loaded.plugins.load, &mut registry)?;
             }
             for entry in registry.entries() {
@@ -274,11 +366,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Show(args)) => {
             let registry = registry_for(args.config.as_deref(), &args.overrides())?;
             let loaded = config::load(args.config.as_deref(), &args.overrides(), &registry)?;
-            print!("{}", toml::to_string_pretty(&loaded.config).context("printing the configuration")?);
+            let shown = loaded.with_plugin_defaults(&registry);
+            print!("{}", toml::to_string_pretty(&shown).context("printing the configuration")?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Start(args) => start(args).await,
         Command::Client(args) => client(args).await,
+        Command::Cluster(ClusterCommand::Up(options)) => {
+            let exe = std::env::current_exe().context("finding this program to start the nodes")?;
+            let program = std::env::args().next().unwrap_or_else(|| "optimystic".to_owned());
+            cluster_up::run(&options, &exe, &program).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History(args) => history(args).await,
         Command::Demo(options) => {
             demo::run(options, link_bundled_plugins()).await?;
             Ok(ExitCode::SUCCESS)
@@ -287,13 +387,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             bench::run(options, link_bundled_plugins()).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status(args) => operator_command(args, OperatorRequest::Status).await,
+        Command::Locate { operator, id } => {
+            let block_id = BlockId::new(id).context("the block id")?;
+            operator_command(operator, OperatorRequest::Locate { block_id }).await
+        }
     }
 }
 
 /// The linked plugins plus the configuration's dynamic libraries.
 fn registry_for(file: Option<&Path>, overrides: &Value) -> anyhow::Result<Registry> {
     let mut registry = link_bundled_plugins();
-    let raw: config::NodeConfig = config::figment(file, overrides).extract().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let raw = config::extract(file, overrides)?;
     optimystic_dynamic_loader::load_all(&raw.plugins.load, &mut registry)?;
     Ok(registry)
 }
@@ -313,7 +418,9 @@ async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     drop(out);
+    let announce = tokio::spawn(announce_ready(node.readiness()));
     wait_for_signal().await?;
+    announce.abort();
     tracing::info!("stopping");
     node.shutdown().await?;
     Ok(ExitCode::SUCCESS)
@@ -330,39 +437,132 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
-    let addr: Multiaddr = args.peer.parse().with_context(|| format!("--peer {:?}", args.peer))?;
+/// A client host (a fresh identity, listening nowhere) that knows the address of `peer_text`
+/// (`<multiaddr>/p2p/<peer id>`), and that peer's id.
+async fn connect(peer_text: &str, timeout_ms: u64, protocol_prefix: &str) -> anyhow::Result<(HostHandle, PeerId)> {
+    let addr: Multiaddr = peer_text.parse().with_context(|| format!("--peer {peer_text:?}"))?;
     let Some(Protocol::P2p(peer)) = addr.iter().last() else {
         bail!("--peer must end with /p2p/<peer id>");
     };
     let mut host_config = HostConfig::new(identity::generate());
-    host_config.protocol_prefix = args.protocol_prefix.clone();
-    host_config.request_timeout_ms = args.timeout_ms;
+    host_config.protocol_prefix = protocol_prefix.to_owned();
+    host_config.request_timeout_ms = timeout_ms;
     let host = Host::start(host_config, Handlers::default()).await?;
-    host.add_address(peer, addr.clone()).await?;
+    host.add_address(peer, addr).await?;
+    Ok((host, peer))
+}
+
+async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let block_id = BlockId::new(args.block.clone())?;
+    let (host, peer) = connect(&args.peer, args.timeout_ms, &args.protocol_prefix).await?;
+    let timeout = std::time::Duration::from_millis(args.timeout_ms);
+    let mut pages = history::Pages::new(&host, peer, block_id.clone(), args.from, timeout);
+    let result = print_history(&mut pages, &block_id, &args).await;
+    let latest = pages.latest().cloned();
+    host.shutdown().await;
+    match result {
+        // The reader went away (`| head`): what it wanted was printed.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => {
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => other?,
+    }
+    if latest.is_none() {
+        eprintln!("not found: {block_id} (the peer holds no revision of it: no such block, or the peer is not in its cluster)");
+        return Ok(ExitCode::from(EXIT_NOT_FOUND));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn print_history(pages: &mut history::Pages<'_>, block_id: &BlockId, args: &HistoryArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut shown = 0usize;
+    while let Some(entries) = pages.next().await? {
+        if shown == 0
+            && !args.json
+            && !args.records
+            && let Some(latest) = pages.latest()
+        {
+            writeln!(out, "block {block_id}: latest rev {} (trx {})", latest.rev, latest.trx_id)?;
+        }
+        for entry in &entries {
+            if args.records {
+                for record in history::records(entry) {
+                    writeln!(out, "{}", serde_json::to_string(record)?)?;
+                }
+            } else if args.json {
+                writeln!(out, "{}", history::json_line(block_id, entry))?;
+            } else {
+                write!(out, "{}", history::text(entry))?;
+            }
+        }
+        shown += entries.len();
+        out.flush()?;
+    }
+    if shown == 0 && !args.json && !args.records && let Some(latest) = pages.latest() {
+        writeln!(out, "block {block_id}: latest rev {}; no revision from {} on", latest.rev, args.from)?;
+    }
+    Ok(())
+}
+
+async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let (host, peer) = connect(&args.peer, args.timeout_ms, &args.protocol_prefix).await?;
     let network: Arc<dyn PeerNetwork> = Arc::new(host.clone());
     let repo = RepoClient::new(network, peer).with_default_timeout_ms(args.timeout_ms);
     let result = client_op(&repo, args.op, args.timeout_ms).await;
     host.shutdown().await;
-    let value = match result {
-        Ok(value) => value,
+    let answer = match result {
+        Ok(answer) => answer,
         Err(e) if e.downcast_ref::<txn::TxnError>().is_some_and(|t| !t.nothing_committed()) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             return Ok(ExitCode::from(EXIT_OUTCOME_UNKNOWN));
         }
         Err(e) => return Err(e),
     };
-    println!("{}", serde_json::to_string_pretty(&value)?);
-    Ok(ExitCode::SUCCESS)
+    println!("{}", serde_json::to_string_pretty(&answer.value)?);
+    for id in &answer.not_found {
+        eprintln!("not found: {id}");
+    }
+    Ok(if answer.not_found.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_NOT_FOUND) })
+}
+
+/// What a client operation printed, and which asked blocks do not exist.
+struct Answer {
+    value: Value,
+    not_found: Vec<BlockId>,
+}
+
+impl From<Value> for Answer {
+    fn from(value: Value) -> Self {
+        Self { value, not_found: Vec::new() }
+    }
+}
+
+/// The blocks of `gets` that the answer holds no block value for (never created, or deleted at
+/// the revision read).
+fn missing_blocks(gets: &BlockGets, results: &GetBlockResults) -> Vec<BlockId> {
+    gets.block_ids.iter().filter(|id| results.get(*id).is_none_or(|r| r.block.is_none())).cloned().collect()
+}
+
+/// The transform appending `item` to the array field `field` of `block` (its latest value).
+fn append_transform(block_id: &BlockId, block: Option<&Block>, field: &str, item: &Value) -> Result<Transform, String> {
+    let block = block.ok_or_else(|| format!("block {block_id} does not exist; insert it first"))?;
+    let len = match block.fields.get(field) {
+        Some(Value::Array(items)) => items.len(),
+        Some(_) => return Err(format!("field {field:?} of block {block_id} is not an array, cannot append to it")),
+        None => return Err(format!("block {block_id} has no field {field:?}")),
+    };
+    let op = BlockOperation::splice(field, len as u64, 0, vec![item.clone()]);
+    Ok(Transform { updates: Some(vec![op]), ..Transform::default() })
 }
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> anyhow::Result<T> {
     serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON of the expected shape"))
 }
 
-async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::Result<Value> {
+async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::Result<Answer> {
     let options = MessageOptions::expiring_in(timeout_ms);
-    Ok(match op {
+    Ok(Answer::from(match op {
         ClientOp::Get { ids, json } => {
             let gets: BlockGets = if json {
                 match ids.as_slice() {
@@ -376,7 +576,9 @@ async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::
                 }
                 BlockGets { block_ids, context: None, read_mode: None }
             };
-            serde_json::to_value(repo.get(&gets, &options).await?)?
+            let results = repo.get(&gets, &options).await?;
+            let not_found = missing_blocks(&gets, &results);
+            return Ok(Answer { value: serde_json::to_value(results)?, not_found });
         }
         ClientOp::Pend { request } => {
             let request: PendRequest = parse("the PendRequest", &request)?;
@@ -391,21 +593,32 @@ async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::
             repo.cancel(&request, &options).await?;
             Value::Null
         }
-        ClientOp::Write { block, insert, update, delete } => {
+        ClientOp::Write { block, insert, update, delete, append } => {
             let block_id = BlockId::new(block)?;
-            let transform = match (insert, update, delete) {
-                (Some(insert), None, false) => Transform { insert: Some(parse::<Block>("--insert", &insert)?), ..Transform::default() },
-                (None, Some(update), false) => {
-                    Transform { updates: Some(parse::<Vec<BlockOperation>>("--update", &update)?), ..Transform::default() }
-                }
-                (None, None, true) => Transform { delete: Some(true), ..Transform::default() },
-                _ => bail!("give exactly one of --insert, --update or --delete"),
-            };
             let policy = txn::RetryPolicy { operation_timeout_ms: timeout_ms, ..txn::RetryPolicy::default() };
-            let done = txn::write_block(repo, &block_id, &transform, policy).await?;
+            let done = match (insert, update, delete, append.as_deref()) {
+                (Some(insert), None, false, None) => {
+                    let transform = Transform { insert: Some(parse::<Block>("--insert", &insert)?), ..Transform::default() };
+                    txn::write_block(repo, &block_id, &transform, policy).await?
+                }
+                (None, Some(update), false, None) => {
+                    let updates = parse::<Vec<BlockOperation>>("--update", &update)?;
+                    let transform = Transform { updates: Some(updates), ..Transform::default() };
+                    txn::write_block(repo, &block_id, &transform, policy).await?
+                }
+                (None, None, true, None) => {
+                    let transform = Transform { delete: Some(true), ..Transform::default() };
+                    txn::write_block(repo, &block_id, &transform, policy).await?
+                }
+                (None, None, false, Some([field, item])) => {
+                    let item: Value = parse("the --append value", item)?;
+                    txn::write_with(repo, &block_id, policy, |latest| append_transform(&block_id, latest, field, &item)).await?
+                }
+                _ => bail!("give exactly one of --insert, --update, --delete or --append"),
+            };
             json!({ "trxId": done.trx_id, "rev": done.rev })
         }
-    })
+    }))
 }
 
 /// Splits input into records: one JSON document, or JSON Lines.
@@ -446,4 +659,61 @@ fn verify_records(file: Option<PathBuf>, check_expiration: bool) -> anyhow::Resu
         }
     }
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Flags of `status` and `locate`.
+#[derive(Debug, Args)]
+struct OperatorArgs {
+    /// The node to ask: `<multiaddr>/p2p/<peer id>`.
+    #[arg(long)]
+    peer: String,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Deadline of the request.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Protocol id prefix of the network.
+    #[arg(long, default_value = optimystic_core::wire::DEFAULT_PROTOCOL_PREFIX)]
+    protocol_prefix: String,
+}
+
+/// Prints `ready` once, when the node first becomes ready.
+async fn announce_ready(mut readiness: tokio::sync::watch::Receiver<optimystic_node::readiness::Readiness>) {
+    if readiness.wait_for(|r| r.ready).await.is_ok() {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+    }
+}
+
+/// Sends one operator request to `--peer` and prints the answer (JSON with `--json`).
+async fn operator_command(args: OperatorArgs, request: OperatorRequest) -> anyhow::Result<ExitCode> {
+    let addr: Multiaddr = args.peer.parse().with_context(|| format!("--peer {:?}", args.peer))?;
+    let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+        bail!("--peer must end with /p2p/<peer id>");
+    };
+    let mut host_config = HostConfig::new(identity::generate());
+    host_config.protocol_prefix = args.protocol_prefix.clone();
+    host_config.request_timeout_ms = args.timeout_ms;
+    let host = Host::start(host_config, Handlers::default()).await?;
+    let answer = match host.add_address(peer, addr).await {
+        Ok(()) => ops::ask(&host, peer, &request, args.timeout_ms).await.map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
+    };
+    host.shutdown().await;
+    let answer = answer.with_context(|| format!("asking {}", args.peer))?;
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string_pretty(&answer)?)
+    } else {
+        match request {
+            OperatorRequest::Status => ops::decode::<ops::NodeStatus>(answer)?.to_text(),
+            OperatorRequest::Locate { .. } => ops::decode::<ops::Location>(answer)?.to_text(),
+        }
+    };
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the answer"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }

@@ -1,9 +1,13 @@
-//! Observability: Prometheus metrics (prometheus-client) and the `/metrics` + `/health` HTTP
-//! endpoint.
+//! Observability: Prometheus metrics (prometheus-client) and the `/metrics`, `/health` and
+//! `/ready` HTTP endpoint.
+//!
+//! - `/health` is liveness: `200 {"status": "ok", "ready": bool}` for as long as the node runs.
+//! - `/ready` is readiness: `200 {"status": "ready", "detail"}` when the node can serve its role
+//!   (see [`crate::readiness`]), `503 {"status": "not-ready", "detail"}` otherwise.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -18,8 +22,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::readiness::Readiness;
 
 /// Most HTTP connections served at once; more wait in the accept queue.
 pub const MAX_HTTP_CONNECTIONS: usize = 64;
@@ -65,7 +72,11 @@ pub struct Metrics {
     pub stored_blocks: Gauge,
     /// Bytes of local storage (as last sampled; 0 when the engine cannot tell).
     pub stored_bytes: Gauge,
-    ready: AtomicBool,
+    readiness: Mutex<Readiness>,
+    /// `repo_operations` by op and outcome, readable (prometheus-client families cannot be listed).
+    operation_totals: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
+    /// `consensus_rounds` by outcome, readable.
+    round_totals: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for Metrics {
@@ -100,24 +111,53 @@ impl Metrics {
             connected_peers,
             stored_blocks,
             stored_bytes,
-            ready: AtomicBool::new(false),
+            readiness: Mutex::new(Readiness::not_ready("starting")),
+            operation_totals: Mutex::new(BTreeMap::new()),
+            round_totals: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Records one served repo operation.
+    /// Records one served repo operation. `op` and `outcome` come from small fixed sets (operation
+    /// kinds, `ok` / `stale` and the error codes), so the counts stay bounded.
     pub fn record_operation(&self, op: &str, outcome: &str, elapsed: Duration) {
         self.repo_operations.get_or_create(&OpLabels { op: op.to_owned(), outcome: outcome.to_owned() }).inc();
         self.repo_latency.get_or_create(&KindLabels { op: op.to_owned() }).observe(elapsed.as_secs_f64());
+        let mut totals = self.operation_totals.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = totals.entry(op.to_owned()).or_default().entry(outcome.to_owned()).or_default();
+        *count = count.saturating_add(1);
     }
 
-    /// Marks the node ready (or not) for `/health`.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
+    /// Records one coordinated consensus round by outcome (`committed`, `stale` or an error code).
+    pub fn record_round(&self, outcome: &str) {
+        self.consensus_rounds.get_or_create(&RoundLabels { outcome: outcome.to_owned() }).inc();
+        let mut totals = self.round_totals.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = totals.entry(outcome.to_owned()).or_default();
+        *count = count.saturating_add(1);
     }
 
-    /// True once the node is serving.
+    /// Repo operations served so far, by op, then by outcome.
+    pub fn operation_totals(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.operation_totals.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Coordinated consensus rounds so far, by outcome.
+    pub fn round_totals(&self) -> BTreeMap<String, u64> {
+        self.round_totals.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Sets what `/ready` answers (and the `ready` field of `/health`).
+    pub fn set_readiness(&self, readiness: Readiness) {
+        *self.readiness.lock().unwrap_or_else(PoisonError::into_inner) = readiness;
+    }
+
+    /// Whether the node can serve its role now.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.readiness().ready
+    }
+
+    /// The readiness `/ready` reports.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// The metrics in Prometheus text format.
@@ -151,7 +191,7 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Binds `addr` and serves `/metrics` and `/health` until stopped.
+    /// Binds `addr` and serves `/metrics`, `/health` and `/ready` until stopped.
     pub async fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<Self, MetricsError> {
         let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| MetricsError { addr, source })?;
@@ -192,9 +232,16 @@ fn respond<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
         (&Method::GET, "/metrics") => {
             (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
         }
-        (&Method::GET, "/health") if metrics.is_ready() => (StatusCode::OK, "application/json", r#"{"status":"ok"}"#.to_owned()),
         (&Method::GET, "/health") => {
-            (StatusCode::SERVICE_UNAVAILABLE, "application/json", r#"{"status":"starting"}"#.to_owned())
+            (StatusCode::OK, "application/json", json!({"status": "ok", "ready": metrics.is_ready()}).to_string())
+        }
+        (&Method::GET, "/ready") => {
+            let readiness = metrics.readiness();
+            let (status, word) = match readiness.ready {
+                true => (StatusCode::OK, "ready"),
+                false => (StatusCode::SERVICE_UNAVAILABLE, "not-ready"),
+            };
+            (status, "application/json", json!({"status": word, "detail": readiness.detail}).to_string())
         }
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
     };
@@ -204,4 +251,49 @@ fn respond<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
         response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    async fn get(metrics: &Metrics, path: &str) -> (StatusCode, serde_json::Value) {
+        let response = respond(metrics, &Request::get(path).body(()).unwrap());
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn health_is_liveness_and_ready_follows_the_readiness() {
+        let metrics = Metrics::new();
+        assert_eq!(get(&metrics, "/health").await, (StatusCode::OK, json!({"status": "ok", "ready": false})));
+        let (status, body) = get(&metrics, "/ready").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, json!({"status": "not-ready", "detail": "starting"}));
+
+        metrics.set_readiness(Readiness { ready: true, detail: "1 peer connected, 1 in the routing table".into() });
+        assert_eq!(get(&metrics, "/health").await, (StatusCode::OK, json!({"status": "ok", "ready": true})));
+        let (status, body) = get(&metrics, "/ready").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "ready");
+        assert_eq!(body["detail"], "1 peer connected, 1 in the routing table");
+    }
+
+    #[test]
+    fn counters_are_readable_by_label() {
+        let metrics = Metrics::new();
+        metrics.record_operation("get", "ok", Duration::from_millis(1));
+        metrics.record_operation("get", "ok", Duration::from_millis(1));
+        metrics.record_operation("commit", "stale", Duration::from_millis(1));
+        metrics.record_round("committed");
+        assert_eq!(metrics.operation_totals()["get"]["ok"], 2);
+        assert_eq!(metrics.operation_totals()["commit"]["stale"], 1);
+        assert_eq!(metrics.round_totals()["committed"], 1);
+        assert!(metrics.encode().contains("optimystic_consensus_rounds_total{outcome=\"committed\"} 1"));
+    }
 }

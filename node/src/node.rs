@@ -3,9 +3,11 @@
 //!
 //! Start order: identity, storage (and the local repository over it), host (with no handlers
 //! yet), key network (over the host's routing), consensus (over the host's network), the
-//! coordinator and the read-mode layer; then the handlers are installed and the node is ready.
-//! Stop order is the reverse: the node stops serving, the host shuts down (requests in flight
-//! fail cleanly), background tasks end, and storage is flushed and closed.
+//! coordinator and the read-mode layer; then the handlers are installed. The node is *ready*
+//! ([`crate::readiness`]) once it can serve its role, which a task re-evaluates on every
+//! connection change; `/ready` and [`Node::readiness`] report it. Stop order is the reverse: the
+//! node stops serving, the host shuts down (requests in flight fail cleanly), background tasks end,
+//! and storage is flushed and closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +37,9 @@ use tokio::task::JoinHandle;
 use crate::config::NodeConfig;
 use crate::host::{Host, HostConfig, HostError, HostHandle};
 use crate::identity::{self, IdentityError};
-use crate::metrics::{Metrics, MetricsError, MetricsServer, RoundLabels};
+use crate::metrics::{Metrics, MetricsError, MetricsServer};
+use crate::ops::{NodeOperator, PluginKinds};
+use crate::readiness::{self, Readiness, ReadinessRule};
 use crate::service::{Handlers, SyncHandler};
 
 /// How often storage and peer gauges are sampled.
@@ -44,6 +48,8 @@ pub const GAUGE_SAMPLE_INTERVAL_MS: u64 = 2_000;
 pub const CATCH_UP_PAGE: usize = 256;
 /// How long the restart catch-up waits for the first routing-table entries.
 pub const CATCH_UP_ROUTING_WAIT_MS: u64 = 10_000;
+/// Shortest gap between replica-repair rounds started by routing-table changes.
+pub const REPAIR_MIN_GAP_MS: u64 = 1_000;
 
 /// Why a node could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +84,8 @@ pub struct Node {
     repo: Arc<dyn Repo>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
+    readiness: tokio::sync::watch::Receiver<Readiness>,
+    readiness_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -153,7 +161,7 @@ impl Consensus for MeteredConsensus {
             Ok(_) => "committed",
             Err(e) => e.code().as_str(),
         };
-        self.metrics.consensus_rounds.get_or_create(&RoundLabels { outcome: outcome.to_owned() }).inc();
+        self.metrics.record_round(outcome);
         result
     }
 
@@ -268,6 +276,15 @@ impl Node {
         let mut host_config = HostConfig::new(keypair.clone());
         host_config.listen = parse_addrs("node.listen", &config.node.listen)?;
         host_config.bootstrap = parse_addrs("node.bootstrap", &config.node.bootstrap)?;
+        // Static members with an address are dialled like bootstrap peers: their connections are
+        // what makes a static member ready.
+        if config.key_network.kind == "static" {
+            for addr in readiness::static_members(config).into_iter().filter_map(|(_, addr)| addr) {
+                if !host_config.bootstrap.contains(&addr) {
+                    host_config.bootstrap.push(addr);
+                }
+            }
+        }
         host_config.protocol_prefix = config.node.protocol_prefix.clone();
         let limits = &config.limits;
         host_config.max_repo_frame_bytes = limits.max_repo_frame_bytes;
@@ -278,6 +295,7 @@ impl Node {
         host_config.max_outbound_per_protocol = limits.max_outbound_per_protocol;
         host_config.request_timeout_ms = limits.request_timeout_ms.max(limits.operation_timeout_ms);
         host_config.dial_timeout_ms = limits.dial_timeout_ms;
+        host_config.peer_departed_after_ms = config.node.peer_departed_after_ms;
         let host = match Host::start(host_config, Handlers::default()).await {
             Ok(host) => host,
             Err(e) => {
@@ -318,7 +336,8 @@ impl Node {
         cx.key_network = Some(key_network.clone());
         let (behind_tx, behind_rx) = tokio::sync::mpsc::channel(MAX_BEHIND_QUEUE);
         let behind_queued = Arc::new(std::sync::Mutex::new(HashSet::new()));
-        cx.behind = Some(Arc::new(BehindQueue { tx: behind_tx, queued: behind_queued.clone() }));
+        let behind: Arc<dyn BehindSink> = Arc::new(BehindQueue { tx: behind_tx, queued: behind_queued.clone() });
+        cx.behind = Some(behind.clone());
         let consensus = registry.build_consensus(&config.consensus.kind, &cx, &config.consensus.to_value())?;
         // SPEC 2.1: on a cluster member a read never writes storage.
         let read_local = local.with_read_promotion(consensus.read_promotion());
@@ -333,10 +352,17 @@ impl Node {
         let catch_up = reads.catch_up().clone();
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });
         consensus.start().await.map_err(|e| NodeError::Config(format!("consensus did not start: {e}")))?;
+        let kinds = PluginKinds {
+            storage: config.storage.kind.clone(),
+            key_network: config.key_network.kind.clone(),
+            consensus: config.consensus.kind.clone(),
+        };
+        let operator = NodeOperator::new(host.clone(), storage.clone(), key_network.clone(), metrics.clone(), kinds);
         host.set_handlers(
             Handlers::repo(repo.clone())
                 .with_cluster(consensus.clone())
-                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone())))),
+                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone()).with_hints(behind))))
+                .with_operator(Arc::new(operator)),
         );
 
         let metrics_server = if config.metrics.enabled {
@@ -353,10 +379,20 @@ impl Node {
         let background = vec![
             tokio::spawn(sample_gauges(storage.clone(), host.clone(), metrics.clone())),
             tokio::spawn(catch_up_behind(behind_rx, behind_queued, catch_up.clone(), consensus.clone())),
-            tokio::spawn(catch_up_after_start(storage.clone(), catch_up, consensus.clone(), host.clone())),
+            tokio::spawn(repair_replicas(storage.clone(), catch_up, consensus.clone(), host.clone(), RepairPace::of(config))),
         ];
-        metrics.set_ready(true);
-        Ok(Self { host, consensus, storage, repo, metrics, metrics_server, background })
+        let local_peer_id = host.local_peer_id();
+        let rule = ReadinessRule::for_config(config, local_peer_id);
+        let (ready_tx, readiness) = tokio::sync::watch::channel(Readiness::not_ready("starting"));
+        let readiness_task =
+            tokio::spawn(readiness::track(rule, local_peer_id, host.connectivity(), metrics.clone(), ready_tx));
+        Ok(Self { host, consensus, storage, repo, metrics, metrics_server, readiness, readiness_task, background })
+    }
+
+    /// Whether the node can serve its role ([`crate::readiness`]), updated on every connection
+    /// change: await `changed()` to follow it.
+    pub fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {
+        self.readiness.clone()
     }
 
     /// This node's peer id.
@@ -397,7 +433,9 @@ impl Node {
     /// Stops serving, shuts the host down (requests in flight fail cleanly), ends background tasks
     /// and flushes and closes storage.
     pub async fn shutdown(self) -> Result<(), NodeError> {
-        self.metrics.set_ready(false);
+        self.readiness_task.abort();
+        let _ = self.readiness_task.await;
+        self.metrics.set_readiness(Readiness::not_ready("stopping"));
         self.host.shutdown().await;
         self.consensus.shutdown();
         for task in &self.background {
@@ -428,42 +466,101 @@ async fn sample_gauges(storage: Arc<dyn RawStorage>, host: HostHandle, metrics: 
     }
 }
 
-/// After a (re)start, brings every locally stored block up to its cluster's newest revision.
-async fn catch_up_after_start(
+/// How replica repair walks the local blocks.
+#[derive(Clone, Copy, Debug)]
+struct RepairPace {
+    /// Between rounds; 0: only the pass after start.
+    interval_ms: u64,
+    /// Blocks repaired per round.
+    blocks_per_round: usize,
+}
+
+impl RepairPace {
+    fn of(config: &NodeConfig) -> Self {
+        Self { interval_ms: config.node.repair_interval_ms, blocks_per_round: config.node.repair_blocks_per_round }
+    }
+}
+
+/// Replica repair ([`CatchUp::repair`]): after a (re)start, one pass over every locally stored
+/// block (this node catches up, and hints lagging members); then every `interval_ms`, and soon
+/// after the routing table changes (at most every [`REPAIR_MIN_GAP_MS`]), a round over the next
+/// `blocks_per_round` blocks, wrapping around. A block whose cluster no longer includes this
+/// node is left alone.
+async fn repair_replicas(
     storage: Arc<dyn RawStorage>,
     catch_up: CatchUp,
     consensus: Arc<dyn Consensus>,
     host: HostHandle,
+    pace: RepairPace,
 ) {
     let mut updates = host.routing_updates();
-    if *updates.borrow() == 0 {
+    if *updates.borrow_and_update() == 0 {
         let _ = tokio::time::timeout(Duration::from_millis(CATCH_UP_ROUTING_WAIT_MS), updates.changed()).await;
     }
     let mut after: Option<BlockId> = None;
     let mut applied = 0usize;
     loop {
-        let page = match storage.block_ids(after.as_ref(), CATCH_UP_PAGE).await {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::warn!(error = %e, "restart catch-up could not list blocks");
-                return;
+        match repair_page(&storage, &catch_up, &consensus, after.as_ref(), CATCH_UP_PAGE).await {
+            Some((last, n)) => {
+                applied += n;
+                after = Some(last);
             }
-        };
-        let Some(last) = page.last().cloned() else { break };
-        for block_id in &page {
-            match catch_up.catch_up(block_id).await {
-                Ok(n) => {
-                    applied += n;
-                    if n > 0 {
-                        consensus.caught_up(block_id).await;
-                    }
-                }
-                Err(e) => tracing::debug!(%block_id, error = %e, "restart catch-up of a block failed"),
-            }
+            None => break,
         }
-        after = Some(last);
     }
     if applied > 0 {
         tracing::info!(applied, "caught up after start");
     }
+    if pace.interval_ms == 0 {
+        return;
+    }
+    let mut after: Option<BlockId> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(pace.interval_ms)) => {}
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(REPAIR_MIN_GAP_MS)).await;
+                updates.borrow_and_update();
+            }
+        }
+        after = repair_page(&storage, &catch_up, &consensus, after.as_ref(), pace.blocks_per_round).await.map(|(last, _)| last);
+    }
+}
+
+/// Repairs the (at most `limit`) blocks after `after`; returns the last one and the revisions
+/// applied, or `None` past the last block (or when storage cannot list them).
+async fn repair_page(
+    storage: &Arc<dyn RawStorage>,
+    catch_up: &CatchUp,
+    consensus: &Arc<dyn Consensus>,
+    after: Option<&BlockId>,
+    limit: usize,
+) -> Option<(BlockId, usize)> {
+    let page = match storage.block_ids(after, limit).await {
+        Ok(page) => page,
+        Err(e) => {
+            tracing::warn!(error = %e, "replica repair could not list blocks");
+            return None;
+        }
+    };
+    let last = page.last().cloned()?;
+    let mut applied = 0usize;
+    for block_id in &page {
+        match catch_up.repair(block_id).await {
+            Ok(report) => {
+                applied += report.applied;
+                if report.applied > 0 {
+                    consensus.caught_up(block_id).await;
+                }
+                if !report.hinted.is_empty() {
+                    tracing::debug!(%block_id, hinted = report.hinted.len(), "hinted lagging members");
+                }
+            }
+            Err(e) => tracing::debug!(%block_id, error = %e, "replica repair of a block failed"),
+        }
+    }
+    Some((last, applied))
 }

@@ -7,6 +7,9 @@
 //! invalid transforms are `bad-request`, expired messages `expired`, requests past the in-flight
 //! bound `busy`, a missing handler `unavailable`, a handler panic `internal`. A refused request
 //! never reaches storage, so it changes nothing.
+//!
+//! On the repo protocol, a request with `node` in place of `operations` is an operator request
+//! ([`crate::ops`]) and goes to the [`OperatorHandler`] instead of the repository.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -25,6 +28,7 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::codec::Frame;
+use crate::ops::{self, MAX_OPERATOR_REQUESTS_IN_FLIGHT, OperatorHandler, OperatorRequest};
 
 /// Default bound on inbound requests being handled at once, per protocol (SPEC 3.1).
 pub const DEFAULT_MAX_INBOUND_PER_PROTOCOL: usize = 32;
@@ -63,6 +67,8 @@ pub struct Handlers {
     pub cluster: Option<Arc<dyn Consensus>>,
     /// Serves `<prefix>/sync/1.0.0`.
     pub sync: Option<Arc<dyn SyncHandler>>,
+    /// Serves operator requests on the repo protocol ([`crate::ops`]).
+    pub operator: Option<Arc<dyn OperatorHandler>>,
 }
 
 impl Handlers {
@@ -84,6 +90,13 @@ impl Handlers {
         self.sync = Some(sync);
         self
     }
+
+    /// These handlers, also serving operator requests.
+    #[must_use]
+    pub fn with_operator(mut self, operator: Arc<dyn OperatorHandler>) -> Self {
+        self.operator = Some(operator);
+        self
+    }
 }
 
 impl std::fmt::Debug for Handlers {
@@ -92,6 +105,7 @@ impl std::fmt::Debug for Handlers {
             .field("repo", &self.repo.is_some())
             .field("cluster", &self.cluster)
             .field("sync", &self.sync)
+            .field("operator", &self.operator)
             .finish()
     }
 }
@@ -239,6 +253,7 @@ pub struct Services {
     queued: PerProtocol<Arc<AtomicUsize>>,
     max_inbound_per_protocol: usize,
     max_queued_inbound_per_protocol: usize,
+    operator_slots: Arc<Semaphore>,
 }
 
 /// An admitted request: it holds a handling slot, or a place in the queue for one.
@@ -295,6 +310,7 @@ impl Services {
             queued: PerProtocol::from_fn(|_| Arc::new(AtomicUsize::new(0))),
             max_inbound_per_protocol: limit,
             max_queued_inbound_per_protocol,
+            operator_slots: Arc::new(Semaphore::new(MAX_OPERATOR_REQUESTS_IN_FLIGHT)),
         }
     }
 
@@ -337,11 +353,17 @@ impl Services {
     /// `internal`; the node goes on serving.
     pub async fn serve(&self, kind: ProtocolKind, sender: PeerId, frame: Frame) -> Value {
         let handlers = self.handlers();
+        let operator_slots = Arc::clone(&self.operator_slots);
         let work = async move {
             match kind {
-                ProtocolKind::Repo => match handlers.repo {
-                    Some(repo) => RepoService::new(repo).serve(frame).await,
-                    None => not_served(kind),
+                ProtocolKind::Repo => match frame {
+                    Frame::Json(value) if OperatorRequest::is_operator_request(&value) => {
+                        ops::serve(handlers.operator, &operator_slots, &value).await
+                    }
+                    frame => match handlers.repo {
+                        Some(repo) => RepoService::new(repo).serve(frame).await,
+                        None => not_served(kind),
+                    },
                 },
                 ProtocolKind::Cluster => match handlers.cluster {
                     Some(consensus) => ClusterService::new(consensus).serve(sender, frame).await,
@@ -448,6 +470,31 @@ mod tests {
         assert_eq!(services.in_flight()["repo"], 2);
         let queued_again = services.admit(ProtocolKind::Repo).unwrap();
         assert!(queued_again.is_queued(), "the queue place was given back");
+    }
+
+    #[tokio::test]
+    async fn operator_requests_on_the_repo_protocol_go_to_the_operator_handler() {
+        #[derive(Debug)]
+        struct Answer;
+        #[async_trait]
+        impl OperatorHandler for Answer {
+            async fn handle(&self, _request: OperatorRequest, _expiration_ms: u64) -> Result<Value, RepoError> {
+                Ok(json!("operator"))
+            }
+        }
+        let services = Services::new(4, 0);
+        let peer = PeerId::random();
+        let status = Frame::Json(OperatorRequest::Status.to_message(later()));
+        assert_eq!(code(&services.serve(ProtocolKind::Repo, peer, status.clone()).await), "unavailable");
+        services.set_handlers(Handlers::repo(repo_service().repo).with_operator(Arc::new(Answer)));
+        assert_eq!(services.serve(ProtocolKind::Repo, peer, status).await, json!("operator"));
+        let malformed = Frame::Json(json!({"node": {"op": "frob"}, "expiration": later()}));
+        let refused = services.serve(ProtocolKind::Repo, peer, malformed).await;
+        assert_eq!(code(&refused), "bad-request");
+        assert!(refused["error"]["message"].as_str().unwrap().contains("unknown operator request"), "{refused}");
+        let get = Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}], "expiration": later()}));
+        let answer = services.serve(ProtocolKind::Repo, peer, get).await;
+        assert!(answer["a"]["state"].is_object(), "repo requests are still served: {answer}");
     }
 
     #[derive(Debug)]

@@ -158,6 +158,268 @@ fn three_processes_from_config_files_serve_writes_reads_metrics_and_stop_on_sigt
     }
 }
 
+/// Runs the binary with `args` (and `stdin` as its input); returns the finished output.
+fn output_of(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+    let mut command = Command::new(BIN);
+    command.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("run optimystic");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+/// A solo node on memory storage (cluster of one, no metrics), started with flags only.
+fn start_solo_node(data_dir: &Path) -> Started {
+    let mut child = Command::new(BIN)
+        .args(["start", "--storage", "memory", "--no-metrics", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(data_dir)
+        .env("OPTIMYSTIC_KEY_NETWORK__KIND", "static")
+        .env("OPTIMYSTIC_CONSENSUS__KIND", "solo")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn optimystic start");
+    let lines = line_channel(child.stdout.take().unwrap());
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let addr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).unwrap_or_else(|e| panic!("the solo node did not report listening: {e}"));
+        if let Some(addr) = line.strip_prefix("listening ") {
+            break addr.to_owned();
+        }
+    };
+    Started { child: Some(child), p2p_addr: addr, metrics: String::new() }
+}
+
+/// The lines of `out`, read on a thread.
+fn line_channel(out: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node(dir.path());
+    let peer = node.p2p_addr.as_str();
+    let block = r#"{"header":{"id":"diary","type":"log","collectionId":"cli"},"entries":[],"title":"t"}"#;
+    client(&["--peer", peer, "write", "--block", "diary", "--insert", block]);
+
+    let missing = output_of(&["client", "--peer", peer, "get", "diary", "nothere", "gone"], None);
+    assert_eq!(missing.status.code(), Some(3), "{missing:?}");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    let not_found: Vec<&str> = stderr.lines().filter(|l| l.starts_with("not found: ")).collect();
+    assert_eq!(not_found, ["not found: nothere", "not found: gone"], "one line per missing block: {stderr}");
+    let answer: serde_json::Value = serde_json::from_slice(&missing.stdout).expect("the JSON is still printed");
+    assert_eq!(answer["diary"]["block"]["title"], "t", "{answer}");
+    assert_eq!(answer["nothere"]["state"]["pendings"], serde_json::json!([]), "{answer}");
+    let present = output_of(&["client", "--peer", peer, "get", "diary"], None);
+    assert_eq!(present.status.code(), Some(0), "{present:?}");
+
+    for item in [r#""a""#, r#"{"b":2}"#] {
+        client(&["--peer", peer, "write", "--block", "diary", "--append", "entries", item]);
+    }
+    let read = client(&["--peer", peer, "get", "diary"]);
+    assert_eq!(read["diary"]["block"]["entries"], serde_json::json!(["a", {"b": 2}]), "{read}");
+    assert_eq!(read["diary"]["state"]["latest"]["rev"], 3, "{read}");
+
+    for (args, says) in [
+        (vec!["--block", "nothere", "--append", "entries", "1"], "block nothere does not exist"),
+        (vec!["--block", "diary", "--append", "title", "1"], "field \"title\" of block diary is not an array"),
+        (vec!["--block", "diary", "--append", "nope", "1"], "block diary has no field \"nope\""),
+    ] {
+        let mut full = vec!["client", "--peer", peer, "write"];
+        full.extend(args);
+        let failed = output_of(&full, None);
+        assert_eq!(failed.status.code(), Some(2), "{failed:?}");
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+    }
+
+    let invalid = output_of(&["client", "--peer", peer, "write", "--block", "diary", "--update", r#"[["x",0,0,["y"]]]"#], None);
+    assert_eq!(invalid.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&invalid.stderr);
+    assert_eq!(stderr.matches("field \"x\" does not exist").count(), 1, "the cause once: {stderr}");
+    assert_eq!(stderr.matches("bad request").count(), 1, "the code once: {stderr}");
+    let status = sigterm_and_wait({ let mut node = node; node.child.take().unwrap() });
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let metrics_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let bootstrap = (i > 0).then(|| ports[0]);
+        nodes.push(start_node(i + 1, &dir.path().join(format!("node{}", i + 1)), ports[i], metrics_ports[i], bootstrap));
+    }
+    let peer = nodes[0].p2p_addr.clone();
+    let block = r#"{"header":{"id":"log","type":"log","collectionId":"cli"},"entries":[]}"#;
+    client(&["--peer", &peer, "write", "--block", "log", "--insert", block]);
+    for item in ["1", "2"] {
+        client(&["--peer", &peer, "write", "--block", "log", "--append", "entries", item]);
+    }
+
+    let history = output_of(&["history", "--peer", &peer, "log", "--records"], None);
+    assert_eq!(history.status.code(), Some(0), "{history:?}");
+    let records: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&history.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON record per line")).collect();
+    assert_eq!(records.len(), 6, "a pend and a commit record for each of 3 revisions: {records:?}");
+    let verified = output_of(&["verify-record"], Some(&history.stdout));
+    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+    let verdicts = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verdicts.lines().count(), 6, "{verdicts}");
+    for (line, record) in verdicts.lines().zip(&records) {
+        assert_eq!(line, format!("ok {}", record["messageHash"].as_str().unwrap()));
+    }
+
+    let json = output_of(&["history", "--peer", &peer, "log", "--json", "--from", "2"], None);
+    assert_eq!(json.status.code(), Some(0), "{json:?}");
+    let revisions: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&json.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let revs: Vec<u64> = revisions.iter().map(|r| r["rev"].as_u64().unwrap()).collect();
+    assert_eq!(revs, [2, 3]);
+    assert_eq!(revisions[1]["transform"]["updates"], serde_json::json!([["entries", 1, 0, [2]]]), "appended at the end");
+    let text = output_of(&["history", "--peer", &peer, "log"], None);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.starts_with("block log: latest rev 3"), "{text}");
+    assert_eq!(text.matches("  evidence commit z").count(), 3, "{text}");
+    let missing = output_of(&["history", "--peer", &peer, "nothere"], None);
+    assert_eq!(missing.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found: nothere"));
+
+    for mut node in nodes {
+        assert_eq!(sigterm_and_wait(node.child.take().unwrap()).code(), Some(0));
+    }
+}
+
+/// A running `optimystic cluster up`; a failing test still stops it (and so its nodes).
+struct ClusterUp {
+    child: Option<Child>,
+}
+
+impl Drop for ClusterUp {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let _ = sigterm_and_wait(child);
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn cluster_up_runs_three_processes_until_sigint_and_leaves_none_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, lines, nodes) = cluster_up(dir.path(), 3);
+    for i in 1..=3 {
+        assert!(dir.path().join(format!("node{i}.toml")).is_file());
+        assert!(dir.path().join(format!("node{i}.log")).is_file());
+    }
+    let bootstrap = std::fs::read_to_string(dir.path().join("node2.toml")).unwrap();
+    assert!(bootstrap.contains(&format!("bootstrap = [\"{}\"]", nodes[0].1)), "node 1 is the bootstrap: {bootstrap}");
+
+    let block = r#"{"header":{"id":"up","type":"log","collectionId":"cli"},"entries":[]}"#;
+    client(&["--peer", &nodes[0].1, "write", "--block", "up", "--insert", block]);
+    client(&["--peer", &nodes[0].1, "write", "--block", "up", "--append", "entries", "\"x\""]);
+    let read = client(&["--peer", &nodes[1].1, "get", "up"]);
+    assert_eq!(read["up"]["block"]["entries"], serde_json::json!(["x"]), "{read}");
+
+    let child = up.child.take().unwrap();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let status = wait_exit(child);
+    assert_eq!(status.code(), Some(0), "SIGINT stops cluster up with exit status 0");
+    // Its stdout has closed (it exited): the rest of its lines are in the channel or on the way.
+    let stopped: Vec<String> = remaining(&lines).into_iter().filter(|l| l.contains("stopped (")).collect();
+    assert_eq!(stopped.len(), 3, "{stopped:?}");
+    assert!(stopped.iter().all(|l| l.ends_with("stopped (exit status 0)")), "each node stopped on SIGTERM: {stopped:?}");
+    for (pid, _) in &nodes {
+        assert!(!pid_alive(*pid), "node process {pid} is gone");
+    }
+}
+
+/// Starts `optimystic cluster up --nodes <n>` on free ports and memory storage; returns it, its
+/// stdout lines, and each node's (pid, address) once it printed `up:`.
+fn cluster_up(dir: &Path, n: usize) -> (ClusterUp, mpsc::Receiver<String>, Vec<(u32, String)>) {
+    let mut child = Command::new(BIN)
+        .args(["cluster", "up", "--nodes", &n.to_string(), "--storage", "memory", "--base-port", "0", "--dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn optimystic cluster up");
+    let lines = line_channel(child.stdout.take().unwrap());
+    let up = ClusterUp { child: Some(child) };
+    let deadline = Instant::now() + STARTUP_TIMEOUT * 2;
+    let mut nodes = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).unwrap_or_else(|e| panic!("cluster up did not report up: {e}"));
+        if line.starts_with("up: ") {
+            break;
+        }
+        // node <i> pid <pid> listening <addr> metrics <url>
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let ["node", _, "pid", pid, "listening", addr, "metrics", ..] = words.as_slice() {
+            nodes.push((pid.parse().unwrap(), (*addr).to_owned()));
+        }
+    }
+    assert_eq!(nodes.len(), n, "{nodes:?}");
+    (up, lines, nodes)
+}
+
+/// Waits (at most 60 s) for `child` to exit.
+fn wait_exit(child: Child) -> std::process::ExitStatus {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = tx.send(child.wait());
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect("exits within 60 s").unwrap()
+}
+
+/// The rest of a finished process's stdout lines.
+fn remaining(lines: &mpsc::Receiver<String>) -> Vec<String> {
+    let mut rest = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+        rest.push(line);
+    }
+    rest
+}
+
+#[test]
+fn cluster_up_stops_the_others_when_a_node_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, lines, nodes) = cluster_up(dir.path(), 2);
+    let victim = nodes[1].0.to_string();
+    assert!(Command::new("kill").args(["-KILL", &victim]).status().unwrap().success());
+    let status = wait_exit(up.child.take().unwrap());
+    assert_eq!(status.code(), Some(2), "a node that dies is an error");
+    let rest = remaining(&lines);
+    assert!(rest.iter().any(|l| l == "node 2 exited (killed by signal 9); stopping the others"), "{rest:?}");
+    assert!(rest.iter().any(|l| l == "node 1 stopped (exit status 0)"), "{rest:?}");
+    for (pid, _) in &nodes {
+        assert!(!pid_alive(*pid), "node process {pid} is gone");
+    }
+}
+
 #[test]
 fn verify_record_accepts_the_javascript_vector_and_refuses_a_tampered_copy() {
     let vector = Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/vectors/cluster-record-example.json");
@@ -196,4 +458,380 @@ fn plugins_lists_every_bundled_plugin() {
     ] {
         assert!(listed.lines().any(|l| l == line), "missing {line:?} in:\n{listed}");
     }
+}
+
+/// How long three nodes started at once may take to join and serve a write read back elsewhere.
+const JOIN_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A node process whose stdout lines can be waited on and whose stderr goes to a log file.
+struct Launched {
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+    log: PathBuf,
+    p2p_addr: String,
+    metrics: String,
+}
+
+impl Drop for Launched {
+    /// A failing test must not leave nodes running.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Launched {
+    /// Waits for the stdout line `line` until `deadline`.
+    fn wait_line(&self, line: &str, deadline: Instant) {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(got) if got == line => return,
+                Ok(_) => {}
+                Err(e) => panic!("no {line:?} line from {} ({e}); its log:\n{}", self.p2p_addr, self.log_text()),
+            }
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Ports of one test cluster: libp2p and metrics, one each per node.
+struct Ports {
+    p2p: Vec<u16>,
+    metrics: Vec<u16>,
+}
+
+impl Ports {
+    /// Six distinct free ports for the three nodes of the example configs (each probe listener is
+    /// held until all are picked).
+    fn free() -> Self {
+        let listeners: Vec<std::net::TcpListener> =
+            (0..6).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let mut p2p: Vec<u16> = listeners.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        let metrics = p2p.split_off(3);
+        Self { p2p, metrics }
+    }
+}
+
+/// Example config `i` (1-based) rewritten into `dir`: its ports (4101-4103, 9101-9103) and data
+/// directory replaced, everything else (plain bootstrap addresses included) as shipped.
+fn rewrite_example_config(dir: &Path, i: usize, ports: &Ports) -> PathBuf {
+    let mut text = std::fs::read_to_string(example_config(i)).unwrap();
+    let data_dir = format!("data_dir = \"./optimystic-data/node{i}\"");
+    assert!(text.contains(&data_dir), "example node{i}.toml changed: {data_dir} not found");
+    text = text.replace(&data_dir, &format!("data_dir = {:?}", dir.join(format!("node{i}")).display().to_string()));
+    // Through placeholders, so that a new port is never taken for an old one.
+    for n in 1..=3 {
+        text = text.replace(&format!("/tcp/410{n}\""), &format!("/tcp/@p2p{n}@\"")).replace(
+            &format!("127.0.0.1:910{n}\""),
+            &format!("127.0.0.1:@metrics{n}@\""),
+        );
+    }
+    let own_ports = text.contains(&format!("@p2p{i}@")) && text.contains(&format!("@metrics{i}@"));
+    assert!(own_ports, "example node{i}.toml changed its ports:\n{text}");
+    for n in 1..=3 {
+        text = text
+            .replace(&format!("@p2p{n}@"), &ports.p2p[n - 1].to_string())
+            .replace(&format!("@metrics{n}@"), &ports.metrics[n - 1].to_string());
+    }
+    let path = dir.join(format!("node{i}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Spawns `optimystic start --config CONFIG` without waiting for anything.
+fn spawn_start(config: &Path, log: PathBuf) -> (Child, mpsc::Receiver<String>) {
+    let mut command = Command::new(BIN);
+    command
+        .arg("start")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn,optimystic=info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = command.spawn().expect("spawn optimystic start");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Reads the `listening` and `metrics` lines of a spawned node.
+fn launched(child: Child, lines: mpsc::Receiver<String>, log: PathBuf) -> Launched {
+    let mut node = Launched { child: Some(child), lines, log, p2p_addr: String::new(), metrics: String::new() };
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while node.p2p_addr.is_empty() || node.metrics.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line =
+            node.lines.recv_timeout(left).unwrap_or_else(|e| panic!("no listening line ({e}):\n{}", node.log_text()));
+        if let Some(addr) = line.strip_prefix("listening ") {
+            node.p2p_addr = addr.to_owned();
+        } else if let Some(url) = line.strip_prefix("metrics ") {
+            node.metrics = url.to_owned();
+        }
+    }
+    node
+}
+
+/// Starts the three example configs at the same instant (nodes 3 and 2 spawned first, so their
+/// first dials of node 1's plain address usually find nothing listening yet).
+fn start_example_cluster(dir: &Path) -> Vec<Launched> {
+    let ports = Ports::free();
+    let configs: Vec<PathBuf> = (1..=3).map(|i| rewrite_example_config(dir, i, &ports)).collect();
+    let mut spawned: Vec<_> =
+        (1..=3).rev().map(|i| (i, spawn_start(&configs[i - 1], dir.join(format!("node{i}.log"))))).collect();
+    spawned.reverse();
+    spawned.into_iter().map(|(i, (child, lines))| launched(child, lines, dir.join(format!("node{i}.log")))).collect()
+}
+
+/// `optimystic ARGS`: (exit code, stdout, stderr).
+fn run_bin(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(BIN).args(args).output().expect("run optimystic");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn three_nodes_started_at_once_from_the_example_configs_join_and_serve_within_20_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let deadline = started + JOIN_DEADLINE;
+    let nodes = start_example_cluster(dir.path());
+    for node in &nodes {
+        node.wait_line("ready", deadline);
+        let (status, body) = http_get(&node.metrics.replace("/metrics", "/ready"));
+        assert_eq!(status, 200, "ready: {body}");
+    }
+
+    let block = r#"{"header":{"id":"joined","type":"note","collectionId":"cli"},"text":"all three"}"#;
+    let written = client(&["--peer", &nodes[0].p2p_addr, "write", "--block", "joined", "--insert", block]);
+    assert_eq!(written["rev"], 1, "{written}");
+    for node in &nodes[1..] {
+        loop {
+            let (code, stdout, stderr) = run_bin(&["client", "--peer", &node.p2p_addr, "get", "joined"]);
+            let read: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_default();
+            if code == Some(0) && read["joined"]["block"]["text"] == "all three" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the write is not readable through {} within {JOIN_DEADLINE:?}: {stdout}{stderr}\n{}",
+                node.p2p_addr,
+                node.log_text()
+            );
+        }
+    }
+    let retried = nodes.iter().map(|n| n.log_text().matches("cannot reach bootstrap peer").count()).sum::<usize>();
+    eprintln!("joined and served in {:?} ({retried} bootstrap dials failed and were retried)", started.elapsed());
+}
+
+#[test]
+fn a_node_whose_bootstrap_peer_is_down_is_live_not_ready_and_joins_when_it_comes_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = rewrite_example_config(dir.path(), 2, &ports);
+    let log = dir.path().join("node2.log");
+    let (child, lines) = spawn_start(&config, log.clone());
+    let joining = launched(child, lines, log);
+    let (status, body) = http_get(&joining.metrics.replace("/metrics", "/health"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        serde_json::json!({"status": "ok", "ready": false})
+    );
+    let (status, body) = http_get(&joining.metrics.replace("/metrics", "/ready"));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not-ready") && body.contains("dialling the bootstrap peers"), "{body}");
+
+    // The bootstrap peer comes up on the address the joining node keeps dialling.
+    let first = rewrite_example_config(dir.path(), 1, &ports);
+    let log1 = dir.path().join("node1.log");
+    let (child, lines) = spawn_start(&first, log1.clone());
+    let _bootstrap_peer = launched(child, lines, log1);
+    joining.wait_line("ready", Instant::now() + JOIN_DEADLINE);
+    let (status, body) = http_get(&joining.metrics.replace("/metrics", "/ready"));
+    assert_eq!(status, 200, "{body}");
+    let log = joining.log_text();
+    let dialled = format!("/ip4/127.0.0.1/tcp/{}", ports.p2p[0]);
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("cannot reach bootstrap peer")
+            && l.contains(&dialled)
+            && l.contains("connection refused")),
+        "each failed dial is a warning naming the address and the reason:\n{log}"
+    );
+    assert!(log.contains("connected to bootstrap peer"), "{log}");
+}
+
+#[test]
+fn a_second_node_on_a_busy_port_exits_2_naming_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = rewrite_example_config(dir.path(), 1, &ports);
+    let log = dir.path().join("node1.log");
+    let (child, lines) = spawn_start(&config, log.clone());
+    let first = launched(child, lines, log);
+
+    let busy = format!("/ip4/127.0.0.1/tcp/{}", ports.p2p[0]);
+    let second_dir = dir.path().join("second");
+    let (code, stdout, stderr) = run_bin(&[
+        "start",
+        "--storage",
+        "memory",
+        "--data-dir",
+        second_dir.to_str().unwrap(),
+        "--listen",
+        &busy,
+        "--metrics-listen",
+        &format!("127.0.0.1:{}", ports.metrics[1]),
+    ]);
+    assert_eq!(code, Some(2), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(stderr.contains(&format!("error: cannot listen on {busy}: address in use")), "{stderr}");
+    let (status, _) = http_get(&first.metrics.replace("/metrics", "/ready"));
+    assert_eq!(status, 200, "the first node is untouched");
+}
+
+#[test]
+fn status_and_locate_describe_a_three_node_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_example_cluster(dir.path());
+    let deadline = Instant::now() + JOIN_DEADLINE;
+    for node in &nodes {
+        node.wait_line("ready", deadline);
+    }
+    let block = r#"{"header":{"id":"located","type":"note","collectionId":"cli"},"text":"here"}"#;
+    client(&["--peer", &nodes[0].p2p_addr, "write", "--block", "located", "--insert", block]);
+    let peer_ids: Vec<String> = nodes.iter().map(|n| n.p2p_addr.rsplit('/').next().unwrap().to_owned()).collect();
+
+    // Every node knows both others (discovery may need a moment after the first write).
+    let status = loop {
+        let (code, stdout, stderr) = run_bin(&["status", "--peer", &nodes[1].p2p_addr, "--json"]);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        if status["routingTablePeers"] == 2 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "node 2 did not learn both peers: {status}");
+    };
+    assert_eq!(status["peerId"], peer_ids[1].as_str());
+    assert_eq!(status["listenAddrs"], serde_json::json!([nodes[1].p2p_addr]));
+    let connected: Vec<&str> = status["connectedPeers"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    assert!(connected.contains(&peer_ids[0].as_str()), "node 2 is connected to node 1: {status}");
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["storage"]["kind"], "lmdb");
+    assert_eq!(status["storage"]["durable"], true);
+    assert_eq!(status["storage"]["blocks"], 1, "{status}");
+    assert_eq!(status["keyNetwork"], serde_json::json!({"kind": "kademlia", "clusterSize": 3}));
+    assert_eq!(status["consensus"]["kind"], "majority-2pc");
+
+    let (code, stdout, stderr) = run_bin(&["status", "--peer", &nodes[0].p2p_addr, "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let first: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(first["consensus"]["rounds"]["committed"].as_u64().unwrap() >= 2, "pend and commit rounds: {first}");
+    assert!(first["operations"]["commit"]["ok"].as_u64().unwrap() >= 1, "{first}");
+
+    let (code, text, stderr) = run_bin(&["status", "--peer", &nodes[0].p2p_addr]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for expected in [
+        format!("peer id        {}", peer_ids[0]),
+        format!("listening      {}", nodes[0].p2p_addr),
+        "ready          yes".to_owned(),
+        "storage        lmdb (durable), 1 block".to_owned(),
+        "key network    kademlia, clusters of 3".to_owned(),
+        "consensus      majority-2pc, rounds coordinated: committed".to_owned(),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} missing in:\n{text}");
+    }
+
+    // A commit is acknowledged at a majority; the third member applies it a moment later.
+    let location = loop {
+        let (code, stdout, stderr) = run_bin(&["locate", "--peer", &nodes[2].p2p_addr, "located", "--json"]);
+        assert_eq!(code, Some(0), "{stderr}");
+        let location: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let members = location["members"].as_array().unwrap();
+        if members.len() == 3 && members.iter().all(|m| m["latest"]["rev"] == 1) {
+            break location;
+        }
+        assert!(Instant::now() < deadline, "not every member reports revision 1: {location}");
+    };
+    assert_eq!(location["blockId"], "located");
+    assert_eq!(location["seenBy"], peer_ids[2].as_str());
+    let members = location["members"].as_array().unwrap();
+    let mut member_ids: Vec<&str> = members.iter().filter_map(|m| m["peerId"].as_str()).collect();
+    member_ids.sort_unstable();
+    let mut expected_ids: Vec<&str> = peer_ids.iter().map(String::as_str).collect();
+    expected_ids.sort_unstable();
+    assert_eq!(member_ids, expected_ids, "a 3-node cluster holds every block on all three: {location}");
+    for member in members {
+        assert_eq!(member["reachable"], true, "{member}");
+        assert_eq!(member["latest"]["rev"], 1, "{member}");
+        assert_eq!(member["latest"]["trxId"], members[0]["latest"]["trxId"], "{location}");
+        assert!(!member["multiaddrs"].as_array().unwrap().is_empty(), "{member}");
+        assert_eq!(member["self"], member["peerId"] == peer_ids[2].as_str(), "{member}");
+    }
+
+    let (code, text, stderr) = run_bin(&["locate", "--peer", &nodes[2].p2p_addr, "located"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(text.starts_with("block located: cluster of 3"), "{text}");
+    assert!(text.contains(&format!("{} (this node): latest rev 1", peer_ids[2])), "{text}");
+    assert_eq!(text.matches("latest rev 1").count(), 3, "{text}");
+
+    // A member that is down shows as unreachable, with the reason.
+    let mut nodes = nodes;
+    let stopped = nodes.remove(0);
+    drop(stopped);
+    let (code, text, stderr) = run_bin(&["locate", "--peer", &nodes[1].p2p_addr, "located"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(text.contains(&format!("{}: unreachable: ", peer_ids[0])), "{text}");
+    assert_eq!(text.matches("latest rev 1").count(), 2, "{text}");
+
+    // Malformed operator requests are refused by name, and the node goes on serving.
+    let (code, _, stderr) = run_bin(&["locate", "--peer", &nodes[1].p2p_addr, ""]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        use optimystic_core::network::{NetworkError, PeerNetwork, ProtocolKind};
+        let addr: libp2p::Multiaddr = nodes[1].p2p_addr.parse().unwrap();
+        let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else { panic!("{addr}") };
+        let host = optimystic_node::Host::start(
+            optimystic_node::HostConfig::new(optimystic_node::identity::generate()),
+            optimystic_node::Handlers::default(),
+        )
+        .await
+        .unwrap();
+        host.add_address(peer, addr).await.unwrap();
+        let later = optimystic_core::time::now_ms() + 10_000;
+        for bad in [
+            serde_json::json!({"node": 5, "expiration": later}),
+            serde_json::json!({"node": {"op": "reboot"}, "expiration": later}),
+            serde_json::json!({"node": {"op": "locate", "blockId": ""}, "expiration": later}),
+            serde_json::json!({"node": {"op": "status"}}),
+        ] {
+            match host.request(peer, ProtocolKind::Repo, bad.clone(), Duration::from_secs(10)).await {
+                Err(NetworkError::Remote { code, message, .. }) => {
+                    assert_eq!(code, "bad-request", "{bad}: {message}");
+                    assert!(message.starts_with("operator request: "), "{message}");
+                }
+                other => panic!("{bad} answered {other:?}"),
+            }
+        }
+        host.shutdown().await;
+    });
+    let (code, _, stderr) = run_bin(&["status", "--peer", &nodes[1].p2p_addr]);
+    assert_eq!(code, Some(0), "still serving after malformed requests: {stderr}");
 }

@@ -588,3 +588,115 @@ async fn repo_round_trip_over_quic() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_bootstrap_address_is_joined_kept_open_past_the_idle_timeout_and_redialled() {
+    bounded(async {
+        const IDLE_MS: u64 = 200;
+        let server = start(|c| c.idle_connection_timeout_ms = IDLE_MS, Handlers::repo(memory_repo())).await;
+        let plain = server.listen_addrs()[0].clone();
+        let joined = start(
+            |c| {
+                c.idle_connection_timeout_ms = IDLE_MS;
+                c.bootstrap = vec![plain.clone()];
+                c.bootstrap_backoff_initial_ms = 50;
+                c.bootstrap_backoff_max_ms = 200;
+            },
+            Handlers::default(),
+        )
+        .await;
+        // The peer id is learned on connect and enters the routing table with the address dialled.
+        let mut connectivity = joined.connectivity();
+        let server_id = server.local_peer_id();
+        connectivity.wait_for(|c| c.connected.contains(&server_id) && c.routing_table_peers == 1).await.unwrap();
+        // Identify may add the server's own listen addresses beside it.
+        let entry = joined.known_peers().await[&server.local_peer_id()].multiaddrs.clone();
+        let dialled = format!("{plain}/p2p/{}", server.local_peer_id());
+        assert!(entry.contains(&dialled), "{entry:?} lacks the address dialled, {dialled}");
+
+        // An ordinary connection closes once idle ...
+        let client_host = client_of(&server, |c| c.idle_connection_timeout_ms = IDLE_MS).await;
+        let client = RepoClient::new(Arc::new(client_host.clone()), server.local_peer_id());
+        assert!(get(&client, "b1", None).await[&id("b1")].block.is_none());
+        client_host.connectivity().wait_for(|c| c.connected.is_empty()).await.unwrap();
+        // ... the bootstrap connection does not: ten idle timeouts pass with it open.
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(10 * IDLE_MS),
+            connectivity.wait_for(|c| !c.connected.contains(&server.local_peer_id())),
+        )
+        .await
+        .map(|now| now.map(|c| c.clone()));
+        assert!(dropped.is_err(), "the bootstrap connection closed: {dropped:?}");
+
+        // The bootstrap peer goes away and comes back on the same address: it is dialled again.
+        let port = plain.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+        server.shutdown().await;
+        connectivity.wait_for(|c| c.connected.is_empty()).await.unwrap();
+        let again = start(
+            |c| c.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", port.unwrap()).parse().unwrap()],
+            Handlers::repo(memory_repo()),
+        )
+        .await;
+        connectivity.wait_for(|c| c.connected.contains(&again.local_peer_id())).await.unwrap();
+        for host in [client_host, joined, again] {
+            host.shutdown().await;
+        }
+    })
+    .await;
+}
+
+/// A peer that stays unreachable past `peer_departed_after_ms` leaves the live routing table (so
+/// every cluster view); when it comes back on its address with its identity, it rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_peer_leaves_the_views_and_rejoins_when_it_returns() {
+    bounded(async {
+        const DEPARTED_AFTER_MS: u64 = 1_000;
+        let quick = |c: &mut HostConfig| c.peer_departed_after_ms = DEPARTED_AFTER_MS;
+        let a = start(quick, Handlers::repo(memory_repo())).await;
+        let keypair = identity::generate();
+        let leaving_config = |c: &mut HostConfig| {
+            quick(c);
+            c.keypair = keypair.clone();
+            c.bootstrap = vec![a.p2p_addrs()[0].clone()];
+        };
+        let leaving = start(leaving_config, Handlers::repo(memory_repo())).await;
+        let gone = leaving.local_peer_id();
+        let port = leaving.listen_addrs()[0].iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+        await_routing_tables(&[a.clone()], 1).await;
+        assert!(a.known_peers().await.contains_key(&gone));
+
+        let mut updates = a.routing_updates();
+        leaving.shutdown().await;
+        let started = Instant::now();
+        while a.known_peers().await.contains_key(&gone) {
+            updates.changed().await.unwrap();
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(DEPARTED_AFTER_MS),
+            "left the views after {:?}, before the threshold",
+            started.elapsed()
+        );
+
+        let back = start(
+            |c| {
+                leaving_config(c);
+                c.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", port.unwrap()).parse().unwrap()];
+            },
+            Handlers::repo(memory_repo()),
+        )
+        .await;
+        while !a.known_peers().await.contains_key(&gone) {
+            updates.changed().await.unwrap();
+        }
+        for host in [a, back] {
+            host.shutdown().await;
+        }
+    })
+    .await;
+}

@@ -19,7 +19,7 @@ pub mod crash {
         Transforms, TrxBlocks, TrxId, TrxRev,
     };
     use optimystic_storage_file::FileStorage;
-    use optimystic_storage_lmdb::LmdbStorage;
+    use optimystic_storage_lmdb::{LmdbKv, LmdbStorage};
     use rand::rngs::StdRng;
     use rand::seq::SliceRandom;
     use rand::{Rng, SeedableRng};
@@ -63,7 +63,9 @@ pub mod crash {
         pub fn open(self, dir: &Path) -> anyhow::Result<Arc<dyn RawStorage>> {
             Ok(match self {
                 Self::File => Arc::new(FileStorage::open(dir).with_context(|| format!("opening {}", dir.display()))?),
-                Self::Lmdb => Arc::new(LmdbStorage::open(dir).with_context(|| format!("opening {}", dir.display()))?),
+                Self::Lmdb => Arc::new(LmdbStorage::over(
+                    LmdbKv::open(dir).with_context(|| format!("opening {}", dir.display()))?,
+                )),
             })
         }
     }

@@ -312,12 +312,13 @@ pub enum WireStorageError {
         /// What is incompatible.
         message: String,
     },
-    /// [`StorageError::Invalid`].
+    /// [`StorageError::Invalid`], and [`StorageError::Closed`] with its message.
     Invalid {
         /// What is invalid.
         message: String,
     },
-    /// [`StorageError::Backend`] (panics of the plugin arrive as this, too).
+    /// [`StorageError::Backend`], and [`StorageError::Engine`] with its error in the message
+    /// (panics of the plugin arrive as this, too).
     Backend {
         /// The engine that failed.
         engine: String,
@@ -354,15 +355,15 @@ const IO_KINDS: &[(io::ErrorKind, &str)] = &[
 impl From<&StorageError> for WireStorageError {
     fn from(e: &StorageError) -> Self {
         match e {
-            StorageError::Io { context, source } => Self::Io {
+            StorageError::Io { context, error } => Self::Io {
                 context: context.clone(),
                 io_kind: IO_KINDS
                     .iter()
-                    .find(|(kind, _)| *kind == source.kind())
+                    .find(|(kind, _)| *kind == error.kind())
                     .map_or("other", |(_, name)| name)
                     .to_owned(),
-                os_code: source.raw_os_error(),
-                message: source.to_string(),
+                os_code: error.raw_os_error(),
+                message: error.to_string(),
             },
             StorageError::Corrupt(message) => Self::Corrupt { message: message.clone() },
             StorageError::Full(message) => Self::Full { message: message.clone() },
@@ -371,6 +372,11 @@ impl From<&StorageError> for WireStorageError {
             StorageError::Invalid(message) => Self::Invalid { message: message.clone() },
             StorageError::Backend { engine, message } => {
                 Self::Backend { engine: (*engine).to_owned(), message: message.clone() }
+            }
+            // A closed store refused the call: the request was invalid for it (nothing changed).
+            StorageError::Closed { .. } => Self::Invalid { message: e.to_string() },
+            StorageError::Engine { engine, context, error } => {
+                Self::Backend { engine: (*engine).to_owned(), message: format!("{context}: {error}") }
             }
         }
     }
@@ -382,7 +388,7 @@ impl WireStorageError {
     pub fn into_storage_error(self, engine: &'static str) -> StorageError {
         match self {
             Self::Io { context, io_kind, os_code, message } => {
-                let source = match os_code {
+                let error = match os_code {
                     Some(code) => io::Error::from_raw_os_error(code),
                     None => {
                         let kind = IO_KINDS
@@ -392,7 +398,7 @@ impl WireStorageError {
                         io::Error::new(kind, message)
                     }
                 };
-                StorageError::Io { context, source }
+                StorageError::Io { context, error }
             }
             Self::Corrupt { message } => StorageError::Corrupt(message),
             Self::Full { message } => StorageError::Full(message),

@@ -177,6 +177,7 @@ macro_rules! storage_conformance {
             raw_pending_round_trip,
             raw_revision_ranges,
             raw_meta_put_get_delete_list,
+            raw_meta_long_keys,
             raw_meta_batch_applies_in_order,
             raw_block_ids_pagination,
             raw_ids_are_opaque,

@@ -1,344 +1,302 @@
-//! A template storage plugin: [`SnapshotStorage`], registered as `storage example-snapshot`.
+//! A template storage plugin on the key-value seam: [`WalKv`], registered as
+//! `storage example-wal`.
 //!
 //! Copy this crate to start a new storage engine. It shows the three things every storage plugin
 //! has:
 //!
-//! 1. an engine type implementing [`RawStorage`] (this file, `impl RawStorage for SnapshotStorage`);
-//! 2. a builder that turns the plugin's configuration section into that engine, refusing options it
-//!    does not know ([`build`]);
+//! 1. an engine: here a [`KvStore`] (seven small methods: get, scan, an atomic write batch, flush,
+//!    close, name, durable), turned into the full block storage by core's generic
+//!    [`KvBlockStorage`] adapter, which keeps revision logs, pending transforms and metadata in the
+//!    store's keys. (An engine that wants its own layout implements
+//!    [`RawStorage`] directly instead, as the `file` engine does.)
+//! 2. a builder that turns the plugin's configuration section into that engine, refusing options
+//!    it does not know ([`build`]);
 //! 3. an `inventory::submit!` registration so the node finds the builder by name (at the bottom of
-//!    this file), plus `tests/conformance.rs`, which runs the shared conformance suite.
+//!    this file), plus `tests/`, which run the shared conformance suites.
 //!
-//! The engine itself is deliberately simple: every piece of state lives in one
-//! `std::sync::Mutex<State>` made of `BTreeMap`s. Holding one lock for each call makes every call
-//! atomic for free, which is the hardest part of the contract; a real engine replaces the maps with
-//! its own tables (files, LMDB databases, SQL tables) and the lock with its own transactions.
+//! The engine keeps every key in a `BTreeMap` and makes it durable with a write-ahead log: each
+//! batch is appended to one file as a record `[payload length u32 LE][FNV-1a 64 of the payload,
+//! LE][payload]`, fsynced when the batch is durable, and applied to the map. Opening the store
+//! replays the log; a record cut short or damaged by a crash ends the replay and is cut off, so
+//! the store holds every batch up to the last whole one. The payload of a batch is its writes,
+//! each `[1][key length u32 LE][key][value length u32 LE][value]` for a put or
+//! `[0][key length u32 LE][key]` for a delete.
 //!
-//! The engine is not durable: everything is lost when the process ends, so
-//! [`RawStorage::durable`] answers `false`.
+//! Kept simple on purpose: the log is never compacted (a real engine rewrites a snapshot of the
+//! map now and then), the whole store must fit in memory, and nothing stops two processes from
+//! opening the same log (a real engine locks its directory, as `optimystic-storage-file`'s
+//! `datadir` does).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Bound;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use async_trait::async_trait;
+use optimystic_core::StorageError;
+use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys, scan_map};
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
-use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
-use optimystic_core::{BlockId, StorageError, Transform, TrxId, TrxRev};
+use optimystic_core::storage::RawStorage;
 use serde_json::Value;
 
-/// The name configuration uses to pick this engine (`[storage] kind = "example-snapshot"`).
-pub const PLUGIN_NAME: &str = "example-snapshot";
+/// The name configuration uses to pick this engine (`[storage] kind = "example-wal"`).
+pub const PLUGIN_NAME: &str = "example-wal";
+/// How this engine names itself in errors.
+const ENGINE: &str = "example-wal";
+/// The log's file name when the configuration names no `path`.
+pub const DEFAULT_FILE: &str = "example-wal.log";
+/// Bytes before a record's payload: its length (u32) and checksum (u64).
+const HEADER_BYTES: usize = 12;
 
-/// How this engine names itself in [`StorageError::Backend`] and [`PluginError::Config`].
-const ENGINE: &str = "storage example-snapshot";
+/// The block storage this plugin builds: the adapter over a [`WalKv`].
+pub type WalStorage = KvBlockStorage<WalKv>;
 
-/// Everything the engine stores. One table per kind of record the contract mentions, each keyed
-/// first by block id so a per-block lookup is a single map access.
-///
-/// Invariant kept by every method: no inner map is left empty. An entry in `latest` or `pending`
-/// therefore means "this block exists for `block_ids`", which keeps `block_ids` and `stats` cheap.
-#[derive(Debug, Default)]
-struct State {
-    /// Per block, the newest committed revision (`latest` in the spec).
-    latest: BTreeMap<BlockId, TrxRev>,
-    /// Per block, the revision log: `rev -> trxId`, ascending by revision.
-    revisions: BTreeMap<BlockId, BTreeMap<u64, TrxId>>,
-    /// Per block, the transforms of committed transactions, with the revision each produced.
-    committed: BTreeMap<BlockId, BTreeMap<TrxId, CommittedTransform>>,
-    /// Per block, the transforms of pending transactions. A `BTreeMap` keeps the ids sorted, which
-    /// is what [`RawStorage::pending_trx_ids`] must return.
-    pending: BTreeMap<BlockId, BTreeMap<TrxId, Transform>>,
-    /// Per block, the materialized block values kept at some revisions (`None` = deleted there).
-    values: BTreeMap<BlockId, BTreeMap<u64, BlockValue>>,
-    /// Node metadata (consensus promises, executed markers), sorted by key for `list_meta`.
-    meta: BTreeMap<String, Vec<u8>>,
-    /// Set by [`RawStorage::close`]; every later call is refused.
-    closed: bool,
+/// What an open store holds.
+#[derive(Debug)]
+struct Open {
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The log, opened for appending.
+    log: File,
+    /// The log's length up to the last whole record: a failed append is cut back to it.
+    len: u64,
+    /// Whether a batch was appended since the last fsync.
+    unsynced: bool,
 }
 
-/// Options of the engine, parsed from its configuration section by [`build`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SnapshotOptions {
-    /// Keep every materialized value, ignoring [`BlockCommit::prune_value_at`] (config key
-    /// `keep_all_values`, default `false`). Pruning is optional in the contract, so both settings
-    /// conform; keeping everything trades memory for faster reads at old revisions.
-    pub keep_all_values: bool,
+/// A sorted map in memory made durable by an append-only log file: a [`KvStore`].
+#[derive(Debug)]
+pub struct WalKv {
+    path: PathBuf,
+    /// `None` once closed. One lock for every call keeps each batch atomic and ordered.
+    open: Mutex<Option<Open>>,
 }
 
-/// A from-scratch, in-memory [`RawStorage`] engine: all state in one mutex of `BTreeMap`s.
-#[derive(Debug, Default, Clone)]
-pub struct SnapshotStorage {
-    /// Shared so clones of the handle see the same store.
-    state: Arc<Mutex<State>>,
-    /// The options it was built with.
-    options: SnapshotOptions,
+/// FNV-1a, 64 bits: enough to tell a torn or damaged record from a whole one.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-impl SnapshotStorage {
-    /// An empty store with default options.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// An empty store with the given options.
-    pub fn with_options(options: SnapshotOptions) -> Self {
-        Self { state: Arc::default(), options }
-    }
-
-    /// Locks the store for one call.
-    ///
-    /// Every trait method takes this lock once and does all its work under it, so each call is
-    /// atomic and sees every call that finished before it (read-your-writes). The lock is never
-    /// held across an `.await`, so a plain `std::sync::Mutex` is right here.
-    ///
-    /// A poisoned lock (a thread panicked inside it) becomes a [`StorageError::Backend`] instead of
-    /// a panic, and a closed store refuses the call with [`StorageError::Invalid`].
-    fn state(&self) -> Result<MutexGuard<'_, State>, StorageError> {
-        let guard = self.state.lock().map_err(|_| StorageError::Backend {
-            engine: ENGINE,
-            message: "a thread panicked while holding the store".into(),
-        })?;
-        if guard.closed {
-            return Err(StorageError::Invalid("the store is closed".into()));
-        }
-        Ok(guard)
-    }
+fn io(context: &str, path: &Path) -> impl Fn(std::io::Error) -> StorageError {
+    let context = format!("{context} {}", path.display());
+    move |e| StorageError::io(context.clone(), e)
 }
 
-#[async_trait]
-impl RawStorage for SnapshotStorage {
-    /// One map lookup: `latest` is only ever set by `commit_block`.
-    async fn latest(&self, block_id: &BlockId) -> Result<Option<TrxRev>, StorageError> {
-        Ok(self.state()?.latest.get(block_id).cloned())
-    }
+/// Appends a length-prefixed byte string.
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), StorageError> {
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| StorageError::Invalid(format!("{ENGINE}: {} bytes do not fit a log record", bytes.len())))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+    Ok(())
+}
 
-    /// A range scan of the block's revision log. `BTreeMap::range` panics on an inverted range,
-    /// so that case (which the contract says gives an empty list) is answered first.
-    async fn revisions(&self, block_id: &BlockId, from_rev: u64, to_rev: u64) -> Result<Vec<TrxRev>, StorageError> {
-        if from_rev > to_rev {
-            return Ok(Vec::new());
-        }
-        let state = self.state()?;
-        let Some(log) = state.revisions.get(block_id) else {
-            return Ok(Vec::new());
-        };
-        Ok(log.range(from_rev..=to_rev).map(|(rev, trx_id)| TrxRev { trx_id: trx_id.clone(), rev: *rev }).collect())
-    }
-
-    /// The last entry of the range `..=at_rev` is the newest revision not after `at_rev`.
-    async fn revision_at_or_before(&self, block_id: &BlockId, at_rev: u64) -> Result<Option<TrxRev>, StorageError> {
-        let state = self.state()?;
-        Ok(state
-            .revisions
-            .get(block_id)
-            .and_then(|log| log.range(..=at_rev).next_back())
-            .map(|(rev, trx_id)| TrxRev { trx_id: trx_id.clone(), rev: *rev }))
-    }
-
-    async fn committed(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<Option<CommittedTransform>, StorageError> {
-        Ok(self.state()?.committed.get(block_id).and_then(|c| c.get(trx_id)).cloned())
-    }
-
-    async fn pending(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<Option<Transform>, StorageError> {
-        Ok(self.state()?.pending.get(block_id).and_then(|p| p.get(trx_id)).cloned())
-    }
-
-    /// The keys of a `BTreeMap` come out sorted, as the contract requires.
-    async fn pending_trx_ids(&self, block_id: &BlockId) -> Result<Vec<TrxId>, StorageError> {
-        Ok(self.state()?.pending.get(block_id).map(|p| p.keys().cloned().collect()).unwrap_or_default())
-    }
-
-    /// `insert` replaces an existing entry, so saving the same transform twice is idempotent.
-    async fn save_pending(&self, block_id: &BlockId, trx_id: &TrxId, transform: &Transform) -> Result<(), StorageError> {
-        let mut state = self.state()?;
-        state.pending.entry(block_id.clone()).or_default().insert(trx_id.clone(), transform.clone());
-        Ok(())
-    }
-
-    /// Idempotent: removing an absent entry is not an error. When the block's last pending
-    /// transform goes, its (now empty) inner map goes too, so a block that was only ever pending
-    /// and then cancelled disappears from `block_ids` and `stats`.
-    async fn delete_pending(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<(), StorageError> {
-        let mut state = self.state()?;
-        if let Some(pending) = state.pending.get_mut(block_id) {
-            pending.remove(trx_id);
-            if pending.is_empty() {
-                state.pending.remove(block_id);
+/// A batch as one log record.
+fn encode(batch: &[KvWrite]) -> Result<Vec<u8>, StorageError> {
+    let mut payload = Vec::new();
+    for write in batch {
+        match write {
+            KvWrite::Put { key, value } => {
+                payload.push(1);
+                put_bytes(&mut payload, key)?;
+                put_bytes(&mut payload, value)?;
+            }
+            KvWrite::Delete { key } => {
+                payload.push(0);
+                put_bytes(&mut payload, key)?;
             }
         }
-        Ok(())
     }
+    let mut record = Vec::with_capacity(HEADER_BYTES + payload.len());
+    let len = u32::try_from(payload.len())
+        .map_err(|_| StorageError::Invalid(format!("{ENGINE}: a batch of {} bytes is too large", payload.len())))?;
+    record.extend_from_slice(&len.to_le_bytes());
+    record.extend_from_slice(&checksum(&payload).to_le_bytes());
+    record.extend_from_slice(&payload);
+    Ok(record)
+}
 
-    /// `None`: no value kept at `rev`; `Some(None)`: kept, and the block is deleted at `rev`. The
-    /// stored `BlockValue` is exactly that inner option, so a clone of the entry is the answer.
-    async fn materialized(&self, block_id: &BlockId, rev: u64) -> Result<Option<BlockValue>, StorageError> {
-        Ok(self.state()?.values.get(block_id).and_then(|v| v.get(&rev)).cloned())
-    }
+/// Reads a length-prefixed byte string at the front of `bytes`.
+fn take_bytes<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (len, rest) = bytes.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+    let (taken, rest) = rest.split_at_checked(len)?;
+    *bytes = rest;
+    Some(taken)
+}
 
-    /// The per-block commit step, all or nothing.
-    ///
-    /// Everything that can fail is checked before anything is written: the revision must advance
-    /// `latest`, otherwise the call is refused with [`StorageError::Invalid`] and nothing changes.
-    /// After the check only infallible map inserts and removes follow, all under the one lock, so
-    /// no reader can observe a half-applied commit. (A durable engine would do the same writes
-    /// inside one transaction of its backing store.)
-    async fn commit_block(&self, block_id: &BlockId, commit: &BlockCommit) -> Result<(), StorageError> {
-        let mut state = self.state()?;
-
-        // 1. Validate: refuse a revision that does not exceed the current latest.
-        if let Some(latest) = state.latest.get(block_id)
-            && commit.rev <= latest.rev
-        {
-            return Err(StorageError::Invalid(format!(
-                "commit of {} at rev {} does not advance latest rev {} of {block_id}",
-                commit.trx_id, commit.rev, latest.rev
-            )));
-        }
-
-        // 2. Store the materialized value at the new revision, and drop the one the caller no
-        //    longer needs (unless configured to keep all; never the value just written).
-        let values = state.values.entry(block_id.clone()).or_default();
-        values.insert(commit.rev, commit.value.clone());
-        if !self.options.keep_all_values
-            && let Some(prune) = commit.prune_value_at.filter(|rev| *rev != commit.rev)
-        {
-            values.remove(&prune);
-        }
-
-        // 3. Record `rev -> trxId` in the revision log.
-        state.revisions.entry(block_id.clone()).or_default().insert(commit.rev, commit.trx_id.clone());
-
-        // 4. Store the transform as committed, with the revision it produced.
-        state
-            .committed
-            .entry(block_id.clone())
-            .or_default()
-            .insert(commit.trx_id.clone(), CommittedTransform { rev: commit.rev, transform: commit.transform.clone() });
-
-        // 5. Delete the transaction's pending transform (keeping the "no empty inner map" rule).
-        if let Some(pending) = state.pending.get_mut(block_id) {
-            pending.remove(&commit.trx_id);
-            if pending.is_empty() {
-                state.pending.remove(block_id);
+/// Applies one record's payload to `map`. A payload that passed its checksum but does not parse
+/// was written by something else: [`StorageError::Corrupt`].
+fn apply(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, mut payload: &[u8], path: &Path) -> Result<(), StorageError> {
+    let corrupt = || StorageError::Corrupt(format!("{ENGINE}: a record of {} does not parse", path.display()));
+    while let Some((tag, rest)) = payload.split_first() {
+        payload = rest;
+        let key = take_bytes(&mut payload).ok_or_else(corrupt)?.to_vec();
+        match tag {
+            1 => {
+                let value = take_bytes(&mut payload).ok_or_else(corrupt)?;
+                map.insert(key, value.to_vec());
             }
+            0 => {
+                map.remove(&key);
+            }
+            _ => return Err(corrupt()),
         }
+    }
+    Ok(())
+}
 
-        // 6. Advance latest.
-        state.latest.insert(block_id.clone(), TrxRev { trx_id: commit.trx_id.clone(), rev: commit.rev });
-        Ok(())
+impl WalKv {
+    /// Opens (creating if needed) the store whose log is the file `path`, replaying the log.
+    /// A damaged or incomplete tail (a crash while appending) is cut off.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        let path = path.as_ref().to_path_buf();
+        let mut log =
+            OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io("opening", &path))?;
+        let mut bytes = Vec::new();
+        log.read_to_end(&mut bytes).map_err(io("reading", &path))?;
+        let mut map = BTreeMap::new();
+        let mut rest = bytes.as_slice();
+        while let Some((len, tail)) = rest.split_first_chunk::<4>()
+            && let Some((sum, tail)) = tail.split_first_chunk::<8>()
+            && let Some(payload) = usize::try_from(u32::from_le_bytes(*len)).ok().and_then(|len| tail.get(..len))
+            && u64::from_le_bytes(*sum) == checksum(payload)
+        {
+            apply(&mut map, payload, &path)?;
+            rest = tail.get(payload.len()..).unwrap_or_default();
+        }
+        let len = u64::try_from(bytes.len() - rest.len()).unwrap_or(u64::MAX);
+        if !rest.is_empty() {
+            log.set_len(len).and_then(|()| log.sync_data()).map_err(io("cutting the torn tail of", &path))?;
+        }
+        Ok(Self { path, open: Mutex::new(Some(Open { map, log, len, unsynced: false })) })
     }
 
-    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.state()?.meta.get(key).cloned())
+    /// The log file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
-    /// `insert` replaces, so writing the same value again is idempotent.
-    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.state()?.meta.insert(key.to_owned(), value.to_vec());
-        Ok(())
+    /// The open store, or [`StorageError::Closed`]. A thread that panicked under the lock left
+    /// the map and the log consistent (a batch is appended, then applied), so poison is ignored.
+    fn lock(&self) -> MutexGuard<'_, Option<Open>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn closed() -> StorageError {
+    StorageError::Closed { engine: ENGINE }
+}
+
+impl KvStore for WalKv {
+    /// Reads are map lookups: run them inline. Writes append to a file and may fsync.
+    const READS_WAIT: bool = false;
+    const WRITES_WAIT: bool = true;
+
+    fn name(&self) -> &'static str {
+        ENGINE
     }
 
-    /// Idempotent: removing an absent key is `Ok`.
-    async fn delete_meta(&self, key: &str) -> Result<(), StorageError> {
-        self.state()?.meta.remove(key);
-        Ok(())
-    }
-
-    /// Keys sharing a prefix are contiguous in a sorted map: start at `prefix`, stop at the first
-    /// key that no longer starts with it, and never return more than `limit` entries.
-    async fn list_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
-        let state = self.state()?;
-        Ok(state
-            .meta
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .take(limit)
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
-    }
-
-    /// Nothing survives the process, so: not durable.
     fn durable(&self) -> bool {
-        false
+        true
     }
 
-    /// A block is listed when it has a committed revision (a `latest` entry) or a pending
-    /// transform (a non-empty `pending` entry).
-    ///
-    /// Pagination: both maps are sorted, so take at most `limit` ids strictly after `after` from
-    /// each, merge them in a sorted set (a block in both appears once) and keep the first `limit`.
-    /// The first `limit` ids of the union are always among the first `limit` of each side.
-    async fn block_ids(&self, after: Option<&BlockId>, limit: usize) -> Result<Vec<BlockId>, StorageError> {
-        let state = self.state()?;
-        let start = match after {
-            Some(after) => Bound::Excluded(after),
-            None => Bound::Unbounded,
-        };
-        let committed = state.latest.range::<BlockId, _>((start, Bound::Unbounded)).map(|(id, _)| id).take(limit);
-        let pending = state.pending.range::<BlockId, _>((start, Bound::Unbounded)).map(|(id, _)| id).take(limit);
-        let merged: BTreeSet<&BlockId> = committed.chain(pending).collect();
-        Ok(merged.into_iter().take(limit).cloned().collect())
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.lock().as_ref().ok_or_else(closed)?.map.get(key).cloned())
     }
 
-    /// Counts the blocks `block_ids` lists: every block with a `latest`, plus the blocks that are
-    /// only pending. This walks the pending table (usually small), never the whole store.
-    async fn stats(&self) -> Result<Option<StorageStats>, StorageError> {
-        let state = self.state()?;
-        let only_pending = state.pending.keys().filter(|id| !state.latest.contains_key(*id)).count();
-        let blocks = state.latest.len().saturating_add(only_pending);
-        Ok(Some(StorageStats { blocks: u64::try_from(blocks).unwrap_or(u64::MAX), bytes: None }))
+    fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
+        Ok(scan_map(&self.lock().as_ref().ok_or_else(closed)?.map, prefix, start, limit))
     }
 
-    /// Marks the store closed; later calls fail with [`StorageError::Invalid`]. Idempotent: it
-    /// bypasses [`SnapshotStorage::state`] (which refuses a closed store), so a second close is
-    /// `Ok`. There is nothing to flush in memory; a durable engine would flush and release its
-    /// files or locks here.
-    async fn close(&self) -> Result<(), StorageError> {
-        match self.state.lock() {
-            Ok(mut state) => state.closed = true,
-            // A poisoned store is unusable anyway; mark it closed all the same.
-            Err(poisoned) => poisoned.into_inner().closed = true,
+    /// Log first, then the map: a batch is in the map only once it is in the log (and, when
+    /// durable, on disk). A failed append is cut back off the log, so the log never keeps a batch
+    /// that returned an error.
+    fn write(&self, batch: &[KvWrite], durable: bool) -> Result<(), StorageError> {
+        let mut guard = self.lock();
+        let open = guard.as_mut().ok_or_else(closed)?;
+        check_keys(ENGINE, batch, MAX_KEY_BYTES)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let record = encode(batch)?;
+        let appended = open.log.write_all(&record).and_then(|()| if durable { open.log.sync_data() } else { Ok(()) });
+        if let Err(e) = appended {
+            // Leave the log as it was; if even that fails, the next open cuts the torn record.
+            let _ = open.log.set_len(open.len);
+            return Err(io("appending to", &self.path)(e));
+        }
+        open.len += u64::try_from(record.len()).unwrap_or(u64::MAX);
+        open.unsynced = !durable;
+        apply(&mut open.map, record.get(HEADER_BYTES..).unwrap_or_default(), &self.path)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        let mut guard = self.lock();
+        let open = guard.as_mut().ok_or_else(closed)?;
+        if open.unsynced {
+            open.log.sync_data().map_err(io("syncing", &self.path))?;
+            open.unsynced = false;
         }
         Ok(())
     }
-}
 
-/// Builds the engine from its configuration section (the `[storage]` table of the node config).
-///
-/// Accepted: no section at all (`null`), or an object whose keys are `kind` (the plugin name the
-/// node used to pick this builder) and the options of [`SnapshotOptions`]. Any other key, a value
-/// of the wrong type or a section that is not an object is refused with [`PluginError::Config`],
-/// so a typo in a config file fails loudly at start-up instead of being ignored.
-pub fn build(_cx: &PluginContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
-    Ok(Arc::new(SnapshotStorage::with_options(parse_options(config)?)))
-}
-
-/// Parses and validates the configuration section; see [`build`].
-pub fn parse_options(config: &Value) -> Result<SnapshotOptions, PluginError> {
-    let error = |message: String| PluginError::Config { plugin: ENGINE.to_owned(), message };
-    let map = match config {
-        Value::Null => return Ok(SnapshotOptions::default()),
-        Value::Object(map) => map,
-        other => return Err(error(format!("expected an object, got {other}"))),
-    };
-    let mut options = SnapshotOptions::default();
-    for (key, value) in map {
-        match (key.as_str(), value) {
-            ("kind", _) => {}
-            ("keep_all_values", Value::Bool(keep)) => options.keep_all_values = *keep,
-            ("keep_all_values", other) => return Err(error(format!("keep_all_values must be a boolean, got {other}"))),
-            (unknown, _) => return Err(error(format!("unknown option {unknown:?}; known options: keep_all_values"))),
+    fn close(&self) -> Result<(), StorageError> {
+        let mut guard = self.lock();
+        if let Some(open) = guard.as_ref()
+            && open.unsynced
+        {
+            open.log.sync_data().map_err(io("syncing", &self.path))?;
         }
+        guard.take();
+        Ok(())
     }
-    Ok(options)
+
+    fn size_bytes(&self) -> Result<Option<u64>, StorageError> {
+        Ok(Some(self.lock().as_ref().ok_or_else(closed)?.len))
+    }
+}
+
+/// Builds the engine from its configuration section (the `[storage]` table of the node config):
+/// `null`, or an object with `kind` (the plugin name the node used to pick this builder) and an
+/// optional `path` (the log file; a relative one is under the node's data directory; default
+/// `<data dir>/example-wal.log`). Anything else is refused with [`PluginError::Config`], so a
+/// typo in a config file fails loudly at start-up instead of being ignored.
+pub fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
+    let path = log_path(cx, config)?;
+    Ok(Arc::new(WalStorage::over(WalKv::open(path)?)))
+}
+
+/// The log file the configuration names; see [`build`].
+pub fn log_path(cx: &PluginContext, config: &Value) -> Result<PathBuf, PluginError> {
+    let error = |message: String| PluginError::Config { plugin: format!("storage {PLUGIN_NAME}"), message };
+    let mut path = None;
+    match config {
+        Value::Null => {}
+        Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("kind", _) => {}
+                    ("path", Value::String(p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                    ("path", other) => return Err(error(format!("path must be a non-empty string, got {other}"))),
+                    (unknown, _) => return Err(error(format!("unknown option {unknown:?}; known options: path"))),
+                }
+            }
+        }
+        other => return Err(error(format!("expected an object, got {other}"))),
+    }
+    match (path, &cx.data_dir) {
+        (Some(path), Some(dir)) if path.is_relative() => Ok(dir.join(path)),
+        (Some(path), _) => Ok(path),
+        (None, Some(dir)) => Ok(dir.join(DEFAULT_FILE)),
+        (None, None) => Err(error("no `path` configured and the node has no data directory".to_owned())),
+    }
 }
 
 // Registration: `inventory` collects this descriptor at link time, and the node finds it by kind
 // (`storage`) and name. A binary must link this crate (`use optimystic_example_custom_storage as _;`)
 // for the registration to be seen.
 optimystic_core::inventory::submit! {
-    PluginDescriptor::storage(PLUGIN_NAME, "example template: blocks in sorted in-memory maps (not durable)", build)
+    PluginDescriptor::storage(PLUGIN_NAME, "example template: a sorted map and a write-ahead log (durable)", build)
 }
 
 #[cfg(test)]
@@ -353,20 +311,25 @@ mod tests {
 
     #[test]
     fn registered_under_its_name() {
-        let cx = PluginContext::new(PeerId::random());
-        let storage = Registry::linked().build_storage(PLUGIN_NAME, &cx, &json!({ "kind": PLUGIN_NAME })).expect("build");
-        assert!(!storage.durable());
+        let dir = tempfile::tempdir().unwrap();
+        let mut cx = PluginContext::new(PeerId::random());
+        cx.data_dir = Some(dir.path().to_path_buf());
+        let storage =
+            Registry::linked().build_storage(PLUGIN_NAME, &cx, &json!({ "kind": PLUGIN_NAME })).expect("build");
+        assert!(storage.durable());
+        assert!(dir.path().join(DEFAULT_FILE).exists());
     }
 
     #[test]
     fn config_is_validated() {
-        assert_eq!(parse_options(&Value::Null).unwrap(), SnapshotOptions::default());
-        assert_eq!(
-            parse_options(&json!({ "kind": PLUGIN_NAME, "keep_all_values": true })).unwrap(),
-            SnapshotOptions { keep_all_values: true }
-        );
-        for bad in [json!({ "keep_all_value": true }), json!({ "keep_all_values": "yes" }), json!(3)] {
-            assert!(matches!(parse_options(&bad), Err(PluginError::Config { .. })), "{bad} must be refused");
+        let mut cx = PluginContext::new(PeerId::random());
+        assert!(matches!(log_path(&cx, &Value::Null), Err(PluginError::Config { .. })), "no path, no data dir");
+        assert_eq!(log_path(&cx, &json!({ "path": "/tmp/x.log" })).unwrap(), PathBuf::from("/tmp/x.log"));
+        cx.data_dir = Some(PathBuf::from("/data"));
+        assert_eq!(log_path(&cx, &json!({ "kind": PLUGIN_NAME })).unwrap(), PathBuf::from("/data").join(DEFAULT_FILE));
+        assert_eq!(log_path(&cx, &json!({ "path": "wal.log" })).unwrap(), PathBuf::from("/data/wal.log"));
+        for bad in [json!({ "paht": "x" }), json!({ "path": "" }), json!({ "path": 3 }), json!(3)] {
+            assert!(matches!(log_path(&cx, &bad), Err(PluginError::Config { .. })), "{bad} must be refused");
         }
     }
 }

@@ -1,13 +1,33 @@
-//! The storage conformance suite over [`SnapshotStorage`].
+//! The conformance suites over [`WalKv`].
 //!
-//! This one macro call expands to one `#[test]` per rule of the `RawStorage` contract and of the
-//! repository rules built on it (`cargo test -p optimystic-example-custom-storage` lists them by
-//! name). The factory is called once per rule and must hand back an empty store each time; a
-//! durable engine would open a fresh temporary directory here and pass it as the `guard`.
+//! `storage_conformance!` expands to one `#[test]` per rule of the `RawStorage` contract and of
+//! the repository rules built on it, here run through core's `KvBlockStorage` adapter;
+//! `kv_store_conformance!` to one per rule of the `KvStore` contract. Each factory is called once
+//! per rule and hands back an empty store in a fresh temporary directory, kept alive as the
+//! fixture's `guard`. `cargo test -p optimystic-example-custom-storage` lists them by name.
 
 use std::sync::Arc;
 
 use optimystic_core::testkit::conformance::Fixture;
-use optimystic_example_custom_storage::SnapshotStorage;
+use optimystic_core::testkit::kv::KvFixture;
+use optimystic_example_custom_storage::{WalKv, WalStorage};
 
-optimystic_core::storage_conformance!(|| async { Fixture::new(Arc::new(SnapshotStorage::new())) });
+fn open() -> (WalKv, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary directory: {e}"));
+    let store = WalKv::open(dir.path().join("wal.log")).unwrap_or_else(|e| panic!("opening the log: {e}"));
+    (store, dir)
+}
+
+optimystic_core::storage_conformance!(|| async {
+    let (store, dir) = open();
+    Fixture::with_guard(Arc::new(WalStorage::over(store)), dir)
+});
+
+mod kv {
+    use super::*;
+
+    optimystic_core::kv_store_conformance!(|| {
+        let (store, dir) = open();
+        KvFixture::with_guard(store, dir)
+    });
+}

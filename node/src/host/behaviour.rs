@@ -11,7 +11,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, Transport, connection_limits, dns, identify, kad, noise, ping, tcp, yamux};
 use optimystic_core::network::ProtocolKind;
 
-use super::{HostConfig, HostError};
+use super::{HostConfig, HostError, keep_alive};
 use crate::codec::FrameCodec;
 
 /// Extra inbound stream slots per connection beyond the in-flight bounds, so requests past the
@@ -27,6 +27,7 @@ pub(crate) struct NodeBehaviour {
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) keep_alive: keep_alive::Behaviour,
     pub(crate) repo: request_response::Behaviour<FrameCodec>,
     pub(crate) cluster: request_response::Behaviour<FrameCodec>,
     pub(crate) sync: request_response::Behaviour<FrameCodec>,
@@ -108,6 +109,7 @@ pub(crate) fn build_swarm(config: &HostConfig) -> Result<Swarm<NodeBehaviour>, H
         .with_max_established_per_peer(Some(config.max_connections_per_peer))
         .with_max_pending_incoming(Some(config.max_connections));
 
+    let keep_alive_protocol = stream_protocol(format!("{}/keep-alive/1.0.0", config.protocol_prefix))?;
     let behaviour = NodeBehaviour {
         limits: connection_limits::Behaviour::new(limits),
         identify: identify::Behaviour::new(
@@ -116,6 +118,7 @@ pub(crate) fn build_swarm(config: &HostConfig) -> Result<Swarm<NodeBehaviour>, H
         ),
         ping: ping::Behaviour::default(),
         kad,
+        keep_alive: keep_alive::Behaviour::new(keep_alive_protocol),
         repo: request_response_behaviour(config, ProtocolKind::Repo, config.max_repo_frame_bytes)?,
         cluster: request_response_behaviour(config, ProtocolKind::Cluster, config.max_cluster_frame_bytes)?,
         sync: request_response_behaviour(config, ProtocolKind::Sync, config.max_sync_frame_bytes)?,

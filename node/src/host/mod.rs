@@ -7,10 +7,21 @@
 //! table and iterative lookups). Inbound requests go to the [`Handlers`] installed with
 //! [`Host::start`] or later with [`HostHandle::set_handlers`]; each runs on its own task, never on
 //! the swarm task.
+//!
+//! Joining cannot fail silently: every bootstrap address is redialled with capped exponential
+//! backoff until a connection stands (and again whenever the node has lost every connection), each
+//! failed dial is logged at `warn` with its address and reason, and the peer reached goes into the
+//! routing table with the address dialled (see `bootstrap.rs`); that connection is kept open while
+//! both ends run (`keep_alive.rs`). [`HostHandle::connectivity`] publishes the connected peers and
+//! the routing-table size on every change.
 
 mod behaviour;
+mod bootstrap;
+mod departures;
+mod keep_alive;
 mod task;
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -39,6 +50,9 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_DIAL_TIMEOUT_MS: u64 = 5_000;
 /// Default time an unused connection stays open.
 pub const DEFAULT_IDLE_CONNECTION_TIMEOUT_MS: u64 = 60_000;
+/// Default [`HostConfig::peer_departed_after_ms`]: longer than a restart, a pause or a short
+/// partition.
+pub const DEFAULT_PEER_DEPARTED_AFTER_MS: u64 = 30_000;
 /// Default deadline of one iterative Kademlia lookup.
 pub const DEFAULT_KAD_QUERY_TIMEOUT_MS: u64 = 10_000;
 /// Default deadline for binding every listen address at start.
@@ -47,6 +61,10 @@ pub const DEFAULT_STARTUP_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
 /// Default bound on established connections to one peer.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Default delay before the second dial of a bootstrap address; it doubles after each failure.
+pub const DEFAULT_BOOTSTRAP_BACKOFF_INITIAL_MS: u64 = 250;
+/// Default cap of the delay between dials of one bootstrap address.
+pub const DEFAULT_BOOTSTRAP_BACKOFF_MAX_MS: u64 = 10_000;
 /// Capacity of the command queue from handles to the swarm task.
 const COMMAND_QUEUE_CAPACITY: usize = 1024;
 
@@ -59,8 +77,20 @@ pub struct HostConfig {
     /// Addresses to listen on, e.g. `/ip4/0.0.0.0/tcp/4001` (port 0 picks a free port). Empty: the
     /// node only dials out.
     pub listen: Vec<Multiaddr>,
-    /// Peers to join through. An address ending in `/p2p/<peer id>` also seeds the routing table.
+    /// Peers to join through, with or without a `/p2p/<peer id>` suffix. Each is dialled until a
+    /// connection stands, with the delay between attempts growing from
+    /// `bootstrap_backoff_initial_ms` to `bootstrap_backoff_max_ms`; the peer reached enters the
+    /// routing table with the address dialled (a peer named by `/p2p` enters it at start). When the
+    /// node has lost every connection, all are dialled again.
     pub bootstrap: Vec<Multiaddr>,
+    /// Delay after the first failed dial of a bootstrap address; doubled after each further one.
+    pub bootstrap_backoff_initial_ms: u64,
+    /// Cap of the delay between dials of one bootstrap address.
+    pub bootstrap_backoff_max_ms: u64,
+    /// A routing-table peer without a connection for this long whose dial then fails is left out
+    /// of [`PeerRouting::known_peers`] (so out of every cluster view) until it connects again;
+    /// disconnected peers are dialled every third of it. At least 1,000.
+    pub peer_departed_after_ms: u64,
     /// Protocol id prefix, `/db-p2p` by default; nodes with different prefixes do not talk.
     pub protocol_prefix: String,
     /// Frame limit of the repo protocol, both directions.
@@ -100,6 +130,9 @@ impl HostConfig {
             keypair,
             listen: Vec::new(),
             bootstrap: Vec::new(),
+            bootstrap_backoff_initial_ms: DEFAULT_BOOTSTRAP_BACKOFF_INITIAL_MS,
+            bootstrap_backoff_max_ms: DEFAULT_BOOTSTRAP_BACKOFF_MAX_MS,
+            peer_departed_after_ms: DEFAULT_PEER_DEPARTED_AFTER_MS,
             protocol_prefix: DEFAULT_PROTOCOL_PREFIX.to_owned(),
             max_repo_frame_bytes: DEFAULT_REPO_MAX_FRAME_BYTES,
             max_cluster_frame_bytes: DEFAULT_CLUSTER_MAX_FRAME_BYTES,
@@ -152,10 +185,20 @@ impl HostConfig {
             ("idle_connection_timeout_ms", self.idle_connection_timeout_ms),
             ("kad_query_timeout_ms", self.kad_query_timeout_ms),
             ("startup_timeout_ms", self.startup_timeout_ms),
+            ("bootstrap_backoff_initial_ms", self.bootstrap_backoff_initial_ms),
         ] {
             if ms == 0 {
                 return invalid(format!("{name} must be at least 1"));
             }
+        }
+        if self.bootstrap_backoff_max_ms < self.bootstrap_backoff_initial_ms {
+            return invalid(format!(
+                "bootstrap_backoff_max_ms = {} must be at least bootstrap_backoff_initial_ms = {}",
+                self.bootstrap_backoff_max_ms, self.bootstrap_backoff_initial_ms
+            ));
+        }
+        if self.peer_departed_after_ms < 1_000 {
+            return invalid(format!("peer_departed_after_ms = {} must be at least 1000", self.peer_departed_after_ms));
         }
         if self.max_connections == 0 || self.max_connections_per_peer == 0 {
             return invalid("max_connections and max_connections_per_peer must be at least 1".to_owned());
@@ -177,7 +220,8 @@ pub enum HostError {
     /// The transport stack could not be built.
     #[error("cannot build the transport: {0}")]
     Transport(String),
-    /// A listen address could not be bound.
+    /// A listen address could not be bound, e.g. because another process holds it (`reason` is
+    /// then `address in use`).
     #[error("cannot listen on {addr}: {reason}")]
     Listen {
         /// The address.
@@ -187,13 +231,102 @@ pub enum HostError {
     },
 }
 
+/// What the host is connected to, as [`HostHandle::connectivity`] publishes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Connectivity {
+    /// Peers with at least one open connection.
+    pub connected: BTreeSet<PeerId>,
+    /// Peers in the Kademlia routing table, connected or not.
+    pub routing_table_peers: usize,
+}
+
+/// Refuses a TCP listen address that a socket already listens on. Addresses without a fixed TCP
+/// port (port 0, QUIC, DNS names) are left to the transport.
+fn check_port_free(addr: &Multiaddr) -> Result<(), HostError> {
+    let mut ip = None;
+    let mut port = None;
+    for protocol in addr.iter() {
+        match protocol {
+            Protocol::Ip4(v4) => ip = Some(std::net::IpAddr::V4(v4)),
+            Protocol::Ip6(v6) => ip = Some(std::net::IpAddr::V6(v6)),
+            Protocol::Tcp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    // std binds with SO_REUSEADDR only: sockets lingering in TIME_WAIT do not count as in use.
+    match std::net::TcpListener::bind((ip, port)) {
+        Ok(probe) => {
+            drop(probe);
+            Ok(())
+        }
+        Err(e) => Err(HostError::Listen { addr: addr.clone(), reason: io_reason(&e) }),
+    }
+}
+
+/// A short reason for an I/O error: the common bind failures in words, others as the OS says.
+fn io_reason(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => "address in use".to_owned(),
+        std::io::ErrorKind::AddrNotAvailable => "address not available on this host".to_owned(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+        _ => error.to_string(),
+    }
+}
+
+/// The reason of a transport error: its innermost I/O error if it has one (see [`io_reason`]),
+/// else its innermost message. Some layers (`Either`) hide their inner error from `source`; an OS
+/// error is then recognised by the `(os error N)` its message ends with.
+pub(crate) fn error_reason(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    loop {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            // Transports wrap their errors in `io::Error::other`, whose `source` skips the wrapped
+            // error itself: unwrap it by hand.
+            match io.get_ref() {
+                Some(inner) if io.kind() == std::io::ErrorKind::Other => {
+                    current = inner;
+                    continue;
+                }
+                _ => return io_reason(io),
+            }
+        }
+        match current.source() {
+            Some(next) => current = next,
+            None => {
+                let text = current.to_string();
+                return match os_error_code(&text) {
+                    Some(code) => io_reason(&std::io::Error::from_raw_os_error(code)),
+                    None => text,
+                };
+            }
+        }
+    }
+}
+
+/// The `N` of a message ending in `(os error N)`, as `std::io::Error` displays OS errors.
+fn os_error_code(text: &str) -> Option<i32> {
+    text.strip_suffix(')')?.rsplit_once("(os error ")?.1.parse().ok()
+}
+
 /// Starts hosts.
 #[derive(Debug)]
 pub struct Host;
 
 impl Host {
-    /// Builds the swarm, binds every listen address (waiting at most `startup_timeout_ms`), dials
-    /// the bootstrap peers and starts the swarm task on the current tokio runtime.
+    /// Builds the swarm, binds every listen address (waiting at most `startup_timeout_ms`), starts
+    /// dialling the bootstrap peers and starts the swarm task on the current tokio runtime.
+    ///
+    /// A TCP listen address another socket already listens on is refused with
+    /// [`HostError::Listen`] (`address in use`), although libp2p-tcp would share the port (it sets
+    /// `SO_REUSEPORT` on every listening socket, and no option turns that off): each such address
+    /// is first bound once without `SO_REUSEPORT`, which the kernel refuses on a port in use.
     ///
     /// `handlers` may be empty ([`Handlers::default`]): install them later with
     /// [`HostHandle::set_handlers`], e.g. once a consensus built over this handle exists. Until then
@@ -204,9 +337,10 @@ impl Host {
         let local_peer_id = *swarm.local_peer_id();
         let mut listeners = Vec::with_capacity(config.listen.len());
         for addr in &config.listen {
+            check_port_free(addr)?;
             let id = swarm
                 .listen_on(addr.clone())
-                .map_err(|e| HostError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+                .map_err(|e| HostError::Listen { addr: addr.clone(), reason: error_reason(&e) })?;
             listeners.push((id, addr.clone()));
         }
 
@@ -214,17 +348,13 @@ impl Host {
         services.set_handlers(handlers);
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_CAPACITY);
         let (epoch_tx, epoch_rx) = watch::channel(0u64);
+        let (connectivity_tx, connectivity_rx) = watch::channel(Connectivity::default());
         let listen_addrs = Arc::new(RwLock::new(Vec::new()));
-        let mut task = SwarmTask::new(
-            swarm,
-            &config,
-            commands_rx,
-            Arc::clone(&services),
-            epoch_tx,
-            Arc::clone(&listen_addrs),
-        )?;
+        let published =
+            task::Published { epoch: epoch_tx, connectivity: connectivity_tx, listen_addrs: Arc::clone(&listen_addrs) };
+        let mut task = SwarmTask::new(swarm, &config, commands_rx, Arc::clone(&services), published)?;
         task.wait_listening(listeners, Duration::from_millis(config.startup_timeout_ms)).await?;
-        task.bootstrap(&config.bootstrap);
+        task.start_bootstrap();
         let done = tokio::spawn(task.run());
 
         let outbound = PerProtocol::from_fn(|_| Arc::new(Semaphore::new(config.max_outbound_per_protocol)));
@@ -239,6 +369,7 @@ impl Host {
                 kad_query_timeout: Duration::from_millis(config.kad_query_timeout_ms),
                 services,
                 epoch: epoch_rx,
+                connectivity: connectivity_rx,
                 listen_addrs,
                 done: tokio::sync::Mutex::new(Some(done)),
             }),
@@ -266,6 +397,7 @@ struct Shared {
     kad_query_timeout: Duration,
     services: Arc<Services>,
     epoch: watch::Receiver<u64>,
+    connectivity: watch::Receiver<Connectivity>,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -320,6 +452,12 @@ impl HostHandle {
     /// `changed()` to wait for routing table updates without polling.
     pub fn routing_updates(&self) -> watch::Receiver<u64> {
         self.inner.epoch.clone()
+    }
+
+    /// The connected peers and the routing-table size, updated on every connection and routing
+    /// change: await `changed()` to follow them without polling.
+    pub fn connectivity(&self) -> watch::Receiver<Connectivity> {
+        self.inner.connectivity.clone()
     }
 
     /// Stops the swarm: open connections close, requests in flight fail with
@@ -394,8 +532,9 @@ impl PeerRouting for HostHandle {
         self.inner.local_peer_id
     }
 
-    /// Every peer in the Kademlia routing table (connected or not), with its known addresses.
-    /// Empty once the host has stopped.
+    /// Every peer in the Kademlia routing table (connected or not) but departed ones (see
+    /// [`HostConfig::peer_departed_after_ms`]), with its known addresses. Empty once the host has
+    /// stopped.
     async fn known_peers(&self) -> ClusterPeers {
         let (reply, answer) = oneshot::channel();
         if self.send(Command::KnownPeers(reply)).await.is_err() {
@@ -425,5 +564,51 @@ impl PeerRouting for HostHandle {
 
     fn routing_epoch(&self) -> u64 {
         *self.inner.epoch.borrow()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use super::*;
+
+    #[test]
+    fn a_listen_address_in_use_is_refused_by_name() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+        let error = check_port_free(&addr).unwrap_err();
+        assert_eq!(error.to_string(), format!("cannot listen on {addr}: address in use"));
+        drop(held);
+        check_port_free(&addr).unwrap();
+        check_port_free(&"/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
+        check_port_free(&"/dns4/localhost/tcp/1".parse().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn reasons_name_the_os_error_even_behind_layers_that_hide_it() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(error_reason(&std::io::Error::other(refused)), "connection refused");
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Opaque(String);
+        let hidden = Opaque(std::io::Error::from_raw_os_error(111).to_string());
+        assert_eq!(error_reason(&hidden), io_reason(&std::io::Error::from_raw_os_error(111)));
+        assert_eq!(error_reason(&Opaque("no route".into())), "no route");
+        assert_eq!(os_error_code("Connection refused (os error 111)"), Some(111));
+        assert_eq!(os_error_code("os error"), None);
+    }
+
+    #[test]
+    fn bootstrap_backoff_limits_are_validated() {
+        let mut config = HostConfig::new(crate::identity::generate());
+        config.bootstrap_backoff_initial_ms = 0;
+        assert!(config.validate().unwrap_err().to_string().contains("bootstrap_backoff_initial_ms"));
+        config.bootstrap_backoff_initial_ms = 500;
+        config.bootstrap_backoff_max_ms = 100;
+        assert!(config.validate().unwrap_err().to_string().contains("bootstrap_backoff_max_ms"));
+        config.bootstrap_backoff_max_ms = 500;
+        config.validate().unwrap();
     }
 }

@@ -10,10 +10,9 @@ use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::core::upgrade::NegotiationError;
 use libp2p::identity::PeerId;
-use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{Multiaddr, StreamProtocol, Swarm, identify, kad};
 use optimystic_core::BlockId;
 use optimystic_core::keynet::{ClusterPeers, KeyNetworkError, PeerInfo, block_key, rank_peers};
@@ -21,9 +20,12 @@ use optimystic_core::network::{NetworkError, ProtocolKind};
 use optimystic_core::wire::ErrorEnvelope;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use super::behaviour::{MAX_IDENTIFY_ADDRS, NodeBehaviour, NodeBehaviourEvent, stream_protocol};
-use super::{HostConfig, HostError};
+use super::bootstrap::Bootstrap;
+use super::departures::Departures;
+use super::{Connectivity, HostConfig, HostError, error_reason};
 use crate::codec::Frame;
 use crate::service::{PerProtocol, Services};
 
@@ -75,6 +77,16 @@ struct Pending {
     _permit: OwnedSemaphorePermit,
 }
 
+/// What the swarm task publishes to the handles.
+pub(crate) struct Published {
+    /// The routing epoch, bumped on every routing-table change.
+    pub(crate) epoch: watch::Sender<u64>,
+    /// The connected peers and the routing-table size.
+    pub(crate) connectivity: watch::Sender<Connectivity>,
+    /// The bound listen addresses.
+    pub(crate) listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+}
+
 pub(crate) struct SwarmTask {
     swarm: Swarm<NodeBehaviour>,
     commands: mpsc::Receiver<Command>,
@@ -82,10 +94,13 @@ pub(crate) struct SwarmTask {
     answers: mpsc::Receiver<Answer>,
     services: Arc<Services>,
     epoch: watch::Sender<u64>,
+    connectivity: watch::Sender<Connectivity>,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    bootstrap: Bootstrap,
     pending: HashMap<(ProtocolKind, OutboundRequestId), Pending>,
     lookups: HashMap<kad::QueryId, ([u8; 32], LookupReply)>,
     dial_errors: HashMap<PeerId, String>,
+    departures: Departures,
     protocol_ids: PerProtocol<String>,
     kad_protocol: StreamProtocol,
     request_timeout_ms: u64,
@@ -97,8 +112,7 @@ impl SwarmTask {
         config: &HostConfig,
         commands: mpsc::Receiver<Command>,
         services: Arc<Services>,
-        epoch: watch::Sender<u64>,
-        listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+        published: Published,
     ) -> Result<Self, HostError> {
         // Every admitted request sends at most one answer, so this capacity is never the limit.
         let answers_capacity = config
@@ -107,17 +121,27 @@ impl SwarmTask {
             .saturating_mul(ProtocolKind::ALL.len())
             .max(1);
         let (answers_tx, answers) = mpsc::channel(answers_capacity);
+        let bootstrap = Bootstrap::new(
+            &config.bootstrap,
+            *swarm.local_peer_id(),
+            Duration::from_millis(config.bootstrap_backoff_initial_ms),
+            Duration::from_millis(config.bootstrap_backoff_max_ms),
+            Instant::now(),
+        );
         Ok(Self {
             swarm,
             commands,
             answers_tx,
             answers,
             services,
-            epoch,
-            listen_addrs,
+            epoch: published.epoch,
+            connectivity: published.connectivity,
+            listen_addrs: published.listen_addrs,
+            bootstrap,
             pending: HashMap::new(),
             lookups: HashMap::new(),
             dial_errors: HashMap::new(),
+            departures: Departures::new(Duration::from_millis(config.peer_departed_after_ms)),
             protocol_ids: PerProtocol::from_fn(|kind| kind.protocol_id(&config.protocol_prefix)),
             kad_protocol: stream_protocol(optimystic_core::wire::kad_protocol(&config.protocol_prefix))?,
             request_timeout_ms: config.request_timeout_ms,
@@ -165,40 +189,96 @@ impl SwarmTask {
         Ok(())
     }
 
-    /// Seeds the routing table with the bootstrap peers, dials them and starts a Kademlia
-    /// bootstrap. Failures are logged: a node whose bootstrap peers are down still starts.
-    pub(crate) fn bootstrap(&mut self, addrs: &[Multiaddr]) {
-        let mut seeded = false;
-        for addr in addrs {
-            let peer = addr.iter().find_map(|p| match p {
-                Protocol::P2p(peer) => Some(peer),
-                _ => None,
-            });
-            let dial = match peer {
-                Some(peer) if peer == *self.swarm.local_peer_id() => continue,
-                Some(peer) => {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                    seeded = true;
-                    DialOpts::peer_id(peer)
-                        .addresses(vec![addr.clone()])
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .build()
-                }
-                None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+    /// Dials the bootstrap addresses for the first time. A node whose bootstrap peers are down
+    /// still starts; the swarm task goes on dialling them (see `bootstrap.rs`). A peer an address
+    /// names (`/p2p/<peer id>`) enters the routing table at once, so lookups and clusters count on
+    /// it while the dial is in flight.
+    pub(crate) fn start_bootstrap(&mut self) {
+        for (peer, addr) in self.bootstrap.named_peers() {
+            self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+        }
+        self.dial_due_bootstrap();
+        self.publish_connectivity();
+    }
+
+    /// Dials every bootstrap address that is due. An address naming a peer already connected
+    /// counts as connected without a dial.
+    fn dial_due_bootstrap(&mut self) {
+        let now = Instant::now();
+        for index in self.bootstrap.due(now) {
+            let Some(target) = self.bootstrap.target(index) else {
+                continue;
             };
-            if let Err(e) = self.swarm.dial(dial) {
-                tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            let (addr, dial_addr, peer) = (target.addr.clone(), target.dial_addr.clone(), target.peer);
+            let opts = match peer {
+                Some(peer) if self.swarm.is_connected(&peer) => {
+                    self.bootstrap.already_connected(index, peer);
+                    continue;
+                }
+                Some(peer) => {
+                    DialOpts::peer_id(peer).addresses(vec![dial_addr]).condition(PeerCondition::Disconnected).build()
+                }
+                None => DialOpts::unknown_peer_id().address(dial_addr).build(),
+            };
+            let connection = opts.connection_id();
+            self.swarm.behaviour_mut().keep_alive.keep(connection);
+            match self.swarm.dial(opts) {
+                Ok(()) => self.bootstrap.dialling(index, connection),
+                Err(e) => {
+                    if let Some(failure) = self.bootstrap.failed(index, now) {
+                        log_bootstrap_failure(&failure, &dial_error_reason(&e));
+                    } else {
+                        tracing::warn!(%addr, reason = %dial_error_reason(&e), "cannot dial bootstrap peer");
+                    }
+                }
             }
         }
-        if seeded && let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+    }
+
+    /// A connection to `peer` made through (or to the peer named by) a bootstrap address: the peer
+    /// enters the routing table with the address dialled. A new entry makes Kademlia look the
+    /// network up on its own shortly after (it waits briefly so that peers joining at the same
+    /// time are found too); a peer already in the table gets an explicit bootstrap.
+    fn joined_through(&mut self, peer: PeerId, addr: &Multiaddr, dial_addr: Multiaddr) {
+        tracing::info!(%addr, %peer, "connected to bootstrap peer");
+        let known = self.in_routing_table(&peer);
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if kad.add_address(&peer, dial_addr) == kad::RoutingUpdate::Failed {
+            tracing::warn!(%addr, %peer, "bootstrap peer not added to the routing table (its bucket is full)");
+        }
+        if known && let Err(e) = kad.bootstrap() {
             tracing::debug!(error = %e, "kademlia bootstrap not started");
         }
     }
 
+    fn in_routing_table(&mut self, peer: &PeerId) -> bool {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        kad.kbucket(*peer).is_some_and(|bucket| bucket.iter().any(|entry| entry.node.key.preimage() == peer))
+    }
+
+    /// Publishes the connected peers and the routing-table size if they changed.
+    fn publish_connectivity(&mut self) {
+        let connected = self.swarm.connected_peers().copied().collect();
+        let routing_table_peers = self.swarm.behaviour_mut().kad.kbuckets().map(|bucket| bucket.num_entries()).sum();
+        let now = Connectivity { connected, routing_table_peers };
+        self.connectivity.send_if_modified(|published| {
+            if *published == now {
+                return false;
+            }
+            *published = now;
+            true
+        });
+    }
+
     pub(crate) async fn run(mut self) {
         let mut stopped = None;
+        let mut probe = tokio::time::interval(self.departures.probe_interval());
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let next_bootstrap = self.bootstrap.next_due();
             tokio::select! {
+                () = sleep_until(next_bootstrap) => self.dial_due_bootstrap(),
+                _ = probe.tick() => self.probe_disconnected(),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command.map(|c| self.on_command(c)) {
                     Some(ControlFlow::Continue(())) => {}
@@ -222,6 +302,41 @@ impl SwarmTask {
         }
     }
 
+    /// A dial to a routing-table peer failed: past the departure threshold it leaves the views.
+    fn dial_to_peer_failed(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        if self.swarm.is_connected(&peer) || !self.departures.dial_failed(peer, now) {
+            return;
+        }
+        let unreachable_s = self.departures.unreachable_for(&peer, now).map_or(0, |d| d.as_secs());
+        tracing::warn!(%peer, unreachable_s, "a peer is unreachable; it is left out of the cluster views until it connects again");
+        self.bump_epoch();
+    }
+
+    /// Forgets tracked peers Kademlia dropped, then dials a few disconnected ones: a failure can
+    /// make a peer depart, a connection brings a departed one back.
+    fn probe_disconnected(&mut self) {
+        let mut in_table = HashSet::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                in_table.insert(*entry.node.key.preimage());
+            }
+        }
+        if self.departures.retain(|peer| in_table.contains(peer)) {
+            self.bump_epoch();
+        }
+        for peer in self.departures.probes() {
+            if self.swarm.is_connected(&peer) {
+                continue;
+            }
+            let dial = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            if let Err(e) = self.swarm.dial(dial) {
+                tracing::debug!(%peer, error = %e, "probe dial of a disconnected peer failed at once");
+                self.dial_to_peer_failed(peer);
+            }
+        }
+    }
+
     fn bump_epoch(&self) {
         self.epoch.send_modify(|epoch| *epoch = epoch.wrapping_add(1));
     }
@@ -241,6 +356,7 @@ impl SwarmTask {
                     tracing::debug!(%peer, %addr, "address not added to the routing table");
                 }
                 self.swarm.add_peer_address(peer, addr);
+                self.publish_connectivity();
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -268,8 +384,12 @@ impl SwarmTask {
         let mut peers = ClusterPeers::new();
         for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
             for entry in bucket.iter() {
+                let peer = *entry.node.key.preimage();
+                if self.departures.is_departed(&peer) {
+                    continue;
+                }
                 let multiaddrs = entry.node.value.iter().map(ToString::to_string).collect();
-                peers.insert(*entry.node.key.preimage(), PeerInfo { multiaddrs });
+                peers.insert(peer, PeerInfo { multiaddrs });
             }
         }
         peers
@@ -292,6 +412,7 @@ impl SwarmTask {
             SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(e)) => self.on_identify(e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(_) | NodeBehaviourEvent::Limits(_)) => {}
+            SwarmEvent::Behaviour(NodeBehaviourEvent::KeepAlive(never)) => match never {},
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::debug!(%address, "listening");
                 let mut addrs = self.listen_addrs.write().unwrap_or_else(PoisonError::into_inner);
@@ -302,14 +423,39 @@ impl SwarmTask {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.write().unwrap_or_else(PoisonError::into_inner).retain(|a| *a != address);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } => {
                 self.dial_errors.remove(&peer_id);
-            }
-            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
-                if self.dial_errors.len() >= MAX_REMEMBERED_DIAL_ERRORS {
-                    self.dial_errors.clear();
+                if self.departures.connected(&peer_id) {
+                    tracing::info!(peer = %peer_id, "a departed peer is back; it rejoins the cluster views");
+                    self.bump_epoch();
                 }
-                self.dial_errors.insert(peer, error.to_string());
+                for target in self.bootstrap.connected(connection_id, peer_id) {
+                    self.joined_through(peer_id, &target.addr, target.dial_addr);
+                }
+                self.publish_connectivity();
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                if num_established == 0 {
+                    self.departures.disconnected(peer_id, Instant::now());
+                }
+                if self.swarm.connected_peers().next().is_none() && self.bootstrap.rearm(Instant::now()) {
+                    tracing::info!("every connection is closed; dialling the bootstrap peers again");
+                }
+                self.publish_connectivity();
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, connection_id, error } => {
+                if let Some(failure) = self.bootstrap.dial_failed(connection_id, Instant::now()) {
+                    log_bootstrap_failure(&failure, &dial_error_reason(&error));
+                }
+                if let Some(peer) = peer_id {
+                    if self.dial_errors.len() >= MAX_REMEMBERED_DIAL_ERRORS {
+                        self.dial_errors.clear();
+                    }
+                    self.dial_errors.insert(peer, dial_error_detail(&error));
+                    self.dial_to_peer_failed(peer);
+                }
+                // Kademlia forgets addresses that fail.
+                self.publish_connectivity();
             }
             other => tracing::trace!(event = ?other, "swarm event"),
         }
@@ -327,6 +473,7 @@ impl SwarmTask {
         } else if kad.remove_peer(&peer_id).is_some() {
             // A peer of another network (other prefix) or one that stopped serving the DHT.
             self.bump_epoch();
+            self.publish_connectivity();
         }
     }
 
@@ -335,6 +482,7 @@ impl SwarmTask {
             kad::Event::RoutingUpdated { is_new_peer, old_peer, .. } => {
                 if is_new_peer || old_peer.is_some() {
                     self.bump_epoch();
+                    self.publish_connectivity();
                 }
             }
             kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), .. } => {
@@ -443,5 +591,48 @@ impl SwarmTask {
                 });
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One `warn` line per failed bootstrap dial (one per backoff step: a dial names one address).
+fn log_bootstrap_failure(failure: &super::bootstrap::Failure, reason: &str) {
+    let retry_in_ms = u64::try_from(failure.retry_in.as_millis()).unwrap_or(u64::MAX);
+    tracing::warn!(
+        addr = %failure.addr,
+        %reason,
+        failures = failure.failures,
+        retry_in_ms,
+        "cannot reach bootstrap peer; retrying"
+    );
+}
+
+/// Why a dial failed, naming each address tried with its reason (for request errors).
+fn dial_error_detail(error: &DialError) -> String {
+    match error {
+        DialError::Transport(attempts) if !attempts.is_empty() => {
+            attempts.iter().map(|(addr, e)| format!("{addr}: {}", error_reason(e))).collect::<Vec<_>>().join("; ")
+        }
+        other => dial_error_reason(other),
+    }
+}
+
+/// Why a dial failed, in a few words: the transport's innermost reason for each address tried.
+fn dial_error_reason(error: &DialError) -> String {
+    match error {
+        DialError::Transport(attempts) if !attempts.is_empty() => {
+            attempts.iter().map(|(_, e)| error_reason(e)).collect::<Vec<_>>().join("; ")
+        }
+        DialError::WrongPeerId { obtained, .. } => {
+            format!("the peer there is {obtained}, not the one named")
+        }
+        other => other.to_string(),
     }
 }

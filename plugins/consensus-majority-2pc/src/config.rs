@@ -156,6 +156,45 @@ impl Default for MajorityConfig {
     }
 }
 
+impl Threshold {
+    /// The threshold as configuration writes it.
+    #[must_use]
+    pub fn to_value(&self) -> Value {
+        match *self {
+            Self::Majority => Value::from("majority"),
+            Self::Count(count) => Value::from(count),
+            Self::Fraction(fraction) => Value::from(fraction),
+        }
+    }
+}
+
+impl MajorityConfig {
+    /// The configuration as the `[consensus]` section writes it (`kind` excluded).
+    #[must_use]
+    pub fn to_options(&self) -> Map<String, Value> {
+        let mut map = Map::new();
+        map.insert("promise_threshold".into(), self.promise_threshold.to_value());
+        map.insert("commit_threshold".into(), self.commit_threshold.to_value());
+        map.insert("record_timeout_ms".into(), Value::from(self.record_timeout_ms));
+        map.insert("request_timeout_ms".into(), Value::from(self.request_timeout_ms));
+        map.insert("grace_ms".into(), Value::from(self.grace_ms));
+        map.insert("retry_attempts".into(), Value::from(self.retry_attempts));
+        map.insert("retry_base_ms".into(), Value::from(self.retry_base_ms));
+        map.insert("retry_max_ms".into(), Value::from(self.retry_max_ms));
+        map.insert("recovery_backoff_max_ms".into(), Value::from(self.recovery_backoff_max_ms));
+        map.insert("max_reservations".into(), Value::from(self.max_reservations));
+        map.insert("max_reservations_per_sender".into(), Value::from(self.max_reservations_per_sender));
+        map.insert("max_recovery_queries_in_flight".into(), Value::from(self.max_recovery_queries_in_flight));
+        map.insert("marker_retention_ms".into(), Value::from(self.marker_retention_ms));
+        map
+    }
+}
+
+/// The options' defaults (`optimystic config show`).
+pub(crate) fn defaults() -> Map<String, Value> {
+    MajorityConfig::default().to_options()
+}
+
 fn config_error(message: String) -> PluginError {
     PluginError::Config { plugin: PLUGIN.into(), message }
 }
@@ -351,6 +390,15 @@ mod tests {
         assert_eq!(config.commit_threshold, Threshold::Count(2));
         assert_eq!(config.retry_attempts, 0);
         assert_eq!(config.max_reservations, 3);
+    }
+
+    #[test]
+    fn the_declared_defaults_are_the_defaults_and_every_option() {
+        let declared = Value::Object(defaults());
+        assert_eq!(MajorityConfig::from_value(&declared).unwrap(), MajorityConfig::default());
+        let custom = MajorityConfig { promise_threshold: Threshold::Fraction(0.75), commit_threshold: Threshold::Count(2), ..MajorityConfig::default() };
+        assert_eq!(MajorityConfig::from_value(&Value::Object(custom.to_options())).unwrap(), custom);
+        assert_eq!(defaults().len(), 13, "every option of from_value is declared");
     }
 
     #[test]

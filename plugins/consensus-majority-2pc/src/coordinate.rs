@@ -85,6 +85,33 @@ fn named(vote: &Vote, ops: usize) -> Vec<(usize, RejectReason)> {
     }
 }
 
+/// Each distinct reason once, in first-seen order, followed by ` (N peers)` when more than one
+/// peer gave it.
+fn tally(reasons: &[String]) -> Vec<String> {
+    let mut counted: Vec<(&str, usize)> = Vec::new();
+    for reason in reasons {
+        match counted.iter_mut().find(|(r, _)| *r == reason.as_str()) {
+            Some((_, count)) => *count += 1,
+            None => counted.push((reason, 1)),
+        }
+    }
+    counted.into_iter().map(|(r, count)| if count > 1 { format!("{r} ({count} peers)") } else { r.to_owned() }).collect()
+}
+
+/// The details of `invalid` rejections (the category is the error's code), each distinct one
+/// once: every member that refuses an invalid transform says the same thing.
+fn invalid_details(reasons: &[String]) -> String {
+    let mut details: Vec<String> = Vec::new();
+    for reason in reasons {
+        let parsed = RejectReason::parse(reason);
+        let detail = if parsed.detail.is_empty() { reason.clone() } else { parsed.detail };
+        if !details.contains(&detail) {
+            details.push(detail);
+        }
+    }
+    details.join("; ")
+}
+
 /// The votes collected in phase 1.
 #[derive(Debug)]
 struct Promises {
@@ -438,7 +465,7 @@ impl Inner {
                         .transforms
                         .transform_for(&block_id)
                         .validate_shape(&block_id)
-                        .map_err(|source| RepoError::InvalidTransform { block_id: block_id.clone(), source })?;
+                        .map_err(|reason| RepoError::InvalidTransform { block_id: block_id.clone(), reason })?;
                 }
             }
             RepoOperation::Commit(_) | RepoOperation::Cancel { .. } => {}
@@ -627,7 +654,7 @@ impl Inner {
         let summary = format!(
             "{} of {n} peers approved, {quorum} needed; rejections: [{}]; no vote: [{}]",
             promises.approvals(),
-            promises.reasons().join("; "),
+            tally(&promises.reasons()).join("; "),
             promises.silent.join("; ")
         );
         tracing::debug!(%summary, "promise phase failed");
@@ -690,7 +717,7 @@ impl Inner {
                 let proven = reasons.len() > n - quorum;
                 if proven && reasons.iter().all(|r| r.category == RejectCategory::Invalid) {
                     let text: Vec<String> = reasons.iter().map(ToString::to_string).collect();
-                    return OpOutcome::Answer(Err(RepoError::BadRequest(text.join("; "))));
+                    return OpOutcome::Answer(Err(RepoError::BadRequest(invalid_details(&text))));
                 }
                 OpOutcome::Answer(Err(RepoError::ConsensusFailed(summary.clone())))
             })
@@ -769,5 +796,24 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_member_reasons_are_said_once() {
+        let same = "invalid: invalid transform for block diary: field \"x\" does not exist".to_owned();
+        let reasons = vec![same.clone(), same.clone()];
+        assert_eq!(invalid_details(&reasons), "invalid transform for block diary: field \"x\" does not exist");
+        let other = "invalid: block diary: header changes".to_owned();
+        assert_eq!(
+            invalid_details(&[same.clone(), other, same.clone()]),
+            "invalid transform for block diary: field \"x\" does not exist; block diary: header changes"
+        );
+        let busy = "busy: too many reservations".to_owned();
+        assert_eq!(tally(&[same.clone(), busy.clone(), same.clone()]), vec![format!("{same} (2 peers)"), busy]);
     }
 }

@@ -322,6 +322,7 @@ optimystic_core::inventory::submit! {
         "majority two-phase commit with Ed25519-signed votes among each block's cluster",
         build,
     )
+    .with_defaults(config::defaults)
 }
 
 #[cfg(test)]

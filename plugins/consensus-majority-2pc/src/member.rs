@@ -207,8 +207,8 @@ impl Inner {
                 Phase::Promise => record.promise_hash(),
                 Phase::Commit => record.commit_hash(),
             };
-            vote.verify(&self.me, &hash).map_err(|source| {
-                refusal(RecordError::BadSignature { peer: self.me_text.clone(), phase, source })
+            vote.verify(&self.me, &hash).map_err(|reason| {
+                refusal(RecordError::BadSignature { peer: self.me_text.clone(), phase, reason })
             })?;
         }
         Ok(())

@@ -47,6 +47,7 @@ pub fn load_plugin(path: &Path) -> Result<PluginEntry, PluginError> {
             let storage: Arc<dyn RawStorage> = Arc::new(library.open(cx, config)?);
             Ok(storage)
         })),
+        defaults: Default::default(),
     })
 }
 

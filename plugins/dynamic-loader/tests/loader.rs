@@ -261,18 +261,18 @@ fn storage_errors_keep_their_variant_across_the_boundary() {
 fn io_errors_keep_their_kind_and_os_code() {
     let e = StorageError::io("opening the store", std::io::Error::from_raw_os_error(2));
     match cross(&e) {
-        StorageError::Io { context, source } => {
+        StorageError::Io { context, error } => {
             assert_eq!(context, "opening the store");
-            assert_eq!(source.raw_os_error(), Some(2));
-            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            assert_eq!(error.raw_os_error(), Some(2));
+            assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
         }
         other => panic!("expected an I/O error, got {other:?}"),
     }
     let e = StorageError::io("writing", std::io::Error::new(std::io::ErrorKind::PermissionDenied, "read-only"));
     match cross(&e) {
-        StorageError::Io { source, .. } => {
-            assert_eq!(source.kind(), std::io::ErrorKind::PermissionDenied);
-            assert_eq!(source.to_string(), "read-only");
+        StorageError::Io { error, .. } => {
+            assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
+            assert_eq!(error.to_string(), "read-only");
         }
         other => panic!("expected an I/O error, got {other:?}"),
     }

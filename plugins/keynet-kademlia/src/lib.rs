@@ -54,7 +54,8 @@ pub struct KademliaKeyNetwork {
     cluster_size: usize,
     cache_ttl: Duration,
     cache: Mutex<Cache>,
-    /// Peers returned by DHT lookups (bounded by [`MAX_SEEN_PEERS`]), for [`KeyNetwork::has_seen`].
+    /// Peers returned by DHT lookups or seen live in the routing table (bounded by
+    /// [`MAX_SEEN_PEERS`]), for [`KeyNetwork::has_seen`].
     seen: Mutex<HashSet<PeerId>>,
 }
 
@@ -140,6 +141,18 @@ impl KademliaKeyNetwork {
         cache.entries.insert(block_id.clone(), answer.clone());
     }
 
+    /// Remembers peers for [`KeyNetwork::has_seen`] (bounded by [`MAX_SEEN_PEERS`]): a peer stays
+    /// seen after the host leaves it out of the routing table's live peers.
+    fn remember_seen<'a>(&self, peers: impl Iterator<Item = &'a PeerId>) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        for peer in peers {
+            if seen.len() >= MAX_SEEN_PEERS {
+                break;
+            }
+            seen.insert(*peer);
+        }
+    }
+
     /// The block's cluster, closest first, computed or cached.
     async fn resolve(&self, block_id: &BlockId) -> Result<Cached, KeyNetworkError> {
         let epoch = self.routing.routing_epoch();
@@ -149,18 +162,12 @@ impl KademliaKeyNetwork {
         let key = block_key(block_id);
         let local = self.routing.local_peer_id();
         let mut candidates = self.routing.known_peers().await;
+        self.remember_seen(candidates.keys());
         candidates.entry(local).or_default();
         if candidates.len() < self.cluster_size {
             match self.routing.closest_peers(block_id).await {
                 Ok(found) => {
-                    {
-                        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-                        for peer in found.keys() {
-                            if seen.len() < MAX_SEEN_PEERS {
-                                seen.insert(*peer);
-                            }
-                        }
-                    }
+                    self.remember_seen(found.keys());
                     for (peer, info) in found {
                         let known = candidates.entry(peer).or_default();
                         for addr in info.multiaddrs {
@@ -203,6 +210,12 @@ impl KeyNetwork for KademliaKeyNetwork {
             .ok_or(KeyNetworkError::AllExcluded)
     }
 
+    async fn ranked(&self, block_id: &BlockId, n: usize) -> Result<Vec<PeerId>, KeyNetworkError> {
+        let mut candidates = self.routing.known_peers().await;
+        candidates.entry(self.routing.local_peer_id()).or_default();
+        Ok(rank_peers(&block_key(block_id), candidates.keys(), n))
+    }
+
     fn cluster_size(&self) -> usize {
         self.cluster_size
     }
@@ -223,8 +236,17 @@ fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, Plug
     Ok(Arc::new(KademliaKeyNetwork::from_config(Arc::clone(routing), config)?))
 }
 
+/// The options' defaults.
+fn defaults() -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("cluster_size".to_owned(), Value::from(DEFAULT_CLUSTER_SIZE));
+    map.insert("cache_ttl_ms".to_owned(), Value::from(DEFAULT_CACHE_TTL_MS));
+    map
+}
+
 optimystic_core::inventory::submit! {
     PluginDescriptor::key_network("kademlia", "clusters ranked over the Kademlia DHT routing table", build)
+        .with_defaults(defaults)
 }
 
 #[cfg(test)]
@@ -234,7 +256,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     use optimystic_core::keynet::PeerInfo;
-    use optimystic_core::registry::Registry;
+    use optimystic_core::registry::{PluginKind, Registry};
     use serde_json::json;
 
     use super::*;
@@ -353,7 +375,11 @@ mod tests {
         let mut cx = PluginContext::new(routing.local);
         let registry = Registry::linked();
         assert!(matches!(registry.build_key_network("kademlia", &cx, &Value::Null), Err(PluginError::Missing(_))));
-        cx.routing = Some(routing);
+        cx.routing = Some(routing.clone());
         assert_eq!(registry.build_key_network("kademlia", &cx, &json!({"cluster_size": 4})).unwrap().cluster_size(), 4);
+
+        let declared = registry.defaults(PluginKind::KeyNetwork, "kademlia").unwrap().clone();
+        let network = KademliaKeyNetwork::from_config(routing, &Value::Object(declared)).unwrap();
+        assert_eq!((network.cluster_size(), network.cache_ttl), (DEFAULT_CLUSTER_SIZE, Duration::from_millis(DEFAULT_CACHE_TTL_MS)));
     }
 }

@@ -168,8 +168,17 @@ fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, Plug
     Ok(Arc::new(StaticKeyNetwork::from_config(cx.local_peer_id, config)?))
 }
 
+/// The options' defaults (no members: this node alone).
+fn defaults() -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("cluster_size".to_owned(), Value::from(DEFAULT_CLUSTER_SIZE));
+    map.insert("members".to_owned(), Value::Array(Vec::new()));
+    map
+}
+
 optimystic_core::inventory::submit! {
     PluginDescriptor::key_network("static", "clusters ranked over a fixed member list", build)
+        .with_defaults(defaults)
 }
 
 #[cfg(test)]

@@ -189,6 +189,14 @@ fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn RawStorage>, Plug
     Ok(Arc::new(FileStorage::open(path)?))
 }
 
+/// The options' defaults: `path` relative to the node's data directory.
+fn defaults() -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("path".to_owned(), Value::from(DEFAULT_SUBDIR));
+    map
+}
+
 optimystic_core::inventory::submit! {
     PluginDescriptor::storage("file", "blocks in files, one crash-safe directory per block (durable)", build)
+        .with_defaults(defaults)
 }

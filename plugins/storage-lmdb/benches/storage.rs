@@ -21,7 +21,8 @@
 //! histories) and gets on small vs large stores (`OPTIMYSTIC_BENCH_GET_ROUNDS`, default 20000).
 //!
 //! `OPTIMYSTIC_BENCH_BLOCKS` (default 100000) and `OPTIMYSTIC_BENCH_REVS` (default 10000) set the
-//! large sizes, for a quick run.
+//! large sizes, for a quick run; `OPTIMYSTIC_BENCH_ENGINES` (default `lmdb,file`) picks the
+//! engines of the `commit`, `pend_commit`, `get` and `history` groups.
 
 // The benchmark opens a raw heed environment for its baseline: see the SAFETY comment there.
 #![allow(unsafe_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
@@ -39,17 +40,12 @@ use optimystic_core::{
     Transforms, TrxId,
 };
 use optimystic_storage_file::FileStorage;
-use optimystic_storage_lmdb::{LmdbOptions, LmdbStorage};
+use optimystic_storage_lmdb::{LmdbKv, LmdbOptions, LmdbStorage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::runtime::Runtime;
 
-/// Blocks written concurrently while populating a fixture: LMDB serializes write transactions,
-/// the file system overlaps the fsyncs of different files.
-fn populate_concurrency(storage: &Arc<dyn RawStorage>) -> usize {
-    if format!("{storage:?}").starts_with("Lmdb") { 1 } else { 32 }
-}
 /// Blocks of the commit benchmarks (round robin, so each gets few extra revisions).
 const COMMIT_POOL: usize = 256;
 /// The "few revisions" size of the history group.
@@ -81,9 +77,26 @@ impl Engine {
 
     fn open(self, dir: &Path) -> Arc<dyn RawStorage> {
         match self {
-            Self::Lmdb => Arc::new(LmdbStorage::open_with(dir, LmdbOptions { map_size_bytes: 8 << 30 }).unwrap()),
+            Self::Lmdb => {
+                Arc::new(LmdbStorage::over(LmdbKv::open_with(dir, LmdbOptions { map_size_bytes: 8 << 30 }).unwrap()))
+            }
             Self::File => Arc::new(FileStorage::open(dir).unwrap()),
         }
+    }
+
+    /// Blocks written concurrently while populating a fixture: LMDB serializes write
+    /// transactions, the file system overlaps the fsyncs of different files.
+    fn populate_concurrency(self) -> usize {
+        match self {
+            Self::Lmdb => 1,
+            Self::File => 32,
+        }
+    }
+
+    /// The engines named in `OPTIMYSTIC_BENCH_ENGINES` (default: both).
+    fn selected() -> Vec<Self> {
+        let names = std::env::var("OPTIMYSTIC_BENCH_ENGINES").unwrap_or_else(|_| "lmdb,file".to_owned());
+        [Self::Lmdb, Self::File].into_iter().filter(|e| names.split(',').any(|n| n.trim() == e.name())).collect()
     }
 }
 
@@ -105,8 +118,8 @@ fn value_bytes() -> Vec<u8> {
 
 /// Commits revisions 1..=revs on each block directly through the engine, as `StorageRepo` would
 /// (values kept at checkpoints only), several blocks at a time.
-async fn populate(storage: &Arc<dyn RawStorage>, ids: &[BlockId], revs: u64) {
-    for chunk in ids.chunks(populate_concurrency(storage)) {
+async fn populate(engine: Engine, storage: &Arc<dyn RawStorage>, ids: &[BlockId], revs: u64) {
+    for chunk in ids.chunks(engine.populate_concurrency()) {
         let mut tasks = tokio::task::JoinSet::new();
         for id in chunk {
             let (id, storage) = (id.clone(), storage.clone());
@@ -211,7 +224,7 @@ impl Fixture {
         let storage = engine.open(dir.path());
         let ids: Vec<BlockId> = (0..blocks).map(|i| block_id("b", i)).collect();
         let started = Instant::now();
-        rt.block_on(populate(&storage, &ids, revs));
+        rt.block_on(populate(engine, &storage, &ids, revs));
         eprintln!("populated {blocks} {} blocks with {revs} revisions in {:.1?}", engine.name(), started.elapsed());
         Self { _dir: dir, repo: StorageRepo::new(storage.clone()), storage, ids }
     }
@@ -340,7 +353,7 @@ fn interleaved_ratio(rt: &Runtime, rounds: usize) {
 fn commits(c: &mut Criterion) {
     let rt = runtime();
     interleaved_ratio(&rt, env_usize("OPTIMYSTIC_BENCH_ROUNDS", 500));
-    for engine in [Engine::Lmdb, Engine::File] {
+    for engine in Engine::selected() {
         let fixture = Fixture::new(&rt, engine, COMMIT_POOL, 1);
         let mut writer = fixture.writer(1);
         let mut group = c.benchmark_group("commit");
@@ -359,7 +372,7 @@ fn gets(c: &mut Criterion) {
     let rt = runtime();
     let many = env_usize("OPTIMYSTIC_BENCH_BLOCKS", 100_000);
     let rounds = env_usize("OPTIMYSTIC_BENCH_GET_ROUNDS", 20_000);
-    for engine in [Engine::Lmdb, Engine::File] {
+    for engine in Engine::selected() {
         let small = Fixture::new(&rt, engine, FEW_BLOCKS, 1);
         let large = Fixture::new(&rt, engine, many, 1);
         let (a, b) = interleaved_gets(&rt, &small, &large, rounds);
@@ -383,7 +396,7 @@ fn histories(c: &mut Criterion) {
     let many = env_usize("OPTIMYSTIC_BENCH_REVS", 10_000) as u64;
     let get_rounds = env_usize("OPTIMYSTIC_BENCH_GET_ROUNDS", 20_000);
     let commit_rounds = env_usize("OPTIMYSTIC_BENCH_ROUNDS", 500);
-    for engine in [Engine::Lmdb, Engine::File] {
+    for engine in Engine::selected() {
         // Few revisions: a pool of blocks, so each gets only a few more while measuring.
         let short = Fixture::new(&rt, engine, COMMIT_POOL, FEW_REVS);
         let long = Fixture::new(&rt, engine, 1, many);

@@ -4,7 +4,7 @@
 //! `unsafe` because LMDB memory-maps its data file, and the map becomes undefined behaviour if the
 //! file is modified behind LMDB's back or the same file is opened twice in one process with
 //! different handles. Here every environment lives in `<data dir>/env`, and [`open_env`] is only
-//! called by [`crate::LmdbStorage::open`] while it holds the data directory's exclusive lock
+//! called by [`crate::LmdbKv::open_with`] while it holds the data directory's exclusive lock
 //! ([`optimystic_storage_file::datadir::DataDir`], an `flock` that conflicts between processes and
 //! between two opens in one process). The lock outlives the environment (the store drops the
 //! environment before the lock), so there is at most one environment per path per process and no

@@ -9,8 +9,16 @@ use std::sync::Arc;
 use optimystic_core::registry::{PluginContext, PluginError, PluginKind, Registry};
 use optimystic_core::storage::{BlockCommit, RawStorage};
 use optimystic_core::{Block, BlockId, StorageError, Transform, TrxId, TrxRev};
-use optimystic_storage_lmdb::{LmdbOptions, LmdbStorage};
+use optimystic_storage_lmdb::{FORMAT_VERSION, LmdbKv, LmdbOptions, LmdbStorage};
 use serde_json::json;
+
+fn open(path: &std::path::Path) -> Result<LmdbStorage, StorageError> {
+    LmdbKv::open(path).map(LmdbStorage::over)
+}
+
+fn open_with(path: &std::path::Path, options: LmdbOptions) -> Result<LmdbStorage, StorageError> {
+    LmdbKv::open_with(path, options).map(LmdbStorage::over)
+}
 
 fn bid(s: &str) -> BlockId {
     BlockId::new(s).unwrap()
@@ -32,7 +40,7 @@ fn commit(trx: &TrxId, rev: u64, value: Option<Block>, prune: Option<u64>) -> Bl
 #[tokio::test]
 async fn a_full_map_is_a_clear_error_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = LmdbStorage::open_with(dir.path(), LmdbOptions { map_size_bytes: 256 * 1024 }).unwrap();
+    let storage = open_with(dir.path(), LmdbOptions { map_size_bytes: 256 * 1024 }).unwrap();
     let id = bid("big");
     let mut committed = 0u64;
     let mut full = None;
@@ -61,36 +69,47 @@ async fn a_full_map_is_a_clear_error_and_changes_nothing() {
 #[tokio::test]
 async fn a_second_open_is_locked_and_names_the_holder() {
     let dir = tempfile::tempdir().unwrap();
-    let first = LmdbStorage::open(dir.path()).unwrap();
-    match LmdbStorage::open(dir.path()).unwrap_err() {
+    let first = open(dir.path()).unwrap();
+    match open(dir.path()).unwrap_err() {
         StorageError::Locked(message) => assert!(message.contains(&std::process::id().to_string()), "{message}"),
         other => panic!("expected Locked, got {other:?}"),
     }
     first.close().await.unwrap();
     first.close().await.unwrap();
     assert!(first.latest(&bid("a")).await.is_err(), "calls after close fail");
-    let second = LmdbStorage::open(dir.path()).unwrap();
+    let second = open(dir.path()).unwrap();
     drop(second);
-    LmdbStorage::open(dir.path()).unwrap();
+    open(dir.path()).unwrap();
 }
 
 #[test]
 fn foreign_or_unknown_directories_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(optimystic_storage_file::FileStorage::open(dir.path()).unwrap());
-    assert!(matches!(LmdbStorage::open(dir.path()), Err(StorageError::Incompatible(m)) if m.contains("file")));
+    assert!(matches!(open(dir.path()), Err(StorageError::Incompatible(m)) if m.contains("file")));
 
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("FORMAT"), r#"{"format":"optimystic-storage","engine":"lmdb","version":2}"#)
-        .unwrap();
-    assert!(matches!(LmdbStorage::open(dir.path()), Err(StorageError::Incompatible(_))));
+    // A directory of the format before the key-value seam (version 1), or of a newer build, is
+    // refused with both versions named.
+    for version in [1, FORMAT_VERSION + 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!(r#"{{"format":"optimystic-storage","engine":"lmdb","version":{version}}}"#);
+        std::fs::write(dir.path().join("FORMAT"), marker).unwrap();
+        match open(dir.path()) {
+            Err(StorageError::Incompatible(m)) => assert!(
+                m.contains(&format!("format version {version}"))
+                    && m.contains(&format!("reads version {FORMAT_VERSION}")),
+                "{m}"
+            ),
+            other => panic!("version {version}: expected Incompatible, got {other:?}"),
+        }
+    }
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("data.mdb"), "someone else's").unwrap();
-    assert!(matches!(LmdbStorage::open(dir.path()), Err(StorageError::Incompatible(_))));
+    assert!(matches!(open(dir.path()), Err(StorageError::Incompatible(_))));
 
     let dir = tempfile::tempdir().unwrap();
-    drop(LmdbStorage::open(dir.path()).unwrap());
+    drop(open(dir.path()).unwrap());
     assert!(matches!(optimystic_storage_file::FileStorage::open(dir.path()), Err(StorageError::Incompatible(_))));
 }
 
@@ -101,7 +120,7 @@ async fn data_survives_reopen_and_odd_ids_round_trip() {
     let ids = ["../../etc/passwd", "a/b", "nul\0byte", "..", "日本", long.as_str()];
     let trx_long = "t".repeat(128);
     {
-        let storage = LmdbStorage::open(dir.path()).unwrap();
+        let storage = open(dir.path()).unwrap();
         for (i, raw) in ids.iter().enumerate() {
             let id = bid(raw);
             storage.save_pending(&id, &tid(&trx_long), &Transform::default()).await.unwrap();
@@ -116,12 +135,11 @@ async fn data_survives_reopen_and_odd_ids_round_trip() {
         storage.put_meta("", b"empty key").await.unwrap();
         storage.put_meta("p/1", b"one").await.unwrap();
         storage.put_meta("p/2", b"two").await.unwrap();
-        let too_long = "k".repeat(600);
-        assert!(matches!(storage.put_meta(&too_long, b"x").await, Err(StorageError::Invalid(_))));
-        assert_eq!(storage.get_meta(&too_long).await.unwrap(), None);
+        // Longer than an LMDB key: stored under its hash, read back by its name.
+        storage.put_meta(&"k".repeat(600), b"long").await.unwrap();
         storage.close().await.unwrap();
     }
-    let storage = LmdbStorage::open(dir.path()).unwrap();
+    let storage = open(dir.path()).unwrap();
     let mut sorted: Vec<BlockId> = ids.iter().map(|s| bid(s)).collect();
     sorted.sort();
     assert_eq!(storage.block_ids(None, 100).await.unwrap(), sorted);
@@ -140,6 +158,7 @@ async fn data_survives_reopen_and_odd_ids_round_trip() {
         assert_eq!(storage.pending_trx_ids(&id).await.unwrap(), vec![tid(&trx_long)]);
     }
     assert_eq!(storage.get_meta("").await.unwrap().as_deref(), Some(&b"empty key"[..]));
+    assert_eq!(storage.get_meta(&"k".repeat(600)).await.unwrap().as_deref(), Some(&b"long"[..]));
     let listed = storage.list_meta("p/", 10).await.unwrap();
     assert_eq!(listed, vec![("p/1".to_owned(), b"one".to_vec()), ("p/2".to_owned(), b"two".to_vec())]);
     assert_eq!(storage.list_meta("p/", 1).await.unwrap().len(), 1);
@@ -148,7 +167,7 @@ async fn data_survives_reopen_and_odd_ids_round_trip() {
 #[tokio::test]
 async fn forgotten_blocks_are_not_listed() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = LmdbStorage::open(dir.path()).unwrap();
+    let storage = open(dir.path()).unwrap();
     let id = bid("short-lived");
     storage.save_pending(&id, &tid("x"), &Transform::default()).await.unwrap();
     storage.save_pending(&id, &tid("y"), &Transform::default()).await.unwrap();

@@ -1,195 +1,104 @@
-//! In-memory [`RawStorage`], registered as `storage memory`.
+//! In-memory storage, registered as `storage memory`: [`MemoryKv`], a [`KvStore`] of one sorted
+//! map, used through [`KvBlockStorage`] as [`MemoryStorage`].
 //!
-//! Not durable: everything is lost when the process ends. Each block's state sits behind its own
-//! mutex, so operations on different blocks never contend; the per-block commit step is atomic
-//! because it happens under that mutex.
+//! Not durable: everything is lost when the process ends. A batch is applied under the map's
+//! write lock, so readers never see part of one; reads share the lock. Calls never wait on I/O, so
+//! the adapter runs them inline on the calling task.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use async_trait::async_trait;
+use optimystic_core::StorageError;
+use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys, scan_map};
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
-use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
-use optimystic_core::{BlockId, StorageError, Transform, TrxId, TrxRev};
+use optimystic_core::storage::RawStorage;
 use serde_json::Value;
 
-#[derive(Debug, Default)]
-struct BlockState {
-    latest: Option<TrxRev>,
-    revisions: BTreeMap<u64, TrxId>,
-    committed: HashMap<TrxId, CommittedTransform>,
-    pending: BTreeMap<TrxId, Transform>,
-    values: BTreeMap<u64, BlockValue>,
+/// The engine's name in errors.
+const ENGINE: &str = "memory";
+
+/// The `storage memory` engine: block storage over a [`MemoryKv`]. `MemoryStorage::new()` is an
+/// empty store; clones share it.
+pub type MemoryStorage = KvBlockStorage<MemoryKv>;
+
+/// A sorted map of byte keys in memory; `None` once closed.
+#[derive(Debug)]
+pub struct MemoryKv {
+    map: RwLock<Option<BTreeMap<Vec<u8>, Vec<u8>>>>,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    blocks: BTreeMap<BlockId, BlockState>,
-    meta: BTreeMap<String, Vec<u8>>,
-    closed: bool,
+impl Default for MemoryKv {
+    fn default() -> Self {
+        Self { map: RwLock::new(Some(BTreeMap::new())) }
+    }
 }
 
-/// Blocks and metadata in memory.
-#[derive(Debug, Default, Clone)]
-pub struct MemoryStorage {
-    state: Arc<Mutex<State>>,
-}
-
-impl MemoryStorage {
-    /// An empty store.
+impl MemoryKv {
+    /// An empty, open store.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn state(&self) -> Result<MutexGuard<'_, State>, StorageError> {
-        let guard = self.state.lock().map_err(|_| StorageError::Backend {
-            engine: "memory",
-            message: "a thread panicked while holding the store".into(),
-        })?;
-        if guard.closed {
-            return Err(StorageError::Invalid("the store is closed".into()));
-        }
-        Ok(guard)
+    // The map is only changed by whole batches of infallible map operations, so a thread that
+    // panicked while holding a lock left it consistent: a poisoned lock is used as it is.
+    fn read(&self) -> RwLockReadGuard<'_, Option<BTreeMap<Vec<u8>, Vec<u8>>>> {
+        self.map.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn read<T>(&self, block_id: &BlockId, f: impl FnOnce(&BlockState) -> T) -> Result<Option<T>, StorageError> {
-        Ok(self.state()?.blocks.get(block_id).map(f))
+    fn write_lock(&self) -> RwLockWriteGuard<'_, Option<BTreeMap<Vec<u8>, Vec<u8>>>> {
+        self.map.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-#[async_trait]
-impl RawStorage for MemoryStorage {
-    async fn latest(&self, block_id: &BlockId) -> Result<Option<TrxRev>, StorageError> {
-        Ok(self.read(block_id, |b| b.latest.clone())?.flatten())
-    }
+fn closed() -> StorageError {
+    StorageError::Closed { engine: ENGINE }
+}
 
-    async fn revisions(&self, block_id: &BlockId, from_rev: u64, to_rev: u64) -> Result<Vec<TrxRev>, StorageError> {
-        if from_rev > to_rev {
-            return Ok(Vec::new());
-        }
-        Ok(self
-            .read(block_id, |b| {
-                b.revisions
-                    .range(from_rev..=to_rev)
-                    .map(|(rev, trx_id)| TrxRev { trx_id: trx_id.clone(), rev: *rev })
-                    .collect()
-            })?
-            .unwrap_or_default())
-    }
+impl KvStore for MemoryKv {
+    const READS_WAIT: bool = false;
+    const WRITES_WAIT: bool = false;
 
-    async fn revision_at_or_before(&self, block_id: &BlockId, at_rev: u64) -> Result<Option<TrxRev>, StorageError> {
-        Ok(self
-            .read(block_id, |b| {
-                b.revisions.range(..=at_rev).next_back().map(|(rev, trx_id)| TrxRev { trx_id: trx_id.clone(), rev: *rev })
-            })?
-            .flatten())
-    }
-
-    async fn committed(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<Option<CommittedTransform>, StorageError> {
-        Ok(self.read(block_id, |b| b.committed.get(trx_id).cloned())?.flatten())
-    }
-
-    async fn pending(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<Option<Transform>, StorageError> {
-        Ok(self.read(block_id, |b| b.pending.get(trx_id).cloned())?.flatten())
-    }
-
-    async fn pending_trx_ids(&self, block_id: &BlockId) -> Result<Vec<TrxId>, StorageError> {
-        Ok(self.read(block_id, |b| b.pending.keys().cloned().collect())?.unwrap_or_default())
-    }
-
-    async fn save_pending(&self, block_id: &BlockId, trx_id: &TrxId, transform: &Transform) -> Result<(), StorageError> {
-        let mut state = self.state()?;
-        state.blocks.entry(block_id.clone()).or_default().pending.insert(trx_id.clone(), transform.clone());
-        Ok(())
-    }
-
-    async fn delete_pending(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<(), StorageError> {
-        let mut state = self.state()?;
-        let now_empty = match state.blocks.get_mut(block_id) {
-            Some(block) => {
-                block.pending.remove(trx_id);
-                block.latest.is_none() && block.pending.is_empty()
-            }
-            None => false,
-        };
-        if now_empty {
-            state.blocks.remove(block_id);
-        }
-        Ok(())
-    }
-
-    async fn materialized(&self, block_id: &BlockId, rev: u64) -> Result<Option<BlockValue>, StorageError> {
-        Ok(self.read(block_id, |b| b.values.get(&rev).cloned())?.flatten())
-    }
-
-    async fn commit_block(&self, block_id: &BlockId, commit: &BlockCommit) -> Result<(), StorageError> {
-        let mut state = self.state()?;
-        let block = state.blocks.entry(block_id.clone()).or_default();
-        if let Some(latest) = &block.latest
-            && latest.rev >= commit.rev
-        {
-            return Err(StorageError::Invalid(format!(
-                "commit of {} at rev {} does not advance latest rev {} of {block_id}",
-                commit.trx_id, commit.rev, latest.rev
-            )));
-        }
-        block.values.insert(commit.rev, commit.value.clone());
-        if let Some(prune) = commit.prune_value_at.filter(|r| *r != commit.rev) {
-            block.values.remove(&prune);
-        }
-        block.revisions.insert(commit.rev, commit.trx_id.clone());
-        block
-            .committed
-            .insert(commit.trx_id.clone(), CommittedTransform { rev: commit.rev, transform: commit.transform.clone() });
-        block.pending.remove(&commit.trx_id);
-        block.latest = Some(TrxRev { trx_id: commit.trx_id.clone(), rev: commit.rev });
-        Ok(())
-    }
-
-    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.state()?.meta.get(key).cloned())
-    }
-
-    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.state()?.meta.insert(key.to_owned(), value.to_vec());
-        Ok(())
-    }
-
-    async fn delete_meta(&self, key: &str) -> Result<(), StorageError> {
-        self.state()?.meta.remove(key);
-        Ok(())
-    }
-
-    async fn list_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
-        Ok(self
-            .state()?
-            .meta
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+    fn name(&self) -> &'static str {
+        ENGINE
     }
 
     fn durable(&self) -> bool {
         false
     }
 
-    async fn block_ids(&self, after: Option<&BlockId>, limit: usize) -> Result<Vec<BlockId>, StorageError> {
-        let state = self.state()?;
-        let ids = state.blocks.keys().filter(|id| after.is_none_or(|a| *id > a)).take(limit).cloned().collect();
-        Ok(ids)
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.read().as_ref().ok_or_else(closed)?.get(key).cloned())
     }
 
-    async fn stats(&self) -> Result<Option<StorageStats>, StorageError> {
-        let blocks = u64::try_from(self.state()?.blocks.len()).unwrap_or(u64::MAX);
-        Ok(Some(StorageStats { blocks, bytes: None }))
+    fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
+        Ok(scan_map(self.read().as_ref().ok_or_else(closed)?, prefix, start, limit))
     }
 
-    async fn close(&self) -> Result<(), StorageError> {
-        if let Ok(mut state) = self.state.lock() {
-            state.closed = true;
+    /// Checks every key first, then applies the batch under the write lock.
+    fn write(&self, batch: &[KvWrite], _durable: bool) -> Result<(), StorageError> {
+        check_keys(ENGINE, batch, MAX_KEY_BYTES)?;
+        let mut guard = self.write_lock();
+        let map = guard.as_mut().ok_or_else(closed)?;
+        for write in batch {
+            match write {
+                KvWrite::Put { key, value } => {
+                    map.insert(key.clone(), value.clone());
+                }
+                KvWrite::Delete { key } => {
+                    map.remove(key);
+                }
+            }
         }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.read().as_ref().map(|_| ()).ok_or_else(closed)
+    }
+
+    /// Drops the map.
+    fn close(&self) -> Result<(), StorageError> {
+        self.write_lock().take();
         Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! The storage conformance suite over [`MemoryStorage`].
+//! The storage conformance suite over [`MemoryStorage`]: the key-value adapter over a `MemoryKv`.
 
 use std::sync::Arc;
 

@@ -150,7 +150,7 @@ enum ErrorKind {
 impl From<RepoError> for ErrorKind {
     fn from(e: RepoError) -> Self {
         match e {
-            RepoError::InvalidTransform { block_id, source } => Self::Invalid(block_id, source),
+            RepoError::InvalidTransform { block_id, reason } => Self::Invalid(block_id, reason),
             RepoError::UnknownBlock(id) => Self::Unknown(id),
             RepoError::PendingNotFound { trx_id, block_id } => Self::PendingNotFound(trx_id, block_id),
             RepoError::TrxConflict { trx_id, block_id } => Self::Conflict(trx_id, block_id),

@@ -204,8 +204,11 @@ impl Invoker {
                 self.op_timeout
             )),
             Outcome::SpawnFailed(e) => Err(format!("client not started: {e}")),
+            // Exit 3: some block does not exist there; the answer is on stdout all the same.
             Outcome::Exited {
-                code: 0, stdout, ..
+                code: 0 | 3,
+                stdout,
+                ..
             } => serde_json::from_str(&stdout)
                 .map_err(|e| format!("unreadable answer: {e}: {stdout}")),
             Outcome::Exited { code, stderr, .. } => {

@@ -241,6 +241,74 @@ pub async fn raw_meta_put_get_delete_list(fixture: Fixture) {
     assert!(raw.block_ids(None, 100).await.expect("block_ids").is_empty(), "metadata is not blocks");
 }
 
+/// Metadata keys of any length (evidence and tombstone keys of 256-byte ids run to about 800
+/// bytes) are stored, read, listed in key order under any limit, and deleted like short ones.
+pub async fn raw_meta_long_keys(fixture: Fixture) {
+    let raw = fixture.storage.as_ref();
+    let x = |n: usize| format!("k/{}", "x".repeat(n));
+    let head = x(600);
+    let mut keys = vec![
+        format!("{head}/b"),
+        format!("{head}/a"),
+        format!("{head}/a0"),
+        format!("{head}/c/{}", "z".repeat(200)),
+        head.clone(),
+        x(300),
+        "k/y".to_owned(),
+    ];
+    // Lengths around any engine's limit for a key kept as it is (LMDB's is 511 bytes).
+    for n in 470..=520 {
+        keys.push(format!("{}é", x(n)));
+        keys.push(x(n));
+    }
+    for key in &keys {
+        raw.put_meta(key, key.as_bytes()).await.expect("put of a long key");
+    }
+    for key in &keys {
+        assert_eq!(
+            raw.get_meta(key).await.expect("get").as_deref(),
+            Some(key.as_bytes()),
+            "value of a {}-byte key",
+            key.len()
+        );
+    }
+    keys.sort();
+    let listed = |list: Vec<(String, Vec<u8>)>| {
+        for (key, value) in &list {
+            assert_eq!(value, key.as_bytes(), "the value listed with a {}-byte key", key.len());
+        }
+        list.into_iter().map(|(k, _)| k).collect::<Vec<_>>()
+    };
+    assert_eq!(listed(raw.list_meta("k/", usize::MAX).await.expect("list")), keys, "sorted by key");
+    for limit in [1, 2, 50, keys.len() - 3, keys.len() - 1] {
+        assert_eq!(listed(raw.list_meta("k/", limit).await.expect("list")), keys[..limit], "the first {limit} keys");
+    }
+    let under = |prefix: &str| keys.iter().filter(|k| k.starts_with(prefix)).cloned().collect::<Vec<_>>();
+    for prefix in [format!("{head}/"), format!("{head}/a"), x(500), x(476)] {
+        let expected = under(&prefix);
+        assert!(!expected.is_empty());
+        assert_eq!(
+            listed(raw.list_meta(&prefix, usize::MAX).await.expect("list")),
+            expected,
+            "under a {}-byte prefix",
+            prefix.len()
+        );
+        assert_eq!(
+            listed(raw.list_meta(&prefix, 1).await.expect("list")),
+            expected[..1],
+            "limit 1 under a {}-byte prefix",
+            prefix.len()
+        );
+    }
+    let gone = format!("{head}/a");
+    raw.write_meta(&[MetaWrite::Delete(gone.clone()), MetaWrite::Delete(format!("{head}/never"))])
+        .await
+        .expect("delete");
+    assert_eq!(raw.get_meta(&gone).await.expect("get"), None);
+    keys.retain(|k| *k != gone);
+    assert_eq!(listed(raw.list_meta("k/", usize::MAX).await.expect("list")), keys);
+}
+
 /// A metadata batch applies its puts and deletes in order; an empty batch and deletes of absent
 /// keys are fine.
 pub async fn raw_meta_batch_applies_in_order(fixture: Fixture) {

@@ -111,7 +111,7 @@ pub(crate) fn assert_invalid<T: std::fmt::Debug>(
     what: &str,
 ) {
     match result {
-        Err(RepoError::InvalidTransform { block_id, source: got }) if block_id.as_str() == block && got == source => {}
+        Err(RepoError::InvalidTransform { block_id, reason: got }) if block_id.as_str() == block && got == source => {}
         other => panic!("{what}: expected InvalidTransform on {block} ({source}), got {}", describe(other)),
     }
 }
