@@ -105,7 +105,10 @@ async fn check_history(cluster: &LocalCluster, block_id: &BlockId, acked: &[(Trx
             panic!("two acknowledged commits at rev {rev} of {block_id}: {other} and {trx}");
         }
         let copies = logs.iter().filter(|log| log.get(rev) == Some(trx)).count();
-        assert!(copies >= min_copies, "acknowledged {trx}@{rev} of {block_id} is on {copies} nodes, expected {min_copies}");
+        assert!(
+            copies >= min_copies,
+            "acknowledged {trx}@{rev} of {block_id} is on {copies} nodes, expected {min_copies}"
+        );
     }
 }
 
@@ -151,7 +154,8 @@ async fn a_stopped_member_misses_nothing_after_restart() {
 
     cluster.stop(2).await.unwrap();
     for n in 0..5 {
-        let done = txn::write_block(repo.as_ref(), &block_id, &append(&format!("while down {n}")), patient()).await.unwrap();
+        let done =
+            txn::write_block(repo.as_ref(), &block_id, &append(&format!("while down {n}")), patient()).await.unwrap();
         acked.push((done.trx_id, done.rev));
     }
     let target = acked.last().unwrap().1;

@@ -115,11 +115,7 @@ pub fn array_index(key: &str) -> Option<u32> {
         return None;
     }
     let value = key.parse::<u64>().ok()?;
-    if value <= 4_294_967_294 {
-        u32::try_from(value).ok()
-    } else {
-        None
-    }
+    if value <= 4_294_967_294 { u32::try_from(value).ok() } else { None }
 }
 
 /// Writes `s` as a JSON string literal escaped exactly as `JSON.stringify` does.
@@ -198,10 +194,7 @@ mod tests {
 
     #[test]
     fn sorts_index_keys_numerically_first() {
-        assert_eq!(
-            canon_str(r#"{"b":1,"a":2,"10":3,"2":4}"#),
-            r#"{"2":4,"10":3,"a":2,"b":1}"#
-        );
+        assert_eq!(canon_str(r#"{"b":1,"a":2,"10":3,"2":4}"#), r#"{"2":4,"10":3,"a":2,"b":1}"#);
         // Not array indices: leading zero, sign, too large, non-digits; they sort as strings.
         assert_eq!(
             canon_str(r#"{"x":0,"4294967295":1,"4294967294":2,"01":3,"-1":4,"1.5":5,"0":6,"":7}"#),
@@ -221,10 +214,7 @@ mod tests {
     fn sorts_other_keys_by_utf16_units() {
         // U+1F600 is the pair D83D DE00, which sorts before U+FF61 in UTF-16 (not in UTF-8).
         let v = json!({"\u{FF61}": 1, "\u{1F600}": 2, "a": 3, "B": 4, "é": 5});
-        assert_eq!(
-            canon(&v),
-            "{\"B\":4,\"a\":3,\"é\":5,\"\u{1F600}\":2,\"\u{FF61}\":1}"
-        );
+        assert_eq!(canon(&v), "{\"B\":4,\"a\":3,\"é\":5,\"\u{1F600}\":2,\"\u{FF61}\":1}");
         assert_eq!(cmp_utf16("\u{1F600}", "\u{FF61}"), Ordering::Less);
         assert_eq!("\u{1F600}".cmp("\u{FF61}"), Ordering::Greater);
         assert_eq!(cmp_utf16("ab", "abc"), Ordering::Less);
@@ -249,10 +239,7 @@ mod tests {
     #[test]
     fn escapes_strings_like_json_stringify() {
         let s = "q\"b\\s/\u{8}\u{c}\n\r\t\u{0}\u{1}\u{1f}\u{7f}\u{2028}\u{2029}é😀";
-        assert_eq!(
-            canon(&json!(s)),
-            "\"q\\\"b\\\\s/\\b\\f\\n\\r\\t\\u0000\\u0001\\u001f\u{7f}\u{2028}\u{2029}é😀\""
-        );
+        assert_eq!(canon(&json!(s)), "\"q\\\"b\\\\s/\\b\\f\\n\\r\\t\\u0000\\u0001\\u001f\u{7f}\u{2028}\u{2029}é😀\"");
         // Escaping applies to keys too.
         assert_eq!(canon(&json!({"a\nb": "\u{1b}"})), "{\"a\\nb\":\"\\u001b\"}");
     }
@@ -329,9 +316,6 @@ mod tests {
 
     #[test]
     fn keeps_proto_key() {
-        assert_eq!(
-            canon_str(r#"{"__proto__":{"a":1}}"#),
-            r#"{"__proto__":{"a":1}}"#
-        );
+        assert_eq!(canon_str(r#"{"__proto__":{"a":1}}"#), r#"{"__proto__":{"a":1}}"#);
     }
 }

@@ -68,7 +68,10 @@ impl Check {
             Self::Behind { error, .. } => Some(RejectReason::new(RejectCategory::Behind, error.to_string())),
             Self::Gap { block_id, latest_rev, rev } => Some(RejectReason::new(
                 RejectCategory::Behind,
-                format!("block {block_id} is at revision {latest_rev} here, revision {rev} needs {}", rev.saturating_sub(1)),
+                format!(
+                    "block {block_id} is at revision {latest_rev} here, revision {rev} needs {}",
+                    rev.saturating_sub(1)
+                ),
             )),
             Self::Invalid(error) => Some(RejectReason::new(RejectCategory::Invalid, error.to_string())),
         }
@@ -269,7 +272,10 @@ mod tests {
         let parsed = RejectReason::parse(&text);
         assert_eq!(parsed.category, RejectCategory::Batch);
         let failures = parsed.batch_failures().unwrap().unwrap();
-        assert_eq!(failures, vec![BatchFailure { index: 0, reason: stale }, BatchFailure { index: 3, reason: awkward }]);
+        assert_eq!(
+            failures,
+            vec![BatchFailure { index: 0, reason: stale }, BatchFailure { index: 3, reason: awkward }]
+        );
         assert!(RejectReason::parse("batch: [[0").batch_failures().unwrap().is_err());
         assert!(RejectReason::parse("stale: x").batch_failures().is_none());
     }

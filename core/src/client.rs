@@ -127,7 +127,12 @@ impl ClusterClient {
     /// [`RepoError::Unavailable`] when the member could not be reached or did not answer in time
     /// (it may have processed the record); [`RepoError::Busy`] when too many requests are in
     /// flight (nothing was sent); [`RepoError::Internal`] when the answer is not a record.
-    pub async fn update(&self, peer: PeerId, record: &ClusterRecord, timeout: Duration) -> Result<ClusterRecord, RepoError> {
+    pub async fn update(
+        &self,
+        peer: PeerId,
+        record: &ClusterRecord,
+        timeout: Duration,
+    ) -> Result<ClusterRecord, RepoError> {
         let request = json!({"operation": "update", "record": record.to_value()});
         let response: Value = self.network.request(peer, ProtocolKind::Cluster, request, timeout).await?;
         ClusterRecord::from_value(response)
@@ -233,7 +238,8 @@ mod tests {
     async fn cancel_answers_null_and_cluster_update_requires_a_record() {
         let peer = PeerId::random();
         let network = canned(Ok(Value::Null));
-        let trx = TrxBlocks { trx_id: crate::model::TrxId::new("t").unwrap(), block_ids: vec![BlockId::new("a").unwrap()] };
+        let trx =
+            TrxBlocks { trx_id: crate::model::TrxId::new("t").unwrap(), block_ids: vec![BlockId::new("a").unwrap()] };
         RepoClient::new(network.clone(), peer).cancel(&trx, &MessageOptions::default()).await.unwrap();
         assert_eq!(network.sent.lock().unwrap()[0].1["operations"][0]["cancel"]["trxRef"]["trxId"], "t");
 

@@ -13,10 +13,10 @@ use serde_json::{Map, Value};
 use crate::error::RepoError;
 use crate::keynet::ClusterPeers;
 use crate::model::BlockId;
-use crate::repo::ReadPromotion;
-use libp2p_identity::PeerId;
 use crate::record::ClusterRecord;
+use crate::repo::ReadPromotion;
 use crate::wire::{RepoMessage, RepoResponse};
+use libp2p_identity::PeerId;
 
 /// The `operation` of a cluster request carrying a record to vote on (SPEC 3.3).
 pub const UPDATE_OPERATION: &str = "update";

@@ -489,7 +489,10 @@ mod tests {
         consensus.script.lock().unwrap().push((
             b,
             "pend",
-            Ok(RepoResponse::Pend(PendResult::Stale(StaleFailure { reason: Some("stale".into()), ..Default::default() }))),
+            Ok(RepoResponse::Pend(PendResult::Stale(StaleFailure {
+                reason: Some("stale".into()),
+                ..Default::default()
+            }))),
         ));
         let answer = repo.pend(&pend_two(), &MessageOptions::default()).await.unwrap();
         assert!(matches!(answer, PendResult::Stale(s) if s.reason.as_deref() == Some("stale")));

@@ -99,9 +99,7 @@ pub fn base64url_encode(bytes: &[u8]) -> String {
 /// Decodes base64url without padding; padding, other alphabets and non-canonical trailing bits are
 /// refused.
 pub fn base64url_decode(text: &str) -> Result<Vec<u8>, CryptoError> {
-    URL_SAFE_NO_PAD
-        .decode(text)
-        .map_err(|e| CryptoError::BadBase64(e.to_string()))
+    URL_SAFE_NO_PAD.decode(text).map_err(|e| CryptoError::BadBase64(e.to_string()))
 }
 
 /// SHA-256 of `bytes`.
@@ -121,11 +119,7 @@ where
 {
     let mut ids: Vec<S> = peer_ids.into_iter().collect();
     sort_utf16(&mut ids);
-    let array = Value::Array(
-        ids.iter()
-            .map(|id| Value::String(id.as_ref().to_owned()))
-            .collect(),
-    );
+    let array = Value::Array(ids.iter().map(|id| Value::String(id.as_ref().to_owned())).collect());
     base64url_encode(&sha256(canon(&array).as_bytes()))
 }
 
@@ -151,12 +145,7 @@ pub fn promise_hash(message_hash: &str, message: &Value, membership_digest: &str
 /// `commitHash = base64url(sha256(messageHash + canon(message) + membershipDigest +
 /// canon(promises)))`, where `promises` is the record's promises object as received.
 #[must_use]
-pub fn commit_hash(
-    message_hash: &str,
-    message: &Value,
-    membership_digest: &str,
-    promises: &Value,
-) -> String {
+pub fn commit_hash(message_hash: &str, message: &Value, membership_digest: &str, promises: &Value) -> String {
     let mut text = String::from(message_hash);
     canon_into(message, &mut text);
     text.push_str(membership_digest);
@@ -181,10 +170,7 @@ pub fn vote_payload(hash: &str, vote_type: &str, extra: Option<&str>) -> String 
 
 /// Parses a peer id from its base58 text.
 pub fn parse_peer_id(text: &str) -> Result<PeerId, CryptoError> {
-    PeerId::from_str(text).map_err(|e| CryptoError::BadPeerId {
-        peer_id: text.to_owned(),
-        reason: e.to_string(),
-    })
+    PeerId::from_str(text).map_err(|e| CryptoError::BadPeerId { peer_id: text.to_owned(), reason: e.to_string() })
 }
 
 /// Reads the Ed25519 public key embedded in a peer id (identity multihash of the protobuf-encoded
@@ -203,11 +189,10 @@ fn decode_peer_ed25519_key(peer_id: &PeerId) -> Result<ed25519::PublicKey, Crypt
             reason: "the peer id does not embed its public key".to_owned(),
         });
     }
-    let key =
-        PublicKey::try_decode_protobuf(multihash.digest()).map_err(|e| CryptoError::BadPeerId {
-            peer_id: peer_id.to_base58(),
-            reason: format!("bad embedded public key: {e}"),
-        })?;
+    let key = PublicKey::try_decode_protobuf(multihash.digest()).map_err(|e| CryptoError::BadPeerId {
+        peer_id: peer_id.to_base58(),
+        reason: format!("bad embedded public key: {e}"),
+    })?;
     key.try_into_ed25519().map_err(|_| CryptoError::NotEd25519)
 }
 
@@ -218,10 +203,7 @@ pub fn peer_ed25519_key_str(peer_id: &str) -> Result<ed25519::PublicKey, CryptoE
 
 /// base64url (no padding) of the raw 32-byte Ed25519 key: the `publicKey` field of a record peer.
 pub fn public_key_base64url(key: &PublicKey) -> Result<String, CryptoError> {
-    let key = key
-        .clone()
-        .try_into_ed25519()
-        .map_err(|_| CryptoError::NotEd25519)?;
+    let key = key.clone().try_into_ed25519().map_err(|_| CryptoError::NotEd25519)?;
     Ok(base64url_encode(&key.to_bytes()))
 }
 
@@ -232,10 +214,7 @@ pub fn peer_public_key_base64url(peer_id: &str) -> Result<String, CryptoError> {
 
 /// Signs `payload` with an Ed25519 identity key pair; returns the signature in base64url.
 pub fn sign(keypair: &Keypair, payload: &[u8]) -> Result<String, CryptoError> {
-    let keypair = keypair
-        .clone()
-        .try_into_ed25519()
-        .map_err(|_| CryptoError::NotEd25519)?;
+    let keypair = keypair.clone().try_into_ed25519().map_err(|_| CryptoError::NotEd25519)?;
     Ok(base64url_encode(&keypair.sign(payload)))
 }
 
@@ -246,20 +225,12 @@ pub fn verify(peer_id: &PeerId, payload: &[u8], signature: &str) -> Result<(), C
 }
 
 /// Verifies a base64url Ed25519 `signature` of `payload` under `key`.
-pub fn verify_with_key(
-    key: &ed25519::PublicKey,
-    payload: &[u8],
-    signature: &str,
-) -> Result<(), CryptoError> {
+pub fn verify_with_key(key: &ed25519::PublicKey, payload: &[u8], signature: &str) -> Result<(), CryptoError> {
     let bytes = base64url_decode(signature)?;
     if bytes.len() != SIGNATURE_LEN {
         return Err(CryptoError::BadSignatureLength(bytes.len()));
     }
-    if key.verify(payload, &bytes) {
-        Ok(())
-    } else {
-        Err(CryptoError::SignatureMismatch)
-    }
+    if key.verify(payload, &bytes) { Ok(()) } else { Err(CryptoError::SignatureMismatch) }
 }
 
 #[cfg(test)]
@@ -274,34 +245,19 @@ mod tests {
         assert_eq!(base64url_encode(b""), "");
         assert_eq!(base64url_encode(&[0xfb, 0xff]), "-_8");
         assert_eq!(base64url_decode("-_8").unwrap(), vec![0xfb, 0xff]);
-        assert!(matches!(
-            base64url_decode("-_8="),
-            Err(CryptoError::BadBase64(_))
-        ));
-        assert!(matches!(
-            base64url_decode("+/8"),
-            Err(CryptoError::BadBase64(_))
-        ));
+        assert!(matches!(base64url_decode("-_8="), Err(CryptoError::BadBase64(_))));
+        assert!(matches!(base64url_decode("+/8"), Err(CryptoError::BadBase64(_))));
         // Non-canonical trailing bits.
-        assert!(matches!(
-            base64url_decode("-_9"),
-            Err(CryptoError::BadBase64(_))
-        ));
+        assert!(matches!(base64url_decode("-_9"), Err(CryptoError::BadBase64(_))));
     }
 
     #[test]
     fn digest_is_order_independent_and_of_ids_only() {
         let a = membership_digest(["b", "a", "c"]);
-        assert_eq!(
-            a,
-            membership_digest(vec!["c".to_owned(), "b".to_owned(), "a".to_owned()])
-        );
+        assert_eq!(a, membership_digest(vec!["c".to_owned(), "b".to_owned(), "a".to_owned()]));
         assert_eq!(a, base64url_encode(&sha256(br#"["a","b","c"]"#)));
         assert_ne!(a, membership_digest(["a", "b"]));
-        assert_eq!(
-            membership_digest(Vec::<String>::new()),
-            base64url_encode(&sha256(b"[]"))
-        );
+        assert_eq!(membership_digest(Vec::<String>::new()), base64url_encode(&sha256(b"[]")));
     }
 
     #[test]
@@ -310,23 +266,12 @@ mod tests {
         let digest = "D";
         let text = r#"{"a":[0.5,"x"],"b":1}"#;
         let mh = message_hash(&message, digest);
-        assert_eq!(
-            mh,
-            format!(
-                "z{}",
-                bs58::encode(sha256(format!("{text}D").as_bytes())).into_string()
-            )
-        );
-        assert_eq!(
-            promise_hash(&mh, &message, digest),
-            base64url_encode(&sha256(format!("{mh}{text}D").as_bytes()))
-        );
+        assert_eq!(mh, format!("z{}", bs58::encode(sha256(format!("{text}D").as_bytes())).into_string()));
+        assert_eq!(promise_hash(&mh, &message, digest), base64url_encode(&sha256(format!("{mh}{text}D").as_bytes())));
         let promises = json!({"p": {"type": "approve", "signature": "s"}});
         assert_eq!(
             commit_hash(&mh, &message, digest, &promises),
-            base64url_encode(&sha256(
-                format!(r#"{mh}{text}D{{"p":{{"signature":"s","type":"approve"}}}}"#).as_bytes()
-            ))
+            base64url_encode(&sha256(format!(r#"{mh}{text}D{{"p":{{"signature":"s","type":"approve"}}}}"#).as_bytes()))
         );
     }
 
@@ -344,65 +289,37 @@ mod tests {
         let peer_id = keypair.public().to_peer_id();
         let signature = sign(&keypair, b"payload").unwrap();
         verify(&peer_id, b"payload", &signature).unwrap();
-        assert_eq!(
-            verify(&peer_id, b"other", &signature),
-            Err(CryptoError::SignatureMismatch)
-        );
+        assert_eq!(verify(&peer_id, b"other", &signature), Err(CryptoError::SignatureMismatch));
         let other = Keypair::generate_ed25519().public().to_peer_id();
-        assert_eq!(
-            verify(&other, b"payload", &signature),
-            Err(CryptoError::SignatureMismatch)
-        );
-        assert_eq!(
-            verify(&peer_id, b"payload", &base64url_encode(&[1; 63])),
-            Err(CryptoError::BadSignatureLength(63))
-        );
-        assert!(matches!(
-            verify(&peer_id, b"payload", "*"),
-            Err(CryptoError::BadBase64(_))
-        ));
+        assert_eq!(verify(&other, b"payload", &signature), Err(CryptoError::SignatureMismatch));
+        assert_eq!(verify(&peer_id, b"payload", &base64url_encode(&[1; 63])), Err(CryptoError::BadSignatureLength(63)));
+        assert!(matches!(verify(&peer_id, b"payload", "*"), Err(CryptoError::BadBase64(_))));
         assert_eq!(
             public_key_base64url(&keypair.public()).unwrap(),
             peer_public_key_base64url(&peer_id.to_base58()).unwrap()
         );
-        assert_eq!(
-            peer_ed25519_key(&peer_id).unwrap(),
-            keypair.public().try_into_ed25519().unwrap()
-        );
+        assert_eq!(peer_ed25519_key(&peer_id).unwrap(), keypair.public().try_into_ed25519().unwrap());
     }
 
     #[test]
     fn vector_peer_keys_match_their_ids() {
         assert_eq!(
-            peer_public_key_base64url("12D3KooWFT6JBk22os4a79Dz4YB9AGZ8rWxhn4pKRJN6eepNmwxS")
-                .unwrap(),
+            peer_public_key_base64url("12D3KooWFT6JBk22os4a79Dz4YB9AGZ8rWxhn4pKRJN6eepNmwxS").unwrap(),
             "U7L6d0Uz0sK3V01Up1xpNbTQuvDyGQmn-TECA5jUknc"
         );
     }
 
     #[test]
     fn refuses_bad_and_hashed_peer_ids() {
-        assert!(matches!(
-            parse_peer_id("not a peer id"),
-            Err(CryptoError::BadPeerId { .. })
-        ));
-        assert!(matches!(
-            parse_peer_id(""),
-            Err(CryptoError::BadPeerId { .. })
-        ));
+        assert!(matches!(parse_peer_id("not a peer id"), Err(CryptoError::BadPeerId { .. })));
+        assert!(matches!(parse_peer_id(""), Err(CryptoError::BadPeerId { .. })));
         // A sha256 peer id (as RSA keys get) does not embed its key.
         let mut bytes = vec![0x12, 0x20];
         bytes.extend_from_slice(&[7; 32]);
         let hashed = PeerId::from_bytes(&bytes).unwrap();
-        assert!(matches!(
-            peer_ed25519_key(&hashed),
-            Err(CryptoError::BadPeerId { .. })
-        ));
+        assert!(matches!(peer_ed25519_key(&hashed), Err(CryptoError::BadPeerId { .. })));
         // An identity peer id whose content is no protobuf public key.
         let garbage = PeerId::random();
-        assert!(matches!(
-            peer_ed25519_key(&garbage),
-            Err(CryptoError::BadPeerId { .. })
-        ));
+        assert!(matches!(peer_ed25519_key(&garbage), Err(CryptoError::BadPeerId { .. })));
     }
 }

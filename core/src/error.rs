@@ -329,10 +329,8 @@ mod tests {
     #[test]
     fn errors_do_not_repeat_their_source() {
         let block_id = BlockId::new("diary").unwrap();
-        let invalid = RepoError::InvalidTransform {
-            block_id,
-            reason: TransformError::MissingField { entity: "x".into() },
-        };
+        let invalid =
+            RepoError::InvalidTransform { block_id, reason: TransformError::MissingField { entity: "x".into() } };
         says_its_cause_once(&invalid);
         assert!(invalid.to_string().contains("field \"x\" does not exist"), "the reason is in the text: {invalid}");
         let io = StorageError::io("opening", std::io::Error::from(std::io::ErrorKind::NotFound));

@@ -197,10 +197,8 @@ pub fn verify(
         // Approvals from a majority of this node's own view: a peer set padded with made-up keys
         // approving each other proves nothing (their approvals are not from the view).
         let needed = majority(view.len());
-        let approving = view
-            .iter()
-            .filter(|p| record.promises.get(&crypto::peer_text(p)).is_some_and(|v| v.is_approve()))
-            .count();
+        let approving =
+            view.iter().filter(|p| record.promises.get(&crypto::peer_text(p)).is_some_and(|v| v.is_approve())).count();
         if approving < needed {
             return Err(EvidenceError::Membership {
                 block_id: block_id.clone(),
@@ -309,7 +307,10 @@ mod tests {
             }
             record.to_value()
         };
-        let set = |v: i64| Transform { updates: Some(vec![BlockOperation::set("v", serde_json::json!(v))]), ..Transform::default() };
+        let set = |v: i64| Transform {
+            updates: Some(vec![BlockOperation::set("v", serde_json::json!(v))]),
+            ..Transform::default()
+        };
         let pend = |trx: &str, block: &BlockId, v: i64| {
             RepoOperation::Pend(PendRequest {
                 trx_id: TrxId::new(trx).unwrap(),

@@ -29,11 +29,11 @@ pub mod testkit;
 pub mod time;
 pub mod wire;
 
-pub use error::{ErrorCode, RepoError, StorageError, TransformError};
-pub use model::*;
 pub use check::{BatchFailure, Check, RejectCategory, RejectReason};
-pub use repo::{MessageOptions, ReadPromotion, Repo, StorageRepo};
+pub use error::{ErrorCode, RepoError, StorageError, TransformError};
 pub use kv::{KvBlockStorage, KvStore, KvWrite};
+pub use model::*;
+pub use repo::{MessageOptions, ReadPromotion, Repo, StorageRepo};
 pub use storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage};
 
 /// Re-exported so plugins use the same version of the inventory crate.

@@ -212,9 +212,11 @@ impl BlockOperation {
                     return Err(TransformError::NotAnArray { entity: entity.clone() });
                 };
                 let len = target.len();
-                let start = usize::try_from(*index).ok().filter(|i| *i <= len).ok_or(
-                    TransformError::IndexPastEnd { entity: entity.clone(), index: *index, len },
-                )?;
+                let start = usize::try_from(*index).ok().filter(|i| *i <= len).ok_or(TransformError::IndexPastEnd {
+                    entity: entity.clone(),
+                    index: *index,
+                    len,
+                })?;
                 let end = start.saturating_add(usize::try_from(*delete_count).unwrap_or(usize::MAX)).min(len);
                 target.splice(start..end, items.iter().cloned());
             }
@@ -282,10 +284,7 @@ impl Transform {
         if let Some(block) = &self.insert
             && block.header.id != *block_id
         {
-            return Err(TransformError::InsertIdMismatch {
-                key: block_id.clone(),
-                header_id: block.header.id.clone(),
-            });
+            return Err(TransformError::InsertIdMismatch { key: block_id.clone(), header_id: block.header.id.clone() });
         }
         for op in self.updates.iter().flatten() {
             if op.entity() == HEADER_FIELD {
@@ -314,13 +313,8 @@ pub struct Transforms {
 impl Transforms {
     /// Every block id the transforms touch, sorted and without duplicates.
     pub fn block_ids(&self) -> Vec<BlockId> {
-        let mut ids: Vec<BlockId> = self
-            .inserts
-            .keys()
-            .chain(self.updates.keys())
-            .chain(self.deletes.iter())
-            .cloned()
-            .collect();
+        let mut ids: Vec<BlockId> =
+            self.inserts.keys().chain(self.updates.keys()).chain(self.deletes.iter()).cloned().collect();
         ids.sort();
         ids.dedup();
         ids

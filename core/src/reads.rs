@@ -28,7 +28,9 @@ use crate::client::RepoClient;
 use crate::error::RepoError;
 use crate::keynet::KeyNetwork;
 pub use crate::model::ReadMode;
-use crate::model::{BlockGets, BlockId, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks};
+use crate::model::{
+    BlockGets, BlockId, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks,
+};
 use crate::network::PeerNetwork;
 use crate::repo::{MessageOptions, Repo, StorageRepo};
 use crate::sync::{CatchUp, LatestResponse};
@@ -165,7 +167,12 @@ impl ClusterReads {
     /// Asks the `count` peers ranked next after `members` for `block_id` (those other nodes may
     /// count as members in place of the unreachable ones) and catches up to what they report,
     /// within the widened view; a claim it cannot reach fails the read.
-    async fn converge_with_stand_ins(&self, members: &[PeerId], block_id: &BlockId, count: usize) -> Result<(), RepoError> {
+    async fn converge_with_stand_ins(
+        &self,
+        members: &[PeerId],
+        block_id: &BlockId,
+        count: usize,
+    ) -> Result<(), RepoError> {
         let ranked = match self.key_network.ranked(block_id, members.len().saturating_add(count)).await {
             Ok(ranked) => ranked,
             Err(e) => {
@@ -183,7 +190,12 @@ impl ClusterReads {
     }
 
     /// Forwards a read to the first member that answers.
-    async fn forward(&self, members: &[PeerId], gets: &BlockGets, options: &MessageOptions) -> Result<GetBlockResults, RepoError> {
+    async fn forward(
+        &self,
+        members: &[PeerId],
+        gets: &BlockGets,
+        options: &MessageOptions,
+    ) -> Result<GetBlockResults, RepoError> {
         let mut last_error = RepoError::Unavailable("the block's cluster has no members".into());
         let timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
         for member in members {

@@ -49,25 +49,15 @@ impl ClusterPeer {
     /// A peer entry for `peer_id` with its `publicKey` read out of the id.
     pub fn new(peer_id: &PeerId, multiaddrs: Vec<String>) -> Result<Self, CryptoError> {
         let key = crypto::peer_ed25519_key(peer_id)?;
-        Ok(Self {
-            multiaddrs,
-            public_key: crypto::base64url_encode(&key.to_bytes()),
-            extra: Map::new(),
-        })
+        Ok(Self { multiaddrs, public_key: crypto::base64url_encode(&key.to_bytes()), extra: Map::new() })
     }
 
     /// The peer entry as a JSON object.
     #[must_use]
     pub fn to_value(&self) -> Value {
         let mut map = Map::new();
-        map.insert(
-            "multiaddrs".to_owned(),
-            Value::Array(self.multiaddrs.iter().cloned().map(Value::String).collect()),
-        );
-        map.insert(
-            "publicKey".to_owned(),
-            Value::String(self.public_key.clone()),
-        );
+        map.insert("multiaddrs".to_owned(), Value::Array(self.multiaddrs.iter().cloned().map(Value::String).collect()));
+        map.insert("publicKey".to_owned(), Value::String(self.public_key.clone()));
         for (key, value) in &self.extra {
             map.entry(key.clone()).or_insert_with(|| value.clone());
         }
@@ -140,13 +130,8 @@ impl Vote {
             VoteType::Reject => (detail, None),
             VoteType::Conflict => (None, detail),
         };
-        let mut vote = Self {
-            r#type: vote_type,
-            signature: String::new(),
-            reject_reason,
-            conflict_with,
-            extra: Map::new(),
-        };
+        let mut vote =
+            Self { r#type: vote_type, signature: String::new(), reject_reason, conflict_with, extra: Map::new() };
         vote.signature = crypto::sign(keypair, vote.payload(hash).as_bytes())?;
         Ok(vote)
     }
@@ -188,14 +173,8 @@ impl Vote {
     #[must_use]
     pub fn to_value(&self) -> Value {
         let mut map = Map::new();
-        map.insert(
-            "type".to_owned(),
-            Value::String(self.r#type.as_str().to_owned()),
-        );
-        map.insert(
-            "signature".to_owned(),
-            Value::String(self.signature.clone()),
-        );
+        map.insert("type".to_owned(), Value::String(self.r#type.as_str().to_owned()));
+        map.insert("signature".to_owned(), Value::String(self.signature.clone()));
         if let Some(reason) = &self.reject_reason {
             map.insert("rejectReason".to_owned(), Value::String(reason.clone()));
         }
@@ -371,15 +350,8 @@ struct RecordFields {
     extra: Map<String, Value>,
 }
 
-const KNOWN_FIELDS: [&str; 7] = [
-    "messageHash",
-    "peers",
-    "membershipVersion",
-    "membershipDigest",
-    "message",
-    "promises",
-    "commits",
-];
+const KNOWN_FIELDS: [&str; 7] =
+    ["messageHash", "peers", "membershipVersion", "membershipDigest", "message", "promises", "commits"];
 
 impl ClusterRecord {
     /// Builds a record without votes for `message` and peer set `peers`, computing its
@@ -408,12 +380,8 @@ impl ClusterRecord {
             Value::Object(map) => map.get("promises").cloned(),
             _ => return Err(RecordError::Malformed("not a JSON object".to_owned())),
         };
-        let fields: RecordFields =
-            serde_json::from_value(value).map_err(|e| RecordError::Malformed(e.to_string()))?;
-        let received_promises = raw_promises.map(|raw| ReceivedPromises {
-            raw,
-            parsed: fields.promises.clone(),
-        });
+        let fields: RecordFields = serde_json::from_value(value).map_err(|e| RecordError::Malformed(e.to_string()))?;
+        let received_promises = raw_promises.map(|raw| ReceivedPromises { raw, parsed: fields.promises.clone() });
         Ok(Self {
             message_hash: fields.message_hash,
             peers: fields.peers,
@@ -429,8 +397,7 @@ impl ClusterRecord {
 
     /// Parses a record from JSON text; see [`ClusterRecord::from_value`].
     pub fn from_json(text: &str) -> Result<Self, RecordError> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| RecordError::Malformed(e.to_string()))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| RecordError::Malformed(e.to_string()))?;
         Self::from_value(value)
     }
 
@@ -438,27 +405,13 @@ impl ClusterRecord {
     #[must_use]
     pub fn to_value(&self) -> Value {
         let mut map = Map::new();
-        map.insert(
-            "messageHash".to_owned(),
-            Value::String(self.message_hash.clone()),
-        );
+        map.insert("messageHash".to_owned(), Value::String(self.message_hash.clone()));
         map.insert(
             "peers".to_owned(),
-            Value::Object(
-                self.peers
-                    .iter()
-                    .map(|(id, peer)| (id.clone(), peer.to_value()))
-                    .collect(),
-            ),
+            Value::Object(self.peers.iter().map(|(id, peer)| (id.clone(), peer.to_value())).collect()),
         );
-        map.insert(
-            "membershipVersion".to_owned(),
-            Value::from(self.membership_version),
-        );
-        map.insert(
-            "membershipDigest".to_owned(),
-            Value::String(self.membership_digest.clone()),
-        );
+        map.insert("membershipVersion".to_owned(), Value::from(self.membership_version));
+        map.insert("membershipDigest".to_owned(), Value::String(self.membership_digest.clone()));
         map.insert("message".to_owned(), self.message.clone());
         map.insert("promises".to_owned(), self.promises_value());
         map.insert("commits".to_owned(), votes_value(&self.commits));
@@ -528,12 +481,7 @@ impl ClusterRecord {
     /// The commitHash that commit votes sign, over the current promises ([`Self::promises_value`]).
     #[must_use]
     pub fn commit_hash(&self) -> String {
-        crypto::commit_hash(
-            &self.message_hash,
-            &self.message,
-            &self.membership_digest,
-            &self.promises_value(),
-        )
+        crypto::commit_hash(&self.message_hash, &self.message, &self.membership_digest, &self.promises_value())
     }
 
     /// Signs a promise vote on this record; see [`Vote::sign`] for `detail`.
@@ -612,12 +560,7 @@ impl ClusterRecord {
 }
 
 fn votes_value(votes: &BTreeMap<String, Vote>) -> Value {
-    Value::Object(
-        votes
-            .iter()
-            .map(|(id, vote)| (id.clone(), vote.to_value()))
-            .collect(),
-    )
+    Value::Object(votes.iter().map(|(id, vote)| (id.clone(), vote.to_value())).collect())
 }
 
 impl Serialize for ClusterRecord {
@@ -644,41 +587,32 @@ pub fn verify_record(record: &ClusterRecord, now_ms: Option<u64>) -> Result<(), 
     verify_record_inner(record, now_ms, None)
 }
 
-fn verify_record_inner(record: &ClusterRecord, now_ms: Option<u64>, unchecked_signer: Option<&str>) -> Result<(), RecordError> {
+fn verify_record_inner(
+    record: &ClusterRecord,
+    now_ms: Option<u64>,
+    unchecked_signer: Option<&str>,
+) -> Result<(), RecordError> {
     if record.membership_version != MEMBERSHIP_VERSION {
-        return Err(RecordError::UnsupportedMembershipVersion(
-            record.membership_version,
-        ));
+        return Err(RecordError::UnsupportedMembershipVersion(record.membership_version));
     }
     let digest = record.computed_membership_digest();
     if digest != record.membership_digest {
-        return Err(RecordError::DigestMismatch {
-            expected: digest,
-            found: record.membership_digest.clone(),
-        });
+        return Err(RecordError::DigestMismatch { expected: digest, found: record.membership_digest.clone() });
     }
     let hash = record.computed_message_hash();
     if hash != record.message_hash {
-        return Err(RecordError::HashMismatch {
-            expected: hash,
-            found: record.message_hash.clone(),
-        });
+        return Err(RecordError::HashMismatch { expected: hash, found: record.message_hash.clone() });
     }
     if let Some(now_ms) = now_ms
         && record.is_expired(now_ms)
     {
-        return Err(RecordError::Expired {
-            expiration_ms: record.expiration_ms().unwrap_or(0),
-            now_ms,
-        });
+        return Err(RecordError::Expired { expiration_ms: record.expiration_ms().unwrap_or(0), now_ms });
     }
 
     let mut keys: BTreeMap<&str, ed25519::PublicKey> = BTreeMap::new();
     for (peer, entry) in &record.peers {
-        let key = crypto::peer_ed25519_key_str(peer).map_err(|reason| RecordError::BadPeerId {
-            peer: peer.clone(),
-            reason,
-        })?;
+        let key = crypto::peer_ed25519_key_str(peer)
+            .map_err(|reason| RecordError::BadPeerId { peer: peer.clone(), reason })?;
         if crypto::base64url_encode(&key.to_bytes()) != entry.public_key {
             return Err(RecordError::PublicKeyMismatch { peer: peer.clone() });
         }
@@ -686,13 +620,7 @@ fn verify_record_inner(record: &ClusterRecord, now_ms: Option<u64>, unchecked_si
     }
 
     if !record.promises.is_empty() {
-        verify_votes(
-            &keys,
-            &record.promises,
-            &record.promise_hash(),
-            Phase::Promise,
-            unchecked_signer,
-        )?;
+        verify_votes(&keys, &record.promises, &record.promise_hash(), Phase::Promise, unchecked_signer)?;
     }
     if !record.commits.is_empty() {
         verify_votes(&keys, &record.commits, &record.commit_hash(), Phase::Commit, unchecked_signer)?;
@@ -708,21 +636,15 @@ fn verify_votes(
     unchecked_signer: Option<&str>,
 ) -> Result<(), RecordError> {
     for (peer, vote) in votes {
-        let key = keys
-            .get(peer.as_str())
-            .ok_or_else(|| RecordError::UnknownVoter {
-                peer: peer.clone(),
-                phase,
-            })?;
+        let key = keys.get(peer.as_str()).ok_or_else(|| RecordError::UnknownVoter { peer: peer.clone(), phase })?;
         if unchecked_signer == Some(peer.as_str()) {
             continue;
         }
-        vote.verify_with_key(key, hash)
-            .map_err(|reason| RecordError::BadSignature {
-                peer: peer.clone(),
-                phase,
-                reason,
-            })?;
+        vote.verify_with_key(key, hash).map_err(|reason| RecordError::BadSignature {
+            peer: peer.clone(),
+            phase,
+            reason,
+        })?;
     }
     Ok(())
 }
@@ -757,10 +679,7 @@ mod tests {
     #[test]
     fn vector_verifies() {
         let record = ClusterRecord::from_json(VECTOR).unwrap();
-        assert_eq!(
-            record.computed_membership_digest(),
-            record.membership_digest
-        );
+        assert_eq!(record.computed_membership_digest(), record.membership_digest);
         assert_eq!(record.computed_message_hash(), record.message_hash);
         record.verify(None).unwrap();
         record.verify(Some(VECTOR_EXPIRATION)).unwrap();
@@ -779,26 +698,23 @@ mod tests {
         let original = vector_value();
         let record = ClusterRecord::from_value(original.clone()).unwrap();
         assert_eq!(canon(&record.to_value()), canon(&original));
-        assert_eq!(
-            canon(&serde_json::to_value(&record).unwrap()),
-            canon(&original)
-        );
+        assert_eq!(canon(&serde_json::to_value(&record).unwrap()), canon(&original));
         // Typed votes re-serialize to the same canonical promises object.
         let typed = serde_json::to_value(&record.promises).unwrap();
         assert_eq!(canon(&typed), canon(&original["promises"]));
         assert_eq!(votes_value(&record.promises), typed);
         // Consuming the record gives the same JSON, key order included.
-        assert_eq!(serde_json::to_string(&record.clone().into_value()).unwrap(), serde_json::to_string(&record.to_value()).unwrap());
+        assert_eq!(
+            serde_json::to_string(&record.clone().into_value()).unwrap(),
+            serde_json::to_string(&record.to_value()).unwrap()
+        );
         let mut changed = record.clone();
         changed.promises.clear();
         changed.extra.insert("messageHash".into(), json!("ignored"));
         assert_eq!(changed.clone().into_value(), changed.to_value());
         // A re-parsed copy still verifies.
         let text = serde_json::to_string(&record).unwrap();
-        ClusterRecord::from_json(&text)
-            .unwrap()
-            .verify(None)
-            .unwrap();
+        ClusterRecord::from_json(&text).unwrap().verify(None).unwrap();
     }
 
     #[test]
@@ -807,10 +723,7 @@ mod tests {
         assert_eq!(record.expiration_ms(), Some(VECTOR_EXPIRATION));
         assert_eq!(
             record.verify(Some(VECTOR_EXPIRATION + 1)),
-            Err(RecordError::Expired {
-                expiration_ms: VECTOR_EXPIRATION,
-                now_ms: VECTOR_EXPIRATION + 1
-            })
+            Err(RecordError::Expired { expiration_ms: VECTOR_EXPIRATION, now_ms: VECTOR_EXPIRATION + 1 })
         );
     }
 
@@ -819,10 +732,7 @@ mod tests {
         let edits: [fn(&mut Value); 8] = [
             |v| v["message"]["operations"][0]["commit"]["rev"] = json!(2),
             |v| v["message"]["operations"][0]["commit"]["rev"] = json!(1.5),
-            |v| {
-                v["message"]["operations"][0]["commit"]["actionId"] =
-                    json!("nMy-FwOkthIHNP2hEMKG2R")
-            },
+            |v| v["message"]["operations"][0]["commit"]["actionId"] = json!("nMy-FwOkthIHNP2hEMKG2R"),
             |v| v["message"]["operations"][0]["commit"]["blockIds"][0] = json!("wiretesT"),
             |v| v["message"]["operations"][0]["commit"]["tailId"] = json!("x"),
             |v| v["message"]["expiration"] = json!(VECTOR_EXPIRATION + 1),
@@ -832,96 +742,52 @@ mod tests {
         for (i, edit) in edits.iter().enumerate() {
             let mut value = vector_value();
             edit(&mut value);
-            assert!(
-                matches!(verify_value(value), Err(RecordError::HashMismatch { .. })),
-                "edit {i}"
-            );
+            assert!(matches!(verify_value(value), Err(RecordError::HashMismatch { .. })), "edit {i}");
         }
         // Re-hashing the edited message (a forger without keys) breaks every signature instead.
         let mut record = ClusterRecord::from_json(VECTOR).unwrap();
         record.message["operations"][0]["commit"]["rev"] = json!(2);
         record.message_hash = record.computed_message_hash();
-        assert!(matches!(
-            record.verify(None),
-            Err(RecordError::BadSignature {
-                phase: Phase::Promise,
-                ..
-            })
-        ));
+        assert!(matches!(record.verify(None), Err(RecordError::BadSignature { phase: Phase::Promise, .. })));
     }
 
     #[test]
     fn changing_the_hashes_fails() {
         let mut value = vector_value();
         value["messageHash"] = json!(flip_char(value["messageHash"].as_str().unwrap(), 5));
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::HashMismatch { .. })
-        ));
+        assert!(matches!(verify_value(value), Err(RecordError::HashMismatch { .. })));
         let mut value = vector_value();
-        value["membershipDigest"] =
-            json!(flip_char(value["membershipDigest"].as_str().unwrap(), 5));
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::DigestMismatch { .. })
-        ));
+        value["membershipDigest"] = json!(flip_char(value["membershipDigest"].as_str().unwrap(), 5));
+        assert!(matches!(verify_value(value), Err(RecordError::DigestMismatch { .. })));
         let mut value = vector_value();
         value["membershipVersion"] = json!(1);
-        assert_eq!(
-            verify_value(value),
-            Err(RecordError::UnsupportedMembershipVersion(1))
-        );
+        assert_eq!(verify_value(value), Err(RecordError::UnsupportedMembershipVersion(1)));
     }
 
     #[test]
     fn changing_the_peer_set_fails() {
         // Removing a peer.
         let mut value = vector_value();
-        value["peers"]
-            .as_object_mut()
-            .unwrap()
-            .shift_remove(COMMITTER);
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::DigestMismatch { .. })
-        ));
+        value["peers"].as_object_mut().unwrap().shift_remove(COMMITTER);
+        assert!(matches!(verify_value(value), Err(RecordError::DigestMismatch { .. })));
         // Adding a peer, with a correct key for its id.
         let mut value = vector_value();
         let extra_peer = Keypair::generate_ed25519().public().to_peer_id();
         let entry = ClusterPeer::new(&extra_peer, vec![]).unwrap();
         value["peers"][extra_peer.to_base58()] = entry.to_value();
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::DigestMismatch { .. })
-        ));
+        assert!(matches!(verify_value(value), Err(RecordError::DigestMismatch { .. })));
         // Changing a publicKey (swapping two peers' keys; and one flipped character).
         let mut value = vector_value();
-        let ids: Vec<String> = value["peers"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
+        let ids: Vec<String> = value["peers"].as_object().unwrap().keys().cloned().collect();
         let k0 = value["peers"][&ids[0]]["publicKey"].clone();
         let k1 = value["peers"][&ids[1]]["publicKey"].clone();
         value["peers"][&ids[0]]["publicKey"] = k1;
         value["peers"][&ids[1]]["publicKey"] = k0;
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::PublicKeyMismatch { .. })
-        ));
+        assert!(matches!(verify_value(value), Err(RecordError::PublicKeyMismatch { .. })));
         let mut value = vector_value();
-        let key = value["peers"][&ids[2]]["publicKey"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let key = value["peers"][&ids[2]]["publicKey"].as_str().unwrap().to_owned();
         value["peers"][&ids[2]]["publicKey"] = json!(flip_char(&key, 0));
-        assert_eq!(
-            verify_value(value),
-            Err(RecordError::PublicKeyMismatch {
-                peer: ids[2].clone()
-            })
-        );
+        assert_eq!(verify_value(value), Err(RecordError::PublicKeyMismatch { peer: ids[2].clone() }));
     }
 
     #[test]
@@ -944,22 +810,12 @@ mod tests {
                     let mut value = original.clone();
                     value[phase][peer]["signature"] = json!(flip_char(signature, index));
                     let result = verify_value(value);
-                    let (expected_phase, other_phase) = if phase == "promises" {
-                        (Phase::Promise, "commit")
-                    } else {
-                        (Phase::Commit, "promise")
-                    };
+                    let (expected_phase, other_phase) =
+                        if phase == "promises" { (Phase::Promise, "commit") } else { (Phase::Commit, "promise") };
                     match result {
                         // A changed promise also changes the commitHash; the promise is checked first.
-                        Err(RecordError::BadSignature {
-                            phase: p,
-                            peer: ref who,
-                            ..
-                        }) => {
-                            assert_eq!(
-                                p, expected_phase,
-                                "{phase} {peer} {index} vs {other_phase}"
-                            );
+                        Err(RecordError::BadSignature { phase: p, peer: ref who, .. }) => {
+                            assert_eq!(p, expected_phase, "{phase} {peer} {index} vs {other_phase}");
                             assert_eq!(who, peer);
                         }
                         other => panic!("{phase} {peer} {index}: {other:?}"),
@@ -974,60 +830,24 @@ mod tests {
         // Vote type of a promise.
         let mut value = vector_value();
         value["promises"][COMMITTER]["type"] = json!("reject");
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::BadSignature {
-                phase: Phase::Promise,
-                ..
-            })
-        ));
+        assert!(matches!(verify_value(value), Err(RecordError::BadSignature { phase: Phase::Promise, .. })));
         // Vote type of a commit.
         let mut value = vector_value();
         value["commits"][COMMITTER]["type"] = json!("reject");
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::BadSignature {
-                phase: Phase::Commit,
-                ..
-            })
-        ));
+        assert!(matches!(verify_value(value), Err(RecordError::BadSignature { phase: Phase::Commit, .. })));
         // An unknown vote type is malformed.
         let mut value = vector_value();
         value["commits"][COMMITTER]["type"] = json!("maybe");
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::Malformed(_))
-        ));
+        assert!(matches!(verify_value(value), Err(RecordError::Malformed(_))));
         // Any field added to a promise changes the commitHash (promises are hashed as received).
         let mut value = vector_value();
         value["promises"][COMMITTER]["note"] = json!("hi");
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::BadSignature {
-                phase: Phase::Commit,
-                ..
-            })
-        ));
+        assert!(matches!(verify_value(value), Err(RecordError::BadSignature { phase: Phase::Commit, .. })));
         // Dropping a promise changes the commitHash too.
         let mut value = vector_value();
-        let first = value["promises"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .next()
-            .unwrap()
-            .clone();
-        value["promises"]
-            .as_object_mut()
-            .unwrap()
-            .shift_remove(&first);
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::BadSignature {
-                phase: Phase::Commit,
-                ..
-            })
-        ));
+        let first = value["promises"].as_object().unwrap().keys().next().unwrap().clone();
+        value["promises"].as_object_mut().unwrap().shift_remove(&first);
+        assert!(matches!(verify_value(value), Err(RecordError::BadSignature { phase: Phase::Commit, .. })));
         // Moving a vote to another peer.
         let mut value = vector_value();
         let vote = value["commits"][COMMITTER].clone();
@@ -1035,27 +855,12 @@ mod tests {
         commits.clear();
         let other = "12D3KooWFT6JBk22os4a79Dz4YB9AGZ8rWxhn4pKRJN6eepNmwxS".to_owned();
         commits.insert(other, vote);
-        assert!(matches!(
-            verify_value(value),
-            Err(RecordError::BadSignature {
-                phase: Phase::Commit,
-                ..
-            })
-        ));
+        assert!(matches!(verify_value(value), Err(RecordError::BadSignature { phase: Phase::Commit, .. })));
         // A vote from outside the peer set.
         let mut value = vector_value();
-        let stranger = Keypair::generate_ed25519()
-            .public()
-            .to_peer_id()
-            .to_base58();
+        let stranger = Keypair::generate_ed25519().public().to_peer_id().to_base58();
         value["commits"][&stranger] = value["commits"][COMMITTER].clone();
-        assert_eq!(
-            verify_value(value),
-            Err(RecordError::UnknownVoter {
-                peer: stranger,
-                phase: Phase::Commit
-            })
-        );
+        assert_eq!(verify_value(value), Err(RecordError::UnknownVoter { peer: stranger, phase: Phase::Commit }));
     }
 
     #[test]
@@ -1066,24 +871,17 @@ mod tests {
         let mut peers = BTreeMap::new();
         peers.insert(peer.to_base58(), ClusterPeer::new(&peer, vec![]).unwrap());
         let mut record = ClusterRecord::new(peers, json!({"expiration": 5}));
-        let promise = record
-            .sign_promise(&keypair, VoteType::Approve, None)
-            .unwrap();
+        let promise = record.sign_promise(&keypair, VoteType::Approve, None).unwrap();
         let mut value = record.to_value();
         let mut promise_value = promise.to_value();
         promise_value["rejectReason"] = Value::Null;
         value["promises"] = json!({ peer.to_base58(): promise_value });
         let received = ClusterRecord::from_value(value.clone()).unwrap();
-        let commit = received
-            .sign_commit(&keypair, VoteType::Approve, None)
-            .unwrap();
+        let commit = received.sign_commit(&keypair, VoteType::Approve, None).unwrap();
         value["commits"] = json!({ peer.to_base58(): commit.to_value() });
         let received = ClusterRecord::from_value(value).unwrap();
         received.verify(None).unwrap();
-        assert_eq!(
-            received.to_value()["promises"][peer.to_base58()]["rejectReason"],
-            Value::Null
-        );
+        assert_eq!(received.to_value()["promises"][peer.to_base58()]["rejectReason"], Value::Null);
         // Once the typed promises change, the current ones are hashed.
         record = received.clone();
         record.promises.clear();
@@ -1122,13 +920,9 @@ mod tests {
         // Phase 1: two approvals and a reject with a reason.
         for (i, (keypair, id)) in keypairs.iter().zip(&ids).enumerate() {
             let vote = if i == 2 {
-                record
-                    .sign_promise(keypair, VoteType::Reject, Some("stale: rev 3".to_owned()))
-                    .unwrap()
+                record.sign_promise(keypair, VoteType::Reject, Some("stale: rev 3".to_owned())).unwrap()
             } else {
-                record
-                    .sign_promise(keypair, VoteType::Approve, None)
-                    .unwrap()
+                record.sign_promise(keypair, VoteType::Approve, None).unwrap()
             };
             record.promises.insert(id.to_base58(), vote);
         }
@@ -1138,18 +932,8 @@ mod tests {
 
         // The reject reason is signed.
         let mut tampered = record.clone();
-        tampered
-            .promises
-            .get_mut(&ids[2].to_base58())
-            .unwrap()
-            .reject_reason = Some("other".to_owned());
-        assert!(matches!(
-            tampered.verify(None),
-            Err(RecordError::BadSignature {
-                phase: Phase::Promise,
-                ..
-            })
-        ));
+        tampered.promises.get_mut(&ids[2].to_base58()).unwrap().reject_reason = Some("other".to_owned());
+        assert!(matches!(tampered.verify(None), Err(RecordError::BadSignature { phase: Phase::Promise, .. })));
 
         // Phase 2 over the wire: members receive the record with its promises and sign commits.
         let sent = serde_json::to_string(&record).unwrap();
@@ -1157,9 +941,7 @@ mod tests {
         assert_eq!(received, record);
         assert_eq!(received.commit_hash(), record.commit_hash());
         for (keypair, id) in keypairs.iter().zip(&ids).take(2) {
-            let vote = received
-                .sign_commit(keypair, VoteType::Approve, None)
-                .unwrap();
+            let vote = received.sign_commit(keypair, VoteType::Approve, None).unwrap();
             record.commits.insert(id.to_base58(), vote);
         }
         record.verify(Some(1)).unwrap();
@@ -1169,26 +951,17 @@ mod tests {
 
         // A commit vote signed by the wrong key.
         let mut forged = record.clone();
-        let wrong = record
-            .sign_commit(&keypairs[0], VoteType::Approve, None)
-            .unwrap();
+        let wrong = record.sign_commit(&keypairs[0], VoteType::Approve, None).unwrap();
         forged.commits.insert(ids[1].to_base58(), wrong);
         assert!(matches!(
             forged.verify(None),
-            Err(RecordError::BadSignature {
-                phase: Phase::Commit,
-                reason: CryptoError::SignatureMismatch,
-                ..
-            })
+            Err(RecordError::BadSignature { phase: Phase::Commit, reason: CryptoError::SignatureMismatch, .. })
         ));
 
         // Expired.
         assert!(matches!(
             record.verify(Some(4_000_000_000_001)),
-            Err(RecordError::Expired {
-                expiration_ms: 4_000_000_000_000,
-                now_ms: 4_000_000_000_001
-            })
+            Err(RecordError::Expired { expiration_ms: 4_000_000_000_000, now_ms: 4_000_000_000_001 })
         ));
     }
 
@@ -1199,9 +972,7 @@ mod tests {
         let mut peers = BTreeMap::new();
         peers.insert(id.to_base58(), ClusterPeer::new(&id, vec![]).unwrap());
         let mut record = ClusterRecord::new(peers, json!({"operations": []}));
-        let vote = record
-            .sign_promise(&keypair, VoteType::Conflict, Some("zWinner".to_owned()))
-            .unwrap();
+        let vote = record.sign_promise(&keypair, VoteType::Conflict, Some("zWinner".to_owned())).unwrap();
         assert_eq!(vote.conflict_with.as_deref(), Some("zWinner"));
         assert_eq!(vote.reject_reason, None);
         assert_eq!(vote.payload("h"), "h:conflict:zWinner");
@@ -1211,15 +982,8 @@ mod tests {
         );
         record.promises.insert(id.to_base58(), vote);
         record.verify(None).unwrap();
-        record
-            .promises
-            .get_mut(&id.to_base58())
-            .unwrap()
-            .conflict_with = Some("zOther".to_owned());
-        assert!(matches!(
-            record.verify(None),
-            Err(RecordError::BadSignature { .. })
-        ));
+        record.promises.get_mut(&id.to_base58()).unwrap().conflict_with = Some("zOther".to_owned());
+        assert!(matches!(record.verify(None), Err(RecordError::BadSignature { .. })));
     }
 
     #[test]
@@ -1231,22 +995,13 @@ mod tests {
             r#"{"messageHash":"z","peers":{},"membershipDigest":"d"}"#,
             r#"{"messageHash":"z","peers":{"p":{"publicKey":3}},"membershipDigest":"d","message":{}}"#,
         ] {
-            assert!(
-                matches!(
-                    ClusterRecord::from_json(text),
-                    Err(RecordError::Malformed(_))
-                ),
-                "{text}"
-            );
+            assert!(matches!(ClusterRecord::from_json(text), Err(RecordError::Malformed(_))), "{text}");
         }
         let mut value = vector_value();
         value["peers"]["not-a-peer-id"] = json!({"multiaddrs": [], "publicKey": "x"});
         let mut record = ClusterRecord::from_value(value).unwrap();
         record.membership_digest = record.computed_membership_digest();
         record.message_hash = record.computed_message_hash();
-        assert!(matches!(
-            record.verify(None),
-            Err(RecordError::BadPeerId { .. })
-        ));
+        assert!(matches!(record.verify(None), Err(RecordError::BadPeerId { .. })));
     }
 }

@@ -106,7 +106,8 @@ pub type StorageBuilder = Arc<dyn Fn(&PluginContext, &Value) -> Result<Arc<dyn R
 pub type KeyNetworkBuilder =
     Arc<dyn Fn(&PluginContext, &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> + Send + Sync>;
 /// Builds a consensus from its configuration section.
-pub type ConsensusBuilder = Arc<dyn Fn(&PluginContext, &Value) -> Result<Arc<dyn Consensus>, PluginError> + Send + Sync>;
+pub type ConsensusBuilder =
+    Arc<dyn Fn(&PluginContext, &Value) -> Result<Arc<dyn Consensus>, PluginError> + Send + Sync>;
 
 /// How to build a plugin.
 #[derive(Clone)]
@@ -180,29 +181,17 @@ impl std::fmt::Debug for PluginDescriptor {
 
 impl PluginDescriptor {
     /// A storage plugin.
-    pub const fn storage(
-        name: &'static str,
-        description: &'static str,
-        build: StorageBuildFn,
-    ) -> Self {
+    pub const fn storage(name: &'static str, description: &'static str, build: StorageBuildFn) -> Self {
         Self { name, description, builder: StaticBuilder::Storage(build), defaults: None }
     }
 
     /// A key-network plugin.
-    pub const fn key_network(
-        name: &'static str,
-        description: &'static str,
-        build: KeyNetworkBuildFn,
-    ) -> Self {
+    pub const fn key_network(name: &'static str, description: &'static str, build: KeyNetworkBuildFn) -> Self {
         Self { name, description, builder: StaticBuilder::KeyNetwork(build), defaults: None }
     }
 
     /// A consensus plugin.
-    pub const fn consensus(
-        name: &'static str,
-        description: &'static str,
-        build: ConsensusBuildFn,
-    ) -> Self {
+    pub const fn consensus(name: &'static str, description: &'static str, build: ConsensusBuildFn) -> Self {
         Self { name, description, builder: StaticBuilder::Consensus(build), defaults: None }
     }
 
@@ -349,7 +338,12 @@ impl Registry {
     }
 
     /// Builds the storage plugin `name`.
-    pub fn build_storage(&self, name: &str, cx: &PluginContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
+    pub fn build_storage(
+        &self,
+        name: &str,
+        cx: &PluginContext,
+        config: &Value,
+    ) -> Result<Arc<dyn RawStorage>, PluginError> {
         match &self.lookup(PluginKind::Storage, name)?.builder {
             Builder::Storage(build) => build(cx, config),
             _ => Err(PluginError::Missing("a storage builder")),
@@ -370,7 +364,12 @@ impl Registry {
     }
 
     /// Builds the consensus plugin `name`.
-    pub fn build_consensus(&self, name: &str, cx: &PluginContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
+    pub fn build_consensus(
+        &self,
+        name: &str,
+        cx: &PluginContext,
+        config: &Value,
+    ) -> Result<Arc<dyn Consensus>, PluginError> {
         match &self.lookup(PluginKind::Consensus, name)?.builder {
             Builder::Consensus(build) => build(cx, config),
             _ => Err(PluginError::Missing("a consensus builder")),

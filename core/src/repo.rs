@@ -12,9 +12,9 @@ use crate::check::Check;
 use crate::error::{RepoError, StorageError};
 use crate::evidence::{self, Evidence, RecordRef, StoredEvidence, StoredRecord};
 use crate::model::{
-    BlockGetResult, BlockGets, BlockId, BlockTrxRef, BlockTrxState, CommitRequest, CommitResult,
-    GetBlockResults, PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms,
-    TrxBlocks, TrxId, TrxRev, TrxTransforms,
+    BlockGetResult, BlockGets, BlockId, BlockTrxRef, BlockTrxState, CommitRequest, CommitResult, GetBlockResults,
+    PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms, TrxBlocks, TrxId, TrxRev,
+    TrxTransforms,
 };
 use crate::storage::{BlockCommit, BlockValue, MetaWrite, RawStorage};
 use crate::time::now_ms;
@@ -325,7 +325,8 @@ impl StorageRepo {
     /// Errors: [`StorageError::Corrupt`] when the stored evidence or a record it refers to is
     /// unreadable or missing; storage errors.
     pub async fn evidence(&self, block_id: &BlockId, rev: u64) -> Result<Option<Evidence>, RepoError> {
-        let corrupt = |what: String| RepoError::from(StorageError::Corrupt(format!("evidence of {block_id} rev {rev}: {what}")));
+        let corrupt =
+            |what: String| RepoError::from(StorageError::Corrupt(format!("evidence of {block_id} rev {rev}: {what}")));
         let Some(bytes) = self.raw().get_meta(&evidence::rev_key(block_id, rev)).await? else {
             return Ok(None);
         };
@@ -334,7 +335,8 @@ impl StorageRepo {
             Some(pend) => Some(self.resolve(pend).await?.ok_or_else(|| corrupt("its pend record is missing".into()))?),
             None => None,
         };
-        let commit = self.resolve(stored.commit).await?.ok_or_else(|| corrupt("its commit record is missing".into()))?;
+        let commit =
+            self.resolve(stored.commit).await?.ok_or_else(|| corrupt("its commit record is missing".into()))?;
         Ok(Some(Evidence { pend, commit }))
     }
 
@@ -342,12 +344,14 @@ impl StorageRepo {
     async fn resolve(&self, stored: StoredRecord) -> Result<Option<serde_json::Value>, RepoError> {
         match stored {
             StoredRecord::Inline(record) => Ok(Some(record)),
-            StoredRecord::Ref(reference) => match self.raw().get_meta(&evidence::record_key(&reference.record)).await? {
-                None => Ok(None),
-                Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                    StorageError::Corrupt(format!("kept record {}: {e}", reference.record)).into()
-                }),
-            },
+            StoredRecord::Ref(reference) => {
+                match self.raw().get_meta(&evidence::record_key(&reference.record)).await? {
+                    None => Ok(None),
+                    Some(bytes) => serde_json::from_slice(&bytes)
+                        .map(Some)
+                        .map_err(|e| StorageError::Corrupt(format!("kept record {}: {e}", reference.record)).into()),
+                }
+            }
         }
     }
 
@@ -381,10 +385,8 @@ impl StorageRepo {
     }
 
     fn stale(reason: &str, missing: BTreeMap<TrxId, (u64, Transforms)>) -> Check {
-        let mut list: Vec<TrxTransforms> = missing
-            .into_iter()
-            .map(|(trx_id, (rev, transforms))| TrxTransforms { trx_id, rev, transforms })
-            .collect();
+        let mut list: Vec<TrxTransforms> =
+            missing.into_iter().map(|(trx_id, (rev, transforms))| TrxTransforms { trx_id, rev, transforms }).collect();
         list.sort_by(|a, b| a.rev.cmp(&b.rev).then_with(|| a.trx_id.cmp(&b.trx_id)));
         Check::Stale(StaleFailure { reason: Some(reason.into()), missing: Some(list), ..StaleFailure::default() })
     }
@@ -405,7 +407,12 @@ impl StorageRepo {
 
     /// `gaps`: whether a revision gap counts ([`Check::Gap`]); a single node's pend has no gap rule
     /// (SPEC 2 pend), a cluster member's has (SPEC 4.6).
-    async fn check_pend_locked(&self, request: &PendRequest, block_ids: &[BlockId], gaps: bool) -> Result<Check, RepoError> {
+    async fn check_pend_locked(
+        &self,
+        request: &PendRequest,
+        block_ids: &[BlockId],
+        gaps: bool,
+    ) -> Result<Check, RepoError> {
         if block_ids.is_empty() {
             return Ok(Check::Invalid(RepoError::BadRequest("pend touches no block".into())));
         }
@@ -420,7 +427,10 @@ impl StorageRepo {
         for (block_id, transform) in &per_block {
             let latest = self.raw().latest(block_id).await?;
             if latest.is_none() && !transform.inserts() {
-                return Ok(Check::Behind { block_id: (*block_id).clone(), error: RepoError::UnknownBlock((*block_id).clone()) });
+                return Ok(Check::Behind {
+                    block_id: (*block_id).clone(),
+                    error: RepoError::UnknownBlock((*block_id).clone()),
+                });
             }
             latests.push(latest);
         }
@@ -436,7 +446,10 @@ impl StorageRepo {
             match self.raw().pending(block_id, trx_id).await? {
                 Some(existing) if existing == *transform => already_pending += 1,
                 Some(_) => {
-                    return Ok(Check::Invalid(RepoError::TrxConflict { trx_id: trx_id.clone(), block_id: (*block_id).clone() }));
+                    return Ok(Check::Invalid(RepoError::TrxConflict {
+                        trx_id: trx_id.clone(),
+                        block_id: (*block_id).clone(),
+                    }));
                 }
                 None => {}
             }
@@ -504,7 +517,10 @@ impl StorageRepo {
     }
 
     /// The check and, when it is [`Check::Ok`], each block still to commit with its step.
-    async fn check_commit_locked(&self, request: &CommitRequest) -> Result<(Check, Vec<(BlockId, BlockCommit)>), RepoError> {
+    async fn check_commit_locked(
+        &self,
+        request: &CommitRequest,
+    ) -> Result<(Check, Vec<(BlockId, BlockCommit)>), RepoError> {
         let block_ids: BTreeSet<&BlockId> = request.block_ids.iter().collect();
         if block_ids.is_empty() {
             return Ok((Check::Invalid(RepoError::BadRequest("commit names no block".into())), Vec::new()));
@@ -571,9 +587,8 @@ impl StorageRepo {
         let value = transform
             .apply(current.as_ref(), block_id)
             .map_err(|reason| RepoError::InvalidTransform { block_id: block_id.clone(), reason })?;
-        let prune_value_at = latest
-            .map(|l| l.rev)
-            .filter(|prev| prev / CHECKPOINT_INTERVAL == rev / CHECKPOINT_INTERVAL);
+        let prune_value_at =
+            latest.map(|l| l.rev).filter(|prev| prev / CHECKPOINT_INTERVAL == rev / CHECKPOINT_INTERVAL);
         Ok(BlockCommit { trx_id: trx_id.clone(), rev, transform, value, prune_value_at })
     }
 
@@ -685,8 +700,8 @@ impl StorageRepo {
         let pending = self.others_pending(&block_ids, &request.trx_id, request.policy == PendPolicy::Return).await?;
         if let Some(record) = record {
             let reference = StoredRecord::Ref(RecordRef { record: record.message_hash.clone() });
-            let bytes =
-                serde_json::to_vec(&reference).map_err(|e| RepoError::Internal(format!("encoding a pend record: {e}")))?;
+            let bytes = serde_json::to_vec(&reference)
+                .map_err(|e| RepoError::Internal(format!("encoding a pend record: {e}")))?;
             let writes: Vec<MetaWrite> = block_ids
                 .iter()
                 .map(|b| MetaWrite::Put(evidence::pend_key(b, &request.trx_id), bytes.clone()))
@@ -760,8 +775,7 @@ impl StorageRepo {
                 if &other == trx_id {
                     continue;
                 }
-                let transform =
-                    if with_transforms { self.raw().pending(block_id, &other).await? } else { None };
+                let transform = if with_transforms { self.raw().pending(block_id, &other).await? } else { None };
                 pending.push(BlockTrxRef { block_id: block_id.clone(), trx_id: other, transform });
             }
         }

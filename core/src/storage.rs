@@ -98,7 +98,8 @@ pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
     async fn pending_trx_ids(&self, block_id: &BlockId) -> Result<Vec<TrxId>, StorageError>;
 
     /// Stores (or replaces) the pending transform of `trx_id` on the block. Idempotent.
-    async fn save_pending(&self, block_id: &BlockId, trx_id: &TrxId, transform: &Transform) -> Result<(), StorageError>;
+    async fn save_pending(&self, block_id: &BlockId, trx_id: &TrxId, transform: &Transform)
+    -> Result<(), StorageError>;
 
     /// Deletes the pending transform of `trx_id` on the block. Idempotent: deleting what is not
     /// there is `Ok`.

@@ -194,7 +194,12 @@ impl SyncServer {
         response.map_err(|e| RepoError::Internal(format!("encoding sync response: {e}")))
     }
 
-    async fn revisions(&self, block_id: &BlockId, after_rev: Option<u64>, limit: usize) -> Result<RevisionsResponse, RepoError> {
+    async fn revisions(
+        &self,
+        block_id: &BlockId,
+        after_rev: Option<u64>,
+        limit: usize,
+    ) -> Result<RevisionsResponse, RepoError> {
         let storage = self.local.storage();
         let latest = storage.latest(block_id).await?;
         let Some(latest_rev) = latest.as_ref().map(|l| l.rev) else {
@@ -390,8 +395,11 @@ impl CatchUp {
             }
         }
         let local = self.local_rev(block_id).await?;
-        report.unreached =
-            claims.into_iter().filter(|(rev, peer)| *rev > local && !disproved.contains(peer)).map(|(r, p)| (p, r)).collect();
+        report.unreached = claims
+            .into_iter()
+            .filter(|(rev, peer)| *rev > local && !disproved.contains(peer))
+            .map(|(r, p)| (p, r))
+            .collect();
         Ok(report)
     }
 
@@ -452,16 +460,29 @@ impl CatchUp {
         Ok(self.local.storage().latest(block_id).await?.map_or(0, |l| l.rev))
     }
 
-    async fn page(&self, peer: PeerId, block_id: &BlockId, after_rev: u64, limit: usize) -> Result<RevisionsResponse, RepoError> {
+    async fn page(
+        &self,
+        peer: PeerId,
+        block_id: &BlockId,
+        after_rev: u64,
+        limit: usize,
+    ) -> Result<RevisionsResponse, RepoError> {
         let request = SyncRequest::Revisions { block_id: block_id.clone(), after_rev: Some(after_rev), limit };
         let request = serde_json::to_value(request).map_err(|e| RepoError::Internal(e.to_string()))?;
         let answer = self.network.request(peer, ProtocolKind::Sync, request, self.timeout).await?;
-        serde_json::from_value(answer).map_err(|e| RepoError::Unavailable(format!("malformed sync answer from {peer}: {e}")))
+        serde_json::from_value(answer)
+            .map_err(|e| RepoError::Unavailable(format!("malformed sync answer from {peer}: {e}")))
     }
 
     /// Pulls and applies verified revisions from `peer`, page after page, counting them in
     /// `applied`.
-    async fn pull_from(&self, block_id: &BlockId, peer: PeerId, view: &[PeerId], applied: &mut usize) -> Result<(), Pull> {
+    async fn pull_from(
+        &self,
+        block_id: &BlockId,
+        peer: PeerId,
+        view: &[PeerId],
+        applied: &mut usize,
+    ) -> Result<(), Pull> {
         for _ in 0..MAX_SYNC_PAGES {
             let after_rev = self.local_rev(block_id).await.map_err(Pull::Failed)?;
             let page = self.page(peer, block_id, after_rev, MAX_SYNC_ENTRIES).await.map_err(Pull::Failed)?;

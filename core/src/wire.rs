@@ -7,9 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ErrorCode, RepoError};
-use crate::model::{
-    BlockGets, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks,
-};
+use crate::model::{BlockGets, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks};
 
 /// Protocol id prefix used when none is configured.
 pub const DEFAULT_PROTOCOL_PREFIX: &str = "/db-p2p";
@@ -242,9 +240,7 @@ pub fn decode_response(kind: &str, value: Value) -> Result<RepoResponse, RepoErr
     if let Some(envelope) = ErrorEnvelope::from_response(&value) {
         return Err(envelope.into_error());
     }
-    let unexpected = |e: serde_json::Error| {
-        RepoError::Internal(format!("malformed {kind} response: {e}"))
-    };
+    let unexpected = |e: serde_json::Error| RepoError::Internal(format!("malformed {kind} response: {e}"));
     Ok(match kind {
         "get" => RepoResponse::Get(serde_json::from_value(value).map_err(unexpected)?),
         "pend" => RepoResponse::Pend(serde_json::from_value(value).map_err(unexpected)?),

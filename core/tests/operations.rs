@@ -328,7 +328,10 @@ fn transform_errors_by_name() {
     assert_eq!(got.fields["items"], json!([2, 3]));
     // A failing second update leaves the input untouched (apply does not mutate its input).
     let failing = Transform {
-        updates: Some(vec![BlockOperation::set("name", json!(2)), BlockOperation::splice("nope", 0, 0, vec![json!(3)])]),
+        updates: Some(vec![
+            BlockOperation::set("name", json!(2)),
+            BlockOperation::splice("nope", 0, 0, vec![json!(3)]),
+        ]),
         ..Transform::default()
     };
     let input = base();

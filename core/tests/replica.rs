@@ -65,7 +65,10 @@ async fn replicas_apply_in_order_idempotently_and_never_rewrite_history() {
         .apply_replica(
             &a,
             &rev("t9", 3),
-            &Transform { updates: Some(vec![BlockOperation::splice("nope", 0, 0, vec![json!(1)])]), ..Transform::default() },
+            &Transform {
+                updates: Some(vec![BlockOperation::splice("nope", 0, 0, vec![json!(1)])]),
+                ..Transform::default()
+            },
             None,
         )
         .await;

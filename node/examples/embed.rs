@@ -2,8 +2,8 @@
 //!
 //! Run with `cargo run -p optimystic-node --example embed`.
 
-use optimystic_core::model::{Block, BlockGets, BlockId, BlockOperation, Transform};
 use optimystic_core::MessageOptions;
+use optimystic_core::model::{Block, BlockGets, BlockId, BlockOperation, Transform};
 use optimystic_node::txn::{self, RetryPolicy};
 use optimystic_node::{config, link_bundled_plugins, node::Node};
 use serde_json::json;
@@ -27,10 +27,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let id = BlockId::new("shopping-list")?;
     let list = Block::new(id.clone(), "list", "home").with_field("items", json!([]));
-    let created = txn::write_block(repo.as_ref(), &id, &Transform { insert: Some(list), ..Transform::default() }, RetryPolicy::default()).await?;
+    let created = txn::write_block(
+        repo.as_ref(),
+        &id,
+        &Transform { insert: Some(list), ..Transform::default() },
+        RetryPolicy::default(),
+    )
+    .await?;
     println!("created {id} at rev {}", created.rev);
     for item in ["bread", "milk", "apples"] {
-        let add = Transform { updates: Some(vec![BlockOperation::splice("items", 0, 0, vec![json!(item)])]), ..Transform::default() };
+        let add = Transform {
+            updates: Some(vec![BlockOperation::splice("items", 0, 0, vec![json!(item)])]),
+            ..Transform::default()
+        };
         let done = txn::write_block(repo.as_ref(), &id, &add, RetryPolicy::default()).await?;
         println!("added {item} at rev {}", done.rev);
     }

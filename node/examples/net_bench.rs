@@ -41,13 +41,30 @@ async fn main() {
     let repo = StorageRepo::new(Arc::new(MemoryStorage::new()));
     let block_id = BlockId::new("bench-block").unwrap();
     let mut transforms = Transforms::default();
-    transforms.inserts.insert(block_id.clone(), Block::new(block_id.clone(), "note", "bench").with_field("text", json!("x".repeat(200))));
+    transforms.inserts.insert(
+        block_id.clone(),
+        Block::new(block_id.clone(), "note", "bench").with_field("text", json!("x".repeat(200))),
+    );
     let trx_id = TrxId::new("bench-trx").unwrap();
     let options = MessageOptions::default();
-    repo.pend(&PendRequest { trx_id: trx_id.clone(), rev: Some(1), transforms, policy: PendPolicy::Continue }, &options).await.unwrap();
-    repo.commit(&CommitRequest { trx_id, block_ids: vec![block_id.clone()], rev: 1, tail_id: block_id.clone(), header_id: None }, &options)
-        .await
-        .unwrap();
+    repo.pend(
+        &PendRequest { trx_id: trx_id.clone(), rev: Some(1), transforms, policy: PendPolicy::Continue },
+        &options,
+    )
+    .await
+    .unwrap();
+    repo.commit(
+        &CommitRequest {
+            trx_id,
+            block_ids: vec![block_id.clone()],
+            rev: 1,
+            tail_id: block_id.clone(),
+            header_id: None,
+        },
+        &options,
+    )
+    .await
+    .unwrap();
 
     let mut server_config = HostConfig::new(identity::generate());
     server_config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];

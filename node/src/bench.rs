@@ -171,7 +171,8 @@ pub async fn run(options: BenchOptions, registry: Registry) -> Result<(), DemoEr
     let mut cluster = None;
     let targets: Vec<PeerId> = match &options.peer {
         Some(addr) => {
-            let addr: libp2p::Multiaddr = addr.parse().map_err(|e| DemoError::Check(format!("--peer {addr:?}: {e}")))?;
+            let addr: libp2p::Multiaddr =
+                addr.parse().map_err(|e| DemoError::Check(format!("--peer {addr:?}: {e}")))?;
             let Some(Protocol::P2p(peer)) = addr.iter().last() else {
                 return Err(DemoError::Check("--peer must end with /p2p/<peer id>".into()));
             };

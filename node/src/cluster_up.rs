@@ -140,7 +140,8 @@ pub async fn run(options: &ClusterUpOptions, exe: &Path, program: &str) -> Resul
     }
     let last_offset = u16::try_from(options.nodes - 1).unwrap_or(u16::MAX);
     if options.base_port != 0
-        && (options.base_port.checked_add(last_offset).is_none() || options.metrics_base_port.checked_add(last_offset).is_none())
+        && (options.base_port.checked_add(last_offset).is_none()
+            || options.metrics_base_port.checked_add(last_offset).is_none())
     {
         return Err(ClusterUpError::Options("--base-port or --metrics-base-port leaves no room for every node".into()));
     }
@@ -166,7 +167,9 @@ pub async fn run(options: &ClusterUpOptions, exe: &Path, program: &str) -> Resul
 
 /// The directory to use: `dir` (created if missing), or a new `optimystic-cluster-<n>` here.
 fn cluster_dir(dir: Option<&Path>) -> Result<PathBuf, ClusterUpError> {
-    let absolute = |path: &Path| std::path::absolute(path).map_err(|e| ClusterUpError::io(format!("resolving {}", path.display()), e));
+    let absolute = |path: &Path| {
+        std::path::absolute(path).map_err(|e| ClusterUpError::io(format!("resolving {}", path.display()), e))
+    };
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir).map_err(|e| ClusterUpError::io(format!("creating {}", dir.display()), e))?;
         return absolute(dir);
@@ -191,8 +194,10 @@ struct Signals {
 impl Signals {
     fn install() -> Result<Self, ClusterUpError> {
         use tokio::signal::unix::{SignalKind, signal};
-        let interrupt = signal(SignalKind::interrupt()).map_err(|e| ClusterUpError::io("installing the SIGINT handler", e))?;
-        let terminate = signal(SignalKind::terminate()).map_err(|e| ClusterUpError::io("installing the SIGTERM handler", e))?;
+        let interrupt =
+            signal(SignalKind::interrupt()).map_err(|e| ClusterUpError::io("installing the SIGINT handler", e))?;
+        let terminate =
+            signal(SignalKind::terminate()).map_err(|e| ClusterUpError::io("installing the SIGTERM handler", e))?;
         Ok(Self { interrupt, terminate })
     }
 
@@ -237,8 +242,13 @@ async fn start_all(
         let config = node_config(options, dir, i, bootstrap.as_deref());
         let path = dir.join(format!("node{i}.toml"));
         let text = toml::to_string_pretty(&config).map_err(|error| ClusterUpError::Config { node: i, error })?;
-        let header = format!("# Node {i} of a local cluster written by `optimystic cluster up`; run by hand with\n#   {} start --config {}\n", exe.display(), path.display());
-        std::fs::write(&path, format!("{header}{text}")).map_err(|e| ClusterUpError::io(format!("writing {}", path.display()), e))?;
+        let header = format!(
+            "# Node {i} of a local cluster written by `optimystic cluster up`; run by hand with\n#   {} start --config {}\n",
+            exe.display(),
+            path.display()
+        );
+        std::fs::write(&path, format!("{header}{text}"))
+            .map_err(|e| ClusterUpError::io(format!("writing {}", path.display()), e))?;
         spawn(cluster, exe, &path, dir, i)?;
         let deadline = Instant::now() + Duration::from_millis(STARTUP_TIMEOUT_MS);
         let listening = tokio::select! {
@@ -301,7 +311,12 @@ fn spawn(cluster: &mut Cluster, exe: &Path, config: &Path, dir: &Path, i: usize)
 }
 
 /// Copies node `i`'s stdout into its log and sends each line as an event.
-async fn forward_stdout(i: usize, stdout: tokio::process::ChildStdout, mut log: std::fs::File, sender: mpsc::UnboundedSender<Event>) {
+async fn forward_stdout(
+    i: usize,
+    stdout: tokio::process::ChildStdout,
+    mut log: std::fs::File,
+    sender: mpsc::UnboundedSender<Event>,
+) {
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let _ = writeln!(log, "{line}");
@@ -331,10 +346,15 @@ async fn wait_until(cluster: &mut Cluster, deadline: Instant, done: impl Fn(&Clu
             Ok(Some(Event::Line(i, line))) => apply_line(cluster, i, &line),
             Ok(Some(Event::Closed(i))) => {
                 let status = match cluster.nodes.get_mut(i - 1) {
-                    Some(node) => match tokio::time::timeout(Duration::from_millis(EXIT_AFTER_CLOSE_MS), node.child.wait()).await {
-                        Ok(status) => format!("exited ({})", status.map(describe).unwrap_or_else(|e| e.to_string())),
-                        Err(_) => "closed its output".to_owned(),
-                    },
+                    Some(node) => {
+                        match tokio::time::timeout(Duration::from_millis(EXIT_AFTER_CLOSE_MS), node.child.wait()).await
+                        {
+                            Ok(status) => {
+                                format!("exited ({})", status.map(describe).unwrap_or_else(|e| e.to_string()))
+                            }
+                            Err(_) => "closed its output".to_owned(),
+                        }
+                    }
                     None => "exited".to_owned(),
                 };
                 return Err(Stop::Exited(i, status));
@@ -425,7 +445,8 @@ fn print_cluster(cluster: &Cluster, dir: &Path, program: &str) {
 
 /// Runs until a signal (`Ok`) or a node's exit (`Err`), announcing nodes that report ready late.
 async fn watch(cluster: &mut Cluster, signals: &mut Signals) -> Result<(), ClusterUpError> {
-    let mut announced: BTreeSet<usize> = (1..=cluster.nodes.len()).filter(|i| cluster.nodes.get(i - 1).is_some_and(|n| n.ready)).collect();
+    let mut announced: BTreeSet<usize> =
+        (1..=cluster.nodes.len()).filter(|i| cluster.nodes.get(i - 1).is_some_and(|n| n.ready)).collect();
     while !cluster.nodes.is_empty() {
         let exits = select_all(cluster.nodes.iter_mut().map(|n| Box::pin(n.child.wait())));
         let line = tokio::select! {

@@ -385,10 +385,7 @@ mod tests {
     #[test]
     fn oversize_length_is_refused_before_the_body_arrives() {
         let buf = raw_frame(1025, b"");
-        assert_eq!(
-            decode_frame(&buf, 1024),
-            Err(FrameError::Oversize { declared_bytes: 1025, max_frame_bytes: 1024 })
-        );
+        assert_eq!(decode_frame(&buf, 1024), Err(FrameError::Oversize { declared_bytes: 1025, max_frame_bytes: 1024 }));
         let huge = raw_frame(u64::MAX, b"");
         assert!(matches!(decode_frame(&huge, usize::MAX), Err(FrameError::Oversize { .. }) | Ok(None)));
         assert!(matches!(decode_frame(&huge, 1024), Err(FrameError::Oversize { .. })));

@@ -496,7 +496,10 @@ mod tests {
     #[test]
     fn layers_apply_in_order_defaults_file_env_flags() {
         Jail::expect_with(|jail| {
-            jail.create_file("node.toml", "[node]\ndata_dir = \"from-file\"\nprotocol_prefix = \"/file\"\n[storage]\nkind = \"file\"\n")?;
+            jail.create_file(
+                "node.toml",
+                "[node]\ndata_dir = \"from-file\"\nprotocol_prefix = \"/file\"\n[storage]\nkind = \"file\"\n",
+            )?;
             jail.set_env("OPTIMYSTIC_NODE__PROTOCOL_PREFIX", "/env");
             jail.set_env("OPTIMYSTIC_STORAGE__KIND", "memory");
             jail.set_env("OPTIMYSTIC_CRASH_CYCLES", "7");
@@ -540,7 +543,11 @@ mod tests {
             assert!(text.contains("key_network.cluster_size") && text.contains("environment"), "{text}");
             jail.clear_env();
 
-            let text = error_text(load(None, &json!({"consensus": {"kind": "majority-2pc", "commit_threshold": 1.5}}), &registry()));
+            let text = error_text(load(
+                None,
+                &json!({"consensus": {"kind": "majority-2pc", "commit_threshold": 1.5}}),
+                &registry(),
+            ));
             assert!(text.contains("consensus.commit_threshold"), "{text}");
 
             let text = error_text(load(None, &json!({"limits": {"request_timeout_ms": 0}}), &registry()));
@@ -548,11 +555,17 @@ mod tests {
 
             jail.create_file("typo.toml", "[node]\nlisen = []\n")?;
             let text = error_text(load(Some(Path::new("typo.toml")), &json!({}), &registry()));
-            assert!(text.starts_with("configuration: node.lisen in typo.toml: unknown key; expected one of: data_dir, "), "{text}");
+            assert!(
+                text.starts_with("configuration: node.lisen in typo.toml: unknown key; expected one of: data_dir, "),
+                "{text}"
+            );
 
             jail.set_env("OPTIMYSTIC_NODE__FROBNICATE", "1");
             let text = error_text(load(None, &json!({}), &registry()));
-            assert!(text.starts_with("configuration: OPTIMYSTIC_NODE__FROBNICATE in the environment: unknown key"), "{text}");
+            assert!(
+                text.starts_with("configuration: OPTIMYSTIC_NODE__FROBNICATE in the environment: unknown key"),
+                "{text}"
+            );
             assert!(!text.contains("default."), "{text}");
             Ok(())
         });
@@ -571,21 +584,26 @@ mod tests {
 
     #[test]
     fn switching_plugin_kinds_leaves_no_foreign_options_behind() {
-        let flags = json!({"consensus": {"kind": "solo"}, "key_network": {"kind": "static"}, "storage": {"kind": "memory"}});
+        let flags =
+            json!({"consensus": {"kind": "solo"}, "key_network": {"kind": "static"}, "storage": {"kind": "memory"}});
         let loaded = load(None, &flags, &registry()).expect("valid");
         assert!(loaded.config.consensus.options.is_empty(), "{:?}", loaded.config.consensus.options);
         let cx = optimystic_core::registry::PluginContext::new(libp2p::PeerId::random());
-        let storage = registry().build_storage("memory", &cx, &loaded.config.storage.to_value()).expect("memory builds");
+        let storage =
+            registry().build_storage("memory", &cx, &loaded.config.storage.to_value()).expect("memory builds");
         let mut cx = cx;
         cx.local_repo = Some(optimystic_core::StorageRepo::new(storage));
-        registry().build_consensus("solo", &cx, &loaded.config.consensus.to_value()).expect("solo accepts the defaults");
+        registry()
+            .build_consensus("solo", &cx, &loaded.config.consensus.to_value())
+            .expect("solo accepts the defaults");
     }
 
     #[test]
     fn plugin_defaults_are_shown_and_accepted_by_their_plugins() {
         // In a jail: other tests set OPTIMYSTIC_* variables, and the defaults must be the built-in ones.
         Jail::expect_with(|_jail| {
-            let loaded = load(None, &json!({"consensus": {"kind": "majority-2pc", "grace_ms": 3000}}), &registry()).expect("valid");
+            let loaded = load(None, &json!({"consensus": {"kind": "majority-2pc", "grace_ms": 3000}}), &registry())
+                .expect("valid");
             let shown = loaded.with_plugin_defaults(&registry());
             assert_eq!(shown.storage.options.get("map_size_bytes"), Some(&json!(1u64 << 30)), "{:?}", shown.storage);
             assert_eq!(shown.storage.options.get("path"), Some(&json!("storage-lmdb")));
@@ -603,7 +621,8 @@ mod tests {
             for kind in ["lmdb", "file"] {
                 let flags = json!({"storage": {"kind": kind}});
                 let shown = load(None, &flags, &registry()).expect("valid").with_plugin_defaults(&registry());
-                let storage = registry().build_storage(kind, &cx, &shown.storage.to_value()).expect("defaults accepted");
+                let storage =
+                    registry().build_storage(kind, &cx, &shown.storage.to_value()).expect("defaults accepted");
                 drop(storage);
                 assert!(dir.path().join(format!("storage-{kind}")).is_dir(), "{kind} opened its default directory");
             }

@@ -83,12 +83,7 @@ async fn append_entries(repo: &dyn Repo, block_id: &BlockId, phase: &str, count:
     let bar = crate::progress::bar(count as u64, "[demo]   [{bar:30}] {pos}/{len} committed, {msg}");
     let mut rev = 0;
     for n in 1..=count {
-        let op = BlockOperation(
-            "entries".to_owned(),
-            0,
-            0,
-            json!([format!("{phase} entry {n}")]),
-        );
+        let op = BlockOperation("entries".to_owned(), 0, 0, json!([format!("{phase} entry {n}")]));
         let transform = Transform { updates: Some(vec![op]), ..Transform::default() };
         let done = txn::write_block(repo, block_id, &transform, RetryPolicy::default()).await?;
         rev = done.rev;
@@ -135,7 +130,11 @@ pub async fn run(options: DemoOptions, registry: Registry) -> Result<(), DemoErr
     Ok(())
 }
 
-async fn scenario(options: &DemoOptions, cluster: &mut LocalCluster, client_host: &HostHandle) -> Result<(), DemoError> {
+async fn scenario(
+    options: &DemoOptions,
+    cluster: &mut LocalCluster,
+    client_host: &HostHandle,
+) -> Result<(), DemoError> {
     let block_id = BlockId::new("demo-diary").map_err(|e| DemoError::Check(e.to_string()))?;
     let first = client_of(client_host, cluster, 0).await?;
     say("creating block demo-diary through node 1");
@@ -166,6 +165,9 @@ async fn scenario(options: &DemoOptions, cluster: &mut LocalCluster, client_host
             down + 1
         )));
     }
-    say(&format!("a quorum read through node {} returned rev {target}; it caught up and now holds rev {after}", down + 1));
+    say(&format!(
+        "a quorum read through node {} returned rev {target}; it caught up and now holds rev {after}",
+        down + 1
+    ));
     Ok(())
 }

@@ -52,7 +52,13 @@ pub struct Pages<'a> {
 impl<'a> Pages<'a> {
     /// The revisions of `block_id` held by `peer`, from revision `from_rev` on (0 or 1: all), each
     /// request within `timeout`.
-    pub fn new(network: &'a dyn PeerNetwork, peer: PeerId, block_id: BlockId, from_rev: u64, timeout: Duration) -> Self {
+    pub fn new(
+        network: &'a dyn PeerNetwork,
+        peer: PeerId,
+        block_id: BlockId,
+        from_rev: u64,
+        timeout: Duration,
+    ) -> Self {
         let after_rev = from_rev.checked_sub(1).filter(|r| *r > 0);
         Self { network, peer, block_id, timeout, after_rev, latest: None, pages: 0, done: false }
     }
@@ -68,9 +74,18 @@ impl<'a> Pages<'a> {
         if self.done || self.pages >= MAX_SYNC_PAGES {
             return Ok(None);
         }
-        let request = SyncRequest::Revisions { block_id: self.block_id.clone(), after_rev: self.after_rev, limit: MAX_SYNC_ENTRIES };
-        let request = serde_json::to_value(request).map_err(|e| self.malformed(format!("encoding the request: {e}")))?;
-        let answer = self.network.request(self.peer, ProtocolKind::Sync, request, self.timeout).await.map_err(RepoError::from)?;
+        let request = SyncRequest::Revisions {
+            block_id: self.block_id.clone(),
+            after_rev: self.after_rev,
+            limit: MAX_SYNC_ENTRIES,
+        };
+        let request =
+            serde_json::to_value(request).map_err(|e| self.malformed(format!("encoding the request: {e}")))?;
+        let answer = self
+            .network
+            .request(self.peer, ProtocolKind::Sync, request, self.timeout)
+            .await
+            .map_err(RepoError::from)?;
         let page: RevisionsResponse = serde_json::from_value(answer).map_err(|e| self.malformed(e.to_string()))?;
         self.pages += 1;
         self.latest = page.latest;
@@ -127,7 +142,9 @@ pub fn text(entry: &SyncEntry) -> String {
             if evidence.pend.is_none() {
                 out.push_str("  evidence pend record not kept\n");
             }
-            for (what, record) in evidence.pend.iter().map(|r| ("pend", r)).chain(std::iter::once(("commit", &evidence.commit))) {
+            for (what, record) in
+                evidence.pend.iter().map(|r| ("pend", r)).chain(std::iter::once(("commit", &evidence.commit)))
+            {
                 out.push_str(&format!("  evidence {what} {}\n", record_summary(record)));
             }
         }
@@ -141,7 +158,12 @@ fn record_summary(record: &Value) -> String {
         Ok(r) => {
             let commits = count_approvals(&r.commits);
             let commits = if commits > 0 { format!(", {commits} commit votes") } else { String::new() };
-            format!("{} ({} of {} peers promised{commits})", r.message_hash, count_approvals(&r.promises), r.peers.len())
+            format!(
+                "{} ({} of {} peers promised{commits})",
+                r.message_hash,
+                count_approvals(&r.promises),
+                r.peers.len()
+            )
         }
         Err(e) => format!("unreadable record: {e}"),
     }

@@ -31,7 +31,9 @@ pub enum IdentityError {
         error: io::Error,
     },
     /// The key file exists but does not hold a usable key. It is left untouched.
-    #[error("identity key {path} is corrupt ({reason}); restore it from a backup, or move it away to start as a new peer")]
+    #[error(
+        "identity key {path} is corrupt ({reason}); restore it from a backup, or move it away to start as a new peer"
+    )]
     Corrupt {
         /// The key file.
         path: PathBuf,
@@ -100,9 +102,10 @@ fn create(data_dir: &Path, path: &Path) -> Result<Keypair, IdentityError> {
     let dir_error = |error| IdentityError::Io { path: data_dir.to_owned(), error };
     fs::create_dir_all(data_dir).map_err(dir_error)?;
     let keypair = generate();
-    let encoded = keypair
-        .to_protobuf_encoding()
-        .map_err(|e| IdentityError::Corrupt { path: path.to_owned(), reason: format!("cannot encode a new key: {e}") })?;
+    let encoded = keypair.to_protobuf_encoding().map_err(|e| IdentityError::Corrupt {
+        path: path.to_owned(),
+        reason: format!("cannot encode a new key: {e}"),
+    })?;
     let tmp = data_dir.join(format!("{IDENTITY_FILE}.tmp"));
     let tmp_error = |error| IdentityError::Io { path: tmp.clone(), error };
     // A leftover temporary file is from an interrupted first start: it was never the identity.
@@ -145,7 +148,14 @@ mod tests {
     fn corrupt_key_file_is_an_error_and_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(IDENTITY_FILE);
-        fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).unwrap().write_all(b"garbage").unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap()
+            .write_all(b"garbage")
+            .unwrap();
         let err = load_or_create(dir.path()).unwrap_err();
         assert!(matches!(err, IdentityError::Corrupt { .. }), "{err}");
         assert_eq!(fs::read(&path).unwrap(), b"garbage");

@@ -33,7 +33,12 @@ pub fn free_port() -> Result<u16, NodeError> {
 impl LocalCluster {
     /// Starts `count` nodes with storage `storage_kind` under `base_dir/node-<i>`, waits until every
     /// node's routing table holds every other node, and returns the cluster.
-    pub async fn start(count: usize, storage_kind: &str, base_dir: &Path, registry: Registry) -> Result<Self, NodeError> {
+    pub async fn start(
+        count: usize,
+        storage_kind: &str,
+        base_dir: &Path,
+        registry: Registry,
+    ) -> Result<Self, NodeError> {
         if count == 0 {
             return Err(NodeError::Config("a local cluster needs at least one node".into()));
         }
@@ -98,9 +103,9 @@ impl LocalCluster {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_millis(ROUTING_SETTLE_TIMEOUT_MS), wait)
-            .await
-            .map_err(|_| NodeError::Config(format!("nodes did not learn {peers} peers within {ROUTING_SETTLE_TIMEOUT_MS} ms")))
+        tokio::time::timeout(Duration::from_millis(ROUTING_SETTLE_TIMEOUT_MS), wait).await.map_err(|_| {
+            NodeError::Config(format!("nodes did not learn {peers} peers within {ROUTING_SETTLE_TIMEOUT_MS} ms"))
+        })
     }
 
     /// The running node `i`.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use libp2p::{Multiaddr, PeerId};
 use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
 use optimystic_core::client::RepoClient;
 use optimystic_core::model::{
     Block, BlockGets, BlockId, BlockOperation, CommitRequest, GetBlockResults, PendRequest, Transform, TrxBlocks,
@@ -53,10 +53,12 @@ enum Command {
     /// Exit codes: 0 done; 2 error (a `write` certainly committed nothing); 3 a `get` named a block
     /// that does not exist (`not found: <id>` on stderr per block; the JSON is still printed); 4 a
     /// `write`'s outcome is unknown (its commit was sent and never confirmed).
-    #[command(after_help = "Examples:\n  optimystic client --peer /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... get diary\n  \
+    #[command(
+        after_help = "Examples:\n  optimystic client --peer /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... get diary\n  \
         optimystic client --peer ADDR write --block diary --insert '{\"header\":{\"id\":\"diary\",\"type\":\"log\",\"collectionId\":\"c\"},\"entries\":[]}'\n  \
         optimystic client --peer ADDR write --block diary --update '[[\"entries\",0,0,[\"hello\"]]]'\n  \
-        optimystic client --peer ADDR write --block diary --append entries '\"hello\"'")]
+        optimystic client --peer ADDR write --block diary --append entries '\"hello\"'"
+    )]
     Client(ClientArgs),
     /// Show a block's committed revisions as one peer holds them, with the evidence kept for each.
     ///
@@ -89,7 +91,9 @@ enum Command {
     ///
     /// Reads one JSON document or JSON Lines from FILE (or stdin) and prints `ok <messageHash>` or
     /// `invalid <messageHash>: <reason>` per record. Exits 1 if any record is invalid.
-    #[command(after_help = "Examples:\n  optimystic verify-record record.json\n  cat records.jsonl | optimystic verify-record")]
+    #[command(
+        after_help = "Examples:\n  optimystic verify-record record.json\n  cat records.jsonl | optimystic verify-record"
+    )]
     VerifyRecord {
         /// The file to read; stdin when absent.
         file: Option<PathBuf>,
@@ -468,7 +472,9 @@ async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
         other => other?,
     }
     if latest.is_none() {
-        eprintln!("not found: {block_id} (the peer holds no revision of it: no such block, or the peer is not in its cluster)");
+        eprintln!(
+            "not found: {block_id} (the peer holds no revision of it: no such block, or the peer is not in its cluster)"
+        );
         return Ok(ExitCode::from(EXIT_NOT_FOUND));
     }
     Ok(ExitCode::SUCCESS)
@@ -499,7 +505,11 @@ async fn print_history(pages: &mut history::Pages<'_>, block_id: &BlockId, args:
         shown += entries.len();
         out.flush()?;
     }
-    if shown == 0 && !args.json && !args.records && let Some(latest) = pages.latest() {
+    if shown == 0
+        && !args.json
+        && !args.records
+        && let Some(latest) = pages.latest()
+    {
         writeln!(out, "block {block_id}: latest rev {}; no revision from {} on", latest.rev, args.from)?;
     }
     Ok(())
@@ -598,7 +608,8 @@ async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::
             let policy = txn::RetryPolicy { operation_timeout_ms: timeout_ms, ..txn::RetryPolicy::default() };
             let done = match (insert, update, delete, append.as_deref()) {
                 (Some(insert), None, false, None) => {
-                    let transform = Transform { insert: Some(parse::<Block>("--insert", &insert)?), ..Transform::default() };
+                    let transform =
+                        Transform { insert: Some(parse::<Block>("--insert", &insert)?), ..Transform::default() };
                     txn::write_block(repo, &block_id, &transform, policy).await?
                 }
                 (None, Some(update), false, None) => {
@@ -612,7 +623,8 @@ async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::
                 }
                 (None, None, false, Some([field, item])) => {
                     let item: Value = parse("the --append value", item)?;
-                    txn::write_with(repo, &block_id, policy, |latest| append_transform(&block_id, latest, field, &item)).await?
+                    txn::write_with(repo, &block_id, policy, |latest| append_transform(&block_id, latest, field, &item))
+                        .await?
                 }
                 _ => bail!("give exactly one of --insert, --update, --delete or --append"),
             };

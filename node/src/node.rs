@@ -22,14 +22,16 @@ use libp2p::PeerId;
 use optimystic_core::consensus::{BehindSink, Consensus};
 use optimystic_core::coordinator::CoordinatorRepo;
 use optimystic_core::keynet::{ClusterPeers, KeyNetwork, PeerRouting};
-use optimystic_core::record::ClusterRecord;
-use optimystic_core::sync::CatchUp;
-use optimystic_core::wire::{RepoMessage, RepoResponse};
-use optimystic_core::model::{BlockGets, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks};
+use optimystic_core::model::{
+    BlockGets, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks,
+};
 use optimystic_core::network::PeerNetwork;
 use optimystic_core::reads::ClusterReads;
+use optimystic_core::record::ClusterRecord;
 use optimystic_core::registry::{PluginContext, PluginError, Registry};
+use optimystic_core::sync::CatchUp;
 use optimystic_core::sync::SyncServer;
+use optimystic_core::wire::{RepoMessage, RepoResponse};
 use optimystic_core::{BlockId, MessageOptions, RawStorage, ReadPromotion, Repo, RepoError, StorageRepo};
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -245,10 +247,7 @@ impl Repo for MeteredRepo {
 }
 
 fn parse_addrs(key: &str, addrs: &[String]) -> Result<Vec<Multiaddr>, NodeError> {
-    addrs
-        .iter()
-        .map(|a| a.parse().map_err(|e| NodeError::Config(format!("{key}: {a:?}: {e}"))))
-        .collect()
+    addrs.iter().map(|a| a.parse().map_err(|e| NodeError::Config(format!("{key}: {a:?}: {e}")))).collect()
 }
 
 impl Node {
@@ -344,11 +343,11 @@ impl Node {
 
         let timeout = Duration::from_millis(config.limits.request_timeout_ms);
         let metrics = Arc::new(Metrics::new());
-        let coordinated: Arc<dyn Consensus> = Arc::new(MeteredConsensus { inner: consensus.clone(), metrics: metrics.clone() });
+        let coordinated: Arc<dyn Consensus> =
+            Arc::new(MeteredConsensus { inner: consensus.clone(), metrics: metrics.clone() });
         let writes: Arc<dyn Repo> =
             Arc::new(CoordinatorRepo::new(key_network.clone(), coordinated, Arc::new(read_local.clone())));
-        let reads =
-            ClusterReads::new(writes, read_local, key_network.clone(), network, config.node.read_mode, timeout);
+        let reads = ClusterReads::new(writes, read_local, key_network.clone(), network, config.node.read_mode, timeout);
         let catch_up = reads.catch_up().clone();
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });
         consensus.start().await.map_err(|e| NodeError::Config(format!("consensus did not start: {e}")))?;
@@ -379,7 +378,13 @@ impl Node {
         let background = vec![
             tokio::spawn(sample_gauges(storage.clone(), host.clone(), metrics.clone())),
             tokio::spawn(catch_up_behind(behind_rx, behind_queued, catch_up.clone(), consensus.clone())),
-            tokio::spawn(repair_replicas(storage.clone(), catch_up, consensus.clone(), host.clone(), RepairPace::of(config))),
+            tokio::spawn(repair_replicas(
+                storage.clone(),
+                catch_up,
+                consensus.clone(),
+                host.clone(),
+                RepairPace::of(config),
+            )),
         ];
         let local_peer_id = host.local_peer_id();
         let rule = ReadinessRule::for_config(config, local_peer_id);
@@ -526,7 +531,9 @@ async fn repair_replicas(
                 updates.borrow_and_update();
             }
         }
-        after = repair_page(&storage, &catch_up, &consensus, after.as_ref(), pace.blocks_per_round).await.map(|(last, _)| last);
+        after = repair_page(&storage, &catch_up, &consensus, after.as_ref(), pace.blocks_per_round)
+            .await
+            .map(|(last, _)| last);
     }
 }
 

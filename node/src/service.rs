@@ -153,7 +153,9 @@ impl RepoService {
         let result = match operation {
             RepoOperation::Get(gets) => self.repo.get(&gets, &options).await.map(RepoResponse::Get),
             RepoOperation::Pend(request) => self.repo.pend(&request, &options).await.map(RepoResponse::Pend),
-            RepoOperation::Cancel { trx_ref } => self.repo.cancel(&trx_ref, &options).await.map(|()| RepoResponse::Cancel),
+            RepoOperation::Cancel { trx_ref } => {
+                self.repo.cancel(&trx_ref, &options).await.map(|()| RepoResponse::Cancel)
+            }
             RepoOperation::Commit(request) => self.repo.commit(&request, &options).await.map(RepoResponse::Commit),
         };
         match result {
@@ -439,13 +441,16 @@ mod tests {
             .serve(Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}, {"get": {"blockIds": ["b"]}}], "expiration": later()})))
             .await;
         assert_eq!(code(&two), "bad-request");
-        let expired = service.serve(Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}], "expiration": 1}))).await;
+        let expired =
+            service.serve(Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}], "expiration": 1}))).await;
         assert_eq!(code(&expired), "expired");
         let invalid = service
             .serve(Frame::Json(json!({"operations": [{"pend": {"trxId": "t1", "transforms": {"inserts": {"a": {"header": {"id": "b", "type": "t", "collectionId": "c"}}}, "updates": {}, "deletes": []}, "policy": "c"}}], "expiration": later()})))
             .await;
         assert_eq!(code(&invalid), "bad-request", "{invalid}");
-        let ok = service.serve(Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}], "expiration": later()}))).await;
+        let ok = service
+            .serve(Frame::Json(json!({"operations": [{"get": {"blockIds": ["a"]}}], "expiration": later()})))
+            .await;
         assert!(ok["a"]["state"].is_object(), "{ok}");
     }
 
@@ -537,6 +542,9 @@ mod tests {
         assert_eq!(code(&service.serve(peer, Frame::Json(json!([]))).await), "bad-request");
         assert_eq!(code(&service.serve(peer, Frame::Json(json!({"operation": "delete"}))).await), "bad-request");
         assert_eq!(code(&service.serve(peer, Frame::Json(json!({"operation": "update"}))).await), "bad-request");
-        assert_eq!(code(&service.serve(peer, Frame::Json(json!({"operation": "update", "record": 5}))).await), "bad-request");
+        assert_eq!(
+            code(&service.serve(peer, Frame::Json(json!({"operation": "update", "record": 5}))).await),
+            "bad-request"
+        );
     }
 }

@@ -123,13 +123,27 @@ fn three_processes_from_config_files_serve_writes_reads_metrics_and_stop_on_sigt
     let mut nodes = Vec::new();
     for i in 0..3 {
         let bootstrap = (i > 0).then(|| ports[0]);
-        nodes.push(start_node(i + 1, &dir.path().join(format!("node{}", i + 1)), ports[i], metrics_ports[i], bootstrap));
+        nodes.push(start_node(
+            i + 1,
+            &dir.path().join(format!("node{}", i + 1)),
+            ports[i],
+            metrics_ports[i],
+            bootstrap,
+        ));
     }
 
     let block = r#"{"header":{"id":"greeting","type":"note","collectionId":"cli"},"text":"hello","tags":[]}"#;
     let written = client(&["--peer", &nodes[0].p2p_addr, "write", "--block", "greeting", "--insert", block]);
     assert_eq!(written["rev"], 1, "{written}");
-    let updated = client(&["--peer", &nodes[0].p2p_addr, "write", "--block", "greeting", "--update", r#"[["tags",0,0,["cli"]]]"#]);
+    let updated = client(&[
+        "--peer",
+        &nodes[0].p2p_addr,
+        "write",
+        "--block",
+        "greeting",
+        "--update",
+        r#"[["tags",0,0,["cli"]]]"#,
+    ]);
     assert_eq!(updated["rev"], 2, "{updated}");
 
     let read = client(&["--peer", &nodes[1].p2p_addr, "get", "greeting"]);
@@ -146,10 +160,16 @@ fn three_processes_from_config_files_serve_writes_reads_metrics_and_stop_on_sigt
         assert!(body.contains("optimystic_stored_blocks"), "{body}");
     }
     let (_, first) = http_get(&nodes[0].metrics);
-    assert!(first.contains("optimystic_repo_operations_total{op=\"commit\",outcome=\"ok\"} 2"), "node 1 counted its commits: {first}");
+    assert!(
+        first.contains("optimystic_repo_operations_total{op=\"commit\",outcome=\"ok\"} 2"),
+        "node 1 counted its commits: {first}"
+    );
     assert!(first.contains("optimystic_consensus_rounds_total{outcome=\"committed\"}"), "2PC outcomes: {first}");
     let (_, second) = http_get(&nodes[1].metrics);
-    assert!(second.contains("optimystic_repo_operations_total{op=\"get\",outcome=\"ok\"} 1"), "node 2 counted its read: {second}");
+    assert!(
+        second.contains("optimystic_repo_operations_total{op=\"get\",outcome=\"ok\"} 1"),
+        "node 2 counted its read: {second}"
+    );
     assert!(second.contains("optimystic_repo_operation_seconds_bucket"), "latency histogram: {second}");
 
     for mut node in nodes {
@@ -247,12 +267,16 @@ fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
         assert!(stderr.contains(says), "{stderr}");
     }
 
-    let invalid = output_of(&["client", "--peer", peer, "write", "--block", "diary", "--update", r#"[["x",0,0,["y"]]]"#], None);
+    let invalid =
+        output_of(&["client", "--peer", peer, "write", "--block", "diary", "--update", r#"[["x",0,0,["y"]]]"#], None);
     assert_eq!(invalid.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&invalid.stderr);
     assert_eq!(stderr.matches("field \"x\" does not exist").count(), 1, "the cause once: {stderr}");
     assert_eq!(stderr.matches("bad request").count(), 1, "the code once: {stderr}");
-    let status = sigterm_and_wait({ let mut node = node; node.child.take().unwrap() });
+    let status = sigterm_and_wait({
+        let mut node = node;
+        node.child.take().unwrap()
+    });
     assert_eq!(status.code(), Some(0));
 }
 
@@ -264,7 +288,13 @@ fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
     let mut nodes = Vec::new();
     for i in 0..3 {
         let bootstrap = (i > 0).then(|| ports[0]);
-        nodes.push(start_node(i + 1, &dir.path().join(format!("node{}", i + 1)), ports[i], metrics_ports[i], bootstrap));
+        nodes.push(start_node(
+            i + 1,
+            &dir.path().join(format!("node{}", i + 1)),
+            ports[i],
+            metrics_ports[i],
+            bootstrap,
+        ));
     }
     let peer = nodes[0].p2p_addr.clone();
     let block = r#"{"header":{"id":"log","type":"log","collectionId":"cli"},"entries":[]}"#;
@@ -275,8 +305,10 @@ fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
 
     let history = output_of(&["history", "--peer", &peer, "log", "--records"], None);
     assert_eq!(history.status.code(), Some(0), "{history:?}");
-    let records: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&history.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON record per line")).collect();
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&history.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+        .collect();
     assert_eq!(records.len(), 6, "a pend and a commit record for each of 3 revisions: {records:?}");
     let verified = output_of(&["verify-record"], Some(&history.stdout));
     assert_eq!(verified.status.code(), Some(0), "{verified:?}");
@@ -292,7 +324,11 @@ fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
         String::from_utf8_lossy(&json.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let revs: Vec<u64> = revisions.iter().map(|r| r["rev"].as_u64().unwrap()).collect();
     assert_eq!(revs, [2, 3]);
-    assert_eq!(revisions[1]["transform"]["updates"], serde_json::json!([["entries", 1, 0, [2]]]), "appended at the end");
+    assert_eq!(
+        revisions[1]["transform"]["updates"],
+        serde_json::json!([["entries", 1, 0, [2]]]),
+        "appended at the end"
+    );
     let text = output_of(&["history", "--peer", &peer, "log"], None);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.starts_with("block log: latest rev 3"), "{text}");
@@ -348,7 +384,10 @@ fn cluster_up_runs_three_processes_until_sigint_and_leaves_none_behind() {
     // Its stdout has closed (it exited): the rest of its lines are in the channel or on the way.
     let stopped: Vec<String> = remaining(&lines).into_iter().filter(|l| l.contains("stopped (")).collect();
     assert_eq!(stopped.len(), 3, "{stopped:?}");
-    assert!(stopped.iter().all(|l| l.ends_with("stopped (exit status 0)")), "each node stopped on SIGTERM: {stopped:?}");
+    assert!(
+        stopped.iter().all(|l| l.ends_with("stopped (exit status 0)")),
+        "each node stopped on SIGTERM: {stopped:?}"
+    );
     for (pid, _) in &nodes {
         assert!(!pid_alive(*pid), "node process {pid} is gone");
     }
@@ -431,7 +470,8 @@ fn verify_record_accepts_the_javascript_vector_and_refuses_a_tampered_copy() {
     let promises = record["promises"].as_object_mut().unwrap();
     let first = promises.keys().next().unwrap().clone();
     let signature = promises[&first]["signature"].as_str().unwrap().to_owned();
-    let flipped = if signature.starts_with('A') { format!("B{}", &signature[1..]) } else { format!("A{}", &signature[1..]) };
+    let flipped =
+        if signature.starts_with('A') { format!("B{}", &signature[1..]) } else { format!("A{}", &signature[1..]) };
     promises[&first]["signature"] = serde_json::Value::String(flipped);
     let dir = tempfile::tempdir().unwrap();
     let tampered = dir.path().join("tampered.json");
@@ -527,10 +567,9 @@ fn rewrite_example_config(dir: &Path, i: usize, ports: &Ports) -> PathBuf {
     text = text.replace(&data_dir, &format!("data_dir = {:?}", dir.join(format!("node{i}")).display().to_string()));
     // Through placeholders, so that a new port is never taken for an old one.
     for n in 1..=3 {
-        text = text.replace(&format!("/tcp/410{n}\""), &format!("/tcp/@p2p{n}@\"")).replace(
-            &format!("127.0.0.1:910{n}\""),
-            &format!("127.0.0.1:@metrics{n}@\""),
-        );
+        text = text
+            .replace(&format!("/tcp/410{n}\""), &format!("/tcp/@p2p{n}@\""))
+            .replace(&format!("127.0.0.1:910{n}\""), &format!("127.0.0.1:@metrics{n}@\""));
     }
     let own_ports = text.contains(&format!("@p2p{i}@")) && text.contains(&format!("@metrics{i}@"));
     assert!(own_ports, "example node{i}.toml changed its ports:\n{text}");

@@ -27,9 +27,9 @@ use optimystic_node::codec::{DEFAULT_REPO_MAX_FRAME_BYTES, decode_frame, encode_
 use optimystic_node::{Handlers, Host, HostConfig, HostHandle, identity};
 use optimystic_storage_memory::MemoryStorage;
 // Linked so that `Registry::linked` sees their descriptors.
-use {optimystic_keynet_kademlia as _, optimystic_keynet_static as _};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
+use {optimystic_keynet_kademlia as _, optimystic_keynet_static as _};
 
 /// Upper bound on any one test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -100,13 +100,15 @@ async fn repo_client_round_trips_get_pend_commit_cancel_and_stale() {
         assert!(unknown[&id("b1")].block.is_none());
         assert!(unknown[&id("b1")].state.latest.is_none());
 
-        let pend = PendRequest { trx_id: trx("t1"), rev: Some(1), transforms: insert("b1"), policy: PendPolicy::Continue };
+        let pend =
+            PendRequest { trx_id: trx("t1"), rev: Some(1), transforms: insert("b1"), policy: PendPolicy::Continue };
         assert!(matches!(client.pend(&pend, &soon()).await.unwrap(), PendResult::Success(_)));
         let own = get(&client, "b1", Some(TrxContext { committed: vec![], rev: 0, trx_id: Some(trx("t1")) })).await;
         assert_eq!(own[&id("b1")].block.as_ref().unwrap().fields["text"], "hello");
         assert_eq!(own[&id("b1")].state.pendings, vec![trx("t1")]);
 
-        let commit = CommitRequest { trx_id: trx("t1"), block_ids: vec![id("b1")], rev: 1, tail_id: id("b1"), header_id: None };
+        let commit =
+            CommitRequest { trx_id: trx("t1"), block_ids: vec![id("b1")], rev: 1, tail_id: id("b1"), header_id: None };
         assert!(client.commit(&commit, &soon()).await.unwrap().is_success());
         let committed = get(&client, "b1", None).await;
         assert_eq!(committed[&id("b1")].state.latest.as_ref().map(|l| l.rev), Some(1));
@@ -121,7 +123,8 @@ async fn repo_client_round_trips_get_pend_commit_cancel_and_stale() {
         assert!(get(&client, "b1", None).await[&id("b1")].state.pendings.is_empty());
 
         // A writer that did not see t1 is stale: the answer lists what it missed.
-        let stale = PendRequest { trx_id: trx("t3"), rev: Some(1), transforms: insert("b1"), policy: PendPolicy::Continue };
+        let stale =
+            PendRequest { trx_id: trx("t3"), rev: Some(1), transforms: insert("b1"), policy: PendPolicy::Continue };
         match client.pend(&stale, &soon()).await.unwrap() {
             PendResult::Stale(failure) => {
                 let missing = failure.missing.unwrap();
@@ -130,17 +133,30 @@ async fn repo_client_round_trips_get_pend_commit_cancel_and_stale() {
             }
             other => panic!("expected a stale failure, got {other:?}"),
         }
-        let stale_commit = CommitRequest { trx_id: trx("t9"), block_ids: vec![id("b1")], rev: 1, tail_id: id("b1"), header_id: None };
+        let stale_commit =
+            CommitRequest { trx_id: trx("t9"), block_ids: vec![id("b1")], rev: 1, tail_id: id("b1"), header_id: None };
         assert!(matches!(client.commit(&stale_commit, &soon()).await.unwrap(), CommitResult::Stale(_)));
 
         // Error envelopes come back typed.
-        let missing_trx = CommitRequest { trx_id: trx("t8"), block_ids: vec![id("b1")], rev: 5, tail_id: id("b1"), header_id: None };
+        let missing_trx =
+            CommitRequest { trx_id: trx("t8"), block_ids: vec![id("b1")], rev: 5, tail_id: id("b1"), header_id: None };
         assert!(matches!(client.commit(&missing_trx, &soon()).await, Err(RepoError::BadRequest(_))));
-        assert!(matches!(client.get(&BlockGets { block_ids: vec![id("b1")], context: None, read_mode: None }, &MessageOptions { expiration_ms: Some(1) }).await, Err(RepoError::Expired)));
+        assert!(matches!(
+            client
+                .get(
+                    &BlockGets { block_ids: vec![id("b1")], context: None, read_mode: None },
+                    &MessageOptions { expiration_ms: Some(1) }
+                )
+                .await,
+            Err(RepoError::Expired)
+        ));
 
         client_host.shutdown().await;
         server.shutdown().await;
-        assert!(matches!(client.get(&BlockGets { block_ids: vec![id("b1")], context: None, read_mode: None }, &soon()).await, Err(RepoError::Unavailable(_))));
+        assert!(matches!(
+            client.get(&BlockGets { block_ids: vec![id("b1")], context: None, read_mode: None }, &soon()).await,
+            Err(RepoError::Unavailable(_))
+        ));
     })
     .await;
 }
@@ -184,8 +200,14 @@ async fn five_nodes_agree_on_clusters_with_the_static_ranking() {
         for host in &hosts {
             let mut cx = PluginContext::new(host.local_peer_id());
             cx.routing = Some(Arc::new(host.clone()) as Arc<dyn PeerRouting>);
-            kademlia.push(registry.build_key_network("kademlia", &cx, &json!({"kind": "kademlia", "cluster_size": 3})).unwrap());
-            fixed.push(registry.build_key_network("static", &cx, &json!({"kind": "static", "cluster_size": 3, "members": members})).unwrap());
+            kademlia.push(
+                registry.build_key_network("kademlia", &cx, &json!({"kind": "kademlia", "cluster_size": 3})).unwrap(),
+            );
+            fixed.push(
+                registry
+                    .build_key_network("static", &cx, &json!({"kind": "static", "cluster_size": 3, "members": members}))
+                    .unwrap(),
+            );
         }
         for _ in 0..20 {
             let block = id(&format!("block-{:016x}", rand::random::<u64>()));
@@ -196,7 +218,10 @@ async fn five_nodes_agree_on_clusters_with_the_static_ranking() {
                 assert_eq!(got, expected, "kademlia view differs for {block}");
                 let static_view: BTreeSet<PeerId> = s.find_cluster(&block).await.unwrap().into_keys().collect();
                 assert_eq!(static_view, expected);
-                assert_eq!(k.find_coordinator(&block, &[]).await.unwrap(), s.find_coordinator(&block, &[]).await.unwrap());
+                assert_eq!(
+                    k.find_coordinator(&block, &[]).await.unwrap(),
+                    s.find_coordinator(&block, &[]).await.unwrap()
+                );
             }
         }
         let lookup = hosts[1].closest_peers(&id("anything")).await.unwrap();
@@ -334,9 +359,17 @@ async fn malformed_requests_get_error_envelopes_and_the_node_keeps_serving() {
             ("empty stream", vec![], "bad-request"),
             ("not UTF-8", framed(2, &[0xff, 0xfe]), "bad-request"),
             ("not JSON", framed(5, b"hello"), "bad-request"),
-            ("unknown operation", framed_json(&json!({"operations": [{"frobnicate": {}}], "expiration": later})), "bad-request"),
+            (
+                "unknown operation",
+                framed_json(&json!({"operations": [{"frobnicate": {}}], "expiration": later})),
+                "bad-request",
+            ),
             ("no operation", framed_json(&json!({"operations": [], "expiration": later})), "bad-request"),
-            ("expired", framed_json(&json!({"operations": [{"get": {"blockIds": ["b1"]}}], "expiration": 1})), "expired"),
+            (
+                "expired",
+                framed_json(&json!({"operations": [{"get": {"blockIds": ["b1"]}}], "expiration": 1})),
+                "expired",
+            ),
             (
                 "invalid transform",
                 framed_json(&json!({"operations": [{"pend": {"trxId": "t1", "transforms": {
@@ -358,12 +391,19 @@ async fn malformed_requests_get_error_envelopes_and_the_node_keeps_serving() {
             let state = get(&client, "b1", None).await;
             assert!(state[&id("b1")].state.pendings.is_empty() && state[&id("b1")].block.is_none(), "{name}");
         }
-        let ok = raw.exchange(framed_json(&json!({"operations": [{"get": {"blockIds": ["b1"]}}], "expiration": later}))).await;
+        let ok = raw
+            .exchange(framed_json(&json!({"operations": [{"get": {"blockIds": ["b1"]}}], "expiration": later})))
+            .await;
         assert!(ok["b1"]["state"].is_object(), "{ok}");
 
         // Through the typed client: envelopes become `NetworkError::Remote`.
         let err = client_host
-            .request(server.local_peer_id(), ProtocolKind::Repo, json!({"operations": [{"nope": 1}], "expiration": later}), Duration::from_secs(5))
+            .request(
+                server.local_peer_id(),
+                ProtocolKind::Repo,
+                json!({"operations": [{"nope": 1}], "expiration": later}),
+                Duration::from_secs(5),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, NetworkError::Remote { ref code, .. } if code == "bad-request"), "{err}");
@@ -375,7 +415,12 @@ async fn malformed_requests_get_error_envelopes_and_the_node_keeps_serving() {
         assert!(matches!(err, NetworkError::Remote { ref code, .. } if code == "unavailable"), "{err}");
         // A request too large for the local limit is refused before it is sent.
         let err = client_host
-            .request(server.local_peer_id(), ProtocolKind::Cluster, json!("x".repeat(2 * 1024 * 1024)), Duration::from_secs(5))
+            .request(
+                server.local_peer_id(),
+                ProtocolKind::Cluster,
+                json!("x".repeat(2 * 1024 * 1024)),
+                Duration::from_secs(5),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, NetworkError::Stream { .. }), "{err}");
@@ -414,14 +459,25 @@ async fn a_peer_that_never_answers_times_out_within_the_deadline() {
         let client = RepoClient::new(Arc::new(client_host.clone()), server.local_peer_id());
 
         let started = Instant::now();
-        let err = client.get(&BlockGets { block_ids: vec![id("b1")], context: None, read_mode: None }, &MessageOptions::expiring_in(800)).await.unwrap_err();
+        let err = client
+            .get(
+                &BlockGets { block_ids: vec![id("b1")], context: None, read_mode: None },
+                &MessageOptions::expiring_in(800),
+            )
+            .await
+            .unwrap_err();
         let waited = started.elapsed();
         assert!(matches!(err, RepoError::Unavailable(_)), "{err}");
         assert!(waited >= Duration::from_millis(700) && waited < Duration::from_millis(2_500), "waited {waited:?}");
 
         let started = Instant::now();
         let err = client_host
-            .request(server.local_peer_id(), ProtocolKind::Repo, json!({"operations": [{"get": {"blockIds": ["b1"]}}], "expiration": now_ms() + 60_000}), Duration::from_millis(300))
+            .request(
+                server.local_peer_id(),
+                ProtocolKind::Repo,
+                json!({"operations": [{"get": {"blockIds": ["b1"]}}], "expiration": now_ms() + 60_000}),
+                Duration::from_millis(300),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, NetworkError::Timeout { timeout_ms: 300, .. }), "{err}");
@@ -434,7 +490,10 @@ async fn a_peer_that_never_answers_times_out_within_the_deadline() {
             .unwrap_err();
         assert_eq!(err, NetworkError::Busy { limit: 2 });
         // Other protocols have their own bound.
-        let err = client_host.request(server.local_peer_id(), ProtocolKind::Sync, json!({}), Duration::from_secs(5)).await.unwrap_err();
+        let err = client_host
+            .request(server.local_peer_id(), ProtocolKind::Sync, json!({}), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(err, NetworkError::Remote { .. }), "{err}");
 
         client_host.shutdown().await;
@@ -528,24 +587,38 @@ async fn dial_failures_and_foreign_networks_are_typed_errors() {
             listener.local_addr().unwrap().port()
         };
         client_host.add_address(nobody, format!("/ip4/127.0.0.1/tcp/{closed_port}").parse().unwrap()).await.unwrap();
-        let err = client_host.request(nobody, ProtocolKind::Repo, json!({}), Duration::from_secs(10)).await.unwrap_err();
+        let err =
+            client_host.request(nobody, ProtocolKind::Repo, json!({}), Duration::from_secs(10)).await.unwrap_err();
         assert!(matches!(err, NetworkError::DialFailed { .. }), "{err}");
         let unknown = identity::generate().public().to_peer_id();
-        let err = client_host.request(unknown, ProtocolKind::Repo, json!({}), Duration::from_secs(10)).await.unwrap_err();
+        let err =
+            client_host.request(unknown, ProtocolKind::Repo, json!({}), Duration::from_secs(10)).await.unwrap_err();
         assert!(matches!(err, NetworkError::DialFailed { .. }), "{err}");
-        let err = client_host.request(client_host.local_peer_id(), ProtocolKind::Repo, json!({}), Duration::from_secs(1)).await.unwrap_err();
+        let err = client_host
+            .request(client_host.local_peer_id(), ProtocolKind::Repo, json!({}), Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(matches!(err, NetworkError::DialFailed { .. }), "{err}");
 
         // A node of another network (prefix) does not speak our protocols.
         let foreign = start(|c| c.protocol_prefix = "/other-net".into(), Handlers::repo(memory_repo())).await;
         client_host.add_address(foreign.local_peer_id(), foreign.listen_addrs()[0].clone()).await.unwrap();
-        let err = client_host.request(foreign.local_peer_id(), ProtocolKind::Repo, json!({}), Duration::from_secs(10)).await.unwrap_err();
-        assert!(matches!(err, NetworkError::UnsupportedProtocol { ref protocol, .. } if protocol == "/db-p2p/repo/1.0.0"), "{err}");
+        let err = client_host
+            .request(foreign.local_peer_id(), ProtocolKind::Repo, json!({}), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, NetworkError::UnsupportedProtocol { ref protocol, .. } if protocol == "/db-p2p/repo/1.0.0"),
+            "{err}"
+        );
 
         // After shutdown nothing is sent.
         server.shutdown().await;
         server.shutdown().await;
-        let err = server.request(client_host.local_peer_id(), ProtocolKind::Repo, json!({}), Duration::from_secs(1)).await.unwrap_err();
+        let err = server
+            .request(client_host.local_peer_id(), ProtocolKind::Repo, json!({}), Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert_eq!(err, NetworkError::Closed);
 
         foreign.shutdown().await;
@@ -569,7 +642,10 @@ async fn a_persisted_identity_keeps_its_peer_id_across_restarts() {
         assert_eq!(ids[0], ids[1]);
         let mut bad = HostConfig::new(identity::generate());
         bad.max_inbound_per_protocol = 0;
-        assert!(matches!(Host::start(bad, Handlers::default()).await, Err(optimystic_node::HostError::InvalidConfig(_))));
+        assert!(matches!(
+            Host::start(bad, Handlers::default()).await,
+            Err(optimystic_node::HostError::InvalidConfig(_))
+        ));
     })
     .await;
 }

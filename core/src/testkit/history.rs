@@ -550,7 +550,8 @@ impl History {
         let ops = self.ops();
         let mut chains: BTreeMap<BlockId, Vec<(TrxRev, BlockValue)>> = BTreeMap::new();
         for read in reads {
-            let chain = chains.entry(read.block_id.clone()).or_insert_with(|| committed_chain(snapshots, &read.block_id));
+            let chain =
+                chains.entry(read.block_id.clone()).or_insert_with(|| committed_chain(snapshots, &read.block_id));
             if let Some(violation) = check_read(&read, chain) {
                 violations.push(violation);
             }
@@ -666,7 +667,8 @@ fn check_node(snapshot: &NodeSnapshot, violations: &mut Vec<Violation>) {
             continue;
         }
         let Some(latest) = &block.latest else { continue };
-        let mismatch = |detail: String| Violation::ValueMismatch { peer, block_id: block_id.clone(), rev: latest.rev, detail };
+        let mismatch =
+            |detail: String| Violation::ValueMismatch { peer, block_id: block_id.clone(), rev: latest.rev, detail };
         let mut folded: BlockValue = None;
         let mut broken = None;
         for entry in &block.revisions {
@@ -685,7 +687,8 @@ fn check_node(snapshot: &NodeSnapshot, violations: &mut Vec<Violation>) {
                 Some(c) => match c.transform.apply(folded.as_ref(), block_id) {
                     Ok(next) => folded = next,
                     Err(e) => {
-                        broken = Some(format!("the transform of revision {} does not apply to the fold: {e}", entry.rev));
+                        broken =
+                            Some(format!("the transform of revision {} does not apply to the fold: {e}", entry.rev));
                         break;
                     }
                 },
@@ -761,7 +764,9 @@ fn check_read(read: &ReadRecord, chain: &[(TrxRev, BlockValue)]) -> Option<Viola
                 Some((entry, value)) if entry == latest => {
                     Some(impossible(format!("revision {} has the value {}", latest.rev, show(value))))
                 }
-                Some((entry, _)) => Some(impossible(format!("revision {} is {} in the committed history", latest.rev, entry.trx_id))),
+                Some((entry, _)) => {
+                    Some(impossible(format!("revision {} is {} in the committed history", latest.rev, entry.trx_id)))
+                }
                 None => Some(impossible(format!("no committed history reaches revision {}", latest.rev))),
             },
         };
@@ -967,7 +972,10 @@ mod tests {
         let mut wrong = node(peers[1], &[("t1", 1), ("t2", 2)], &[]);
         wrong.blocks.get_mut(&b("x")).unwrap().value = Some(value_of("t9"));
         let violations = history.check(&[gap, wrong.clone()], &|_| peers.to_vec()).unwrap_err();
-        assert!(violations.iter().any(|v| matches!(v, Violation::RevisionGap { revs, .. } if *revs == vec![1, 3])), "{violations:?}");
+        assert!(
+            violations.iter().any(|v| matches!(v, Violation::RevisionGap { revs, .. } if *revs == vec![1, 3])),
+            "{violations:?}"
+        );
         assert!(violations.iter().any(|v| matches!(v, Violation::ValueMismatch { rev: 2, .. })), "{violations:?}");
         // Observed snapshots are checked too, and reported once.
         let observed = History::new();

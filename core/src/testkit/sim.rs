@@ -236,7 +236,10 @@ impl SimCatchUp {
     async fn run_inner(inner: &CatchUpInner, block_id: &BlockId) -> Result<usize, RepoError> {
         inner.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let applied = inner.catch_up.catch_up(block_id).await?;
-        inner.network.sim.trace_event(&format!("{} caught {block_id} up: {applied} revisions", short(&inner.network.peer)));
+        inner
+            .network
+            .sim
+            .trace_event(&format!("{} caught {block_id} up: {applied} revisions", short(&inner.network.peer)));
         inner.applied.fetch_add(applied as u64, std::sync::atomic::Ordering::SeqCst);
         // As the node does: only progress wakes the waiting records.
         let consensus = inner.consensus.get().and_then(std::sync::Weak::upgrade).filter(|_| applied > 0);
@@ -250,7 +253,10 @@ impl SimCatchUp {
 impl BehindSink for SimCatchUp {
     fn behind(&self, block_id: &BlockId) {
         let n = self.inner.reports.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        self.inner.network.sim.trace_event(&format!("{} is behind on {block_id} (report {n})", short(&self.inner.network.peer)));
+        self.inner
+            .network
+            .sim
+            .trace_event(&format!("{} is behind on {block_id} (report {n})", short(&self.inner.network.peer)));
         {
             let mut queued = self.inner.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if !queued.insert(block_id.clone()) {
@@ -546,7 +552,12 @@ impl SimNet {
 
     /// Runs `future` as a task of `peer` if its incarnation is still `generation`; false when the
     /// node crashed since.
-    fn spawn_in_generation(&self, peer: PeerId, generation: u64, future: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+    fn spawn_in_generation(
+        &self,
+        peer: PeerId,
+        generation: u64,
+        future: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> bool {
         let mut state = self.state();
         let node = state.nodes.entry(peer).or_default();
         if node.generation != generation {
@@ -722,7 +733,11 @@ fn summary(body: &Value) -> String {
     if let Some(ops) = record.pointer("/message/operations").and_then(Value::as_array) {
         for op in ops {
             if let Some((kind, inner)) = op.as_object().and_then(|o| o.iter().next()) {
-                let trx = inner.get("trxId").or_else(|| inner.pointer("/trxRef/trxId")).and_then(Value::as_str).unwrap_or("?");
+                let trx = inner
+                    .get("trxId")
+                    .or_else(|| inner.pointer("/trxRef/trxId"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("?");
                 let rev = inner.get("rev").map(ToString::to_string).unwrap_or_default();
                 out.push(format!("{kind} {trx}@{rev}"));
             }
@@ -833,18 +848,31 @@ impl Flight {
             Served::Running(task) => task,
             Served::Lost => return None,
             Served::Down => {
-                return Some(Err(NetworkError::DialFailed { peer, reason: "connection refused: the node is down".into() }));
+                return Some(Err(NetworkError::DialFailed {
+                    peer,
+                    reason: "connection refused: the node is down".into(),
+                }));
             }
         };
         let body = match task.await {
             Ok(Ok(value)) => value,
             Ok(Err(e)) => match serde_json::to_value(ErrorEnvelope::from(&e)) {
                 Ok(body) => body,
-                Err(e) => return Some(Err(NetworkError::Stream { peer, reason: format!("cannot encode the error: {e}") })),
+                Err(e) => {
+                    return Some(Err(NetworkError::Stream { peer, reason: format!("cannot encode the error: {e}") }));
+                }
             },
-            Err(_) => return Some(Err(NetworkError::Stream { peer, reason: "connection closed: the node went down".into() })),
+            Err(_) => {
+                return Some(Err(NetworkError::Stream { peer, reason: "connection closed: the node went down".into() }));
+            }
         };
-        let envelope = Envelope { from: peer, to: self.from, protocol: self.protocol, direction: Direction::Response, body: &body };
+        let envelope = Envelope {
+            from: peer,
+            to: self.from,
+            protocol: self.protocol,
+            direction: Direction::Response,
+            body: &body,
+        };
         let (route, crashed) = self.sim.route_response(&envelope, self.generation);
         run_on_crash(crashed);
         match route {
@@ -855,7 +883,9 @@ impl Flight {
             return None;
         }
         Some(match ErrorEnvelope::from_response(&body) {
-            Some(envelope) => Err(NetworkError::Remote { peer, code: envelope.error.code, message: envelope.error.message }),
+            Some(envelope) => {
+                Err(NetworkError::Remote { peer, code: envelope.error.code, message: envelope.error.message })
+            }
             None => Ok(body),
         })
     }

@@ -99,7 +99,8 @@ pub(crate) fn build_swarm(config: &HostConfig) -> Result<Swarm<NodeBehaviour>, H
     let local_peer_id = keypair.public().to_peer_id();
     let transport = build_transport(keypair, Duration::from_millis(config.dial_timeout_ms))?;
 
-    let mut kad_config = kad::Config::new(stream_protocol(optimystic_core::wire::kad_protocol(&config.protocol_prefix))?);
+    let mut kad_config =
+        kad::Config::new(stream_protocol(optimystic_core::wire::kad_protocol(&config.protocol_prefix))?);
     kad_config.set_query_timeout(Duration::from_millis(config.kad_query_timeout_ms));
     let mut kad = kad::Behaviour::with_config(local_peer_id, kad::store::MemoryStore::new(local_peer_id), kad_config);
     kad.set_mode(Some(kad::Mode::Server));

@@ -90,8 +90,14 @@ impl Departures {
             return Vec::new();
         }
         let start = self.probe_cursor % tracked;
-        let picked: Vec<PeerId> =
-            self.disconnected_since.keys().copied().cycle().skip(start).take(MAX_PROBES_PER_ROUND.min(tracked)).collect();
+        let picked: Vec<PeerId> = self
+            .disconnected_since
+            .keys()
+            .copied()
+            .cycle()
+            .skip(start)
+            .take(MAX_PROBES_PER_ROUND.min(tracked))
+            .collect();
         self.probe_cursor = start.saturating_add(picked.len());
         picked
     }

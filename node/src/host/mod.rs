@@ -39,7 +39,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use crate::codec::{
     DEFAULT_CLUSTER_MAX_FRAME_BYTES, DEFAULT_REPO_MAX_FRAME_BYTES, DEFAULT_SYNC_MAX_FRAME_BYTES, HARD_MAX_FRAME_BYTES,
 };
-use crate::service::{DEFAULT_MAX_INBOUND_PER_PROTOCOL, DEFAULT_MAX_QUEUED_INBOUND_PER_PROTOCOL, Handlers, PerProtocol, Services};
+use crate::service::{
+    DEFAULT_MAX_INBOUND_PER_PROTOCOL, DEFAULT_MAX_QUEUED_INBOUND_PER_PROTOCOL, Handlers, PerProtocol, Services,
+};
 use task::{Command, SwarmTask};
 
 /// Default bound on outbound requests in flight, per protocol.

@@ -20,8 +20,12 @@ pub(crate) struct Claim {
 pub(crate) enum ClaimKind {
     /// A pend, with its transform for the block (two pends of one trx conflict when these differ,
     /// by the same equality the repository uses for a re-pend).
-    Pend { transform: Box<Transform> },
-    Commit { rev: u64 },
+    Pend {
+        transform: Box<Transform>,
+    },
+    Commit {
+        rev: u64,
+    },
     Cancel,
 }
 
@@ -72,7 +76,9 @@ pub(crate) fn blocks_of(operation: &RepoOperation) -> Vec<BlockId> {
         RepoOperation::Get(_) => Vec::new(),
         RepoOperation::Pend(p) => p.transforms.block_ids(),
         RepoOperation::Commit(c) => c.block_ids.iter().collect::<BTreeSet<_>>().into_iter().cloned().collect(),
-        RepoOperation::Cancel { trx_ref } => trx_ref.block_ids.iter().collect::<BTreeSet<_>>().into_iter().cloned().collect(),
+        RepoOperation::Cancel { trx_ref } => {
+            trx_ref.block_ids.iter().collect::<BTreeSet<_>>().into_iter().cloned().collect()
+        }
     }
 }
 

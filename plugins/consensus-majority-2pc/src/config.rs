@@ -65,7 +65,9 @@ impl Threshold {
             Value::Number(n) if n.is_u64() => match n.as_u64() {
                 Some(0) | None => Err(bad("a count threshold must be at least 1".into())),
                 Some(1) => Err(bad("a count of 1 is below a majority of any cluster of 2 or more (SPEC 4.13)".into())),
-                Some(count) => usize::try_from(count).map(Self::Count).map_err(|_| bad(format!("{count} is too large"))),
+                Some(count) => {
+                    usize::try_from(count).map(Self::Count).map_err(|_| bad(format!("{count} is too large")))
+                }
             },
             Value::Number(n) => match n.as_f64() {
                 Some(f) if f > 0.5 && f <= 1.0 => Ok(Self::Fraction(f)),
@@ -279,9 +281,13 @@ impl MajorityConfig {
                 self.marker_retention_ms, self.grace_ms
             )));
         }
-        if self.max_reservations == 0 || self.max_recovery_queries_in_flight == 0 || self.max_reservations_per_sender == 0 {
+        if self.max_reservations == 0
+            || self.max_recovery_queries_in_flight == 0
+            || self.max_reservations_per_sender == 0
+        {
             return Err(config_error(
-                "max_reservations, max_reservations_per_sender and max_recovery_queries_in_flight must be at least 1".into(),
+                "max_reservations, max_reservations_per_sender and max_recovery_queries_in_flight must be at least 1"
+                    .into(),
             ));
         }
         if !(1..=MAX_RECORD_OPERATIONS).contains(&self.max_batch_ops) {
@@ -396,7 +402,11 @@ mod tests {
     fn the_declared_defaults_are_the_defaults_and_every_option() {
         let declared = Value::Object(defaults());
         assert_eq!(MajorityConfig::from_value(&declared).unwrap(), MajorityConfig::default());
-        let custom = MajorityConfig { promise_threshold: Threshold::Fraction(0.75), commit_threshold: Threshold::Count(2), ..MajorityConfig::default() };
+        let custom = MajorityConfig {
+            promise_threshold: Threshold::Fraction(0.75),
+            commit_threshold: Threshold::Count(2),
+            ..MajorityConfig::default()
+        };
         assert_eq!(MajorityConfig::from_value(&Value::Object(custom.to_options())).unwrap(), custom);
         assert_eq!(defaults().len(), 13, "every option of from_value is declared");
     }

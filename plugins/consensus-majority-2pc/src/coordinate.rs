@@ -78,9 +78,7 @@ fn named(vote: &Vote, ops: usize) -> Vec<(usize, RejectReason)> {
     };
     let reason = RejectReason::parse(&text);
     match reason.batch_failures() {
-        Some(Ok(failures)) => {
-            failures.into_iter().filter(|f| f.index < ops).map(|f| (f.index, f.reason)).collect()
-        }
+        Some(Ok(failures)) => failures.into_iter().filter(|f| f.index < ops).map(|f| (f.index, f.reason)).collect(),
         Some(Err(_)) | None => (0..ops).map(|index| (index, reason.clone())).collect(),
     }
 }
@@ -95,7 +93,10 @@ fn tally(reasons: &[String]) -> Vec<String> {
             None => counted.push((reason, 1)),
         }
     }
-    counted.into_iter().map(|(r, count)| if count > 1 { format!("{r} ({count} peers)") } else { r.to_owned() }).collect()
+    counted
+        .into_iter()
+        .map(|(r, count)| if count > 1 { format!("{r} ({count} peers)") } else { r.to_owned() })
+        .collect()
 }
 
 /// The details of `invalid` rejections (the category is the error's code), each distinct one
@@ -162,7 +163,14 @@ impl Promises {
     /// Takes `peer`'s promise out of its answer (`promise_hash` is the record's). This node's
     /// own vote (`local`) comes from its own member through the local path: it is not checked
     /// again.
-    fn add(&mut self, record: &ClusterRecord, promise_hash: &str, peer: &PeerId, local: bool, answer: Result<ClusterRecord, String>) {
+    fn add(
+        &mut self,
+        record: &ClusterRecord,
+        promise_hash: &str,
+        peer: &PeerId,
+        local: bool,
+        answer: Result<ClusterRecord, String>,
+    ) {
         let reply = match answer {
             Ok(reply) if reply.message_hash == record.message_hash => reply,
             Ok(_) => return self.silent.push(format!("{peer}: answered about another record")),
@@ -259,8 +267,8 @@ impl Commits {
             .zip(kinds)
             .map(|(((applied, failed), (result, failure)), kind)| {
                 if applied >= needed {
-                    let result =
-                        result.ok_or_else(|| RepoError::Unavailable("no member reported the execution result".into()))?;
+                    let result = result
+                        .ok_or_else(|| RepoError::Unavailable("no member reported the execution result".into()))?;
                     return decode_response(kind, result);
                 }
                 if failed > n - needed
@@ -286,7 +294,10 @@ fn parse_reply(reply: Result<Value, NetworkError>) -> Result<ClusterRecord, Stri
 /// Whether a failed send of the final record is worth repeating.
 fn retryable(e: &NetworkError) -> bool {
     match e {
-        NetworkError::Timeout { .. } | NetworkError::DialFailed { .. } | NetworkError::Stream { .. } | NetworkError::Busy { .. } => true,
+        NetworkError::Timeout { .. }
+        | NetworkError::DialFailed { .. }
+        | NetworkError::Stream { .. }
+        | NetworkError::Busy { .. } => true,
         NetworkError::Remote { .. } => {
             matches!(e.remote_code(), Some(ErrorCode::Busy | ErrorCode::Unavailable | ErrorCode::Internal))
         }
@@ -454,7 +465,11 @@ impl Drop for Slot {
 impl Inner {
     /// Runs the majority two-phase commit of `message` among `peers`: in a record of its own when
     /// batching is off (`max_batch_ops = 1`), else through the peer set's lane.
-    pub(crate) async fn coordinate(self: &Arc<Self>, peers: &ClusterPeers, message: &RepoMessage) -> Result<RepoResponse, RepoError> {
+    pub(crate) async fn coordinate(
+        self: &Arc<Self>,
+        peers: &ClusterPeers,
+        message: &RepoMessage,
+    ) -> Result<RepoResponse, RepoError> {
         self.ensure_started().await?;
         let operation = message.operation()?;
         match operation {
@@ -480,14 +495,24 @@ impl Inner {
             let outcome = self.run_record(peers, &[(operation.clone(), message.expiration)]).await.into_iter().next();
             return match outcome {
                 Some(OpOutcome::Answer(answer)) => answer,
-                Some(OpOutcome::Rerun) | None => Err(RepoError::Internal("a record of one operation has no other to blame".into())),
+                Some(OpOutcome::Rerun) | None => {
+                    Err(RepoError::Internal("a record of one operation has no other to blame".into()))
+                }
             };
         }
-        let bytes = serde_json::to_vec(operation).map_err(|e| RepoError::Internal(format!("encoding an operation: {e}")))?.len();
+        let bytes = serde_json::to_vec(operation)
+            .map_err(|e| RepoError::Internal(format!("encoding an operation: {e}")))?
+            .len();
         let blocks = blocks_of(operation);
         let (reply, answer) = oneshot::channel();
-        let queued =
-            Queued { peers: peers.clone(), operation: operation.clone(), expiration_ms: message.expiration, blocks, bytes, reply };
+        let queued = Queued {
+            peers: peers.clone(),
+            operation: operation.clone(),
+            expiration_ms: message.expiration,
+            blocks,
+            bytes,
+            reply,
+        };
         let key: Vec<PeerId> = peers.keys().copied().collect();
         if self.lanes.push(&key, queued, self.config.max_records_in_flight) {
             // A free record slot: this caller runs the lane's next record itself (its own
@@ -524,7 +549,8 @@ impl Inner {
     /// empty: the slot was freed in the same step.
     async fn run_next(self: &Arc<Self>, key: &[PeerId]) -> bool {
         let now = self.clock.now_ms();
-        let Some(batch) = self.lanes.next_batch(key, self.config.max_batch_ops, self.config.max_batch_bytes, now) else {
+        let Some(batch) = self.lanes.next_batch(key, self.config.max_batch_ops, self.config.max_batch_bytes, now)
+        else {
             return false;
         };
         let operations: Vec<(RepoOperation, u64)> =
@@ -557,7 +583,10 @@ impl Inner {
         let expiration_ms = earliest.min(now.saturating_add(self.config.record_timeout_ms));
         let deadline = Instant::now() + Duration::from_millis(expiration_ms.saturating_sub(now));
         let kinds: Vec<&'static str> = operations.iter().map(|(op, _)| op.kind()).collect();
-        let message = RecordMessage { operations: operations.iter().map(|(op, _)| op.clone()).collect(), expiration: expiration_ms };
+        let message = RecordMessage {
+            operations: operations.iter().map(|(op, _)| op.clone()).collect(),
+            expiration: expiration_ms,
+        };
         let value = match serde_json::to_value(&message) {
             Ok(value) => value,
             Err(e) => return answer_all(&|| RepoError::Internal(format!("encoding the message: {e}"))),
@@ -689,7 +718,9 @@ impl Inner {
             // A re-run must not meet this record's reservations: the approving peers hear of the
             // abort before it starts; the others whenever it reaches them.
             let (wait, later): (Vec<PeerId>, Vec<PeerId>) = if rerun.iter().any(|r| *r) {
-                others.into_iter().partition(|p| promises.votes.get(&crypto::peer_text(p)).is_some_and(Vote::is_approve))
+                others
+                    .into_iter()
+                    .partition(|p| promises.votes.get(&crypto::peer_text(p)).is_some_and(Vote::is_approve))
             } else {
                 (Vec::new(), others)
             };

@@ -370,7 +370,12 @@ impl Inner {
     /// batch, SPEC 4.14, at most [`optimystic_core::wire::MAX_RECORD_OPERATIONS`]), each naming
     /// at least one block and none a `get`. `check_lifetime` refuses records expiring further
     /// ahead than this node would ever issue (updates; status queries skip it).
-    pub fn context(&self, record: &ClusterRecord, now_ms: u64, check_lifetime: bool) -> Result<RecordContext, RepoError> {
+    pub fn context(
+        &self,
+        record: &ClusterRecord,
+        now_ms: u64,
+        check_lifetime: bool,
+    ) -> Result<RecordContext, RepoError> {
         if !record.peers.contains_key(&self.me_text) {
             return Err(RepoError::BadRequest(format!(
                 "membership: this member ({}) is not in the record's peer set",
@@ -415,7 +420,12 @@ impl Inner {
     /// `approvals_too`, the approving promises must include a promise quorum of it. Otherwise a
     /// coordinator with a shrunken peer set could decide a record with fewer peers than the
     /// cluster's quorum.
-    pub async fn check_view(&self, record: &ClusterRecord, cx: &RecordContext, approvals_too: bool) -> Result<(), RepoError> {
+    pub async fn check_view(
+        &self,
+        record: &ClusterRecord,
+        cx: &RecordContext,
+        approvals_too: bool,
+    ) -> Result<(), RepoError> {
         let Some(key_network) = &self.key_network else { return Ok(()) };
         let blocks: BTreeSet<&BlockId> = cx.claims.iter().map(|c| &c.block_id).collect();
         for block_id in blocks {

@@ -16,10 +16,10 @@
 use std::sync::Arc;
 
 use optimystic_core::error::ErrorCode;
+use optimystic_core::evidence::{RecordRef, StoredRecord, record_key};
 use optimystic_core::identity::PeerId;
 use optimystic_core::model::{CommitResult, PendResult, StaleFailure};
 use optimystic_core::record::{ClusterRecord, Phase, RecordError, Vote, VoteType};
-use optimystic_core::evidence::{RecordRef, StoredRecord, record_key};
 use optimystic_core::repo::KeptRecord;
 use optimystic_core::wire::{ErrorEnvelope, RepoOperation, RepoResponse};
 use optimystic_core::{
@@ -63,7 +63,9 @@ fn deterministic(e: &RepoError) -> bool {
 fn bare(record: &ClusterRecord) -> Value {
     let mut value = record.to_value();
     if let Value::Object(fields) = &mut value {
-        fields.retain(|key, _| matches!(key.as_str(), "messageHash" | "peers" | "membershipVersion" | "membershipDigest" | "message"));
+        fields.retain(|key, _| {
+            matches!(key.as_str(), "messageHash" | "peers" | "membershipVersion" | "membershipDigest" | "message")
+        });
         fields.insert("promises".to_owned(), Value::Object(Map::new()));
         fields.insert("commits".to_owned(), Value::Object(Map::new()));
     }
@@ -129,7 +131,11 @@ fn fit_results(results: Vec<Option<Value>>, budget: usize) -> Value {
 
 impl Inner {
     /// Handles a record received on the cluster protocol, or from this node's coordinator.
-    pub(crate) async fn update(self: &Arc<Self>, mut record: ClusterRecord, origin: Origin) -> Result<ClusterRecord, RepoError> {
+    pub(crate) async fn update(
+        self: &Arc<Self>,
+        mut record: ClusterRecord,
+        origin: Origin,
+    ) -> Result<ClusterRecord, RepoError> {
         self.ensure_started().await?;
         let now = self.clock.now_ms();
         match origin {
@@ -207,9 +213,8 @@ impl Inner {
                 Phase::Promise => record.promise_hash(),
                 Phase::Commit => record.commit_hash(),
             };
-            vote.verify(&self.me, &hash).map_err(|reason| {
-                refusal(RecordError::BadSignature { peer: self.me_text.clone(), phase, reason })
-            })?;
+            vote.verify(&self.me, &hash)
+                .map_err(|reason| refusal(RecordError::BadSignature { peer: self.me_text.clone(), phase, reason }))?;
         }
         Ok(())
     }
@@ -331,8 +336,9 @@ impl Inner {
                 if reserved {
                     self.state().release(&hash);
                 }
-                let vote =
-                    record.sign_promise(&self.keypair, VoteType::Reject, Some(reason.to_string())).map_err(sign_error)?;
+                let vote = record
+                    .sign_promise(&self.keypair, VoteType::Reject, Some(reason.to_string()))
+                    .map_err(sign_error)?;
                 let entry = Entry {
                     status: RecordStatus::Rejected,
                     expiration_ms: cx.expiration_ms,
@@ -507,7 +513,8 @@ impl Inner {
             None => {
                 // The decided copy is kept once for evidence (SPEC 4.10) when the record carries
                 // a pend or a commit, in the same write as the decided entry that refers to it.
-                let keeps = cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
+                let keeps =
+                    cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
                 let keep = if keeps { Some(StorageRepo::keep_record_write(&copy.to_value())?) } else { None };
                 let (kept, keep_write) = match keep {
                     Some((kept, write)) => (Some(kept), vec![write]),
@@ -642,7 +649,8 @@ impl Inner {
             None => copy.sign_commit(&self.keypair, VoteType::Approve, None),
             Some(reason) => copy.sign_commit(&self.keypair, VoteType::Reject, Some(reason.to_string())),
         };
-        let result = if cx.batched() { Value::Array(results) } else { results.into_iter().next().unwrap_or(Value::Null) };
+        let result =
+            if cx.batched() { Value::Array(results) } else { results.into_iter().next().unwrap_or(Value::Null) };
         Ok(Executed::Marker(Box::new(Entry {
             status: RecordStatus::Executed,
             commit: Some(vote.map_err(sign_error)?),
@@ -722,7 +730,11 @@ impl Inner {
 
     /// Executes the record `hash` if it is still decided here, under its block locks; returns
     /// its status afterwards (`None` when this member has no entry for it).
-    pub(crate) async fn execute_decided(self: &Arc<Self>, hash: &str, expiration_ms: u64) -> Result<Option<RecordStatus>, RepoError> {
+    pub(crate) async fn execute_decided(
+        self: &Arc<Self>,
+        hash: &str,
+        expiration_ms: u64,
+    ) -> Result<Option<RecordStatus>, RepoError> {
         let peek = read_entry(self.storage(), expiration_ms, hash).await?;
         if peek.as_ref().map(|e| e.status) != Some(RecordStatus::Decided) {
             return Ok(peek.map(|e| e.status));

@@ -25,7 +25,9 @@ use std::cmp::Reverse;
 
 use crate::engine::{DueRecovery, Inner, Live, MemberState};
 use crate::member::{STATUS_OPERATION, answer, stored_record};
-use crate::store::{ENTRY_PREFIX, Entry, RecordStatus, TOMB_PREFIX, expiration_of_key, live_key, live_pointers, read_entry};
+use crate::store::{
+    ENTRY_PREFIX, Entry, RecordStatus, TOMB_PREFIX, expiration_of_key, live_key, live_pointers, read_entry,
+};
 
 /// Scheduled recoveries kept per allowed reservation before those of resolved records are
 /// dropped early.
@@ -268,7 +270,12 @@ impl Inner {
     /// commit keeps its reservation until catch-up has brought every committed block to the
     /// commit's revision (a conflicting record at that revision must not be approved here
     /// meanwhile); pends and cancels fix no revision and are released at once.
-    async fn settle_renounced(self: &Arc<Self>, hash: &str, record: &ClusterRecord, expiration_ms: u64) -> Result<Round, RepoError> {
+    async fn settle_renounced(
+        self: &Arc<Self>,
+        hash: &str,
+        record: &ClusterRecord,
+        expiration_ms: u64,
+    ) -> Result<Round, RepoError> {
         let cx = self.context(record, self.clock.now_ms(), false)?;
         let mut behind = Vec::new();
         for operation in &cx.operations {

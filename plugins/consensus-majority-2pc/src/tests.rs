@@ -80,7 +80,10 @@ fn sign(record: &mut ClusterRecord, keypair: &Keypair, vote: VoteType, reason: O
 }
 
 async fn status(m: &Member, record: &ClusterRecord) -> Value {
-    m.consensus.handle_cluster_request(PeerId::random(), json!({"operation": "status", "record": record.to_value()})).await.unwrap()
+    m.consensus
+        .handle_cluster_request(PeerId::random(), json!({"operation": "status", "record": record.to_value()}))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(start_paused = true)]
@@ -110,7 +113,8 @@ async fn a_cluster_of_one_applies_locally_without_messages() {
     assert_eq!(messages.load(Ordering::SeqCst), 0);
     assert_eq!(m.consensus.live_reservations(), 0);
     // A get is not agreed, and an expired message never starts.
-    let get = RepoOperation::Get(optimystic_core::model::BlockGets { block_ids: vec![x()], context: None, read_mode: None });
+    let get =
+        RepoOperation::Get(optimystic_core::model::BlockGets { block_ids: vec![x()], context: None, read_mode: None });
     let e = m.consensus.execute(&peers, &RepoMessage::new(get, now + 1_000)).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::BadRequest);
     let e = m.consensus.execute(&peers, &RepoMessage::new(insert_x(), now - 1)).await.unwrap_err();
@@ -153,7 +157,13 @@ async fn lifecycle_status_answers_and_marker_collection() {
     assert_eq!(copy.promises.len(), 2);
 
     // A record this member never saw, once expired, is one it did not execute.
-    let other = record(&peers, RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: TrxId::new("z").unwrap(), block_ids: vec![x()] } }, now + 500);
+    let other = record(
+        &peers,
+        RepoOperation::Cancel {
+            trx_ref: optimystic_core::TrxBlocks { trx_id: TrxId::new("z").unwrap(), block_ids: vec![x()] },
+        },
+        now + 500,
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(status(&m, &other).await["status"], json!("not-executed"));
     // Expired records are refused for voting.
@@ -200,7 +210,10 @@ async fn provable_aborts_free_the_reservation_at_once() {
     assert_eq!(m.consensus.on_update(PeerId::random(), tampered).await.unwrap_err().code(), ErrorCode::BadRequest);
     let far = record(&peers, insert_x(), now + 60_000);
     assert_eq!(m.consensus.on_update(PeerId::random(), far).await.unwrap_err().code(), ErrorCode::BadRequest);
-    let unknown = m.consensus.handle_cluster_request(PeerId::random(), json!({"operation": "vote", "record": phase1.to_value()})).await;
+    let unknown = m
+        .consensus
+        .handle_cluster_request(PeerId::random(), json!({"operation": "vote", "record": phase1.to_value()}))
+        .await;
     assert_eq!(unknown.unwrap_err().code(), ErrorCode::BadRequest);
     let update = m.consensus.handle_cluster_request(PeerId::random(), update_request(&phase1)).await.unwrap();
     assert_eq!(update["messageHash"], json!(phase1.message_hash));
@@ -242,10 +255,18 @@ impl RawStorage for FailingMarker {
     async fn revisions(&self, b: &BlockId, from: u64, to: u64) -> Result<Vec<optimystic_core::TrxRev>, StorageError> {
         self.inner.revisions(b, from, to).await
     }
-    async fn revision_at_or_before(&self, b: &BlockId, at: u64) -> Result<Option<optimystic_core::TrxRev>, StorageError> {
+    async fn revision_at_or_before(
+        &self,
+        b: &BlockId,
+        at: u64,
+    ) -> Result<Option<optimystic_core::TrxRev>, StorageError> {
         self.inner.revision_at_or_before(b, at).await
     }
-    async fn committed(&self, b: &BlockId, t: &TrxId) -> Result<Option<optimystic_core::CommittedTransform>, StorageError> {
+    async fn committed(
+        &self,
+        b: &BlockId,
+        t: &TrxId,
+    ) -> Result<Option<optimystic_core::CommittedTransform>, StorageError> {
         self.inner.committed(b, t).await
     }
     async fn pending(&self, b: &BlockId, t: &TrxId) -> Result<Option<optimystic_core::Transform>, StorageError> {
@@ -349,16 +370,25 @@ fn set_v(trx_id: &str, rev: Option<u64>, v: i64) -> RepoOperation {
     RepoOperation::Pend(PendRequest {
         trx_id: trx(trx_id),
         rev,
-        transforms: Transforms::single(&x(), &optimystic_core::Transform {
-            updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(v))]),
-            ..optimystic_core::Transform::default()
-        }),
+        transforms: Transforms::single(
+            &x(),
+            &optimystic_core::Transform {
+                updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(v))]),
+                ..optimystic_core::Transform::default()
+            },
+        ),
         policy: PendPolicy::Continue,
     })
 }
 
 fn commit_op(trx_id: &str, rev: u64) -> RepoOperation {
-    RepoOperation::Commit(CommitRequest { trx_id: trx(trx_id), block_ids: vec![x()], rev, tail_id: x(), header_id: None })
+    RepoOperation::Commit(CommitRequest {
+        trx_id: trx(trx_id),
+        block_ids: vec![x()],
+        rev,
+        tail_id: x(),
+        header_id: None,
+    })
 }
 
 /// The record for `operation` with approving promises of `a` and `b` (a decided record).
@@ -471,7 +501,8 @@ async fn a_cancelled_pend_never_comes_back() {
     let Three { m, a, b, peers } = three();
     x_at_rev_1(&m).await;
     let now = m.sim.clock().now_ms();
-    let cancel = RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx("t6"), block_ids: vec![x()] } };
+    let cancel =
+        RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx("t6"), block_ids: vec![x()] } };
     let done = m.consensus.on_update(peers[1], decided(&peers, cancel, now + 1_000, &a, &b)).await.unwrap();
     assert!(done.commits[&peers[0].to_base58()].is_approve());
     // The pend's decided copy arriving late (another record of it) is refused.
@@ -488,10 +519,17 @@ struct Seen(Vec<PeerId>);
 
 #[async_trait::async_trait]
 impl optimystic_core::keynet::KeyNetwork for Seen {
-    async fn find_cluster(&self, _block_id: &BlockId) -> Result<ClusterPeers, optimystic_core::keynet::KeyNetworkError> {
+    async fn find_cluster(
+        &self,
+        _block_id: &BlockId,
+    ) -> Result<ClusterPeers, optimystic_core::keynet::KeyNetworkError> {
         Ok(self.0.iter().map(|p| (*p, PeerInfo::default())).collect())
     }
-    async fn find_coordinator(&self, _b: &BlockId, _e: &[PeerId]) -> Result<PeerId, optimystic_core::keynet::KeyNetworkError> {
+    async fn find_coordinator(
+        &self,
+        _b: &BlockId,
+        _e: &[PeerId],
+    ) -> Result<PeerId, optimystic_core::keynet::KeyNetworkError> {
         Ok(self.0[0])
     }
     fn cluster_size(&self) -> usize {
@@ -535,7 +573,10 @@ async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
         RepoOperation::Pend(PendRequest {
             trx_id: trx(&format!("i-{id}")),
             rev: Some(1),
-            transforms: Transforms { inserts: BTreeMap::from([(BlockId::new(id).unwrap(), block)]), ..Transforms::default() },
+            transforms: Transforms {
+                inserts: BTreeMap::from([(BlockId::new(id).unwrap(), block)]),
+                ..Transforms::default()
+            },
             policy: PendPolicy::Continue,
         })
     };
@@ -551,7 +592,10 @@ async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
     assert!(honest.promises[&me.to_base58()].is_approve(), "other senders are still served");
     // A record naming no block is refused.
     let empty = RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx("e"), block_ids: vec![] } };
-    assert_eq!(consensus.on_update(a, record(&[me, a, b], empty, now + 1_000)).await.unwrap_err().code(), ErrorCode::BadRequest);
+    assert_eq!(
+        consensus.on_update(a, record(&[me, a, b], empty, now + 1_000)).await.unwrap_err().code(),
+        ErrorCode::BadRequest
+    );
 }
 
 /// Finding 8 / SPEC 4.11: once this member answered "not executed", it never executes the record.
@@ -586,7 +630,9 @@ async fn stale_rejections_store_no_history_and_missing_is_bounded() {
     x_at_rev_1(&m).await;
     let o = optimystic_core::MessageOptions::default();
     for rev in 2..=80u64 {
-        let RepoOperation::Pend(p) = set_v(&format!("h{rev}"), Some(rev), i64::try_from(rev).unwrap()) else { unreachable!() };
+        let RepoOperation::Pend(p) = set_v(&format!("h{rev}"), Some(rev), i64::try_from(rev).unwrap()) else {
+            unreachable!()
+        };
         optimystic_core::Repo::pend(&m.local, &p, &o).await.unwrap();
         let RepoOperation::Commit(c) = commit_op(&format!("h{rev}"), rev) else { unreachable!() };
         optimystic_core::Repo::commit(&m.local, &c, &o).await.unwrap();
@@ -654,11 +700,9 @@ async fn catch_up_applies_only_verified_revisions() {
     x_at_rev_1(&m).await;
     let forger = Keypair::generate_ed25519().public().to_peer_id();
     let view = [peers[0], forger, peers[2]];
-    let set = |v: i64| {
-        optimystic_core::Transform {
-            updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(v))]),
-            ..optimystic_core::Transform::default()
-        }
+    let set = |v: i64| optimystic_core::Transform {
+        updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(v))]),
+        ..optimystic_core::Transform::default()
     };
     let now = m.sim.clock().now_ms();
     // Evidence signed by keys the forger made up (its own peer set) for an invented revision.
@@ -673,10 +717,13 @@ async fn catch_up_applies_only_verified_revisions() {
         if !evidence.is_null() {
             entry["evidence"] = evidence;
         }
-        m.sim.register(forger, Arc::new(CannedSync {
-            latest: json!({"latest": {"x": {"trxId": "forged", "rev": 1_000_000}}}),
-            page: json!({"latest": {"trxId": "forged", "rev": 1_000_000}, "entries": [entry], "more": false}),
-        }));
+        m.sim.register(
+            forger,
+            Arc::new(CannedSync {
+                latest: json!({"latest": {"x": {"trxId": "forged", "rev": 1_000_000}}}),
+                page: json!({"latest": {"trxId": "forged", "rev": 1_000_000}, "entries": [entry], "more": false}),
+            }),
+        );
         let catch_up = optimystic_core::sync::CatchUp::new(
             m.sim.network(peers[0]),
             m.local.clone(),
@@ -748,7 +795,8 @@ fn trio(config: MajorityConfig, sim_config: SimConfig) -> Trio {
     let (seen, answered) = (records.clone(), replies.clone());
     sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
         if e.protocol == optimystic_core::network::ProtocolKind::Cluster
-            && let Some(record) = e.body.get("record").or(Some(e.body)).and_then(|r| ClusterRecord::from_value(r.clone()).ok())
+            && let Some(record) =
+                e.body.get("record").or(Some(e.body)).and_then(|r| ClusterRecord::from_value(r.clone()).ok())
         {
             if e.direction == optimystic_core::testkit::sim::Direction::Request && record.promises.is_empty() {
                 let mut seen = seen.lock().unwrap();
@@ -815,10 +863,13 @@ fn set_on(block_id: &str, trx_id: &str, rev: Option<u64>, v: i64) -> RepoOperati
     RepoOperation::Pend(PendRequest {
         trx_id: trx(trx_id),
         rev,
-        transforms: Transforms::single(&block(block_id), &optimystic_core::Transform {
-            updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(v))]),
-            ..optimystic_core::Transform::default()
-        }),
+        transforms: Transforms::single(
+            &block(block_id),
+            &optimystic_core::Transform {
+                updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(v))]),
+                ..optimystic_core::Transform::default()
+            },
+        ),
         policy: PendPolicy::Continue,
     })
 }
@@ -858,7 +909,11 @@ async fn a_lone_operation_goes_alone_at_once() {
         took.push(started.elapsed());
         let sent = t.records.lock().unwrap().clone();
         assert_eq!(sent.len(), 1);
-        assert_eq!(sent[0].message, serde_json::to_value(&message).unwrap(), "a record of one operation is the repo message");
+        assert_eq!(
+            sent[0].message,
+            serde_json::to_value(&message).unwrap(),
+            "a record of one operation is the repo message"
+        );
     }
     assert_eq!(took[0], took[1], "no waiting for company: {took:?}");
     assert!(took[0] <= Duration::from_millis(4 * 3), "two round trips: {took:?}");
@@ -870,9 +925,9 @@ async fn a_lone_operation_goes_alone_at_once() {
 async fn queued_operations_share_records_of_at_most_max_batch_ops() {
     let t = trio(MajorityConfig { max_batch_ops: 2, ..config() }, SimConfig::default());
     let ids = ["a", "b", "c", "d", "e"];
-    let answers = futures::future::join_all(ids.iter().map(|id| {
-        t.run(RepoOperation::Pend(insert_pend(id, &trx(&format!("i-{id}")))))
-    }))
+    let answers = futures::future::join_all(
+        ids.iter().map(|id| t.run(RepoOperation::Pend(insert_pend(id, &trx(&format!("i-{id}")))))),
+    )
     .await;
     assert!(answers.iter().all(pended), "{answers:?}");
     assert_eq!(t.sizes(), vec![1, 2, 2], "the first alone at once, the others queued meanwhile");
@@ -911,7 +966,12 @@ async fn a_batch_names_each_block_once() {
     assert!(pended(&lone) && pended(&first) && pended(&second) && pended(&other), "{first:?} {second:?} {other:?}");
     let sent = t.records.lock().unwrap().clone();
     let trxs = |r: &ClusterRecord| -> Vec<String> {
-        r.message["operations"].as_array().unwrap().iter().map(|op| op["pend"]["trxId"].as_str().unwrap().to_owned()).collect()
+        r.message["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|op| op["pend"]["trxId"].as_str().unwrap().to_owned())
+            .collect()
     };
     assert_eq!(sent.iter().map(trxs).collect::<Vec<_>>(), vec![vec!["t0"], vec!["t1", "t3"], vec!["t2"]]);
 
@@ -990,7 +1050,9 @@ async fn a_conflict_on_one_operation_fails_it_alone() {
     let now = t.sim.clock().now_ms();
     let blocker = record(&peers, set_on("y", "blocker", Some(2), 9), now + 1_000);
     for (consensus, _) in &t.nodes {
-        assert!(consensus.on_update(peers[1], blocker.clone()).await.unwrap().promises.values().all(|v| v.is_approve()));
+        assert!(
+            consensus.on_update(peers[1], blocker.clone()).await.unwrap().promises.values().all(|v| v.is_approve())
+        );
     }
     let (w, x, y, z) = futures::join!(
         t.run(set_on("w", "tw", Some(2), 2)),

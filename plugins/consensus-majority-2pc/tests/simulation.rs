@@ -46,13 +46,15 @@ use optimystic_core::model::{
     BlockGets, BlockOperation, CommitRequest, CommitResult, PendPolicy, PendRequest, PendResult, TrxBlocks, TrxContext,
 };
 use optimystic_core::network::{NetworkError, PeerNetwork, ProtocolKind};
+use optimystic_core::reads::{ClusterReads, ReadMode};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
 use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform};
-use optimystic_core::reads::{ClusterReads, ReadMode};
-use optimystic_core::testkit::history::{ClientOp, History, NodeSnapshot, ReadRecord, check_evidence, snapshot};
-use optimystic_core::testkit::sim::{Direction, Envelope, NodeHandler, SimCatchUp, SimConfig, SimHandler, SimNet, Verdict};
-use optimystic_core::wire::{RepoMessage, RepoOperation};
 use optimystic_core::sync::SyncServer;
+use optimystic_core::testkit::history::{ClientOp, History, NodeSnapshot, ReadRecord, check_evidence, snapshot};
+use optimystic_core::testkit::sim::{
+    Direction, Envelope, NodeHandler, SimCatchUp, SimConfig, SimHandler, SimNet, Verdict,
+};
+use optimystic_core::wire::{RepoMessage, RepoOperation};
 use optimystic_core::{
     Block, BlockId, ErrorCode, MessageOptions, RawStorage, ReadPromotion, Repo, RepoError, StorageError, StorageRepo,
     Transform, Transforms, TrxId, TrxRev,
@@ -77,7 +79,9 @@ const MAX_CHAOS_WRITES: usize = 60;
 const MAX_QUIESCE_ROUNDS: usize = 8;
 
 fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{name} must be an integer, got {v:?}")))
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{name} must be an integer, got {v:?}")))
 }
 
 fn seeds() -> Vec<u64> {
@@ -101,7 +105,9 @@ type Scenario = fn(u64) -> Pin<Box<dyn Future<Output = String> + Send>>;
 fn run_seed(scenario: Scenario, seed: u64) -> String {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
     runtime.block_on(async move {
-        tokio::time::timeout(VIRTUAL_BUDGET, scenario(seed)).await.expect("the scenario did not finish in its virtual time budget")
+        tokio::time::timeout(VIRTUAL_BUDGET, scenario(seed))
+            .await
+            .expect("the scenario did not finish in its virtual time budget")
     })
 }
 
@@ -263,7 +269,10 @@ struct StaticKeys {
 #[async_trait]
 impl KeyNetwork for StaticKeys {
     async fn find_cluster(&self, block_id: &BlockId) -> Result<ClusterPeers, KeyNetworkError> {
-        Ok(rank_peers(&block_key(block_id), &self.peers, self.size).into_iter().map(|p| (p, PeerInfo::default())).collect())
+        Ok(rank_peers(&block_key(block_id), &self.peers, self.size)
+            .into_iter()
+            .map(|p| (p, PeerInfo::default()))
+            .collect())
     }
     async fn find_coordinator(&self, block_id: &BlockId, excluded: &[PeerId]) -> Result<PeerId, KeyNetworkError> {
         rank_peers(&block_key(block_id), &self.peers, self.size)
@@ -303,7 +312,12 @@ struct ForgingHandler {
 }
 
 impl SimHandler for ForgingHandler {
-    fn handle(&self, from: PeerId, protocol: ProtocolKind, request: Value) -> BoxFuture<'static, Result<Value, RepoError>> {
+    fn handle(
+        &self,
+        from: PeerId,
+        protocol: ProtocolKind,
+        request: Value,
+    ) -> BoxFuture<'static, Result<Value, RepoError>> {
         if protocol != ProtocolKind::Sync {
             return self.honest.handle(from, protocol, request);
         }
@@ -415,7 +429,8 @@ impl World {
             key_network: Some(keys.clone()),
             clock: self.sim.clock_with_skew(self.skews[&peer]),
             // `OPTIMYSTIC_SIM_NO_CATCH_UP=1` (a debugging aid) builds nodes without catch-up.
-            behind: (!no_catch_up()).then(|| Arc::new(catch_up.clone()) as Arc<dyn optimystic_core::consensus::BehindSink>),
+            behind: (!no_catch_up())
+                .then(|| Arc::new(catch_up.clone()) as Arc<dyn optimystic_core::consensus::BehindSink>),
         };
         let consensus = Arc::new(MajorityConsensus::new(consensus_config(), deps).unwrap());
         let as_dyn: Arc<dyn Consensus> = consensus.clone();
@@ -426,9 +441,13 @@ impl World {
         let repo = Arc::new(
             CoordinatorRepo::new(keys.clone(), consensus.clone(), Arc::new(read_local.clone()))
                 .with_clock(self.sim.clock_with_skew(self.skews[&peer]))
-                .with_config(CoordinatorConfig { operation_timeout_ms: OPERATION_TIMEOUT_MS, ..CoordinatorConfig::default() }),
+                .with_config(CoordinatorConfig {
+                    operation_timeout_ms: OPERATION_TIMEOUT_MS,
+                    ..CoordinatorConfig::default()
+                }),
         );
-        let reads = Arc::new(ClusterReads::new(repo.clone(), read_local.clone(), keys, network, ReadMode::Quorum, timeout));
+        let reads =
+            Arc::new(ClusterReads::new(repo.clone(), read_local.clone(), keys, network, ReadMode::Quorum, timeout));
         let honest = NodeHandler::new(as_dyn, local.clone());
         let forgery = self.forgeries.lock().unwrap().get(&peer).cloned();
         let handler: Arc<dyn SimHandler> = match forgery {
@@ -488,12 +507,22 @@ impl World {
 
     /// Pends a write of `value` to block `block` at `rev`: an insert at revision 1 (the block is
     /// new), else an update of its `value` field.
-    async fn pend_on(&self, via: PeerId, block: &BlockId, trx_id: &TrxId, rev: u64, value: Value) -> Option<Result<PendResult, RepoError>> {
+    async fn pend_on(
+        &self,
+        via: PeerId,
+        block: &BlockId,
+        trx_id: &TrxId,
+        rev: u64,
+        value: Value,
+    ) -> Option<Result<PendResult, RepoError>> {
         let transforms = if rev == 1 {
             let inserted = Block::new(block.clone(), "counter", "c").with_field("value", value);
             Transforms { inserts: BTreeMap::from([(block.clone(), inserted)]), ..Transforms::default() }
         } else {
-            Transforms { updates: BTreeMap::from([(block.clone(), vec![BlockOperation::set("value", value)])]), ..Transforms::default() }
+            Transforms {
+                updates: BTreeMap::from([(block.clone(), vec![BlockOperation::set("value", value)])]),
+                ..Transforms::default()
+            }
         };
         self.pend_transforms(via, trx_id, Some(rev), transforms).await
     }
@@ -523,11 +552,23 @@ impl World {
         self.commit_on(via, &x(), trx_id, rev).await
     }
 
-    async fn commit_on(&self, via: PeerId, block: &BlockId, trx_id: &TrxId, rev: u64) -> Option<Result<CommitResult, RepoError>> {
-        let request =
-            CommitRequest { trx_id: trx_id.clone(), block_ids: vec![block.clone()], rev, tail_id: block.clone(), header_id: None };
-        let id =
-            self.history.invoke(via.to_base58(), ClientOp::Commit { trx_id: trx_id.clone(), block_ids: vec![block.clone()], rev });
+    async fn commit_on(
+        &self,
+        via: PeerId,
+        block: &BlockId,
+        trx_id: &TrxId,
+        rev: u64,
+    ) -> Option<Result<CommitResult, RepoError>> {
+        let request = CommitRequest {
+            trx_id: trx_id.clone(),
+            block_ids: vec![block.clone()],
+            rev,
+            tail_id: block.clone(),
+            header_id: None,
+        };
+        let id = self
+            .history
+            .invoke(via.to_base58(), ClientOp::Commit { trx_id: trx_id.clone(), block_ids: vec![block.clone()], rev });
         let started = Instant::now();
         let result = self
             .on(via, move |node| Box::pin(async move { node.repo.commit(&request, &MessageOptions::default()).await }))
@@ -542,7 +583,9 @@ impl World {
 
     async fn cancel_on(&self, via: PeerId, block: &BlockId, trx_id: &TrxId) -> Option<Result<(), RepoError>> {
         let trx = TrxBlocks { trx_id: trx_id.clone(), block_ids: vec![block.clone()] };
-        let id = self.history.invoke(via.to_base58(), ClientOp::Cancel { trx_id: trx_id.clone(), block_ids: vec![block.clone()] });
+        let id = self
+            .history
+            .invoke(via.to_base58(), ClientOp::Cancel { trx_id: trx_id.clone(), block_ids: vec![block.clone()] });
         let result = self
             .on(via, move |node| Box::pin(async move { node.repo.cancel(&trx, &MessageOptions::default()).await }))
             .await;
@@ -653,7 +696,10 @@ impl World {
         if tokio::time::timeout(SETTLE_BUDGET, all_idle).await.is_err() {
             let held: Vec<(PeerId, usize)> =
                 self.nodes.lock().unwrap().iter().map(|(p, n)| (*p, n.consensus.live_reservations())).collect();
-            panic!("reservations still held {SETTLE_BUDGET:?} after faults stopped: {held:?}\n{}", self.describe_live().await);
+            panic!(
+                "reservations still held {SETTLE_BUDGET:?} after faults stopped: {held:?}\n{}",
+                self.describe_live().await
+            );
         }
     }
 
@@ -670,7 +716,10 @@ impl World {
             let latest = self.latest_rev(*peer).await;
             for (key, _) in live {
                 let hash = key.trim_start_matches("2pc/live/");
-                let entry = entries.iter().find(|(k, _)| k.ends_with(hash)).and_then(|(_, v)| serde_json::from_slice::<Value>(v).ok());
+                let entry = entries
+                    .iter()
+                    .find(|(k, _)| k.ends_with(hash))
+                    .and_then(|(_, v)| serde_json::from_slice::<Value>(v).ok());
                 let entry = entry.unwrap_or(Value::Null);
                 // A decided entry refers to the copy kept for evidence.
                 let kept = match entry.pointer("/record/record").and_then(Value::as_str) {
@@ -1104,7 +1153,11 @@ async fn member_crash_restart(seed: u64) -> String {
                 let node = world.node(victim).unwrap();
                 let live_after = world.storages[&victim].list_meta("2pc/live/", 100_000).await.unwrap().len();
                 assert!(live_after <= live_before);
-                assert_eq!(node.consensus.live_reservations(), live_after, "reservations lost in the restart of {victim}");
+                assert_eq!(
+                    node.consensus.live_reservations(),
+                    live_after,
+                    "reservations lost in the restart of {victim}"
+                );
             }
         })
     };
@@ -1286,7 +1339,8 @@ async fn conflicting_writers(seed: u64) -> String {
     for task in tasks {
         let (trx, pended, committed, took) = task.await.unwrap();
         // A pend that fails may cancel its partial pend with a fresh record: two record lifetimes.
-        let bound = Duration::from_millis(2 * (consensus_config().record_timeout_ms + consensus_config().request_timeout_ms));
+        let bound =
+            Duration::from_millis(2 * (consensus_config().record_timeout_ms + consensus_config().request_timeout_ms));
         assert!(took <= bound, "{trx} waited {took:?}");
         match committed {
             Some(Ok(CommitResult::Success(_))) => winners += 1,
@@ -1332,7 +1386,13 @@ async fn refusals(seed: u64) -> String {
     let target = world.pick(&world.peers);
     let signers: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != target).collect();
     let now = world.sim.clock().now_ms();
-    let commit = RepoOperation::Commit(CommitRequest { trx_id: t.clone(), block_ids: vec![x()], rev: 2, tail_id: x(), header_id: None });
+    let commit = RepoOperation::Commit(CommitRequest {
+        trx_id: t.clone(),
+        block_ids: vec![x()],
+        rev: 2,
+        tail_id: x(),
+        header_id: None,
+    });
     let decided_at = |expiration: u64| {
         let mut record = record_for(&world.peers, &RepoMessage::new(commit.clone(), expiration));
         for signer in &signers {
@@ -1354,16 +1414,17 @@ async fn refusals(seed: u64) -> String {
 
     let mut wrong_key = genuine.clone();
     let holder = world.pick(&world.peers).to_base58();
-    wrong_key.peers.get_mut(&holder).unwrap().public_key =
-        crypto::public_key_base64url(&attacker.public()).unwrap();
+    wrong_key.peers.get_mut(&holder).unwrap().public_key = crypto::public_key_base64url(&attacker.public()).unwrap();
 
     let late_ms = world.sim.random(|r| r.gen_range(1..10_000));
     let expired = decided_at(now.saturating_sub(late_ms + MAX_SKEW_MS.unsigned_abs()));
 
     let shrunken_peers = [attacker_id, target];
     let shrunken_phase1 = record_for(&shrunken_peers, &RepoMessage::new(commit.clone(), now + 1_000));
-    let mut shrunken_decided =
-        record_for(&[attacker_id, accomplice.public().to_peer_id(), target], &RepoMessage::new(commit.clone(), now + 1_000));
+    let mut shrunken_decided = record_for(
+        &[attacker_id, accomplice.public().to_peer_id(), target],
+        &RepoMessage::new(commit.clone(), now + 1_000),
+    );
     promise(&mut shrunken_decided, &attacker, VoteType::Approve);
     promise(&mut shrunken_decided, &accomplice, VoteType::Approve);
 
@@ -1393,10 +1454,15 @@ async fn refusals(seed: u64) -> String {
             other => panic!("{name}: expected {code}, got {other:?}"),
         }
         assert_eq!(world.snapshots().await, before, "{name} changed a block");
-        assert_eq!(world.storages[&target].list_meta("2pc/", 100_000).await.unwrap(), meta_before, "{name} changed 2pc state");
+        assert_eq!(
+            world.storages[&target].list_meta("2pc/", 100_000).await.unwrap(),
+            meta_before,
+            "{name} changed 2pc state"
+        );
     }
     // The genuine decided record is accepted and applied.
-    let answer = net.request(target, ProtocolKind::Cluster, update_request(&genuine), Duration::from_secs(1)).await.unwrap();
+    let answer =
+        net.request(target, ProtocolKind::Cluster, update_request(&genuine), Duration::from_secs(1)).await.unwrap();
     let reply = ClusterRecord::from_value(answer).unwrap();
     reply.verify(None).unwrap();
     assert!(reply.commits[&target.to_base58()].is_approve());
@@ -1415,7 +1481,11 @@ async fn phase1_asks_everyone_and_waits_for_a_quorum(seed: u64) -> String {
     let phase1_asks = Arc::new(AtomicUsize::new(0));
     let counter = phase1_asks.clone();
     world.sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
-        if e.protocol == ProtocolKind::Cluster && e.direction == Direction::Request && e.body.get("operation") == Some(&json!("update")) && !has_votes(e.body, "promises") {
+        if e.protocol == ProtocolKind::Cluster
+            && e.direction == Direction::Request
+            && e.body.get("operation") == Some(&json!("update"))
+            && !has_votes(e.body, "promises")
+        {
             counter.fetch_add(1, Ordering::SeqCst);
         }
         Verdict::Deliver
@@ -1458,7 +1528,13 @@ async fn restart_keeps_promises(seed: u64) -> String {
     let target = world.pick(&world.peers);
     let now = world.sim.clock().now_ms();
     let commit_of = |trx: &TrxId| {
-        let op = RepoOperation::Commit(CommitRequest { trx_id: trx.clone(), block_ids: vec![x()], rev: 2, tail_id: x(), header_id: None });
+        let op = RepoOperation::Commit(CommitRequest {
+            trx_id: trx.clone(),
+            block_ids: vec![x()],
+            rev: 2,
+            tail_id: x(),
+            header_id: None,
+        });
         record_for(&world.peers, &RepoMessage::new(op, now + 1_500))
     };
     let (first, second) = (commit_of(&t), commit_of(&u));
@@ -1648,20 +1724,37 @@ fn pend_op(trx_id: &TrxId, rev: u64, value: Value) -> RepoOperation {
     RepoOperation::Pend(PendRequest {
         trx_id: trx_id.clone(),
         rev: Some(rev),
-        transforms: Transforms { updates: BTreeMap::from([(x(), vec![BlockOperation::set("value", value)])]), ..Transforms::default() },
+        transforms: Transforms {
+            updates: BTreeMap::from([(x(), vec![BlockOperation::set("value", value)])]),
+            ..Transforms::default()
+        },
         policy: PendPolicy::Continue,
     })
 }
 
 fn commit_op(trx_id: &TrxId, rev: u64) -> RepoOperation {
-    RepoOperation::Commit(CommitRequest { trx_id: trx_id.clone(), block_ids: vec![x()], rev, tail_id: x(), header_id: None })
+    RepoOperation::Commit(CommitRequest {
+        trx_id: trx_id.clone(),
+        block_ids: vec![x()],
+        rev,
+        tail_id: x(),
+        header_id: None,
+    })
 }
 
 /// A record among `peers` with approving (or rejecting) promises signed by `signers`.
-fn signed(peers: &[PeerId], operation: RepoOperation, expiration: u64, signers: &[&Keypair], vote: VoteType) -> ClusterRecord {
+fn signed(
+    peers: &[PeerId],
+    operation: RepoOperation,
+    expiration: u64,
+    signers: &[&Keypair],
+    vote: VoteType,
+) -> ClusterRecord {
     let mut record = record_for(peers, &RepoMessage::new(operation, expiration));
     for signer in signers {
-        let signed = record.sign_promise(signer, vote, (vote == VoteType::Reject).then(|| "conflict: made up".to_owned())).unwrap();
+        let signed = record
+            .sign_promise(signer, vote, (vote == VoteType::Reject).then(|| "conflict: made up".to_owned()))
+            .unwrap();
         record.promises.insert(signer.public().to_peer_id().to_base58(), signed);
     }
     record
@@ -1697,7 +1790,8 @@ impl Forger {
             0 => {}
             // Evidence decided by made-up peers (and the forger) among themselves.
             1 => {
-                let peers: Vec<PeerId> = std::iter::once(byz_id).chain(self.made_up.iter().map(|k| k.public().to_peer_id())).collect();
+                let peers: Vec<PeerId> =
+                    std::iter::once(byz_id).chain(self.made_up.iter().map(|k| k.public().to_peer_id())).collect();
                 let signers: Vec<&Keypair> = std::iter::once(&self.byz).chain(self.made_up.iter()).collect();
                 entry["evidence"] = json!({
                     "pend": signed(&peers, pend_op(&trx, rev, json!(format!("forged {kind}"))), expiration, &signers, VoteType::Approve).to_value(),
@@ -1780,11 +1874,35 @@ async fn send_made_up_records(world: &World, byz: &Keypair, target: PeerId, made
     let made_up_signers: Vec<&Keypair> = made_up.iter().collect();
     let byz_and_made_up: Vec<&Keypair> = std::iter::once(byz).chain(made_up.iter()).collect();
     let cases = [
-        ("phase 1 naming a made-up peer", record_for(&[world.peers.clone(), vec![ids[0]]].concat(), &RepoMessage::new(pend_op(&trx, latest + 1, json!("m")), now + 1_000))),
-        ("phase 1 among made-up peers", record_for(&[vec![target, byz_id], ids[..3].to_vec()].concat(), &RepoMessage::new(pend_op(&trx, latest + 1, json!("m")), now + 1_000))),
-        ("phase 1 without the sender", record_for(&[vec![target], ids[..2].to_vec()].concat(), &RepoMessage::new(commit_op(&trx, latest + 1), now + 1_000))),
-        ("decided by made-up peers outnumbering the view", signed(&inflated, commit_op(&trx, latest + 1), now + 1_000, &byz_and_made_up, VoteType::Approve)),
-        ("pend decided by made-up peers outnumbering the view", signed(&inflated, pend_op(&trx, latest + 1, json!("m")), now + 1_000, &byz_and_made_up, VoteType::Approve)),
+        (
+            "phase 1 naming a made-up peer",
+            record_for(
+                &[world.peers.clone(), vec![ids[0]]].concat(),
+                &RepoMessage::new(pend_op(&trx, latest + 1, json!("m")), now + 1_000),
+            ),
+        ),
+        (
+            "phase 1 among made-up peers",
+            record_for(
+                &[vec![target, byz_id], ids[..3].to_vec()].concat(),
+                &RepoMessage::new(pend_op(&trx, latest + 1, json!("m")), now + 1_000),
+            ),
+        ),
+        (
+            "phase 1 without the sender",
+            record_for(
+                &[vec![target], ids[..2].to_vec()].concat(),
+                &RepoMessage::new(commit_op(&trx, latest + 1), now + 1_000),
+            ),
+        ),
+        (
+            "decided by made-up peers outnumbering the view",
+            signed(&inflated, commit_op(&trx, latest + 1), now + 1_000, &byz_and_made_up, VoteType::Approve),
+        ),
+        (
+            "pend decided by made-up peers outnumbering the view",
+            signed(&inflated, pend_op(&trx, latest + 1, json!("m")), now + 1_000, &byz_and_made_up, VoteType::Approve),
+        ),
     ];
     let before = snapshot(target, &world.storages[&target], &[x()]).await.unwrap();
     for (name, record) in cases {
@@ -1806,7 +1924,11 @@ async fn send_made_up_records(world: &World, byz: &Keypair, target: PeerId, made
     let _ = net.request(target, ProtocolKind::Cluster, status, Duration::from_secs(1)).await;
     let node = world.node(target).unwrap();
     assert!(node.consensus.reserved_blocks().await.is_empty(), "an answered made-up record left a reservation");
-    assert_eq!(snapshot(target, &world.storages[&target], &[x()]).await.unwrap(), before, "a made-up record changed a block");
+    assert_eq!(
+        snapshot(target, &world.storages[&target], &[x()]).await.unwrap(),
+        before,
+        "a made-up record changed a block"
+    );
     world.storages[&target].list_meta("2pc/", 100_000).await.unwrap().len().saturating_sub(meta_before)
 }
 
@@ -1923,7 +2045,11 @@ async fn read_with_uncommitted_context(seed: u64) -> String {
             assert_eq!(value.unwrap().fields["value"], json!("never"), "the reader's context is in its own answer");
             // The reader's own pending transaction.
             let context = TrxContext { committed: vec![], rev: 1, trx_id: Some(t.clone()) };
-            let (_, value) = world.read(peer, mode, Some(context), Vec::new(), Some(set_value(json!("never")))).await.unwrap().unwrap();
+            let (_, value) = world
+                .read(peer, mode, Some(context), Vec::new(), Some(set_value(json!("never"))))
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(value.unwrap().fields["value"], json!("never"));
             // A transaction pending nowhere is left out.
             let context = TrxContext { committed: vec![ghost_at_2.clone()], rev: 2, trx_id: None };
@@ -1946,7 +2072,11 @@ async fn read_with_uncommitted_context(seed: u64) -> String {
     world.wait_idle().await;
     assert_eq!(world.snapshots().await, before, "a read changed storage");
     for (peer, meta) in world.peers.iter().zip(&meta_before) {
-        assert_eq!(&world.storages[peer].list_meta("", 100_000).await.unwrap(), meta, "a read changed {peer}'s metadata");
+        assert_eq!(
+            &world.storages[peer].list_meta("", 100_000).await.unwrap(),
+            meta,
+            "a read changed {peer}'s metadata"
+        );
     }
     // Another transaction takes revision 2; the reader's assertion is then simply out of date.
     let u = world.trx("other");
@@ -1955,7 +2085,8 @@ async fn read_with_uncommitted_context(seed: u64) -> String {
     world.wait_idle().await;
     for peer in world.peers.clone() {
         let context = TrxContext { committed: vec![t_at_2.clone()], rev: 2, trx_id: None };
-        let (latest, value) = world.read(peer, ReadMode::Quorum, Some(context), asserted.clone(), None).await.unwrap().unwrap();
+        let (latest, value) =
+            world.read(peer, ReadMode::Quorum, Some(context), asserted.clone(), None).await.unwrap().unwrap();
         assert_eq!(latest, Some(TrxRev { trx_id: u.clone(), rev: 2 }));
         assert_eq!(value.unwrap().fields["value"], json!("other"));
     }
@@ -2075,7 +2206,9 @@ fn sim_refusals() {
 
 #[test]
 fn sim_phase1_asks_everyone_and_waits_for_a_quorum() {
-    run("sim_phase1_asks_everyone_and_waits_for_a_quorum", |seed| Box::pin(phase1_asks_everyone_and_waits_for_a_quorum(seed)));
+    run("sim_phase1_asks_everyone_and_waits_for_a_quorum", |seed| {
+        Box::pin(phase1_asks_everyone_and_waits_for_a_quorum(seed))
+    });
 }
 
 #[test]

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use optimystic_core::consensus::Consensus;
+use optimystic_core::identity::PeerId;
 use optimystic_core::keynet::ClusterPeers;
 use optimystic_core::record::ClusterRecord;
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
 use optimystic_core::wire::{RepoMessage, RepoResponse};
-use optimystic_core::identity::PeerId;
 use optimystic_core::{ReadPromotion, RepoError, StorageRepo};
 use serde_json::Value;
 
@@ -50,7 +50,10 @@ fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn Consensus>, Plugi
     if let Value::Object(map) = config
         && let Some(key) = map.keys().find(|k| k.as_str() != "kind")
     {
-        return Err(PluginError::Config { plugin: "consensus solo".into(), message: format!("unknown option {key:?}") });
+        return Err(PluginError::Config {
+            plugin: "consensus solo".into(),
+            message: format!("unknown option {key:?}"),
+        });
     }
     let local = cx.require(&cx.local_repo, "a local repository")?.clone();
     Ok(Arc::new(SoloConsensus::new(local)))

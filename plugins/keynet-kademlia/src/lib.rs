@@ -365,7 +365,8 @@ mod tests {
     #[test]
     fn configuration_and_registration() {
         let routing = FakeRouting::new(&[], &[]);
-        let network = KademliaKeyNetwork::from_config(routing.clone(), &json!({"kind": "kademlia", "cluster_size": 5})).unwrap();
+        let network =
+            KademliaKeyNetwork::from_config(routing.clone(), &json!({"kind": "kademlia", "cluster_size": 5})).unwrap();
         assert_eq!(network.cluster_size(), 5);
         assert_eq!(KademliaKeyNetwork::from_config(routing.clone(), &Value::Null).unwrap().cluster_size(), 3);
         for bad in [json!({"cluster_size": 0}), json!({"cache_ttl_ms": -1}), json!({"other": 1}), json!([1])] {
@@ -380,6 +381,9 @@ mod tests {
 
         let declared = registry.defaults(PluginKind::KeyNetwork, "kademlia").unwrap().clone();
         let network = KademliaKeyNetwork::from_config(routing, &Value::Object(declared)).unwrap();
-        assert_eq!((network.cluster_size(), network.cache_ttl), (DEFAULT_CLUSTER_SIZE, Duration::from_millis(DEFAULT_CACHE_TTL_MS)));
+        assert_eq!(
+            (network.cluster_size(), network.cache_ttl),
+            (DEFAULT_CLUSTER_SIZE, Duration::from_millis(DEFAULT_CACHE_TTL_MS))
+        );
     }
 }

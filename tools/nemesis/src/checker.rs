@@ -166,9 +166,7 @@ impl Report {
     /// Moves the violations of the `allowed` kinds to [`Report::tolerated`].
     pub fn tolerate(&mut self, allowed: &[String]) {
         let (tolerated, kept): (Vec<Violation>, Vec<Violation>) =
-            std::mem::take(&mut self.violations)
-                .into_iter()
-                .partition(|v| allowed.iter().any(|a| a == v.kind));
+            std::mem::take(&mut self.violations).into_iter().partition(|v| allowed.iter().any(|a| a == v.kind));
         self.violations = kept;
         self.tolerated.extend(tolerated);
     }
@@ -192,29 +190,9 @@ impl Report {
             t.reads_ok, t.final_reads_ok, t.final_reads_failed
         );
         let nemesis: Vec<String> = t.nemesis.iter().map(|(k, n)| format!("{k}={n}")).collect();
-        let _ = writeln!(
-            s,
-            "nemesis: {}",
-            if nemesis.is_empty() {
-                "none".into()
-            } else {
-                nemesis.join(" ")
-            }
-        );
-        let lens: Vec<String> = t
-            .final_len
-            .iter()
-            .map(|(k, n)| format!("{k}={n}"))
-            .collect();
-        let _ = writeln!(
-            s,
-            "final list lengths: {}",
-            if lens.is_empty() {
-                "none".into()
-            } else {
-                lens.join(" ")
-            }
-        );
+        let _ = writeln!(s, "nemesis: {}", if nemesis.is_empty() { "none".into() } else { nemesis.join(" ") });
+        let lens: Vec<String> = t.final_len.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        let _ = writeln!(s, "final list lengths: {}", if lens.is_empty() { "none".into() } else { lens.join(" ") });
         for w in self.warnings.iter().take(20) {
             let _ = writeln!(s, "warning: {w}");
         }
@@ -222,39 +200,14 @@ impl Report {
             let _ = writeln!(s, "warning: ... {} more", self.warnings.len() - 20);
         }
         if let Some(v) = self.tolerated.first() {
-            let counts: Vec<String> = counts(&self.tolerated)
-                .iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect();
-            let _ = writeln!(
-                s,
-                "tolerated violations (--allow): {} ({})",
-                self.tolerated.len(),
-                counts.join(" ")
-            );
-            let _ = writeln!(
-                s,
-                "first tolerated: {} on block {}: {}",
-                v.kind, v.block, v.message
-            );
+            let counts: Vec<String> = counts(&self.tolerated).iter().map(|(k, n)| format!("{k}={n}")).collect();
+            let _ = writeln!(s, "tolerated violations (--allow): {} ({})", self.tolerated.len(), counts.join(" "));
+            let _ = writeln!(s, "first tolerated: {} on block {}: {}", v.kind, v.block, v.message);
         }
         if let Some(v) = self.violations.first() {
-            let counts: Vec<String> = self
-                .violation_counts()
-                .iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect();
-            let _ = writeln!(
-                s,
-                "VIOLATIONS: {} ({})",
-                self.violations.len(),
-                counts.join(" ")
-            );
-            let _ = writeln!(
-                s,
-                "first violation: {} on block {}: {}",
-                v.kind, v.block, v.message
-            );
+            let counts: Vec<String> = self.violation_counts().iter().map(|(k, n)| format!("{k}={n}")).collect();
+            let _ = writeln!(s, "VIOLATIONS: {} ({})", self.violations.len(), counts.join(" "));
+            let _ = writeln!(s, "first violation: {} on block {}: {}", v.kind, v.block, v.message);
             for op in &v.ops {
                 let _ = writeln!(s, "  op: {op}");
             }
@@ -262,11 +215,7 @@ impl Report {
             for other in &self.violations {
                 if !shown.contains(&other.kind) {
                     shown.push(other.kind);
-                    let _ = writeln!(
-                        s,
-                        "first {} on block {}: {}",
-                        other.kind, other.block, other.message
-                    );
+                    let _ = writeln!(s, "first {} on block {}: {}", other.kind, other.block, other.message);
                 }
             }
         } else {
@@ -292,10 +241,9 @@ fn read_list(op: &Op) -> Option<Vec<String>> {
     let value = op.complete.as_ref()?.value.as_ref();
     let mut list: Vec<String> = match value {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
-            .collect(),
+        Some(Value::Array(items)) => {
+            items.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).collect()
+        }
         Some(other) => vec![other.to_string()],
     };
     list.reverse();
@@ -322,43 +270,23 @@ pub fn check(events: &[Event]) -> Report {
                 *report.totals.nemesis.entry(event.f.clone()).or_insert(0) += 1;
             }
             Kind::Invoke => {
-                if ops
-                    .insert(
-                        event.id,
-                        Op {
-                            invoke: event.clone(),
-                            complete: None,
-                        },
-                    )
-                    .is_some()
-                {
-                    report.warnings.push(format!(
-                        "operation id {} invoked twice; the later one is kept",
-                        event.id
-                    ));
+                if ops.insert(event.id, Op { invoke: event.clone(), complete: None }).is_some() {
+                    report.warnings.push(format!("operation id {} invoked twice; the later one is kept", event.id));
                 }
             }
             Kind::Ok | Kind::Fail | Kind::Info => match ops.get_mut(&event.id) {
                 Some(op) if op.complete.is_none() => op.complete = Some(event.clone()),
-                Some(_) => report.warnings.push(format!(
-                    "operation {} completed twice; the first completion is kept",
-                    event.id
-                )),
-                None => report.warnings.push(format!(
-                    "completion of operation {} that was never invoked",
-                    event.id
-                )),
+                Some(_) => report
+                    .warnings
+                    .push(format!("operation {} completed twice; the first completion is kept", event.id)),
+                None => report.warnings.push(format!("completion of operation {} that was never invoked", event.id)),
             },
         }
     }
     report.totals.ops = ops.len();
     let mut blocks: BTreeMap<String, Vec<&Op>> = BTreeMap::new();
     for op in ops.values() {
-        *report
-            .totals
-            .by_kind
-            .entry(format!("{}/{}", op.invoke.f, op.status().name()))
-            .or_insert(0) += 1;
+        *report.totals.by_kind.entry(format!("{}/{}", op.invoke.f, op.status().name())).or_insert(0) += 1;
         if let Some(block) = &op.invoke.block {
             blocks.entry(block.clone()).or_default().push(op);
         }
@@ -386,9 +314,11 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
     for &op in block_ops {
         match op.invoke.f.as_str() {
             "append" => {
-                let value = op.invoke.value.as_ref().map_or_else(String::new, |v| {
-                    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
-                });
+                let value = op
+                    .invoke
+                    .value
+                    .as_ref()
+                    .map_or_else(String::new, |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
                 match op.status() {
                     Status::Ok => report.totals.appends_ok += 1,
                     Status::Fail => report.totals.appends_fail += 1,
@@ -449,11 +379,7 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                         .and_then(|c| c.detail.as_ref())
                         .and_then(|d| d.get("failed_attempts"))
                         .and_then(Value::as_array)
-                        .map(|a| {
-                            a.iter()
-                                .map(|r| r.as_str().unwrap_or_default().to_owned())
-                                .collect()
-                        })
+                        .map(|a| a.iter().map(|r| r.as_str().unwrap_or_default().to_owned()).collect())
                         .unwrap_or_default();
                     let kind = "duplicate";
                     let attempts = if attempts.is_empty() {
@@ -461,13 +387,8 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                     } else {
                         format!("; its write made failed attempts before: {attempts:?}")
                     };
-                    let at: Vec<usize> = read
-                        .list
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, x)| *x == v)
-                        .map(|(i, _)| i)
-                        .collect();
+                    let at: Vec<usize> =
+                        read.list.iter().enumerate().filter(|(_, x)| *x == v).map(|(i, _)| i).collect();
                     violation(
                         report,
                         kind,
@@ -497,10 +418,7 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                     block,
                     format!(
                         "a read shows {v:?}, whose append was reported failed: {}",
-                        w.complete
-                            .as_ref()
-                            .and_then(|c| c.error.clone())
-                            .unwrap_or_default()
+                        w.complete.as_ref().and_then(|c| c.error.clone()).unwrap_or_default()
                     ),
                     &[w, read.op],
                 ),
@@ -543,24 +461,13 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
             break;
         }
     }
-    let pos: HashMap<&str, usize> = order
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.as_str(), i))
-        .collect();
+    let pos: HashMap<&str, usize> = order.iter().enumerate().map(|(i, v)| (v.as_str(), i)).collect();
 
     // 3. Final reads hold every acknowledged append.
-    let final_quorum: Vec<&Read<'_>> = reads
-        .iter()
-        .filter(|r| r.op.invoke.is_final && r.op.is_quorum())
-        .collect();
+    let final_quorum: Vec<&Read<'_>> = reads.iter().filter(|r| r.op.invoke.is_final && r.op.is_quorum()).collect();
     if final_reads_seen && final_quorum.is_empty() {
-        let failed: Vec<&Op> = block_ops
-            .iter()
-            .copied()
-            .filter(|o| o.invoke.is_final && o.invoke.f == "read")
-            .take(3)
-            .collect();
+        let failed: Vec<&Op> =
+            block_ops.iter().copied().filter(|o| o.invoke.is_final && o.invoke.f == "read").take(3).collect();
         violation(
             report,
             "no-final-read",
@@ -571,10 +478,7 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
     }
     for fr in &final_quorum {
         let present: HashSet<&str> = fr.list.iter().map(String::as_str).collect();
-        if let Some(w) = appends
-            .iter()
-            .find(|a| a.op.status() == Status::Ok && !present.contains(a.value.as_str()))
-        {
+        if let Some(w) = appends.iter().find(|a| a.op.status() == Status::Ok && !present.contains(a.value.as_str())) {
             violation(
                 report,
                 "lost-append",
@@ -583,12 +487,7 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                     "acknowledged append {:?} is missing from the final read through node {:?} ({})",
                     w.value,
                     fr.op.invoke.node,
-                    if fr
-                        .op
-                        .complete
-                        .as_ref()
-                        .is_some_and(|c| c.value.as_ref().is_none_or(Value::is_null))
-                    {
+                    if fr.op.complete.as_ref().is_some_and(|c| c.value.as_ref().is_none_or(Value::is_null)) {
                         "the block is absent there".to_owned()
                     } else {
                         format!("{} entries", fr.list.len())
@@ -601,14 +500,9 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
     }
     if let Some(fr) = final_quorum.first() {
         let present: HashSet<&str> = fr.list.iter().map(String::as_str).collect();
-        report.totals.appends_info_present += appends
-            .iter()
-            .filter(|a| a.op.status() == Status::Info && present.contains(a.value.as_str()))
-            .count();
-        report
-            .totals
-            .final_len
-            .insert(block.to_owned(), fr.list.len());
+        report.totals.appends_info_present +=
+            appends.iter().filter(|a| a.op.status() == Status::Info && present.contains(a.value.as_str())).count();
+        report.totals.final_len.insert(block.to_owned(), fr.list.len());
     }
 
     if order_ok {
@@ -632,10 +526,7 @@ fn check_block(block: &str, block_ops: &[&Op], report: &mut Report) {
                 &[first.op, other.op],
             );
         }
-        for r in reads
-            .iter()
-            .filter(|r| r.op.invoke.is_final && r.op.is_local() && r.op.invoke.member == Some(true))
-        {
+        for r in reads.iter().filter(|r| r.op.invoke.is_final && r.op.is_local() && r.op.invoke.member == Some(true)) {
             if r.list != first.list {
                 violation(
                     report,
@@ -670,13 +561,7 @@ fn realtime_checks(
     let mut acked: Vec<(u64, usize, &Append<'_>)> = appends
         .iter()
         .filter(|a| a.op.status() == Status::Ok)
-        .map(|a| {
-            (
-                a.op.complete_ns(),
-                pos.get(a.value.as_str()).copied().unwrap_or(usize::MAX),
-                a,
-            )
-        })
+        .map(|a| (a.op.complete_ns(), pos.get(a.value.as_str()).copied().unwrap_or(usize::MAX), a))
         .collect();
     acked.sort_by_key(|(t, _, _)| *t);
     let mut acked_max: Vec<(usize, usize)> = Vec::with_capacity(acked.len()); // (max pos, index of argmax)
@@ -721,10 +606,8 @@ fn realtime_checks(
     }
 
     // 5. No read shows an append invoked after it completed.
-    let mut present: Vec<(u64, usize, &Append<'_>)> = appends
-        .iter()
-        .filter_map(|a| pos.get(a.value.as_str()).map(|p| (a.op.invoke_ns(), *p, a)))
-        .collect();
+    let mut present: Vec<(u64, usize, &Append<'_>)> =
+        appends.iter().filter_map(|a| pos.get(a.value.as_str()).map(|p| (a.op.invoke_ns(), *p, a))).collect();
     present.sort_by_key(|(t, _, _)| *t);
     let mut suffix_min: Vec<(usize, usize)> = vec![(usize::MAX, 0); present.len()];
     let mut best = (usize::MAX, 0);
@@ -766,22 +649,13 @@ fn realtime_checks(
     for (i, r) in by_complete.iter().enumerate() {
         let prev = longest_before.last().copied();
         longest_before.push(match prev {
-            Some(j)
-                if by_complete
-                    .get(j)
-                    .is_some_and(|b| b.list.len() >= r.list.len()) =>
-            {
-                j
-            }
+            Some(j) if by_complete.get(j).is_some_and(|b| b.list.len() >= r.list.len()) => j,
             _ => i,
         });
     }
     for read in reads.iter().filter(|r| r.op.is_quorum()) {
         let n = by_complete.partition_point(|r| r.op.complete_ns() < read.op.invoke_ns());
-        if let Some(earlier) = n
-            .checked_sub(1)
-            .and_then(|k| longest_before.get(k))
-            .and_then(|j| by_complete.get(*j))
+        if let Some(earlier) = n.checked_sub(1).and_then(|k| longest_before.get(k)).and_then(|j| by_complete.get(*j))
             && earlier.list.len() > read.list.len()
         {
             violation(
@@ -826,12 +700,7 @@ fn realtime_checks(
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::too_many_arguments
-)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::too_many_arguments)]
 mod tests {
     use serde_json::json;
 
@@ -930,16 +799,7 @@ mod tests {
             .read("c", &[], 0, 1) // concurrent with the append: may miss it
             .finals("b", &["1", "2", "3"], 100, 3)
             .finals("c", &["x"], 100, 3)
-            .read_full(
-                "b",
-                &["1", "2", "3"],
-                110,
-                111,
-                1,
-                true,
-                "local",
-                Some(true),
-            )
+            .read_full("b", &["1", "2", "3"], 110, 111, 1, true, "local", Some(true))
             .read_full("b", &["1"], 110, 111, 4, true, "local", Some(false)); // not a member: not compared
         h
     }
@@ -958,11 +818,7 @@ mod tests {
     #[test]
     fn history_round_trips_through_json_lines() {
         let h = valid_history();
-        let text: String = h
-            .events
-            .iter()
-            .map(|e| serde_json::to_string(e).unwrap() + "\n")
-            .collect();
+        let text: String = h.events.iter().map(|e| serde_json::to_string(e).unwrap() + "\n").collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.jsonl");
         std::fs::write(&path, text).unwrap();
@@ -974,9 +830,7 @@ mod tests {
     #[test]
     fn a_lost_acknowledged_append_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok)
-            .append("b", "2", 0, 10, Kind::Ok)
-            .finals("b", &["1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok).append("b", "2", 0, 10, Kind::Ok).finals("b", &["1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "lost-append", "{}", r.render());
     }
@@ -984,9 +838,16 @@ mod tests {
     #[test]
     fn an_append_lost_on_one_node_only_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok)
-            .read_full("b", &["1"], 100, 101, 0, true, "quorum", None)
-            .read_full("b", &[], 100, 101, 1, true, "quorum", None);
+        h.append("b", "1", 0, 10, Kind::Ok).read_full("b", &["1"], 100, 101, 0, true, "quorum", None).read_full(
+            "b",
+            &[],
+            100,
+            101,
+            1,
+            true,
+            "quorum",
+            None,
+        );
         let r = h.check();
         assert!(kinds(&r).contains(&"lost-append"), "{}", r.render());
     }
@@ -994,9 +855,7 @@ mod tests {
     #[test]
     fn a_duplicate_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok)
-            .append("b", "2", 0, 10, Kind::Ok)
-            .finals("b", &["1", "2", "1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok).append("b", "2", 0, 10, Kind::Ok).finals("b", &["1", "2", "1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "duplicate", "{}", r.render());
     }
@@ -1004,8 +863,7 @@ mod tests {
     #[test]
     fn a_visible_failed_append_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Fail)
-            .finals("b", &["1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Fail).finals("b", &["1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "failed-append-visible", "{}", r.render());
     }
@@ -1013,8 +871,7 @@ mod tests {
     #[test]
     fn a_value_nobody_appended_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok)
-            .finals("b", &["1", "zz"], 100, 1);
+        h.append("b", "1", 0, 10, Kind::Ok).finals("b", &["1", "zz"], 100, 1);
         let r = h.check();
         assert_eq!(kinds(&r)[0], "unexpected-value", "{}", r.render());
     }
@@ -1022,10 +879,12 @@ mod tests {
     #[test]
     fn two_orders_are_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok)
-            .append("b", "2", 0, 10, Kind::Ok)
-            .read("b", &["2", "1"], 11, 12)
-            .finals("b", &["1", "2"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok).append("b", "2", 0, 10, Kind::Ok).read("b", &["2", "1"], 11, 12).finals(
+            "b",
+            &["1", "2"],
+            100,
+            2,
+        );
         let r = h.check();
         assert_eq!(kinds(&r)[0], "incompatible-order", "{}", r.render());
     }
@@ -1033,9 +892,7 @@ mod tests {
     #[test]
     fn a_stale_quorum_read_is_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok)
-            .read("b", &[], 11, 12)
-            .finals("b", &["1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok).read("b", &[], 11, 12).finals("b", &["1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r), vec!["stale-read"], "{}", r.render());
     }
@@ -1043,9 +900,12 @@ mod tests {
     #[test]
     fn a_stale_local_read_is_allowed() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok)
-            .read_full("b", &[], 11, 12, 0, false, "local", None)
-            .finals("b", &["1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok).read_full("b", &[], 11, 12, 0, false, "local", None).finals(
+            "b",
+            &["1"],
+            100,
+            2,
+        );
         assert!(h.check().valid());
     }
 
@@ -1065,9 +925,7 @@ mod tests {
     #[test]
     fn a_read_from_the_future_is_found() {
         let mut h = H::default();
-        h.read("b", &["1"], 0, 5)
-            .append("b", "1", 10, 20, Kind::Ok)
-            .finals("b", &["1"], 100, 2);
+        h.read("b", &["1"], 0, 5).append("b", "1", 10, 20, Kind::Ok).finals("b", &["1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r), vec!["future-read"], "{}", r.render());
     }
@@ -1075,9 +933,7 @@ mod tests {
     #[test]
     fn appends_out_of_real_time_order_are_found() {
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok)
-            .append("b", "2", 20, 30, Kind::Ok)
-            .finals("b", &["2", "1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok).append("b", "2", 20, 30, Kind::Ok).finals("b", &["2", "1"], 100, 2);
         let r = h.check();
         assert_eq!(kinds(&r), vec!["append-order"], "{}", r.render());
     }
@@ -1086,17 +942,15 @@ mod tests {
     fn appends_acknowledged_after_a_read_come_after_its_last_element() {
         // The read completed at 12 with ["1"]; "2" was invoked at 13, so it cannot be before "1".
         let mut h = H::default();
-        h.append("b", "1", 0, 10, Kind::Ok)
-            .read("b", &["1"], 11, 12)
-            .append("b", "2", 13, 20, Kind::Ok)
-            .finals("b", &["2", "1"], 100, 2);
+        h.append("b", "1", 0, 10, Kind::Ok).read("b", &["1"], 11, 12).append("b", "2", 13, 20, Kind::Ok).finals(
+            "b",
+            &["2", "1"],
+            100,
+            2,
+        );
         let r = h.check();
         assert!(!r.valid(), "{}", r.render());
-        assert!(
-            matches!(kinds(&r)[0], "incompatible-order" | "append-order"),
-            "{}",
-            r.render()
-        );
+        assert!(matches!(kinds(&r)[0], "incompatible-order" | "append-order"), "{}", r.render());
     }
 
     #[test]
@@ -1140,10 +994,8 @@ mod tests {
     #[test]
     fn nemesis_events_are_counted() {
         let mut h = valid_history();
-        h.events
-            .push(Event::new(Kind::Nemesis, 0, "nemesis", "kill"));
-        h.events
-            .push(Event::new(Kind::Nemesis, 0, "nemesis", "kill"));
+        h.events.push(Event::new(Kind::Nemesis, 0, "nemesis", "kill"));
+        h.events.push(Event::new(Kind::Nemesis, 0, "nemesis", "kill"));
         let r = h.check();
         assert_eq!(r.totals.nemesis.get("kill"), Some(&2));
     }

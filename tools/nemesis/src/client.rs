@@ -128,13 +128,7 @@ impl Invoker {
     }
 
     fn base_args(&self, peer: &str) -> Vec<String> {
-        vec![
-            "client".into(),
-            "--peer".into(),
-            peer.into(),
-            "--timeout-ms".into(),
-            self.client_timeout_ms.to_string(),
-        ]
+        vec!["client".into(), "--peer".into(), peer.into(), "--timeout-ms".into(), self.client_timeout_ms.to_string()]
     }
 
     /// `write --block B --update '[["entries",0,0,[value]]]'`.
@@ -145,51 +139,30 @@ impl Invoker {
 
     /// `write --block B --insert '{"header":{"id":B,"type":"log","collectionId":"n"},"entries":[]}'`.
     pub async fn create(&self, peer: &str, block: &str) -> Written {
-        let insert =
-            json!({"header": {"id": block, "type": "log", "collectionId": "n"}, "entries": []})
-                .to_string();
+        let insert = json!({"header": {"id": block, "type": "log", "collectionId": "n"}, "entries": []}).to_string();
         self.write(peer, block, "--insert", &insert).await
     }
 
     async fn write(&self, peer: &str, block: &str, flag: &str, arg: &str) -> Written {
         let mut args = self.base_args(peer);
-        args.extend([
-            "write".into(),
-            "--block".into(),
-            block.into(),
-            flag.into(),
-            arg.into(),
-        ]);
+        args.extend(["write".into(), "--block".into(), block.into(), flag.into(), arg.into()]);
         // Debug lines of the transaction loop name each failed attempt's reason.
         match self.run(&args, "warn,optimystic_node::txn=debug").await {
             Outcome::TimedOut => Written {
-                result: WriteResult::Info(format!(
-                    "timed out after {:?} (client killed)",
-                    self.op_timeout
-                )),
+                result: WriteResult::Info(format!("timed out after {:?} (client killed)", self.op_timeout)),
                 attempts: Vec::new(),
             },
-            Outcome::SpawnFailed(e) => Written {
-                result: WriteResult::Fail(format!("client not started: {e}")),
-                attempts: Vec::new(),
-            },
-            Outcome::Exited {
-                code: 0,
-                stdout,
-                stderr,
-            } => {
-                let rev = serde_json::from_str::<Value>(&stdout)
-                    .ok()
-                    .and_then(|v| v.get("rev").and_then(Value::as_u64));
-                Written {
-                    result: WriteResult::Ok(rev),
-                    attempts: attempt_reasons(&stderr),
-                }
+            Outcome::SpawnFailed(e) => {
+                Written { result: WriteResult::Fail(format!("client not started: {e}")), attempts: Vec::new() }
             }
-            Outcome::Exited { code, stderr, .. } => Written {
-                result: classify_write_failure(code, &stderr),
-                attempts: attempt_reasons(&stderr),
-            },
+            Outcome::Exited { code: 0, stdout, stderr } => {
+                let rev =
+                    serde_json::from_str::<Value>(&stdout).ok().and_then(|v| v.get("rev").and_then(Value::as_u64));
+                Written { result: WriteResult::Ok(rev), attempts: attempt_reasons(&stderr) }
+            }
+            Outcome::Exited { code, stderr, .. } => {
+                Written { result: classify_write_failure(code, &stderr), attempts: attempt_reasons(&stderr) }
+            }
         }
     }
 
@@ -199,21 +172,13 @@ impl Invoker {
         let gets = json!({"blockIds": blocks, "readMode": mode}).to_string();
         args.extend(["get".into(), "--json".into(), gets]);
         match self.run(&args, "error").await {
-            Outcome::TimedOut => Err(format!(
-                "timed out after {:?} (client killed)",
-                self.op_timeout
-            )),
+            Outcome::TimedOut => Err(format!("timed out after {:?} (client killed)", self.op_timeout)),
             Outcome::SpawnFailed(e) => Err(format!("client not started: {e}")),
             // Exit 3: some block does not exist there; the answer is on stdout all the same.
-            Outcome::Exited {
-                code: 0 | 3,
-                stdout,
-                ..
-            } => serde_json::from_str(&stdout)
-                .map_err(|e| format!("unreadable answer: {e}: {stdout}")),
-            Outcome::Exited { code, stderr, .. } => {
-                Err(format!("exit {code}: {}", last_error_line(&stderr)))
+            Outcome::Exited { code: 0 | 3, stdout, .. } => {
+                serde_json::from_str(&stdout).map_err(|e| format!("unreadable answer: {e}: {stdout}"))
             }
+            Outcome::Exited { code, stderr, .. } => Err(format!("exit {code}: {}", last_error_line(&stderr))),
         }
     }
 }
@@ -225,11 +190,7 @@ pub fn block_of(results: &Value, block: &str) -> (Option<Value>, Option<u64>) {
         return (None, None);
     };
     let entries = r.get("block").and_then(|b| b.get("entries")).cloned();
-    let rev = r
-        .get("state")
-        .and_then(|s| s.get("latest"))
-        .and_then(|l| l.get("rev"))
-        .and_then(Value::as_u64);
+    let rev = r.get("state").and_then(|s| s.get("latest")).and_then(|l| l.get("rev")).and_then(Value::as_u64);
     (entries, rev)
 }
 
@@ -249,12 +210,7 @@ pub fn attempt_reasons(stderr: &str) -> Vec<String> {
     stderr
         .lines()
         .filter(|l| l.contains("transaction attempt did not commit"))
-        .map(|l| {
-            l.split_once("reason=")
-                .map_or("", |(_, r)| r)
-                .trim()
-                .to_owned()
-        })
+        .map(|l| l.split_once("reason=").map_or("", |(_, r)| r).trim().to_owned())
         .collect()
 }
 
@@ -263,16 +219,8 @@ pub fn attempt_reasons(stderr: &str) -> Vec<String> {
 /// 4, "outcome unknown", a signal) may have committed.
 pub fn classify_write_failure(code: i32, stderr: &str) -> WriteResult {
     let error = last_error_line(stderr);
-    let message = if error.is_empty() {
-        format!("exit {code}")
-    } else {
-        error
-    };
-    if code == 2 {
-        WriteResult::Fail(message)
-    } else {
-        WriteResult::Info(message)
-    }
+    let message = if error.is_empty() { format!("exit {code}") } else { error };
+    if code == 2 { WriteResult::Fail(message) } else { WriteResult::Info(message) }
 }
 
 #[cfg(test)]
@@ -282,10 +230,7 @@ mod tests {
 
     #[test]
     fn ansi_is_stripped() {
-        assert_eq!(
-            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m x"),
-            "time DEBUG x"
-        );
+        assert_eq!(strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m x"), "time DEBUG x");
     }
 
     #[test]
@@ -295,12 +240,12 @@ mod tests {
             WriteResult::Fail(_)
         ));
         assert!(matches!(
-            classify_write_failure(4, "error: outcome unknown: the commit of x at revision 3 was sent and not confirmed: unavailable\n"),
+            classify_write_failure(
+                4,
+                "error: outcome unknown: the commit of x at revision 3 was sent and not confirmed: unavailable\n"
+            ),
             WriteResult::Info(_)
         ));
-        assert!(matches!(
-            classify_write_failure(-1, ""),
-            WriteResult::Info(_)
-        ));
+        assert!(matches!(classify_write_failure(-1, ""), WriteResult::Info(_)));
     }
 }

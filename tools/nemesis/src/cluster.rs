@@ -109,13 +109,7 @@ pub fn closest(block: &str, peers: &[(usize, String)], n: usize) -> Vec<usize> {
 
 impl Cluster {
     /// A cluster with no nodes yet.
-    pub fn new(
-        bin: PathBuf,
-        out: PathBuf,
-        net: Option<Netns>,
-        res: Arc<Resources>,
-        cluster_size: usize,
-    ) -> Self {
+    pub fn new(bin: PathBuf, out: PathBuf, net: Option<Netns>, res: Arc<Resources>, cluster_size: usize) -> Self {
         Self {
             bin,
             out,
@@ -130,23 +124,15 @@ impl Cluster {
 
     /// Slots of nodes that have not left.
     pub fn live(&self) -> Vec<usize> {
-        self.nodes
-            .iter()
-            .filter(|n| n.state != NodeState::Gone)
-            .map(|n| n.slot)
-            .collect()
+        self.nodes.iter().filter(|n| n.state != NodeState::Gone).map(|n| n.slot).collect()
     }
 
     fn node(&self, slot: usize) -> anyhow::Result<&Node> {
-        self.nodes
-            .get(slot)
-            .ok_or_else(|| anyhow!("no node {slot}"))
+        self.nodes.get(slot).ok_or_else(|| anyhow!("no node {slot}"))
     }
 
     fn node_mut(&mut self, slot: usize) -> anyhow::Result<&mut Node> {
-        self.nodes
-            .get_mut(slot)
-            .ok_or_else(|| anyhow!("no node {slot}"))
+        self.nodes.get_mut(slot).ok_or_else(|| anyhow!("no node {slot}"))
     }
 
     /// The multiaddr of a node that has started once.
@@ -186,11 +172,7 @@ impl Cluster {
                 let ip = Netns::node_ip(slot);
                 (ip.clone(), 4001, format!("{ip}:9464"))
             }
-            None => (
-                "127.0.0.1".to_owned(),
-                free_port()?,
-                format!("127.0.0.1:{}", free_port()?),
-            ),
+            None => ("127.0.0.1".to_owned(), free_port()?, format!("127.0.0.1:{}", free_port()?)),
         };
         let dir = self.out.join("nodes").join(format!("n{slot}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -280,9 +262,7 @@ impl Cluster {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
             .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting node {slot}"))?;
+        let mut child = cmd.spawn().with_context(|| format!("starting node {slot}"))?;
         let pid = child.id().and_then(|p| i32::try_from(p).ok());
         if let Some(pid) = pid {
             self.res.add_pid(pid);
@@ -305,17 +285,11 @@ impl Cluster {
                     if let Some(pid) = pid {
                         self.res.remove_pid(pid);
                     }
-                    bail!(
-                        "node {slot} exited before listening ({status:?}); see {}",
-                        log_path.display()
-                    );
+                    bail!("node {slot} exited before listening ({status:?}); see {}", log_path.display());
                 }
                 Err(_) => {
                     let _ = child.start_kill();
-                    bail!(
-                        "node {slot} printed no listening line within 60 s; see {}",
-                        log_path.display()
-                    );
+                    bail!("node {slot} printed no listening line within 60 s; see {}", log_path.display());
                 }
             }
         }
@@ -343,12 +317,8 @@ impl Cluster {
     }
 
     fn signal(&self, slot: usize, sig: Signal) -> anyhow::Result<()> {
-        let pid = self
-            .node(slot)?
-            .pid
-            .ok_or_else(|| anyhow!("node {slot} is not running"))?;
-        kill(Pid::from_raw(pid), sig)
-            .with_context(|| format!("sending {sig} to node {slot} (pid {pid})"))
+        let pid = self.node(slot)?.pid.ok_or_else(|| anyhow!("node {slot} is not running"))?;
+        kill(Pid::from_raw(pid), sig).with_context(|| format!("sending {sig} to node {slot} (pid {pid})"))
     }
 
     async fn reap(&mut self, slot: usize) -> anyhow::Result<()> {
@@ -429,9 +399,7 @@ impl Cluster {
 
     /// Cuts the network between every node of `a` and every node of `b` (both directions).
     pub fn partition(&mut self, a: &[usize], b: &[usize]) -> anyhow::Result<()> {
-        let Some(net) = &self.net else {
-            bail!("partitions need network namespaces")
-        };
+        let Some(net) = &self.net else { bail!("partitions need network namespaces") };
         for &x in a {
             for &y in b {
                 net.block(x, y)?;

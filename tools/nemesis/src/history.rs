@@ -128,18 +128,12 @@ impl Recorder {
     /// Creates (truncates) the history file.
     pub fn create(path: &Path, start: Instant) -> anyhow::Result<Self> {
         let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self {
-            inner: Arc::new(Mutex::new(RecorderInner { file, next_id: 1 })),
-            start,
-        })
+        Ok(Self { inner: Arc::new(Mutex::new(RecorderInner { file, next_id: 1 })), start })
     }
 
     /// A fresh operation id.
     pub fn next_id(&self) -> u64 {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let id = inner.next_id;
         inner.next_id += 1;
         id
@@ -152,15 +146,11 @@ impl Recorder {
 
     /// Stamps and writes one event; returns it as written.
     pub fn record(&self, mut event: Event) -> Event {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Stamped under the lock, so the file is in monotonic order.
         event.mono_ns = self.mono_ns();
-        event.wall_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        event.wall_ms =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
         if let Ok(line) = serde_json::to_string(&event) {
             let _ = writeln!(inner.file, "{line}");
             let _ = inner.file.flush();

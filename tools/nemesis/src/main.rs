@@ -11,11 +11,7 @@ use optimystic_nemesis::run::{Fault, RunOptions};
 use optimystic_nemesis::{checker, history, run};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "optimystic-nemesis",
-    version,
-    about = "Nemesis soak harness and history checker for optimystic"
-)]
+#[command(name = "optimystic-nemesis", version, about = "Nemesis soak harness and history checker for optimystic")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -24,16 +20,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Start a cluster in network namespaces, run the list-append workload under faults, check it.
-    #[command(
-        after_help = "Examples:\n  optimystic-nemesis run --seconds 120 --seed 7\n  \
+    #[command(after_help = "Examples:\n  optimystic-nemesis run --seconds 120 --seed 7\n  \
         optimystic-nemesis run --faults kill --seconds 600 --bin target/release/optimystic\n\n\
-        Exit status: 0 valid history, 1 violations found, 2 the harness failed, 130 interrupted."
-    )]
+        Exit status: 0 valid history, 1 violations found, 2 the harness failed, 130 interrupted.")]
     Run(RunArgs),
     /// Check a history file; prints totals and the first violation. Exit 1 on a violation.
-    #[command(
-        after_help = "Example:\n  optimystic-nemesis check /tmp/optimystic-nemesis-7-1234/history.jsonl"
-    )]
+    #[command(after_help = "Example:\n  optimystic-nemesis check /tmp/optimystic-nemesis-7-1234/history.jsonl")]
     Check {
         /// The history (JSON lines).
         file: PathBuf,
@@ -73,11 +65,7 @@ struct RunArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Faults to inject, comma-separated.
-    #[arg(
-        long,
-        default_value = "kill,pause,isolate,split,churn",
-        value_delimiter = ','
-    )]
+    #[arg(long, default_value = "kill,pause,isolate,split,churn", value_delimiter = ',')]
     faults: Vec<String>,
     /// The optimystic binary (default: target/debug/optimystic next to this binary).
     #[arg(long)]
@@ -123,11 +111,7 @@ fn main() -> ExitCode {
                 let mut report = checker::check(&events);
                 report.tolerate(&allow);
                 print!("{}", report.render());
-                if report.valid() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                }
+                if report.valid() { ExitCode::SUCCESS } else { ExitCode::from(1) }
             }
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -193,10 +177,7 @@ fn run_command(args: RunArgs) -> ExitCode {
     let res = Arc::new(Resources::default());
     // Drops (and so cleans up) on every way out of this function, panics included.
     let guard = Guard(res.clone());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -205,10 +186,7 @@ fn run_command(args: RunArgs) -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return Err(anyhow::anyhow!("cannot install the signal handlers"));
         };
         tokio::select! {
@@ -240,31 +218,19 @@ fn run_command(args: RunArgs) -> ExitCode {
             };
             let mut report = checker::check(&events);
             report.tolerate(&allow);
-            let faults: Vec<String> = summary
-                .faults
-                .iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect();
+            let faults: Vec<String> = summary.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
             let mut text = format!(
                 "seed: {}\nnamespaces: {}\nfaults injected: {}\nreplicas converged before the final reads: {}\n",
                 summary.seed,
                 summary.netns,
-                if faults.is_empty() {
-                    "none".into()
-                } else {
-                    faults.join(" ")
-                },
+                if faults.is_empty() { "none".into() } else { faults.join(" ") },
                 summary.converged
             );
             text.push_str(&report.render());
             print!("{text}");
             let _ = std::fs::write(summary.out.join("check.txt"), &text);
             println!("history: {}", summary.history.display());
-            if report.valid() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
+            if report.valid() { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
     }
 }

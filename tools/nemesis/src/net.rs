@@ -32,9 +32,7 @@ struct ResInner {
 
 impl Resources {
     fn lock(&self) -> std::sync::MutexGuard<'_, ResInner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Remembers a child process.
@@ -66,10 +64,7 @@ impl Resources {
                 return;
             }
             inner.cleaned = true;
-            (
-                std::mem::take(&mut inner.pids),
-                std::mem::take(&mut inner.namespaces),
-            )
+            (std::mem::take(&mut inner.pids), std::mem::take(&mut inner.namespaces))
         };
         for pid in &pids {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
@@ -98,11 +93,7 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
         .output()
         .with_context(|| format!("running ip {}", args.join(" ")))?;
     if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -120,10 +111,8 @@ fn ip_output(args: &[&str]) -> String {
 /// there) and deletes it; true when it is gone.
 pub fn delete_namespace(ns: &str) -> bool {
     for _ in 0..3 {
-        let pids: Vec<i32> = ip_output(&["netns", "pids", ns])
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
+        let pids: Vec<i32> =
+            ip_output(&["netns", "pids", ns]).split_whitespace().filter_map(|p| p.parse().ok()).collect();
         if pids.is_empty() {
             break;
         }
@@ -143,14 +132,9 @@ pub fn stale_namespaces(all: bool) -> Vec<String> {
         .filter(|n| n.starts_with(NS_PREFIX))
         .filter(|n| {
             all || {
-                let pid: String = n
-                    .trim_start_matches(NS_PREFIX)
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
+                let pid: String = n.trim_start_matches(NS_PREFIX).chars().take_while(char::is_ascii_digit).collect();
                 // Only "no such process" proves the harness gone (EPERM means it runs as another user).
-                pid.parse::<i32>()
-                    .is_ok_and(|p| kill(Pid::from_raw(p), None) == Err(nix::errno::Errno::ESRCH))
+                pid.parse::<i32>().is_ok_and(|p| kill(Pid::from_raw(p), None) == Err(nix::errno::Errno::ESRCH))
             }
         })
         .map(str::to_owned)
@@ -176,15 +160,7 @@ impl Netns {
         let hub = net.hub.as_str();
         ip(&["-n", hub, "link", "set", "lo", "up"])?;
         ip(&["-n", hub, "link", "add", "br0", "type", "bridge"])?;
-        ip(&[
-            "-n",
-            hub,
-            "addr",
-            "add",
-            &format!("{SUBNET}.1/24"),
-            "dev",
-            "br0",
-        ])?;
+        ip(&["-n", hub, "addr", "add", &format!("{SUBNET}.1/24"), "dev", "br0"])?;
         ip(&["-n", hub, "link", "set", "br0", "up"])?;
         Ok(net)
     }
@@ -214,21 +190,10 @@ impl Netns {
         ip(&["netns", "add", &ns])?;
         self.res.add_ns(&ns);
         let veth = format!("v{slot}");
-        ip(&[
-            "-n", &self.hub, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
-            &ns,
-        ])?;
+        ip(&["-n", &self.hub, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
         ip(&["-n", &self.hub, "link", "set", &veth, "master", "br0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/24", Self::node_ip(slot)),
-            "dev",
-            "eth0",
-        ])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{}/24", Self::node_ip(slot)), "dev", "eth0"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -242,25 +207,11 @@ impl Netns {
 
     /// Drops every packet from node `from` to node `to` (a blackhole route in `from`'s namespace).
     pub fn block(&self, from: usize, to: usize) -> anyhow::Result<()> {
-        ip(&[
-            "-n",
-            &self.node_ns(from),
-            "route",
-            "add",
-            "blackhole",
-            &format!("{}/32", Self::node_ip(to)),
-        ])
+        ip(&["-n", &self.node_ns(from), "route", "add", "blackhole", &format!("{}/32", Self::node_ip(to))])
     }
 
     /// Removes every blackhole route of node `slot`.
     pub fn heal(&self, slot: usize) -> anyhow::Result<()> {
-        ip(&[
-            "-n",
-            &self.node_ns(slot),
-            "route",
-            "flush",
-            "type",
-            "blackhole",
-        ])
+        ip(&["-n", &self.node_ns(slot), "route", "flush", "type", "blackhole"])
     }
 }

@@ -123,15 +123,10 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<Str
     let mut stream = TcpStream::connect_timeout(&sock, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
-    Ok(text
-        .split_once("\r\n\r\n")
-        .map_or(text.clone(), |(_, body)| body.to_owned()))
+    Ok(text.split_once("\r\n\r\n").map_or(text.clone(), |(_, body)| body.to_owned()))
 }
 
 fn log(start: Instant, msg: &str) {
@@ -167,26 +162,18 @@ impl Ctx {
                     .stdin(std::process::Stdio::null())
                     .kill_on_drop(true)
                     .output();
-                let out = tokio::time::timeout(Duration::from_secs(5), out)
-                    .await
-                    .ok()?
-                    .ok()?;
+                let out = tokio::time::timeout(Duration::from_secs(5), out).await.ok()?.ok()?;
                 String::from_utf8_lossy(&out.stdout).into_owned()
             }
             None => {
                 let addr = metrics_addr.to_owned();
-                tokio::task::spawn_blocking(move || {
-                    http_get(&addr, "/metrics", Duration::from_secs(3))
-                })
-                .await
-                .ok()?
-                .ok()?
+                tokio::task::spawn_blocking(move || http_get(&addr, "/metrics", Duration::from_secs(3)))
+                    .await
+                    .ok()?
+                    .ok()?
             }
         };
-        body.lines().find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
+        body.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
     }
 
     /// A read of `blocks` through `addr`, recorded as one read operation per block.
@@ -236,12 +223,8 @@ async fn client_loop(ctx: Arc<Ctx>, id: usize, targets: Targets, stop: Arc<Atomi
     let process = format!("c{id}");
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
-        let target = targets
-            .read()
-            .ok()
-            .and_then(|t| t.choose(&mut rng).cloned());
-        let (Some((slot, addr)), Some(block)) = (target, ctx.blocks.choose(&mut rng).cloned())
-        else {
+        let target = targets.read().ok().and_then(|t| t.choose(&mut rng).cloned());
+        let (Some((slot, addr)), Some(block)) = (target, ctx.blocks.choose(&mut rng).cloned()) else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
@@ -281,11 +264,7 @@ async fn client_loop(ctx: Arc<Ctx>, id: usize, targets: Targets, stop: Arc<Atomi
             e.node = Some(slot);
             e.mode = Some("quorum".into());
             let mut c = ctx.rec.record(e);
-            match ctx
-                .inv
-                .get(&addr, std::slice::from_ref(&block), "quorum")
-                .await
-            {
+            match ctx.inv.get(&addr, std::slice::from_ref(&block), "quorum").await {
                 Ok(v) => {
                     let (entries, rev) = block_of(&v, &block);
                     c.kind = Kind::Ok;
@@ -304,15 +283,7 @@ async fn client_loop(ctx: Arc<Ctx>, id: usize, targets: Targets, stop: Arc<Atomi
 
 impl Ctx {
     /// A read of one block, recorded.
-    async fn read_one(
-        &self,
-        process: &str,
-        slot: usize,
-        addr: &str,
-        block: &str,
-        mode: &str,
-        is_final: bool,
-    ) -> bool {
+    async fn read_one(&self, process: &str, slot: usize, addr: &str, block: &str, mode: &str, is_final: bool) -> bool {
         let id = self.rec.next_id();
         let mut e = Event::new(Kind::Invoke, id, process, "read");
         e.block = Some(block.to_owned());
@@ -348,10 +319,7 @@ async fn sweep(ctx: &Arc<Ctx>, cluster: &Cluster, process: &str, mode: &str) -> 
         let ctx = ctx.clone();
         let process = process.to_owned();
         let mode = mode.to_owned();
-        set.spawn(async move {
-            ctx.read_blocks(&process, slot, &addr, &mode, false, None)
-                .await
-        });
+        set.spawn(async move { ctx.read_blocks(&process, slot, &addr, &mode, false, None).await });
     }
     let mut ok = 0;
     while let Some(r) = set.join_next().await {
@@ -376,9 +344,7 @@ async fn converged(ctx: &Arc<Ctx>, cluster: &Cluster) -> bool {
     }
     ctx.blocks.iter().all(|b| {
         let members = cluster.members(b);
-        let mut views = members
-            .iter()
-            .map(|m| states.get(m).map(|v| block_of(v, b)));
+        let mut views = members.iter().map(|m| states.get(m).map(|v| block_of(v, b)));
         let Some(Some(first)) = views.next() else {
             return false;
         };
@@ -387,29 +353,19 @@ async fn converged(ctx: &Arc<Ctx>, cluster: &Cluster) -> bool {
 }
 
 fn pick(rng: &mut StdRng, live: &[usize]) -> anyhow::Result<usize> {
-    live.choose(rng)
-        .copied()
-        .ok_or_else(|| anyhow!("no live node"))
+    live.choose(rng).copied().ok_or_else(|| anyhow!("no live node"))
 }
 
 /// One fault, then heal it. Every random draw happens before anything is applied, in a fixed
 /// order, so a seed replays the same schedule.
-async fn inject(
-    ctx: &Arc<Ctx>,
-    cluster: &mut Cluster,
-    rng: &mut StdRng,
-    fault: Fault,
-) -> anyhow::Result<()> {
+async fn inject(ctx: &Arc<Ctx>, cluster: &mut Cluster, rng: &mut StdRng, fault: Fault) -> anyhow::Result<()> {
     let live = cluster.live();
     let start = ctx.start;
     match fault {
         Fault::Kill => {
             let t = pick(rng, &live)?;
             let down = Duration::from_millis(rng.gen_range(200..=3_000));
-            log(
-                start,
-                &format!("kill node {t} (down {:.1} s)", down.as_secs_f64()),
-            );
+            log(start, &format!("kill node {t} (down {:.1} s)", down.as_secs_f64()));
             ctx.nemesis("kill", Some(t), json!({"down_ms": down.as_millis() as u64}));
             cluster.kill(t).await?;
             tokio::time::sleep(down).await;
@@ -419,15 +375,8 @@ async fn inject(
         Fault::Pause => {
             let t = pick(rng, &live)?;
             let hold = Duration::from_millis(rng.gen_range(1_000..=8_000));
-            log(
-                start,
-                &format!("pause node {t} ({:.1} s)", hold.as_secs_f64()),
-            );
-            ctx.nemesis(
-                "pause",
-                Some(t),
-                json!({"hold_ms": hold.as_millis() as u64}),
-            );
+            log(start, &format!("pause node {t} ({:.1} s)", hold.as_secs_f64()));
+            ctx.nemesis("pause", Some(t), json!({"hold_ms": hold.as_millis() as u64}));
             cluster.pause(t)?;
             tokio::time::sleep(hold).await;
             cluster.resume(t)?;
@@ -437,15 +386,8 @@ async fn inject(
             let t = pick(rng, &live)?;
             let hold = Duration::from_millis(rng.gen_range(3_000..=12_000));
             let others: Vec<usize> = live.iter().copied().filter(|s| *s != t).collect();
-            log(
-                start,
-                &format!("isolate node {t} ({:.1} s)", hold.as_secs_f64()),
-            );
-            ctx.nemesis(
-                "isolate",
-                Some(t),
-                json!({"hold_ms": hold.as_millis() as u64, "from": others}),
-            );
+            log(start, &format!("isolate node {t} ({:.1} s)", hold.as_secs_f64()));
+            ctx.nemesis("isolate", Some(t), json!({"hold_ms": hold.as_millis() as u64, "from": others}));
             cluster.partition(&[t], &others)?;
             tokio::time::sleep(hold).await;
             cluster.heal()?;
@@ -457,14 +399,12 @@ async fn inject(
             let hold = Duration::from_millis(rng.gen_range(3_000..=12_000));
             let minority_len = ((shuffled.len().saturating_sub(1)) / 2).max(1);
             let (minority, majority) = shuffled.split_at(minority_len.min(shuffled.len()));
-            log(
-                start,
-                &format!(
-                    "split {minority:?} | {majority:?} ({:.1} s)",
-                    hold.as_secs_f64()
-                ),
+            log(start, &format!("split {minority:?} | {majority:?} ({:.1} s)", hold.as_secs_f64()));
+            ctx.nemesis(
+                "split",
+                None,
+                json!({"hold_ms": hold.as_millis() as u64, "minority": minority, "majority": majority}),
             );
-            ctx.nemesis("split", None, json!({"hold_ms": hold.as_millis() as u64, "minority": minority, "majority": majority}));
             cluster.partition(minority, majority)?;
             tokio::time::sleep(hold).await;
             cluster.heal()?;
@@ -473,13 +413,7 @@ async fn inject(
         Fault::Churn => {
             let t = pick(rng, &live)?;
             let pause = Duration::from_millis(rng.gen_range(500..=3_000));
-            log(
-                start,
-                &format!(
-                    "node {t} leaves for good; a new node joins {:.1} s later",
-                    pause.as_secs_f64()
-                ),
-            );
+            log(start, &format!("node {t} leaves for good; a new node joins {:.1} s later", pause.as_secs_f64()));
             ctx.nemesis("leave", Some(t), json!({}));
             cluster.leave(t).await?;
             tokio::time::sleep(pause).await;
@@ -515,10 +449,7 @@ async fn wait_connected(ctx: &Arc<Ctx>, cluster: &Cluster, want: usize, timeout:
             let Some(node) = cluster.nodes.get(slot) else {
                 continue;
             };
-            let n = ctx
-                .metric(&node.metrics, "optimystic_connected_peers")
-                .await
-                .unwrap_or(0.0);
+            let n = ctx.metric(&node.metrics, "optimystic_connected_peers").await.unwrap_or(0.0);
             if n < want as f64 {
                 all = false;
                 break;
@@ -540,9 +471,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
     let seed = opts.seed.unwrap_or_else(rand::random);
     let out = match &opts.out {
         Some(dir) => dir.clone(),
-        None => {
-            std::env::temp_dir().join(format!("optimystic-nemesis-{seed}-{}", std::process::id()))
-        }
+        None => std::env::temp_dir().join(format!("optimystic-nemesis-{seed}-{}", std::process::id())),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     eprintln!("optimystic-nemesis: seed {seed} (replay the schedule with --seed {seed})");
@@ -558,9 +487,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
     }
 
     let net = if opts.no_netns {
-        eprintln!(
-            "optimystic-nemesis: --no-netns: nodes on 127.0.0.1, kill, pause and churn faults only"
-        );
+        eprintln!("optimystic-nemesis: --no-netns: nodes on 127.0.0.1, kill, pause and churn faults only");
         None
     } else {
         match Netns::create(res.clone()) {
@@ -577,16 +504,9 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
     let netns = net.is_some();
     let mut faults = opts.faults.clone();
     if !netns {
-        let dropped: Vec<&str> = faults
-            .iter()
-            .filter(|f| f.needs_netns())
-            .map(|f| f.name())
-            .collect();
+        let dropped: Vec<&str> = faults.iter().filter(|f| f.needs_netns()).map(|f| f.name()).collect();
         if !dropped.is_empty() {
-            eprintln!(
-                "optimystic-nemesis: without namespaces, dropping faults: {}",
-                dropped.join(", ")
-            );
+            eprintln!("optimystic-nemesis: without namespaces, dropping faults: {}", dropped.join(", "));
         }
         faults.retain(|f| !f.needs_netns());
     }
@@ -609,44 +529,22 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
         client_timeout_ms: opts.client_timeout_ms,
     };
     let blocks: Vec<String> = (0..opts.blocks).map(|i| format!("b{i}")).collect();
-    let ctx = Arc::new(Ctx {
-        inv,
-        rec,
-        blocks,
-        start,
-        self_exe: std::env::current_exe()?,
-        hub,
-    });
+    let ctx = Arc::new(Ctx { inv, rec, blocks, start, self_exe: std::env::current_exe()?, hub });
 
     // Nodes: the first alone, then the others bootstrapping from those already up.
-    let mut cluster = Cluster::new(
-        opts.bin.clone(),
-        out.clone(),
-        net,
-        res.clone(),
-        opts.cluster_size,
-    );
+    let mut cluster = Cluster::new(opts.bin.clone(), out.clone(), net, res.clone(), opts.cluster_size);
     for _ in 0..opts.nodes {
         let slot = cluster.add_node()?;
         cluster.start(slot).await?;
-        log(
-            start,
-            &format!("node {slot} up: {}", cluster.addr(slot).unwrap_or_default()),
-        );
+        log(start, &format!("node {slot} up: {}", cluster.addr(slot).unwrap_or_default()));
     }
-    let want = (opts.nodes - 1)
-        .min(opts.cluster_size.saturating_sub(1))
-        .max(usize::from(opts.nodes > 1));
+    let want = (opts.nodes - 1).min(opts.cluster_size.saturating_sub(1)).max(usize::from(opts.nodes > 1));
     if !wait_connected(&ctx, &cluster, want, Duration::from_secs(30)).await {
-        eprintln!(
-            "optimystic-nemesis: warning: not every node reports {want} connected peers after 30 s; going on"
-        );
+        eprintln!("optimystic-nemesis: warning: not every node reports {want} connected peers after 30 s; going on");
     }
 
     // Blocks, created through node 0 until acknowledged.
-    let first = cluster
-        .addr(0)
-        .ok_or_else(|| anyhow!("node 0 has no address"))?;
+    let first = cluster.addr(0).ok_or_else(|| anyhow!("node 0 has no address"))?;
     for b in ctx.blocks.clone() {
         let mut created = false;
         for _ in 0..20 {
@@ -662,11 +560,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
                     c.rev = *rev;
                 }
                 WriteResult::Fail(err) | WriteResult::Info(err) => {
-                    c.kind = if matches!(r, WriteResult::Fail(_)) {
-                        Kind::Fail
-                    } else {
-                        Kind::Info
-                    };
+                    c.kind = if matches!(r, WriteResult::Fail(_)) { Kind::Fail } else { Kind::Info };
                     c.error = Some(err.clone());
                 }
             }
@@ -676,10 +570,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
                 break;
             }
             // An earlier unknown attempt may have created it.
-            if let Ok(v) = ctx
-                .inv
-                .get(&first, std::slice::from_ref(&b), "quorum")
-                .await
+            if let Ok(v) = ctx.inv.get(&first, std::slice::from_ref(&b), "quorum").await
                 && block_of(&v, &b).0.is_some()
             {
                 created = true;
@@ -705,13 +596,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = tokio::task::JoinSet::new();
     for id in 0..opts.clients {
-        clients.spawn(client_loop(
-            ctx.clone(),
-            id,
-            cluster.targets.clone(),
-            stop.clone(),
-            seed,
-        ));
+        clients.spawn(client_loop(ctx.clone(), id, cluster.targets.clone(), stop.clone(), seed));
     }
 
     // Nemesis.
@@ -720,9 +605,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
     let deadline = Instant::now() + Duration::from_secs(opts.seconds);
     let outcome: anyhow::Result<()> = async {
         loop {
-            let gap = Duration::from_millis(
-                rng.gen_range(opts.gap_min_ms..=opts.gap_max_ms.max(opts.gap_min_ms)),
-            );
+            let gap = Duration::from_millis(rng.gen_range(opts.gap_min_ms..=opts.gap_max_ms.max(opts.gap_min_ms)));
             let left = deadline.saturating_duration_since(Instant::now());
             tokio::time::sleep(gap.min(left)).await;
             if Instant::now() >= deadline {
@@ -738,22 +621,13 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
                 log(start, &format!("restarted {restarted:?}"));
             }
             let answered = sweep(&ctx, &cluster, "sweep", "quorum").await;
-            log(
-                start,
-                &format!(
-                    "sweep: {answered} of {} nodes answered",
-                    cluster.live().len()
-                ),
-            );
+            log(start, &format!("sweep: {answered} of {} nodes answered", cluster.live().len()));
         }
         Ok(())
     }
     .await;
     stop.store(true, Ordering::SeqCst);
-    log(
-        start,
-        "fault phase over; waiting for the clients' last operations",
-    );
+    log(start, "fault phase over; waiting for the clients' last operations");
     while clients.join_next().await.is_some() {}
     outcome?;
 
@@ -776,11 +650,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
         start,
         &format!(
             "replicas {} after {rounds} settle rounds",
-            if is_converged {
-                "converged"
-            } else {
-                "did NOT converge"
-            }
+            if is_converged { "converged" } else { "did NOT converge" }
         ),
     );
     for slot in cluster.live() {
@@ -794,9 +664,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
             }
             // Failed attempts are not recorded: they are retried, then block by block.
             if ctx.inv.get(&addr, &ctx.blocks, "quorum").await.is_ok() {
-                done = ctx
-                    .read_blocks("final", slot, &addr, "quorum", true, None)
-                    .await;
+                done = ctx.read_blocks("final", slot, &addr, "quorum", true, None).await;
                 break;
             }
         }
@@ -811,13 +679,9 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
         let Some(addr) = cluster.addr(slot) else {
             continue;
         };
-        let members: BTreeMap<String, bool> = ctx
-            .blocks
-            .iter()
-            .map(|b| (b.clone(), cluster.members(b).contains(&slot)))
-            .collect();
-        ctx.read_blocks("final", slot, &addr, "local", true, Some(&members))
-            .await;
+        let members: BTreeMap<String, bool> =
+            ctx.blocks.iter().map(|b| (b.clone(), cluster.members(b).contains(&slot))).collect();
+        ctx.read_blocks("final", slot, &addr, "local", true, Some(&members)).await;
     }
     let mut memberships = serde_json::Map::new();
     for b in &ctx.blocks {
@@ -826,25 +690,13 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
     ctx.nemesis("final-members", None, Value::Object(memberships));
     let killed = cluster.stop_all(Duration::from_secs(20)).await;
     if !killed.is_empty() {
-        eprintln!(
-            "optimystic-nemesis: warning: nodes {killed:?} did not stop within 20 s of SIGTERM and were killed"
-        );
+        eprintln!("optimystic-nemesis: warning: nodes {killed:?} did not stop within 20 s of SIGTERM and were killed");
     }
     log(start, "nodes stopped");
-    Ok(RunSummary {
-        seed,
-        out,
-        history,
-        netns,
-        faults: counts,
-        converged: is_converged,
-    })
+    Ok(RunSummary { seed, out, history, netns, faults: counts, converged: is_converged })
 }
 
 /// Removes namespaces (and the processes in them) left by runs whose harness is gone.
 pub fn cleanup_stale(all: bool) -> usize {
-    crate::net::stale_namespaces(all)
-        .iter()
-        .filter(|ns| crate::net::delete_namespace(ns))
-        .count()
+    crate::net::stale_namespaces(all).iter().filter(|ns| crate::net::delete_namespace(ns)).count()
 }

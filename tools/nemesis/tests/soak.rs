@@ -19,18 +19,11 @@ use std::process::Command;
 fn optimystic_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("OPTIMYSTIC_BIN") {
         let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "OPTIMYSTIC_BIN={} is not a file",
-            path.display()
-        );
+        assert!(path.is_file(), "OPTIMYSTIC_BIN={} is not a file", path.display());
         return path;
     }
     let exe = std::env::current_exe().expect("the test executable's path");
-    let mut dir = exe
-        .parent()
-        .expect("the test executable's directory")
-        .to_path_buf();
+    let mut dir = exe.parent().expect("the test executable's directory").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -51,38 +44,15 @@ fn a_short_nemesis_pass_finds_no_violation() {
     let seconds = std::env::var("NEMESIS_SECONDS").unwrap_or_else(|_| "60".into());
     let out = std::env::temp_dir().join(format!("optimystic-nemesis-soak-{}", std::process::id()));
     let status = Command::new(env!("CARGO_BIN_EXE_optimystic-nemesis"))
-        .args([
-            "run",
-            "--nodes",
-            "5",
-            "--cluster-size",
-            "3",
-            "--blocks",
-            "3",
-            "--clients",
-            "4",
-        ])
+        .args(["run", "--nodes", "5", "--cluster-size", "3", "--blocks", "3", "--clients", "4"])
         .args(["--seconds", &seconds, "--seed", &seed])
         .args(["--faults", "kill,pause,isolate,split,churn"])
-        .args([
-            "--gap-min-ms",
-            "3000",
-            "--gap-max-ms",
-            "7000",
-            "--settle-secs",
-            "45",
-            "--op-timeout-ms",
-            "12000",
-        ])
+        .args(["--gap-min-ms", "3000", "--gap-max-ms", "7000", "--settle-secs", "45", "--op-timeout-ms", "12000"])
         .arg("--bin")
         .arg(&bin)
         .arg("--out")
         .arg(&out)
-        .args(
-            std::env::var("NEMESIS_ALLOW")
-                .map(|a| vec!["--allow".to_owned(), a])
-                .unwrap_or_default(),
-        )
+        .args(std::env::var("NEMESIS_ALLOW").map(|a| vec!["--allow".to_owned(), a]).unwrap_or_default())
         .status()
         .expect("running optimystic-nemesis");
     match status.code() {
@@ -93,9 +63,6 @@ fn a_short_nemesis_pass_finds_no_violation() {
             "the checker found a violation (seed {seed}); history, check.txt and node logs kept in {}",
             out.display()
         ),
-        other => panic!(
-            "the harness failed ({other:?}, seed {seed}); output kept in {}",
-            out.display()
-        ),
+        other => panic!("the harness failed ({other:?}, seed {seed}); output kept in {}", out.display()),
     }
 }

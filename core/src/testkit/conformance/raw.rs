@@ -317,13 +317,18 @@ pub async fn raw_meta_batch_applies_in_order(fixture: Fixture) {
     raw.put_meta("keep", b"k").await.expect("put");
     let put = |k: &str, v: &[u8]| MetaWrite::Put(k.to_owned(), v.to_vec());
     let delete = |k: &str| MetaWrite::Delete(k.to_owned());
-    let batch = [put("a", b"1"), put("b", b"2"), delete("a"), delete("never"), put("c", b"3"), put("b", b"22"), put("a", b"")];
+    let batch =
+        [put("a", b"1"), put("b", b"2"), delete("a"), delete("never"), put("c", b"3"), put("b", b"22"), put("a", b"")];
     for _ in 0..2 {
         raw.write_meta(&batch).await.expect("batch");
         assert_eq!(raw.get_meta("a").await.expect("get"), Some(Vec::new()), "the last write of a key wins");
         assert_eq!(raw.get_meta("b").await.expect("get"), Some(b"22".to_vec()));
         assert_eq!(raw.get_meta("c").await.expect("get"), Some(b"3".to_vec()));
-        assert_eq!(raw.get_meta("keep").await.expect("get"), Some(b"k".to_vec()), "keys outside the batch are untouched");
+        assert_eq!(
+            raw.get_meta("keep").await.expect("get"),
+            Some(b"k".to_vec()),
+            "keys outside the batch are untouched"
+        );
     }
     raw.write_meta(&[delete("a"), delete("b"), delete("c")]).await.expect("deletes");
     let left: Vec<String> = raw.list_meta("", 10).await.expect("list").into_iter().map(|(k, _)| k).collect();

@@ -13,10 +13,7 @@ pub struct ArcList<T> {
 
 impl<T> ArcList<T> {
     pub fn new() -> ArcList<T> {
-        ArcList {
-            list: AtomicPtr::new(Node::EMPTY),
-            _marker: marker::PhantomData,
-        }
+        ArcList { list: AtomicPtr::new(Node::EMPTY), _marker: marker::PhantomData }
     }
 
     /// Pushes the `data` provided onto this list if it's not already enqueued
@@ -58,27 +55,18 @@ impl<T> ArcList<T> {
             if list == Node::SEALED {
                 break;
             }
-            match self
-                .list
-                .compare_exchange(list, Node::EMPTY, SeqCst, SeqCst)
-            {
+            match self.list.compare_exchange(list, Node::EMPTY, SeqCst, SeqCst) {
                 Ok(_) => break,
                 Err(l) => list = l,
             }
         }
-        ArcList {
-            list: AtomicPtr::new(list),
-            _marker: marker::PhantomData,
-        }
+        ArcList { list: AtomicPtr::new(list), _marker: marker::PhantomData }
     }
 
     /// Atomically empties this list and prevents further successful calls to
     /// `push`.
     pub fn take_and_seal(&self) -> ArcList<T> {
-        ArcList {
-            list: AtomicPtr::new(self.list.swap(Node::SEALED, SeqCst)),
-            _marker: marker::PhantomData,
-        }
+        ArcList { list: AtomicPtr::new(self.list.swap(Node::SEALED, SeqCst)), _marker: marker::PhantomData }
     }
 
     /// Removes the head of the list of nodes, returning `None` if this is an
@@ -117,11 +105,7 @@ impl<T> Node<T> {
     const SEALED: *mut Node<T> = std::ptr::null_mut::<Node<T>>().wrapping_add(1);
 
     pub fn new(data: T) -> Node<T> {
-        Node {
-            next: AtomicPtr::new(Node::EMPTY),
-            enqueued: AtomicBool::new(false),
-            data,
-        }
+        Node { next: AtomicPtr::new(Node::EMPTY), enqueued: AtomicBool::new(false), data }
     }
 }
 

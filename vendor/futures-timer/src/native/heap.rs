@@ -32,11 +32,7 @@ pub struct Slot {
 
 impl<T: Ord> Heap<T> {
     pub fn new() -> Heap<T> {
-        Heap {
-            items: Vec::new(),
-            index: Vec::new(),
-            next_index: 0,
-        }
+        Heap { items: Vec::new(), index: Vec::new(), next_index: 0 }
     }
 
     /// Pushes an element onto this heap, returning a slot token indicating
@@ -74,17 +70,13 @@ impl<T: Ord> Heap<T> {
         if self.items.is_empty() {
             return None;
         }
-        let slot = Slot {
-            idx: self.items[0].1,
-        };
+        let slot = Slot { idx: self.items[0].1 };
         Some(self.remove(slot))
     }
 
     pub fn remove(&mut self, slot: Slot) -> T {
         self.assert_consistent();
-        let empty = SlabSlot::Empty {
-            next: self.next_index,
-        };
+        let empty = SlabSlot::Empty { next: self.next_index };
         let idx = match mem::replace(&mut self.index[slot.idx], empty) {
             SlabSlot::Full { value } => value,
             SlabSlot::Empty { .. } => panic!(),
@@ -147,11 +139,7 @@ impl<T: Ord> Heap<T> {
                 (None, Some(_right)) => panic!("not possible"),
             }
 
-            let (a, b) = if swap_left {
-                self.items.split_at_mut(left)
-            } else {
-                self.items.split_at_mut(right)
-            };
+            let (a, b) = if swap_left { self.items.split_at_mut(left) } else { self.items.split_at_mut(right) };
             mem::swap(&mut a[idx], &mut b[0]);
             set_index(&mut self.index, a[idx].1, idx);
             set_index(&mut self.index, b[0].1, a.len());
@@ -184,10 +172,7 @@ impl<T: Ord> Heap<T> {
                 SlabSlot::Empty { .. } => panic!(),
             };
             if index != i {
-                panic!(
-                    "self.index[j] != i : i={} j={} self.index[j]={}",
-                    i, j, index
-                );
+                panic!("self.index[j] != i : i={} j={} self.index[j]={}", i, j, index);
             }
         }
 

@@ -71,20 +71,12 @@ pub(crate) struct ScheduledTimer {
 impl Timer {
     /// Creates a new timer heap ready to create new timers.
     pub fn new() -> Timer {
-        Timer {
-            inner: Arc::new(Inner {
-                list: ArcList::new(),
-                waker: AtomicWaker::new(),
-            }),
-            timer_heap: Heap::new(),
-        }
+        Timer { inner: Arc::new(Inner { list: ArcList::new(), waker: AtomicWaker::new() }), timer_heap: Heap::new() }
     }
 
     /// Returns a handle to this timer heap, used to create new timeouts.
     pub fn handle(&self) -> TimerHandle {
-        TimerHandle {
-            inner: Arc::downgrade(&self.inner),
-        }
+        TimerHandle { inner: Arc::downgrade(&self.inner) }
     }
 
     /// Returns the time at which this timer next needs to be invoked with
@@ -121,11 +113,7 @@ impl Timer {
             let heap_timer = self.timer_heap.pop().unwrap();
             *heap_timer.node.slot.lock().unwrap() = None;
             let bits = heap_timer.gen << 2;
-            match heap_timer
-                .node
-                .state
-                .compare_exchange(bits, bits | 0b01, SeqCst, SeqCst)
-            {
+            match heap_timer.node.state.compare_exchange(bits, bits | 0b01, SeqCst, SeqCst) {
                 Ok(_) => heap_timer.node.waker.wake(),
                 Err(_b) => {}
             }
@@ -143,11 +131,7 @@ impl Timer {
         if let Some(heap_slot) = slot.take() {
             self.timer_heap.remove(heap_slot);
         }
-        *slot = Some(self.timer_heap.push(HeapTimer {
-            at,
-            gen,
-            node: node.clone(),
-        }));
+        *slot = Some(self.timer_heap.push(HeapTimer { at, gen, node: node.clone() }));
     }
 
     fn remove(&mut self, node: Arc<Node<ScheduledTimer>>) {
@@ -313,8 +297,6 @@ impl Default for TimerHandle {
 
 impl fmt::Debug for TimerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> Result<(), fmt::Error> {
-        f.debug_struct("TimerHandle")
-            .field("inner", &"...")
-            .finish()
+        f.debug_struct("TimerHandle").field("inner", &"...").finish()
     }
 }
