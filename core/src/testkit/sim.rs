@@ -863,7 +863,10 @@ impl Flight {
                 }
             },
             Err(_) => {
-                return Some(Err(NetworkError::Stream { peer, reason: "connection closed: the node went down".into() }));
+                return Some(Err(NetworkError::Stream {
+                    peer,
+                    reason: "connection closed: the node went down".into(),
+                }));
             }
         };
         let envelope = Envelope {
