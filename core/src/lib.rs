@@ -24,8 +24,6 @@ pub mod registry;
 pub mod repo;
 pub mod storage;
 pub mod sync;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 pub mod time;
 pub mod wire;
 

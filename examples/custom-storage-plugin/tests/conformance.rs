@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-use optimystic_core::testkit::conformance::Fixture;
-use optimystic_core::testkit::kv::KvFixture;
 use optimystic_example_custom_storage::{WalKv, WalStorage};
+use optimystic_testkit::conformance::Fixture;
+use optimystic_testkit::kv::KvFixture;
 
 fn open() -> (WalKv, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary directory: {e}"));
@@ -18,7 +18,7 @@ fn open() -> (WalKv, tempfile::TempDir) {
     (store, dir)
 }
 
-optimystic_core::storage_conformance!(|| async {
+optimystic_testkit::storage_conformance!(|| async {
     let (store, dir) = open();
     Fixture::with_guard(Arc::new(WalStorage::over(store)), dir)
 });
@@ -26,7 +26,7 @@ optimystic_core::storage_conformance!(|| async {
 mod kv {
     use super::*;
 
-    optimystic_core::kv_store_conformance!(|| {
+    optimystic_testkit::kv_store_conformance!(|| {
         let (store, dir) = open();
         KvFixture::with_guard(store, dir)
     });

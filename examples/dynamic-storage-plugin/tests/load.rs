@@ -58,9 +58,9 @@ fn trx_id(id: &str) -> TrxId {
 }
 
 mod conformance {
-    use optimystic_core::testkit::conformance::Fixture;
+    use optimystic_testkit::conformance::Fixture;
 
-    optimystic_core::storage_conformance!(|| async {
+    optimystic_testkit::storage_conformance!(|| async {
         Fixture::new(super::open(serde_json::json!({"kind": "dyn-memory"})).expect("the example plugin opens"))
     });
 }

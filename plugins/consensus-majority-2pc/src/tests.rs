@@ -14,10 +14,10 @@ use optimystic_core::keynet::{ClusterPeers, PeerInfo};
 use optimystic_core::model::{CommitRequest, CommitResult, PendPolicy, PendRequest, PendResult};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
 use optimystic_core::registry::{PluginContext, Registry};
-use optimystic_core::testkit::sim::{Envelope, SimConfig, SimNet, Verdict};
 use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
 use optimystic_core::{Block, BlockId, ErrorCode, RawStorage, StorageError, Transforms, TrxId};
 use optimystic_storage_memory::MemoryStorage;
+use optimystic_testkit::sim::{Envelope, SimConfig, SimNet, Verdict};
 use serde_json::{Value, json};
 
 use super::*;
@@ -680,7 +680,7 @@ struct CannedSync {
     page: Value,
 }
 
-impl optimystic_core::testkit::sim::SimHandler for CannedSync {
+impl optimystic_testkit::sim::SimHandler for CannedSync {
     fn handle(
         &self,
         _from: PeerId,
@@ -785,7 +785,7 @@ fn trio(config: MajorityConfig, sim_config: SimConfig) -> Trio {
             behind: None,
         };
         let consensus = Arc::new(MajorityConsensus::new(config.clone(), deps).unwrap());
-        let handler = optimystic_core::testkit::sim::NodeHandler::new(consensus.clone(), local.clone());
+        let handler = optimystic_testkit::sim::NodeHandler::new(consensus.clone(), local.clone());
         sim.register(me, Arc::new(handler));
         peers.insert(me, PeerInfo::default());
         nodes.push((consensus, local));
@@ -798,12 +798,12 @@ fn trio(config: MajorityConfig, sim_config: SimConfig) -> Trio {
             && let Some(record) =
                 e.body.get("record").or(Some(e.body)).and_then(|r| ClusterRecord::from_value(r.clone()).ok())
         {
-            if e.direction == optimystic_core::testkit::sim::Direction::Request && record.promises.is_empty() {
+            if e.direction == optimystic_testkit::sim::Direction::Request && record.promises.is_empty() {
                 let mut seen = seen.lock().unwrap();
                 if seen.iter().all(|r| r.message_hash != record.message_hash) {
                     seen.push(record);
                 }
-            } else if e.direction == optimystic_core::testkit::sim::Direction::Response && record.commits.is_empty() {
+            } else if e.direction == optimystic_testkit::sim::Direction::Response && record.commits.is_empty() {
                 answered.lock().unwrap().push(record);
             }
         }

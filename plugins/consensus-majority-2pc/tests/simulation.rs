@@ -1,7 +1,7 @@
 //! Fault simulations of the majority two-phase commit, each checking SPEC section 5 with the
-//! history checker of `optimystic_core::testkit::history`.
+//! history checker of `optimystic_testkit::history`.
 //!
-//! Every scenario runs on the simulated network of `optimystic_core::testkit::sim`, on a
+//! Every scenario runs on the simulated network of `optimystic_testkit::sim`, on a
 //! current-thread tokio runtime with paused time (timeouts cost no wall time), once per seed.
 //! Each simulated node is composed as the real node composes itself: the consensus reports the
 //! blocks it is behind on to a catch-up sink (`SimCatchUp`: verified catch-up, then
@@ -50,16 +50,14 @@ use optimystic_core::reads::{ClusterReads, ReadMode};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
 use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform};
 use optimystic_core::sync::SyncServer;
-use optimystic_core::testkit::history::{ClientOp, History, NodeSnapshot, ReadRecord, check_evidence, snapshot};
-use optimystic_core::testkit::sim::{
-    Direction, Envelope, NodeHandler, SimCatchUp, SimConfig, SimHandler, SimNet, Verdict,
-};
 use optimystic_core::wire::{RepoMessage, RepoOperation};
 use optimystic_core::{
     Block, BlockId, ErrorCode, MessageOptions, RawStorage, ReadPromotion, Repo, RepoError, StorageError, StorageRepo,
     Transform, Transforms, TrxId, TrxRev,
 };
 use optimystic_storage_memory::MemoryStorage;
+use optimystic_testkit::history::{ClientOp, History, NodeSnapshot, ReadRecord, check_evidence, snapshot};
+use optimystic_testkit::sim::{Direction, Envelope, NodeHandler, SimCatchUp, SimConfig, SimHandler, SimNet, Verdict};
 use rand::Rng;
 use serde_json::{Value, json};
 use tokio::time::Instant;

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use optimystic_core::testkit::conformance::Fixture;
 use optimystic_storage_file::FileStorage;
+use optimystic_testkit::conformance::Fixture;
 
-optimystic_core::storage_conformance!(|| async {
+optimystic_testkit::storage_conformance!(|| async {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary directory: {e}"));
     let storage = FileStorage::open(dir.path()).unwrap_or_else(|e| panic!("opening the file store: {e}"));
     Fixture { storage: Arc::new(storage), guard: Box::new(dir) }

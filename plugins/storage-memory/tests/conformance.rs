@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use optimystic_core::testkit::conformance::Fixture;
 use optimystic_storage_memory::MemoryStorage;
+use optimystic_testkit::conformance::Fixture;
 
-optimystic_core::storage_conformance!(|| async {
+optimystic_testkit::storage_conformance!(|| async {
     Fixture { storage: Arc::new(MemoryStorage::new()), guard: Box::new(()) }
 });

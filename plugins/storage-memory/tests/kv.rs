@@ -1,6 +1,6 @@
 //! The `KvStore` contract tests over [`MemoryKv`].
 
-use optimystic_core::testkit::kv::KvFixture;
 use optimystic_storage_memory::MemoryKv;
+use optimystic_testkit::kv::KvFixture;
 
-optimystic_core::kv_store_conformance!(|| KvFixture::new(MemoryKv::new()));
+optimystic_testkit::kv_store_conformance!(|| KvFixture::new(MemoryKv::new()));

@@ -45,14 +45,14 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
-use crate::consensus::{BehindSink, Clock, Consensus};
-use crate::error::RepoError;
-use crate::keynet::KeyNetwork;
-use crate::model::BlockId;
-use crate::network::{NetworkError, PeerNetwork, ProtocolKind};
-use crate::repo::StorageRepo;
-use crate::sync::{CatchUp, SyncServer};
-use crate::wire::ErrorEnvelope;
+use optimystic_core::consensus::{BehindSink, Clock, Consensus};
+use optimystic_core::error::RepoError;
+use optimystic_core::keynet::KeyNetwork;
+use optimystic_core::model::BlockId;
+use optimystic_core::network::{NetworkError, PeerNetwork, ProtocolKind};
+use optimystic_core::repo::StorageRepo;
+use optimystic_core::sync::{CatchUp, SyncServer};
+use optimystic_core::wire::ErrorEnvelope;
 
 /// The default simulated epoch: 2096-10-02, far in the future, so that code reading the real
 /// clock by mistake never sees a simulated record as expired (it would see it as far from expiry).

@@ -9,10 +9,10 @@ use serde_json::json;
 
 use super::Fixture;
 use super::support::{Harness, Tx, bid, set, splice};
-use crate::error::StorageError;
-use crate::model::{Block, BlockId, Transform, Transforms, TrxId, TrxRev};
-use crate::repo::{CHECKPOINT_INTERVAL, StorageRepo};
-use crate::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
+use optimystic_core::error::StorageError;
+use optimystic_core::model::{Block, BlockId, Transform, Transforms, TrxId, TrxRev};
+use optimystic_core::repo::{CHECKPOINT_INTERVAL, StorageRepo};
+use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
 
 /// A [`RawStorage`] that counts the committed transforms read (the transforms a read replays).
 #[derive(Debug)]

@@ -12,9 +12,9 @@ use tokio::sync::Notify;
 
 use super::support::{Harness, Tx, bid, check_block_invariants, opts, set, splice, tid};
 use super::{CONCURRENT_TASKS, DEFAULT_OPS_PER_TASK, Fixture, OPS_ENV, SEED_ENV};
-use crate::error::RepoError;
-use crate::model::{BlockGets, BlockOperation, CommitResult, PendPolicy, PendResult, TrxContext, TrxRev};
-use crate::repo::Repo;
+use optimystic_core::error::RepoError;
+use optimystic_core::model::{BlockGets, BlockOperation, CommitResult, PendPolicy, PendResult, TrxContext, TrxRev};
+use optimystic_core::repo::Repo;
 
 const BLOCKS: [&str; 4] = ["c0", "c1", "c2", "c3"];
 

@@ -3,9 +3,9 @@
 //! ```text
 //! // tests/conformance.rs of a storage plugin
 //! use std::sync::Arc;
-//! use optimystic_core::testkit::conformance::Fixture;
+//! use optimystic_testkit::conformance::Fixture;
 //!
-//! optimystic_core::storage_conformance!(|| async {
+//! optimystic_testkit::storage_conformance!(|| async {
 //!     let dir = tempfile::tempdir().expect("temp dir");
 //!     let storage = MyStorage::open(dir.path()).await.expect("open");
 //!     Fixture { storage: Arc::new(storage), guard: Box::new(dir) }
@@ -29,7 +29,7 @@
 //! - `OPTIMYSTIC_CONFORMANCE_OPS` — operations per task in the concurrency rule (default 50;
 //!   lower it for slow durable engines, raise it for a soak run).
 //!
-//! [`StorageRepo`]: crate::repo::StorageRepo
+//! [`StorageRepo`]: optimystic_core::repo::StorageRepo
 
 // The suite is test code shipped in the library: a failed check must panic (that is how a test
 // fails), and its inputs are fixed values written in this module, not untrusted data.
@@ -40,7 +40,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::storage::RawStorage;
+use optimystic_core::storage::RawStorage;
 
 mod commit;
 mod concurrency;
@@ -124,7 +124,7 @@ where
 /// typically `|| async { Fixture { storage: Arc::new(MyStorage::new()), guard: Box::new(()) } }`.
 /// It is called once per test and must return an empty store each time.
 ///
-/// See [`testkit::conformance`](crate::testkit::conformance) for the rules and the environment
+/// See [`testkit::conformance`](crate::conformance) for the rules and the environment
 /// variables they read.
 #[macro_export]
 macro_rules! storage_conformance {
@@ -198,10 +198,10 @@ macro_rules! __storage_conformance_tests {
         $(
             #[test]
             fn $rule() {
-                $crate::testkit::conformance::run(
+                $crate::conformance::run(
                     ::core::stringify!($rule),
                     $factory,
-                    $crate::testkit::conformance::$rule,
+                    $crate::conformance::$rule,
                 );
             }
         )*

@@ -6,8 +6,8 @@ use super::Fixture;
 use super::support::{
     Harness, Tx, assert_invalid, base_fields, bid, block, describe, missing_of, refs, set, splice, tid, with_base_block,
 };
-use crate::error::{RepoError, TransformError};
-use crate::model::{BlockOperation, PendPolicy, Transforms, TrxContext, TrxId};
+use optimystic_core::error::{RepoError, TransformError};
+use optimystic_core::model::{BlockOperation, PendPolicy, Transforms, TrxContext, TrxId};
 
 /// Pends `transforms` as a fresh trx and expects `InvalidTransform` on `block` with `source`,
 /// leaving the store unchanged.

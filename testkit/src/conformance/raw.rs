@@ -4,9 +4,9 @@ use serde_json::{Value, json};
 
 use super::Fixture;
 use super::support::{Harness, Tx, bid, block, set, splice, tid};
-use crate::error::StorageError;
-use crate::model::{Block, BlockId, Transform, TrxId, TrxRev};
-use crate::storage::{BlockCommit, CommittedTransform, MetaWrite, RawStorage};
+use optimystic_core::error::StorageError;
+use optimystic_core::model::{Block, BlockId, Transform, TrxId, TrxRev};
+use optimystic_core::storage::{BlockCommit, CommittedTransform, MetaWrite, RawStorage};
 
 fn insert_of(block: &Block) -> Transform {
     Transform { insert: Some(block.clone()), ..Transform::default() }
@@ -349,7 +349,7 @@ pub async fn raw_block_ids_pagination(fixture: Fixture) {
                 &format!("p{i}"),
                 None,
                 Tx::new().insert(&id, json!({})).build(),
-                crate::model::PendPolicy::Continue,
+                optimystic_core::model::PendPolicy::Continue,
             )
             .await;
         } else {
@@ -358,7 +358,8 @@ pub async fn raw_block_ids_pagination(fixture: Fixture) {
         expected.push(bid(&id));
     }
     // A block whose only pending was cancelled is not listed.
-    h.pend_ok("gone", None, Tx::new().insert("b99", json!({})).build(), crate::model::PendPolicy::Continue).await;
+    h.pend_ok("gone", None, Tx::new().insert("b99", json!({})).build(), optimystic_core::model::PendPolicy::Continue)
+        .await;
     h.cancel("gone", &["b99"]).await;
     expected.sort();
 
@@ -431,7 +432,7 @@ pub async fn raw_ids_are_opaque(fixture: Fixture) {
             &format!("p-{}-{i}", short(id)),
             None,
             Tx::new().update(id, vec![set("i", json!(-1))]).build(),
-            crate::model::PendPolicy::Continue,
+            optimystic_core::model::PendPolicy::Continue,
         )
         .await;
     }
@@ -468,7 +469,7 @@ pub async fn raw_values_round_trip(fixture: Fixture) {
     value.header.extra.insert("zExtra".into(), json!({"kept": [1, "two"]}));
     value.header.extra.insert("aExtra".into(), Value::Null);
     let transforms = Tx::new().insert_block("v", value.clone()).build();
-    h.pend_ok("t1", None, transforms.clone(), crate::model::PendPolicy::Continue).await;
+    h.pend_ok("t1", None, transforms.clone(), optimystic_core::model::PendPolicy::Continue).await;
     let v = bid("v");
     let pending = raw.pending(&v, &tid("t1")).await.expect("pending").expect("t1 pending");
     let inserted = pending.insert.as_ref().expect("insert kept");
@@ -501,7 +502,7 @@ pub async fn raw_values_round_trip(fixture: Fixture) {
 /// `stats`, when the engine reports it, counts exactly the blocks `block_ids` lists (blocks with
 /// a commit or a pending, not those whose only pending was cancelled).
 pub async fn raw_stats_count_blocks(fixture: Fixture) {
-    async fn count(h: &Harness) -> (u64, Option<crate::storage::StorageStats>) {
+    async fn count(h: &Harness) -> (u64, Option<optimystic_core::storage::StorageStats>) {
         let listed = h.raw().block_ids(None, usize::MAX).await.expect("block_ids").len() as u64;
         (listed, h.raw().stats().await.expect("stats"))
     }
@@ -512,8 +513,8 @@ pub async fn raw_stats_count_blocks(fixture: Fixture) {
         assert_eq!(stats.blocks, 0, "an empty store has no blocks");
     }
     h.apply("t1", 1, Tx::new().insert("a", json!({})).insert("b", json!({})).build()).await;
-    h.pend_ok("t2", None, Tx::new().insert("c", json!({})).build(), crate::model::PendPolicy::Continue).await;
-    h.pend_ok("t3", None, Tx::new().insert("d", json!({})).build(), crate::model::PendPolicy::Continue).await;
+    h.pend_ok("t2", None, Tx::new().insert("c", json!({})).build(), optimystic_core::model::PendPolicy::Continue).await;
+    h.pend_ok("t3", None, Tx::new().insert("d", json!({})).build(), optimystic_core::model::PendPolicy::Continue).await;
     h.cancel("t3", &["d"]).await;
     h.raw().put_meta("not-a-block", b"x").await.expect("put_meta");
     let (listed, stats) = count(&h).await;

@@ -8,14 +8,14 @@ use std::sync::Mutex;
 use serde_json::{Value, json};
 
 use super::Fixture;
-use crate::error::{RepoError, TransformError};
-use crate::model::{
+use optimystic_core::error::{RepoError, TransformError};
+use optimystic_core::model::{
     Block, BlockGetResult, BlockGets, BlockId, BlockOperation, BlockTrxRef, CommitRequest, CommitResult,
     GetBlockResults, PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms, TrxBlocks,
     TrxContext, TrxId, TrxRev, TrxTransforms,
 };
-use crate::repo::{MessageOptions, Repo, StorageRepo};
-use crate::storage::{BlockValue, CommittedTransform, RawStorage};
+use optimystic_core::repo::{MessageOptions, Repo, StorageRepo};
+use optimystic_core::storage::{BlockValue, CommittedTransform, RawStorage};
 
 /// A block id from a literal.
 pub(crate) fn bid(id: &str) -> BlockId {

@@ -9,9 +9,9 @@ use super::Fixture;
 use super::support::{
     Harness, Tx, assert_invalid, bid, block, describe, missing_of, set, splice, tid, with_base_block,
 };
-use crate::error::{RepoError, TransformError};
-use crate::model::{CommitResult, PendPolicy, TrxRev};
-use crate::storage::CommittedTransform;
+use optimystic_core::error::{RepoError, TransformError};
+use optimystic_core::model::{CommitResult, PendPolicy, TrxRev};
+use optimystic_core::storage::CommittedTransform;
 
 /// How long a group of concurrent commits may take before the rule calls it a deadlock.
 const DEADLOCK_TIMEOUT: Duration = Duration::from_secs(120);
@@ -435,8 +435,8 @@ pub async fn commit_keeps_invariants(fixture: Fixture) {
         let rev = revs.iter().max().copied().unwrap_or(0) + 1;
         let aligned = revs.iter().all(|r| *r + 1 == rev);
         match h.pend(&trx, Some(rev), transforms, PendPolicy::Continue).await {
-            Ok(crate::model::PendResult::Success(_)) => {}
-            Ok(crate::model::PendResult::Stale(_)) => {
+            Ok(optimystic_core::model::PendResult::Success(_)) => {}
+            Ok(optimystic_core::model::PendResult::Stale(_)) => {
                 h.check_invariants(&ids, &format!("after stale pend {trx}")).await;
                 continue;
             }

@@ -31,9 +31,9 @@ use std::sync::Mutex;
 
 use libp2p_identity::PeerId;
 
-use crate::error::{ErrorCode, RepoError, StorageError};
-use crate::model::{BlockId, CommitResult, PendResult, Transform, TrxId, TrxRev};
-use crate::storage::{BlockValue, CommittedTransform, RawStorage};
+use optimystic_core::error::{ErrorCode, RepoError, StorageError};
+use optimystic_core::model::{BlockId, CommitResult, PendResult, Transform, TrxId, TrxRev};
+use optimystic_core::storage::{BlockValue, CommittedTransform, RawStorage};
 
 /// Index of an operation in a [`History`].
 pub type OpId = usize;
@@ -333,13 +333,13 @@ pub enum Violation {
 
 /// Checks the evidence `local` (the storage of `peer`) keeps for every committed revision of
 /// `block_ids` against `cluster`, the blocks' cluster: each kept evidence must prove its revision
-/// ([`crate::evidence::verify`]: both records verify and are decided by a majority of the
+/// ([`optimystic_core::evidence::verify`]: both records verify and are decided by a majority of the
 /// cluster, and name this revision's transaction and transform, alone or among the operations of
 /// a batched record). A revision without evidence (applied by quorum agreement, or written
 /// outside a cluster) is not a violation.
 pub async fn check_evidence(
     peer: PeerId,
-    local: &crate::repo::StorageRepo,
+    local: &optimystic_core::repo::StorageRepo,
     block_ids: &[BlockId],
     cluster: &[PeerId],
 ) -> Result<Vec<Violation>, RepoError> {
@@ -350,7 +350,7 @@ pub async fn check_evidence(
             let detail = match local.storage().committed(block_id, &entry.trx_id).await? {
                 None => Some("no committed transform".to_owned()),
                 Some(committed) => {
-                    crate::evidence::verify(Some(&evidence), block_id, &entry, &committed.transform, cluster)
+                    optimystic_core::evidence::verify(Some(&evidence), block_id, &entry, &committed.transform, cluster)
                         .err()
                         .map(|e| e.to_string())
                 }
@@ -854,7 +854,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::model::{Block, BlockOperation};
+    use optimystic_core::model::{Block, BlockOperation};
 
     fn b(s: &str) -> BlockId {
         BlockId::new(s).unwrap()
@@ -1080,10 +1080,14 @@ mod tests {
                 &self,
                 _: &BlockId,
                 _: &TrxId,
-            ) -> Result<Option<crate::storage::CommittedTransform>, StorageError> {
+            ) -> Result<Option<optimystic_core::storage::CommittedTransform>, StorageError> {
                 Ok(None)
             }
-            async fn pending(&self, _: &BlockId, _: &TrxId) -> Result<Option<crate::model::Transform>, StorageError> {
+            async fn pending(
+                &self,
+                _: &BlockId,
+                _: &TrxId,
+            ) -> Result<Option<optimystic_core::model::Transform>, StorageError> {
                 Ok(None)
             }
             async fn pending_trx_ids(&self, _: &BlockId) -> Result<Vec<TrxId>, StorageError> {
@@ -1093,7 +1097,7 @@ mod tests {
                 &self,
                 _: &BlockId,
                 _: &TrxId,
-                _: &crate::model::Transform,
+                _: &optimystic_core::model::Transform,
             ) -> Result<(), StorageError> {
                 Ok(())
             }
@@ -1104,10 +1108,14 @@ mod tests {
                 &self,
                 _: &BlockId,
                 _: u64,
-            ) -> Result<Option<crate::storage::BlockValue>, StorageError> {
+            ) -> Result<Option<optimystic_core::storage::BlockValue>, StorageError> {
                 Ok(None)
             }
-            async fn commit_block(&self, _: &BlockId, _: &crate::storage::BlockCommit) -> Result<(), StorageError> {
+            async fn commit_block(
+                &self,
+                _: &BlockId,
+                _: &optimystic_core::storage::BlockCommit,
+            ) -> Result<(), StorageError> {
                 Ok(())
             }
             async fn get_meta(&self, _: &str) -> Result<Option<Vec<u8>>, StorageError> {

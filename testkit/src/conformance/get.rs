@@ -4,8 +4,8 @@ use serde_json::json;
 
 use super::Fixture;
 use super::support::{Harness, Tx, bid, block, describe, set, splice, tid};
-use crate::error::RepoError;
-use crate::model::{PendPolicy, TrxContext, TrxId, TrxRev};
+use optimystic_core::error::RepoError;
+use optimystic_core::model::{PendPolicy, TrxContext, TrxId, TrxRev};
 
 fn context(rev: u64, committed: &[(&str, u64)], trx: Option<&str>) -> Option<TrxContext> {
     Some(TrxContext {

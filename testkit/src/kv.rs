@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! // tests/kv.rs of a store crate
-//! optimystic_core::kv_store_conformance!(|| {
+//! optimystic_testkit::kv_store_conformance!(|| {
 //!     let dir = tempfile::tempdir().expect("temp dir");
 //!     KvFixture::with_guard(MyStore::open(dir.path()).expect("open"), dir)
 //! });
@@ -11,7 +11,7 @@
 //! The macro expands to one `#[test]` per rule below, named after it. A rule gets a fresh, empty,
 //! open store and panics with a message naming what failed. The block-level contract over the
 //! same store is checked by running [`storage_conformance!`](crate::storage_conformance) on a
-//! [`KvBlockStorage`](crate::kv::KvBlockStorage) over it.
+//! [`KvBlockStorage`](optimystic_core::kv::KvBlockStorage) over it.
 
 // Test code shipped in the library: a failed check must panic (that is how a test fails).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
@@ -20,8 +20,8 @@ use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::error::StorageError;
-use crate::kv::{KvEntry, KvStore, KvWrite, MAX_KEY_BYTES};
+use optimystic_core::error::StorageError;
+use optimystic_core::kv::{KvEntry, KvStore, KvWrite, MAX_KEY_BYTES};
 
 /// Batches the writer of [`kv_batches_are_never_seen_in_part`] writes.
 pub const ATOMICITY_BATCHES: u64 = 200;
@@ -75,7 +75,7 @@ macro_rules! __kv_store_conformance_tests {
         $(
             #[test]
             fn $rule() {
-                $crate::testkit::kv::$rule(($factory)());
+                $crate::kv::$rule(($factory)());
             }
         )*
     };
