@@ -4,6 +4,8 @@
 //! This crate has no libp2p swarm, no tokio runtime and no storage engine: plugins implement its
 //! traits and the node crate composes them. See `ARCHITECTURE.md` at the workspace root.
 
+#![forbid(unsafe_code)]
+
 pub mod apply;
 pub mod canon;
 pub mod check;
@@ -11,7 +13,6 @@ pub mod client;
 pub mod consensus;
 pub mod coordinator;
 pub mod crypto;
-pub mod dynamic;
 pub mod error;
 pub mod evidence;
 pub mod keynet;
@@ -26,6 +27,9 @@ pub mod storage;
 pub mod sync;
 pub mod time;
 pub mod wire;
+
+/// The version of this crate (the dynamic plugin ABI requires a plugin built against the same).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub use check::{BatchFailure, Check, RejectCategory, RejectReason};
 pub use error::{ErrorCode, RepoError, StorageError, TransformError};

@@ -6,7 +6,7 @@
 //! 1. sets `crate-type = ["cdylib"]` (this one adds `"rlib"` so its tests can name its types);
 //! 2. implements [`RawStorage`] for its engine, which runs without a tokio runtime (the node calls
 //!    it from a blocking thread through `futures::executor::block_on`);
-//! 3. exports it once with [`optimystic_core::export_storage_plugin!`], giving an `open` function
+//! 3. exports it once with [`optimystic_plugin_abi::export_storage_plugin!`], giving an `open` function
 //!    that reads the plugin's configuration section.
 //!
 //! It must be built by the same rustc and against the same optimystic-core version as the node;
@@ -20,9 +20,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use optimystic_core::dynamic::DynamicContext;
 use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
 use optimystic_core::{BlockId, StorageError, Transform, TrxId, TrxRev};
+use optimystic_plugin_abi::DynamicContext;
 use optimystic_storage_memory::MemoryStorage;
 use serde_json::Value;
 
@@ -201,7 +201,7 @@ pub fn open(_cx: &DynamicContext, config: &Value) -> Result<Arc<dyn RawStorage>,
     Ok(Arc::new(storage))
 }
 
-optimystic_core::export_storage_plugin! {
+optimystic_plugin_abi::export_storage_plugin! {
     name: NAME,
     description: "example dynamic plugin: blocks in memory, lost when the process ends",
     open: open,

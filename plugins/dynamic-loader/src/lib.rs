@@ -1,7 +1,7 @@
 //! Loads dynamic plugin libraries (`[plugins] load = ["path/to/libx.so"]`) into a [`Registry`].
 //!
 //! A plugin library exports the C entry point [`ENTRY_SYMBOL`] defined by
-//! [`optimystic_core::dynamic`] (plugin authors use `optimystic_core::export_storage_plugin!`).
+//! [`optimystic_plugin_abi`] (plugin authors use `optimystic_plugin_abi::export_storage_plugin!`).
 //! Loading checks, in order, that the file exists, that it is a loadable library, that it exports
 //! the entry point, and that its entry table has this node's ABI version, optimystic-core version
 //! and rustc version, the storage kind and a usable name; each failure is a
@@ -16,15 +16,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use libloading::Library;
-use optimystic_core::dynamic::{ENTRY_SYMBOL, EntryFn, StorageLibrary};
 use optimystic_core::registry::{Builder, PluginEntry, PluginError, Registry};
 use optimystic_core::storage::RawStorage;
+use optimystic_plugin_abi::{ENTRY_SYMBOL, EntryFn, StorageLibrary};
 
 /// Loads one plugin library and describes the plugin it exports, with `origin` set to `path`.
 ///
 /// Errors, each a [`PluginError::Dynamic`] naming `path`: the file does not exist or cannot be
 /// read, it is not a loadable library, it does not export [`ENTRY_SYMBOL`], or its entry table is
-/// refused by [`optimystic_core::dynamic::check_table`] (ABI, core or rustc version mismatch,
+/// refused by [`optimystic_plugin_abi::check_table`] (ABI, core or rustc version mismatch,
 /// unsupported kind, invalid name). The library stays loaded for the rest of the process, even on
 /// error.
 pub fn load_plugin(path: &Path) -> Result<PluginEntry, PluginError> {
@@ -94,7 +94,9 @@ fn entry_table(library: &'static Library) -> Result<StorageLibrary, String> {
     // SAFETY: a plugin's `ENTRY_SYMBOL` is an `EntryFn` (the ABI contract); a library exporting
     // that name with another type breaks the contract it claims by exporting it.
     let entry = unsafe { library.get::<EntryFn>(ENTRY_SYMBOL) }.map_err(|e| {
-        format!("it does not export {ENTRY_SYMBOL} ({e}); is it built with optimystic_core::export_storage_plugin!?")
+        format!(
+            "it does not export {ENTRY_SYMBOL} ({e}); is it built with optimystic_plugin_abi::export_storage_plugin!?"
+        )
     })?;
     let entry: EntryFn = *entry;
     // SAFETY: an `EntryFn` has no precondition and only returns the address of a static table.

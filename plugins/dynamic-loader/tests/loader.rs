@@ -1,18 +1,18 @@
 //! The loader's refusals (missing file, not a library, no entry point, version mismatches) and the
-//! JSON protocol of `optimystic_core::dynamic`. Loading a real plugin is tested by
+//! JSON protocol of `optimystic_plugin_abi`. Loading a real plugin is tested by
 //! `examples/dynamic-storage-plugin`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 
-use optimystic_core::dynamic::{
-    ABI_VERSION, AbiError, CORE_VERSION, KIND_STORAGE, MetaBytes, RUSTC_VERSION, StorageCall, TableInfo,
-    WireBlockCommit, WireStorageError, WireValue, check_table,
-};
 use optimystic_core::registry::{PluginError, Registry};
 use optimystic_core::{Block, BlockId, StorageError, Transform, TrxId};
 use optimystic_dynamic_loader::{load_all, load_plugin};
+use optimystic_plugin_abi::{
+    ABI_VERSION, AbiError, CORE_VERSION, KIND_STORAGE, MetaBytes, RUSTC_VERSION, StorageCall, TableInfo,
+    WireBlockCommit, WireStorageError, WireValue, check_table,
+};
 use serde_json::json;
 
 fn good_table() -> TableInfo {

@@ -8,7 +8,7 @@
 //! strings and opaque handles. Requests and replies are JSON documents ([`StorageCall`] and
 //! friends).
 //!
-//! Only storage plugins ([`KIND_STORAGE`], a [`RawStorage`](crate::storage::RawStorage) engine)
+//! Only storage plugins ([`KIND_STORAGE`], a [`RawStorage`](optimystic_core::storage::RawStorage) engine)
 //! can be loaded dynamically for now; a table of any other kind is refused.
 //!
 //! # Writing a plugin
@@ -66,8 +66,9 @@ pub const ABI_VERSION: u32 = 1;
 /// The symbol every plugin library exports, an [`EntryFn`].
 pub const ENTRY_SYMBOL: &str = "optimystic_plugin_entry_v1";
 
-/// The version of this crate; a plugin must be built against exactly the host's version.
-pub const CORE_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The version of `optimystic-core` this crate is built with; a plugin must be built against exactly
+/// the host's version.
+pub const CORE_VERSION: &str = optimystic_core::VERSION;
 
 /// `rustc --version` of the compiler that built this crate (captured by the build script); a
 /// plugin must be built by exactly the host's compiler.
@@ -266,13 +267,13 @@ pub struct PluginEntryTable {
 ///
 /// ```text
 /// fn open(
-///     cx: &optimystic_core::dynamic::DynamicContext,
+///     cx: &optimystic_plugin_abi::DynamicContext,
 ///     config: &serde_json::Value,
 /// ) -> Result<std::sync::Arc<dyn optimystic_core::RawStorage>, optimystic_core::StorageError> {
 ///     Ok(std::sync::Arc::new(MyEngine::open(cx.data_dir.as_deref(), config)?))
 /// }
 ///
-/// optimystic_core::export_storage_plugin! {
+/// optimystic_plugin_abi::export_storage_plugin! {
 ///     name: "my-engine",
 ///     description: "my storage engine",
 ///     open: open,
@@ -282,25 +283,25 @@ pub struct PluginEntryTable {
 /// `open` is an [`OpenStorageFn`]: it receives the node's [`DynamicContext`] and the plugin's
 /// configuration section. The macro defines the `#[unsafe(no_mangle)]` entry point
 /// [`ENTRY_SYMBOL`] and its static [`PluginEntryTable`]; use it once per library. The engine
-/// runs without a tokio runtime (see the [module documentation](crate::dynamic)).
+/// runs without a tokio runtime (see the [module documentation](crate)).
 #[macro_export]
 macro_rules! export_storage_plugin {
     (name: $name:expr, description: $description:expr, open: $open:expr $(,)?) => {
         const _: () = {
             struct ExportedStoragePlugin;
 
-            impl $crate::dynamic::StoragePlugin for ExportedStoragePlugin {
+            impl $crate::StoragePlugin for ExportedStoragePlugin {
                 const NAME: &'static str = $name;
                 const DESCRIPTION: &'static str = $description;
-                const OPEN: $crate::dynamic::OpenStorageFn = $open;
+                const OPEN: $crate::OpenStorageFn = $open;
             }
 
-            static TABLE: $crate::dynamic::PluginEntryTable = $crate::dynamic::storage_table::<ExportedStoragePlugin>();
+            static TABLE: $crate::PluginEntryTable = $crate::storage_table::<ExportedStoragePlugin>();
 
             /// The dynamic plugin entry point: returns this library's static entry table.
             #[allow(unsafe_code)]
             #[unsafe(no_mangle)]
-            pub extern "C" fn optimystic_plugin_entry_v1() -> *const $crate::dynamic::PluginEntryTable {
+            pub extern "C" fn optimystic_plugin_entry_v1() -> *const $crate::PluginEntryTable {
                 &TABLE
             }
         };

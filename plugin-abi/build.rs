@@ -1,5 +1,5 @@
 //! Captures the version of the compiler that builds this crate, for the dynamic plugin ABI check
-//! (`optimystic_core::dynamic::RUSTC_VERSION`): a host only loads plugins built by the same rustc.
+//! (`optimystic_plugin_abi::RUSTC_VERSION`): a host only loads plugins built by the same rustc.
 
 use std::process::Command;
 

@@ -16,10 +16,10 @@ use super::{
     ABI_VERSION, CORE_VERSION, FfiBuf, FfiBytes, FfiStr, KIND_STORAGE, PluginEntryTable, RUSTC_VERSION, STATUS_ERR,
     STATUS_OK,
 };
-use crate::error::StorageError;
-use crate::model::{BlockId, Transform, TrxId, TrxRev};
-use crate::registry::{PluginContext, PluginError};
-use crate::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
+use optimystic_core::error::StorageError;
+use optimystic_core::model::{BlockId, Transform, TrxId, TrxRev};
+use optimystic_core::registry::{PluginContext, PluginError};
+use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
 
 /// The longest plugin name, in bytes.
 const MAX_NAME_LEN: usize = 64;

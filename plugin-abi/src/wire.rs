@@ -7,9 +7,9 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use crate::error::StorageError;
-use crate::model::{BlockId, Transform, TrxId};
-use crate::storage::{BlockCommit, BlockValue, CommittedTransform, StorageStats};
+use optimystic_core::error::StorageError;
+use optimystic_core::model::{BlockId, Transform, TrxId};
+use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, StorageStats};
 
 /// What the host sends to `open`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -28,7 +28,7 @@ pub struct OpenRequest {
 /// What a successful `open` replies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenReply {
-    /// [`RawStorage::durable`](crate::storage::RawStorage::durable) of the opened engine, fixed for
+    /// [`RawStorage::durable`](optimystic_core::storage::RawStorage::durable) of the opened engine, fixed for
     /// its lifetime.
     pub durable: bool,
 }
@@ -136,7 +136,7 @@ impl From<WireStats> for StorageStats {
     }
 }
 
-/// One [`RawStorage`](crate::storage::RawStorage) method call, as JSON `{"op": "<method>", ...}`
+/// One [`RawStorage`](optimystic_core::storage::RawStorage) method call, as JSON `{"op": "<method>", ...}`
 /// with camelCase arguments. Each variant names the JSON type of its successful reply.
 /// `durable` is not a call: [`OpenReply`] answers it once.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -378,6 +378,8 @@ impl From<&StorageError> for WireStorageError {
             StorageError::Engine { engine, context, error } => {
                 Self::Backend { engine: (*engine).to_owned(), message: format!("{context}: {error}") }
             }
+            // A variant added to core after this ABI version: its text says what failed.
+            other => Self::Backend { engine: "plugin".to_owned(), message: other.to_string() },
         }
     }
 }

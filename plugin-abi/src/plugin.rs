@@ -18,11 +18,11 @@ use super::{
     ABI_VERSION, CORE_VERSION, FfiBuf, FfiBytes, FfiStr, KIND_STORAGE, PluginEntryTable, RUSTC_VERSION, STATUS_ERR,
     STATUS_OK,
 };
-use crate::error::StorageError;
-use crate::storage::RawStorage;
+use optimystic_core::error::StorageError;
+use optimystic_core::storage::RawStorage;
 
 /// What the node tells a dynamic storage plugin when it opens it (the part of
-/// [`PluginContext`](crate::registry::PluginContext) that can cross the library boundary).
+/// [`PluginContext`](optimystic_core::registry::PluginContext) that can cross the library boundary).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DynamicContext {
     /// The node's peer id (base58).
