@@ -24,8 +24,8 @@
 //!
 //! Kept simple on purpose: the log is never compacted (a real engine rewrites a snapshot of the
 //! map now and then), the whole store must fit in memory, and nothing stops two processes from
-//! opening the same log (a real engine locks its directory, as `optimystic-storage-file`'s
-//! `datadir` does).
+//! opening the same log (a real engine locks its directory, as the file and LMDB engines do
+//! with `optimystic-datadir`).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};

@@ -7,7 +7,7 @@
 //! ([`names`]); nothing outside the data directory is ever touched. The on-disk layout is
 //! documented in the (private) `store` module.
 //!
-//! The data directory is locked while the store is open ([`datadir`]) and carries a format
+//! The data directory is locked while the store is open (`optimystic_datadir`) and carries a format
 //! marker. Writes (which wait for fsyncs) and directory scans run on tokio's blocking thread
 //! pool; point reads (a few small, usually cached files) run inline.
 //!
@@ -15,7 +15,6 @@
 //! `path` the store lives in `<node data dir>/storage-file`, and a relative `path` is resolved
 //! against the node's data directory.
 
-pub mod datadir;
 pub mod names;
 mod store;
 
@@ -26,6 +25,7 @@ use async_trait::async_trait;
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
 use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage};
 use optimystic_core::{BlockId, StorageError, Transform, TrxId, TrxRev};
+use optimystic_datadir as datadir;
 use serde_json::Value;
 use tokio::sync::RwLock;
 

@@ -3,7 +3,7 @@
 //! Layout of a data directory:
 //!
 //! ```text
-//! FORMAT, LOCK                  see crate::datadir
+//! FORMAT, LOCK                  see optimystic_datadir
 //! tmp/                          files being written; emptied at open
 //! meta/<name(key)>              u32 LE key length, key, value
 //! blocks/<name(block id)>/
@@ -39,8 +39,8 @@ use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform};
 use optimystic_core::{BlockId, StorageError, Transform, TrxId, TrxRev};
 use serde::{Deserialize, Serialize};
 
-use crate::datadir::{DataDir, io_error, sync_dir, write_synced};
 use crate::names::{self, Decoded};
+use optimystic_datadir::{DataDir, io_error, sync_dir, write_synced};
 
 /// The engine name written in the format marker.
 pub const ENGINE: &str = "file";

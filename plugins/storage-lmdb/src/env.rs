@@ -5,7 +5,7 @@
 //! file is modified behind LMDB's back or the same file is opened twice in one process with
 //! different handles. Here every environment lives in `<data dir>/env`, and [`open_env`] is only
 //! called by [`crate::LmdbKv::open_with`] while it holds the data directory's exclusive lock
-//! ([`optimystic_storage_file::datadir::DataDir`], an `flock` that conflicts between processes and
+//! ([`optimystic_datadir::DataDir`], an `flock` that conflicts between processes and
 //! between two opens in one process). The lock outlives the environment (the store drops the
 //! environment before the lock), so there is at most one environment per path per process and no
 //! other process of ours writes the file. We never set unsafe flags (`NO_SYNC`, `NO_LOCK`, ...),

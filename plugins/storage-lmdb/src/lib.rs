@@ -9,7 +9,7 @@
 //! [`StorageError::Full`](optimystic_core::StorageError::Full), changing nothing.
 //!
 //! The data directory is locked while the store is open and carries a format marker (see
-//! `optimystic_storage_file::datadir`; format version [`FORMAT_VERSION`]); the environment lives
+//! `optimystic_datadir`; format version [`FORMAT_VERSION`]); the environment lives
 //! in `<dir>/env`. Writes, which wait for the disk, run on tokio's blocking thread pool; reads are
 //! lookups in the memory map and run inline, which is several times faster than a hop to the pool
 //! (see BENCHMARKS.md).
@@ -26,7 +26,7 @@ use std::sync::Arc;
 use optimystic_core::kv::KvBlockStorage;
 use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
 use optimystic_core::storage::RawStorage;
-use optimystic_storage_file::datadir;
+use optimystic_datadir as datadir;
 use serde_json::Value;
 
 pub use crate::store::{DEFAULT_MAP_SIZE, FORMAT_VERSION, LmdbKv, MAP_SIZE_GRANULE};

@@ -13,7 +13,7 @@ use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, MdbError, WithoutTls};
 use optimystic_core::StorageError;
 use optimystic_core::kv::{KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys};
-use optimystic_storage_file::datadir::{DataDir, io_error};
+use optimystic_datadir::{DataDir, io_error};
 
 use crate::LmdbOptions;
 use crate::env::open_env;

@@ -85,7 +85,7 @@ async fn a_second_open_is_locked_and_names_the_holder() {
 #[test]
 fn foreign_or_unknown_directories_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    drop(optimystic_storage_file::FileStorage::open(dir.path()).unwrap());
+    drop(optimystic_datadir::DataDir::open(dir.path(), "file", 1).unwrap());
     assert!(matches!(open(dir.path()), Err(StorageError::Incompatible(m)) if m.contains("file")));
 
     // A directory of the format before the key-value seam (version 1), or of a newer build, is
@@ -110,7 +110,7 @@ fn foreign_or_unknown_directories_are_refused() {
 
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()).unwrap());
-    assert!(matches!(optimystic_storage_file::FileStorage::open(dir.path()), Err(StorageError::Incompatible(_))));
+    assert!(matches!(optimystic_datadir::DataDir::open(dir.path(), "file", 1), Err(StorageError::Incompatible(_))));
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
+//! # optimystic-datadir
+//!
 //! The data directory of an on-disk engine: its exclusive lock, its format marker and the engine
-//! configuration common to on-disk engines. Shared with the LMDB engine, so both refuse a
-//! directory in the same way.
+//! configuration common to on-disk engines. The file and LMDB engines both use it, so both refuse
+//! a directory in the same way.
 //!
 //! - `<dir>/LOCK` is held with an exclusive advisory lock (`flock`) for as long as the store is
 //!   open, and names the holder's process id. A second open, from another process or from this
