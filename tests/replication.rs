@@ -23,7 +23,7 @@
 //! would hide a member that applies a revision on a base it does not hold.
 //!
 //! The test runs the already built binary next to the test executable (`target/<profile>/
-//! optimystic`; `cargo build --workspace --all-targets` or `cargo build -p optimystic-node --bin
+//! optimystic`; `cargo build --workspace --all-targets` or `cargo build -p optimystic-cli --bin
 //! optimystic` first), or the one named by `OPTIMYSTIC_BIN`.
 //!
 //! - `OPTIMYSTIC_REPLICATION_SEED` replays a run's choices of blocks and nodes (the seed is printed
@@ -104,7 +104,7 @@ fn optimystic_bin() -> PathBuf {
     let bin = dir.join(format!("optimystic{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.is_file(),
-        "{} does not exist: build it first (`cargo build -p optimystic-node --bin optimystic`, or \
+        "{} does not exist: build it first (`cargo build -p optimystic-cli --bin optimystic`, or \
          `cargo build --workspace --all-targets` as CI does), or name a binary with OPTIMYSTIC_BIN",
         bin.display()
     );

@@ -478,7 +478,7 @@ pub async fn run(opts: RunOptions, res: Arc<Resources>) -> anyhow::Result<RunSum
     eprintln!("optimystic-nemesis: output in {}", out.display());
     if !opts.bin.is_file() {
         bail!(
-            "{} is not a file (build it: cargo build -p optimystic-node --bin optimystic, or pass --bin)",
+            "{} is not a file (build it: cargo build -p optimystic-cli --bin optimystic, or pass --bin)",
             opts.bin.display()
         );
     }

@@ -30,7 +30,7 @@ fn optimystic_bin() -> PathBuf {
     let bin = dir.join(format!("optimystic{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.is_file(),
-        "{} does not exist: build it first (`cargo build -p optimystic-node --bin optimystic`, or \
+        "{} does not exist: build it first (`cargo build -p optimystic-cli --bin optimystic`, or \
          `cargo build --workspace --all-targets` as CI does), or name a binary with OPTIMYSTIC_BIN",
         bin.display()
     );

@@ -25,7 +25,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::config::{self, NodeConfig};
+use optimystic_node::config::{self, NodeConfig};
 
 /// The longest a node may take to print its `listening` and `metrics` lines.
 pub const STARTUP_TIMEOUT_MS: u64 = 60_000;

@@ -22,11 +22,11 @@ use optimystic_core::{MessageOptions, Repo, RepoError};
 use serde_json::json;
 
 use crate::demo::DemoError;
-use crate::host::{Host, HostConfig, HostHandle};
-use crate::identity;
-use crate::local_cluster::LocalCluster;
-use crate::service::Handlers;
-use crate::txn::new_trx_id;
+use optimystic_node::host::{Host, HostConfig, HostHandle};
+use optimystic_node::identity;
+use optimystic_node::local_cluster::LocalCluster;
+use optimystic_node::service::Handlers;
+use optimystic_node::txn::new_trx_id;
 
 /// Options of `optimystic bench`.
 #[derive(Debug, Clone, clap::Args)]

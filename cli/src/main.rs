@@ -18,14 +18,22 @@ use optimystic_core::record::ClusterRecord;
 use optimystic_core::registry::Registry;
 use optimystic_core::time::now_ms;
 use optimystic_core::{MessageOptions, Repo};
-use optimystic_node::bench::{self, BenchOptions};
 use optimystic_node::config::{self, LogFormat};
 use optimystic_node::host::{Host, HostConfig, HostHandle};
 use optimystic_node::node::Node;
 use optimystic_node::ops::{self, OperatorRequest};
 use optimystic_node::service::Handlers;
-use optimystic_node::{cluster_up, demo, history, identity, link_bundled_plugins, txn};
+use optimystic_node::{identity, link_bundled_plugins, txn};
 use serde_json::{Value, json};
+
+use crate::bench::BenchOptions;
+
+mod bench;
+mod cluster_up;
+mod demo;
+mod error_text;
+mod history;
+mod progress;
 
 /// A consensus round allocates and frees many small JSON values on two or more threads; glibc's
 /// allocator spent about a fifth of a loaded node's CPU on that (perf, `optimystic bench`).
@@ -332,7 +340,7 @@ fn main() -> ExitCode {
 
 /// The error and each of its causes, every one said once.
 fn error_text(error: &anyhow::Error) -> String {
-    optimystic_node::error_text::chain_text(error.chain())
+    error_text::chain_text(error.chain())
 }
 
 fn init_logging(format: LogFormat, default_filter: &str) {

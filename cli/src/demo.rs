@@ -11,12 +11,12 @@ use optimystic_core::registry::Registry;
 use optimystic_core::{MessageOptions, Repo, RepoError};
 use serde_json::json;
 
-use crate::host::{Host, HostConfig, HostError, HostHandle};
-use crate::identity;
-use crate::local_cluster::LocalCluster;
-use crate::node::NodeError;
-use crate::service::Handlers;
-use crate::txn::{self, RetryPolicy, TxnError};
+use optimystic_node::host::{Host, HostConfig, HostError, HostHandle};
+use optimystic_node::identity;
+use optimystic_node::local_cluster::LocalCluster;
+use optimystic_node::node::NodeError;
+use optimystic_node::service::Handlers;
+use optimystic_node::txn::{self, RetryPolicy, TxnError};
 
 /// Options of `optimystic demo`.
 #[derive(Debug, Clone, clap::Args)]
