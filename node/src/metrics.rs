@@ -197,7 +197,9 @@ impl MetricsServer {
         let local_addr = listener.local_addr().map_err(|source| MetricsError { addr, source })?;
         let (stop, mut stopped) = watch::channel(false);
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
+        // Each connection is a task of the accept loop's: ending the loop ends them.
         let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let accepted = tokio::select! {
                     _ = stopped.changed() => break,
@@ -206,7 +208,8 @@ impl MetricsServer {
                 let Ok((stream, _)) = accepted else { continue };
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
                 let metrics = metrics.clone();
-                tokio::spawn(async move {
+                while connections.try_join_next().is_some() {}
+                connections.spawn(async move {
                     let service = service_fn(move |req| {
                         let metrics = metrics.clone();
                         async move { Ok::<_, std::convert::Infallible>(respond(&metrics, &req)) }
@@ -220,7 +223,7 @@ impl MetricsServer {
         Ok(Self { local_addr, stop, task })
     }
 
-    /// Stops accepting connections and waits for the accept loop to end.
+    /// Stops accepting connections, ends the open ones and waits for the accept loop to end.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;

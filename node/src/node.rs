@@ -34,7 +34,7 @@ use optimystic_core::sync::SyncServer;
 use optimystic_core::wire::{RepoMessage, RepoResponse};
 use optimystic_core::{BlockId, MessageOptions, RawStorage, ReadPromotion, Repo, RepoError, StorageRepo};
 use serde_json::Value;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::NodeConfig;
 use crate::host::{Host, HostConfig, HostError, HostHandle};
@@ -88,7 +88,8 @@ pub struct Node {
     metrics_server: Option<MetricsServer>,
     readiness: tokio::sync::watch::Receiver<Readiness>,
     readiness_task: JoinHandle<()>,
-    background: Vec<JoinHandle<()>>,
+    /// Gauge sampling, behind catch-up and replica repair: aborted and awaited on shutdown.
+    background: JoinSet<()>,
 }
 
 /// Blocks reported behind that wait for catch-up at most; more reports are dropped (the next
@@ -119,6 +120,7 @@ impl BehindSink for BehindQueue {
 
 /// Catches up each block a member reported behind on, from this node's own view of its cluster
 /// (verified, SPEC 4.10), then tells the consensus so decided records waiting for it can run.
+/// Each catch-up is a task of this one's: ending this task ends them.
 async fn catch_up_behind(
     mut rx: tokio::sync::mpsc::Receiver<BlockId>,
     queued: Arc<std::sync::Mutex<HashSet<BlockId>>>,
@@ -126,10 +128,12 @@ async fn catch_up_behind(
     consensus: Arc<dyn Consensus>,
 ) {
     let running = Arc::new(tokio::sync::Semaphore::new(MAX_BEHIND_CATCH_UPS));
+    let mut catch_ups = JoinSet::new();
     while let Some(block_id) = rx.recv().await {
         let Ok(permit) = running.clone().acquire_owned().await else { return };
+        while catch_ups.try_join_next().is_some() {}
         let (catch_up, consensus, queued) = (catch_up.clone(), consensus.clone(), queued.clone());
-        tokio::spawn(async move {
+        catch_ups.spawn(async move {
             queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&block_id);
             match catch_up.catch_up(&block_id).await {
                 // Only progress wakes the waiting records: a catch-up that applied nothing would
@@ -375,17 +379,16 @@ impl Node {
             None
         };
 
-        let background = vec![
-            tokio::spawn(sample_gauges(storage.clone(), host.clone(), metrics.clone())),
-            tokio::spawn(catch_up_behind(behind_rx, behind_queued, catch_up.clone(), consensus.clone())),
-            tokio::spawn(repair_replicas(
-                storage.clone(),
-                catch_up,
-                consensus.clone(),
-                host.clone(),
-                RepairPace::of(config),
-            )),
-        ];
+        let mut background = JoinSet::new();
+        background.spawn(sample_gauges(storage.clone(), host.clone(), metrics.clone()));
+        background.spawn(catch_up_behind(behind_rx, behind_queued, catch_up.clone(), consensus.clone()));
+        background.spawn(repair_replicas(
+            storage.clone(),
+            catch_up,
+            consensus.clone(),
+            host.clone(),
+            RepairPace::of(config),
+        ));
         let local_peer_id = host.local_peer_id();
         let rule = ReadinessRule::for_config(config, local_peer_id);
         let (ready_tx, readiness) = tokio::sync::watch::channel(Readiness::not_ready("starting"));
@@ -437,18 +440,13 @@ impl Node {
 
     /// Stops serving, shuts the host down (requests in flight fail cleanly), ends background tasks
     /// and flushes and closes storage.
-    pub async fn shutdown(self) -> Result<(), NodeError> {
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
         self.readiness_task.abort();
         let _ = self.readiness_task.await;
         self.metrics.set_readiness(Readiness::not_ready("stopping"));
         self.host.shutdown().await;
         self.consensus.shutdown();
-        for task in &self.background {
-            task.abort();
-        }
-        for task in self.background {
-            let _ = task.await;
-        }
+        self.background.shutdown().await;
         if let Some(server) = self.metrics_server {
             server.shutdown().await;
         }

@@ -463,7 +463,7 @@ impl HostHandle {
     }
 
     /// Stops the swarm: open connections close, requests in flight fail with
-    /// [`NetworkError::Closed`], installed handlers are dropped. Waits for the swarm task to end.
+    /// [`NetworkError::Closed`], inbound requests being served end, installed handlers are dropped. Waits for the swarm task to end.
     /// Idempotent.
     pub async fn shutdown(&self) {
         let (reply, stopped) = oneshot::channel();

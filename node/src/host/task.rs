@@ -20,6 +20,7 @@ use optimystic_core::network::{NetworkError, ProtocolKind};
 use optimystic_core::wire::ErrorEnvelope;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::behaviour::{MAX_IDENTIFY_ADDRS, NodeBehaviour, NodeBehaviourEvent, stream_protocol};
@@ -93,6 +94,8 @@ pub(crate) struct SwarmTask {
     answers_tx: mpsc::Sender<Answer>,
     answers: mpsc::Receiver<Answer>,
     services: Arc<Services>,
+    /// The inbound requests being served, each a task of this one's: they end when it ends.
+    inbound: JoinSet<()>,
     epoch: watch::Sender<u64>,
     connectivity: watch::Sender<Connectivity>,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
@@ -134,6 +137,7 @@ impl SwarmTask {
             answers_tx,
             answers,
             services,
+            inbound: JoinSet::new(),
             epoch: published.epoch,
             connectivity: published.connectivity,
             listen_addrs: published.listen_addrs,
@@ -291,8 +295,8 @@ impl SwarmTask {
                 Some(answer) = self.answers.recv() => self.on_answer(answer),
             }
         }
-        // Drop the handlers (they may hold handles) and every pending reply: waiting callers see
-        // `Closed`.
+        // Drop the handlers (they may hold handles), the inbound requests being served and every
+        // pending reply: waiting callers see `Closed`.
         self.services.set_handlers(crate::service::Handlers::default());
         let peer = *self.swarm.local_peer_id();
         drop(self);
@@ -579,7 +583,8 @@ impl SwarmTask {
             Ok(admission) => {
                 let services = Arc::clone(&self.services);
                 let answers = self.answers_tx.clone();
-                tokio::spawn(async move {
+                while self.inbound.try_join_next().is_some() {}
+                self.inbound.spawn(async move {
                     let (response, permit) = match admission.ready().await {
                         // The requester gave up while the request waited: nothing to answer.
                         Ok(_) if !channel.is_open() => return,
