@@ -217,8 +217,7 @@ fn dispatch<P: StoragePlugin>(engine: &dyn RawStorage, call: StorageCall) -> Res
 
 /// A successful reply.
 fn encode<P: StoragePlugin>(value: &impl Serialize) -> Result<Vec<u8>, StorageError> {
-    serde_json::to_vec(value)
-        .map_err(|e| StorageError::Backend { engine: P::NAME, message: format!("cannot encode the reply: {e}") })
+    serde_json::to_vec(value).map_err(|e| StorageError::engine(P::NAME, "encoding the reply", e))
 }
 
 /// An error reply; empty if even that cannot be encoded (the host then reports a failure without

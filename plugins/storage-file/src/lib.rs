@@ -88,12 +88,12 @@ impl FileStorage {
             None => Err(closed()),
         })
         .await
-        .map_err(|e| StorageError::Backend { engine: store::ENGINE, message: format!("storage task failed: {e}") })?
+        .map_err(|e| StorageError::engine(store::ENGINE, "running a storage task", e))?
     }
 }
 
 fn closed() -> StorageError {
-    StorageError::Invalid("the file store is closed".into())
+    StorageError::Closed { engine: store::ENGINE }
 }
 
 #[async_trait]
@@ -119,7 +119,9 @@ impl RawStorage for FileStorage {
     }
 
     async fn pending_trx_ids(&self, block_id: &BlockId) -> Result<Vec<TrxId>, StorageError> {
-        self.read(|s| s.pending_trx_ids(block_id)).await
+        // A directory scan: on the blocking pool.
+        let block_id = block_id.clone();
+        self.with(move |s| s.pending_trx_ids(&block_id)).await
     }
 
     async fn save_pending(

@@ -122,7 +122,13 @@ async fn a_second_open_is_locked_and_names_the_holder() {
     }
     first.close().await.unwrap();
     first.close().await.unwrap();
-    assert!(first.latest(&bid("a")).await.is_err(), "calls after close fail");
+    for (call, result) in [
+        ("latest", first.latest(&bid("a")).await.map(drop)),
+        ("pending_trx_ids", first.pending_trx_ids(&bid("a")).await.map(drop)),
+        ("put_meta", first.put_meta("k", b"v").await),
+    ] {
+        assert!(matches!(result, Err(StorageError::Closed { engine: "file" })), "{call} after close: {result:?}");
+    }
     let second = FileStorage::open(dir.path()).unwrap();
     drop(second);
     FileStorage::open(dir.path()).unwrap();
