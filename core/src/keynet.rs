@@ -12,6 +12,43 @@ use sha2::{Digest, Sha256};
 
 use crate::model::BlockId;
 
+/// Peers per block cluster when the configuration does not say.
+pub const DEFAULT_CLUSTER_SIZE: usize = 3;
+/// The most peers per block cluster a key network takes.
+pub const MAX_CLUSTER_SIZE: usize = 64;
+
+/// The `cluster_size` option of a key network: peers per block cluster, in
+/// `1..=`[`MAX_CLUSTER_SIZE`], [`DEFAULT_CLUSTER_SIZE`] by default. Every key network and the
+/// node's configuration check read it with this one type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "u64")]
+pub struct ClusterSize(usize);
+
+impl ClusterSize {
+    /// The size.
+    #[must_use]
+    pub fn get(self) -> usize {
+        self.0
+    }
+}
+
+impl Default for ClusterSize {
+    fn default() -> Self {
+        Self(DEFAULT_CLUSTER_SIZE)
+    }
+}
+
+impl TryFrom<u64> for ClusterSize {
+    type Error = String;
+
+    fn try_from(size: u64) -> Result<Self, String> {
+        match usize::try_from(size) {
+            Ok(size) if (1..=MAX_CLUSTER_SIZE).contains(&size) => Ok(Self(size)),
+            _ => Err(format!("cluster_size {size} must be between 1 and {MAX_CLUSTER_SIZE}")),
+        }
+    }
+}
+
 /// What is known of one cluster peer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerInfo {

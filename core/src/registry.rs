@@ -12,64 +12,93 @@
 //! `inventory` only sees crates that are linked: a binary must name every bundled plugin crate
 //! (`use optimystic_storage_memory as _;`). Dynamic plugins are added at run time with
 //! [`Registry::add`].
+//!
+//! Each kind of plugin is built with a context of its own holding what the node has built before
+//! it ([`StorageContext`], then [`KeyNetworkContext`], then [`ConsensusContext`]), and its
+//! configuration section, which a plugin reads into a typed struct with [`parse_config`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use libp2p_identity::{Keypair, PeerId};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::consensus::Consensus;
+use crate::consensus::{BehindSink, Consensus};
 use crate::error::StorageError;
 use crate::keynet::{KeyNetwork, PeerRouting};
 use crate::network::PeerNetwork;
 use crate::repo::StorageRepo;
 use crate::storage::RawStorage;
 
-/// What a plugin may need from the node that builds it. Fields are `None` when the node has not
-/// built that part yet (storage is built first, then the key network, then consensus).
+/// What a storage plugin gets from the node that builds it (storage is built first).
 #[derive(Clone, Debug)]
-pub struct PluginContext {
+pub struct StorageContext {
     /// This node's peer id.
     pub local_peer_id: PeerId,
-    /// This node's identity key (signs consensus votes).
-    pub keypair: Option<Keypair>,
-    /// The node's data directory; `None` for ephemeral nodes.
+    /// The node's data directory; `None` for ephemeral nodes (an engine that needs a directory
+    /// then needs a configured `path`).
     pub data_dir: Option<PathBuf>,
-    /// The transport to other peers.
-    pub network: Option<Arc<dyn PeerNetwork>>,
-    /// The DHT view.
-    pub routing: Option<Arc<dyn PeerRouting>>,
-    /// The built storage engine.
-    pub storage: Option<Arc<dyn RawStorage>>,
-    /// The local repository over that storage.
-    pub local_repo: Option<StorageRepo>,
-    /// The built key network.
-    pub key_network: Option<Arc<dyn KeyNetwork>>,
-    /// Where a consensus reports that this node is behind on a block (the node catches it up).
-    pub behind: Option<Arc<dyn crate::consensus::BehindSink>>,
 }
 
-impl PluginContext {
-    /// A context knowing only the local peer id.
-    pub fn new(local_peer_id: PeerId) -> Self {
-        Self {
-            local_peer_id,
-            keypair: None,
-            data_dir: None,
-            network: None,
-            routing: None,
-            storage: None,
-            local_repo: None,
-            key_network: None,
-            behind: None,
-        }
-    }
+/// What a key-network plugin gets from the node that builds it (after storage).
+#[derive(Clone, Debug)]
+pub struct KeyNetworkContext {
+    /// This node's peer id.
+    pub local_peer_id: PeerId,
+    /// The node host's view of the DHT.
+    pub routing: Arc<dyn PeerRouting>,
+}
 
-    /// A required part, or [`PluginError::Missing`].
-    pub fn require<'a, T>(&'a self, part: &'a Option<T>, what: &'static str) -> Result<&'a T, PluginError> {
-        part.as_ref().ok_or(PluginError::Missing(what))
-    }
+/// What a consensus plugin gets from the node that builds it (last, over everything else).
+#[derive(Clone, Debug)]
+pub struct ConsensusContext {
+    /// This node's identity key (signs consensus votes); its peer id is the node's.
+    pub keypair: Keypair,
+    /// The transport to other peers.
+    pub network: Arc<dyn PeerNetwork>,
+    /// The local repository over the node's storage.
+    pub local_repo: StorageRepo,
+    /// The built key network.
+    pub key_network: Arc<dyn KeyNetwork>,
+    /// Where the consensus reports that this node is behind on a block (the node catches it up).
+    pub behind: Arc<dyn BehindSink>,
+}
+
+/// A plugin's options, read from its configuration section by [`parse_config`].
+///
+/// Implementations derive `Deserialize` with `#[serde(deny_unknown_fields)]` (an unknown key is
+/// an error, never ignored) and give every optional field its default.
+pub trait PluginConfig: DeserializeOwned {
+    /// Checks what deserialization cannot: ranges and relations between options. An error is a
+    /// [`PluginError::Config`] naming the plugin and the option.
+    fn validate(&self) -> Result<(), PluginError>;
+}
+
+/// Reads the configuration section of the plugin `plugin` (its name in messages, such as
+/// `storage lmdb`): `null` is an empty section, `kind` (the plugin's name, which the node puts in
+/// the section) is skipped, every other key must be an option of `T`; then [`PluginConfig::validate`]
+/// runs. Every error is a [`PluginError::Config`] naming the plugin and, for a bad value, the key.
+pub fn parse_config<T: PluginConfig>(plugin: &str, section: &Value) -> Result<T, PluginError> {
+    let config_error = |message: String| PluginError::Config { plugin: plugin.to_owned(), message };
+    let mut options = match section {
+        Value::Null => serde_json::Map::new(),
+        Value::Object(map) => map.clone(),
+        other => return Err(config_error(format!("expected a table, got {other}"))),
+    };
+    options.remove("kind");
+    let config: T = serde_path_to_error::deserialize(Value::Object(options)).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        // An unknown key's message names it already.
+        if path == "." || message.contains(&format!("`{path}`")) {
+            config_error(message)
+        } else {
+            config_error(format!("{path}: {message}"))
+        }
+    })?;
+    config.validate()?;
+    Ok(config)
 }
 
 /// The kinds of plugin.
@@ -101,13 +130,14 @@ impl std::fmt::Display for PluginKind {
 }
 
 /// Builds a storage engine from its configuration section.
-pub type StorageBuilder = Arc<dyn Fn(&PluginContext, &Value) -> Result<Arc<dyn RawStorage>, PluginError> + Send + Sync>;
+pub type StorageBuilder =
+    Arc<dyn Fn(&StorageContext, &Value) -> Result<Arc<dyn RawStorage>, PluginError> + Send + Sync>;
 /// Builds a key network from its configuration section.
 pub type KeyNetworkBuilder =
-    Arc<dyn Fn(&PluginContext, &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> + Send + Sync>;
+    Arc<dyn Fn(&KeyNetworkContext, &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> + Send + Sync>;
 /// Builds a consensus from its configuration section.
 pub type ConsensusBuilder =
-    Arc<dyn Fn(&PluginContext, &Value) -> Result<Arc<dyn Consensus>, PluginError> + Send + Sync>;
+    Arc<dyn Fn(&ConsensusContext, &Value) -> Result<Arc<dyn Consensus>, PluginError> + Send + Sync>;
 
 /// How to build a plugin.
 #[derive(Clone)]
@@ -138,11 +168,11 @@ impl Builder {
 }
 
 /// A static storage build function.
-pub type StorageBuildFn = fn(&PluginContext, &Value) -> Result<Arc<dyn RawStorage>, PluginError>;
+pub type StorageBuildFn = fn(&StorageContext, &Value) -> Result<Arc<dyn RawStorage>, PluginError>;
 /// A static key-network build function.
-pub type KeyNetworkBuildFn = fn(&PluginContext, &Value) -> Result<Arc<dyn KeyNetwork>, PluginError>;
+pub type KeyNetworkBuildFn = fn(&KeyNetworkContext, &Value) -> Result<Arc<dyn KeyNetwork>, PluginError>;
 /// A static consensus build function.
-pub type ConsensusBuildFn = fn(&PluginContext, &Value) -> Result<Arc<dyn Consensus>, PluginError>;
+pub type ConsensusBuildFn = fn(&ConsensusContext, &Value) -> Result<Arc<dyn Consensus>, PluginError>;
 
 /// A plugin's option defaults: every option that has a fixed default, as the plugin's builder
 /// reads it (`kind` excluded). Only shown (`optimystic config show`); the builder applies its
@@ -341,7 +371,7 @@ impl Registry {
     pub fn build_storage(
         &self,
         name: &str,
-        cx: &PluginContext,
+        cx: &StorageContext,
         config: &Value,
     ) -> Result<Arc<dyn RawStorage>, PluginError> {
         match &self.lookup(PluginKind::Storage, name)?.builder {
@@ -354,7 +384,7 @@ impl Registry {
     pub fn build_key_network(
         &self,
         name: &str,
-        cx: &PluginContext,
+        cx: &KeyNetworkContext,
         config: &Value,
     ) -> Result<Arc<dyn KeyNetwork>, PluginError> {
         match &self.lookup(PluginKind::KeyNetwork, name)?.builder {
@@ -367,12 +397,69 @@ impl Registry {
     pub fn build_consensus(
         &self,
         name: &str,
-        cx: &PluginContext,
+        cx: &ConsensusContext,
         config: &Value,
     ) -> Result<Arc<dyn Consensus>, PluginError> {
         match &self.lookup(PluginKind::Consensus, name)?.builder {
             Builder::Consensus(build) => build(cx, config),
             _ => Err(PluginError::Missing("a consensus builder")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use serde::Deserialize;
+    use serde_json::json;
+
+    use super::*;
+    use crate::keynet::ClusterSize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Options {
+        cluster_size: ClusterSize,
+        limit: u64,
+    }
+
+    impl Default for Options {
+        fn default() -> Self {
+            Self { cluster_size: ClusterSize::default(), limit: 10 }
+        }
+    }
+
+    impl PluginConfig for Options {
+        fn validate(&self) -> Result<(), PluginError> {
+            match self.limit {
+                0 => Err(PluginError::Config { plugin: "test".into(), message: "limit must be positive".into() }),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    fn error(section: serde_json::Value) -> String {
+        parse_config::<Options>("test plugin", &section).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn configurations_are_read_strictly_and_errors_name_the_key() {
+        for empty in [json!(null), json!({}), json!({"kind": "x"})] {
+            let options: Options = parse_config("test plugin", &empty).unwrap();
+            assert_eq!((options.cluster_size.get(), options.limit), (3, 10), "{empty}");
+        }
+        let options: Options = parse_config("test plugin", &json!({"cluster_size": 5, "limit": 2})).unwrap();
+        assert_eq!((options.cluster_size.get(), options.limit), (5, 2));
+
+        let unknown = error(json!({"limt": 2}));
+        assert!(unknown.starts_with("invalid configuration for test plugin: unknown field `limt`"), "{unknown}");
+        let wrong_type = error(json!({"limit": "many"}));
+        assert!(wrong_type.contains("limit: invalid type"), "{wrong_type}");
+        let out_of_range = error(json!({"cluster_size": 65}));
+        assert!(out_of_range.contains("cluster_size: cluster_size 65 must be between 1 and 64"), "{out_of_range}");
+        assert!(error(json!({"cluster_size": 0})).contains("cluster_size"));
+        assert!(error(json!({"limit": 0})).contains("limit must be positive"));
+        assert!(error(json!([1])).contains("expected a table"));
     }
 }

@@ -17,9 +17,8 @@ use std::path::{Path, PathBuf};
 
 use fs2::FileExt;
 use optimystic_core::StorageError;
-use optimystic_core::registry::{PluginContext, PluginError};
+use optimystic_core::registry::PluginError;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 /// The lock file's name inside a data directory.
 pub const LOCK_FILE: &str = "LOCK";
@@ -184,52 +183,33 @@ pub fn io_error(context: String, source: std::io::Error) -> StorageError {
     }
 }
 
-/// The configuration section of an on-disk engine as an object with only `allowed` keys (`kind`
-/// and `path` are always allowed); `null` is an empty object.
-pub fn config_object(plugin: &str, config: &Value, allowed: &[&str]) -> Result<Map<String, Value>, PluginError> {
-    let map = match config {
-        Value::Null => Map::new(),
-        Value::Object(map) => map.clone(),
-        other => {
-            return Err(PluginError::Config {
-                plugin: plugin.to_owned(),
-                message: format!("expected an object, got {other}"),
-            });
-        }
-    };
-    if let Some(key) = map.keys().find(|k| !matches!(k.as_str(), "kind" | "path") && !allowed.contains(&k.as_str())) {
-        return Err(PluginError::Config { plugin: plugin.to_owned(), message: format!("unknown option {key:?}") });
+/// Checks an engine's configured `path`: when given, it must not be empty.
+pub fn check_path(plugin: &str, path: Option<&Path>) -> Result<(), PluginError> {
+    match path {
+        Some(path) if path.as_os_str().is_empty() => Err(PluginError::Config {
+            plugin: plugin.to_owned(),
+            message: "`path` must be a non-empty string".to_owned(),
+        }),
+        _ => Ok(()),
     }
-    Ok(map)
 }
 
-/// The data directory an engine opens: the config's `path` (a relative one is resolved against the
-/// node's data directory when it has one), else `<node data dir>/<subdir>`. No path and no node
-/// data directory is a configuration error.
+/// The data directory an engine opens: the configured `path` (a relative one is resolved against
+/// the node's data directory when it has one), else `<node data dir>/<subdir>`. No path and no
+/// node data directory is a configuration error.
 pub fn resolve_dir(
     plugin: &str,
-    cx: &PluginContext,
-    config: &Map<String, Value>,
+    data_dir: Option<&Path>,
+    path: Option<&Path>,
     subdir: &str,
 ) -> Result<PathBuf, PluginError> {
-    match config.get("path") {
-        Some(Value::String(path)) if !path.is_empty() => {
-            let path = PathBuf::from(path);
-            Ok(match &cx.data_dir {
-                Some(base) if path.is_relative() => base.join(path),
-                _ => path,
-            })
-        }
-        Some(Value::Null) | None => match &cx.data_dir {
-            Some(base) => Ok(base.join(subdir)),
-            None => Err(PluginError::Config {
-                plugin: plugin.to_owned(),
-                message: "no `path` configured and the node has no data directory".to_owned(),
-            }),
-        },
-        Some(other) => Err(PluginError::Config {
+    match (path, data_dir) {
+        (Some(path), Some(base)) if path.is_relative() => Ok(base.join(path)),
+        (Some(path), _) => Ok(path.to_path_buf()),
+        (None, Some(base)) => Ok(base.join(subdir)),
+        (None, None) => Err(PluginError::Config {
             plugin: plugin.to_owned(),
-            message: format!("`path` must be a non-empty string, got {other}"),
+            message: "no `path` configured and the node has no data directory".to_owned(),
         }),
     }
 }

@@ -13,6 +13,7 @@ use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use optimystic_core::keynet::ClusterSize;
 pub use optimystic_core::reads::ReadMode;
 use optimystic_core::registry::{PluginKind, Registry};
 
@@ -437,10 +438,8 @@ impl LoadedConfig {
             }
         }
         if let Some(size) = c.key_network.options.get("cluster_size") {
-            match size.as_u64() {
-                Some(n) if (1..=64).contains(&n) => {}
-                _ => return Err(self.invalid("key_network.cluster_size", format!("{size} is not in 1..=64"))),
-            }
+            serde_json::from_value::<ClusterSize>(size.clone())
+                .map_err(|e| self.invalid("key_network.cluster_size", format!("{size}: {e}")))?;
         }
         for key in ["promise_threshold", "commit_threshold"] {
             if let Some(value) = c.consensus.options.get(key) {
@@ -482,9 +481,24 @@ pub fn check_threshold(value: &Value) -> Result<(), String> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    use std::sync::Arc;
+
     use super::*;
     use figment::Jail;
+    use optimystic_core::BlockId;
+    use optimystic_core::consensus::BehindSink;
+    use optimystic_core::registry::{ConsensusContext, KeyNetworkContext, StorageContext};
+    use optimystic_testkit::routing::FixedRouting;
+    use optimystic_testkit::sim::{SimConfig, SimNet};
     use serde_json::json;
+
+    /// A node's behind reports, dropped (these tests run no catch-up).
+    #[derive(Debug)]
+    struct NoBehind;
+
+    impl BehindSink for NoBehind {
+        fn behind(&self, _block_id: &BlockId) {}
+    }
 
     fn registry() -> Registry {
         crate::link_bundled_plugins()
@@ -589,11 +603,22 @@ mod tests {
             json!({"consensus": {"kind": "solo"}, "key_network": {"kind": "static"}, "storage": {"kind": "memory"}});
         let loaded = load(None, &flags, &registry()).expect("valid");
         assert!(loaded.config.consensus.options.is_empty(), "{:?}", loaded.config.consensus.options);
-        let cx = optimystic_core::registry::PluginContext::new(libp2p::PeerId::random());
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let local_peer_id = keypair.public().to_peer_id();
+        let cx = StorageContext { local_peer_id, data_dir: None };
         let storage =
             registry().build_storage("memory", &cx, &loaded.config.storage.to_value()).expect("memory builds");
-        let mut cx = cx;
-        cx.local_repo = Some(optimystic_core::StorageRepo::new(storage));
+        let routing = FixedRouting::new(local_peer_id, []);
+        let cx = KeyNetworkContext { local_peer_id, routing: routing.clone() };
+        let key_network =
+            registry().build_key_network("static", &cx, &loaded.config.key_network.to_value()).expect("static builds");
+        let cx = ConsensusContext {
+            keypair,
+            network: SimNet::new(1, SimConfig::default()).network(local_peer_id),
+            local_repo: optimystic_core::StorageRepo::new(storage),
+            key_network,
+            behind: Arc::new(NoBehind),
+        };
         registry()
             .build_consensus("solo", &cx, &loaded.config.consensus.to_value())
             .expect("solo accepts the defaults");
@@ -617,8 +642,8 @@ mod tests {
 
             // The shown storage options open the same directory as none at all.
             let dir = tempfile::tempdir().unwrap();
-            let mut cx = optimystic_core::registry::PluginContext::new(libp2p::PeerId::random());
-            cx.data_dir = Some(dir.path().to_path_buf());
+            let local_peer_id = libp2p::PeerId::random();
+            let cx = StorageContext { local_peer_id, data_dir: Some(dir.path().to_path_buf()) };
             for kind in ["lmdb", "file"] {
                 let flags = json!({"storage": {"kind": kind}});
                 let shown = load(None, &flags, &registry()).expect("valid").with_plugin_defaults(&registry());
@@ -629,6 +654,7 @@ mod tests {
             }
             let flags = json!({"key_network": {"kind": "static"}});
             let shown = load(None, &flags, &registry()).expect("valid").with_plugin_defaults(&registry());
+            let cx = KeyNetworkContext { local_peer_id, routing: FixedRouting::new(local_peer_id, []) };
             registry().build_key_network("static", &cx, &shown.key_network.to_value()).expect("defaults accepted");
             Ok(())
         });

@@ -28,7 +28,7 @@ use optimystic_core::model::{
 use optimystic_core::network::PeerNetwork;
 use optimystic_core::reads::ClusterReads;
 use optimystic_core::record::ClusterRecord;
-use optimystic_core::registry::{PluginContext, PluginError, Registry};
+use optimystic_core::registry::{ConsensusContext, KeyNetworkContext, PluginError, Registry, StorageContext};
 use optimystic_core::sync::CatchUp;
 use optimystic_core::sync::SyncServer;
 use optimystic_core::wire::{RepoMessage, RepoResponse};
@@ -265,8 +265,8 @@ impl Node {
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| NodeError::Config(format!("node.data_dir {}: {e}", data_dir.display())))?;
 
-        let mut cx = PluginContext::new(libp2p::PeerId::random());
-        cx.data_dir = Some(data_dir.clone());
+        // The identity is read after storage (a non-durable node never keeps one).
+        let cx = StorageContext { local_peer_id: libp2p::PeerId::random(), data_dir: Some(data_dir.clone()) };
         let storage = registry.build_storage(&config.storage.kind, &cx, &config.storage.to_value())?;
         let keypair: Keypair = if storage.durable() {
             identity::load_or_create(&data_dir)?
@@ -307,7 +307,7 @@ impl Node {
             }
         };
 
-        match Self::compose(config, registry, cx, keypair, storage.clone(), local, host.clone()).await {
+        match Self::compose(config, registry, keypair, storage.clone(), local, host.clone()).await {
             Ok(node) => Ok(node),
             Err(e) => {
                 host.shutdown().await;
@@ -320,7 +320,6 @@ impl Node {
     async fn compose(
         config: &NodeConfig,
         registry: &Registry,
-        mut cx: PluginContext,
         keypair: Keypair,
         storage: Arc<dyn RawStorage>,
         local: StorageRepo,
@@ -328,19 +327,19 @@ impl Node {
     ) -> Result<Self, NodeError> {
         let network: Arc<dyn PeerNetwork> = Arc::new(host.clone());
         let routing: Arc<dyn PeerRouting> = Arc::new(host.clone());
-        cx.local_peer_id = host.local_peer_id();
-        cx.keypair = Some(keypair);
-        cx.network = Some(network.clone());
-        cx.routing = Some(routing);
-        cx.storage = Some(storage.clone());
-        cx.local_repo = Some(local.clone());
+        let cx = KeyNetworkContext { local_peer_id: host.local_peer_id(), routing };
         let key_network: Arc<dyn KeyNetwork> =
             registry.build_key_network(&config.key_network.kind, &cx, &config.key_network.to_value())?;
-        cx.key_network = Some(key_network.clone());
         let (behind_tx, behind_rx) = tokio::sync::mpsc::channel(MAX_BEHIND_QUEUE);
         let behind_queued = Arc::new(std::sync::Mutex::new(HashSet::new()));
         let behind: Arc<dyn BehindSink> = Arc::new(BehindQueue { tx: behind_tx, queued: behind_queued.clone() });
-        cx.behind = Some(behind.clone());
+        let cx = ConsensusContext {
+            keypair,
+            network: network.clone(),
+            local_repo: local.clone(),
+            key_network: key_network.clone(),
+            behind: behind.clone(),
+        };
         let consensus = registry.build_consensus(&config.consensus.kind, &cx, &config.consensus.to_value())?;
         // SPEC 2.1: on a cluster member a read never writes storage.
         let read_local = local.with_read_promotion(consensus.read_promotion());

@@ -17,7 +17,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
 use optimystic_core::client::RepoClient;
 use optimystic_core::keynet::PeerRouting;
 use optimystic_core::network::{NetworkError, PeerNetwork, ProtocolKind};
-use optimystic_core::registry::{PluginContext, Registry};
+use optimystic_core::registry::{KeyNetworkContext, Registry};
 use optimystic_core::time::now_ms;
 use optimystic_core::{
     Block, BlockGets, BlockId, CommitRequest, CommitResult, GetBlockResults, MessageOptions, PendPolicy, PendRequest,
@@ -198,8 +198,10 @@ async fn five_nodes_agree_on_clusters_with_the_static_ranking() {
         let mut kademlia = Vec::new();
         let mut fixed = Vec::new();
         for host in &hosts {
-            let mut cx = PluginContext::new(host.local_peer_id());
-            cx.routing = Some(Arc::new(host.clone()) as Arc<dyn PeerRouting>);
+            let cx = KeyNetworkContext {
+                local_peer_id: host.local_peer_id(),
+                routing: Arc::new(host.clone()) as Arc<dyn PeerRouting>,
+            };
             kademlia.push(
                 registry.build_key_network("kademlia", &cx, &json!({"kind": "kademlia", "cluster_size": 3})).unwrap(),
             );

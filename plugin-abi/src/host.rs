@@ -18,7 +18,7 @@ use super::{
 };
 use optimystic_core::error::StorageError;
 use optimystic_core::model::{BlockId, Transform, TrxId, TrxRev};
-use optimystic_core::registry::{PluginContext, PluginError};
+use optimystic_core::registry::{PluginError, StorageContext};
 use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
 
 /// The longest plugin name, in bytes.
@@ -202,7 +202,7 @@ impl StorageLibrary {
     /// plugin's `open` on the calling thread (it may block). Fails with
     /// [`PluginError::Config`] when the data directory is not UTF-8 and with
     /// [`PluginError::Storage`] when the plugin fails (a panic included).
-    pub fn open(&self, cx: &PluginContext, config: &Value) -> Result<DynamicStorage, PluginError> {
+    pub fn open(&self, cx: &StorageContext, config: &Value) -> Result<DynamicStorage, PluginError> {
         let data_dir = match &cx.data_dir {
             Some(dir) => Some(
                 dir.to_str()

@@ -21,8 +21,9 @@ use super::{
 use optimystic_core::error::StorageError;
 use optimystic_core::storage::RawStorage;
 
-/// What the node tells a dynamic storage plugin when it opens it (the part of
-/// [`PluginContext`](optimystic_core::registry::PluginContext) that can cross the library boundary).
+/// What the node tells a dynamic storage plugin when it opens it (the
+/// [`StorageContext`](optimystic_core::registry::StorageContext), as it crosses the library
+/// boundary).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DynamicContext {
     /// The node's peer id (base58).

@@ -35,8 +35,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use optimystic_core::StorageError;
 use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys, scan_map};
-use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::registry::{PluginConfig, PluginDescriptor, PluginError, StorageContext, parse_config};
 use optimystic_core::storage::RawStorage;
+use serde::Deserialize;
 use serde_json::Value;
 
 /// The name configuration uses to pick this engine (`[storage] kind = "example-wal"`).
@@ -256,35 +257,42 @@ impl KvStore for WalKv {
     }
 }
 
-/// Builds the engine from its configuration section (the `[storage]` table of the node config):
-/// `null`, or an object with `kind` (the plugin name the node used to pick this builder) and an
-/// optional `path` (the log file; a relative one is under the node's data directory; default
-/// `<data dir>/example-wal.log`). Anything else is refused with [`PluginError::Config`], so a
-/// typo in a config file fails loudly at start-up instead of being ignored.
-pub fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
+/// The engine's options: its configuration section (the `[storage]` table of the node config)
+/// less `kind`, the plugin name the node used to pick this builder. `deny_unknown_fields` refuses
+/// any other key with [`PluginError::Config`], so a typo in a config file fails loudly at start-up
+/// instead of being ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalConfig {
+    /// The log file; a relative one is under the node's data directory; default
+    /// `<data dir>/example-wal.log`.
+    pub path: Option<PathBuf>,
+}
+
+impl PluginConfig for WalConfig {
+    fn validate(&self) -> Result<(), PluginError> {
+        match &self.path {
+            Some(path) if path.as_os_str().is_empty() => Err(PluginError::Config {
+                plugin: format!("storage {PLUGIN_NAME}"),
+                message: "`path` must be a non-empty string".to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Builds the engine from its configuration section ([`WalConfig`]).
+pub fn build(cx: &StorageContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
     let path = log_path(cx, config)?;
     Ok(Arc::new(WalStorage::over(WalKv::open(path)?)))
 }
 
-/// The log file the configuration names; see [`build`].
-pub fn log_path(cx: &PluginContext, config: &Value) -> Result<PathBuf, PluginError> {
-    let error = |message: String| PluginError::Config { plugin: format!("storage {PLUGIN_NAME}"), message };
-    let mut path = None;
-    match config {
-        Value::Null => {}
-        Value::Object(map) => {
-            for (key, value) in map {
-                match (key.as_str(), value) {
-                    ("kind", _) => {}
-                    ("path", Value::String(p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
-                    ("path", other) => return Err(error(format!("path must be a non-empty string, got {other}"))),
-                    (unknown, _) => return Err(error(format!("unknown option {unknown:?}; known options: path"))),
-                }
-            }
-        }
-        other => return Err(error(format!("expected an object, got {other}"))),
-    }
-    match (path, &cx.data_dir) {
+/// The log file the configuration names; see [`WalConfig`].
+pub fn log_path(cx: &StorageContext, config: &Value) -> Result<PathBuf, PluginError> {
+    let plugin = format!("storage {PLUGIN_NAME}");
+    let config: WalConfig = parse_config(&plugin, config)?;
+    let error = |message: String| PluginError::Config { plugin: plugin.clone(), message };
+    match (config.path, &cx.data_dir) {
         (Some(path), Some(dir)) if path.is_relative() => Ok(dir.join(path)),
         (Some(path), _) => Ok(path),
         (None, Some(dir)) => Ok(dir.join(DEFAULT_FILE)),
@@ -312,8 +320,7 @@ mod tests {
     #[test]
     fn registered_under_its_name() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cx = PluginContext::new(PeerId::random());
-        cx.data_dir = Some(dir.path().to_path_buf());
+        let cx = StorageContext { local_peer_id: PeerId::random(), data_dir: Some(dir.path().to_path_buf()) };
         let storage =
             Registry::linked().build_storage(PLUGIN_NAME, &cx, &json!({ "kind": PLUGIN_NAME })).expect("build");
         assert!(storage.durable());
@@ -322,7 +329,7 @@ mod tests {
 
     #[test]
     fn config_is_validated() {
-        let mut cx = PluginContext::new(PeerId::random());
+        let mut cx = StorageContext { local_peer_id: PeerId::random(), data_dir: None };
         assert!(matches!(log_path(&cx, &Value::Null), Err(PluginError::Config { .. })), "no path, no data dir");
         assert_eq!(log_path(&cx, &json!({ "path": "/tmp/x.log" })).unwrap(), PathBuf::from("/tmp/x.log"));
         cx.data_dir = Some(PathBuf::from("/data"));

@@ -20,10 +20,12 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use optimystic_core::registry::{PluginConfig, PluginError, parse_config};
 use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage, StorageStats};
 use optimystic_core::{BlockId, StorageError, Transform, TrxId, TrxRev};
 use optimystic_plugin_abi::DynamicContext;
 use optimystic_storage_memory::MemoryStorage;
+use serde::Deserialize;
 use serde_json::Value;
 
 /// The name the plugin registers.
@@ -51,6 +53,27 @@ pub const PANIC_POINTS: &[&str] = &[
     "close",
 ];
 
+/// The options: `panic_on`, one of [`PANIC_POINTS`] (the section's `kind`, the selector the node
+/// leaves in it, is skipped; any other key is refused).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExampleConfig {
+    /// The call to panic in.
+    pub panic_on: Option<String>,
+}
+
+impl PluginConfig for ExampleConfig {
+    fn validate(&self) -> Result<(), PluginError> {
+        match &self.panic_on {
+            Some(op) if !PANIC_POINTS.contains(&op.as_str()) => Err(PluginError::Config {
+                plugin: format!("storage {NAME}"),
+                message: format!("panic_on {op:?} is not one of {}", PANIC_POINTS.join(", ")),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The example engine: a [`MemoryStorage`], optionally panicking in one operation.
 #[derive(Debug, Clone, Default)]
 pub struct ExampleStorage {
@@ -59,32 +82,13 @@ pub struct ExampleStorage {
 }
 
 impl ExampleStorage {
-    /// Reads the configuration section: `null` or an object whose only keys are `kind` (the
-    /// selector the node leaves in the section) and `panic_on` (one of [`PANIC_POINTS`]). Anything
-    /// else is [`StorageError::Invalid`].
+    /// Reads the configuration section ([`ExampleConfig`]); anything it refuses is
+    /// [`StorageError::Invalid`] (a plugin's errors cross the library boundary as storage errors).
     pub fn from_config(config: &Value) -> Result<Self, StorageError> {
-        let invalid = |message: String| StorageError::Invalid(format!("storage {NAME}: {message}"));
-        let mut storage = Self::default();
-        let options = match config {
-            Value::Null => return Ok(storage),
-            Value::Object(options) => options,
-            other => return Err(invalid(format!("the configuration must be a table, got {other}"))),
-        };
-        for (key, value) in options {
-            match (key.as_str(), value) {
-                ("kind", _) => {}
-                ("panic_on", Value::String(op)) => {
-                    let point = PANIC_POINTS
-                        .iter()
-                        .find(|p| **p == op.as_str())
-                        .ok_or_else(|| invalid(format!("panic_on {op:?} is not one of {}", PANIC_POINTS.join(", "))))?;
-                    storage.panic_on = Some(point);
-                }
-                ("panic_on", other) => return Err(invalid(format!("panic_on must be a string, got {other}"))),
-                (other, _) => return Err(invalid(format!("unknown option {other:?}"))),
-            }
-        }
-        Ok(storage)
+        let config: ExampleConfig =
+            parse_config(&format!("storage {NAME}"), config).map_err(|e| StorageError::Invalid(e.to_string()))?;
+        let panic_on = config.panic_on.and_then(|op| PANIC_POINTS.iter().copied().find(|p| *p == op));
+        Ok(Self { panic_on, ..Self::default() })
     }
 
     /// Panics when configured to in `op`.

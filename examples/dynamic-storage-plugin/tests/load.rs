@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use optimystic_core::identity::PeerId;
-use optimystic_core::registry::{PluginContext, PluginError, PluginKind, Registry};
+use optimystic_core::registry::{PluginError, PluginKind, Registry, StorageContext};
 use optimystic_core::storage::{BlockCommit, RawStorage};
 use optimystic_core::{Block, BlockId, StorageError, Transform, TrxId, TrxRev};
 use optimystic_dynamic_loader::{load_all, load_plugin};
@@ -41,8 +41,8 @@ fn registry() -> &'static Registry {
     })
 }
 
-fn context() -> PluginContext {
-    PluginContext::new(PeerId::random())
+fn context() -> StorageContext {
+    StorageContext { local_peer_id: PeerId::random(), data_dir: None }
 }
 
 fn open(config: Value) -> Result<Arc<dyn RawStorage>, PluginError> {
@@ -169,7 +169,7 @@ fn a_panicking_open_becomes_an_error() {
 fn invalid_configuration_is_refused_by_the_plugin() {
     match open(json!({"colour": "blue"})) {
         Err(PluginError::Storage(StorageError::Invalid(message))) => {
-            assert!(message.contains("unknown option \"colour\""), "{message}");
+            assert!(message.contains("unknown field `colour`"), "{message}");
         }
         other => panic!("expected an invalid-configuration error, got {other:?}"),
     }

@@ -1,15 +1,17 @@
 //! Configuration of the majority two-phase commit, parsed from the `[consensus]` section.
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use optimystic_core::registry::PluginError;
+use optimystic_core::registry::{PluginConfig, PluginError, parse_config};
 use optimystic_core::wire::MAX_RECORD_OPERATIONS;
 
 /// The plugin name used in configuration and error messages.
 pub(crate) const PLUGIN: &str = "consensus majority-2pc";
 
 /// How many of a record's `n` peers must vote approve.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "Value")]
 pub enum Threshold {
     /// `floor(n / 2) + 1`.
     Majority,
@@ -58,34 +60,49 @@ impl Threshold {
         }
     }
 
-    fn parse(key: &str, value: &Value, promise: bool) -> Result<Self, PluginError> {
-        let bad = |message: String| config_error(format!("{key}: {message}"));
-        match value {
+    /// Refuses a threshold that cannot be a quorum: a count below 2, or a fraction outside
+    /// `(0.5, 1]`. `promise` says which of the two `key` is (their messages differ).
+    fn check(&self, key: &str, promise: bool) -> Result<(), PluginError> {
+        let bad = |message: String| Err(config_error(format!("{key}: {message}")));
+        match *self {
+            Self::Majority => Ok(()),
+            Self::Count(0) => bad("a count threshold must be at least 1".into()),
+            Self::Count(1) => bad("a count of 1 is below a majority of any cluster of 2 or more (SPEC 4.13)".into()),
+            Self::Count(_) => Ok(()),
+            Self::Fraction(f) if f > 0.5 && f <= 1.0 => Ok(()),
+            Self::Fraction(f) if promise => {
+                bad(format!("a promise fraction must be in (0.5, 1] so that two quorums always share a peer, got {f}"))
+            }
+            Self::Fraction(f) => bad(format!(
+                "a commit fraction must be in (0.5, 1]: an acknowledged write must be on a majority (SPEC 4.13), got {f}"
+            )),
+        }
+    }
+}
+
+impl TryFrom<Value> for Threshold {
+    type Error = String;
+
+    /// `"majority"`, a whole number (a count) or any other number (a fraction); the range is
+    /// checked by [`MajorityConfig::validate`].
+    fn try_from(value: Value) -> Result<Self, String> {
+        match &value {
             Value::String(s) if s == "majority" => Ok(Self::Majority),
-            Value::Number(n) if n.is_u64() => match n.as_u64() {
-                Some(0) | None => Err(bad("a count threshold must be at least 1".into())),
-                Some(1) => Err(bad("a count of 1 is below a majority of any cluster of 2 or more (SPEC 4.13)".into())),
-                Some(count) => {
-                    usize::try_from(count).map(Self::Count).map_err(|_| bad(format!("{count} is too large")))
+            Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+                (Some(count), _) => {
+                    usize::try_from(count).map(Self::Count).map_err(|_| format!("{count} is too large"))
                 }
+                (None, Some(fraction)) => Ok(Self::Fraction(fraction)),
+                (None, None) => Err("not a number".into()),
             },
-            Value::Number(n) => match n.as_f64() {
-                Some(f) if f > 0.5 && f <= 1.0 => Ok(Self::Fraction(f)),
-                Some(f) if promise => Err(bad(format!(
-                    "a promise fraction must be in (0.5, 1] so that two quorums always share a peer, got {f}"
-                ))),
-                Some(f) => Err(bad(format!(
-                    "a commit fraction must be in (0.5, 1]: an acknowledged write must be on a majority (SPEC 4.13), got {f}"
-                ))),
-                None => Err(bad("not a number".into())),
-            },
-            other => Err(bad(format!("expected \"majority\", a count >= 1 or a fraction, got {other}"))),
+            other => Err(format!("expected \"majority\", a count >= 1 or a fraction, got {other}")),
         }
     }
 }
 
 /// Tunables of the majority two-phase commit. Every duration is in milliseconds.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MajorityConfig {
     /// Approving promises needed to decide a record (default majority; never below a majority).
     pub promise_threshold: Threshold,
@@ -219,50 +236,44 @@ pub const MAX_RECORDS_IN_FLIGHT: usize = 1_024;
 const MAX_TIMEOUT_MS: u64 = 60 * 60 * 1_000;
 const MAX_RETRY_ATTEMPTS: u32 = 100;
 const MAX_RETENTION_MS: u64 = 365 * 24 * 60 * 60 * 1_000;
+const MAX_COUNT: u64 = 1 << 32;
+
+impl PluginConfig for MajorityConfig {
+    fn validate(&self) -> Result<(), PluginError> {
+        MajorityConfig::validate(self)
+    }
+}
 
 impl MajorityConfig {
     /// Parses the configuration section (`{"kind": "majority-2pc", ...}`); absent keys keep their
     /// defaults, unknown keys and out-of-range values are [`PluginError::Config`] errors naming
     /// the key.
     pub fn from_value(config: &Value) -> Result<Self, PluginError> {
-        let empty = Map::new();
-        let map = match config {
-            Value::Object(map) => map,
-            Value::Null => &empty,
-            other => return Err(config_error(format!("expected a table, got {other}"))),
-        };
-        let mut out = Self::default();
-        for (key, value) in map {
-            match key.as_str() {
-                "kind" => {}
-                "promise_threshold" => out.promise_threshold = Threshold::parse(key, value, true)?,
-                "commit_threshold" => out.commit_threshold = Threshold::parse(key, value, false)?,
-                "record_timeout_ms" => out.record_timeout_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
-                "request_timeout_ms" => out.request_timeout_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
-                "grace_ms" => out.grace_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
-                "retry_attempts" => {
-                    out.retry_attempts = u32::try_from(millis(key, value, 0, u64::from(MAX_RETRY_ATTEMPTS))?)
-                        .map_err(|_| config_error(format!("{key}: out of range")))?;
-                }
-                "retry_base_ms" => out.retry_base_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
-                "retry_max_ms" => out.retry_max_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
-                "recovery_backoff_max_ms" => out.recovery_backoff_max_ms = millis(key, value, 1, MAX_TIMEOUT_MS)?,
-                "max_reservations" => out.max_reservations = count(key, value)?,
-                "max_reservations_per_sender" => out.max_reservations_per_sender = count(key, value)?,
-                "max_recovery_queries_in_flight" => out.max_recovery_queries_in_flight = count(key, value)?,
-                "marker_retention_ms" => out.marker_retention_ms = millis(key, value, 1, MAX_RETENTION_MS)?,
-                "max_batch_ops" => out.max_batch_ops = bounded(key, value, 1, MAX_RECORD_OPERATIONS)?,
-                "max_batch_bytes" => out.max_batch_bytes = bounded(key, value, MIN_BATCH_BYTES, MAX_BATCH_BYTES)?,
-                "max_records_in_flight" => out.max_records_in_flight = bounded(key, value, 1, MAX_RECORDS_IN_FLIGHT)?,
-                other => return Err(config_error(format!("unknown option {other:?}"))),
-            }
-        }
-        out.validate()?;
-        Ok(out)
+        parse_config(PLUGIN, config)
     }
 
-    /// Checks the relations between values (the parser checks each value alone).
+    /// Checks each value's range and the relations between values.
     pub fn validate(&self) -> Result<(), PluginError> {
+        self.promise_threshold.check("promise_threshold", true)?;
+        self.commit_threshold.check("commit_threshold", false)?;
+        let size = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        for (key, value, min, max) in [
+            ("record_timeout_ms", self.record_timeout_ms, 1, MAX_TIMEOUT_MS),
+            ("request_timeout_ms", self.request_timeout_ms, 1, MAX_TIMEOUT_MS),
+            ("grace_ms", self.grace_ms, 1, MAX_TIMEOUT_MS),
+            ("retry_attempts", u64::from(self.retry_attempts), 0, u64::from(MAX_RETRY_ATTEMPTS)),
+            ("retry_base_ms", self.retry_base_ms, 1, MAX_TIMEOUT_MS),
+            ("retry_max_ms", self.retry_max_ms, 1, MAX_TIMEOUT_MS),
+            ("recovery_backoff_max_ms", self.recovery_backoff_max_ms, 1, MAX_TIMEOUT_MS),
+            ("max_reservations", size(self.max_reservations), 1, MAX_COUNT),
+            ("max_reservations_per_sender", size(self.max_reservations_per_sender), 1, MAX_COUNT),
+            ("max_recovery_queries_in_flight", size(self.max_recovery_queries_in_flight), 1, MAX_COUNT),
+            ("marker_retention_ms", self.marker_retention_ms, 1, MAX_RETENTION_MS),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(config_error(format!("{key}: {value} is outside {min}..={max}")));
+            }
+        }
         if self.retry_base_ms > self.retry_max_ms {
             return Err(config_error(format!(
                 "retry_base_ms ({}) exceeds retry_max_ms ({})",
@@ -317,25 +328,6 @@ impl MajorityConfig {
 
         Ok(())
     }
-}
-
-fn millis(key: &str, value: &Value, min: u64, max: u64) -> Result<u64, PluginError> {
-    match value.as_u64() {
-        Some(v) if (min..=max).contains(&v) => Ok(v),
-        Some(v) => Err(config_error(format!("{key}: {v} is outside {min}..={max}"))),
-        None => Err(config_error(format!("{key}: expected a non-negative integer, got {value}"))),
-    }
-}
-
-fn bounded(key: &str, value: &Value, min: usize, max: usize) -> Result<usize, PluginError> {
-    let (low, high) = (u64::try_from(min).unwrap_or(u64::MAX), u64::try_from(max).unwrap_or(u64::MAX));
-    let v = millis(key, value, low, high)?;
-    usize::try_from(v).map_err(|_| config_error(format!("{key}: {v} is too large")))
-}
-
-fn count(key: &str, value: &Value) -> Result<usize, PluginError> {
-    let v = millis(key, value, 1, 1 << 32)?;
-    usize::try_from(v).map_err(|_| config_error(format!("{key}: {v} is too large")))
 }
 
 #[cfg(test)]
@@ -433,7 +425,7 @@ mod tests {
             (json!({"max_batch_ops": 64, "max_reservations_per_sender": 10}), "max_batch_ops"),
             (json!({"max_batch_bytes": 100}), "max_batch_bytes"),
             (json!({"max_records_in_flight": 0}), "max_records_in_flight"),
-            (json!({"colour": "blue"}), "unknown option"),
+            (json!({"colour": "blue"}), "unknown field `colour`"),
             (json!([1]), "expected a table"),
         ] {
             let e = MajorityConfig::from_value(&bad).unwrap_err().to_string();

@@ -128,7 +128,7 @@ use optimystic_core::identity::{Keypair, PeerId};
 use optimystic_core::keynet::{ClusterPeers, KeyNetwork};
 use optimystic_core::network::PeerNetwork;
 use optimystic_core::record::ClusterRecord;
-use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::registry::{ConsensusContext, PluginDescriptor, PluginError};
 use optimystic_core::wire::{RepoMessage, RepoResponse};
 use optimystic_core::{BlockId, RepoError, StorageRepo};
 use serde_json::Value;
@@ -299,19 +299,18 @@ impl Consensus for MajorityConsensus {
     }
 }
 
-fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
+fn build(cx: &ConsensusContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
     let config = MajorityConfig::from_value(config)?;
-    if let Some(key_network) = &cx.key_network {
-        config.promise_threshold.check_cluster_size("promise_threshold", key_network.cluster_size())?;
-        config.commit_threshold.check_cluster_size("commit_threshold", key_network.cluster_size())?;
-    }
+    let cluster_size = cx.key_network.cluster_size();
+    config.promise_threshold.check_cluster_size("promise_threshold", cluster_size)?;
+    config.commit_threshold.check_cluster_size("commit_threshold", cluster_size)?;
     let deps = MajorityDeps {
-        keypair: cx.require(&cx.keypair, "the node's identity key pair")?.clone(),
-        network: cx.require(&cx.network, "the peer network")?.clone(),
-        local: cx.require(&cx.local_repo, "a local repository")?.clone(),
-        key_network: cx.key_network.clone(),
+        keypair: cx.keypair.clone(),
+        network: cx.network.clone(),
+        local: cx.local_repo.clone(),
+        key_network: Some(cx.key_network.clone()),
         clock: system_clock(),
-        behind: cx.behind.clone(),
+        behind: Some(cx.behind.clone()),
     };
     Ok(Arc::new(MajorityConsensus::new(config, deps)?))
 }

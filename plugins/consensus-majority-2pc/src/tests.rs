@@ -13,7 +13,7 @@ use optimystic_core::identity::{Keypair, PeerId};
 use optimystic_core::keynet::{ClusterPeers, PeerInfo};
 use optimystic_core::model::{CommitRequest, CommitResult, PendPolicy, PendRequest, PendResult};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
-use optimystic_core::registry::{PluginContext, Registry};
+use optimystic_core::registry::{ConsensusContext, Registry};
 use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
 use optimystic_core::{Block, BlockId, ErrorCode, RawStorage, StorageError, Transforms, TrxId};
 use optimystic_storage_memory::MemoryStorage;
@@ -224,17 +224,25 @@ async fn registers_and_builds_from_the_node_context() {
     let sim = SimNet::new(1, SimConfig::default());
     let keypair = Keypair::generate_ed25519();
     let me = keypair.public().to_peer_id();
-    let mut cx = PluginContext::new(me);
+    let mut cx = ConsensusContext {
+        keypair,
+        network: sim.network(me),
+        local_repo: StorageRepo::new(Arc::new(MemoryStorage::new())),
+        key_network: Arc::new(Seen(vec![me])),
+        behind: Arc::new(NoBehind),
+    };
     let registry = Registry::linked();
     let kind = json!({"kind": "majority-2pc"});
-    assert!(matches!(registry.build_consensus("majority-2pc", &cx, &kind), Err(PluginError::Missing(_))));
-    cx.keypair = Some(keypair);
-    cx.network = Some(sim.network(me));
-    cx.local_repo = Some(StorageRepo::new(Arc::new(MemoryStorage::new())));
     registry.build_consensus("majority-2pc", &cx, &kind).unwrap();
     let bad = json!({"kind": "majority-2pc", "commit_threshold": 0});
     assert!(matches!(registry.build_consensus("majority-2pc", &cx, &bad), Err(PluginError::Config { .. })));
-    cx.network = Some(sim.network(PeerId::random()));
+    // A count below a majority of the key network's clusters is refused.
+    let two = json!({"kind": "majority-2pc", "commit_threshold": 2});
+    registry.build_consensus("majority-2pc", &cx, &two).unwrap();
+    cx.key_network = Arc::new(Seen((0..5).map(|_| PeerId::random()).collect()));
+    let e = registry.build_consensus("majority-2pc", &cx, &two).unwrap_err();
+    assert!(e.to_string().contains("below a majority of the cluster size 5"), "{e}");
+    cx.network = sim.network(PeerId::random());
     let e = registry.build_consensus("majority-2pc", &cx, &kind).unwrap_err();
     assert!(e.to_string().contains("is not the network's"), "{e}");
 }
@@ -511,6 +519,14 @@ async fn a_cancelled_pend_never_comes_back() {
     assert_eq!(vote.r#type, VoteType::Reject);
     assert!(vote.reject_reason.as_deref().unwrap().contains("cancelled"), "{vote:?}");
     assert!(m.local.storage().pending(&x(), &trx("t6")).await.unwrap().is_none());
+}
+
+/// Behind reports, dropped (these tests run no catch-up).
+#[derive(Debug)]
+struct NoBehind;
+
+impl optimystic_core::consensus::BehindSink for NoBehind {
+    fn behind(&self, _block_id: &BlockId) {}
 }
 
 /// A key network seeing exactly `peers`.

@@ -8,7 +8,7 @@ use optimystic_core::consensus::Consensus;
 use optimystic_core::identity::PeerId;
 use optimystic_core::keynet::ClusterPeers;
 use optimystic_core::record::ClusterRecord;
-use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::registry::{ConsensusContext, PluginConfig, PluginDescriptor, PluginError, parse_config};
 use optimystic_core::wire::{RepoMessage, RepoResponse};
 use optimystic_core::{ReadPromotion, RepoError, StorageRepo};
 use serde_json::Value;
@@ -46,17 +46,20 @@ impl Consensus for SoloConsensus {
     }
 }
 
-fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
-    if let Value::Object(map) = config
-        && let Some(key) = map.keys().find(|k| k.as_str() != "kind")
-    {
-        return Err(PluginError::Config {
-            plugin: "consensus solo".into(),
-            message: format!("unknown option {key:?}"),
-        });
+/// `consensus solo` takes no options.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SoloConfig {}
+
+impl PluginConfig for SoloConfig {
+    fn validate(&self) -> Result<(), PluginError> {
+        Ok(())
     }
-    let local = cx.require(&cx.local_repo, "a local repository")?.clone();
-    Ok(Arc::new(SoloConsensus::new(local)))
+}
+
+fn build(cx: &ConsensusContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
+    parse_config::<SoloConfig>("consensus solo", config)?;
+    Ok(Arc::new(SoloConsensus::new(cx.local_repo.clone())))
 }
 
 optimystic_core::inventory::submit! {

@@ -8,7 +8,7 @@
 //! changes, so a view that changes with churn changes the answer.
 //!
 //! Configuration: `{"kind": "kademlia", "cluster_size": 3, "cache_ttl_ms": 2000}`, both optional;
-//! `cache_ttl_ms = 0` disables the cache. Needs the host's routing ([`PluginContext::routing`]).
+//! `cache_ttl_ms = 0` disables the cache. Works over the host's routing ([`KeyNetworkContext::routing`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use optimystic_core::BlockId;
 use optimystic_core::identity::PeerId;
-use optimystic_core::keynet::{ClusterPeers, KeyNetwork, KeyNetworkError, PeerRouting, block_key, rank_peers};
-use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::keynet::{
+    ClusterPeers, ClusterSize, KeyNetwork, KeyNetworkError, PeerRouting, block_key, rank_peers,
+};
+pub use optimystic_core::keynet::{DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE};
+use optimystic_core::registry::{KeyNetworkContext, PluginConfig, PluginDescriptor, PluginError, parse_config};
+use serde::Deserialize;
 use serde_json::Value;
 
-/// Cluster size when the configuration names none (SPEC 4).
-pub const DEFAULT_CLUSTER_SIZE: usize = 3;
-/// The largest accepted cluster size.
-pub const MAX_CLUSTER_SIZE: usize = 256;
 /// How long a computed cluster is reused when the configuration names no TTL.
 pub const DEFAULT_CACHE_TTL_MS: u64 = 2_000;
 /// The largest accepted cache TTL.
@@ -77,38 +77,8 @@ impl KademliaKeyNetwork {
 
     /// Builds from the plugin's configuration section (see the crate documentation).
     pub fn from_config(routing: Arc<dyn PeerRouting>, config: &Value) -> Result<Self, PluginError> {
-        let config_error = |message: String| PluginError::Config { plugin: PLUGIN.to_owned(), message };
-        let map = match config {
-            Value::Null => return Ok(Self::new(routing, DEFAULT_CLUSTER_SIZE, DEFAULT_CACHE_TTL_MS)),
-            Value::Object(map) => map,
-            other => return Err(config_error(format!("expected a table, got {other}"))),
-        };
-        if let Some(unknown) = map.keys().find(|k| !["kind", "cluster_size", "cache_ttl_ms"].contains(&k.as_str())) {
-            return Err(config_error(format!("unknown option {unknown:?}")));
-        }
-        let cluster_size = match map.get("cluster_size") {
-            None | Some(Value::Null) => DEFAULT_CLUSTER_SIZE,
-            Some(v) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
-                Some(n) if (1..=MAX_CLUSTER_SIZE).contains(&n) => n,
-                _ => {
-                    return Err(config_error(format!(
-                        "cluster_size {v} must be an integer between 1 and {MAX_CLUSTER_SIZE}"
-                    )));
-                }
-            },
-        };
-        let cache_ttl_ms = match map.get("cache_ttl_ms") {
-            None | Some(Value::Null) => DEFAULT_CACHE_TTL_MS,
-            Some(v) => match v.as_u64() {
-                Some(ms) if ms <= MAX_CACHE_TTL_MS => ms,
-                _ => {
-                    return Err(config_error(format!(
-                        "cache_ttl_ms {v} must be an integer between 0 and {MAX_CACHE_TTL_MS}"
-                    )));
-                }
-            },
-        };
-        Ok(Self::new(routing, cluster_size, cache_ttl_ms))
+        let config: KademliaConfig = parse_config(PLUGIN, config)?;
+        Ok(Self::new(routing, config.cluster_size.get(), config.cache_ttl_ms))
     }
 
     fn cached(&self, block_id: &BlockId, epoch: u64) -> Option<Cached> {
@@ -231,9 +201,34 @@ impl KeyNetwork for KademliaKeyNetwork {
     }
 }
 
-fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> {
-    let routing = cx.require(&cx.routing, "the DHT routing of the node host")?;
-    Ok(Arc::new(KademliaKeyNetwork::from_config(Arc::clone(routing), config)?))
+/// The configuration section (see the crate documentation).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct KademliaConfig {
+    cluster_size: ClusterSize,
+    cache_ttl_ms: u64,
+}
+
+impl Default for KademliaConfig {
+    fn default() -> Self {
+        Self { cluster_size: ClusterSize::default(), cache_ttl_ms: DEFAULT_CACHE_TTL_MS }
+    }
+}
+
+impl PluginConfig for KademliaConfig {
+    fn validate(&self) -> Result<(), PluginError> {
+        if self.cache_ttl_ms > MAX_CACHE_TTL_MS {
+            return Err(PluginError::Config {
+                plugin: PLUGIN.to_owned(),
+                message: format!("cache_ttl_ms {} must be between 0 and {MAX_CACHE_TTL_MS}", self.cache_ttl_ms),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn build(cx: &KeyNetworkContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> {
+    Ok(Arc::new(KademliaKeyNetwork::from_config(Arc::clone(&cx.routing), config)?))
 }
 
 /// The options' defaults.
@@ -373,10 +368,8 @@ mod tests {
             assert!(KademliaKeyNetwork::from_config(routing.clone(), &bad).is_err(), "{bad} accepted");
         }
 
-        let mut cx = PluginContext::new(routing.local);
+        let cx = KeyNetworkContext { local_peer_id: routing.local, routing: routing.clone() };
         let registry = Registry::linked();
-        assert!(matches!(registry.build_key_network("kademlia", &cx, &Value::Null), Err(PluginError::Missing(_))));
-        cx.routing = Some(routing.clone());
         assert_eq!(registry.build_key_network("kademlia", &cx, &json!({"cluster_size": 4})).unwrap().cluster_size(), 4);
 
         let declared = registry.defaults(PluginKind::KeyNetwork, "kademlia").unwrap().clone();

@@ -16,14 +16,14 @@ use async_trait::async_trait;
 use multiaddr::{Multiaddr, Protocol};
 use optimystic_core::BlockId;
 use optimystic_core::identity::PeerId;
-use optimystic_core::keynet::{ClusterPeers, KeyNetwork, KeyNetworkError, PeerInfo, block_key, rank_peers};
-use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::keynet::{
+    ClusterPeers, ClusterSize, KeyNetwork, KeyNetworkError, PeerInfo, block_key, rank_peers,
+};
+pub use optimystic_core::keynet::{DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE};
+use optimystic_core::registry::{KeyNetworkContext, PluginConfig, PluginDescriptor, PluginError, parse_config};
+use serde::Deserialize;
 use serde_json::Value;
 
-/// Cluster size when the configuration names none (SPEC 4).
-pub const DEFAULT_CLUSTER_SIZE: usize = 3;
-/// The largest accepted cluster size.
-pub const MAX_CLUSTER_SIZE: usize = 256;
 /// The largest accepted member list.
 pub const MAX_MEMBERS: usize = 4096;
 const PLUGIN: &str = "key-network static";
@@ -58,33 +58,13 @@ impl StaticKeyNetwork {
     /// Builds from the plugin's configuration section (see the crate documentation).
     pub fn from_config(local: PeerId, config: &Value) -> Result<Self, PluginError> {
         let config_error = |message: String| PluginError::Config { plugin: PLUGIN.to_owned(), message };
-        let Value::Object(map) = config else {
-            return Err(config_error(format!("expected a table with \"members\", got {config}")));
-        };
-        if let Some(unknown) = map.keys().find(|k| !["kind", "cluster_size", "members"].contains(&k.as_str())) {
-            return Err(config_error(format!("unknown option {unknown:?}")));
-        }
-        let cluster_size = cluster_size_option(map.get("cluster_size")).map_err(config_error)?;
-        let no_members = Vec::new();
-        let entries = match map.get("members") {
-            // No list: this node alone (an embedded single node does not know its id beforehand).
-            None => &no_members,
-            Some(Value::Array(entries)) => entries,
-            Some(_) => {
-                return Err(config_error("\"members\" must be a list of peer ids or /p2p multiaddrs".to_owned()));
-            }
-        };
-        if entries.len() > MAX_MEMBERS {
-            return Err(config_error(format!("{} members; at most {MAX_MEMBERS}", entries.len())));
-        }
+        let config: StaticConfig = parse_config(PLUGIN, config)?;
         let mut members = ClusterPeers::new();
-        if entries.is_empty() {
+        // No list: this node alone (an embedded single node does not know its id beforehand).
+        if config.members.is_empty() {
             members.insert(local, PeerInfo::default());
         }
-        for entry in entries {
-            let Value::String(text) = entry else {
-                return Err(config_error(format!("member {entry} is not a string")));
-            };
+        for text in &config.members {
             let (peer, addr) = parse_member(text).map_err(config_error)?;
             let info = members.entry(peer).or_default();
             if let Some(addr) = addr
@@ -93,7 +73,7 @@ impl StaticKeyNetwork {
                 info.multiaddrs.push(addr);
             }
         }
-        Self::new(local, members, cluster_size)
+        Self::new(local, members, config.cluster_size.get())
     }
 
     /// The members with their configured addresses.
@@ -107,15 +87,24 @@ impl StaticKeyNetwork {
     }
 }
 
-/// Reads `cluster_size`: absent means [`DEFAULT_CLUSTER_SIZE`]; otherwise an integer in
-/// `1..=MAX_CLUSTER_SIZE`.
-pub fn cluster_size_option(value: Option<&Value>) -> Result<usize, String> {
-    match value {
-        None | Some(Value::Null) => Ok(DEFAULT_CLUSTER_SIZE),
-        Some(v) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
-            Some(n) if (1..=MAX_CLUSTER_SIZE).contains(&n) => Ok(n),
-            _ => Err(format!("cluster_size {v} must be an integer between 1 and {MAX_CLUSTER_SIZE}")),
-        },
+/// The configuration section: `cluster_size` and the member list (peer ids or multiaddrs ending
+/// in `/p2p/<peer id>`, parsed by [`StaticKeyNetwork::from_config`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct StaticConfig {
+    cluster_size: ClusterSize,
+    members: Vec<String>,
+}
+
+impl PluginConfig for StaticConfig {
+    fn validate(&self) -> Result<(), PluginError> {
+        if self.members.len() > MAX_MEMBERS {
+            return Err(PluginError::Config {
+                plugin: PLUGIN.to_owned(),
+                message: format!("{} members; at most {MAX_MEMBERS}", self.members.len()),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -164,7 +153,7 @@ impl KeyNetwork for StaticKeyNetwork {
     }
 }
 
-fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> {
+fn build(cx: &KeyNetworkContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> {
     Ok(Arc::new(StaticKeyNetwork::from_config(cx.local_peer_id, config)?))
 }
 
@@ -187,6 +176,7 @@ mod tests {
 
     use optimystic_core::keynet::{distance, peer_key};
     use optimystic_core::registry::Registry;
+    use optimystic_testkit::routing::FixedRouting;
     use serde_json::json;
 
     use super::*;
@@ -257,7 +247,6 @@ mod tests {
         let members = peers(3);
         let local = members[0];
         let bad = [
-            json!(null),
             json!({"members": [members[1].to_string()]}),
             json!({"members": ["not-a-peer"]}),
             json!({"members": ["/ip4/127.0.0.1/tcp/1"]}),
@@ -277,7 +266,7 @@ mod tests {
     #[test]
     fn without_members_the_node_is_alone() {
         let local = peers(1)[0];
-        for config in [json!({"kind": "static"}), json!({"members": []})] {
+        for config in [json!(null), json!({"kind": "static"}), json!({"members": []})] {
             let net = StaticKeyNetwork::from_config(local, &config).expect("a cluster of one");
             assert_eq!(net.members().keys().copied().collect::<Vec<_>>(), vec![local], "{config}");
         }
@@ -286,7 +275,7 @@ mod tests {
     #[test]
     fn registered_as_key_network_static() {
         let members = peers(1);
-        let cx = PluginContext::new(members[0]);
+        let cx = KeyNetworkContext { local_peer_id: members[0], routing: FixedRouting::new(members[0], []) };
         let network = Registry::linked().build_key_network("static", &cx, &config(&members, 1)).unwrap();
         assert_eq!(network.cluster_size(), 1);
     }

@@ -22,10 +22,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::registry::{PluginConfig, PluginDescriptor, PluginError, StorageContext, parse_config};
 use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, RawStorage};
 use optimystic_core::{BlockId, StorageError, Transform, TrxId, TrxRev};
 use optimystic_datadir as datadir;
+use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::RwLock;
 
@@ -185,9 +186,22 @@ impl RawStorage for FileStorage {
     }
 }
 
-fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
-    let config = datadir::config_object(PLUGIN, config, &[])?;
-    let path = datadir::resolve_dir(PLUGIN, cx, &config, DEFAULT_SUBDIR)?;
+/// The configuration section (see the crate documentation).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    path: Option<PathBuf>,
+}
+
+impl PluginConfig for FileConfig {
+    fn validate(&self) -> Result<(), PluginError> {
+        datadir::check_path(PLUGIN, self.path.as_deref())
+    }
+}
+
+fn build(cx: &StorageContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
+    let config: FileConfig = parse_config(PLUGIN, config)?;
+    let path = datadir::resolve_dir(PLUGIN, cx.data_dir.as_deref(), config.path.as_deref(), DEFAULT_SUBDIR)?;
     Ok(Arc::new(FileStorage::open(path)?))
 }
 

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use optimystic_core::registry::{PluginContext, PluginError, Registry};
+use optimystic_core::registry::{PluginError, Registry, StorageContext};
 use optimystic_core::storage::{BlockCommit, RawStorage};
 use optimystic_core::{Block, BlockId, StorageError, Transform, TrxId, TrxRev};
 use optimystic_storage_file::{FileStorage, names};
@@ -253,7 +253,7 @@ fn registered_and_configured() {
     let registry = Registry::linked();
     assert!(registry.names(optimystic_core::registry::PluginKind::Storage).contains(&"file".to_owned()));
     let peer = optimystic_core::identity::PeerId::random();
-    let mut cx = PluginContext::new(peer);
+    let mut cx = StorageContext { local_peer_id: peer, data_dir: None };
     let no_dir = registry.build_storage("file", &cx, &json!({"kind": "file"}));
     assert!(matches!(no_dir, Err(PluginError::Config { .. })), "{no_dir:?}");
 
@@ -267,7 +267,7 @@ fn registered_and_configured() {
 
     let explicit = dir.path().join("elsewhere");
     let config = json!({"kind": "file", "path": explicit.to_str().unwrap()});
-    registry.build_storage("file", &PluginContext::new(peer), &config).unwrap();
+    registry.build_storage("file", &StorageContext { local_peer_id: peer, data_dir: None }, &config).unwrap();
     assert!(explicit.join("FORMAT").exists());
 
     let unknown = registry.build_storage("file", &cx, &json!({"kind": "file", "paht": "x"}));

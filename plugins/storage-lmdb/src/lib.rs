@@ -21,12 +21,14 @@
 mod env;
 mod store;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use optimystic_core::kv::KvBlockStorage;
-use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::registry::{PluginConfig, PluginDescriptor, PluginError, StorageContext, parse_config};
 use optimystic_core::storage::RawStorage;
 use optimystic_datadir as datadir;
+use serde::Deserialize;
 use serde_json::Value;
 
 pub use crate::store::{DEFAULT_MAP_SIZE, FORMAT_VERSION, LmdbKv, MAP_SIZE_GRANULE};
@@ -53,19 +55,44 @@ impl Default for LmdbOptions {
     }
 }
 
-fn build(cx: &PluginContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
-    let config = datadir::config_object(PLUGIN, config, &["map_size_bytes"])?;
-    let path = datadir::resolve_dir(PLUGIN, cx, &config, DEFAULT_SUBDIR)?;
-    let mut options = LmdbOptions::default();
-    if let Some(size) = config.get("map_size_bytes") {
-        options.map_size_bytes =
-            size.as_u64().filter(|s| *s > 0).and_then(|s| usize::try_from(s).ok()).ok_or_else(|| {
-                PluginError::Config {
-                    plugin: PLUGIN.to_owned(),
-                    message: format!("`map_size_bytes` must be a positive integer, got {size}"),
-                }
-            })?;
+/// The configuration section (see the crate documentation).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LmdbConfig {
+    path: Option<PathBuf>,
+    map_size_bytes: u64,
+}
+
+impl Default for LmdbConfig {
+    fn default() -> Self {
+        Self { path: None, map_size_bytes: u64::try_from(DEFAULT_MAP_SIZE).unwrap_or(u64::MAX) }
     }
+}
+
+impl LmdbConfig {
+    /// `map_size_bytes` as a size, `None` when it is 0 or does not fit in memory.
+    fn map_size(&self) -> Option<usize> {
+        usize::try_from(self.map_size_bytes).ok().filter(|size| *size > 0)
+    }
+}
+
+impl PluginConfig for LmdbConfig {
+    fn validate(&self) -> Result<(), PluginError> {
+        datadir::check_path(PLUGIN, self.path.as_deref())?;
+        match self.map_size() {
+            Some(_) => Ok(()),
+            None => Err(PluginError::Config {
+                plugin: PLUGIN.to_owned(),
+                message: format!("`map_size_bytes` must be a positive integer, got {}", self.map_size_bytes),
+            }),
+        }
+    }
+}
+
+fn build(cx: &StorageContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
+    let config: LmdbConfig = parse_config(PLUGIN, config)?;
+    let path = datadir::resolve_dir(PLUGIN, cx.data_dir.as_deref(), config.path.as_deref(), DEFAULT_SUBDIR)?;
+    let options = LmdbOptions { map_size_bytes: config.map_size().unwrap_or(DEFAULT_MAP_SIZE) };
     Ok(Arc::new(LmdbStorage::over(LmdbKv::open_with(path, options)?)))
 }
 

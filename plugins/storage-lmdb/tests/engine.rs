@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use optimystic_core::registry::{PluginContext, PluginError, PluginKind, Registry};
+use optimystic_core::registry::{PluginError, PluginKind, Registry, StorageContext};
 use optimystic_core::storage::{BlockCommit, RawStorage};
 use optimystic_core::{Block, BlockId, StorageError, Transform, TrxId, TrxRev};
 use optimystic_storage_lmdb::{FORMAT_VERSION, LmdbKv, LmdbOptions, LmdbStorage};
@@ -188,7 +188,7 @@ fn registered_and_configured() {
     let registry = Registry::linked();
     assert!(registry.names(PluginKind::Storage).contains(&"lmdb".to_owned()));
     let peer = optimystic_core::identity::PeerId::random();
-    let mut cx = PluginContext::new(peer);
+    let mut cx = StorageContext { local_peer_id: peer, data_dir: None };
     assert!(matches!(registry.build_storage("lmdb", &cx, &json!({"kind": "lmdb"})), Err(PluginError::Config { .. })));
 
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use optimystic_core::StorageError;
 use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys, scan_map};
-use optimystic_core::registry::{PluginContext, PluginDescriptor, PluginError};
+use optimystic_core::registry::{PluginConfig, PluginDescriptor, PluginError, StorageContext, parse_config};
 use optimystic_core::storage::RawStorage;
 use serde_json::Value;
 
@@ -103,17 +103,19 @@ impl KvStore for MemoryKv {
     }
 }
 
-fn build(_cx: &PluginContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
-    match config {
-        Value::Null => {}
-        Value::Object(map) if map.keys().all(|k| k == "kind") => {}
-        other => {
-            return Err(PluginError::Config {
-                plugin: "storage memory".into(),
-                message: format!("takes no options, got {other}"),
-            });
-        }
+/// `storage memory` takes no options.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemoryConfig {}
+
+impl PluginConfig for MemoryConfig {
+    fn validate(&self) -> Result<(), PluginError> {
+        Ok(())
     }
+}
+
+fn build(_cx: &StorageContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
+    parse_config::<MemoryConfig>("storage memory", config)?;
     Ok(Arc::new(MemoryStorage::new()))
 }
 
