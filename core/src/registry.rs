@@ -75,6 +75,17 @@ pub trait PluginConfig: DeserializeOwned {
     fn validate(&self) -> Result<(), PluginError>;
 }
 
+/// The options of a plugin that takes none: any key but `kind` is refused.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoOptions {}
+
+impl PluginConfig for NoOptions {
+    fn validate(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
 /// Reads the configuration section of the plugin `plugin` (its name in messages, such as
 /// `storage lmdb`): `null` is an empty section, `kind` (the plugin's name, which the node puts in
 /// the section) is skipped, every other key must be an option of `T`; then [`PluginConfig::validate`]

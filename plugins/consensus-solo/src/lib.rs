@@ -8,7 +8,7 @@ use optimystic_core::consensus::Consensus;
 use optimystic_core::identity::PeerId;
 use optimystic_core::keynet::ClusterPeers;
 use optimystic_core::record::ClusterRecord;
-use optimystic_core::registry::{ConsensusContext, PluginConfig, PluginDescriptor, PluginError, parse_config};
+use optimystic_core::registry::{ConsensusContext, NoOptions, PluginDescriptor, PluginError, parse_config};
 use optimystic_core::wire::{RepoMessage, RepoResponse};
 use optimystic_core::{ReadPromotion, RepoError, StorageRepo};
 use serde_json::Value;
@@ -46,19 +46,8 @@ impl Consensus for SoloConsensus {
     }
 }
 
-/// `consensus solo` takes no options.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SoloConfig {}
-
-impl PluginConfig for SoloConfig {
-    fn validate(&self) -> Result<(), PluginError> {
-        Ok(())
-    }
-}
-
 fn build(cx: &ConsensusContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
-    parse_config::<SoloConfig>("consensus solo", config)?;
+    parse_config::<NoOptions>("consensus solo", config)?;
     Ok(Arc::new(SoloConsensus::new(cx.local_repo.clone())))
 }
 

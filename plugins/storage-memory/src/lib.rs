@@ -10,7 +10,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use optimystic_core::StorageError;
 use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys, scan_map};
-use optimystic_core::registry::{PluginConfig, PluginDescriptor, PluginError, StorageContext, parse_config};
+use optimystic_core::registry::{NoOptions, PluginDescriptor, PluginError, StorageContext, parse_config};
 use optimystic_core::storage::RawStorage;
 use serde_json::Value;
 
@@ -103,19 +103,8 @@ impl KvStore for MemoryKv {
     }
 }
 
-/// `storage memory` takes no options.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MemoryConfig {}
-
-impl PluginConfig for MemoryConfig {
-    fn validate(&self) -> Result<(), PluginError> {
-        Ok(())
-    }
-}
-
 fn build(_cx: &StorageContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
-    parse_config::<MemoryConfig>("storage memory", config)?;
+    parse_config::<NoOptions>("storage memory", config)?;
     Ok(Arc::new(MemoryStorage::new()))
 }
 
