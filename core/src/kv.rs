@@ -105,7 +105,7 @@ pub fn scan_map(map: &BTreeMap<Vec<u8>, Vec<u8>>, prefix: &[u8], start: &[u8], l
 ///   [`StorageError::Corrupt`], never a panic.
 ///
 /// `tests/` of a store crate run the contract tests with
-/// [`kv_store_conformance!`](crate::kv_store_conformance) (feature `testkit`).
+/// `kv_store_conformance!` (feature `testkit`).
 pub trait KvStore: Send + Sync + std::fmt::Debug + 'static {
     /// Whether [`get`](KvStore::get) and [`scan`](KvStore::scan) may wait on I/O: the adapter then
     /// runs them on tokio's blocking thread pool; otherwise inline on the calling task (right for
