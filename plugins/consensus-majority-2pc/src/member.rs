@@ -637,10 +637,18 @@ impl Inner {
                 }
             }
         }
+        // The operations name disjoint blocks, so they apply concurrently: on a durable engine
+        // their storage writes share group commits (one transaction and one sync per step rather
+        // than per operation). Each runs to its end (none is dropped midway); the first error
+        // leaves the record decided, to run again (each operation is applied at most once).
+        let applied = futures::future::join_all(
+            cx.operations.iter().map(|operation| self.apply_operation(operation, kept, cx.expiration_ms)),
+        )
+        .await;
         let mut results = Vec::with_capacity(cx.operations.len());
         let mut failures = Vec::with_capacity(cx.operations.len());
-        for operation in &cx.operations {
-            let (result, failure) = self.apply_operation(operation, kept, cx.expiration_ms).await?;
+        for outcome in applied {
+            let (result, failure) = outcome?;
             results.push(result);
             failures.push(failure);
         }
