@@ -39,7 +39,7 @@
 //!   under one writer lock, so no two of them interleave between check and write.
 //! - On a store whose writes wait for the disk ([`KvStore::WRITES_WAIT`]), concurrent batches are
 //!   written together, one store write (one transaction, one sync) per group, each call answered
-//!   once the write that carries it returned: see [`group`](super::group). A mutation then checks
+//!   once the write that carries it returned: see [`super::group`]. A mutation then checks
 //!   against the store plus the writes queued before it, and releases the writer lock once its
 //!   batch is queued. Elsewhere (the memory store, or no tokio runtime) each batch is its own
 //!   store write, made under the writer lock for mutations.
