@@ -246,16 +246,25 @@ impl<S: KvStore> KvBlockStorage<S> {
                 .await;
         }
         let slot = self.shared.group.slot().await?;
-        let pending = self
+        let (outcome, pending) = self
             .run(S::READS_WAIT, move |shared| {
                 let _writer = shared.writer.lock().unwrap_or_else(PoisonError::into_inner);
-                let batch = work(&Queued { store: &shared.store, group: &shared.group })?;
-                Ok((!batch.is_empty()).then(|| shared.group.enqueue(batch, slot)))
+                let queued = Queued { store: &shared.store, group: &shared.group };
+                Ok(match work(&queued) {
+                    Ok(batch) if !batch.is_empty() => (Ok(()), Some(shared.group.enqueue(batch, slot))),
+                    // Nothing to write, or a refusal: when the check saw queued writes, the answer
+                    // waits for them (an empty barrier batch), so it never rests on writes that
+                    // are not yet durable, or that fail.
+                    outcome => {
+                        let outcome = outcome.map(|_| ());
+                        (outcome, shared.group.has_queued().then(|| shared.group.enqueue(Vec::new(), slot)))
+                    }
+                })
             })
             .await?;
         match pending {
-            Some(pending) => self.answer(pending).await,
-            None => Ok(()),
+            Some(pending) => self.answer(pending).await.and(outcome),
+            None => outcome,
         }
     }
 

@@ -13,7 +13,10 @@
 //! Block mutations check what they change (`latest`, the block index and count) before they
 //! write. They compute their batch under the storage's writer lock against the store as it will
 //! be once everything queued before them is written (an overlay of the queued writes), then queue
-//! it and release the lock, so mutations of different blocks share a sync.
+//! it and release the lock, so mutations of different blocks share a sync. A mutation that
+//! writes nothing, or is refused, after a check that saw queued writes queues an empty batch (a
+//! barrier) and answers once the writes before it are written: an answer never rests on writes
+//! that are not durable yet, or that then fail (the caller gets that failure instead).
 //!
 //! Errors: a failed group write applied nothing of the group (the store's batch is atomic). Every
 //! batch of the group fails with that error, and so does every batch queued behind it, since
@@ -145,7 +148,13 @@ impl GroupCommit {
             .map_err(|_| StorageError::Backend { engine: "group commit", message: "the write queue is closed".into() })
     }
 
-    /// Queues `batch` (not empty). A mutation calls this under the storage's writer lock.
+    /// Whether writes are queued or being written.
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.state().overlay.is_empty()
+    }
+
+    /// Queues `batch`; an empty one is a barrier, answered after the writes queued before it. A
+    /// mutation calls this under the storage's writer lock.
     pub(crate) fn enqueue(&self, batch: Vec<KvWrite>, slot: Slot) -> Pending {
         let (reply, answer) = oneshot::channel();
         let mut state = self.state();
@@ -194,7 +203,9 @@ impl GroupCommit {
                 [one] => std::mem::take(&mut one.batch),
                 many => many.iter_mut().flat_map(|q| std::mem::take(&mut q.batch)).collect(),
             };
-            match store.write(&batch, true) {
+            // A group of barriers only has nothing to write.
+            let written = if batch.is_empty() { Ok(()) } else { store.write(&batch, true) };
+            match written {
                 Ok(()) => {
                     {
                         let mut state = self.state();
@@ -203,7 +214,9 @@ impl GroupCommit {
                                 state.overlay.remove(write.key());
                             }
                         }
-                        state.writes = state.writes.saturating_add(1);
+                        if !batch.is_empty() {
+                            state.writes = state.writes.saturating_add(1);
+                        }
                         state.batches = state.batches.saturating_add(group.len() as u64);
                     }
                     for queued in group {
@@ -299,7 +312,7 @@ mod tests {
     use super::*;
     use crate::kv::{KvBlockStorage, scan_map};
     use crate::model::{BlockId, Transform, TrxId};
-    use crate::storage::{MetaWrite, RawStorage};
+    use crate::storage::{BlockCommit, MetaWrite, RawStorage};
 
     /// A sorted map whose writes wait: the first write signals `entered` and waits for `gate`;
     /// write number `fail_at` (1-based) fails with `Full`.
@@ -479,6 +492,36 @@ mod tests {
         storage.save_pending(&bid(11), &tid(), &Transform::default()).await.expect("a later write");
         assert_eq!(storage.stats().await.expect("stats").map(|s| s.blocks), Some(2));
         assert_eq!(storage.block_ids(None, 100).await.expect("ids"), vec![bid(0), bid(11)]);
+    }
+
+    fn commit(trx: &str) -> BlockCommit {
+        let trx_id = TrxId::new(trx).expect("a valid trx id");
+        BlockCommit { trx_id, rev: 1, transform: Transform::default(), value: None, prune_value_at: None }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_computed_on_queued_writes_waits_for_them() {
+        // The first write (a commit at revision 1) fails: a second commit at revision 1, refused
+        // meanwhile because the queued one takes that revision, must not report that refusal.
+        let (storage, entered, gate) = gated(1);
+        let first = {
+            let s = storage.clone();
+            tokio::spawn(async move { s.commit_block(&bid(0), &commit("a")).await })
+        };
+        tokio::task::spawn_blocking(move || entered.recv()).await.expect("joined").expect("the first write started");
+        let second = {
+            let s = storage.clone();
+            tokio::spawn(async move { s.commit_block(&bid(0), &commit("b")).await })
+        };
+        until_queued(&storage, 1).await;
+        assert!(!second.is_finished());
+        gate.send(()).expect("the gate is open");
+        assert!(matches!(first.await.expect("joined"), Err(StorageError::Full(_))));
+        let second = second.await.expect("joined");
+        assert!(matches!(second, Err(StorageError::Full(_))), "{second:?}");
+        // Revision 1 is free: the refusal was never the store's state.
+        storage.commit_block(&bid(0), &commit("b")).await.expect("the commit");
+        assert_eq!(storage.latest(&bid(0)).await.expect("read").map(|l| l.trx_id), TrxId::new("b").ok());
     }
 
     #[test]
