@@ -175,6 +175,9 @@ async fn a_stopped_member_misses_nothing_after_restart() {
     cluster.shutdown().await.unwrap();
 }
 
+/// Per block, the `(trxId, rev)` of each acknowledged write.
+type Acked = BTreeMap<BlockId, Vec<(TrxId, u64)>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_through_different_nodes_never_share_a_revision() {
     let dir = tempfile::tempdir().unwrap();
@@ -184,7 +187,7 @@ async fn concurrent_writers_through_different_nodes_never_share_a_revision() {
         let repo = cluster.node(0).unwrap().repo();
         txn::write_block(repo.as_ref(), block_id, &insert(block_id), patient()).await.unwrap();
     }
-    let acked: Arc<Mutex<BTreeMap<BlockId, Vec<(TrxId, u64)>>>> = Arc::default();
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..6 {
         let repo = cluster.node(w % 3).unwrap().repo();

@@ -470,8 +470,10 @@ fn verify_record_accepts_the_javascript_vector_and_refuses_a_tampered_copy() {
     let promises = record["promises"].as_object_mut().unwrap();
     let first = promises.keys().next().unwrap().clone();
     let signature = promises[&first]["signature"].as_str().unwrap().to_owned();
-    let flipped =
-        if signature.starts_with('A') { format!("B{}", &signature[1..]) } else { format!("A{}", &signature[1..]) };
+    let flipped = match signature.strip_prefix('A') {
+        Some(rest) => format!("B{rest}"),
+        None => format!("A{}", &signature[1..]),
+    };
     promises[&first]["signature"] = serde_json::Value::String(flipped);
     let dir = tempfile::tempdir().unwrap();
     let tampered = dir.path().join("tampered.json");

@@ -247,9 +247,9 @@ mod tests {
         let echo = canned(Ok(record.to_value()));
         let merged = ClusterClient::new(echo.clone()).update(peer, &record, Duration::from_secs(1)).await.unwrap();
         assert_eq!(merged, record);
-        let sent = echo.sent.lock().unwrap();
-        assert_eq!(sent[0].0, ProtocolKind::Cluster);
-        assert_eq!(sent[0].1["operation"], "update");
+        let (kind, first, _) = echo.sent.lock().unwrap()[0].clone();
+        assert_eq!(kind, ProtocolKind::Cluster);
+        assert_eq!(first["operation"], "update");
 
         let err = ClusterClient::new(network).update(peer, &record, Duration::from_secs(1)).await.unwrap_err();
         assert!(matches!(err, RepoError::Internal(_)), "{err}");

@@ -15,6 +15,7 @@
 //! ([`KvStore::READS_WAIT`], [`KvStore::WRITES_WAIT`]).
 
 pub mod blocks;
+pub mod group;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -22,6 +23,7 @@ use std::ops::Bound;
 use crate::error::StorageError;
 
 pub use blocks::KvBlockStorage;
+pub use group::GroupStats;
 
 /// The longest key, in bytes, that every [`KvStore`] must accept (LMDB's default key limit).
 /// [`KvBlockStorage`] never writes a longer key.

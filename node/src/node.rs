@@ -501,14 +501,9 @@ async fn repair_replicas(
     }
     let mut after: Option<BlockId> = None;
     let mut applied = 0usize;
-    loop {
-        match repair_page(&storage, &catch_up, &consensus, after.as_ref(), CATCH_UP_PAGE).await {
-            Some((last, n)) => {
-                applied += n;
-                after = Some(last);
-            }
-            None => break,
-        }
+    while let Some((last, n)) = repair_page(&storage, &catch_up, &consensus, after.as_ref(), CATCH_UP_PAGE).await {
+        applied += n;
+        after = Some(last);
     }
     if applied > 0 {
         tracing::info!(applied, "caught up after start");

@@ -243,8 +243,8 @@ async fn cancel_quietly(repo: &dyn Repo, trx_id: &TrxId, block_id: &BlockId) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 

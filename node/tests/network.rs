@@ -746,7 +746,7 @@ async fn a_departed_peer_leaves_the_views_and_rejoins_when_it_returns() {
             libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
             _ => None,
         });
-        await_routing_tables(&[a.clone()], 1).await;
+        await_routing_tables(std::slice::from_ref(&a), 1).await;
         assert!(a.known_peers().await.contains_key(&gone));
 
         let mut updates = a.routing_updates();

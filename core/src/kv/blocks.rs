@@ -33,10 +33,16 @@
 //! - `i<id>` exists exactly when the block has a `latest` or at least one pending transform, and
 //!   `n` counts the `i` keys.
 //! - Every revision log entry has its committed transform; `latest` is the newest log entry.
-//! - Each `RawStorage` call writes one [`KvStore::write`] batch, always durable, so each call is
-//!   atomic and survives a crash on a durable store. The block mutations (`save_pending`,
-//!   `delete_pending`, `commit_block`) read what they check (`latest`, the index, the count) and
-//!   write under one writer lock, so no two of them interleave between check and write.
+//! - Each `RawStorage` call writes one batch, always durable, so each call is atomic and survives
+//!   a crash on a durable store. The block mutations (`save_pending`, `delete_pending`,
+//!   `commit_block`) read what they check (`latest`, the index, the count) and build their batch
+//!   under one writer lock, so no two of them interleave between check and write.
+//! - On a store whose writes wait for the disk ([`KvStore::WRITES_WAIT`]), concurrent batches are
+//!   written together, one store write (one transaction, one sync) per group, each call answered
+//!   once the write that carries it returned: see [`super::group`]. A mutation then checks
+//!   against the store plus the writes queued before it, and releases the writer lock once its
+//!   batch is queued. Elsewhere (the memory store, or no tokio runtime) each batch is its own
+//!   store write, made under the writer lock for mutations.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -45,6 +51,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
+use super::group::{self, GroupCommit, GroupStats};
 use super::{KvEntry, KvStore, KvWrite, MAX_KEY_BYTES};
 use crate::error::StorageError;
 use crate::model::{BlockId, Transform, TrxId, TrxRev};
@@ -85,8 +92,52 @@ pub struct KvBlockStorage<S: KvStore> {
 #[derive(Debug)]
 struct Shared<S> {
     store: S,
-    /// Held by the block mutations from their first read to their write.
+    /// Held by the block mutations from their first read until their batch is written (or, with
+    /// group commit, queued).
     writer: Mutex<()>,
+    /// The group commit queue (used when `S::WRITES_WAIT` and a tokio runtime runs).
+    group: GroupCommit,
+}
+
+/// What the block mutations read: the store, or the store seen through the writes queued for
+/// group commit.
+trait KvView {
+    fn name(&self) -> &'static str;
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError>;
+}
+
+impl<S: KvStore> KvView for S {
+    fn name(&self) -> &'static str {
+        KvStore::name(self)
+    }
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        KvStore::get(self, key)
+    }
+    fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
+        KvStore::scan(self, prefix, start, limit)
+    }
+}
+
+/// The store as it will be once every queued write is written.
+struct Queued<'a, S> {
+    store: &'a S,
+    group: &'a GroupCommit,
+}
+
+impl<S: KvStore> KvView for Queued<'_, S> {
+    fn name(&self) -> &'static str {
+        self.store.name()
+    }
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.group.overlay_get(key) {
+            Some(value) => Ok(value),
+            None => self.store.get(key),
+        }
+    }
+    fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
+        group::scan_through(self.group, self.store, prefix, start, limit)
+    }
 }
 
 impl<S: KvStore> Clone for KvBlockStorage<S> {
@@ -110,7 +161,7 @@ impl<S: KvStore> From<S> for KvBlockStorage<S> {
 impl<S: KvStore> KvBlockStorage<S> {
     /// Block storage over `store`, which must be empty or hold this module's layout.
     pub fn over(store: S) -> Self {
-        Self { shared: Arc::new(Shared { store, writer: Mutex::new(()) }) }
+        Self { shared: Arc::new(Shared { store, writer: Mutex::new(()), group: GroupCommit::new() }) }
     }
 
     /// Block storage over a new, empty default store (for example an in-memory one).
@@ -124,6 +175,29 @@ impl<S: KvStore> KvBlockStorage<S> {
     /// The store underneath.
     pub fn store(&self) -> &S {
         &self.shared.store
+    }
+
+    /// The group commit counters: how many batches were written in how many store writes.
+    /// Both stay 0 where group commit is not used (see the module documentation).
+    pub fn group_stats(&self) -> GroupStats {
+        self.shared.group.stats()
+    }
+
+    /// Whether writes go through group commit: the store's writes wait and a runtime runs.
+    fn grouped() -> bool {
+        S::WRITES_WAIT && tokio::runtime::Handle::try_current().is_ok()
+    }
+
+    /// Waits for the group writer's answer, starting the writer when asked to.
+    async fn answer(&self, pending: group::Pending) -> Result<(), StorageError> {
+        if pending.start {
+            let shared = Arc::clone(&self.shared);
+            tokio::task::spawn_blocking(move || shared.group.run(&shared.store, &shared.writer));
+        }
+        pending.answer.await.map_err(|_| StorageError::Backend {
+            engine: self.shared.store.name(),
+            message: "the group writer stopped before answering".into(),
+        })?
     }
 
     /// Runs `work` on tokio's blocking pool when `waits` (and a runtime is there), else inline.
@@ -155,23 +229,55 @@ impl<S: KvStore> KvBlockStorage<S> {
     }
 
     /// Runs a block mutation under the writer lock: `work` reads what it checks and returns the
-    /// batch to write, written durably before the lock is released.
+    /// batch to write, durably, before the lock is released; with group commit, `work` reads the
+    /// store through the queued writes and the lock is released once its batch is queued.
     async fn mutate<F>(&self, work: F) -> Result<(), StorageError>
     where
-        F: FnOnce(&S) -> Result<Vec<KvWrite>, StorageError> + Send + 'static,
+        F: FnOnce(&dyn KvView) -> Result<Vec<KvWrite>, StorageError> + Send + 'static,
     {
-        self.run(S::WRITES_WAIT, move |shared| {
-            // The lock guards no data (the store keeps its own consistency): a poisoned one is fine.
-            let _writer = shared.writer.lock().unwrap_or_else(PoisonError::into_inner);
-            let batch = work(&shared.store)?;
-            if batch.is_empty() { Ok(()) } else { shared.store.write(&batch, true) }
-        })
-        .await
+        if !Self::grouped() {
+            return self
+                .run(S::WRITES_WAIT, move |shared| {
+                    // The lock guards no data (the store keeps its own consistency): a poisoned one is fine.
+                    let _writer = shared.writer.lock().unwrap_or_else(PoisonError::into_inner);
+                    let batch = work(&shared.store)?;
+                    if batch.is_empty() { Ok(()) } else { shared.store.write(&batch, true) }
+                })
+                .await;
+        }
+        let slot = self.shared.group.slot().await?;
+        let (outcome, pending) = self
+            .run(S::READS_WAIT, move |shared| {
+                let _writer = shared.writer.lock().unwrap_or_else(PoisonError::into_inner);
+                let queued = Queued { store: &shared.store, group: &shared.group };
+                Ok(match work(&queued) {
+                    Ok(batch) if !batch.is_empty() => (Ok(()), Some(shared.group.enqueue(batch, slot))),
+                    // Nothing to write, or a refusal: when the check saw queued writes, the answer
+                    // waits for them (an empty barrier batch), so it never rests on writes that
+                    // are not yet durable, or that fail.
+                    outcome => {
+                        let outcome = outcome.map(|_| ());
+                        (outcome, shared.group.has_queued().then(|| shared.group.enqueue(Vec::new(), slot)))
+                    }
+                })
+            })
+            .await?;
+        match pending {
+            Some(pending) => self.answer(pending).await.and(outcome),
+            None => outcome,
+        }
     }
 
     /// Writes one batch durably.
     async fn write(&self, batch: Vec<KvWrite>) -> Result<(), StorageError> {
-        self.run(S::WRITES_WAIT, move |shared| shared.store.write(&batch, true)).await
+        if batch.is_empty() || !Self::grouped() {
+            return self.run(S::WRITES_WAIT, move |shared| shared.store.write(&batch, true)).await;
+        }
+        // Keys are checked before the batch joins a group, so a bad key fails only its own call.
+        super::check_keys(self.shared.store.name(), &batch, MAX_KEY_BYTES)?;
+        let slot = self.shared.group.slot().await?;
+        let pending = self.shared.group.enqueue(batch, slot);
+        self.answer(pending).await
     }
 }
 
@@ -242,7 +348,7 @@ fn rev_prefixed(rev: u64, rest: &[u8]) -> Vec<u8> {
     out
 }
 
-fn latest_in<S: KvStore>(store: &S, prefix: &[u8]) -> Result<Option<TrxRev>, StorageError> {
+fn latest_in<V: KvView + ?Sized>(store: &V, prefix: &[u8]) -> Result<Option<TrxRev>, StorageError> {
     let engine = store.name();
     match store.get(&record(prefix, LATEST, &[]))? {
         Some(bytes) => {
@@ -254,7 +360,7 @@ fn latest_in<S: KvStore>(store: &S, prefix: &[u8]) -> Result<Option<TrxRev>, Sto
 }
 
 /// The number of indexed blocks.
-fn block_count<S: KvStore>(store: &S) -> Result<u64, StorageError> {
+fn block_count<V: KvView + ?Sized>(store: &V) -> Result<u64, StorageError> {
     match store.get(COUNT)? {
         Some(bytes) => {
             let count = <[u8; 8]>::try_from(bytes.as_slice())
@@ -266,7 +372,11 @@ fn block_count<S: KvStore>(store: &S) -> Result<u64, StorageError> {
 }
 
 /// Adds to `batch` the index entry of a block that has none yet, and the new count.
-fn index_if_absent<S: KvStore>(store: &S, block_id: &BlockId, batch: &mut Vec<KvWrite>) -> Result<(), StorageError> {
+fn index_if_absent<V: KvView + ?Sized>(
+    store: &V,
+    block_id: &BlockId,
+    batch: &mut Vec<KvWrite>,
+) -> Result<(), StorageError> {
     let key = index_key(block_id);
     if store.get(&key)?.is_none() {
         let count = block_count(store)?.saturating_add(1);

@@ -54,12 +54,14 @@
 //!   behind ([`optimystic_core::consensus::BehindSink`]) and runs the record once catch-up (or the
 //!   execution of the record it waited for) brought the block forward (SPEC 4.6). Only an
 //!   operation applied here gets an approving commit vote; a stale result is signed as a reject.
-//!   A decided batch runs its operations in order under the locks of all its blocks, nothing
-//!   while one lacks its base; the executed marker keeps the array of their results, and the
-//!   commit vote rejects (`batch:`) naming those that did not apply. One atomic storage step per
-//!   batch (group commit, SPEC 4.14) is not built yet: each operation is its own storage step,
-//!   and a crash midway re-executes the batch at restart, which the repository makes a no-op for
-//!   the operations already applied.
+//!   A decided batch runs its operations concurrently (disjoint blocks) under the locks of all its
+//!   blocks, nothing while one lacks its base; the executed marker keeps the array of their
+//!   results in record order, and the commit vote rejects (`batch:`) naming those that did not
+//!   apply. On LMDB their writes share group commits (`optimystic_core::kv::group`: one
+//!   transaction and one sync per step for all of them and for other records' concurrent
+//!   writes), but a batch is not one atomic storage step (SPEC 4.14 asks for one): a crash midway
+//!   re-executes the batch at restart, which the repository makes a no-op for the operations
+//!   already applied.
 //! - Bounds (SPEC 4.11-4.13): phase-1 records naming a peer this node never saw are refused;
 //!   reservations are bounded in total and per sender; a rejection stores no history; a "not
 //!   executed" status answer is final (persisted, under the locks executions take); two pends of

@@ -5,13 +5,15 @@
 //! batch is approved only when every one passes, otherwise rejected with a
 //! [`RejectCategory::Batch`] reason listing each failing operation's index and reason
 //! ([`BatchFailure`]), and the `"result"` field of the answer is an array with each stale
-//! operation's `StaleFailure` at its index (`null` elsewhere). A decided batch is executed
-//! operation by operation, in record order, under the locks of all its blocks: nothing is applied
-//! while any operation lacks its base (SPEC 4.6), and each operation's result is kept, in order,
-//! in the executed marker (an array); the commit vote approves when every operation applied, and
-//! otherwise rejects with a batch reason naming the ones that did not. One atomic storage step
-//! per batch (group commit) is not built: a crash midway re-executes the batch at restart, which
-//! the repository makes a no-op for the operations already applied.
+//! operation's `StaleFailure` at its index (`null` elsewhere). A decided batch is executed under
+//! the locks of all its blocks, its operations (on disjoint blocks) concurrently: nothing is
+//! applied while any operation lacks its base (SPEC 4.6), and each operation's result is kept, in
+//! record order, in the executed marker (an array); the commit vote approves when every operation
+//! applied, and otherwise rejects with a batch reason naming the ones that did not. On a durable
+//! `KvStore` engine the operations' storage writes share group commits (one transaction and one
+//! sync per step of all of them, not per operation); the batch is still not one atomic storage
+//! step: a crash midway re-executes the batch at restart, which the repository makes a no-op for
+//! the operations already applied.
 
 use std::sync::Arc;
 
@@ -637,10 +639,18 @@ impl Inner {
                 }
             }
         }
+        // The operations name disjoint blocks, so they apply concurrently: on a durable engine
+        // their storage writes share group commits (one transaction and one sync per step rather
+        // than per operation). Each runs to its end (none is dropped midway); the first error
+        // leaves the record decided, to run again (each operation is applied at most once).
+        let applied = futures::future::join_all(
+            cx.operations.iter().map(|operation| self.apply_operation(operation, kept, cx.expiration_ms)),
+        )
+        .await;
         let mut results = Vec::with_capacity(cx.operations.len());
         let mut failures = Vec::with_capacity(cx.operations.len());
-        for operation in &cx.operations {
-            let (result, failure) = self.apply_operation(operation, kept, cx.expiration_ms).await?;
+        for outcome in applied {
+            let (result, failure) = outcome?;
             results.push(result);
             failures.push(failure);
         }

@@ -2,8 +2,9 @@
 //! [`KvStore`](optimystic_core::kv::KvStore) in one LMDB database, used through
 //! [`KvBlockStorage`] as [`LmdbStorage`].
 //!
-//! Durable: every `RawStorage` call is one store batch, one LMDB write transaction committed with
-//! LMDB's default durable sync; the per-block commit step is one of them, so after a crash a block
+//! Durable: every `RawStorage` call is one store batch; concurrent batches share one LMDB write
+//! transaction committed with LMDB's default durable sync (group commit, `optimystic_core::kv::group`)
+//! and each call returns after it; the per-block commit step is one batch, so after a crash a block
 //! is fully at its old or fully at its new revision. The map size is fixed at open
 //! (`map_size_bytes`, default [`DEFAULT_MAP_SIZE`]); a full map fails the write with
 //! [`StorageError::Full`](optimystic_core::StorageError::Full), changing nothing.

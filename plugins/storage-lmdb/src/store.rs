@@ -2,7 +2,8 @@
 //!
 //! The environment lives in `<data dir>/env` and holds one named database, `kv`, whose keys and
 //! values are the store's bytes. Every batch is one write transaction committed with LMDB's
-//! default durable sync (so `durable: false` is synced too). Reads are read transactions on the
+//! default durable sync (so `durable: false` is synced too); `KvBlockStorage` hands it the
+//! batches of concurrent callers as one (group commit). Reads are read transactions on the
 //! memory map.
 
 use std::ops::Bound;
