@@ -81,9 +81,10 @@ pub enum StorageError {
     /// advance `latest`). Nothing changed.
     #[error("invalid storage request: {0}")]
     Invalid(String),
-    /// Any other engine failure.
+    /// An engine failure with no underlying error to keep (a refused state, a closed queue, a
+    /// plugin that panicked); failures caused by a library error are [`StorageError::Backend`].
     #[error("storage engine {engine} failed: {message}")]
-    Backend {
+    Failed {
         /// The engine.
         engine: &'static str,
         /// What failed.
@@ -95,10 +96,11 @@ pub enum StorageError {
         /// The engine.
         engine: &'static str,
     },
-    /// An engine failure caused by an error of the library underneath, kept for callers that
-    /// inspect it. Its text includes the error's, so it is not also returned by `source()`.
+    /// An engine failure caused by an error of the library underneath (LMDB, the file system's
+    /// encoder, a blocking task), kept for callers that inspect it or downcast it. Its text
+    /// includes the error's, so it is not also returned by `source()`.
     #[error("storage engine {engine} failed while {context}: {error}")]
-    Engine {
+    Backend {
         /// The engine.
         engine: &'static str,
         /// What the engine was doing.
@@ -115,12 +117,12 @@ impl StorageError {
     }
 
     /// An engine failure with what the engine was doing and the underlying error.
-    pub fn engine(
+    pub fn backend(
         engine: &'static str,
         context: impl Into<String>,
         error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
     ) -> Self {
-        Self::Engine { engine, context: context.into(), error: error.into() }
+        Self::Backend { engine, context: context.into(), error: error.into() }
     }
 }
 
@@ -336,7 +338,7 @@ mod tests {
         let io = StorageError::io("opening", std::io::Error::from(std::io::ErrorKind::NotFound));
         says_its_cause_once(&io);
         says_its_cause_once(&RepoError::Storage(io));
-        let engine = StorageError::engine("lmdb", "committing", std::io::Error::other("disk on fire"));
+        let engine = StorageError::backend("lmdb", "committing", std::io::Error::other("disk on fire"));
         says_its_cause_once(&engine);
         assert!(engine.to_string().contains("disk on fire"), "the cause is in the text: {engine}");
         assert!(RepoError::Storage(StorageError::Full("map".into())).source().is_none());

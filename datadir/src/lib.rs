@@ -143,7 +143,7 @@ fn check_format(dir: &Path, engine: &str, version: u32) -> Result<(), StorageErr
             }
             let marker = FormatMarker { format: FORMAT_MAGIC.to_owned(), engine: engine.to_owned(), version };
             let bytes = serde_json::to_vec_pretty(&marker)
-                .map_err(|e| StorageError::engine("datadir", "encoding the format marker", e))?;
+                .map_err(|e| StorageError::backend("datadir", "encoding the format marker", e))?;
             let tmp = dir.join(FORMAT_TMP_FILE);
             write_synced(&tmp, &bytes)?;
             fs::rename(&tmp, &path).map_err(|e| StorageError::io(format!("renaming {}", tmp.display()), e))?;

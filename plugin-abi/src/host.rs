@@ -246,7 +246,7 @@ impl StorageLibrary {
     }
 
     fn failure(&self, message: String) -> StorageError {
-        StorageError::Backend { engine: self.name, message }
+        StorageError::Failed { engine: self.name, message }
     }
 }
 

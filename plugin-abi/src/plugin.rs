@@ -218,7 +218,7 @@ fn dispatch<P: StoragePlugin>(engine: &dyn RawStorage, call: StorageCall) -> Res
 
 /// A successful reply.
 fn encode<P: StoragePlugin>(value: &impl Serialize) -> Result<Vec<u8>, StorageError> {
-    serde_json::to_vec(value).map_err(|e| StorageError::engine(P::NAME, "encoding the reply", e))
+    serde_json::to_vec(value).map_err(|e| StorageError::backend(P::NAME, "encoding the reply", e))
 }
 
 /// An error reply; empty if even that cannot be encoded (the host then reports a failure without
@@ -228,7 +228,7 @@ fn encode_error(e: &StorageError) -> Vec<u8> {
 }
 
 fn invalid_argument<P: StoragePlugin>(what: &str, argument: &str) -> StorageError {
-    StorageError::Backend { engine: P::NAME, message: format!("{what} was called with {argument}") }
+    StorageError::Failed { engine: P::NAME, message: format!("{what} was called with {argument}") }
 }
 
 fn undecodable<P: StoragePlugin>(what: &str, e: &serde_json::Error) -> StorageError {
@@ -241,5 +241,5 @@ fn panicked<P: StoragePlugin>(what: &str, panic: &(dyn Any + Send)) -> StorageEr
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-text panic payload".to_owned());
-    StorageError::Backend { engine: P::NAME, message: format!("the plugin panicked during {what}: {message}") }
+    StorageError::Failed { engine: P::NAME, message: format!("the plugin panicked during {what}: {message}") }
 }

@@ -317,7 +317,7 @@ pub enum WireStorageError {
         /// What is invalid.
         message: String,
     },
-    /// [`StorageError::Backend`], and [`StorageError::Engine`] with its error in the message
+    /// [`StorageError::Failed`], and [`StorageError::Backend`] with its error in the message
     /// (panics of the plugin arrive as this, too).
     Backend {
         /// The engine that failed.
@@ -370,12 +370,12 @@ impl From<&StorageError> for WireStorageError {
             StorageError::Locked(message) => Self::Locked { message: message.clone() },
             StorageError::Incompatible(message) => Self::Incompatible { message: message.clone() },
             StorageError::Invalid(message) => Self::Invalid { message: message.clone() },
-            StorageError::Backend { engine, message } => {
+            StorageError::Failed { engine, message } => {
                 Self::Backend { engine: (*engine).to_owned(), message: message.clone() }
             }
             // A closed store refused the call: the request was invalid for it (nothing changed).
             StorageError::Closed { .. } => Self::Invalid { message: e.to_string() },
-            StorageError::Engine { engine, context, error } => {
+            StorageError::Backend { engine, context, error } => {
                 Self::Backend { engine: (*engine).to_owned(), message: format!("{context}: {error}") }
             }
             // A variant added to core after this ABI version: its text says what failed.
@@ -407,9 +407,9 @@ impl WireStorageError {
             Self::Locked { message } => StorageError::Locked(message),
             Self::Incompatible { message } => StorageError::Incompatible(message),
             Self::Invalid { message } => StorageError::Invalid(message),
-            Self::Backend { engine: from, message } if from == engine => StorageError::Backend { engine, message },
+            Self::Backend { engine: from, message } if from == engine => StorageError::Failed { engine, message },
             Self::Backend { engine: from, message } => {
-                StorageError::Backend { engine, message: format!("{from}: {message}") }
+                StorageError::Failed { engine, message: format!("{from}: {message}") }
             }
         }
     }

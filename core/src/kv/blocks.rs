@@ -194,7 +194,7 @@ impl<S: KvStore> KvBlockStorage<S> {
             let shared = Arc::clone(&self.shared);
             tokio::task::spawn_blocking(move || shared.group.run(&shared.store, &shared.writer));
         }
-        pending.answer.await.map_err(|_| StorageError::Backend {
+        pending.answer.await.map_err(|_| StorageError::Failed {
             engine: self.shared.store.name(),
             message: "the group writer stopped before answering".into(),
         })?
@@ -216,7 +216,7 @@ impl<S: KvStore> KvBlockStorage<S> {
         runtime
             .spawn_blocking(move || work(&shared))
             .await
-            .map_err(|e| StorageError::engine(self.shared.store.name(), "running a call on the blocking pool", e))?
+            .map_err(|e| StorageError::backend(self.shared.store.name(), "running a call on the blocking pool", e))?
     }
 
     /// Runs a read.
@@ -286,7 +286,7 @@ fn corrupt(engine: &str, what: impl std::fmt::Display) -> StorageError {
 }
 
 fn to_json<T: Serialize>(engine: &'static str, what: &str, value: &T) -> Result<Vec<u8>, StorageError> {
-    serde_json::to_vec(value).map_err(|e| StorageError::engine(engine, format!("encoding {what}"), e))
+    serde_json::to_vec(value).map_err(|e| StorageError::backend(engine, format!("encoding {what}"), e))
 }
 
 fn from_json<T: DeserializeOwned>(engine: &str, what: &str, bytes: &[u8]) -> Result<T, StorageError> {

@@ -119,7 +119,7 @@ fn copy_error(engine: &'static str, e: &StorageError) -> StorageError {
         StorageError::Incompatible(m) => StorageError::Incompatible(m.clone()),
         StorageError::Invalid(m) => StorageError::Invalid(m.clone()),
         StorageError::Closed { engine } => StorageError::Closed { engine },
-        other => StorageError::Backend { engine, message: other.to_string() },
+        other => StorageError::Failed { engine, message: other.to_string() },
     }
 }
 
@@ -145,7 +145,7 @@ impl GroupCommit {
             .acquire_owned()
             .await
             .map(Slot)
-            .map_err(|_| StorageError::Backend { engine: "group commit", message: "the write queue is closed".into() })
+            .map_err(|_| StorageError::Failed { engine: "group commit", message: "the write queue is closed".into() })
     }
 
     /// Whether writes are queued or being written.

@@ -143,7 +143,7 @@ fn works_without_a_tokio_runtime() {
 async fn a_panicking_call_becomes_an_error() {
     let storage = open(json!({"panic_on": "latest"})).unwrap();
     match storage.latest(&block_id("b1")).await {
-        Err(StorageError::Backend { engine, message }) => {
+        Err(StorageError::Failed { engine, message }) => {
             assert_eq!(engine, "dyn-memory");
             assert!(message.contains("panicked during latest"), "{message}");
             assert!(message.contains("configured to panic in latest"), "{message}");
@@ -157,7 +157,7 @@ async fn a_panicking_call_becomes_an_error() {
 #[test]
 fn a_panicking_open_becomes_an_error() {
     match open(json!({"panic_on": "open"})) {
-        Err(PluginError::Storage(StorageError::Backend { engine, message })) => {
+        Err(PluginError::Storage(StorageError::Failed { engine, message })) => {
             assert_eq!(engine, "dyn-memory");
             assert!(message.contains("panicked during open"), "{message}");
         }

@@ -280,10 +280,8 @@ fn io_errors_keep_their_kind_and_os_code() {
 
 #[test]
 fn backend_errors_are_attributed_to_the_plugin() {
-    let own = StorageError::Backend { engine: "dyn-test", message: "boom".into() };
-    assert!(matches!(cross(&own), StorageError::Backend { engine: "dyn-test", message } if message == "boom"));
-    let inner = StorageError::Backend { engine: "memory", message: "boom".into() };
-    assert!(
-        matches!(cross(&inner), StorageError::Backend { engine: "dyn-test", message } if message == "memory: boom")
-    );
+    let own = StorageError::Failed { engine: "dyn-test", message: "boom".into() };
+    assert!(matches!(cross(&own), StorageError::Failed { engine: "dyn-test", message } if message == "boom"));
+    let inner = StorageError::Failed { engine: "memory", message: "boom".into() };
+    assert!(matches!(cross(&inner), StorageError::Failed { engine: "dyn-test", message } if message == "memory: boom"));
 }

@@ -89,7 +89,7 @@ impl FileStorage {
             None => Err(closed()),
         })
         .await
-        .map_err(|e| StorageError::engine(store::ENGINE, "running a storage task", e))?
+        .map_err(|e| StorageError::backend(store::ENGINE, "running a storage task", e))?
     }
 }
 

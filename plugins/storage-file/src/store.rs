@@ -145,7 +145,7 @@ struct PendingFile {
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
-    serde_json::to_vec(value).map_err(|e| StorageError::engine(ENGINE, "encoding", e))
+    serde_json::to_vec(value).map_err(|e| StorageError::backend(ENGINE, "encoding", e))
 }
 
 fn from_json<'a, T: Deserialize<'a>>(bytes: &'a [u8], path: &Path) -> Result<T, StorageError> {

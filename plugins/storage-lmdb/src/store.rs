@@ -46,7 +46,7 @@ fn lmdb_error(context: &str, map_size: usize) -> impl Fn(heed::Error) -> Storage
             StorageError::Full(format!("{context}: too many changes for one LMDB transaction"))
         }
         heed::Error::Io(io) => io_error(format!("LMDB {context}"), io),
-        other => StorageError::engine(ENGINE, context, other),
+        other => StorageError::backend(ENGINE, context, other),
     }
 }
 
@@ -108,7 +108,7 @@ impl LmdbKv {
             })
             .map_err(lmdb_error("creating the database", map_size))?;
         let CommitOrAbort::Commit(db) = created else {
-            return Err(StorageError::Backend { engine: ENGINE, message: "creating the database was aborted".into() });
+            return Err(StorageError::Failed { engine: ENGINE, message: "creating the database was aborted".into() });
         };
         let path = dir.path().to_path_buf();
         Ok(Self { path, map_size, max_key, open: RwLock::new(Some(Open { env, db, _dir: dir })) })
