@@ -184,7 +184,9 @@ impl GroupCommit {
                 let mut group = Vec::new();
                 let mut bytes = 0usize;
                 while let Some(next) = state.queue.front() {
-                    if !group.is_empty() && (group.len() >= GROUP_MAX_BATCHES || bytes + next.bytes > GROUP_MAX_BYTES) {
+                    if !group.is_empty()
+                        && (group.len() >= GROUP_MAX_BATCHES || bytes.saturating_add(next.bytes) > GROUP_MAX_BYTES)
+                    {
                         break;
                     }
                     bytes = bytes.saturating_add(next.bytes);
