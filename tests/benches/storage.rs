@@ -2,7 +2,7 @@
 //! heed `put` baseline, in one run so the figures are comparable.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=/work/targets/storage cargo bench -p optimystic-storage-lmdb --bench storage
+//! CARGO_TARGET_DIR=/work/targets/storage cargo bench -p optimystic-tests --bench storage
 //! ```
 //!
 //! Groups (criterion ids):
