@@ -16,6 +16,7 @@
 
 pub mod blocks;
 pub mod group;
+pub mod memory;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -24,6 +25,7 @@ use crate::error::StorageError;
 
 pub use blocks::KvBlockStorage;
 pub use group::GroupStats;
+pub use memory::{MemoryKv, MemoryStorage};
 
 /// The longest key, in bytes, that every [`KvStore`] must accept (LMDB's default key limit).
 /// [`KvBlockStorage`] never writes a longer key.

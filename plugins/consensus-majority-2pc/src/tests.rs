@@ -11,12 +11,12 @@ use std::time::Duration;
 use optimystic_core::consensus::update_request;
 use optimystic_core::identity::{Keypair, PeerId};
 use optimystic_core::keynet::{ClusterPeers, PeerInfo};
+use optimystic_core::kv::MemoryStorage;
 use optimystic_core::model::{CommitRequest, CommitResult, PendPolicy, PendRequest, PendResult};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
 use optimystic_core::registry::{ConsensusContext, Registry};
 use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
 use optimystic_core::{Block, BlockId, ErrorCode, RawStorage, StorageError, Transforms, TrxId};
-use optimystic_storage_memory::MemoryStorage;
 use optimystic_testkit::sim::{Envelope, SimConfig, SimNet, Verdict};
 use serde_json::{Value, json};
 

@@ -42,6 +42,7 @@ use optimystic_core::coordinator::{CoordinatorConfig, CoordinatorRepo};
 use optimystic_core::crypto;
 use optimystic_core::identity::{Keypair, PeerId};
 use optimystic_core::keynet::{ClusterPeers, KeyNetwork, KeyNetworkError, PeerInfo, block_key, rank_peers};
+use optimystic_core::kv::MemoryStorage;
 use optimystic_core::model::{
     BlockGets, BlockOperation, CommitRequest, CommitResult, PendPolicy, PendRequest, PendResult, TrxBlocks, TrxContext,
 };
@@ -55,7 +56,6 @@ use optimystic_core::{
     Block, BlockId, ErrorCode, MessageOptions, RawStorage, ReadPromotion, Repo, RepoError, StorageError, StorageRepo,
     Transform, Transforms, TrxId, TrxRev,
 };
-use optimystic_storage_memory::MemoryStorage;
 use optimystic_testkit::history::{ClientOp, History, NodeSnapshot, ReadRecord, check_evidence, snapshot};
 use optimystic_testkit::sim::{Direction, Envelope, NodeHandler, SimCatchUp, SimConfig, SimHandler, SimNet, Verdict};
 use rand::Rng;

@@ -1,107 +1,15 @@
-//! In-memory storage, registered as `storage memory`: [`MemoryKv`], a [`KvStore`] of one sorted
-//! map, used through [`KvBlockStorage`] as [`MemoryStorage`].
+//! In-memory storage, registered as `storage memory`: [`MemoryStorage`], block storage over
+//! [`MemoryKv`], a sorted map (both defined in `optimystic_core::kv`, so tests of other crates use
+//! them without depending on this plugin).
 //!
-//! Not durable: everything is lost when the process ends. A batch is applied under the map's
-//! write lock, so readers never see part of one; reads share the lock. Calls never wait on I/O, so
-//! the adapter runs them inline on the calling task.
+//! Not durable: everything is lost when the process ends.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
-use optimystic_core::StorageError;
-use optimystic_core::kv::{KvBlockStorage, KvEntry, KvStore, KvWrite, MAX_KEY_BYTES, check_keys, scan_map};
+pub use optimystic_core::kv::{MemoryKv, MemoryStorage};
 use optimystic_core::registry::{NoOptions, PluginDescriptor, PluginError, StorageContext, parse_config};
 use optimystic_core::storage::RawStorage;
 use serde_json::Value;
-
-/// The engine's name in errors.
-const ENGINE: &str = "memory";
-
-/// The `storage memory` engine: block storage over a [`MemoryKv`]. `MemoryStorage::new()` is an
-/// empty store; clones share it.
-pub type MemoryStorage = KvBlockStorage<MemoryKv>;
-
-/// A sorted map of byte keys in memory; `None` once closed.
-#[derive(Debug)]
-pub struct MemoryKv {
-    map: RwLock<Option<BTreeMap<Vec<u8>, Vec<u8>>>>,
-}
-
-impl Default for MemoryKv {
-    fn default() -> Self {
-        Self { map: RwLock::new(Some(BTreeMap::new())) }
-    }
-}
-
-impl MemoryKv {
-    /// An empty, open store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    // The map is only changed by whole batches of infallible map operations, so a thread that
-    // panicked while holding a lock left it consistent: a poisoned lock is used as it is.
-    fn read(&self) -> RwLockReadGuard<'_, Option<BTreeMap<Vec<u8>, Vec<u8>>>> {
-        self.map.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn write_lock(&self) -> RwLockWriteGuard<'_, Option<BTreeMap<Vec<u8>, Vec<u8>>>> {
-        self.map.write().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-fn closed() -> StorageError {
-    StorageError::Closed { engine: ENGINE }
-}
-
-impl KvStore for MemoryKv {
-    const READS_WAIT: bool = false;
-    const WRITES_WAIT: bool = false;
-
-    fn name(&self) -> &'static str {
-        ENGINE
-    }
-
-    fn durable(&self) -> bool {
-        false
-    }
-
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.read().as_ref().ok_or_else(closed)?.get(key).cloned())
-    }
-
-    fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
-        Ok(scan_map(self.read().as_ref().ok_or_else(closed)?, prefix, start, limit))
-    }
-
-    /// Checks every key first, then applies the batch under the write lock.
-    fn write(&self, batch: &[KvWrite], _durable: bool) -> Result<(), StorageError> {
-        check_keys(ENGINE, batch, MAX_KEY_BYTES)?;
-        let mut guard = self.write_lock();
-        let map = guard.as_mut().ok_or_else(closed)?;
-        for write in batch {
-            match write {
-                KvWrite::Put { key, value } => {
-                    map.insert(key.clone(), value.clone());
-                }
-                KvWrite::Delete { key } => {
-                    map.remove(key);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<(), StorageError> {
-        self.read().as_ref().map(|_| ()).ok_or_else(closed)
-    }
-
-    /// Drops the map.
-    fn close(&self) -> Result<(), StorageError> {
-        self.write_lock().take();
-        Ok(())
-    }
-}
 
 fn build(_cx: &StorageContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
     parse_config::<NoOptions>("storage memory", config)?;
