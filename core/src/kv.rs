@@ -16,6 +16,7 @@
 
 pub mod blocks;
 pub mod group;
+pub mod values;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
