@@ -17,6 +17,7 @@
 pub mod blocks;
 pub mod group;
 pub mod memory;
+pub mod values;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;

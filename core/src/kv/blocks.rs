@@ -43,6 +43,8 @@
 //!   against the store plus the writes queued before it, and releases the writer lock once its
 //!   batch is queued. Elsewhere (the memory store, or no tokio runtime) each batch is its own
 //!   store write, made under the writer lock for mutations.
+//! - `materialized` reads the stored bytes every time and parses them only when they are not the
+//!   bytes of a value this storage committed and still keeps decoded: see [`super::values`].
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -52,6 +54,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::group::{self, GroupCommit, GroupStats};
+use super::values::ValueCache;
 use super::{KvEntry, KvStore, KvWrite, MAX_KEY_BYTES};
 use crate::error::StorageError;
 use crate::model::{BlockId, Transform, TrxId, TrxRev};
@@ -97,6 +100,8 @@ struct Shared<S> {
     writer: Mutex<()>,
     /// The group commit queue (used when `S::WRITES_WAIT` and a tokio runtime runs).
     group: GroupCommit,
+    /// The newest materialized value of recently committed blocks, decoded.
+    values: ValueCache,
 }
 
 /// What the block mutations read: the store, or the store seen through the writes queued for
@@ -161,7 +166,14 @@ impl<S: KvStore> From<S> for KvBlockStorage<S> {
 impl<S: KvStore> KvBlockStorage<S> {
     /// Block storage over `store`, which must be empty or hold this module's layout.
     pub fn over(store: S) -> Self {
-        Self { shared: Arc::new(Shared { store, writer: Mutex::new(()), group: GroupCommit::new() }) }
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                writer: Mutex::new(()),
+                group: GroupCommit::new(),
+                values: ValueCache::default(),
+            }),
+        }
     }
 
     /// Block storage over a new, empty default store (for example an in-memory one).
@@ -622,10 +634,19 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         .await
     }
 
+    /// The stored bytes are read every time; they are parsed only when the value cache has no
+    /// decoded value for exactly these bytes (see [`super::values`]).
     async fn materialized(&self, block_id: &BlockId, rev: u64) -> Result<Option<BlockValue>, StorageError> {
-        let key = record(&block_prefix(block_id)?, VALUE, &rev.to_be_bytes());
-        self.read(move |store| {
-            store.get(&key)?.map(|bytes| from_json(store.name(), "a materialized value", &bytes)).transpose()
+        let prefix = block_prefix(block_id)?;
+        let key = record(&prefix, VALUE, &rev.to_be_bytes());
+        self.run(S::READS_WAIT, move |shared| {
+            let Some(bytes) = shared.store.get(&key)? else {
+                return Ok(None);
+            };
+            match shared.values.get(&prefix, rev, &bytes) {
+                Some(value) => Ok(Some(value)),
+                None => from_json(shared.store.name(), "a materialized value", &bytes).map(Some),
+            }
         })
         .await
     }
@@ -634,6 +655,9 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         let prefix = block_prefix(block_id)?;
         let engine = self.store().name();
         let value = to_json(engine, "a materialized value", &commit.value)?;
+        // Once written, the value is kept decoded for `materialized` (see [`super::values`]).
+        let cached =
+            self.shared.values.admits(&prefix, commit.rev, value.len()).then(|| (prefix.clone(), value.clone()));
         let transform = to_json(engine, "a committed transform", &commit.transform)?;
         let trx = commit.trx_id.as_bytes();
         let mut batch = vec![KvWrite::put(record(&prefix, VALUE, &commit.rev.to_be_bytes()), value)];
@@ -659,7 +683,11 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
             }
             Ok(batch)
         })
-        .await
+        .await?;
+        if let Some((prefix, json)) = cached {
+            self.shared.values.put(prefix, commit.rev, json, commit.value.clone());
+        }
+        Ok(())
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -735,7 +763,9 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         self.read(|store| Ok(Some(StorageStats { blocks: block_count(store)?, bytes: store.size_bytes()? }))).await
     }
 
+    /// Also drops the decoded values kept (a closed store answers no read anyway).
     async fn close(&self) -> Result<(), StorageError> {
+        self.shared.values.clear();
         self.run(S::WRITES_WAIT, |shared| shared.store.close()).await
     }
 }

@@ -313,7 +313,7 @@ mod tests {
 
     use super::*;
     use crate::kv::{KvBlockStorage, scan_map};
-    use crate::model::{BlockId, Transform, TrxId};
+    use crate::model::{Block, BlockId, Transform, TrxId};
     use crate::storage::{BlockCommit, MetaWrite, RawStorage};
 
     /// A sorted map whose writes wait: the first write signals `entered` and waits for `gate`;
@@ -524,6 +524,26 @@ mod tests {
         // Revision 1 is free: the refusal was never the store's state.
         storage.commit_block(&bid(0), &commit("b")).await.expect("the commit");
         assert_eq!(storage.latest(&bid(0)).await.expect("read").map(|l| l.trx_id), TrxId::new("b").ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_group_commit_leaves_no_value_to_read() {
+        // The commit's group write fails: its value is not read back (the value cache keeps only
+        // what was written), and a later commit of another value at that revision reads as itself.
+        let (storage, entered, gate) = gated(1);
+        let value = |field: &str| Some(Block::new(bid(0), "t", "c").with_field(field, serde_json::Value::Null));
+        let first = {
+            let s = storage.clone();
+            let commit = BlockCommit { value: value("first"), ..commit("a") };
+            tokio::spawn(async move { s.commit_block(&bid(0), &commit).await })
+        };
+        tokio::task::spawn_blocking(move || entered.recv()).await.expect("joined").expect("the first write started");
+        gate.send(()).expect("the gate is open");
+        assert!(matches!(first.await.expect("joined"), Err(StorageError::Full(_))));
+        assert_eq!(storage.materialized(&bid(0), 1).await.expect("read"), None);
+        let second = BlockCommit { value: value("second"), ..commit("b") };
+        storage.commit_block(&bid(0), &second).await.expect("the commit");
+        assert_eq!(storage.materialized(&bid(0), 1).await.expect("read"), Some(value("second")));
     }
 
     #[test]
