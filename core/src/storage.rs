@@ -69,6 +69,7 @@ pub enum MetaWrite {
 /// One write of a storage step ([`RawStorage::apply`]): what one of the single-call mutations
 /// would write.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant, reason = "a step's writes live briefly, in one vector per step")]
 pub enum StorageWrite {
     /// As [`RawStorage::save_pending`].
     SavePending {
@@ -91,7 +92,7 @@ pub enum StorageWrite {
         /// The block.
         block_id: BlockId,
         /// The commit step.
-        commit: BlockCommit,
+        commit: Box<BlockCommit>,
     },
     /// As [`RawStorage::put_meta`] or [`RawStorage::delete_meta`].
     Meta(MetaWrite),
@@ -186,18 +187,7 @@ pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
     /// applied, so callers order their writes so that every prefix is safe. Idempotent when every
     /// write is (a repeated commit is refused, as by `commit_block`).
     async fn apply(&self, writes: &[StorageWrite]) -> Result<(), StorageError> {
-        for write in writes {
-            match write {
-                StorageWrite::SavePending { block_id, trx_id, transform } => {
-                    self.save_pending(block_id, trx_id, transform).await?;
-                }
-                StorageWrite::DeletePending { block_id, trx_id } => self.delete_pending(block_id, trx_id).await?,
-                StorageWrite::Commit { block_id, commit } => self.commit_block(block_id, commit).await?,
-                StorageWrite::Meta(MetaWrite::Put(key, value)) => self.put_meta(key, value).await?,
-                StorageWrite::Meta(MetaWrite::Delete(key)) => self.delete_meta(key).await?,
-            }
-        }
-        Ok(())
+        apply_in_order(self, writes).await
     }
 
     /// True when [`RawStorage::apply`] applies a step atomically (all or nothing, also across a
@@ -225,4 +215,21 @@ pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
     /// Flushes buffered writes and releases the store (file locks included). Calls after `close`
     /// may fail. Idempotent.
     async fn close(&self) -> Result<(), StorageError>;
+}
+
+/// [`RawStorage::apply`] one write at a time through the single-call methods, stopping at the
+/// first error (the default `apply`, for engines without atomic steps and for wrappers).
+pub async fn apply_in_order<R: RawStorage + ?Sized>(storage: &R, writes: &[StorageWrite]) -> Result<(), StorageError> {
+    for write in writes {
+        match write {
+            StorageWrite::SavePending { block_id, trx_id, transform } => {
+                storage.save_pending(block_id, trx_id, transform).await?;
+            }
+            StorageWrite::DeletePending { block_id, trx_id } => storage.delete_pending(block_id, trx_id).await?,
+            StorageWrite::Commit { block_id, commit } => storage.commit_block(block_id, commit).await?,
+            StorageWrite::Meta(MetaWrite::Put(key, value)) => storage.put_meta(key, value).await?,
+            StorageWrite::Meta(MetaWrite::Delete(key)) => storage.delete_meta(key).await?,
+        }
+    }
+    Ok(())
 }
