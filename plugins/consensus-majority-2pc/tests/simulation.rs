@@ -1251,6 +1251,7 @@ async fn write_block_with_retries(world: &World, via: PeerId, block: &BlockId, l
             }
             Some(Err(e)) => {
                 assert!(is_retryable(&e), "pend failed with a non-retryable error: {e}");
+                client_backoff(attempt).await;
                 continue;
             }
         }
@@ -1263,6 +1264,7 @@ async fn write_block_with_retries(world: &World, via: PeerId, block: &BlockId, l
             }
             Some(Err(e)) => {
                 assert!(is_retryable(&e), "commit failed with a non-retryable error: {e}");
+                client_backoff(attempt).await;
                 if e.code() == ErrorCode::Unavailable {
                     // The outcome is unknown: leave it to recovery, do not cancel.
                     rev += 1;
@@ -1275,6 +1277,15 @@ async fn write_block_with_retries(world: &World, via: PeerId, block: &BlockId, l
         }
     }
     false
+}
+
+/// A client's wait before it retries a write that failed retryably (attempt 0, 1, ...): 100 ms
+/// more per attempt. Without it a client can spend all its attempts while the reservations of a
+/// record whose coordinator crashed still stand (until recovery, SPEC 4.5), which is no client's
+/// behaviour.
+async fn client_backoff(attempt: usize) {
+    let ms = 100 * u64::try_from(attempt + 1).unwrap_or(u64::MAX);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
 /// Prefix of the trace line counting batched records (see [`World::check`] and [`run_batched`]).
