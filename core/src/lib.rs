@@ -35,8 +35,8 @@ pub use check::{BatchFailure, Check, RejectCategory, RejectReason};
 pub use error::{ErrorCode, RepoError, StorageError, TransformError};
 pub use kv::{KvBlockStorage, KvStore, KvWrite};
 pub use model::*;
-pub use repo::{MessageOptions, ReadPromotion, Repo, StorageRepo};
-pub use storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage};
+pub use repo::{MessageOptions, ReadPromotion, Repo, Step, StorageRepo};
+pub use storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage, StorageWrite};
 
 /// Re-exported so plugins use the same version of the inventory crate.
 pub use inventory;

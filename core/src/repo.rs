@@ -16,7 +16,7 @@ use crate::model::{
     PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms, TrxBlocks, TrxId, TrxRev,
     TrxTransforms,
 };
-use crate::storage::{BlockCommit, BlockValue, MetaWrite, RawStorage};
+use crate::storage::{BlockCommit, BlockValue, MetaWrite, RawStorage, StorageWrite};
 use crate::time::now_ms;
 
 /// Options carried with every repo call.
@@ -677,7 +677,8 @@ impl StorageRepo {
     /// [`StorageRepo::keep_record`] (a cluster member executing a decided record): a reference to
     /// the record is kept per block as the pend half of the evidence of the revision its commit
     /// will produce (SPEC 4.10), and a revision gap is refused (SPEC 4.6: a member never applies
-    /// on a base it does not hold). Without a record, [`Repo::pend`] of a single node.
+    /// on a base it does not hold). Without a record, [`Repo::pend`] of a single node. One storage
+    /// step ([`RawStorage::apply`]) for all the blocks.
     pub async fn pend_recorded(
         &self,
         request: &PendRequest,
@@ -687,6 +688,59 @@ impl StorageRepo {
         options.check_expired()?;
         let block_ids = request.transforms.block_ids();
         let _locks = self.inner.locks.lock(&block_ids).await;
+        let mut writes = Vec::new();
+        let result = self.stage_pend(request, record, &mut writes).await?;
+        self.raw().apply(&writes).await?;
+        Ok(result)
+    }
+
+    /// `commit` with the decided commit record, kept with [`StorageRepo::keep_record`] (a cluster
+    /// member executing a decided record): each block's new revision keeps `{pend, commit}` as its
+    /// evidence (SPEC 4.10), written before the block's commit step. Same answers as
+    /// [`Repo::commit`]. One storage step ([`RawStorage::apply`]) for all the blocks.
+    pub async fn commit_recorded(
+        &self,
+        request: &CommitRequest,
+        options: &MessageOptions,
+        record: Option<&KeptRecord>,
+    ) -> Result<CommitResult, RepoError> {
+        options.check_expired()?;
+        let block_ids: BTreeSet<&BlockId> = request.block_ids.iter().collect();
+        let _locks = self.inner.locks.lock(block_ids.iter().copied()).await;
+        let mut writes = Vec::new();
+        let result = self.stage_commit(request, record, &mut writes).await?;
+        self.raw().apply(&writes).await?;
+        Ok(result)
+    }
+
+    /// `cancel` by a cluster member: also drops the kept pend records of the trx on the blocks.
+    pub async fn cancel_recorded(&self, trx: &TrxBlocks, options: &MessageOptions) -> Result<(), RepoError> {
+        options.check_expired()?;
+        let _locks = self.inner.locks.lock(&trx.block_ids).await;
+        let mut writes = Vec::new();
+        Self::stage_cancel(trx, &mut writes);
+        Ok(self.raw().apply(&writes).await?)
+    }
+
+    /// Starts a storage step on `block_ids`, holding their locks until it is written or dropped:
+    /// a cluster member executing a decided record stages every operation of the record (a batch,
+    /// SPEC 4.14), its evidence and its executed marker, then writes them as one storage step
+    /// ([`Step::write`]).
+    pub async fn step<'a>(&'a self, block_ids: impl IntoIterator<Item = &BlockId>) -> Step<'a> {
+        let locked: BTreeSet<BlockId> = block_ids.into_iter().cloned().collect();
+        let locks = self.inner.locks.lock(&locked).await;
+        Step { repo: self, _locks: locks, locked, touched: BTreeSet::new(), writes: Vec::new() }
+    }
+
+    /// The checks and writes of [`StorageRepo::pend_recorded`], staged into `writes`; the caller
+    /// holds the blocks' locks.
+    async fn stage_pend(
+        &self,
+        request: &PendRequest,
+        record: Option<&KeptRecord>,
+        writes: &mut Vec<StorageWrite>,
+    ) -> Result<PendResult, RepoError> {
+        let block_ids = request.transforms.block_ids();
         match self.check_pend_locked(request, &block_ids, record.is_some()).await? {
             Check::Ok => {}
             Check::Done => {
@@ -702,31 +756,30 @@ impl StorageRepo {
             let reference = StoredRecord::Ref(RecordRef { record: record.message_hash.clone() });
             let bytes = serde_json::to_vec(&reference)
                 .map_err(|e| RepoError::Internal(format!("encoding a pend record: {e}")))?;
-            let writes: Vec<MetaWrite> = block_ids
-                .iter()
-                .map(|b| MetaWrite::Put(evidence::pend_key(b, &request.trx_id), bytes.clone()))
-                .collect();
-            self.raw().write_meta(&writes).await?;
+            writes.extend(
+                block_ids
+                    .iter()
+                    .map(|b| StorageWrite::Meta(MetaWrite::Put(evidence::pend_key(b, &request.trx_id), bytes.clone()))),
+            );
         }
         for block_id in &block_ids {
-            self.raw().save_pending(block_id, &request.trx_id, &request.transforms.transform_for(block_id)).await?;
+            writes.push(StorageWrite::SavePending {
+                block_id: block_id.clone(),
+                trx_id: request.trx_id.clone(),
+                transform: request.transforms.transform_for(block_id),
+            });
         }
         Ok(PendResult::Success(PendSuccess { success: crate::model::True, pending, block_ids }))
     }
 
-    /// `commit` with the decided commit record, kept with [`StorageRepo::keep_record`] (a cluster
-    /// member executing a decided record): each block's new revision keeps `{pend, commit}` as its
-    /// evidence (SPEC 4.10), written before the block's commit step. Same answers as
-    /// [`Repo::commit`].
-    pub async fn commit_recorded(
+    /// The checks and writes of [`StorageRepo::commit_recorded`], staged into `writes`; the caller
+    /// holds the blocks' locks.
+    async fn stage_commit(
         &self,
         request: &CommitRequest,
-        options: &MessageOptions,
         record: Option<&KeptRecord>,
+        writes: &mut Vec<StorageWrite>,
     ) -> Result<CommitResult, RepoError> {
-        options.check_expired()?;
-        let block_ids: BTreeSet<&BlockId> = request.block_ids.iter().collect();
-        let _locks = self.inner.locks.lock(block_ids.iter().copied()).await;
         let steps = match self.check_commit_locked(request).await? {
             (Check::Ok, steps) => steps,
             (Check::Done, _) => return Ok(CommitResult::success()),
@@ -734,33 +787,35 @@ impl StorageRepo {
             (Check::Behind { error, .. } | Check::Invalid(error), _) => return Err(error),
             (Check::Gap { block_id, latest_rev, rev }, _) => return Err(Check::gap_error(&block_id, latest_rev, rev)),
         };
-        for (block_id, step) in &steps {
+        for (block_id, step) in steps {
             if let Some(commit) = record {
-                // Evidence is written before the block's commit step, under its lock, so what is
-                // kept for a committed revision is always that revision's.
-                let pend = self.raw().get_meta(&evidence::pend_key(block_id, &request.trx_id)).await?;
+                // Evidence is written before (or with) the block's commit step, under its lock, so
+                // what is kept for a committed revision is always that revision's.
+                let pend = self.raw().get_meta(&evidence::pend_key(&block_id, &request.trx_id)).await?;
                 let pend = pend.and_then(|bytes| serde_json::from_slice::<StoredRecord>(&bytes).ok());
                 let commit = StoredRecord::Ref(RecordRef { record: commit.message_hash.clone() });
                 let trx_rev = TrxRev { trx_id: request.trx_id.clone(), rev: request.rev };
-                let writes = evidence_writes(block_id, &trx_rev, &StoredEvidence { pend, commit })?;
-                self.raw().write_meta(&writes).await?;
+                writes.extend(
+                    evidence_writes(&block_id, &trx_rev, &StoredEvidence { pend, commit })?
+                        .into_iter()
+                        .map(StorageWrite::Meta),
+                );
             }
-            self.raw().commit_block(block_id, step).await?;
+            writes.push(StorageWrite::Commit { block_id, commit: Box::new(step) });
         }
         Ok(CommitResult::success())
     }
 
-    /// `cancel` by a cluster member: also drops the kept pend records of the trx on the blocks.
-    pub async fn cancel_recorded(&self, trx: &TrxBlocks, options: &MessageOptions) -> Result<(), RepoError> {
-        options.check_expired()?;
-        let _locks = self.inner.locks.lock(&trx.block_ids).await;
-        let writes: Vec<MetaWrite> =
-            trx.block_ids.iter().map(|b| MetaWrite::Delete(evidence::pend_key(b, &trx.trx_id))).collect();
-        self.raw().write_meta(&writes).await?;
-        for block_id in &trx.block_ids {
-            self.raw().delete_pending(block_id, &trx.trx_id).await?;
-        }
-        Ok(())
+    /// The writes of [`StorageRepo::cancel_recorded`], staged into `writes`.
+    fn stage_cancel(trx: &TrxBlocks, writes: &mut Vec<StorageWrite>) {
+        writes.extend(
+            trx.block_ids.iter().map(|b| StorageWrite::Meta(MetaWrite::Delete(evidence::pend_key(b, &trx.trx_id)))),
+        );
+        writes.extend(
+            trx.block_ids
+                .iter()
+                .map(|b| StorageWrite::DeletePending { block_id: b.clone(), trx_id: trx.trx_id.clone() }),
+        );
     }
 
     async fn others_pending(
@@ -795,6 +850,90 @@ impl KeptRecord {
     #[must_use]
     pub fn message_hash(&self) -> &str {
         &self.message_hash
+    }
+}
+
+/// One storage step of a cluster member ([`StorageRepo::step`]): the operations of a decided
+/// record staged with their blocks' locks held, written as one [`RawStorage::apply`] (one
+/// transaction and one sync on a transactional engine, SPEC 4.14). Each operation checks against
+/// storage as it was when the step began: the operations of one step must name disjoint blocks,
+/// all among the blocks locked. Dropping a step writes nothing.
+pub struct Step<'a> {
+    repo: &'a StorageRepo,
+    _locks: HeldLocks<'a>,
+    locked: BTreeSet<BlockId>,
+    touched: BTreeSet<BlockId>,
+    writes: Vec<StorageWrite>,
+}
+
+impl std::fmt::Debug for Step<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Step").field("locked", &self.locked).field("writes", &self.writes.len()).finish()
+    }
+}
+
+impl Step<'_> {
+    /// Keeps a decided record once (as [`StorageRepo::keep_record`]), in this step.
+    ///
+    /// Errors: [`RepoError::BadRequest`] for a record without a string `messageHash`.
+    pub fn keep_record(&mut self, record: &serde_json::Value) -> Result<KeptRecord, RepoError> {
+        let (kept, write) = StorageRepo::keep_record_write(record)?;
+        self.writes.push(StorageWrite::Meta(write));
+        Ok(kept)
+    }
+
+    /// Stages a metadata write.
+    pub fn meta(&mut self, write: MetaWrite) {
+        self.writes.push(StorageWrite::Meta(write));
+    }
+
+    /// Stages [`StorageRepo::pend_recorded`]; same answers and errors, plus
+    /// [`RepoError::BadRequest`] for a block this step did not lock or another operation of it
+    /// touched. Nothing is staged unless it answers a success.
+    pub async fn pend(&mut self, request: &PendRequest, record: Option<&KeptRecord>) -> Result<PendResult, RepoError> {
+        self.claim(request.transforms.block_ids().iter())?;
+        self.repo.stage_pend(request, record, &mut self.writes).await
+    }
+
+    /// Stages [`StorageRepo::commit_recorded`]; same answers and errors, plus
+    /// [`RepoError::BadRequest`] as for [`Step::pend`]. Nothing is staged unless it answers a
+    /// success.
+    pub async fn commit(
+        &mut self,
+        request: &CommitRequest,
+        record: Option<&KeptRecord>,
+    ) -> Result<CommitResult, RepoError> {
+        self.claim(request.block_ids.iter())?;
+        self.repo.stage_commit(request, record, &mut self.writes).await
+    }
+
+    /// Stages [`StorageRepo::cancel_recorded`]; errors as for [`Step::pend`].
+    pub fn cancel(&mut self, trx: &TrxBlocks) -> Result<(), RepoError> {
+        self.claim(trx.block_ids.iter())?;
+        StorageRepo::stage_cancel(trx, &mut self.writes);
+        Ok(())
+    }
+
+    /// Writes everything staged as one storage step and releases the locks. An `Err` changes
+    /// nothing on an engine whose [`RawStorage::atomic_apply`] holds; elsewhere some prefix of the
+    /// staged writes (in the order staged) may be applied.
+    pub async fn write(self) -> Result<(), RepoError> {
+        Ok(self.repo.raw().apply(&self.writes).await?)
+    }
+
+    /// Marks `block_ids` as touched by one operation of this step.
+    fn claim<'b>(&mut self, block_ids: impl Iterator<Item = &'b BlockId>) -> Result<(), RepoError> {
+        let ids: BTreeSet<&BlockId> = block_ids.collect();
+        for id in &ids {
+            if !self.locked.contains(*id) {
+                return Err(RepoError::BadRequest(format!("block {id} is not locked by this storage step")));
+            }
+            if self.touched.contains(*id) {
+                return Err(RepoError::BadRequest(format!("block {id} is touched twice in one storage step")));
+            }
+        }
+        self.touched.extend(ids.into_iter().cloned());
+        Ok(())
     }
 }
 
@@ -855,10 +994,12 @@ impl Repo for StorageRepo {
     async fn cancel(&self, trx: &TrxBlocks, options: &MessageOptions) -> Result<(), RepoError> {
         options.check_expired()?;
         let _locks = self.inner.locks.lock(&trx.block_ids).await;
-        for block_id in &trx.block_ids {
-            self.raw().delete_pending(block_id, &trx.trx_id).await?;
-        }
-        Ok(())
+        let writes: Vec<StorageWrite> = trx
+            .block_ids
+            .iter()
+            .map(|b| StorageWrite::DeletePending { block_id: b.clone(), trx_id: trx.trx_id.clone() })
+            .collect();
+        Ok(self.raw().apply(&writes).await?)
     }
 
     async fn commit(&self, request: &CommitRequest, options: &MessageOptions) -> Result<CommitResult, RepoError> {

@@ -66,6 +66,38 @@ pub enum MetaWrite {
     Delete(String),
 }
 
+/// One write of a storage step ([`RawStorage::apply`]): what one of the single-call mutations
+/// would write.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant, reason = "a step's writes live briefly, in one vector per step")]
+pub enum StorageWrite {
+    /// As [`RawStorage::save_pending`].
+    SavePending {
+        /// The block.
+        block_id: BlockId,
+        /// The pending transaction.
+        trx_id: TrxId,
+        /// Its transform on the block.
+        transform: Transform,
+    },
+    /// As [`RawStorage::delete_pending`].
+    DeletePending {
+        /// The block.
+        block_id: BlockId,
+        /// The transaction whose pending transform goes.
+        trx_id: TrxId,
+    },
+    /// As [`RawStorage::commit_block`].
+    Commit {
+        /// The block.
+        block_id: BlockId,
+        /// The commit step.
+        commit: Box<BlockCommit>,
+    },
+    /// As [`RawStorage::put_meta`] or [`RawStorage::delete_meta`].
+    Meta(MetaWrite),
+}
+
 /// The byte- and JSON-level storage engine behind a [`crate::repo::StorageRepo`].
 ///
 /// Contract shared by all methods:
@@ -143,6 +175,27 @@ pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Applies `writes` in order as one storage step, each exactly as its single-call method
+    /// would (a commit is refused as by [`RawStorage::commit_block`]), each seeing the writes
+    /// before it. A cluster member applies a decided record (every operation of a batch, its
+    /// evidence and its executed marker) with one call (SPEC 4.14).
+    ///
+    /// Engines that report [`RawStorage::atomic_apply`] apply the whole step atomically, with one
+    /// transaction and one sync on a durable engine: an `Err` (any write refused, or the store
+    /// failing) changes nothing, and after a crash either every write or none is there. The
+    /// default applies the writes one by one: after a crash or an error some prefix of them may be
+    /// applied, so callers order their writes so that every prefix is safe. Idempotent when every
+    /// write is (a repeated commit is refused, as by `commit_block`).
+    async fn apply(&self, writes: &[StorageWrite]) -> Result<(), StorageError> {
+        apply_in_order(self, writes).await
+    }
+
+    /// True when [`RawStorage::apply`] applies a step atomically (all or nothing, also across a
+    /// crash on a durable engine). The default (`false`) applies the writes one by one.
+    fn atomic_apply(&self) -> bool {
+        false
+    }
+
     /// Every metadata entry whose key starts with `prefix`, sorted by key, at most `limit` of them.
     async fn list_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
 
@@ -162,4 +215,21 @@ pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
     /// Flushes buffered writes and releases the store (file locks included). Calls after `close`
     /// may fail. Idempotent.
     async fn close(&self) -> Result<(), StorageError>;
+}
+
+/// [`RawStorage::apply`] one write at a time through the single-call methods, stopping at the
+/// first error (the default `apply`, for engines without atomic steps and for wrappers).
+pub async fn apply_in_order<R: RawStorage + ?Sized>(storage: &R, writes: &[StorageWrite]) -> Result<(), StorageError> {
+    for write in writes {
+        match write {
+            StorageWrite::SavePending { block_id, trx_id, transform } => {
+                storage.save_pending(block_id, trx_id, transform).await?;
+            }
+            StorageWrite::DeletePending { block_id, trx_id } => storage.delete_pending(block_id, trx_id).await?,
+            StorageWrite::Commit { block_id, commit } => storage.commit_block(block_id, commit).await?,
+            StorageWrite::Meta(MetaWrite::Put(key, value)) => storage.put_meta(key, value).await?,
+            StorageWrite::Meta(MetaWrite::Delete(key)) => storage.delete_meta(key).await?,
+        }
+    }
+    Ok(())
 }

@@ -179,6 +179,8 @@ macro_rules! storage_conformance {
             raw_meta_put_get_delete_list,
             raw_meta_long_keys,
             raw_meta_batch_applies_in_order,
+            raw_apply_writes_a_step_in_order,
+            raw_apply_refused_step,
             raw_block_ids_pagination,
             raw_ids_are_opaque,
             raw_values_round_trip,

@@ -176,7 +176,10 @@ pub mod crash {
     /// - no block is torn: `latest` is the last revision logged, a value is materialized at `latest`,
     ///   and it equals both [`StorageRepo::value_at`] and the value rebuilt by replaying every
     ///   committed transform from revision 0;
-    /// - no transaction is both pending and committed on a block.
+    /// - no transaction is both pending and committed on a block;
+    /// - on an engine with atomic storage steps ([`RawStorage::atomic_apply`]), no commit is torn
+    ///   across blocks: a transaction committed on one block is pending on none (the workload
+    ///   pends and commits a transaction on the same blocks, each commit one storage step).
     pub async fn verify(storage: &Arc<dyn RawStorage>, acks: &[Ack]) -> anyhow::Result<Verified> {
         let repo = StorageRepo::new(storage.clone());
         for ack in acks {
@@ -193,19 +196,39 @@ pub mod crash {
         }
         let mut verified = Verified::default();
         let mut after: Option<BlockId> = None;
+        let (mut committed, mut pending) = (BTreeMap::new(), BTreeMap::new());
         loop {
             let page = storage.block_ids(after.as_ref(), 100).await?;
             let Some(last) = page.last().cloned() else { break };
             for id in &page {
-                verified.revisions += verify_block(storage, &repo, id).await?;
+                let (block_committed, block_pending) = verify_block(storage, &repo, id).await?;
+                verified.revisions += block_committed.len();
                 verified.blocks += 1;
+                for trx_id in block_committed.into_keys() {
+                    committed.insert(trx_id, id.clone());
+                }
+                for trx_id in block_pending {
+                    pending.insert(trx_id, id.clone());
+                }
             }
             after = Some(last);
+        }
+        if storage.atomic_apply() {
+            for (trx_id, committed_on) in &committed {
+                if let Some(pending_on) = pending.get(trx_id) {
+                    bail!("commit of {trx_id} is torn: committed on {committed_on:?}, still pending on {pending_on:?}");
+                }
+            }
         }
         Ok(verified)
     }
 
-    async fn verify_block(storage: &Arc<dyn RawStorage>, repo: &StorageRepo, id: &BlockId) -> anyhow::Result<usize> {
+    /// Checks one block; its committed transactions (with their revisions) and pending ones.
+    async fn verify_block(
+        storage: &Arc<dyn RawStorage>,
+        repo: &StorageRepo,
+        id: &BlockId,
+    ) -> anyhow::Result<(BTreeMap<TrxId, u64>, Vec<TrxId>)> {
         let latest = storage.latest(id).await?;
         let log = storage.revisions(id, 0, u64::MAX).await?;
         ensure!(
@@ -242,13 +265,14 @@ pub mod crash {
             let read = repo.value_at(id, latest.rev).await?;
             ensure!(read == replayed, "block {id:?}: value_at latest is {read:?}, replay gives {replayed:?}");
         }
-        for trx_id in storage.pending_trx_ids(id).await? {
-            ensure!(!committed_trxs.contains_key(&trx_id), "block {id:?}: {trx_id} is both pending and committed");
+        let pending = storage.pending_trx_ids(id).await?;
+        for trx_id in &pending {
+            ensure!(!committed_trxs.contains_key(trx_id), "block {id:?}: {trx_id} is both pending and committed");
             ensure!(
-                storage.pending(id, &trx_id).await?.is_some(),
+                storage.pending(id, trx_id).await?.is_some(),
                 "block {id:?}: listed pending {trx_id} cannot be read"
             );
         }
-        Ok(log.len())
+        Ok((committed_trxs, pending))
     }
 }

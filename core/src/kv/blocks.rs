@@ -46,6 +46,7 @@
 //! - `materialized` reads the stored bytes every time and parses them only when they are not the
 //!   bytes of a value this storage committed and still keeps decoded: see [`super::values`].
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -58,7 +59,7 @@ use super::values::ValueCache;
 use super::{KvEntry, KvStore, KvWrite, MAX_KEY_BYTES};
 use crate::error::StorageError;
 use crate::model::{BlockId, Transform, TrxId, TrxRev};
-use crate::storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage, StorageStats};
+use crate::storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, RawStorage, StorageStats, StorageWrite};
 
 /// First byte of a block record key.
 const BLOCK: u8 = b'b';
@@ -142,6 +143,166 @@ impl<S: KvStore> KvView for Queued<'_, S> {
     }
     fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
         group::scan_through(self.group, self.store, prefix, start, limit)
+    }
+}
+
+/// A view plus the writes of the earlier parts of one storage step ([`RawStorage::apply`]), so
+/// that each mutation of the step checks against the ones before it.
+struct Staged<'a> {
+    base: &'a dyn KvView,
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    batch: Vec<KvWrite>,
+}
+
+impl<'a> Staged<'a> {
+    fn new(base: &'a dyn KvView) -> Self {
+        Self { base, overlay: BTreeMap::new(), batch: Vec::new() }
+    }
+
+    fn stage(&mut self, writes: Vec<KvWrite>) {
+        for write in &writes {
+            let value = match write {
+                KvWrite::Put { value, .. } => Some(value.clone()),
+                KvWrite::Delete { .. } => None,
+            };
+            self.overlay.insert(write.key().to_vec(), value);
+        }
+        self.batch.extend(writes);
+    }
+}
+
+impl KvView for Staged<'_> {
+    fn name(&self) -> &'static str {
+        self.base.name()
+    }
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.overlay.get(key) {
+            Some(value) => Ok(value.clone()),
+            None => self.base.get(key),
+        }
+    }
+    fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
+        let from = start.max(prefix).to_vec();
+        let staged: Vec<_> = self.overlay.range(from..).take_while(|(key, _)| key.starts_with(prefix)).collect();
+        if staged.is_empty() {
+            return self.base.scan(prefix, start, limit);
+        }
+        // Each staged write can hide at most one entry of the view underneath.
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.base.scan(prefix, start, limit.saturating_add(staged.len()))?.into_iter().collect();
+        for (key, value) in staged {
+            match value {
+                Some(value) => merged.insert(key.clone(), value.clone()),
+                None => merged.remove(key),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
+}
+
+/// A committed value to keep decoded once it is written: the block prefix and the value's JSON.
+type Decoded = (Vec<u8>, Vec<u8>);
+
+/// One block mutation, encoded: [`Mutation::batch`] reads what it checks through a view and
+/// gives the store writes (run under the writer lock).
+enum Mutation {
+    SavePending { block_id: BlockId, key: Vec<u8>, value: Vec<u8> },
+    DeletePending { block_id: BlockId, prefix: Vec<u8>, key: Vec<u8> },
+    Commit { block_id: BlockId, prefix: Vec<u8>, trx_id: TrxId, rev: u64, batch: Vec<KvWrite> },
+    Meta(KvWrite),
+}
+
+impl Mutation {
+    fn save_pending(
+        engine: &'static str,
+        block_id: &BlockId,
+        trx_id: &TrxId,
+        transform: &Transform,
+    ) -> Result<Self, StorageError> {
+        let key = record(&block_prefix(block_id)?, PENDING, trx_id.as_bytes());
+        let value = to_json(engine, "a pending transform", transform)?;
+        Ok(Self::SavePending { block_id: block_id.clone(), key, value })
+    }
+
+    fn delete_pending(block_id: &BlockId, trx_id: &TrxId) -> Result<Self, StorageError> {
+        let prefix = block_prefix(block_id)?;
+        let key = record(&prefix, PENDING, trx_id.as_bytes());
+        Ok(Self::DeletePending { block_id: block_id.clone(), prefix, key })
+    }
+
+    /// The commit step, and the value to keep decoded once it is written.
+    fn commit(
+        engine: &'static str,
+        values: &ValueCache,
+        block_id: &BlockId,
+        commit: &BlockCommit,
+    ) -> Result<(Self, Option<Decoded>), StorageError> {
+        let prefix = block_prefix(block_id)?;
+        let value = to_json(engine, "a materialized value", &commit.value)?;
+        // Once written, the value is kept decoded for `materialized` (see [`super::values`]).
+        let cached = values.admits(&prefix, commit.rev, value.len()).then(|| (prefix.clone(), value.clone()));
+        let transform = to_json(engine, "a committed transform", &commit.transform)?;
+        let trx = commit.trx_id.as_bytes();
+        let mut batch = vec![KvWrite::put(record(&prefix, VALUE, &commit.rev.to_be_bytes()), value)];
+        if let Some(prune) = commit.prune_value_at.filter(|r| *r != commit.rev) {
+            batch.push(KvWrite::delete(record(&prefix, VALUE, &prune.to_be_bytes())));
+        }
+        batch.push(KvWrite::put(log_key(&prefix, commit.rev), trx));
+        batch.push(KvWrite::put(record(&prefix, COMMITTED, trx), rev_prefixed(commit.rev, &transform)));
+        batch.push(KvWrite::delete(record(&prefix, PENDING, trx)));
+        batch.push(KvWrite::put(record(&prefix, LATEST, &[]), rev_prefixed(commit.rev, trx)));
+        let mutation =
+            Self::Commit { block_id: block_id.clone(), prefix, trx_id: commit.trx_id.clone(), rev: commit.rev, batch };
+        Ok((mutation, cached))
+    }
+
+    fn meta(write: &MetaWrite) -> Result<Self, StorageError> {
+        meta_write(write).map(Self::Meta)
+    }
+
+    /// The store writes of this mutation against `store`; an `Err` refuses it.
+    fn batch(self, store: &dyn KvView) -> Result<Vec<KvWrite>, StorageError> {
+        match self {
+            Self::SavePending { block_id, key, value } => {
+                let mut batch = vec![KvWrite::put(key, value)];
+                index_if_absent(store, &block_id, &mut batch)?;
+                Ok(batch)
+            }
+            Self::DeletePending { block_id, prefix, key } => {
+                if store.get(&key)?.is_none() {
+                    return Ok(Vec::new());
+                }
+                let mut batch = vec![KvWrite::delete(key.clone())];
+                // A block with nothing committed and nothing else pending is forgotten.
+                if latest_in(store, &prefix)?.is_none() {
+                    let pending = record(&prefix, PENDING, &[]);
+                    let others = store.scan(&pending, &pending, 2)?;
+                    if others.iter().all(|(other, _)| *other == key) {
+                        let count = block_count(store)?.checked_sub(1).ok_or_else(|| {
+                            corrupt(store.name(), format!("block {block_id} is indexed but the block count is 0"))
+                        })?;
+                        batch.push(KvWrite::delete(index_key(&block_id)));
+                        batch.push(KvWrite::put(COUNT, count.to_be_bytes()));
+                    }
+                }
+                Ok(batch)
+            }
+            Self::Commit { block_id, prefix, trx_id, rev, mut batch } => {
+                match latest_in(store, &prefix)? {
+                    Some(current) if current.rev >= rev => {
+                        return Err(StorageError::Invalid(format!(
+                            "commit of {trx_id} at rev {rev} does not advance latest rev {} of {block_id}",
+                            current.rev
+                        )));
+                    }
+                    // A block with a latest is indexed already.
+                    Some(_) => {}
+                    None => index_if_absent(store, &block_id, &mut batch)?,
+                }
+                Ok(batch)
+            }
+            Self::Meta(write) => Ok(vec![write]),
+        }
     }
 }
 
@@ -445,6 +606,14 @@ fn meta_value(key: &str, value: &[u8]) -> Result<Vec<u8>, StorageError> {
     Ok(out)
 }
 
+/// The store write of a metadata write.
+fn meta_write(write: &MetaWrite) -> Result<KvWrite, StorageError> {
+    Ok(match write {
+        MetaWrite::Put(key, value) => KvWrite::put(meta_key(key), meta_value(key, value)?),
+        MetaWrite::Delete(key) => KvWrite::delete(meta_key(key)),
+    })
+}
+
 /// A stored metadata entry as `(key, value)`; a long key is checked against its store key.
 fn decode_meta(engine: &str, store_key: &[u8], mut stored: Vec<u8>) -> Result<(String, Vec<u8>), StorageError> {
     let bad = |what: &str| corrupt(engine, format!("metadata entry {}: {what}", String::from_utf8_lossy(store_key)));
@@ -597,41 +766,13 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
         trx_id: &TrxId,
         transform: &Transform,
     ) -> Result<(), StorageError> {
-        let key = record(&block_prefix(block_id)?, PENDING, trx_id.as_bytes());
-        let value = to_json(self.store().name(), "a pending transform", transform)?;
-        let block_id = block_id.clone();
-        self.mutate(move |store| {
-            let mut batch = vec![KvWrite::put(key, value)];
-            index_if_absent(store, &block_id, &mut batch)?;
-            Ok(batch)
-        })
-        .await
+        let mutation = Mutation::save_pending(self.store().name(), block_id, trx_id, transform)?;
+        self.mutate(move |store| mutation.batch(store)).await
     }
 
     async fn delete_pending(&self, block_id: &BlockId, trx_id: &TrxId) -> Result<(), StorageError> {
-        let prefix = block_prefix(block_id)?;
-        let key = record(&prefix, PENDING, trx_id.as_bytes());
-        let block_id = block_id.clone();
-        self.mutate(move |store| {
-            if store.get(&key)?.is_none() {
-                return Ok(Vec::new());
-            }
-            let mut batch = vec![KvWrite::delete(key.clone())];
-            // A block with nothing committed and nothing else pending is forgotten.
-            if latest_in(store, &prefix)?.is_none() {
-                let pending = record(&prefix, PENDING, &[]);
-                let others = store.scan(&pending, &pending, 2)?;
-                if others.iter().all(|(other, _)| *other == key) {
-                    let count = block_count(store)?.checked_sub(1).ok_or_else(|| {
-                        corrupt(store.name(), format!("block {block_id} is indexed but the block count is 0"))
-                    })?;
-                    batch.push(KvWrite::delete(index_key(&block_id)));
-                    batch.push(KvWrite::put(COUNT, count.to_be_bytes()));
-                }
-            }
-            Ok(batch)
-        })
-        .await
+        let mutation = Mutation::delete_pending(block_id, trx_id)?;
+        self.mutate(move |store| mutation.batch(store)).await
     }
 
     /// The stored bytes are read every time; they are parsed only when the value cache has no
@@ -652,42 +793,57 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
     }
 
     async fn commit_block(&self, block_id: &BlockId, commit: &BlockCommit) -> Result<(), StorageError> {
-        let prefix = block_prefix(block_id)?;
-        let engine = self.store().name();
-        let value = to_json(engine, "a materialized value", &commit.value)?;
-        // Once written, the value is kept decoded for `materialized` (see [`super::values`]).
-        let cached =
-            self.shared.values.admits(&prefix, commit.rev, value.len()).then(|| (prefix.clone(), value.clone()));
-        let transform = to_json(engine, "a committed transform", &commit.transform)?;
-        let trx = commit.trx_id.as_bytes();
-        let mut batch = vec![KvWrite::put(record(&prefix, VALUE, &commit.rev.to_be_bytes()), value)];
-        if let Some(prune) = commit.prune_value_at.filter(|r| *r != commit.rev) {
-            batch.push(KvWrite::delete(record(&prefix, VALUE, &prune.to_be_bytes())));
-        }
-        batch.push(KvWrite::put(log_key(&prefix, commit.rev), trx));
-        batch.push(KvWrite::put(record(&prefix, COMMITTED, trx), rev_prefixed(commit.rev, &transform)));
-        batch.push(KvWrite::delete(record(&prefix, PENDING, trx)));
-        batch.push(KvWrite::put(record(&prefix, LATEST, &[]), rev_prefixed(commit.rev, trx)));
-        let (block_id, trx_id, rev) = (block_id.clone(), commit.trx_id.clone(), commit.rev);
-        self.mutate(move |store| {
-            match latest_in(store, &prefix)? {
-                Some(current) if current.rev >= rev => {
-                    return Err(StorageError::Invalid(format!(
-                        "commit of {trx_id} at rev {rev} does not advance latest rev {} of {block_id}",
-                        current.rev
-                    )));
-                }
-                // A block with a latest is indexed already.
-                Some(_) => {}
-                None => index_if_absent(store, &block_id, &mut batch)?,
-            }
-            Ok(batch)
-        })
-        .await?;
+        let (mutation, cached) = Mutation::commit(self.store().name(), &self.shared.values, block_id, commit)?;
+        self.mutate(move |store| mutation.batch(store)).await?;
         if let Some((prefix, json)) = cached {
             self.shared.values.put(prefix, commit.rev, json, commit.value.clone());
         }
         Ok(())
+    }
+
+    /// One store batch, built under the writer lock with each mutation checked against the
+    /// store plus the mutations before it: all or nothing, with one sync (shared with other
+    /// calls through group commit) on a durable store.
+    async fn apply(&self, writes: &[StorageWrite]) -> Result<(), StorageError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let engine = self.store().name();
+        let mut mutations = Vec::with_capacity(writes.len());
+        let mut cached = Vec::new();
+        for write in writes {
+            mutations.push(match write {
+                StorageWrite::SavePending { block_id, trx_id, transform } => {
+                    Mutation::save_pending(engine, block_id, trx_id, transform)?
+                }
+                StorageWrite::DeletePending { block_id, trx_id } => Mutation::delete_pending(block_id, trx_id)?,
+                StorageWrite::Commit { block_id, commit } => {
+                    let (mutation, keep) = Mutation::commit(engine, &self.shared.values, block_id, commit)?;
+                    if let Some((prefix, json)) = keep {
+                        cached.push((prefix, commit.rev, json, commit.value.clone()));
+                    }
+                    mutation
+                }
+                StorageWrite::Meta(write) => Mutation::meta(write)?,
+            });
+        }
+        self.mutate(move |store| {
+            let mut staged = Staged::new(store);
+            for mutation in mutations {
+                let batch = mutation.batch(&staged)?;
+                staged.stage(batch);
+            }
+            Ok(staged.batch)
+        })
+        .await?;
+        for (prefix, rev, json, value) in cached {
+            self.shared.values.put(prefix, rev, json, value);
+        }
+        Ok(())
+    }
+
+    fn atomic_apply(&self) -> bool {
+        true
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -716,13 +872,7 @@ impl<S: KvStore> RawStorage for KvBlockStorage<S> {
 
     /// One store batch: all or nothing, with one sync on a durable store.
     async fn write_meta(&self, writes: &[MetaWrite]) -> Result<(), StorageError> {
-        let batch = writes
-            .iter()
-            .map(|write| match write {
-                MetaWrite::Put(key, value) => Ok(KvWrite::put(meta_key(key), meta_value(key, value)?)),
-                MetaWrite::Delete(key) => Ok(KvWrite::delete(meta_key(key))),
-            })
-            .collect::<Result<Vec<_>, StorageError>>()?;
+        let batch = writes.iter().map(meta_write).collect::<Result<Vec<_>, StorageError>>()?;
         self.write(batch).await
     }
 

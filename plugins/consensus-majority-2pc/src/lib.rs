@@ -45,23 +45,26 @@
 //!   passes, else rejected with `batch: [[index, "category: detail"], ...]` listing each failing
 //!   one ([`optimystic_core::BatchFailure`]), each stale one's `StaleFailure` at its index of the
 //!   `"result"` array. A batch holds one reservation per operation against the bounds.
-//! - Phase 2: a record carrying a verified promise quorum is applied exactly once: the decided
-//!   copy is persisted, the operation applied, then the executed marker (result and commit vote,
-//!   keyed by messageHash) persisted. A re-delivery gets the stored commit vote and result. The
+//! - Phase 2: a record carrying a verified promise quorum is applied exactly once, as one storage
+//!   step ([`optimystic_core::RawStorage::apply`], SPEC 4.14): the operations' writes, the
+//!   record kept for evidence and the executed marker (result and commit vote, keyed by
+//!   messageHash) together. On an engine with atomic steps (memory, LMDB) that is one transaction
+//!   and one sync, and a crash leaves the record executed or not applied at all; a step that fails
+//!   changes nothing and the record is persisted as decided, for recovery. On other engines (the
+//!   file engine) the decided copy is persisted first and the marker last: a crash in between
+//!   re-executes the record at restart, which the repository makes a no-op for what was applied.
+//!   A re-delivery gets the stored commit vote and result. The
 //!   member keeps the decided pend and commit records as each revision's evidence (SPEC 4.10),
 //!   one copy per record however many revisions it proves. A member lacking the base (revision
 //!   r - 1, or the pending trx) applies nothing and signs no commit vote: it reports the block
 //!   behind ([`optimystic_core::consensus::BehindSink`]) and runs the record once catch-up (or the
 //!   execution of the record it waited for) brought the block forward (SPEC 4.6). Only an
 //!   operation applied here gets an approving commit vote; a stale result is signed as a reject.
-//!   A decided batch runs its operations concurrently (disjoint blocks) under the locks of all its
-//!   blocks, nothing while one lacks its base; the executed marker keeps the array of their
-//!   results in record order, and the commit vote rejects (`batch:`) naming those that did not
-//!   apply. On LMDB their writes share group commits (`optimystic_core::kv::group`: one
-//!   transaction and one sync per step for all of them and for other records' concurrent
-//!   writes), but a batch is not one atomic storage step (SPEC 4.14 asks for one): a crash midway
-//!   re-executes the batch at restart, which the repository makes a no-op for the operations
-//!   already applied.
+//!   A decided batch stages its operations (disjoint blocks) under the locks of all its blocks,
+//!   nothing while one lacks its base; the executed marker keeps the array of their results in
+//!   record order, and the commit vote rejects (`batch:`) naming those that did not apply. On
+//!   LMDB concurrent steps of different records share group commits
+//!   (`optimystic_core::kv::group`).
 //! - Bounds (SPEC 4.11-4.13): phase-1 records naming a peer this node never saw are refused;
 //!   reservations are bounded in total and per sender; a rejection stores no history; a "not
 //!   executed" status answer is final (persisted, under the locks executions take); two pends of

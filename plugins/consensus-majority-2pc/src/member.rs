@@ -22,17 +22,16 @@ use optimystic_core::evidence::{RecordRef, StoredRecord, record_key};
 use optimystic_core::identity::PeerId;
 use optimystic_core::model::{CommitResult, PendResult, StaleFailure};
 use optimystic_core::record::{ClusterRecord, Phase, RecordError, Vote, VoteType};
-use optimystic_core::repo::KeptRecord;
+use optimystic_core::repo::{KeptRecord, Step};
 use optimystic_core::wire::{ErrorEnvelope, RepoOperation, RepoResponse};
 use optimystic_core::{
-    BatchFailure, BlockId, Check, MessageOptions, MetaWrite, RawStorage, RejectCategory, RejectReason, RepoError,
-    StorageRepo,
+    BatchFailure, BlockId, Check, MetaWrite, RawStorage, RejectCategory, RejectReason, RepoError, StorageRepo,
 };
 use serde_json::{Map, Value, json};
 
 use crate::checks::check_operation;
 use crate::engine::{HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
-use crate::store::{Entry, RecordStatus, read_entry, tomb_key, write_entry, write_entry_after};
+use crate::store::{Entry, RecordStatus, entry_writes, read_entry, tomb_key, write_entry, write_entry_after};
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
 pub const STATUS_OPERATION: &str = "status";
@@ -92,6 +91,16 @@ enum Executed {
     /// This member lacks the base an operation needs (SPEC 4.6): nothing applied, no commit vote,
     /// the record stays decided until catch-up brings the block forward.
     Behind(BlockId),
+}
+
+/// What persisting a record as decided writes ([`Inner::persist_decided`]).
+struct Persist<'a> {
+    hash: &'a str,
+    decided: &'a Entry,
+    /// The stored entry is already the decided one.
+    prior_decided: bool,
+    /// The write keeping the record the entry refers to.
+    keep_write: Option<&'a MetaWrite>,
 }
 
 /// The reject reason of a record whose operations fail as `failures` says (index order): a
@@ -487,13 +496,20 @@ impl Inner {
         Ok(())
     }
 
-    /// Phase 2: a decided record (verified promise quorum) is applied here exactly once. The
-    /// decided copy is persisted first; the executed marker with the result and commit vote after
-    /// applying. A crash in between re-applies at restart, before anything else is served, which
-    /// the repository makes a no-op for the same operation (re-pend of the same transforms,
-    /// re-commit of the same revision, repeated cancel). While the process runs, an operation
-    /// applied here is never applied again: a marker that could not be written is kept in memory
-    /// and only its write is retried.
+    /// Phase 2: a decided record (verified promise quorum) is applied here exactly once, as one
+    /// storage step (SPEC 4.14): every operation's writes, the evidence and the executed marker
+    /// with the results and the commit vote.
+    ///
+    /// On an engine whose steps are atomic ([`RawStorage::atomic_apply`]) that step is the only
+    /// write: after a crash the record is either executed or not applied at all (still promised,
+    /// and recovered as any promise is). A step that fails changes nothing; the decided copy is
+    /// then persisted on its own, so that recovery executes it later. On other engines the decided
+    /// copy is persisted first and the executed marker after the operations' writes: a crash in
+    /// between re-applies at restart, before anything else is served, which the repository makes a
+    /// no-op for the same operation (re-pend of the same transforms, re-commit of the same
+    /// revision, repeated cancel); and while the process runs, an operation applied here is never
+    /// applied again: a marker that could not be written is kept in memory and only its write is
+    /// retried.
     ///
     /// A member without the base an operation needs (SPEC 4.6) applies nothing and signs no
     /// commit vote: the record stays decided (with its reservation), the node is asked to catch
@@ -510,30 +526,25 @@ impl Inner {
         copy.extra.remove(RESULT_FIELD);
         let hash = copy.message_hash.clone();
         let unsaved = self.state().unsaved.remove(&hash);
-        let executed = match unsaved {
-            Some(executed) => executed,
+        let (executed, saved) = match unsaved {
+            Some(executed) => (executed, false),
             None => {
                 // The decided copy is kept once for evidence (SPEC 4.10) when the record carries
-                // a pend or a commit, in the same write as the decided entry that refers to it.
+                // a pend or a commit: in the executed step, or with the decided entry that refers
+                // to it.
                 let keeps =
                     cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
                 let keep = if keeps { Some(StorageRepo::keep_record_write(&copy.to_value())?) } else { None };
                 let (kept, keep_write) = match keep {
-                    Some((kept, write)) => (Some(kept), vec![write]),
-                    None => (None, Vec::new()),
+                    Some((kept, write)) => (Some(kept), Some(write)),
+                    None => (None, None),
                 };
+                let prior_decided = prior.as_ref().is_some_and(|p| p.status == RecordStatus::Decided);
                 let decided = match prior {
-                    Some(prior) if prior.status == RecordStatus::Decided => {
-                        if !keep_write.is_empty() {
-                            // Kept with the decided entry; kept again (a no-op), as the entry may
-                            // predate references.
-                            self.storage().write_meta(&keep_write).await?;
-                        }
-                        prior
-                    }
+                    Some(prior) if prior_decided => prior,
                     prior => {
                         let sender = prior.as_ref().and_then(|e| e.sender.clone());
-                        let decided = Entry {
+                        Entry {
                             status: RecordStatus::Decided,
                             expiration_ms: cx.expiration_ms,
                             promise: prior.and_then(|e| e.promise),
@@ -546,11 +557,15 @@ impl Inner {
                             sender,
                             renounced: false,
                             local_only: false,
-                        };
-                        write_entry_after(self.storage(), &hash, &decided, keep_write).await?;
-                        decided
+                        }
                     }
                 };
+                let atomic = self.storage().atomic_apply();
+                let persist =
+                    Persist { hash: &hash, decided: &decided, prior_decided, keep_write: keep_write.as_ref() };
+                if !atomic {
+                    self.persist_decided(&persist).await?;
+                }
                 let sender = decided.sender.as_deref().and_then(|s| s.parse().ok());
                 {
                     let live = Live {
@@ -566,9 +581,32 @@ impl Inner {
                     // Should this call be abandoned midway, recovery still finds the record decided.
                     self.schedule_recovery(&mut state, &hash, cx.expiration_ms);
                 }
-                match self.apply_once(&copy, decided, cx, kept.as_ref()).await {
-                    Ok(Executed::Marker(executed)) => *executed,
+                let outcome = match self.behind_block(&decided, cx).await {
+                    Ok(Some(block_id)) => Ok(Executed::Behind(block_id)),
+                    Ok(None) => {
+                        let mut step = self.local.step(cx.blocks()).await;
+                        match self.stage_record(&mut step, &copy, decided.clone(), cx, kept.as_ref()).await {
+                            Ok(executed) if atomic => {
+                                if let Some(write) = keep_write.clone() {
+                                    step.meta(write);
+                                }
+                                for write in entry_writes(&hash, &executed)? {
+                                    step.meta(write);
+                                }
+                                step.write().await.map(|()| Executed::Marker(Box::new(executed)))
+                            }
+                            Ok(executed) => step.write().await.map(|()| Executed::Marker(Box::new(executed))),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                match outcome {
+                    Ok(Executed::Marker(executed)) => (*executed, atomic),
                     Ok(Executed::Behind(block_id)) => {
+                        if atomic {
+                            self.persist_decided(&persist).await?;
+                        }
                         {
                             let mut state = self.state();
                             state.waiting.entry(block_id.clone()).or_default().insert(hash.clone());
@@ -580,13 +618,16 @@ impl Inner {
                     }
                     Err(e) => {
                         tracing::warn!(message_hash = %hash, error = %e, "executing a decided record failed; will retry");
+                        if atomic && let Err(persisting) = self.persist_decided(&persist).await {
+                            tracing::warn!(message_hash = %hash, error = %persisting, "persisting a decided record failed");
+                        }
                         self.spawn_recovery(&mut self.state(), &hash, cx.expiration_ms);
                         return Err(e);
                     }
                 }
             }
         };
-        if let Err(e) = write_entry(self.storage(), &hash, &executed).await {
+        if !saved && let Err(e) = write_entry(self.storage(), &hash, &executed).await {
             tracing::warn!(message_hash = %hash, error = %e, "writing an executed marker failed; will retry");
             let mut state = self.state();
             state.unsaved.insert(hash.clone(), executed);
@@ -614,43 +655,56 @@ impl Inner {
         Ok(copy)
     }
 
-    /// Applies a decided record to local storage and signs the commit vote: the executed marker
-    /// to persist. An approving commit vote means "applied here, on the right base": a stale
-    /// answer or a deterministic failure of an operation is its result, signed as a reject (for a
-    /// batch, naming the operations concerned). A member lacking the base of any operation
-    /// applies nothing ([`Executed::Behind`]); any other error leaves the record decided.
-    async fn apply_once(
+    /// Persists a record as decided (with the record it refers to): before its operations on an
+    /// engine without atomic steps, or when it cannot execute now.
+    async fn persist_decided(&self, persist: &Persist<'_>) -> Result<(), RepoError> {
+        let keep: Vec<MetaWrite> = persist.keep_write.cloned().into_iter().collect();
+        if persist.prior_decided {
+            // Kept with the decided entry; kept again (a no-op), as the entry may predate
+            // references.
+            if !keep.is_empty() {
+                self.storage().write_meta(&keep).await?;
+            }
+            return Ok(());
+        }
+        write_entry_after(self.storage(), persist.hash, persist.decided, keep).await
+    }
+
+    /// The block of the first operation whose base this member lacks (SPEC 4.6), if any. A
+    /// member that promised the record has held its blocks' reservation since it checked every
+    /// operation against its base: only catch-up moved them meanwhile, and only forward, which
+    /// makes an operation done or stale, never behind. Any other member checks, so that nothing
+    /// is applied while one operation lacks its base.
+    async fn behind_block(&self, decided: &Entry, cx: &RecordContext) -> Result<Option<BlockId>, RepoError> {
+        if decided.promise.as_ref().is_some_and(Vote::is_approve) {
+            return Ok(None);
+        }
+        for operation in &cx.operations {
+            let check = check_operation(&self.local, operation).await?;
+            if let Some(block_id) = check.behind_block() {
+                return Ok(Some(block_id.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stages a decided record's operations into `step` and signs the commit vote: the executed
+    /// marker to persist. An approving commit vote means "applied here, on the right base": a
+    /// stale answer or a deterministic failure of an operation is its result, signed as a reject
+    /// (for a batch, naming the operations concerned). Any other error leaves the record decided
+    /// (the step is then dropped unwritten).
+    async fn stage_record(
         &self,
+        step: &mut Step<'_>,
         copy: &ClusterRecord,
         decided: Entry,
         cx: &RecordContext,
         kept: Option<&KeptRecord>,
-    ) -> Result<Executed, RepoError> {
-        // A member that promised the record has held its blocks' reservation since it checked
-        // every operation against its base: only catch-up moved them meanwhile, and only
-        // forward, which makes an operation done or stale, never behind. Any other member checks
-        // first, so that nothing is applied while one operation lacks its base.
-        let promised_here = decided.promise.as_ref().is_some_and(Vote::is_approve);
-        if !promised_here {
-            for operation in &cx.operations {
-                let check = check_operation(&self.local, operation).await?;
-                if let Some(block_id) = check.behind_block() {
-                    return Ok(Executed::Behind(block_id.clone()));
-                }
-            }
-        }
-        // The operations name disjoint blocks, so they apply concurrently: on a durable engine
-        // their storage writes share group commits (one transaction and one sync per step rather
-        // than per operation). Each runs to its end (none is dropped midway); the first error
-        // leaves the record decided, to run again (each operation is applied at most once).
-        let applied = futures::future::join_all(
-            cx.operations.iter().map(|operation| self.apply_operation(operation, kept, cx.expiration_ms)),
-        )
-        .await;
+    ) -> Result<Entry, RepoError> {
         let mut results = Vec::with_capacity(cx.operations.len());
         let mut failures = Vec::with_capacity(cx.operations.len());
-        for outcome in applied {
-            let (result, failure) = outcome?;
+        for operation in &cx.operations {
+            let (result, failure) = self.stage_operation(step, operation, kept, cx.expiration_ms).await?;
             results.push(result);
             failures.push(failure);
         }
@@ -661,41 +715,34 @@ impl Inner {
         };
         let result =
             if cx.batched() { Value::Array(results) } else { results.into_iter().next().unwrap_or(Value::Null) };
-        Ok(Executed::Marker(Box::new(Entry {
+        Ok(Entry {
             status: RecordStatus::Executed,
             commit: Some(vote.map_err(sign_error)?),
             result: Some(result),
             sender: None,
             ..decided
-        })))
+        })
     }
 
-    /// Applies one decided operation (`record` is its decided record, kept for evidence; present
+    /// Stages one decided operation (`record` is its decided record, kept for evidence; present
     /// for pends and commits): its result, and why it did not apply when it did not (stale, or a
     /// deterministic failure).
-    async fn apply_operation(
+    async fn stage_operation(
         &self,
+        step: &mut Step<'_>,
         operation: &RepoOperation,
         record: Option<&KeptRecord>,
         expiration_ms: u64,
     ) -> Result<(Value, Option<RejectReason>), RepoError> {
-        let options = MessageOptions::default();
         let applied = match operation {
-            RepoOperation::Pend(request) => {
-                self.local.pend_recorded(request, &options, record).await.map(RepoResponse::Pend)
-            }
-            RepoOperation::Commit(request) => {
-                self.local.commit_recorded(request, &options, record).await.map(RepoResponse::Commit)
-            }
+            RepoOperation::Pend(request) => step.pend(request, record).await.map(RepoResponse::Pend),
+            RepoOperation::Commit(request) => step.commit(request, record).await.map(RepoResponse::Commit),
             RepoOperation::Cancel { trx_ref } => {
                 let keep_until = expiration_ms.saturating_add(self.config.marker_retention_ms).to_string();
-                let tombs: Vec<MetaWrite> = trx_ref
-                    .block_ids
-                    .iter()
-                    .map(|b| MetaWrite::Put(tomb_key(b, &trx_ref.trx_id), keep_until.clone().into_bytes()))
-                    .collect();
-                self.storage().write_meta(&tombs).await?;
-                self.local.cancel_recorded(trx_ref, &options).await.map(|()| RepoResponse::Cancel)
+                for block_id in &trx_ref.block_ids {
+                    step.meta(MetaWrite::Put(tomb_key(block_id, &trx_ref.trx_id), keep_until.clone().into_bytes()));
+                }
+                step.cancel(trx_ref).map(|()| RepoResponse::Cancel)
             }
             RepoOperation::Get(_) => Err(RepoError::BadRequest("a get is not agreed by consensus".into())),
         };

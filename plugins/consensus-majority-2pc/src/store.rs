@@ -135,16 +135,21 @@ pub(crate) async fn write_entry_after(
     entry: &Entry,
     mut before: Vec<MetaWrite>,
 ) -> Result<(), RepoError> {
+    before.extend(entry_writes(message_hash, entry)?);
+    storage.write_meta(&before).await?;
+    Ok(())
+}
+
+/// The metadata writes of [`write_entry`], in their order.
+pub(crate) fn entry_writes(message_hash: &str, entry: &Entry) -> Result<[MetaWrite; 2], RepoError> {
     let bytes = serde_json::to_vec(entry).map_err(|e| RepoError::Internal(format!("encoding a 2pc entry: {e}")))?;
     let live = live_key(message_hash);
     let entry_write = MetaWrite::Put(entry_key(entry.expiration_ms, message_hash), bytes);
-    if entry.status.is_live() {
-        before.extend([MetaWrite::Put(live, entry.expiration_ms.to_string().into_bytes()), entry_write]);
+    Ok(if entry.status.is_live() {
+        [MetaWrite::Put(live, entry.expiration_ms.to_string().into_bytes()), entry_write]
     } else {
-        before.extend([entry_write, MetaWrite::Delete(live)]);
-    }
-    storage.write_meta(&before).await?;
-    Ok(())
+        [entry_write, MetaWrite::Delete(live)]
+    })
 }
 
 /// Every live pointer: `(messageHash, expiration)`, at most `limit`. Malformed pointers are

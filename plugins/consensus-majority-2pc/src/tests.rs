@@ -16,7 +16,7 @@ use optimystic_core::model::{CommitRequest, CommitResult, PendPolicy, PendReques
 use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
 use optimystic_core::registry::{ConsensusContext, Registry};
 use optimystic_core::wire::{RepoMessage, RepoOperation, RepoResponse};
-use optimystic_core::{Block, BlockId, ErrorCode, RawStorage, StorageError, Transforms, TrxId};
+use optimystic_core::{Block, BlockId, ErrorCode, RawStorage, StorageError, StorageWrite, Transforms, TrxId};
 use optimystic_testkit::sim::{Envelope, SimConfig, SimNet, Verdict};
 use serde_json::{Value, json};
 
@@ -247,12 +247,19 @@ async fn registers_and_builds_from_the_node_context() {
     assert!(e.to_string().contains("is not the network's"), "{e}");
 }
 
-/// Memory storage that counts pends and can fail the next write of an executed marker.
+/// Memory storage that counts pends and can fail the next write of an executed marker. With
+/// `atomic`, its storage steps are all-or-nothing (as on LMDB); without, they are applied one
+/// write at a time (as on the file engine).
 #[derive(Debug, Default)]
 struct FailingMarker {
     inner: MemoryStorage,
     pends_saved: AtomicUsize,
     fail_next_executed: std::sync::atomic::AtomicBool,
+    atomic: bool,
+}
+
+fn is_executed_marker(write: &optimystic_core::MetaWrite) -> bool {
+    matches!(write, optimystic_core::MetaWrite::Put(_, v) if String::from_utf8_lossy(v).contains("\"status\":\"executed\""))
 }
 
 #[async_trait::async_trait]
@@ -306,13 +313,26 @@ impl RawStorage for FailingMarker {
         self.inner.delete_meta(k).await
     }
     async fn write_meta(&self, writes: &[optimystic_core::MetaWrite]) -> Result<(), StorageError> {
-        let executed = writes.iter().any(|w| {
-            matches!(w, optimystic_core::MetaWrite::Put(_, v) if String::from_utf8_lossy(v).contains("\"status\":\"executed\""))
-        });
-        if executed && self.fail_next_executed.swap(false, Ordering::SeqCst) {
+        if writes.iter().any(is_executed_marker) && self.fail_next_executed.swap(false, Ordering::SeqCst) {
             return Err(StorageError::Full("injected: the executed marker does not fit".into()));
         }
         self.inner.write_meta(writes).await
+    }
+    async fn apply(&self, writes: &[StorageWrite]) -> Result<(), StorageError> {
+        if !self.atomic {
+            return optimystic_core::storage::apply_in_order(self, writes).await;
+        }
+        let executed = writes.iter().any(|w| matches!(w, StorageWrite::Meta(m) if is_executed_marker(m)));
+        if executed && self.fail_next_executed.swap(false, Ordering::SeqCst) {
+            return Err(StorageError::Full("injected: the executed marker does not fit".into()));
+        }
+        let pends = writes.iter().filter(|w| matches!(w, StorageWrite::SavePending { .. })).count();
+        self.inner.apply(writes).await?;
+        self.pends_saved.fetch_add(pends, Ordering::SeqCst);
+        Ok(())
+    }
+    fn atomic_apply(&self) -> bool {
+        self.atomic
     }
     async fn list_meta(&self, p: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         self.inner.list_meta(p, limit).await
@@ -361,6 +381,43 @@ async fn an_executed_marker_that_failed_to_save_is_retried_without_applying_agai
     assert!(executed.commits[&me.to_base58()].is_approve());
     assert_eq!(storage.pends_saved.load(Ordering::SeqCst), 1, "not applied twice");
     assert!(m.local.storage().pending(&x(), &TrxId::new("t1").unwrap()).await.unwrap().is_none(), "still cancelled");
+    m.consensus.wait_idle().await;
+    assert_eq!(m.consensus.live_reservations(), 0);
+    assert_eq!(m.consensus.status_of(&decided).await.unwrap(), Some(RecordStatus::Executed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_atomic_step_applies_nothing_and_the_record_executes_later() {
+    let storage = Arc::new(FailingMarker { atomic: true, ..FailingMarker::default() });
+    let m = member_over(storage.clone());
+    let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let me = m.keypair.public().to_peer_id();
+    let peers = [me, a.public().to_peer_id(), b.public().to_peer_id()];
+    let now = m.sim.clock().now_ms();
+    let mut decided = record(&peers, insert_x(), now + 1_000);
+    sign(&mut decided, &a, VoteType::Approve, None);
+    sign(&mut decided, &b, VoteType::Approve, None);
+    let t1 = TrxId::new("t1").unwrap();
+
+    // The step carrying the pend, its evidence and its executed marker fails as a whole.
+    storage.fail_next_executed.store(true, Ordering::SeqCst);
+    let failed = m.consensus.on_update(PeerId::random(), decided.clone()).await.unwrap_err();
+    assert!(matches!(failed, RepoError::Storage(StorageError::Full(_))), "{failed}");
+    assert_eq!(storage.pends_saved.load(Ordering::SeqCst), 0, "nothing of the step was applied");
+    assert!(m.local.storage().pending(&x(), &t1).await.unwrap().is_none());
+    assert!(m.local.evidence(&x(), 1).await.unwrap().is_none());
+    assert_eq!(m.consensus.live_reservations(), 1, "still reserved");
+    assert_eq!(
+        m.consensus.status_of(&decided).await.unwrap(),
+        Some(RecordStatus::Decided),
+        "persisted as decided, for recovery to execute"
+    );
+
+    // A re-delivery (or the recovery task) executes it once.
+    let executed = m.consensus.on_update(PeerId::random(), decided.clone()).await.unwrap();
+    assert!(executed.commits[&me.to_base58()].is_approve());
+    assert_eq!(storage.pends_saved.load(Ordering::SeqCst), 1, "applied once");
+    assert!(m.local.storage().pending(&x(), &t1).await.unwrap().is_some());
     m.consensus.wait_idle().await;
     assert_eq!(m.consensus.live_reservations(), 0);
     assert_eq!(m.consensus.status_of(&decided).await.unwrap(), Some(RecordStatus::Executed));

@@ -49,7 +49,7 @@ use optimystic_core::model::{
 use optimystic_core::network::{NetworkError, PeerNetwork, ProtocolKind};
 use optimystic_core::reads::{ClusterReads, ReadMode};
 use optimystic_core::record::{ClusterPeer, ClusterRecord, VoteType};
-use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform};
+use optimystic_core::storage::{BlockCommit, BlockValue, CommittedTransform, MetaWrite, StorageWrite};
 use optimystic_core::sync::SyncServer;
 use optimystic_core::wire::{RepoMessage, RepoOperation};
 use optimystic_core::{
@@ -198,62 +198,88 @@ fn run_batched(name: &str, scenario: Scenario) {
 // ---------------------------------------------------------------------------------------------
 
 /// Memory storage that claims durability: its state outlives a simulated crash (the same
-/// `MemoryStorage` is handed to the restarted node), as a disk would.
-#[derive(Debug, Clone, Default)]
-struct DurableMemory(MemoryStorage);
+/// `MemoryStorage` is handed to the restarted node), as a disk would. With `atomic`, storage
+/// steps and metadata batches are all-or-nothing (as on LMDB); without, they are applied one
+/// write at a time, so a crash can cut them (as on the file engine).
+#[derive(Debug, Clone)]
+struct DurableMemory {
+    store: MemoryStorage,
+    atomic: bool,
+}
 
 #[async_trait]
 impl RawStorage for DurableMemory {
     async fn latest(&self, b: &BlockId) -> Result<Option<TrxRev>, StorageError> {
-        self.0.latest(b).await
+        self.store.latest(b).await
     }
     async fn revisions(&self, b: &BlockId, from: u64, to: u64) -> Result<Vec<TrxRev>, StorageError> {
-        self.0.revisions(b, from, to).await
+        self.store.revisions(b, from, to).await
     }
     async fn revision_at_or_before(&self, b: &BlockId, at: u64) -> Result<Option<TrxRev>, StorageError> {
-        self.0.revision_at_or_before(b, at).await
+        self.store.revision_at_or_before(b, at).await
     }
     async fn committed(&self, b: &BlockId, t: &TrxId) -> Result<Option<CommittedTransform>, StorageError> {
-        self.0.committed(b, t).await
+        self.store.committed(b, t).await
     }
     async fn pending(&self, b: &BlockId, t: &TrxId) -> Result<Option<Transform>, StorageError> {
-        self.0.pending(b, t).await
+        self.store.pending(b, t).await
     }
     async fn pending_trx_ids(&self, b: &BlockId) -> Result<Vec<TrxId>, StorageError> {
-        self.0.pending_trx_ids(b).await
+        self.store.pending_trx_ids(b).await
     }
     async fn save_pending(&self, b: &BlockId, t: &TrxId, x: &Transform) -> Result<(), StorageError> {
-        self.0.save_pending(b, t, x).await
+        self.store.save_pending(b, t, x).await
     }
     async fn delete_pending(&self, b: &BlockId, t: &TrxId) -> Result<(), StorageError> {
-        self.0.delete_pending(b, t).await
+        self.store.delete_pending(b, t).await
     }
     async fn materialized(&self, b: &BlockId, rev: u64) -> Result<Option<BlockValue>, StorageError> {
-        self.0.materialized(b, rev).await
+        self.store.materialized(b, rev).await
     }
     async fn commit_block(&self, b: &BlockId, c: &BlockCommit) -> Result<(), StorageError> {
-        self.0.commit_block(b, c).await
+        self.store.commit_block(b, c).await
     }
     async fn get_meta(&self, k: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.0.get_meta(k).await
+        self.store.get_meta(k).await
     }
     async fn put_meta(&self, k: &str, v: &[u8]) -> Result<(), StorageError> {
-        self.0.put_meta(k, v).await
+        self.store.put_meta(k, v).await
     }
     async fn delete_meta(&self, k: &str) -> Result<(), StorageError> {
-        self.0.delete_meta(k).await
+        self.store.delete_meta(k).await
+    }
+    async fn write_meta(&self, writes: &[MetaWrite]) -> Result<(), StorageError> {
+        if !self.atomic {
+            for write in writes {
+                match write {
+                    MetaWrite::Put(key, value) => self.store.put_meta(key, value).await?,
+                    MetaWrite::Delete(key) => self.store.delete_meta(key).await?,
+                }
+            }
+            return Ok(());
+        }
+        self.store.write_meta(writes).await
+    }
+    async fn apply(&self, writes: &[StorageWrite]) -> Result<(), StorageError> {
+        if !self.atomic {
+            return optimystic_core::storage::apply_in_order(self, writes).await;
+        }
+        self.store.apply(writes).await
+    }
+    fn atomic_apply(&self) -> bool {
+        self.atomic
     }
     async fn list_meta(&self, p: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
-        self.0.list_meta(p, limit).await
+        self.store.list_meta(p, limit).await
     }
     fn durable(&self) -> bool {
         true
     }
     async fn block_ids(&self, after: Option<&BlockId>, limit: usize) -> Result<Vec<BlockId>, StorageError> {
-        self.0.block_ids(after, limit).await
+        self.store.block_ids(after, limit).await
     }
     async fn close(&self) -> Result<(), StorageError> {
-        self.0.close().await
+        self.store.close().await
     }
 }
 
@@ -385,7 +411,9 @@ impl World {
         }
         let peers: Vec<PeerId> = keys.keys().copied().collect();
         let skews = peers.iter().map(|p| (*p, sim.random(|r| r.gen_range(-MAX_SKEW_MS..=MAX_SKEW_MS)))).collect();
-        let storages = peers.iter().map(|p| (*p, DurableMemory::default())).collect();
+        // Even seeds model an engine with atomic storage steps, odd ones an engine without.
+        let atomic = seed.is_multiple_of(2);
+        let storages = peers.iter().map(|p| (*p, DurableMemory { store: MemoryStorage::default(), atomic })).collect();
         let world = Arc::new(Self {
             seed,
             sim,
@@ -1223,6 +1251,7 @@ async fn write_block_with_retries(world: &World, via: PeerId, block: &BlockId, l
             }
             Some(Err(e)) => {
                 assert!(is_retryable(&e), "pend failed with a non-retryable error: {e}");
+                client_backoff(attempt).await;
                 continue;
             }
         }
@@ -1235,6 +1264,7 @@ async fn write_block_with_retries(world: &World, via: PeerId, block: &BlockId, l
             }
             Some(Err(e)) => {
                 assert!(is_retryable(&e), "commit failed with a non-retryable error: {e}");
+                client_backoff(attempt).await;
                 if e.code() == ErrorCode::Unavailable {
                     // The outcome is unknown: leave it to recovery, do not cancel.
                     rev += 1;
@@ -1247,6 +1277,15 @@ async fn write_block_with_retries(world: &World, via: PeerId, block: &BlockId, l
         }
     }
     false
+}
+
+/// A client's wait before it retries a write that failed retryably (attempt 0, 1, ...): 100 ms
+/// more per attempt. Without it a client can spend all its attempts while the reservations of a
+/// record whose coordinator crashed still stand (until recovery, SPEC 4.5), which is no client's
+/// behaviour.
+async fn client_backoff(attempt: usize) {
+    let ms = 100 * u64::try_from(attempt + 1).unwrap_or(u64::MAX);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
 /// Prefix of the trace line counting batched records (see [`World::check`] and [`run_batched`]).

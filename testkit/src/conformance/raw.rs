@@ -6,10 +6,14 @@ use super::Fixture;
 use super::support::{Harness, Tx, bid, block, set, splice, tid};
 use optimystic_core::error::StorageError;
 use optimystic_core::model::{Block, BlockId, Transform, TrxId, TrxRev};
-use optimystic_core::storage::{BlockCommit, CommittedTransform, MetaWrite, RawStorage};
+use optimystic_core::storage::{BlockCommit, CommittedTransform, MetaWrite, RawStorage, StorageWrite};
 
 fn insert_of(block: &Block) -> Transform {
     Transform { insert: Some(block.clone()), ..Transform::default() }
+}
+
+fn update_of(op: optimystic_core::model::BlockOperation) -> Transform {
+    Transform { updates: Some(vec![op]), ..Transform::default() }
 }
 
 fn commit_of(trx: &str, rev: u64, transform: Transform, value: Option<Block>, prune: Option<u64>) -> BlockCommit {
@@ -333,6 +337,82 @@ pub async fn raw_meta_batch_applies_in_order(fixture: Fixture) {
     raw.write_meta(&[delete("a"), delete("b"), delete("c")]).await.expect("deletes");
     let left: Vec<String> = raw.list_meta("", 10).await.expect("list").into_iter().map(|(k, _)| k).collect();
     assert_eq!(left, ["keep"]);
+}
+
+/// `apply` makes every write of a step visible, each seeing the writes before it: a pending
+/// saved and a commit of it in one step, a second revision on top of the first, a pending saved
+/// and deleted again (the block is then not listed), metadata in order.
+pub async fn raw_apply_writes_a_step_in_order(fixture: Fixture) {
+    let raw = fixture.storage.as_ref();
+    raw.apply(&[]).await.expect("an empty step");
+    let (a, b, c) = (bid("a"), bid("b"), bid("c"));
+    let a1 = block("a", json!({"n": 1}));
+    let a2 = block("a", json!({"n": 2}));
+    let b1 = block("b", json!({"n": 1}));
+    let step = [
+        StorageWrite::SavePending { block_id: a.clone(), trx_id: tid("t1"), transform: insert_of(&a1) },
+        StorageWrite::Commit {
+            block_id: a.clone(),
+            commit: Box::new(commit_of("t1", 1, insert_of(&a1), Some(a1.clone()), None)),
+        },
+        StorageWrite::Commit {
+            block_id: a.clone(),
+            commit: Box::new(commit_of("t2", 2, update_of(set("n", json!(2))), Some(a2.clone()), Some(1))),
+        },
+        StorageWrite::SavePending { block_id: b.clone(), trx_id: tid("t3"), transform: insert_of(&b1) },
+        StorageWrite::SavePending { block_id: c.clone(), trx_id: tid("t4"), transform: insert_of(&b1) },
+        StorageWrite::DeletePending { block_id: c.clone(), trx_id: tid("t4") },
+        StorageWrite::Meta(MetaWrite::Put("k".into(), b"1".to_vec())),
+        StorageWrite::Meta(MetaWrite::Put("k".into(), b"2".to_vec())),
+        StorageWrite::Meta(MetaWrite::Delete("never".into())),
+    ];
+    raw.apply(&step).await.expect("the step");
+    assert_eq!(raw.latest(&a).await.expect("latest"), Some(TrxRev { trx_id: tid("t2"), rev: 2 }));
+    assert_eq!(
+        raw.revisions(&a, 0, u64::MAX).await.expect("revisions"),
+        [TrxRev { trx_id: tid("t1"), rev: 1 }, TrxRev { trx_id: tid("t2"), rev: 2 }]
+    );
+    assert_eq!(raw.pending(&a, &tid("t1")).await.expect("pending"), None, "the commit moved t1 out of pending");
+    assert_eq!(raw.materialized(&a, 2).await.expect("materialized"), Some(Some(a2)));
+    assert_eq!(raw.pending(&b, &tid("t3")).await.expect("pending"), Some(insert_of(&b1)));
+    assert_eq!(raw.pending_trx_ids(&c).await.expect("pending ids"), Vec::<TrxId>::new());
+    assert_eq!(raw.block_ids(None, usize::MAX).await.expect("block_ids"), [a.clone(), b.clone()], "c was forgotten");
+    if let Some(stats) = raw.stats().await.expect("stats") {
+        assert_eq!(stats.blocks, 2, "the count follows the step's own writes: {stats:?}");
+    }
+    assert_eq!(raw.get_meta("k").await.expect("get_meta"), Some(b"2".to_vec()), "the last write of a key wins");
+}
+
+/// A step with a refused write fails with [`StorageError::Invalid`]; on an engine with atomic
+/// steps ([`RawStorage::atomic_apply`]) it changes nothing, not even the writes before the
+/// refused one.
+pub async fn raw_apply_refused_step(fixture: Fixture) {
+    let raw = fixture.storage.as_ref();
+    let a = bid("a");
+    let a1 = block("a", json!({"n": 1}));
+    raw.save_pending(&a, &tid("t1"), &insert_of(&a1)).await.expect("save_pending");
+    raw.commit_block(&a, &commit_of("t1", 1, insert_of(&a1), Some(a1.clone()), None)).await.expect("commit");
+    let before = raw_state(raw, &a, &["t1", "t2", "t3"], &[1]).await;
+    let step = [
+        StorageWrite::Meta(MetaWrite::Put("k".into(), b"1".to_vec())),
+        StorageWrite::SavePending { block_id: a.clone(), trx_id: tid("t2"), transform: update_of(set("n", json!(2))) },
+        StorageWrite::SavePending { block_id: bid("new"), trx_id: tid("t2"), transform: update_of(set("n", json!(2))) },
+        // Does not advance latest rev 1.
+        StorageWrite::Commit {
+            block_id: a.clone(),
+            commit: Box::new(commit_of("t3", 1, update_of(set("n", json!(3))), None, None)),
+        },
+    ];
+    let refused = raw.apply(&step).await.expect_err("a step with a non-advancing commit");
+    assert!(matches!(refused, StorageError::Invalid(_)), "{refused:?}");
+    if raw.atomic_apply() {
+        assert_eq!(raw_state(raw, &a, &["t1", "t2", "t3"], &[1]).await, before, "an atomic step changes nothing");
+        assert_eq!(raw.get_meta("k").await.expect("get_meta"), None);
+        assert_eq!(raw.block_ids(None, usize::MAX).await.expect("block_ids"), vec![a]);
+        if let Some(stats) = raw.stats().await.expect("stats") {
+            assert_eq!(stats.blocks, 1, "{stats:?}");
+        }
+    }
 }
 
 /// `block_ids` lists every block with a commit or a pending, sorted, paged with `after` and
