@@ -126,10 +126,15 @@ where
 /// `messageHash = "z" + base58btc(sha256(canon(message) + membershipDigest))`.
 #[must_use]
 pub fn message_hash(message: &Value, membership_digest: &str) -> String {
-    let mut text = canon(message);
-    text.push_str(membership_digest);
+    message_hash_of_canon(&canon(message), membership_digest)
+}
+
+/// [`message_hash`] of a message given as its canonical text (`canon(message)`).
+#[must_use]
+pub fn message_hash_of_canon(canon_message: &str, membership_digest: &str) -> String {
+    let digest: [u8; 32] = Sha256::new().chain_update(canon_message).chain_update(membership_digest).finalize().into();
     let mut out = String::from("z");
-    out.push_str(&bs58::encode(sha256(text.as_bytes())).into_string());
+    out.push_str(&bs58::encode(digest).into_string());
     out
 }
 
@@ -142,6 +147,18 @@ pub fn promise_hash(message_hash: &str, message: &Value, membership_digest: &str
     base64url_encode(&sha256(text.as_bytes()))
 }
 
+/// [`promise_hash`] of a message given as its canonical text (`canon(message)`).
+#[must_use]
+pub fn promise_hash_of_canon(message_hash: &str, canon_message: &str, membership_digest: &str) -> String {
+    let digest: [u8; 32] = Sha256::new()
+        .chain_update(message_hash)
+        .chain_update(canon_message)
+        .chain_update(membership_digest)
+        .finalize()
+        .into();
+    base64url_encode(&digest)
+}
+
 /// `commitHash = base64url(sha256(messageHash + canon(message) + membershipDigest +
 /// canon(promises)))`, where `promises` is the record's promises object as received.
 #[must_use]
@@ -151,6 +168,24 @@ pub fn commit_hash(message_hash: &str, message: &Value, membership_digest: &str,
     text.push_str(membership_digest);
     canon_into(promises, &mut text);
     base64url_encode(&sha256(text.as_bytes()))
+}
+
+/// [`commit_hash`] of a message given as its canonical text (`canon(message)`).
+#[must_use]
+pub fn commit_hash_of_canon(
+    message_hash: &str,
+    canon_message: &str,
+    membership_digest: &str,
+    promises: &Value,
+) -> String {
+    let digest: [u8; 32] = Sha256::new()
+        .chain_update(message_hash)
+        .chain_update(canon_message)
+        .chain_update(membership_digest)
+        .chain_update(canon(promises))
+        .finalize()
+        .into();
+    base64url_encode(&digest)
 }
 
 /// The text a vote signs: `hash + ":" + vote_type`, plus `":" + extra` when `extra` is present and
