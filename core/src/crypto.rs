@@ -233,7 +233,25 @@ fn decode_peer_ed25519_key(peer_id: &PeerId) -> Result<ed25519::PublicKey, Crypt
 
 /// Reads the Ed25519 public key out of a peer id's text; see [`peer_ed25519_key`].
 pub fn peer_ed25519_key_str(peer_id: &str) -> Result<ed25519::PublicKey, CryptoError> {
-    peer_ed25519_key(&parse_peer_id(peer_id)?)
+    peer_key_of_text(peer_id).map(|(key, _)| key)
+}
+
+/// The Ed25519 key embedded in a peer id's text and that key in base64url (a record peer's
+/// `publicKey`), from a bounded cache by text: verifying a record names each of its peers by
+/// text, and decoding the base58 and re-encoding the key each time cost more than the lookup.
+pub(crate) fn peer_key_of_text(peer_id: &str) -> Result<(ed25519::PublicKey, String), CryptoError> {
+    static CACHE: OnceLock<DashMap<String, (ed25519::PublicKey, String)>> = OnceLock::new();
+    let cache = CACHE.get_or_init(DashMap::new);
+    if let Some(entry) = cache.get(peer_id) {
+        return Ok(entry.value().clone());
+    }
+    let key = peer_ed25519_key(&parse_peer_id(peer_id)?)?;
+    let entry = (key.clone(), base64url_encode(&key.to_bytes()));
+    if cache.len() >= MAX_CACHED_PEER_KEYS {
+        cache.clear();
+    }
+    cache.insert(peer_id.to_owned(), entry.clone());
+    Ok(entry)
 }
 
 /// base64url (no padding) of the raw 32-byte Ed25519 key: the `publicKey` field of a record peer.

@@ -634,9 +634,9 @@ fn verify_record_inner(
 
     let mut keys: BTreeMap<&str, ed25519::PublicKey> = BTreeMap::new();
     for (peer, entry) in &record.peers {
-        let key = crypto::peer_ed25519_key_str(peer)
-            .map_err(|reason| RecordError::BadPeerId { peer: peer.clone(), reason })?;
-        if crypto::base64url_encode(&key.to_bytes()) != entry.public_key {
+        let (key, key_text) =
+            crypto::peer_key_of_text(peer).map_err(|reason| RecordError::BadPeerId { peer: peer.clone(), reason })?;
+        if key_text != entry.public_key {
             return Err(RecordError::PublicKeyMismatch { peer: peer.clone() });
         }
         keys.insert(peer.as_str(), key);
