@@ -12,6 +12,11 @@
 //!   by [`MarkingExecutor`]) wakes a task that ends a poll with a flush still held back, and the
 //!   first flush of a later poll is always performed.
 //!
+//! A connection task that is itself waiting (its event for the swarm is queued behind a full
+//! channel) does not poll the muxer, so a held flush then waits with it: until the swarm takes
+//! the event, not indefinitely. Noise sends on its own whenever its buffer (one maximal message)
+//! fills, so held bytes are bounded.
+//!
 //! Bytes, their order and the Noise encryption are unchanged; only how many bytes go out in one
 //! Noise message (and one system call) changes, so the wire stays the same for any peer. A
 //! socket polled outside a marked task (tests, another executor) flushes at once, as before.
