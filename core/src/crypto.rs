@@ -126,10 +126,15 @@ where
 /// `messageHash = "z" + base58btc(sha256(canon(message) + membershipDigest))`.
 #[must_use]
 pub fn message_hash(message: &Value, membership_digest: &str) -> String {
-    let mut text = canon(message);
-    text.push_str(membership_digest);
+    message_hash_of_canon(&canon(message), membership_digest)
+}
+
+/// [`message_hash`] of a message given as its canonical text (`canon(message)`).
+#[must_use]
+pub fn message_hash_of_canon(canon_message: &str, membership_digest: &str) -> String {
+    let digest: [u8; 32] = Sha256::new().chain_update(canon_message).chain_update(membership_digest).finalize().into();
     let mut out = String::from("z");
-    out.push_str(&bs58::encode(sha256(text.as_bytes())).into_string());
+    out.push_str(&bs58::encode(digest).into_string());
     out
 }
 
@@ -142,6 +147,18 @@ pub fn promise_hash(message_hash: &str, message: &Value, membership_digest: &str
     base64url_encode(&sha256(text.as_bytes()))
 }
 
+/// [`promise_hash`] of a message given as its canonical text (`canon(message)`).
+#[must_use]
+pub fn promise_hash_of_canon(message_hash: &str, canon_message: &str, membership_digest: &str) -> String {
+    let digest: [u8; 32] = Sha256::new()
+        .chain_update(message_hash)
+        .chain_update(canon_message)
+        .chain_update(membership_digest)
+        .finalize()
+        .into();
+    base64url_encode(&digest)
+}
+
 /// `commitHash = base64url(sha256(messageHash + canon(message) + membershipDigest +
 /// canon(promises)))`, where `promises` is the record's promises object as received.
 #[must_use]
@@ -151,6 +168,24 @@ pub fn commit_hash(message_hash: &str, message: &Value, membership_digest: &str,
     text.push_str(membership_digest);
     canon_into(promises, &mut text);
     base64url_encode(&sha256(text.as_bytes()))
+}
+
+/// [`commit_hash`] of a message given as its canonical text (`canon(message)`).
+#[must_use]
+pub fn commit_hash_of_canon(
+    message_hash: &str,
+    canon_message: &str,
+    membership_digest: &str,
+    promises: &Value,
+) -> String {
+    let digest: [u8; 32] = Sha256::new()
+        .chain_update(message_hash)
+        .chain_update(canon_message)
+        .chain_update(membership_digest)
+        .chain_update(canon(promises))
+        .finalize()
+        .into();
+    base64url_encode(&digest)
 }
 
 /// The text a vote signs: `hash + ":" + vote_type`, plus `":" + extra` when `extra` is present and
@@ -198,7 +233,25 @@ fn decode_peer_ed25519_key(peer_id: &PeerId) -> Result<ed25519::PublicKey, Crypt
 
 /// Reads the Ed25519 public key out of a peer id's text; see [`peer_ed25519_key`].
 pub fn peer_ed25519_key_str(peer_id: &str) -> Result<ed25519::PublicKey, CryptoError> {
-    peer_ed25519_key(&parse_peer_id(peer_id)?)
+    peer_key_of_text(peer_id).map(|(key, _)| key)
+}
+
+/// The Ed25519 key embedded in a peer id's text and that key in base64url (a record peer's
+/// `publicKey`), from a bounded cache by text: verifying a record names each of its peers by
+/// text, and decoding the base58 and re-encoding the key each time cost more than the lookup.
+pub(crate) fn peer_key_of_text(peer_id: &str) -> Result<(ed25519::PublicKey, String), CryptoError> {
+    static CACHE: OnceLock<DashMap<String, (ed25519::PublicKey, String)>> = OnceLock::new();
+    let cache = CACHE.get_or_init(DashMap::new);
+    if let Some(entry) = cache.get(peer_id) {
+        return Ok(entry.value().clone());
+    }
+    let key = peer_ed25519_key(&parse_peer_id(peer_id)?)?;
+    let entry = (key.clone(), base64url_encode(&key.to_bytes()));
+    if cache.len() >= MAX_CACHED_PEER_KEYS {
+        cache.clear();
+    }
+    cache.insert(peer_id.to_owned(), entry.clone());
+    Ok(entry)
 }
 
 /// base64url (no padding) of the raw 32-byte Ed25519 key: the `publicKey` field of a record peer.

@@ -14,6 +14,7 @@
 //! the key embedded in its peer id, so it cannot be changed. Unknown top-level fields are ignored
 //! by verification, as SPEC 3.4 requires.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -21,15 +22,12 @@ use libp2p_identity::{Keypair, PeerId, ed25519};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+use crate::canon::canon;
 use crate::crypto::{self, CryptoError};
 
 /// The membership-binding version this implementation writes and accepts: the peer-id set is
 /// folded into every hash.
 pub const MEMBERSHIP_VERSION: u32 = 2;
-
-fn default_membership_version() -> u32 {
-    MEMBERSHIP_VERSION
-}
 
 /// One peer of a record's peer set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,22 +330,27 @@ impl PartialEq for ClusterRecord {
 
 impl Eq for ClusterRecord {}
 
-/// The fields of a record as parsed; `promises` is read separately to keep it verbatim.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RecordFields {
-    message_hash: String,
-    peers: BTreeMap<String, ClusterPeer>,
-    #[serde(default = "default_membership_version")]
-    membership_version: u32,
-    membership_digest: String,
-    message: Value,
-    #[serde(default)]
-    promises: BTreeMap<String, Vote>,
-    #[serde(default)]
-    commits: BTreeMap<String, Vote>,
-    #[serde(flatten)]
-    extra: Map<String, Value>,
+fn malformed(e: serde_json::Error) -> RecordError {
+    RecordError::Malformed(e.to_string())
+}
+
+fn missing_field(name: &str) -> RecordError {
+    RecordError::Malformed(format!("missing field `{name}`"))
+}
+
+/// Takes field `name` out of a record object and parses it; `None` when absent.
+fn optional<T: serde::de::DeserializeOwned>(
+    map: &mut Map<String, Value>,
+    name: &str,
+) -> Result<Option<T>, RecordError> {
+    map.remove(name)
+        .map(|value| serde_json::from_value(value).map_err(|e| RecordError::Malformed(format!("field `{name}`: {e}"))))
+        .transpose()
+}
+
+/// Takes field `name` out of a record object and parses it; an error when absent.
+fn required<T: serde::de::DeserializeOwned>(map: &mut Map<String, Value>, name: &str) -> Result<T, RecordError> {
+    optional(map, name)?.ok_or_else(|| missing_field(name))
 }
 
 const KNOWN_FIELDS: [&str; 7] =
@@ -375,22 +378,35 @@ impl ClusterRecord {
 
     /// Parses a record from JSON, keeping its promises object verbatim for `commitHash`.
     /// Does not verify it; see [`ClusterRecord::verify`].
+    ///
+    /// The fields are taken out of the object one by one: the message (the bulk of a record)
+    /// moves into the record as it is, and the promises object is parsed in place and kept.
     pub fn from_value(value: Value) -> Result<Self, RecordError> {
-        let raw_promises = match &value {
-            Value::Object(map) => map.get("promises").cloned(),
-            _ => return Err(RecordError::Malformed("not a JSON object".to_owned())),
+        let Value::Object(mut map) = value else {
+            return Err(RecordError::Malformed("not a JSON object".to_owned()));
         };
-        let fields: RecordFields = serde_json::from_value(value).map_err(|e| RecordError::Malformed(e.to_string()))?;
-        let received_promises = raw_promises.map(|raw| ReceivedPromises { raw, parsed: fields.promises.clone() });
+        let message_hash: String = required(&mut map, "messageHash")?;
+        let peers: BTreeMap<String, ClusterPeer> = required(&mut map, "peers")?;
+        let membership_version: u32 = optional(&mut map, "membershipVersion")?.unwrap_or(MEMBERSHIP_VERSION);
+        let membership_digest: String = required(&mut map, "membershipDigest")?;
+        let message = map.remove("message").ok_or_else(|| missing_field("message"))?;
+        let (promises, received_promises) = match map.remove("promises") {
+            Some(raw) => {
+                let parsed = BTreeMap::<String, Vote>::deserialize(&raw).map_err(malformed)?;
+                (parsed.clone(), Some(ReceivedPromises { raw, parsed }))
+            }
+            None => (BTreeMap::new(), None),
+        };
+        let commits: BTreeMap<String, Vote> = optional(&mut map, "commits")?.unwrap_or_default();
         Ok(Self {
-            message_hash: fields.message_hash,
-            peers: fields.peers,
-            membership_version: fields.membership_version,
-            membership_digest: fields.membership_digest,
-            message: fields.message,
-            promises: fields.promises,
-            commits: fields.commits,
-            extra: fields.extra,
+            message_hash,
+            peers,
+            membership_version,
+            membership_digest,
+            message,
+            promises,
+            commits,
+            extra: map,
             received_promises,
         })
     }
@@ -454,9 +470,14 @@ impl ClusterRecord {
     /// still equals what arrived, otherwise the current votes serialized.
     #[must_use]
     pub fn promises_value(&self) -> Value {
+        self.promises_for_hash().into_owned()
+    }
+
+    /// [`Self::promises_value`], borrowed when it is the object as received.
+    fn promises_for_hash(&self) -> Cow<'_, Value> {
         match &self.received_promises {
-            Some(received) if received.parsed == self.promises => received.raw.clone(),
-            _ => votes_value(&self.promises),
+            Some(received) if received.parsed == self.promises => Cow::Borrowed(&received.raw),
+            _ => Cow::Owned(votes_value(&self.promises)),
         }
     }
 
@@ -481,7 +502,7 @@ impl ClusterRecord {
     /// The commitHash that commit votes sign, over the current promises ([`Self::promises_value`]).
     #[must_use]
     pub fn commit_hash(&self) -> String {
-        crypto::commit_hash(&self.message_hash, &self.message, &self.membership_digest, &self.promises_value())
+        crypto::commit_hash(&self.message_hash, &self.message, &self.membership_digest, &self.promises_for_hash())
     }
 
     /// Signs a promise vote on this record; see [`Vote::sign`] for `detail`.
@@ -599,7 +620,9 @@ fn verify_record_inner(
     if digest != record.membership_digest {
         return Err(RecordError::DigestMismatch { expected: digest, found: record.membership_digest.clone() });
     }
-    let hash = record.computed_message_hash();
+    // The message's canonical text, once for all three hashes.
+    let canon_message = canon(&record.message);
+    let hash = crypto::message_hash_of_canon(&canon_message, &record.membership_digest);
     if hash != record.message_hash {
         return Err(RecordError::HashMismatch { expected: hash, found: record.message_hash.clone() });
     }
@@ -611,19 +634,27 @@ fn verify_record_inner(
 
     let mut keys: BTreeMap<&str, ed25519::PublicKey> = BTreeMap::new();
     for (peer, entry) in &record.peers {
-        let key = crypto::peer_ed25519_key_str(peer)
-            .map_err(|reason| RecordError::BadPeerId { peer: peer.clone(), reason })?;
-        if crypto::base64url_encode(&key.to_bytes()) != entry.public_key {
+        let (key, key_text) =
+            crypto::peer_key_of_text(peer).map_err(|reason| RecordError::BadPeerId { peer: peer.clone(), reason })?;
+        if key_text != entry.public_key {
             return Err(RecordError::PublicKeyMismatch { peer: peer.clone() });
         }
         keys.insert(peer.as_str(), key);
     }
 
     if !record.promises.is_empty() {
-        verify_votes(&keys, &record.promises, &record.promise_hash(), Phase::Promise, unchecked_signer)?;
+        let promise_hash =
+            crypto::promise_hash_of_canon(&record.message_hash, &canon_message, &record.membership_digest);
+        verify_votes(&keys, &record.promises, &promise_hash, Phase::Promise, unchecked_signer)?;
     }
     if !record.commits.is_empty() {
-        verify_votes(&keys, &record.commits, &record.commit_hash(), Phase::Commit, unchecked_signer)?;
+        let commit_hash = crypto::commit_hash_of_canon(
+            &record.message_hash,
+            &canon_message,
+            &record.membership_digest,
+            &record.promises_for_hash(),
+        );
+        verify_votes(&keys, &record.commits, &commit_hash, Phase::Commit, unchecked_signer)?;
     }
     Ok(())
 }

@@ -146,15 +146,41 @@ pub fn decode_frame(buf: &[u8], max_frame_bytes: usize) -> Result<Option<(Value,
 /// Encodes `value` as one frame. Fails with [`FrameError::Oversize`] when its JSON is longer than
 /// `max_frame_bytes`.
 pub fn encode_frame(value: &Value, max_frame_bytes: usize) -> Result<Vec<u8>, FrameError> {
-    let body = serde_json::to_vec(value).map_err(|e| FrameError::NotJson(e.to_string()))?;
-    let declared_bytes = u64::try_from(body.len()).unwrap_or(u64::MAX);
-    if body.len() > max_frame_bytes {
+    let (mut buf, start) = encode_frame_in_place(value, max_frame_bytes)?;
+    buf.drain(..start);
+    Ok(buf)
+}
+
+/// Encodes `value` as one frame into a buffer whose frame starts at the returned offset: the JSON
+/// is written once, after room for the longest length prefix, and the prefix goes right before
+/// it (no second copy of the body).
+fn encode_frame_in_place(value: &Value, max_frame_bytes: usize) -> Result<(Vec<u8>, usize), FrameError> {
+    let mut buf = vec![0u8; MAX_VARINT_BYTES];
+    serde_json::to_writer(&mut buf, value).map_err(|e| FrameError::NotJson(e.to_string()))?;
+    let body_len = buf.len().saturating_sub(MAX_VARINT_BYTES);
+    let declared_bytes = u64::try_from(body_len).unwrap_or(u64::MAX);
+    if body_len > max_frame_bytes {
         return Err(FrameError::Oversize { declared_bytes, max_frame_bytes });
     }
-    let mut out = Vec::with_capacity(body.len() + MAX_VARINT_BYTES);
-    encode_varint(declared_bytes, &mut out);
-    out.extend_from_slice(&body);
-    Ok(out)
+    let mut prefix = Vec::with_capacity(MAX_VARINT_BYTES);
+    encode_varint(declared_bytes, &mut prefix);
+    let start = MAX_VARINT_BYTES.saturating_sub(prefix.len());
+    match buf.get_mut(start..MAX_VARINT_BYTES) {
+        Some(slot) if slot.len() == prefix.len() => slot.copy_from_slice(&prefix),
+        _ => return Err(FrameError::VarintTooLong),
+    }
+    Ok((buf, start))
+}
+
+/// Writes `value` as one frame (see [`encode_frame`]) and flushes.
+async fn write_encoded<W>(io: &mut W, value: &Value, max_frame_bytes: usize) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + Send,
+{
+    let (buf, start) =
+        encode_frame_in_place(value, max_frame_bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    io.write_all(buf.get(start..).unwrap_or_default()).await?;
+    io.flush().await
 }
 
 /// Reads one frame from a stream.
@@ -204,9 +230,7 @@ pub async fn write_frame<W>(io: &mut W, value: &Value, max_frame_bytes: usize) -
 where
     W: AsyncWrite + Unpin + Send,
 {
-    let frame = encode_frame(value, max_frame_bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    io.write_all(&frame).await?;
-    io.flush().await
+    write_encoded(io, value, max_frame_bytes).await
 }
 
 /// A request as the codec carries it: the parsed JSON, or (inbound only) why the frame was
@@ -277,16 +301,16 @@ impl request_response::Codec for FrameCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let frame = match encode_frame(&response, self.max_frame_bytes) {
-            Ok(frame) => frame,
+        let (buf, start) = match encode_frame_in_place(&response, self.max_frame_bytes) {
+            Ok(encoded) => encoded,
             Err(e) => {
                 tracing::warn!(error = %e, "response exceeds the frame limit; answering with an error envelope");
                 let envelope = crate::service::envelope(ErrorCode::Internal, format!("response refused: {e}"));
-                encode_frame(&envelope, self.max_frame_bytes)
+                encode_frame_in_place(&envelope, self.max_frame_bytes)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
             }
         };
-        io.write_all(&frame).await?;
+        io.write_all(buf.get(start..).unwrap_or_default()).await?;
         io.flush().await
     }
 }

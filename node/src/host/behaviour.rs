@@ -11,6 +11,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, Transport, connection_limits, dns, identify, kad, noise, ping, tcp, yamux};
 use optimystic_core::network::ProtocolKind;
 
+use super::coalesce::{Coalescing, MarkingExecutor};
 use super::{HostConfig, HostError, keep_alive};
 use crate::codec::FrameCodec;
 
@@ -52,12 +53,14 @@ pub(crate) fn stream_protocol(id: String) -> Result<StreamProtocol, HostError> {
 
 /// TCP (and QUIC with the `quic` feature) with Noise and Yamux, behind DNS resolution. Every
 /// connection attempt, dialled or accepted, must finish its handshakes within the dial timeout.
+/// Yamux writes through a [`Coalescing`] socket, so the frames of one connection-task poll go
+/// out in one Noise message (see `coalesce.rs`).
 fn build_transport(keypair: &Keypair, dial_timeout: Duration) -> Result<Boxed<(PeerId, StreamMuxerBox)>, HostError> {
     let noise = noise::Config::new(keypair).map_err(|e| HostError::Transport(format!("noise: {e}")))?;
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
         .upgrade(Version::V1Lazy)
         .authenticate(noise)
-        .multiplex(yamux::Config::default())
+        .multiplex(Coalescing(yamux::Config::default()))
         .timeout(dial_timeout)
         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
     #[cfg(feature = "quic")]
@@ -126,7 +129,7 @@ pub(crate) fn build_swarm(config: &HostConfig) -> Result<Swarm<NodeBehaviour>, H
     };
     // Lazy negotiation: a request's protocol id travels with its first frame instead of costing a
     // round trip of its own. A peer that lacks the protocol still refuses it (see `task.rs`).
-    let swarm_config = libp2p::swarm::Config::with_tokio_executor()
+    let swarm_config = libp2p::swarm::Config::with_executor(MarkingExecutor)
         .with_substream_upgrade_protocol_override(Version::V1Lazy)
         .with_idle_connection_timeout(Duration::from_millis(config.idle_connection_timeout_ms));
     Ok(Swarm::new(transport, behaviour, local_peer_id, swarm_config))

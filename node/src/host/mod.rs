@@ -17,6 +17,7 @@
 
 mod behaviour;
 mod bootstrap;
+mod coalesce;
 mod departures;
 mod keep_alive;
 mod task;

@@ -4,6 +4,7 @@
 //! rules for a single node and a member.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use optimystic_core::wire::RepoOperation;
 use optimystic_core::{BlockId, Check, RepoError, StorageRepo, Transform, TrxId};
@@ -21,7 +22,8 @@ pub(crate) enum ClaimKind {
     /// A pend, with its transform for the block (two pends of one trx conflict when these differ,
     /// by the same equality the repository uses for a re-pend).
     Pend {
-        transform: Box<Transform>,
+        /// Shared: a record's claims are copied into its context and its reservation.
+        transform: Arc<Transform>,
     },
     Commit {
         rev: u64,
@@ -61,7 +63,7 @@ pub(crate) fn claims(operation: &RepoOperation) -> Vec<Claim> {
             .block_ids()
             .into_iter()
             .map(|block_id| {
-                let transform = Box::new(p.transforms.transform_for(&block_id));
+                let transform = Arc::new(p.transforms.transform_for(&block_id));
                 Claim { block_id, trx_id: p.trx_id.clone(), kind: ClaimKind::Pend { transform } }
             })
             .collect(),
@@ -112,7 +114,7 @@ mod tests {
 
     fn pend(value: &str) -> ClaimKind {
         let set = optimystic_core::BlockOperation::set("v", serde_json::json!(value));
-        ClaimKind::Pend { transform: Box::new(Transform { updates: Some(vec![set]), ..Transform::default() }) }
+        ClaimKind::Pend { transform: Arc::new(Transform { updates: Some(vec![set]), ..Transform::default() }) }
     }
 
     #[test]

@@ -769,14 +769,19 @@ impl Inner {
         let needed = self.config.commit_threshold.of(n);
         let mut commits = Commits::new(kinds.len());
         let (tx, mut rx) = mpsc::channel(others.len().max(1));
+        // One request for every peer (built once, not once per peer).
+        let request = update_request(&decided);
+        let expiration_ms = decided.expiration_ms().unwrap_or(0);
         for peer in &others {
             let me = Arc::clone(self);
-            let (peer, record, tx) = (*peer, decided.clone(), tx.clone());
-            self.spawn(async move { me.deliver_final(peer, record, tx).await });
+            let (peer, request, tx) = (*peer, request.clone(), tx.clone());
+            self.spawn(async move { me.deliver_final(peer, request, expiration_ms, tx).await });
         }
         drop(tx);
+        drop(request);
+        let message_hash = decided.message_hash.clone();
         if member {
-            match self.update(decided.clone(), Origin::Local).await {
+            match self.update(decided, Origin::Local).await {
                 Ok(reply) => commits.add(&reply, &self.me_text, true),
                 Err(e) => tracing::warn!(error = %e, "executing the decided record locally failed"),
             }
@@ -786,7 +791,7 @@ impl Inner {
         while !commits.settled(needed, n) {
             let Ok(Some((peer, reply))) = tokio::time::timeout_at(deadline, rx.recv()).await else { break };
             let Ok(reply) = ClusterRecord::from_value(reply) else { continue };
-            if reply.message_hash != decided.message_hash {
+            if reply.message_hash != message_hash {
                 continue;
             }
             // Only `peer`'s own commit vote counts, and its reply arrived on a channel that the
@@ -798,11 +803,16 @@ impl Inner {
         commits.answers(kinds, needed, n)
     }
 
-    /// Sends the decided record to one peer, re-sending with doubling delays while it does not
-    /// answer (bounded by `retry_attempts` and the record's expiration), and reports the answer.
-    async fn deliver_final(self: Arc<Self>, peer: PeerId, record: ClusterRecord, tx: mpsc::Sender<(PeerId, Value)>) {
-        let request = update_request(&record);
-        let expiration_ms = record.expiration_ms().unwrap_or(0);
+    /// Sends the decided record (its update `request`, expiring at `expiration_ms`) to one peer,
+    /// re-sending with doubling delays while it does not answer (bounded by `retry_attempts` and
+    /// the record's expiration), and reports the answer.
+    async fn deliver_final(
+        self: Arc<Self>,
+        peer: PeerId,
+        request: Value,
+        expiration_ms: u64,
+        tx: mpsc::Sender<(PeerId, Value)>,
+    ) {
         let mut delay_ms = self.config.retry_base_ms;
         for attempt in 0..=self.config.retry_attempts {
             let now = self.clock.now_ms();
