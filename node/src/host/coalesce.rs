@@ -231,3 +231,111 @@ where
         self.0.upgrade_outbound(CoalescingIo::new(socket), info)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    use futures::task::{ArcWake, waker};
+
+    use super::*;
+
+    /// A socket that never has anything to read and counts what reaches it.
+    #[derive(Debug, Default)]
+    struct Socket {
+        written: Vec<u8>,
+        flushes: usize,
+    }
+
+    impl AsyncRead for Socket {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut [u8]) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.get_mut().written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl ArcWake for Wakes {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn write_and_flush(io: &mut CoalescingIo<Socket>, cx: &mut Context<'_>, bytes: &[u8]) {
+        assert!(matches!(Pin::new(&mut *io).poll_write(cx, bytes), Poll::Ready(Ok(n)) if n == bytes.len()));
+        assert!(matches!(Pin::new(&mut *io).poll_flush(cx), Poll::Ready(Ok(()))));
+    }
+
+    #[test]
+    fn outside_a_marked_task_every_flush_goes_through() {
+        let wakes = Arc::new(Wakes::default());
+        let waker = waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut io = CoalescingIo::new(Socket::default());
+        write_and_flush(&mut io, &mut cx, b"a");
+        write_and_flush(&mut io, &mut cx, b"b");
+        assert_eq!(io.io.flushes, 2);
+        assert_eq!(io.io.written, b"ab");
+    }
+
+    #[test]
+    fn a_marked_poll_flushes_once_when_the_socket_has_nothing_to_read_and_wakes_a_task_that_owes_one() {
+        let wakes = Arc::new(Wakes::default());
+        let waker = waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut io = CoalescingIo::new(Socket::default());
+
+        // One poll: two frames, each flushed by the muxer, then a read that finds nothing.
+        let mark = PollMark::enter();
+        write_and_flush(&mut io, &mut cx, b"a");
+        write_and_flush(&mut io, &mut cx, b"b");
+        assert_eq!(io.io.flushes, 0, "held back within the poll");
+        assert_eq!(mark.owed(), 1);
+        let mut buf = [0u8; 4];
+        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut buf).is_pending());
+        assert_eq!(io.io.flushes, 1, "flushed once, when there is nothing more to read");
+        assert_eq!(mark.owed(), 0);
+        drop(mark);
+
+        // A poll that ends owing a flush wakes its task; the next poll's first flush goes out.
+        let mut task = MarkedTask {
+            inner: Box::pin({
+                let mut io = Some(io);
+                let mut done = false;
+                futures::future::poll_fn(move |cx| {
+                    let socket = io.as_mut().expect("socket");
+                    if done {
+                        assert!(matches!(Pin::new(&mut *socket).poll_flush(cx), Poll::Ready(Ok(()))));
+                        assert_eq!(socket.io.flushes, 2, "the flush held in the earlier poll goes out now");
+                        return Poll::Ready(());
+                    }
+                    done = true;
+                    write_and_flush(socket, cx, b"c");
+                    Poll::Pending
+                })
+            }),
+        };
+        let before = wakes.0.load(Ordering::SeqCst);
+        assert!(Pin::new(&mut task).poll(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), before + 1, "a poll that owes a flush wakes its task");
+        assert!(Pin::new(&mut task).poll(&mut cx).is_ready());
+    }
+}
