@@ -19,8 +19,31 @@ fn example_config(i: usize) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/cluster/node{i}.toml"))
 }
 
+/// Ports handed to test nodes come from below Linux's ephemeral range (32768-60999): a port the
+/// kernel picks for a port-0 bind anywhere on the machine (another test's node, a client socket)
+/// can never be one of them between the probe here and the node's own bind. Each call probes
+/// candidates spread by a per-process counter until one binds.
+const PORT_RANGE: std::ops::Range<u32> = 20_000..32_000;
+
+/// A probe listener on a free port of [`PORT_RANGE`]; the port stays taken while it is held.
+fn probe_port() -> std::net::TcpListener {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    // Different processes (test binaries run one after another, or a loop of them) start at
+    // different places.
+    let offset = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_mul(97);
+        let port = PORT_RANGE.start + (offset + n) % span;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", u16::try_from(port).unwrap())) {
+            return listener;
+        }
+    }
+    panic!("no free port in {PORT_RANGE:?}");
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    probe_port().local_addr().unwrap().port()
 }
 
 struct Started {
@@ -550,10 +573,9 @@ struct Ports {
 
 impl Ports {
     /// Six distinct free ports for the three nodes of the example configs (each probe listener is
-    /// held until all are picked).
+    /// held until all are picked; see [`PORT_RANGE`]).
     fn free() -> Self {
-        let listeners: Vec<std::net::TcpListener> =
-            (0..6).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let listeners: Vec<std::net::TcpListener> = (0..6).map(|_| probe_port()).collect();
         let mut p2p: Vec<u16> = listeners.iter().map(|l| l.local_addr().unwrap().port()).collect();
         let metrics = p2p.split_off(3);
         Self { p2p, metrics }
