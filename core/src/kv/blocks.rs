@@ -183,20 +183,13 @@ impl KvView for Staged<'_> {
     }
     fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<KvEntry>, StorageError> {
         let from = start.max(prefix).to_vec();
-        let staged: Vec<_> = self.overlay.range(from..).take_while(|(key, _)| key.starts_with(prefix)).collect();
-        if staged.is_empty() {
-            return self.base.scan(prefix, start, limit);
-        }
-        // Each staged write can hide at most one entry of the view underneath.
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
-            self.base.scan(prefix, start, limit.saturating_add(staged.len()))?.into_iter().collect();
-        for (key, value) in staged {
-            match value {
-                Some(value) => merged.insert(key.clone(), value.clone()),
-                None => merged.remove(key),
-            };
-        }
-        Ok(merged.into_iter().take(limit).collect())
+        let staged = self
+            .overlay
+            .range(from..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        group::scan_overlaid(staged, limit, |n| self.base.scan(prefix, start, n))
     }
 }
 

@@ -289,13 +289,22 @@ pub(crate) fn scan_through(
     start: &[u8],
     limit: usize,
 ) -> Result<Vec<KvEntry>, StorageError> {
-    let overlay = group.overlay_range(prefix, start);
+    scan_overlaid(group.overlay_range(prefix, start), limit, |n| store.scan(prefix, start, n))
+}
+
+/// A scan of at most `limit` entries through writes the view underneath does not hold yet:
+/// `overlay` holds those writes within the scanned range (`None` deletes a key), and `scan`
+/// reads the view underneath, at most as many entries as it is given.
+pub(crate) fn scan_overlaid(
+    overlay: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    limit: usize,
+    scan: impl FnOnce(usize) -> Result<Vec<KvEntry>, StorageError>,
+) -> Result<Vec<KvEntry>, StorageError> {
     if overlay.is_empty() {
-        return store.scan(prefix, start, limit);
+        return scan(limit);
     }
-    // Each queued write can hide at most one stored entry.
-    let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
-        store.scan(prefix, start, limit.saturating_add(overlay.len()))?.into_iter().collect();
+    // Each overlaid write can hide at most one entry underneath.
+    let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = scan(limit.saturating_add(overlay.len()))?.into_iter().collect();
     for (key, value) in overlay {
         match value {
             Some(value) => merged.insert(key, value),
