@@ -166,13 +166,7 @@ pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
     /// default applies the writes one by one, so after a crash or an error some prefix of the
     /// batch may be applied; callers order their writes so that every prefix is safe. Idempotent.
     async fn write_meta(&self, writes: &[MetaWrite]) -> Result<(), StorageError> {
-        for write in writes {
-            match write {
-                MetaWrite::Put(key, value) => self.put_meta(key, value).await?,
-                MetaWrite::Delete(key) => self.delete_meta(key).await?,
-            }
-        }
-        Ok(())
+        write_meta_in_order(self, writes).await
     }
 
     /// Applies `writes` in order as one storage step, each exactly as its single-call method
@@ -215,6 +209,22 @@ pub trait RawStorage: Send + Sync + std::fmt::Debug + 'static {
     /// Flushes buffered writes and releases the store (file locks included). Calls after `close`
     /// may fail. Idempotent.
     async fn close(&self) -> Result<(), StorageError>;
+}
+
+/// [`RawStorage::write_meta`] one write at a time through `put_meta` and `delete_meta`, stopping
+/// at the first error (the default `write_meta`, for engines without atomic batches and for
+/// wrappers).
+pub async fn write_meta_in_order<R: RawStorage + ?Sized>(
+    storage: &R,
+    writes: &[MetaWrite],
+) -> Result<(), StorageError> {
+    for write in writes {
+        match write {
+            MetaWrite::Put(key, value) => storage.put_meta(key, value).await?,
+            MetaWrite::Delete(key) => storage.delete_meta(key).await?,
+        }
+    }
+    Ok(())
 }
 
 /// [`RawStorage::apply`] one write at a time through the single-call methods, stopping at the

@@ -250,13 +250,7 @@ impl RawStorage for DurableMemory {
     }
     async fn write_meta(&self, writes: &[MetaWrite]) -> Result<(), StorageError> {
         if !self.atomic {
-            for write in writes {
-                match write {
-                    MetaWrite::Put(key, value) => self.store.put_meta(key, value).await?,
-                    MetaWrite::Delete(key) => self.store.delete_meta(key).await?,
-                }
-            }
-            return Ok(());
+            return optimystic_core::storage::write_meta_in_order(self, writes).await;
         }
         self.store.write_meta(writes).await
     }
