@@ -46,6 +46,18 @@ fn free_port() -> u16 {
     probe_port().local_addr().unwrap().port()
 }
 
+/// Three nodes started one by one in `dir/node1..3`, nodes 2 and 3 bootstrapping from node 1.
+fn start_three_nodes(dir: &Path) -> Vec<Started> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let metrics_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    (0..3)
+        .map(|i| {
+            let bootstrap = (i > 0).then(|| ports[0]);
+            start_node(i + 1, &dir.join(format!("node{}", i + 1)), ports[i], metrics_ports[i], bootstrap)
+        })
+        .collect()
+}
+
 struct Started {
     child: Option<Child>,
     p2p_addr: String,
@@ -141,19 +153,7 @@ fn sigterm_and_wait(mut child: Child) -> std::process::ExitStatus {
 #[test]
 fn three_processes_from_config_files_serve_writes_reads_metrics_and_stop_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let metrics_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let bootstrap = (i > 0).then(|| ports[0]);
-        nodes.push(start_node(
-            i + 1,
-            &dir.path().join(format!("node{}", i + 1)),
-            ports[i],
-            metrics_ports[i],
-            bootstrap,
-        ));
-    }
+    let nodes = start_three_nodes(dir.path());
 
     let block = r#"{"header":{"id":"greeting","type":"note","collectionId":"cli"},"text":"hello","tags":[]}"#;
     let written = client(&["--peer", &nodes[0].p2p_addr, "write", "--block", "greeting", "--insert", block]);
@@ -306,19 +306,7 @@ fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
 #[test]
 fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let metrics_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let bootstrap = (i > 0).then(|| ports[0]);
-        nodes.push(start_node(
-            i + 1,
-            &dir.path().join(format!("node{}", i + 1)),
-            ports[i],
-            metrics_ports[i],
-            bootstrap,
-        ));
-    }
+    let nodes = start_three_nodes(dir.path());
     let peer = nodes[0].p2p_addr.clone();
     let block = r#"{"header":{"id":"log","type":"log","collectionId":"cli"},"entries":[]}"#;
     client(&["--peer", &peer, "write", "--block", "log", "--insert", block]);

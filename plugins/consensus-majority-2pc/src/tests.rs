@@ -348,10 +348,17 @@ impl RawStorage for FailingMarker {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_executed_marker_that_failed_to_save_is_retried_without_applying_again() {
-    let storage = Arc::new(FailingMarker::default());
-    let m = member_over(storage.clone());
+/// A three-peer record inserting `x`, approved by the two other peers: decided.
+struct Decided {
+    a: Keypair,
+    b: Keypair,
+    me: PeerId,
+    peers: [PeerId; 3],
+    now: u64,
+    record: ClusterRecord,
+}
+
+fn decided_insert(m: &Member) -> Decided {
     let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
     let me = m.keypair.public().to_peer_id();
     let peers = [me, a.public().to_peer_id(), b.public().to_peer_id()];
@@ -359,6 +366,14 @@ async fn an_executed_marker_that_failed_to_save_is_retried_without_applying_agai
     let mut decided = record(&peers, insert_x(), now + 1_000);
     sign(&mut decided, &a, VoteType::Approve, None);
     sign(&mut decided, &b, VoteType::Approve, None);
+    Decided { a, b, me, peers, now, record: decided }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_executed_marker_that_failed_to_save_is_retried_without_applying_again() {
+    let storage = Arc::new(FailingMarker::default());
+    let m = member_over(storage.clone());
+    let Decided { a, b, me, peers, now, record: decided } = decided_insert(&m);
 
     storage.fail_next_executed.store(true, Ordering::SeqCst);
     let failed = m.consensus.on_update(PeerId::random(), decided.clone()).await.unwrap_err();
@@ -390,13 +405,7 @@ async fn an_executed_marker_that_failed_to_save_is_retried_without_applying_agai
 async fn a_failed_atomic_step_applies_nothing_and_the_record_executes_later() {
     let storage = Arc::new(FailingMarker { atomic: true, ..FailingMarker::default() });
     let m = member_over(storage.clone());
-    let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-    let me = m.keypair.public().to_peer_id();
-    let peers = [me, a.public().to_peer_id(), b.public().to_peer_id()];
-    let now = m.sim.clock().now_ms();
-    let mut decided = record(&peers, insert_x(), now + 1_000);
-    sign(&mut decided, &a, VoteType::Approve, None);
-    sign(&mut decided, &b, VoteType::Approve, None);
+    let Decided { me, record: decided, .. } = decided_insert(&m);
     let t1 = TrxId::new("t1").unwrap();
 
     // The step carrying the pend, its evidence and its executed marker fails as a whole.
