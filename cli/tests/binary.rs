@@ -496,6 +496,24 @@ fn verify_record_accepts_the_javascript_vector_and_refuses_a_tampered_copy() {
 }
 
 #[test]
+fn bench_runs_on_a_local_cluster_and_refuses_more_coordinators_than_nodes() {
+    let output = Command::new(BIN)
+        .args(["bench", "--nodes", "2", "--coordinators", "2", "--concurrency", "4", "--transactions", "40", "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!((report["committed"].as_u64(), report["errors"].as_u64()), (Some(40), Some(0)), "{report}");
+    assert_eq!((report["nodes"].as_u64(), report["coordinators"].as_u64()), (Some(2), Some(2)), "{report}");
+
+    let output = Command::new(BIN).args(["bench", "--nodes", "2", "--coordinators", "3"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--coordinators 3 is more than the 2 local nodes"), "{stderr}");
+}
+
+#[test]
 fn plugins_lists_every_bundled_plugin() {
     let output = Command::new(BIN).arg("plugins").output().unwrap();
     assert!(output.status.success());
