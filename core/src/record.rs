@@ -584,9 +584,37 @@ fn votes_value(votes: &BTreeMap<String, Vote>) -> Value {
     Value::Object(votes.iter().map(|(id, vote)| (id.clone(), vote.to_value())).collect())
 }
 
+/// Writes what [`ClusterRecord::to_value`] builds, field for field and in the same order, without
+/// copying the message or the promises as received.
 impl Serialize for ClusterRecord {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.to_value().serialize(serializer)
+        use serde::ser::SerializeMap;
+        struct Peers<'a>(&'a BTreeMap<String, ClusterPeer>);
+        impl Serialize for Peers<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_map(self.0.iter().map(|(id, peer)| (id, peer.to_value())))
+            }
+        }
+        struct Votes<'a>(&'a BTreeMap<String, Vote>);
+        impl Serialize for Votes<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_map(self.0.iter().map(|(id, vote)| (id, vote.to_value())))
+            }
+        }
+        let extra: Vec<(&String, &Value)> =
+            self.extra.iter().filter(|(key, _)| !KNOWN_FIELDS.contains(&key.as_str())).collect();
+        let mut map = serializer.serialize_map(Some(KNOWN_FIELDS.len() + extra.len()))?;
+        map.serialize_entry("messageHash", &self.message_hash)?;
+        map.serialize_entry("peers", &Peers(&self.peers))?;
+        map.serialize_entry("membershipVersion", &self.membership_version)?;
+        map.serialize_entry("membershipDigest", &self.membership_digest)?;
+        map.serialize_entry("message", &self.message)?;
+        map.serialize_entry("promises", self.promises_for_hash().as_ref())?;
+        map.serialize_entry("commits", &Votes(&self.commits))?;
+        for (key, value) in extra {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
     }
 }
 
@@ -743,6 +771,10 @@ mod tests {
         changed.promises.clear();
         changed.extra.insert("messageHash".into(), json!("ignored"));
         assert_eq!(changed.clone().into_value(), changed.to_value());
+        // Serializing the record writes the same bytes as serializing its JSON value.
+        for copy in [&record, &changed] {
+            assert_eq!(serde_json::to_string(copy).unwrap(), serde_json::to_string(&copy.to_value()).unwrap());
+        }
         // A re-parsed copy still verifies.
         let text = serde_json::to_string(&record).unwrap();
         ClusterRecord::from_json(&text).unwrap().verify(None).unwrap();
@@ -913,6 +945,7 @@ mod tests {
         let received = ClusterRecord::from_value(value).unwrap();
         received.verify(None).unwrap();
         assert_eq!(received.to_value()["promises"][peer.to_base58()]["rejectReason"], Value::Null);
+        assert_eq!(serde_json::to_string(&received).unwrap(), serde_json::to_string(&received.to_value()).unwrap());
         // Once the typed promises change, the current ones are hashed.
         record = received.clone();
         record.promises.clear();

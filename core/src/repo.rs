@@ -16,6 +16,7 @@ use crate::model::{
     PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms, TrxBlocks, TrxId, TrxRev,
     TrxTransforms,
 };
+use crate::record::ClusterRecord;
 use crate::storage::{BlockCommit, BlockValue, MetaWrite, RawStorage, StorageWrite};
 use crate::time::now_ms;
 
@@ -317,6 +318,17 @@ impl StorageRepo {
         let reference = keep_write(record, &mut writes)?;
         let write = writes.pop().ok_or_else(|| RepoError::Internal("keeping a record wrote nothing".into()))?;
         Ok((KeptRecord { message_hash: reference.record }, write))
+    }
+
+    /// [`StorageRepo::keep_record_write`] for a parsed record: stores the same bytes as for its
+    /// JSON value ([`ClusterRecord::to_value`]), written straight from the record instead of from
+    /// a copy of its message.
+    ///
+    /// Errors: [`RepoError::Internal`] when the record cannot be encoded.
+    pub fn keep_cluster_record_write(record: &ClusterRecord) -> Result<(KeptRecord, MetaWrite), RepoError> {
+        let bytes = serde_json::to_vec(record).map_err(|e| RepoError::Internal(format!("encoding a record: {e}")))?;
+        let write = MetaWrite::Put(evidence::record_key(&record.message_hash), bytes);
+        Ok((KeptRecord { message_hash: record.message_hash.clone() }, write))
     }
 
     /// The evidence kept for revision `rev` of a block, if any (SPEC 4.10), with its records
