@@ -3,6 +3,7 @@
 //! The node's libp2p host implements it over request-response streams (SPEC 3.1); the testkit
 //! implements it in memory with injected faults.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -141,4 +142,18 @@ pub trait PeerNetwork: Send + Sync + std::fmt::Debug + 'static {
         request: Value,
         timeout: Duration,
     ) -> Result<Value, NetworkError>;
+
+    /// [`PeerNetwork::request`] of a request shared between several sends (one record to each
+    /// member of its cluster), with the same guarantees and errors. The provided implementation
+    /// sends a copy; a network that writes the JSON from a reference overrides it to save that
+    /// copy.
+    async fn request_shared(
+        &self,
+        peer: PeerId,
+        protocol: ProtocolKind,
+        request: Arc<Value>,
+        timeout: Duration,
+    ) -> Result<Value, NetworkError> {
+        self.request(peer, protocol, Value::clone(&request), timeout).await
+    }
 }

@@ -8,6 +8,7 @@
 //! a peer that declares a large frame and then stalls costs no more memory than it sent.
 
 use std::io;
+use std::sync::Arc;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -239,8 +240,22 @@ where
 pub enum Frame {
     /// A well-formed frame.
     Json(Value),
+    /// An outbound request whose JSON is shared with other sends (one record to each member);
+    /// written like [`Frame::Json`], never produced by reading.
+    Shared(Arc<Value>),
     /// A malformed inbound frame. Writing it is refused.
     Malformed(FrameError),
+}
+
+impl Frame {
+    /// The frame's JSON, or why it is malformed.
+    pub fn into_json(self) -> Result<Value, FrameError> {
+        match self {
+            Self::Json(value) => Ok(value),
+            Self::Shared(value) => Ok(Arc::unwrap_or_clone(value)),
+            Self::Malformed(e) => Err(e),
+        }
+    }
 }
 
 /// The libp2p request-response codec of one protocol, with that protocol's frame limit.
@@ -293,6 +308,7 @@ impl request_response::Codec for FrameCodec {
     {
         match request {
             Frame::Json(value) => write_frame(io, &value, self.max_frame_bytes).await,
+            Frame::Shared(value) => write_frame(io, &value, self.max_frame_bytes).await,
             Frame::Malformed(e) => Err(io::Error::new(io::ErrorKind::InvalidInput, e)),
         }
     }
@@ -488,5 +504,29 @@ mod tests {
         block_on(codec.write_response(&protocol, &mut out, json!("z".repeat(300)))).unwrap();
         let (value, _) = decode_frame(out.get_ref(), 256).unwrap().unwrap();
         assert_eq!(value["error"]["code"], "internal");
+    }
+
+    #[test]
+    fn a_shared_request_is_written_like_an_owned_one_and_reads_back_as_json() {
+        use request_response::Codec as _;
+        let protocol = StreamProtocol::new("/db-p2p/cluster/1.0.0");
+        let mut codec = FrameCodec::new(1024);
+        let request = json!({"operation": "update", "record": {"messageHash": "z1", "message": [1, 2]}});
+        let mut owned = Cursor::new(Vec::new());
+        block_on(codec.write_request(&protocol, &mut owned, Frame::Json(request.clone()))).unwrap();
+        let shared = Arc::new(request.clone());
+        let mut copy = Cursor::new(Vec::new());
+        block_on(codec.write_request(&protocol, &mut copy, Frame::Shared(Arc::clone(&shared)))).unwrap();
+        assert_eq!(copy.get_ref(), owned.get_ref());
+        let mut io = Cursor::new(copy.into_inner());
+        let read = block_on(codec.read_request(&protocol, &mut io)).unwrap();
+        assert_eq!(read.into_json(), Ok(request.clone()));
+        assert_eq!(Frame::Shared(shared).into_json(), Ok(request));
+        // A shared request over the limit is refused like an owned one.
+        let mut small = FrameCodec::new(16);
+        let mut out = Cursor::new(Vec::new());
+        let err = block_on(small.write_request(&protocol, &mut out, Frame::Shared(Arc::new(json!("y".repeat(100))))))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 }

@@ -134,9 +134,9 @@ impl RepoService {
     /// all without calling the repository. The repository receives the message's expiration in
     /// its [`MessageOptions`].
     pub async fn serve(&self, frame: Frame) -> Value {
-        let value = match frame {
-            Frame::Json(value) => value,
-            Frame::Malformed(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
+        let value = match frame.into_json() {
+            Ok(value) => value,
+            Err(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
         };
         let message = match RepoMessage::from_value(value) {
             Ok(message) => message,
@@ -186,9 +186,9 @@ impl ClusterService {
     /// calling the consensus; parsing and verifying records (hashes, signatures, expiry) is the
     /// consensus's job.
     pub async fn serve(&self, sender: PeerId, frame: Frame) -> Value {
-        let value = match frame {
-            Frame::Json(value) => value,
-            Frame::Malformed(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
+        let value = match frame.into_json() {
+            Ok(value) => value,
+            Err(e) => return envelope(ErrorCode::BadRequest, e.to_string()),
         };
         match self.consensus.handle_request(sender, value).await {
             Ok(answer) => answer,
@@ -211,12 +211,12 @@ impl SyncService {
 
     /// Answers one request frame; malformed frames are `bad-request`.
     pub async fn serve(&self, frame: Frame) -> Value {
-        match frame {
-            Frame::Json(value) => match self.handler.handle(value).await {
+        match frame.into_json() {
+            Ok(value) => match self.handler.handle(value).await {
                 Ok(answer) => answer,
                 Err(e) => error_value(&e),
             },
-            Frame::Malformed(e) => envelope(ErrorCode::BadRequest, e.to_string()),
+            Err(e) => envelope(ErrorCode::BadRequest, e.to_string()),
         }
     }
 }

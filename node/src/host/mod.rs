@@ -38,7 +38,8 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::codec::{
-    DEFAULT_CLUSTER_MAX_FRAME_BYTES, DEFAULT_REPO_MAX_FRAME_BYTES, DEFAULT_SYNC_MAX_FRAME_BYTES, HARD_MAX_FRAME_BYTES,
+    DEFAULT_CLUSTER_MAX_FRAME_BYTES, DEFAULT_REPO_MAX_FRAME_BYTES, DEFAULT_SYNC_MAX_FRAME_BYTES, Frame,
+    HARD_MAX_FRAME_BYTES,
 };
 use crate::service::{
     DEFAULT_MAX_INBOUND_PER_PROTOCOL, DEFAULT_MAX_QUEUED_INBOUND_PER_PROTOCOL, Handlers, PerProtocol, Services,
@@ -481,25 +482,13 @@ impl HostHandle {
     async fn send(&self, command: Command) -> Result<(), NetworkError> {
         self.inner.commands.send(command).await.map_err(|_| NetworkError::Closed)
     }
-}
 
-#[async_trait]
-impl PeerNetwork for HostHandle {
-    fn local_peer_id(&self) -> PeerId {
-        self.inner.local_peer_id
-    }
-
-    /// See [`PeerNetwork::request`]. The effective deadline is `min(timeout, request_timeout_ms)`
-    /// and covers dialing (itself bounded by `dial_timeout_ms` per attempt), sending and the
-    /// response. Waits while `max_outbound_per_protocol` requests of this protocol are in flight,
-    /// and fails with [`NetworkError::Busy`] if none ends before the deadline; a request abandoned
-    /// at its deadline stays counted until libp2p closes its stream (at most `request_timeout_ms`
-    /// after it was sent).
-    async fn request(
+    /// [`PeerNetwork::request`] of a request frame (owned or shared JSON).
+    async fn request_frame(
         &self,
         peer: PeerId,
         protocol: ProtocolKind,
-        request: Value,
+        request: Frame,
         timeout: Duration,
     ) -> Result<Value, NetworkError> {
         if peer == self.inner.local_peer_id {
@@ -526,6 +515,40 @@ impl PeerNetwork for HostHandle {
             Ok(result) => result,
             Err(_) => Err(NetworkError::Timeout { peer, timeout_ms }),
         }
+    }
+}
+
+#[async_trait]
+impl PeerNetwork for HostHandle {
+    fn local_peer_id(&self) -> PeerId {
+        self.inner.local_peer_id
+    }
+
+    /// See [`PeerNetwork::request`]. The effective deadline is `min(timeout, request_timeout_ms)`
+    /// and covers dialing (itself bounded by `dial_timeout_ms` per attempt), sending and the
+    /// response. Waits while `max_outbound_per_protocol` requests of this protocol are in flight,
+    /// and fails with [`NetworkError::Busy`] if none ends before the deadline; a request abandoned
+    /// at its deadline stays counted until libp2p closes its stream (at most `request_timeout_ms`
+    /// after it was sent).
+    async fn request(
+        &self,
+        peer: PeerId,
+        protocol: ProtocolKind,
+        request: Value,
+        timeout: Duration,
+    ) -> Result<Value, NetworkError> {
+        self.request_frame(peer, protocol, Frame::Json(request), timeout).await
+    }
+
+    /// See [`HostHandle::request`]; the shared JSON is written to the stream as it is, uncopied.
+    async fn request_shared(
+        &self,
+        peer: PeerId,
+        protocol: ProtocolKind,
+        request: Arc<Value>,
+        timeout: Duration,
+    ) -> Result<Value, NetworkError> {
+        self.request_frame(peer, protocol, Frame::Shared(request), timeout).await
     }
 }
 

@@ -46,7 +46,7 @@ pub(crate) enum Command {
     Request {
         peer: PeerId,
         kind: ProtocolKind,
-        request: Value,
+        request: Frame,
         reply: oneshot::Sender<Result<Value, NetworkError>>,
         permit: OwnedSemaphorePermit,
     },
@@ -352,7 +352,7 @@ impl SwarmTask {
                 if reply.is_closed() {
                     return ControlFlow::Continue(());
                 }
-                let id = self.swarm.behaviour_mut().protocol(kind).send_request(&peer, Frame::Json(request));
+                let id = self.swarm.behaviour_mut().protocol(kind).send_request(&peer, request);
                 self.pending.insert((kind, id), Pending { peer, reply, _permit: permit });
             }
             Command::AddAddress { peer, addr } => {

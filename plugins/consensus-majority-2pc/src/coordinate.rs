@@ -611,7 +611,7 @@ impl Inner {
         // stored promise without its reservation. A node shutdown stops it like the rest of the
         // node's work (as a crash would; the vote is written in one batch, before it is given).
         let mut promises = Promises::new(operations.len());
-        let request = update_request(&record);
+        let request = Arc::new(update_request(&record));
         let mut asks: FuturesUnordered<PromiseAsk<'_>> = others
             .iter()
             .map(|peer| -> PromiseAsk<'_> {
@@ -661,10 +661,10 @@ impl Inner {
     }
 
     /// One cluster request, within the request timeout and the record's deadline.
-    async fn send(&self, peer: PeerId, request: Value, deadline: Instant) -> Result<Value, NetworkError> {
+    async fn send(&self, peer: PeerId, request: Arc<Value>, deadline: Instant) -> Result<Value, NetworkError> {
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         let timeout = left.min(Duration::from_millis(self.config.request_timeout_ms));
-        self.network.request(peer, ProtocolKind::Cluster, request, timeout).await
+        self.network.request_shared(peer, ProtocolKind::Cluster, request, timeout).await
     }
 
     /// The promise quorum was not reached: free reservations when provably out of reach, and
@@ -713,7 +713,7 @@ impl Inner {
             if member && let Err(e) = self.update(aborted.clone(), Origin::Local).await {
                 tracing::debug!(error = %e, "local abort failed; the reservation expires through recovery");
             }
-            let request = update_request(&aborted);
+            let request = Arc::new(update_request(&aborted));
             let deadline = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
             // A re-run must not meet this record's reservations: the approving peers hear of the
             // abort before it starts; the others whenever it reaches them.
@@ -770,7 +770,7 @@ impl Inner {
         let mut commits = Commits::new(kinds.len());
         let (tx, mut rx) = mpsc::channel(others.len().max(1));
         // One request for every peer (built once, not once per peer).
-        let request = update_request(&decided);
+        let request = Arc::new(update_request(&decided));
         let expiration_ms = decided.expiration_ms().unwrap_or(0);
         for peer in &others {
             let me = Arc::clone(self);
@@ -809,7 +809,7 @@ impl Inner {
     async fn deliver_final(
         self: Arc<Self>,
         peer: PeerId,
-        request: Value,
+        request: Arc<Value>,
         expiration_ms: u64,
         tx: mpsc::Sender<(PeerId, Value)>,
     ) {
