@@ -295,37 +295,16 @@ impl StorageRepo {
         Ok(true)
     }
 
-    /// Keeps a decided record once in the metadata space (SPEC 4.10), before the operations it
-    /// carries are executed with [`StorageRepo::pend_recorded`] / [`StorageRepo::commit_recorded`]:
-    /// the evidence of every revision they produce refers to it, however many operations (a
-    /// batch, SPEC 4.14) it carries. Keeping it again is harmless.
-    ///
-    /// Errors: [`RepoError::BadRequest`] for a record without a string `messageHash`; storage
-    /// errors.
-    pub async fn keep_record(&self, record: &serde_json::Value) -> Result<KeptRecord, RepoError> {
-        let (kept, write) = Self::keep_record_write(record)?;
-        self.raw().write_meta(&[write]).await?;
-        Ok(kept)
-    }
-
-    /// [`StorageRepo::keep_record`] as a metadata write for the caller to include in a batch of
-    /// its own (one synced transaction on transactional engines); the record counts as kept once
-    /// that batch is written.
-    ///
-    /// Errors: [`RepoError::BadRequest`] for a record without a string `messageHash`.
-    pub fn keep_record_write(record: &serde_json::Value) -> Result<(KeptRecord, MetaWrite), RepoError> {
-        let mut writes = Vec::with_capacity(1);
-        let reference = keep_write(record, &mut writes)?;
-        let write = writes.pop().ok_or_else(|| RepoError::Internal("keeping a record wrote nothing".into()))?;
-        Ok((KeptRecord { message_hash: reference.record }, write))
-    }
-
-    /// [`StorageRepo::keep_record_write`] for a parsed record: stores the same bytes as for its
-    /// JSON value ([`ClusterRecord::to_value`]), written straight from the record instead of from
-    /// a copy of its message.
+    /// The metadata write keeping a decided record once (SPEC 4.10), for the caller to include in
+    /// the storage step that executes the operations it carries ([`Step::meta`], with
+    /// [`Step::pend`] / [`Step::commit`] given the returned [`KeptRecord`]): the evidence of every
+    /// revision they produce refers to it, however many operations (a batch, SPEC 4.14) it
+    /// carries. The record counts as kept once that step is written; keeping it again is harmless.
+    /// The bytes are those of its JSON value ([`ClusterRecord::to_value`]), written straight from
+    /// the record.
     ///
     /// Errors: [`RepoError::Internal`] when the record cannot be encoded.
-    pub fn keep_cluster_record_write(record: &ClusterRecord) -> Result<(KeptRecord, MetaWrite), RepoError> {
+    pub fn keep_record_write(record: &ClusterRecord) -> Result<(KeptRecord, MetaWrite), RepoError> {
         let bytes = serde_json::to_vec(record).map_err(|e| RepoError::Internal(format!("encoding a record: {e}")))?;
         let write = MetaWrite::Put(evidence::record_key(&record.message_hash), bytes);
         Ok((KeptRecord { message_hash: record.message_hash.clone() }, write))
@@ -685,55 +664,6 @@ impl StorageRepo {
         Ok(self.raw().pending_trx_ids(block_id).await?)
     }
 
-    /// `pend` with the decided pend record that carried it, kept with
-    /// [`StorageRepo::keep_record`] (a cluster member executing a decided record): a reference to
-    /// the record is kept per block as the pend half of the evidence of the revision its commit
-    /// will produce (SPEC 4.10), and a revision gap is refused (SPEC 4.6: a member never applies
-    /// on a base it does not hold). Without a record, [`Repo::pend`] of a single node. One storage
-    /// step ([`RawStorage::apply`]) for all the blocks.
-    pub async fn pend_recorded(
-        &self,
-        request: &PendRequest,
-        options: &MessageOptions,
-        record: Option<&KeptRecord>,
-    ) -> Result<PendResult, RepoError> {
-        options.check_expired()?;
-        let block_ids = request.transforms.block_ids();
-        let _locks = self.inner.locks.lock(&block_ids).await;
-        let mut writes = Vec::new();
-        let result = self.stage_pend(request, record, &mut writes).await?;
-        self.raw().apply(&writes).await?;
-        Ok(result)
-    }
-
-    /// `commit` with the decided commit record, kept with [`StorageRepo::keep_record`] (a cluster
-    /// member executing a decided record): each block's new revision keeps `{pend, commit}` as its
-    /// evidence (SPEC 4.10), written before the block's commit step. Same answers as
-    /// [`Repo::commit`]. One storage step ([`RawStorage::apply`]) for all the blocks.
-    pub async fn commit_recorded(
-        &self,
-        request: &CommitRequest,
-        options: &MessageOptions,
-        record: Option<&KeptRecord>,
-    ) -> Result<CommitResult, RepoError> {
-        options.check_expired()?;
-        let block_ids: BTreeSet<&BlockId> = request.block_ids.iter().collect();
-        let _locks = self.inner.locks.lock(block_ids.iter().copied()).await;
-        let mut writes = Vec::new();
-        let result = self.stage_commit(request, record, &mut writes).await?;
-        self.raw().apply(&writes).await?;
-        Ok(result)
-    }
-
-    /// `cancel` by a cluster member: also drops the kept pend records of the trx on the blocks.
-    pub async fn cancel_recorded(&self, trx: &TrxBlocks, options: &MessageOptions) -> Result<(), RepoError> {
-        options.check_expired()?;
-        let _locks = self.inner.locks.lock(&trx.block_ids).await;
-        let mut writes = Vec::new();
-        Self::stage_cancel(trx, &mut writes);
-        Ok(self.raw().apply(&writes).await?)
-    }
-
     /// Starts a storage step on `block_ids`, holding their locks until it is written or dropped:
     /// a cluster member executing a decided record stages every operation of the record (a batch,
     /// SPEC 4.14), its evidence and its executed marker, then writes them as one storage step
@@ -744,8 +674,8 @@ impl StorageRepo {
         Step { repo: self, _locks: locks, locked, touched: BTreeSet::new(), writes: Vec::new() }
     }
 
-    /// The checks and writes of [`StorageRepo::pend_recorded`], staged into `writes`; the caller
-    /// holds the blocks' locks.
+    /// The checks and writes of [`Step::pend`], staged into `writes`; the caller holds the blocks'
+    /// locks.
     async fn stage_pend(
         &self,
         request: &PendRequest,
@@ -784,8 +714,8 @@ impl StorageRepo {
         Ok(PendResult::Success(PendSuccess { success: crate::model::True, pending, block_ids }))
     }
 
-    /// The checks and writes of [`StorageRepo::commit_recorded`], staged into `writes`; the caller
-    /// holds the blocks' locks.
+    /// The checks and writes of [`Step::commit`], staged into `writes`; the caller holds the
+    /// blocks' locks.
     async fn stage_commit(
         &self,
         request: &CommitRequest,
@@ -818,7 +748,7 @@ impl StorageRepo {
         Ok(CommitResult::success())
     }
 
-    /// The writes of [`StorageRepo::cancel_recorded`], staged into `writes`.
+    /// The writes of [`Step::cancel`], staged into `writes`.
     fn stage_cancel(trx: &TrxBlocks, writes: &mut Vec<StorageWrite>) {
         writes.extend(
             trx.block_ids.iter().map(|b| StorageWrite::Meta(MetaWrite::Delete(evidence::pend_key(b, &trx.trx_id)))),
@@ -850,8 +780,8 @@ impl StorageRepo {
     }
 }
 
-/// A decided record kept once in the metadata space by [`StorageRepo::keep_record`]; the evidence
-/// [`StorageRepo::pend_recorded`] and [`StorageRepo::commit_recorded`] write refers to it.
+/// A decided record kept once in the metadata space by [`StorageRepo::keep_record_write`]; the
+/// evidence [`Step::pend`] and [`Step::commit`] write refers to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeptRecord {
     message_hash: String,
@@ -885,31 +815,26 @@ impl std::fmt::Debug for Step<'_> {
 }
 
 impl Step<'_> {
-    /// Keeps a decided record once (as [`StorageRepo::keep_record`]), in this step.
-    ///
-    /// Errors: [`RepoError::BadRequest`] for a record without a string `messageHash`.
-    pub fn keep_record(&mut self, record: &serde_json::Value) -> Result<KeptRecord, RepoError> {
-        let (kept, write) = StorageRepo::keep_record_write(record)?;
-        self.writes.push(StorageWrite::Meta(write));
-        Ok(kept)
-    }
-
     /// Stages a metadata write.
     pub fn meta(&mut self, write: MetaWrite) {
         self.writes.push(StorageWrite::Meta(write));
     }
 
-    /// Stages [`StorageRepo::pend_recorded`]; same answers and errors, plus
-    /// [`RepoError::BadRequest`] for a block this step did not lock or another operation of it
-    /// touched. Nothing is staged unless it answers a success.
+    /// Stages a pend. With the decided pend record that carried it (a cluster member executing a
+    /// decided record), a reference to the record is kept per block as the pend half of the
+    /// evidence of the revision its commit will produce (SPEC 4.10), and a revision gap is refused
+    /// (SPEC 4.6: a member never applies on a base it does not hold). The answers and errors of
+    /// [`Repo::pend`], plus [`RepoError::BadRequest`] for a block this step did not lock or
+    /// another operation of it touched. Nothing is staged unless it answers a success.
     pub async fn pend(&mut self, request: &PendRequest, record: Option<&KeptRecord>) -> Result<PendResult, RepoError> {
         self.claim(request.transforms.block_ids().iter())?;
         self.repo.stage_pend(request, record, &mut self.writes).await
     }
 
-    /// Stages [`StorageRepo::commit_recorded`]; same answers and errors, plus
-    /// [`RepoError::BadRequest`] as for [`Step::pend`]. Nothing is staged unless it answers a
-    /// success.
+    /// Stages a commit. With the decided commit record, each block's new revision keeps
+    /// `{pend, commit}` as its evidence (SPEC 4.10), staged before the block's commit step. The
+    /// answers and errors of [`Repo::commit`], plus [`RepoError::BadRequest`] as for
+    /// [`Step::pend`]. Nothing is staged unless it answers a success.
     pub async fn commit(
         &mut self,
         request: &CommitRequest,
@@ -919,7 +844,8 @@ impl Step<'_> {
         self.repo.stage_commit(request, record, &mut self.writes).await
     }
 
-    /// Stages [`StorageRepo::cancel_recorded`]; errors as for [`Step::pend`].
+    /// Stages a cancel that also drops the trx's kept pend records on the blocks; errors as for
+    /// [`Step::pend`].
     pub fn cancel(&mut self, trx: &TrxBlocks) -> Result<(), RepoError> {
         self.claim(trx.block_ids.iter())?;
         StorageRepo::stage_cancel(trx, &mut self.writes);
@@ -999,8 +925,13 @@ impl Repo for StorageRepo {
         Ok(results)
     }
 
+    /// One storage step ([`RawStorage::apply`]) for all the blocks.
     async fn pend(&self, request: &PendRequest, options: &MessageOptions) -> Result<PendResult, RepoError> {
-        self.pend_recorded(request, options, None).await
+        options.check_expired()?;
+        let mut step = self.step(&request.transforms.block_ids()).await;
+        let result = step.pend(request, None).await?;
+        step.write().await?;
+        Ok(result)
     }
 
     async fn cancel(&self, trx: &TrxBlocks, options: &MessageOptions) -> Result<(), RepoError> {
@@ -1014,7 +945,12 @@ impl Repo for StorageRepo {
         Ok(self.raw().apply(&writes).await?)
     }
 
+    /// One storage step ([`RawStorage::apply`]) for all the blocks.
     async fn commit(&self, request: &CommitRequest, options: &MessageOptions) -> Result<CommitResult, RepoError> {
-        self.commit_recorded(request, options, None).await
+        options.check_expired()?;
+        let mut step = self.step(&request.block_ids).await;
+        let result = step.commit(request, None).await?;
+        step.write().await?;
+        Ok(result)
     }
 }

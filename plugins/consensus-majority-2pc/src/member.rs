@@ -534,7 +534,7 @@ impl Inner {
                 // to it.
                 let keeps =
                     cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
-                let keep = if keeps { Some(StorageRepo::keep_cluster_record_write(&copy)?) } else { None };
+                let keep = if keeps { Some(StorageRepo::keep_record_write(&copy)?) } else { None };
                 let (kept, keep_write) = match keep {
                     Some((kept, write)) => (Some(kept), Some(write)),
                     None => (None, None),

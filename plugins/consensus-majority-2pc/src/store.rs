@@ -68,7 +68,7 @@ pub(crate) struct Entry {
     pub promise: Option<Vote>,
     /// The record: without votes while promised; the decided copy (with its promise quorum) once
     /// decided or executed, as a reference to the copy kept for evidence when the record carries
-    /// a pend or a commit ([`optimystic_core::StorageRepo::keep_record`]), else inline.
+    /// a pend or a commit ([`optimystic_core::StorageRepo::keep_record_write`]), else inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<StoredRecord>,
     /// This member's commit vote, once executed.
