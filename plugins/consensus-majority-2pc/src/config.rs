@@ -125,6 +125,12 @@ pub struct MajorityConfig {
     pub retry_max_ms: u64,
     /// Cap of the delay between recovery rounds (which go on until every peer answered).
     pub recovery_backoff_max_ms: u64,
+    /// How long past a record's expiration (on this member's clock) recovery may keep a
+    /// promised record's reservation while some peers never answer or keep answering "pending"
+    /// (SPEC 4.5): past it, signed renounces from a majority of the record's peer set (this
+    /// member's own included) drop the reservation. At least `grace_ms`, at most
+    /// `marker_retention_ms`.
+    pub recovery_bound_ms: u64,
     /// Most live reservations a member holds; beyond it, it votes reject (`busy`).
     pub max_reservations: usize,
     /// Most live reservations a member holds for records from one sender (SPEC 4.11); beyond it,
@@ -164,6 +170,7 @@ impl Default for MajorityConfig {
             retry_base_ms: 250,
             retry_max_ms: 4_000,
             recovery_backoff_max_ms: 30_000,
+            recovery_bound_ms: DEFAULT_RECOVERY_BOUND_MS,
             max_reservations: 10_000,
             max_reservations_per_sender: 2_500,
             max_recovery_queries_in_flight: 64,
@@ -201,6 +208,7 @@ impl MajorityConfig {
         map.insert("retry_base_ms".into(), Value::from(self.retry_base_ms));
         map.insert("retry_max_ms".into(), Value::from(self.retry_max_ms));
         map.insert("recovery_backoff_max_ms".into(), Value::from(self.recovery_backoff_max_ms));
+        map.insert("recovery_bound_ms".into(), Value::from(self.recovery_bound_ms));
         map.insert("max_reservations".into(), Value::from(self.max_reservations));
         map.insert("max_reservations_per_sender".into(), Value::from(self.max_reservations_per_sender));
         map.insert("max_recovery_queries_in_flight".into(), Value::from(self.max_recovery_queries_in_flight));
@@ -218,6 +226,8 @@ fn config_error(message: String) -> PluginError {
     PluginError::Config { plugin: PLUGIN.into(), message }
 }
 
+/// Default of [`MajorityConfig::recovery_bound_ms`]: 10 minutes (SPEC 4.5).
+pub const DEFAULT_RECOVERY_BOUND_MS: u64 = 10 * 60 * 1_000;
 /// Default of [`MajorityConfig::max_batch_ops`] (SPEC 4.14).
 pub const DEFAULT_MAX_BATCH_OPS: usize = 64;
 /// Default of [`MajorityConfig::max_batch_bytes`]: 256 KiB, a quarter of the default cluster frame
@@ -269,6 +279,7 @@ impl MajorityConfig {
             ("max_reservations_per_sender", size(self.max_reservations_per_sender), 1, MAX_COUNT),
             ("max_recovery_queries_in_flight", size(self.max_recovery_queries_in_flight), 1, MAX_COUNT),
             ("marker_retention_ms", self.marker_retention_ms, 1, MAX_RETENTION_MS),
+            ("recovery_bound_ms", self.recovery_bound_ms, 1, MAX_RETENTION_MS),
         ] {
             if !(min..=max).contains(&value) {
                 return Err(config_error(format!("{key}: {value} is outside {min}..={max}")));
@@ -290,6 +301,12 @@ impl MajorityConfig {
             return Err(config_error(format!(
                 "marker_retention_ms ({}) must be at least twice grace_ms ({})",
                 self.marker_retention_ms, self.grace_ms
+            )));
+        }
+        if self.recovery_bound_ms < self.grace_ms || self.recovery_bound_ms > self.marker_retention_ms {
+            return Err(config_error(format!(
+                "recovery_bound_ms ({}) must be between grace_ms ({}) and marker_retention_ms ({})",
+                self.recovery_bound_ms, self.grace_ms, self.marker_retention_ms
             )));
         }
         if self.max_reservations == 0
@@ -374,6 +391,7 @@ mod tests {
             "retry_base_ms": 10,
             "retry_max_ms": 20,
             "recovery_backoff_max_ms": 40,
+            "recovery_bound_ms": 500,
             "max_reservations": 3,
             "max_reservations_per_sender": 2,
             "max_recovery_queries_in_flight": 2,
@@ -388,6 +406,8 @@ mod tests {
         assert_eq!(config.commit_threshold, Threshold::Count(2));
         assert_eq!(config.retry_attempts, 0);
         assert_eq!(config.max_reservations, 3);
+        assert_eq!(config.recovery_bound_ms, 500);
+        assert_eq!(MajorityConfig::default().recovery_bound_ms, 600_000);
     }
 
     #[test]
@@ -400,7 +420,7 @@ mod tests {
             ..MajorityConfig::default()
         };
         assert_eq!(MajorityConfig::from_value(&Value::Object(custom.to_options())).unwrap(), custom);
-        assert_eq!(defaults().len(), 13, "every option of from_value is declared");
+        assert_eq!(defaults().len(), 14, "every option of from_value is declared");
     }
 
     #[test]
@@ -419,6 +439,9 @@ mod tests {
             (json!({"retry_base_ms": 500, "retry_max_ms": 100}), "retry_base_ms"),
             (json!({"marker_retention_ms": 10}), "marker_retention_ms"),
             (json!({"max_reservations": 0}), "max_reservations"),
+            (json!({"recovery_bound_ms": 0}), "recovery_bound_ms"),
+            (json!({"grace_ms": 300, "recovery_bound_ms": 200}), "recovery_bound_ms"),
+            (json!({"marker_retention_ms": 60_000, "recovery_bound_ms": 60_001}), "recovery_bound_ms"),
             (json!({"max_batch_ops": 0}), "max_batch_ops"),
             (json!({"max_batch_ops": 1025}), "max_batch_ops"),
             (json!({"max_batch_ops": "many"}), "max_batch_ops"),

@@ -80,6 +80,9 @@ pub(crate) struct MemberState {
     pub waiting: BTreeMap<BlockId, BTreeSet<String>>,
     /// Peers of records this member executed (bounded by [`MAX_SEEN_PEERS`]).
     pub seen_peers: BTreeSet<String>,
+    /// Peers proven faulty (SPEC 4.5; bounded by [`crate::faulty::MAX_FAULTY_PEERS`]): their
+    /// signatures count for nothing here. Peer id texts, as records name peers.
+    pub faulty: BTreeSet<String>,
 }
 
 /// A promised record's recovery time.

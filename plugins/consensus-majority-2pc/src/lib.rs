@@ -89,6 +89,7 @@
 //! | `grace_ms` | 2000 | wait past expiration before recovery asks the peers (above the allowed clock skew) |
 //! | `retry_attempts`, `retry_base_ms`, `retry_max_ms` | 5, 250, 4000 | re-sends of the decided record |
 //! | `recovery_backoff_max_ms` | 30000 | cap of the delay between recovery rounds |
+//! | `recovery_bound_ms` | 600000 (10 min) | past a record's expiration, recovery drops a reservation on signed renounces from a majority of its peer set (`grace_ms`..=`marker_retention_ms`) |
 //! | `max_reservations`, `max_reservations_per_sender` | 10000, 2500 | live reservations (one per operation) in total and per sender |
 //! | `max_recovery_queries_in_flight` | 64 | status queries at once |
 //! | `marker_retention_ms` | 7 days | how long resolved markers are kept past expiration |
@@ -118,6 +119,7 @@ mod checks;
 mod config;
 mod coordinate;
 mod engine;
+mod faulty;
 mod member;
 mod recovery;
 mod store;
@@ -143,6 +145,7 @@ use crate::member::Origin;
 
 pub use config::{MajorityConfig, Threshold};
 pub use engine::RESULT_FIELD;
+pub use faulty::{MAX_FAULTY_PEERS, RENOUNCE_FIELD, renounce_payload, sign_renounce, verify_renounce};
 pub use member::STATUS_OPERATION;
 pub use store::RecordStatus;
 
@@ -243,6 +246,18 @@ impl MajorityConsensus {
     /// This member's status for `record` (`None` if it never voted on or executed it).
     pub async fn status_of(&self, record: &ClusterRecord) -> Result<Option<RecordStatus>, RepoError> {
         self.inner.status_of(record).await
+    }
+
+    /// Whether `peer` is proven faulty here (SPEC 4.5: it signed a renounce and an approving
+    /// commit vote for one record): this member counts none of its signatures. Evidence checks
+    /// outside this plugin should ask this too.
+    pub fn is_faulty(&self, peer: &PeerId) -> bool {
+        self.inner.is_faulty(peer)
+    }
+
+    /// The peers proven faulty here (at most [`MAX_FAULTY_PEERS`]), as peer id texts.
+    pub fn faulty_peers(&self) -> BTreeSet<String> {
+        self.inner.state().faulty.clone()
     }
 
     /// How many live reservations this member holds.

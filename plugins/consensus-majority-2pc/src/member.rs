@@ -15,6 +15,7 @@
 //! step: a crash midway re-executes the batch at restart, which the repository makes a no-op for
 //! the operations already applied.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use optimystic_core::error::ErrorCode;
@@ -31,6 +32,7 @@ use serde_json::{Map, Value, json};
 
 use crate::checks::check_operation;
 use crate::engine::{HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
+use crate::faulty::{RENOUNCE_FIELD, sign_renounce};
 use crate::store::{Entry, RecordStatus, entry_writes, read_entry, tomb_key, write_entry, write_entry_after};
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
@@ -156,8 +158,8 @@ impl Inner {
         }
         record.extra.remove(RESULT_FIELD);
         let cx = self.context(&record, now, true)?;
-        let approvals = record.promises.values().filter(|v| v.is_approve()).count();
-        let rejections = record.promises.len() - approvals;
+        // Proven-faulty peers' votes count for nothing (SPEC 4.5).
+        let (approvals, rejections) = self.count_votes(&record.promises);
         let decided = approvals >= cx.promise_quorum;
         self.check_view(&record, &cx, decided).await?;
         let abort_proven = rejections > record.peers.len().saturating_sub(cx.promise_quorum);
@@ -339,6 +341,7 @@ impl Inner {
                     result: None,
                     sender: Some(sender.to_base58()),
                     renounced: false,
+                    renounces: BTreeMap::new(),
                     local_only: sender == self.me,
                 };
                 (vote, entry)
@@ -359,6 +362,7 @@ impl Inner {
                     result: None,
                     sender: None,
                     renounced: false,
+                    renounces: BTreeMap::new(),
                     local_only: false,
                 };
                 (vote, entry)
@@ -482,6 +486,7 @@ impl Inner {
             result: None,
             sender: None,
             renounced: true,
+            renounces: BTreeMap::new(),
             local_only: false,
         });
         if matches!(entry.status, RecordStatus::Executed | RecordStatus::Decided) {
@@ -556,6 +561,7 @@ impl Inner {
                             result: None,
                             sender,
                             renounced: false,
+                            renounces: BTreeMap::new(),
                             local_only: false,
                         }
                     }
@@ -725,8 +731,9 @@ impl Inner {
     }
 
     /// Stages one decided operation (`record` is its decided record, kept for evidence; present
-    /// for pends and commits): its result, and why it did not apply when it did not (stale, or a
-    /// deterministic failure).
+    /// for pends and commits): its result, and why it did not apply when it did not (stale, a
+    /// deterministic failure, or a pend of a trx whose cancel executed here on one of its
+    /// blocks: SPEC 4.10, whatever path brings the pend, it never applies after the cancel).
     async fn stage_operation(
         &self,
         step: &mut Step<'_>,
@@ -734,6 +741,12 @@ impl Inner {
         record: Option<&KeptRecord>,
         expiration_ms: u64,
     ) -> Result<(Value, Option<RejectReason>), RepoError> {
+        if let Some(reason) = self.tombstoned(operation).await? {
+            let refused = RepoError::BadRequest(reason.detail.clone());
+            let value = serde_json::to_value(ErrorEnvelope::from(&refused))
+                .map_err(|e| RepoError::Internal(format!("encoding an execution error: {e}")))?;
+            return Ok((value, Some(reason)));
+        }
         let applied = match operation {
             RepoOperation::Pend(request) => step.pend(request, record).await.map(RepoResponse::Pend),
             RepoOperation::Commit(request) => step.commit(request, record).await.map(RepoResponse::Commit),
@@ -807,7 +820,9 @@ impl Inner {
         Ok(read_entry(self.storage(), expiration_ms, hash).await?.map(|e| e.status))
     }
 
-    /// Answers a recovery status query about `record` (which may be expired).
+    /// Answers a recovery status query about `record` (which may be expired). A "not executed"
+    /// or "aborted" answer carries this member's signed renounce of the record
+    /// ([`RENOUNCE_FIELD`], SPEC 4.5), said only once the mark it stands for is persisted.
     pub(crate) async fn status(self: &Arc<Self>, record: ClusterRecord) -> Result<Value, RepoError> {
         self.ensure_started().await?;
         record.verify(None).map_err(refusal)?;
@@ -815,6 +830,10 @@ impl Inner {
         let _held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
         let hash = record.message_hash.clone();
+        let renounced = |status: &str| -> Result<Value, RepoError> {
+            let signature = sign_renounce(&self.keypair, &hash).map_err(sign_error)?;
+            Ok(json!({"messageHash": hash, "status": status, RENOUNCE_FIELD: signature}))
+        };
         Ok(match entry.as_ref().map(|e| e.status) {
             Some(RecordStatus::Executed) => {
                 json!({"messageHash": hash, "status": answer::EXECUTED, "record": self.executed_reply(entry).await?.to_value()})
@@ -822,9 +841,9 @@ impl Inner {
             Some(RecordStatus::Decided) => {
                 json!({"messageHash": hash, "status": answer::DECIDED, "record": stored_record(self.storage(), entry.as_ref()).await?.to_value()})
             }
-            Some(RecordStatus::Aborted) => json!({"messageHash": hash, "status": answer::ABORTED}),
+            Some(RecordStatus::Aborted) => renounced(answer::ABORTED)?,
             Some(RecordStatus::Promised) if entry.as_ref().is_some_and(|e| e.renounced) => {
-                json!({"messageHash": hash, "status": answer::NOT_EXECUTED})
+                renounced(answer::NOT_EXECUTED)?
             }
             _ if self.clock.now_ms() > cx.expiration_ms => {
                 // Persisted before it is said, under the locks executions take (SPEC 4.11): this
@@ -840,7 +859,7 @@ impl Inner {
                     promised.renounced = true;
                     write_entry(self.storage(), &hash, &promised).await?;
                 }
-                json!({"messageHash": hash, "status": answer::NOT_EXECUTED})
+                renounced(answer::NOT_EXECUTED)?
             }
             _ => json!({"messageHash": hash, "status": answer::PENDING}),
         })

@@ -9,7 +9,7 @@
 //! after expiration). Until then it asks again with doubling delays: a peer that does not answer
 //! may have executed it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,9 +24,10 @@ use serde_json::{Value, json};
 use std::cmp::Reverse;
 
 use crate::engine::{DueRecovery, Inner, Live, MemberState};
+use crate::faulty::{RENOUNCE_FIELD, load_faulty, verify_renounce};
 use crate::member::{STATUS_OPERATION, answer, stored_record};
 use crate::store::{
-    ENTRY_PREFIX, Entry, RecordStatus, TOMB_PREFIX, expiration_of_key, live_key, live_pointers, read_entry,
+    ENTRY_PREFIX, Entry, RecordStatus, TOMB_PREFIX, expiration_of_key, live_key, live_pointers, read_entry, write_entry,
 };
 
 /// Scheduled recoveries kept per allowed reservation before those of resolved records are
@@ -56,6 +57,8 @@ impl Inner {
     }
 
     async fn load(self: &Arc<Self>) -> Result<(), RepoError> {
+        let faulty = load_faulty(self.storage()).await?;
+        self.state().faulty.extend(faulty);
         let limit = self.config.max_reservations.saturating_add(1);
         let pointers = live_pointers(self.storage(), limit).await?;
         if pointers.len() > self.config.max_reservations {
@@ -221,6 +224,13 @@ impl Inner {
             }
         }
         let record = stored_record(self.storage(), entry.as_ref()).await?;
+        if self.superseded(&record).await? {
+            return self
+                .drop_reservation(hash, &record, expiration_ms, BTreeMap::new(), "a newer proven revision")
+                .await;
+        }
+        // Peers are reached through this node's own routing by peer id; the addresses a record
+        // carries are never dialled (a sender could point them anywhere).
         let others: Vec<PeerId> = record
             .peers
             .keys()
@@ -228,23 +238,47 @@ impl Inner {
             .filter_map(|p| p.parse::<PeerId>().ok())
             .filter(|p| !finals.contains(p))
             .collect();
+        let mut renounces = entry.as_ref().map(|e| e.renounces.clone()).unwrap_or_default();
+        let known = renounces.len();
         if !others.is_empty() {
             let query = json!({"operation": STATUS_OPERATION, "record": record.to_value()});
             let answers = join_all(others.iter().map(|peer| self.ask(*peer, query.clone()))).await;
+            let mut copies = Vec::new();
             for (peer, answer) in others.iter().zip(answers) {
                 let Some(answer) = answer else { continue };
                 if let Some(copy) = self.decided_copy(&record, &answer).await {
-                    // This member may have renounced the record while its own queries were in
-                    // flight: `execute_recovered` decides under the lock.
-                    if self.execute_recovered(copy, expiration_ms).await? {
-                        return Ok(Round::Done);
-                    }
-                    return self.settle_renounced(hash, &record, expiration_ms).await;
+                    copies.push(copy);
+                    continue;
                 }
                 let status = answer.get("status").and_then(Value::as_str);
-                if matches!(status, Some(answer::NOT_EXECUTED | answer::ABORTED)) {
-                    finals.insert(*peer);
+                if !matches!(status, Some(answer::NOT_EXECUTED | answer::ABORTED)) {
+                    continue;
                 }
+                match answer.get(RENOUNCE_FIELD).and_then(Value::as_str) {
+                    // An older peer's unsigned answer still counts as final before the bound.
+                    None => {
+                        finals.insert(*peer);
+                    }
+                    Some(signature) => {
+                        if verify_renounce(peer, hash, signature).is_ok() {
+                            finals.insert(*peer);
+                            renounces.insert(peer.to_base58(), signature.to_owned());
+                        } else {
+                            tracing::warn!(%peer, message_hash = %hash, "a renounce does not verify; ignoring the answer");
+                        }
+                    }
+                }
+            }
+            for copy in &copies {
+                self.check_equivocation(copy, &renounces).await?;
+            }
+            if let Some(copy) = copies.into_iter().next() {
+                // This member may have renounced the record while its own queries were in
+                // flight: `execute_recovered` decides under the lock.
+                if self.execute_recovered(copy, expiration_ms).await? {
+                    return Ok(Round::Done);
+                }
+                return self.settle_renounced(hash, &record, expiration_ms).await;
             }
         }
         let every_peer_answered = record
@@ -252,17 +286,86 @@ impl Inner {
             .keys()
             .filter(|p| **p != self.me_text)
             .all(|p| p.parse::<PeerId>().is_ok_and(|p| finals.contains(&p)));
-        if !every_peer_answered {
-            return Ok(Round::Again);
+        if every_peer_answered {
+            return self.drop_reservation(hash, &record, expiration_ms, renounces, "no peer executed the record").await;
         }
-        let cx = self.context(&record, self.clock.now_ms(), false)?;
+        if self.clock.now_ms() > expiration_ms.saturating_add(self.config.recovery_bound_ms) {
+            // SPEC 4.5's bound: signed renounces from a majority of the peer set.
+            if self.counted_renounces(&record, &renounces) > record.peers.len() / 2 {
+                return self
+                    .drop_reservation(hash, &record, expiration_ms, renounces, "a majority renounced the record")
+                    .await;
+            }
+        }
+        if renounces.len() > known {
+            self.keep_renounces(hash, expiration_ms, renounces).await?;
+        }
+        Ok(Round::Again)
+    }
+
+    /// Persists the renounces gathered so far in the record's promised entry (under its block
+    /// locks), so that a restarted member counts them without asking again.
+    async fn keep_renounces(
+        &self,
+        hash: &str,
+        expiration_ms: u64,
+        renounces: BTreeMap<String, String>,
+    ) -> Result<(), RepoError> {
+        let Some(claims) = self.state().live.get(hash).map(|l| l.claims.clone()) else { return Ok(()) };
+        let _held = self.locks.lock(claims.iter().map(|c| &c.block_id)).await;
+        let entry = read_entry(self.storage(), expiration_ms, hash).await?;
+        if let Some(mut promised) = entry.filter(|e| e.status == RecordStatus::Promised) {
+            promised.renounces = renounces;
+            write_entry(self.storage(), hash, &promised).await?;
+        }
+        Ok(())
+    }
+
+    /// Marks a promised record aborted (renounced by this member too) with the renounces
+    /// gathered, and frees its reservation: under its block locks, unless it was settled
+    /// meanwhile.
+    async fn drop_reservation(
+        &self,
+        hash: &str,
+        record: &ClusterRecord,
+        expiration_ms: u64,
+        renounces: BTreeMap<String, String>,
+        why: &str,
+    ) -> Result<Round, RepoError> {
+        let cx = self.context(record, self.clock.now_ms(), false)?;
         let held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), expiration_ms, hash).await?;
-        if entry.as_ref().map(|e| e.status) == Some(RecordStatus::Promised) {
-            tracing::info!(message_hash = %hash, "no peer executed the record; dropping its reservation");
-            self.abort(&held, &record, entry, expiration_ms).await?;
+        if let Some(mut promised) = entry.filter(|e| e.status == RecordStatus::Promised) {
+            tracing::info!(message_hash = %hash, why, "dropping a reservation");
+            promised.renounced = true;
+            promised.renounces.extend(renounces);
+            self.abort(&held, record, Some(promised), expiration_ms).await?;
         }
         Ok(Round::Done)
+    }
+
+    /// Whether this member holds, with evidence, a revision at or above the one every operation
+    /// of `record` would fix, on every block it names (SPEC 4.5): the record can no longer apply
+    /// here. A cancel, or a pend without a revision, fixes none.
+    async fn superseded(&self, record: &ClusterRecord) -> Result<bool, RepoError> {
+        let cx = self.context(record, self.clock.now_ms(), false)?;
+        for operation in &cx.operations {
+            let (rev, block_ids) = match operation {
+                RepoOperation::Commit(commit) => (commit.rev, commit.block_ids.clone()),
+                RepoOperation::Pend(pend) => match pend.rev {
+                    Some(rev) => (rev, pend.transforms.block_ids().into_iter().collect()),
+                    None => return Ok(false),
+                },
+                _ => return Ok(false),
+            };
+            for block_id in &block_ids {
+                let Some(latest) = self.storage().latest(block_id).await? else { return Ok(false) };
+                if latest.rev < rev || self.local.evidence(block_id, latest.rev).await?.is_none() {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// A record this member renounced (it answered "not executed", SPEC 4.11) turned out decided
@@ -322,7 +425,7 @@ impl Inner {
             return None;
         }
         let cx = self.context(&copy, self.clock.now_ms(), false).ok()?;
-        let approvals = copy.promises.values().filter(|v| v.is_approve()).count();
+        let (approvals, _) = self.count_votes(&copy.promises);
         if approvals < cx.promise_quorum || self.check_view(&copy, &cx, true).await.is_err() {
             return None;
         }

@@ -11,6 +11,8 @@
 //! without an entry is dropped at load: that vote was never answered), and deleted after the entry
 //! is resolved (a pointer to a resolved entry is dropped at load).
 
+use std::collections::BTreeMap;
+
 use optimystic_core::evidence::StoredRecord;
 use optimystic_core::record::Vote;
 use optimystic_core::{MetaWrite, RawStorage, RepoError, StorageError};
@@ -86,6 +88,11 @@ pub(crate) struct Entry {
     /// settles it (see the `recovery` module).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub renounced: bool,
+    /// Verified renounces of the record by other peers of its peer set (peer id text -> signature,
+    /// see the `faulty` module), gathered by recovery: kept across restarts so that the bound of
+    /// SPEC 4.5 counts them without asking again. Entries written before this field read as none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub renounces: BTreeMap<String, String>,
     /// This member's promise was cast for its own coordinator and never sent to another peer:
     /// when that coordinator gives the record up, nobody else holds the vote, so no decided copy
     /// can count it and the reservation may go at once (see `Inner::abandon`). Entries written
@@ -194,6 +201,7 @@ mod tests {
             result: None,
             sender: None,
             renounced: false,
+            renounces: BTreeMap::new(),
             local_only: false,
         };
         let text = serde_json::to_string(&entry).unwrap();

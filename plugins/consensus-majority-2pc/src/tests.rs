@@ -27,7 +27,7 @@ fn x() -> BlockId {
 }
 
 fn config() -> MajorityConfig {
-    MajorityConfig { grace_ms: 100, marker_retention_ms: 10_000, ..MajorityConfig::default() }
+    MajorityConfig { grace_ms: 100, marker_retention_ms: 10_000, recovery_bound_ms: 5_000, ..MajorityConfig::default() }
 }
 
 struct Member {
@@ -249,11 +249,13 @@ async fn registers_and_builds_from_the_node_context() {
 
 /// Memory storage that counts pends and can fail the next write of an executed marker. With
 /// `atomic`, its storage steps are all-or-nothing (as on LMDB); without, they are applied one
-/// write at a time (as on the file engine).
+/// write at a time (as on the file engine). Reads of 2pc entries take `slow_entry_reads_ms` (of
+/// virtual time) each.
 #[derive(Debug, Default)]
 struct FailingMarker {
     inner: MemoryStorage,
     pends_saved: AtomicUsize,
+    slow_entry_reads_ms: std::sync::atomic::AtomicU64,
     fail_next_executed: std::sync::atomic::AtomicBool,
     atomic: bool,
 }
@@ -304,6 +306,10 @@ impl RawStorage for FailingMarker {
         self.inner.commit_block(b, c).await
     }
     async fn get_meta(&self, k: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let slow_ms = self.slow_entry_reads_ms.load(Ordering::SeqCst);
+        if slow_ms > 0 && k.starts_with(store::ENTRY_PREFIX) {
+            tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+        }
         self.inner.get_meta(k).await
     }
     async fn put_meta(&self, k: &str, v: &[u8]) -> Result<(), StorageError> {
@@ -569,21 +575,45 @@ async fn two_pends_of_one_trx_with_different_transforms_conflict() {
     assert!(vote.reject_reason.as_deref().unwrap().starts_with("conflict: "), "{vote:?}");
 }
 
-/// Finding 6 / SPEC 4.12: a cancelled trx cannot be pended again on the block (tombstone).
+/// Finding 6 / SPEC 4.12, and issue 21 finding 9 / SPEC 4.10: a cancelled trx cannot be pended
+/// again on the block (tombstone), by any path. The pend of t6 is decided and its copy to this
+/// member delayed; the cancel of t6 is decided and executed here first; the late decided pend
+/// must not apply (nor get an approving commit vote), and no later record of it either.
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_pend_never_comes_back() {
     let Three { m, a, b, peers } = three();
+    let me = peers[0].to_base58();
     x_at_rev_1(&m).await;
     let now = m.sim.clock().now_ms();
+    let pend = record(&peers, set_v("t6", Some(2), 6), now + 1_000);
+    let promised = m.consensus.on_update(peers[1], pend.clone()).await.unwrap();
+    assert!(promised.promises[&me].is_approve());
     let cancel =
         RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx("t6"), block_ids: vec![x()] } };
     let done = m.consensus.on_update(peers[1], decided(&peers, cancel, now + 1_000, &a, &b)).await.unwrap();
-    assert!(done.commits[&peers[0].to_base58()].is_approve());
-    // The pend's decided copy arriving late (another record of it) is refused.
-    let late = m.consensus.on_update(peers[1], record(&peers, set_v("t6", Some(2), 6), now + 1_000)).await.unwrap();
-    let vote = &late.promises[&peers[0].to_base58()];
+    assert!(done.commits[&me].is_approve());
+    // The pend's decided copy arrives late, with its promise quorum.
+    let mut late = pend.clone();
+    sign(&mut late, &a, VoteType::Approve, None);
+    sign(&mut late, &b, VoteType::Approve, None);
+    let answer = m.consensus.on_update(peers[1], late.clone()).await.unwrap();
+    let vote = &answer.commits[&me];
+    assert_eq!(vote.r#type, VoteType::Reject, "no approving commit vote for a pend after its cancel: {vote:?}");
+    assert!(vote.reject_reason.as_deref().unwrap().contains("cancelled"), "{vote:?}");
+    assert!(m.local.storage().pending(&x(), &trx("t6")).await.unwrap().is_none(), "the late pend applied");
+    assert_eq!(m.consensus.live_reservations(), 0);
+    // Re-delivered: the same answer, still nothing pending.
+    let again = m.consensus.on_update(peers[2], late).await.unwrap();
+    assert_eq!(again.commits[&me], *vote, "votes are final");
+    assert!(m.local.storage().pending(&x(), &trx("t6")).await.unwrap().is_none());
+    // Another record of the pend is refused in phase 1, and not applied when decided either.
+    let other = m.consensus.on_update(peers[1], record(&peers, set_v("t6", Some(2), 7), now + 1_000)).await.unwrap();
+    let vote = &other.promises[&me];
     assert_eq!(vote.r#type, VoteType::Reject);
     assert!(vote.reject_reason.as_deref().unwrap().contains("cancelled"), "{vote:?}");
+    let decided_other = decided(&peers, set_v("t6", Some(2), 8), now + 1_000, &a, &b);
+    let answer = m.consensus.on_update(peers[1], decided_other).await.unwrap();
+    assert_eq!(answer.commits[&me].r#type, VoteType::Reject);
     assert!(m.local.storage().pending(&x(), &trx("t6")).await.unwrap().is_none());
 }
 
@@ -681,20 +711,35 @@ async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
 }
 
 /// Finding 8 / SPEC 4.11: once this member answered "not executed", it never executes the record.
+/// The decided copy arriving just before the expiration, and waiting past it for the record's
+/// locks (held here by a slow read), must not execute either: the expiry is checked again under
+/// the locks that answer status queries.
 #[tokio::test(start_paused = true)]
 async fn not_executed_is_final() {
-    let storage: Arc<dyn RawStorage> = Arc::new(MemoryStorage::new());
-    let m = member_over(storage.clone());
+    let slow = Arc::new(FailingMarker::default());
+    let storage: Arc<dyn RawStorage> = slow.clone();
+    let m = Arc::new(member_over(storage.clone()));
     let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
     let peers = [m.keypair.public().to_peer_id(), a.public().to_peer_id(), b.public().to_peer_id()];
     let now = m.sim.clock().now_ms();
     let phase1 = record(&peers, insert_x(), now + 1_000);
     m.consensus.on_update(peers[1], phase1.clone()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1_050)).await;
-    assert_eq!(status(&m, &phase1).await["status"], json!("not-executed"));
     let mut copy = phase1.clone();
     sign(&mut copy, &a, VoteType::Approve, None);
     sign(&mut copy, &b, VoteType::Approve, None);
+
+    // The copy is verified 10 ms before the expiration, then its entry takes 100 ms to read.
+    tokio::time::sleep(Duration::from_millis(990)).await;
+    slow.slow_entry_reads_ms.store(100, Ordering::SeqCst);
+    let (member, late) = (m.clone(), copy.clone());
+    let delivery = tokio::spawn(async move { member.consensus.on_update(peers[1], late).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let asked = status(&m, &phase1).await;
+    let delivered = delivery.await.unwrap();
+    assert_eq!(delivered.map(|_| ()).unwrap_err().code(), ErrorCode::Expired, "executed past its expiration");
+    assert_eq!(asked["status"], json!("not-executed"));
+    slow.slow_entry_reads_ms.store(0, Ordering::SeqCst);
+
     assert_eq!(m.consensus.on_update(peers[1], copy).await.unwrap_err().code(), ErrorCode::Expired);
     assert!(m.local.storage().latest(&x()).await.unwrap().is_none());
     assert!(m.local.storage().pending(&x(), &trx("t1")).await.unwrap().is_none());
