@@ -246,7 +246,7 @@ impl Inner {
             let mut copies = Vec::new();
             for (peer, answer) in others.iter().zip(answers) {
                 let Some(answer) = answer else { continue };
-                if let Some(copy) = self.decided_copy(&record, &answer).await {
+                if let Some(copy) = same_record(&record, &answer) {
                     copies.push(copy);
                     continue;
                 }
@@ -269,10 +269,18 @@ impl Inner {
                     }
                 }
             }
+            // Equivocation first: a peer it proves faulty counts for nothing in the copies.
             for copy in &copies {
                 self.check_equivocation(copy, &renounces).await?;
             }
-            if let Some(copy) = copies.into_iter().next() {
+            let mut decided = None;
+            for copy in copies {
+                if self.is_decided_copy(&copy).await {
+                    decided = Some(copy);
+                    break;
+                }
+            }
+            if let Some(copy) = decided {
                 // This member may have renounced the record while its own queries were in
                 // flight: `execute_recovered` decides under the lock.
                 if self.execute_recovered(copy, expiration_ms).await? {
@@ -418,18 +426,12 @@ impl Inner {
         }
     }
 
-    /// The copy in a status answer, if it is the same record with a verified promise quorum.
-    async fn decided_copy(&self, record: &ClusterRecord, answer: &Value) -> Option<ClusterRecord> {
-        let copy = ClusterRecord::from_value(answer.get("record")?.clone()).ok()?;
-        if copy.message_hash != record.message_hash || copy.verify(None).is_err() {
-            return None;
-        }
-        let cx = self.context(&copy, self.clock.now_ms(), false).ok()?;
+    /// Whether a verified copy of a record carries a promise quorum (proven-faulty peers not
+    /// counted) that passes the membership checks.
+    async fn is_decided_copy(&self, copy: &ClusterRecord) -> bool {
+        let Ok(cx) = self.context(copy, self.clock.now_ms(), false) else { return false };
         let (approvals, _) = self.count_votes(&copy.promises);
-        if approvals < cx.promise_quorum || self.check_view(&copy, &cx, true).await.is_err() {
-            return None;
-        }
-        Some(copy)
+        approvals >= cx.promise_quorum && self.check_view(copy, &cx, true).await.is_ok()
     }
 
     /// Executes a record recovery found decided elsewhere (past its expiration: it is decided).
@@ -495,4 +497,10 @@ impl Inner {
         }
         Ok(deleted >= GC_BATCH)
     }
+}
+
+/// The record copy in a status answer, if it is `record` and every signature it carries verifies.
+fn same_record(record: &ClusterRecord, answer: &Value) -> Option<ClusterRecord> {
+    let copy = ClusterRecord::from_value(answer.get("record")?.clone()).ok()?;
+    (copy.message_hash == record.message_hash && copy.verify(None).is_ok()).then_some(copy)
 }

@@ -21,6 +21,7 @@ use optimystic_testkit::sim::{Envelope, SimConfig, SimNet, Verdict};
 use serde_json::{Value, json};
 
 use super::*;
+use crate::faulty::{RENOUNCE_FIELD, sign_renounce, verify_renounce};
 
 fn x() -> BlockId {
     BlockId::new("x").unwrap()
@@ -46,17 +47,26 @@ fn member_over(storage: Arc<dyn RawStorage>) -> Member {
 }
 
 fn member_with(storage: Arc<dyn RawStorage>, keypair: Keypair) -> Member {
+    member_configured(storage, keypair, config(), None)
+}
+
+fn member_configured(
+    storage: Arc<dyn RawStorage>,
+    keypair: Keypair,
+    config: MajorityConfig,
+    key_network: Option<Arc<dyn optimystic_core::keynet::KeyNetwork>>,
+) -> Member {
     let sim = SimNet::new(1, SimConfig::default());
     let local = StorageRepo::new(storage);
     let deps = MajorityDeps {
         keypair: keypair.clone(),
         network: sim.network(keypair.public().to_peer_id()),
         local: local.clone(),
-        key_network: None,
+        key_network,
         clock: sim.clock(),
         behind: None,
     };
-    Member { consensus: MajorityConsensus::new(config(), deps).unwrap(), keypair, sim, local }
+    Member { consensus: MajorityConsensus::new(config, deps).unwrap(), keypair, sim, local }
 }
 
 fn insert_x() -> RepoOperation {
@@ -879,6 +889,252 @@ async fn catch_up_applies_only_verified_revisions() {
     assert_eq!(catch_up.catch_up_in(&x(), &peers).await.unwrap(), 1);
     assert_eq!(m.local.latest_value(&x()).await.unwrap().1.unwrap().fields["v"], json!(2));
     assert!(m.local.evidence(&x(), 2).await.unwrap().is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded recovery, signed renounces and equivocation (issue 21; SPEC 4.5).
+
+/// How a record's third peer answers recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Third {
+    /// A lying member: "pending", forever.
+    Liar,
+    /// A member that never answers.
+    Silent,
+    /// A peer this member saw once, since gone (nothing serves its id).
+    Gone,
+}
+
+/// Answers every request as `Third` says.
+struct ThirdPeer(Third);
+
+impl optimystic_testkit::sim::SimHandler for ThirdPeer {
+    fn handle(
+        &self,
+        _from: PeerId,
+        _protocol: optimystic_core::network::ProtocolKind,
+        request: Value,
+    ) -> futures::future::BoxFuture<'static, Result<Value, optimystic_core::RepoError>> {
+        let hash = request.pointer("/record/messageHash").cloned().unwrap_or(Value::Null);
+        match self.0 {
+            Third::Silent => Box::pin(futures::future::pending()),
+            _ => Box::pin(async move { Ok(json!({"messageHash": hash, "status": "pending"})) }),
+        }
+    }
+}
+
+fn insert_on(id: &str, trx_id: &str) -> RepoOperation {
+    RepoOperation::Pend(insert_pend(id, &trx(trx_id)))
+}
+
+/// An honest member with `keypair` on the simulated network of `m`, serving the cluster protocol.
+fn honest_peer(m: &Member, keypair: Keypair) -> Arc<MajorityConsensus> {
+    let a = keypair.public().to_peer_id();
+    let local = StorageRepo::new(Arc::new(MemoryStorage::new()));
+    let deps = MajorityDeps {
+        keypair,
+        network: m.sim.network(a),
+        local: local.clone(),
+        key_network: None,
+        clock: m.sim.clock(),
+        behind: None,
+    };
+    let consensus = Arc::new(MajorityConsensus::new(config(), deps).unwrap());
+    m.sim.register(a, Arc::new(optimystic_testkit::sim::NodeHandler::new(consensus.clone(), local)));
+    consensus
+}
+
+/// Issue 21 finding 3 / SPEC 4.5: a record's peer set includes E, which answers recovery
+/// "pending" forever, never answers, or is a peer seen once and gone; senders use throw-away ids.
+/// Until `recovery_bound_ms` past expiration the reservations hold (a peer that cannot answer
+/// may have executed the record); after it, this member's renounce and the honest peer's signed
+/// one (a majority) release every reservation, honest records on those blocks are approved, and
+/// nothing reloads after a restart.
+#[tokio::test(start_paused = true)]
+async fn one_peer_cannot_pin_reservations_forever() {
+    for third in [Third::Liar, Third::Silent, Third::Gone] {
+        let storage: Arc<dyn RawStorage> = Arc::new(MemoryStorage::new());
+        let keypair = Keypair::generate_ed25519();
+        let me = keypair.public().to_peer_id();
+        let e = Keypair::generate_ed25519().public().to_peer_id();
+        let bounded = MajorityConfig { grace_ms: 100, ..MajorityConfig::default() };
+        assert_eq!(bounded.recovery_bound_ms, 600_000);
+        let a_keypair = Keypair::generate_ed25519();
+        let a = a_keypair.public().to_peer_id();
+        let seen: Option<Arc<dyn optimystic_core::keynet::KeyNetwork>> = match third {
+            Third::Gone => Some(Arc::new(Seen(vec![me, a, e]))),
+            _ => None,
+        };
+        let m = member_configured(storage.clone(), keypair.clone(), bounded.clone(), seen.clone());
+        let honest = honest_peer(&m, a_keypair);
+        if third != Third::Gone {
+            m.sim.register(e, Arc::new(ThirdPeer(third)));
+        }
+        let peers = [me, a, e];
+        let now = m.sim.clock().now_ms();
+        let ids: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
+        let mut records = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let r = record(&peers, insert_on(id, &format!("spam-{id}")), now + 1_000);
+            let voted = m.consensus.on_update(PeerId::random(), r.clone()).await.unwrap();
+            assert!(voted.promises[&me.to_base58()].is_approve());
+            if i % 2 == 0 {
+                // The honest peer promised some of them too; it renounces them at recovery.
+                honest.on_update(PeerId::random(), r.clone()).await.unwrap();
+            }
+            records.push(r);
+        }
+        assert_eq!(m.consensus.live_reservations(), 6);
+
+        // Before the bound the reservations hold: E may have executed the records.
+        tokio::time::sleep(Duration::from_millis(5 * 60 * 1_000)).await;
+        assert_eq!(m.consensus.live_reservations(), 6, "{third:?}: released before the bound");
+        let later = m.sim.clock().now_ms();
+        let blocked =
+            m.consensus.on_update(a, record(&peers, insert_on("p0", "honest-0"), later + 1_000)).await.unwrap();
+        assert!(blocked.promises[&me.to_base58()].reject_reason.as_deref().unwrap().starts_with("conflict: "));
+
+        // Past the bound (and a recovery round) every reservation is released; a virtual day
+        // later none came back. (The honest peer, which cannot reach this member, stops its
+        // own recovery rounds meanwhile: they would only cost the test time.)
+        tokio::time::sleep(Duration::from_millis(6 * 60 * 1_000)).await;
+        assert_eq!(m.consensus.live_reservations(), 0, "{third:?}: reservations still pinned");
+        Consensus::shutdown(honest.as_ref());
+        tokio::time::sleep(Duration::from_millis(24 * 60 * 60 * 1_000)).await;
+        assert_eq!(m.consensus.live_reservations(), 0);
+        for r in &records {
+            assert_eq!(m.consensus.status_of(r).await.unwrap(), Some(RecordStatus::Aborted), "{third:?}");
+            let answer = status(&m, r).await;
+            assert_eq!(answer["status"], json!("aborted"));
+            let signature = answer[RENOUNCE_FIELD].as_str().unwrap();
+            verify_renounce(&me, &r.message_hash, signature).unwrap();
+        }
+
+        // Nothing reloads after a restart, and honest records are approved.
+        drop(m);
+        let restarted = member_configured(storage.clone(), keypair.clone(), bounded.clone(), seen.clone());
+        restarted.consensus.start().await.unwrap();
+        assert_eq!(restarted.consensus.live_reservations(), 0, "{third:?}: reloaded after a restart");
+        let now = restarted.sim.clock().now_ms();
+        for id in &ids {
+            let honest_record = record(&peers, insert_on(id, &format!("honest-{id}")), now + 1_000);
+            let voted = restarted.consensus.on_update(a, honest_record).await.unwrap();
+            assert!(voted.promises[&me.to_base58()].is_approve(), "{third:?}: {:?}", voted.promises);
+        }
+    }
+}
+
+/// Answers the requests it gets with `answers` in turn, the last one again and again.
+struct Scripted(std::sync::Mutex<Vec<Value>>);
+
+impl optimystic_testkit::sim::SimHandler for Scripted {
+    fn handle(
+        &self,
+        _from: PeerId,
+        _protocol: optimystic_core::network::ProtocolKind,
+        _request: Value,
+    ) -> futures::future::BoxFuture<'static, Result<Value, optimystic_core::RepoError>> {
+        let mut answers = self.0.lock().unwrap();
+        let answer = if answers.len() > 1 { answers.remove(0) } else { answers[0].clone() };
+        Box::pin(async move { Ok(answer) })
+    }
+}
+
+/// SPEC 4.5: E renounces a record to this member ("not executed", signed) and signs an approving
+/// commit vote on it, which a copy from A shows: E is proven faulty. The proof is persisted and
+/// counted, the record (decided without E) executes, and afterwards E's promises count for
+/// nothing: a record only E and A approved is not decided here.
+#[tokio::test(start_paused = true)]
+async fn a_renounce_and_an_approving_commit_vote_prove_a_peer_faulty() {
+    let storage: Arc<dyn RawStorage> = Arc::new(MemoryStorage::new());
+    let m = member_over(storage.clone());
+    let (a, e) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let me = m.keypair.public().to_peer_id();
+    let peers = [me, a.public().to_peer_id(), e.public().to_peer_id()];
+    let now = m.sim.clock().now_ms();
+    let phase1 = record(&peers, insert_x(), now + 1_000);
+    let mut copy = m.consensus.on_update(peers[1], phase1.clone()).await.unwrap();
+    sign(&mut copy, &a, VoteType::Approve, None);
+    sign(&mut copy, &e, VoteType::Approve, None);
+    for keypair in [&a, &e] {
+        let vote = copy.sign_commit(keypair, VoteType::Approve, None).unwrap();
+        copy.commits.insert(keypair.public().to_peer_id().to_base58(), vote);
+    }
+    let hash = phase1.message_hash.clone();
+    let renounce = sign_renounce(&e, &hash).unwrap();
+    m.sim.register(
+        peers[2],
+        Arc::new(Scripted(std::sync::Mutex::new(vec![
+            json!({"messageHash": hash, "status": "not-executed", "renounce": renounce}),
+        ]))),
+    );
+    // A answers "pending" to the first round and shows its executed copy to the next.
+    m.sim.register(
+        peers[1],
+        Arc::new(Scripted(std::sync::Mutex::new(vec![
+            json!({"messageHash": hash, "status": "pending"}),
+            json!({"messageHash": hash, "status": "executed", "record": copy.to_value()}),
+        ]))),
+    );
+    m.consensus.wait_idle().await;
+    assert!(m.consensus.is_faulty(&peers[2]), "E signed a renounce and an approving commit vote");
+    assert_eq!(m.consensus.faulty_peers().len(), 1);
+    assert!(!m.consensus.is_faulty(&peers[1]));
+    assert_eq!(m.consensus.status_of(&phase1).await.unwrap(), Some(RecordStatus::Executed), "decided without E");
+    let proofs = storage.list_meta("2pc/faulty/", 10).await.unwrap();
+    assert_eq!(proofs.len(), 1);
+    let proof: Value = serde_json::from_slice(&proofs[0].1).unwrap();
+    assert_eq!(proof["renounce"], json!(renounce));
+    let witness = ClusterRecord::from_value(proof["record"].clone()).unwrap();
+    witness.verify(None).unwrap();
+    assert!(witness.commits[&peers[2].to_base58()].is_approve());
+
+    // E's signatures count for nothing now, here and after a restart.
+    let keypair = m.keypair.clone();
+    drop(m);
+    let m = member_with(storage, keypair);
+    m.consensus.start().await.unwrap();
+    assert!(m.consensus.is_faulty(&peers[2]), "the proof is persisted");
+    let y = Block::new(BlockId::new("y").unwrap(), "t", "c");
+    let insert_y = RepoOperation::Pend(PendRequest {
+        trx_id: trx("ty"),
+        rev: Some(1),
+        transforms: Transforms { inserts: BTreeMap::from([(BlockId::new("y").unwrap(), y)]), ..Transforms::default() },
+        policy: PendPolicy::Continue,
+    });
+    let now = m.sim.clock().now_ms();
+    let with_e = decided(&peers, insert_y, now + 1_000, &a, &e);
+    let reply = m.consensus.on_update(peers[1], with_e.clone()).await.unwrap();
+    assert!(!reply.commits.contains_key(&me.to_base58()), "decided only with a faulty peer's promise");
+    assert_eq!(m.consensus.status_of(&with_e).await.unwrap(), Some(RecordStatus::Promised));
+}
+
+/// SPEC 4.5: a reservation is aborted once this member holds, with evidence, a revision at or
+/// above the record's on every block it names, whatever its peers answer (here: nothing).
+#[tokio::test(start_paused = true)]
+async fn a_reservation_passed_by_a_proven_revision_is_aborted() {
+    let Three { m, a, b, peers } = three();
+    x_at_rev_1(&m).await;
+    m.sim.register(peers[1], Arc::new(ThirdPeer(Third::Silent)));
+    m.sim.register(peers[2], Arc::new(ThirdPeer(Third::Liar)));
+    let now = m.sim.clock().now_ms();
+    let pend = record(&peers, set_v("t2", Some(2), 2), now + 1_000);
+    assert!(m.consensus.on_update(peers[1], pend.clone()).await.unwrap().promises[&peers[0].to_base58()].is_approve());
+    // Catch-up brings revision 2 of another trx, with its evidence.
+    let evidence = optimystic_core::evidence::Evidence {
+        pend: Some(decided(&peers, set_v("u2", Some(2), 5), now + 1_000, &a, &b).to_value()),
+        commit: decided(&peers, commit_op("u2", 2), now + 1_000, &a, &b).to_value(),
+    };
+    let set5 = optimystic_core::Transform {
+        updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(5))]),
+        ..optimystic_core::Transform::default()
+    };
+    let u2 = optimystic_core::TrxRev { trx_id: trx("u2"), rev: 2 };
+    assert!(m.local.apply_replica(&x(), &u2, &set5, Some(&evidence)).await.unwrap());
+    // Released by the first recovery round, long before the bound.
+    tokio::time::sleep(Duration::from_millis(1_000 + config().grace_ms + 100)).await;
+    assert_eq!(m.consensus.live_reservations(), 0);
+    assert_eq!(m.consensus.status_of(&pend).await.unwrap(), Some(RecordStatus::Aborted));
 }
 
 // ---------------------------------------------------------------------------------------------
