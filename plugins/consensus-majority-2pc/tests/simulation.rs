@@ -354,6 +354,31 @@ impl SimHandler for ForgingHandler {
     }
 }
 
+/// A node that answers every recovery status query "pending", whatever it knows (a lying member,
+/// SPEC 4.5), and serves everything else honestly.
+struct StatusLiar {
+    inner: Arc<dyn SimHandler>,
+}
+
+impl SimHandler for StatusLiar {
+    fn handle(
+        &self,
+        from: PeerId,
+        protocol: ProtocolKind,
+        request: Value,
+    ) -> BoxFuture<'static, Result<Value, RepoError>> {
+        if protocol == ProtocolKind::Cluster && request.get("operation") == Some(&json!("status")) {
+            let hash = request.pointer("/record/messageHash").cloned().unwrap_or(Value::Null);
+            return Box::pin(async move { Ok(json!({"messageHash": hash, "status": "pending"})) });
+        }
+        self.inner.handle(from, protocol, request)
+    }
+
+    fn on_crash(&self) {
+        self.inner.on_crash();
+    }
+}
+
 /// Settings of the simulated deployment: short timeouts, in virtual time.
 fn consensus_config() -> MajorityConfig {
     MajorityConfig {
@@ -366,6 +391,16 @@ fn consensus_config() -> MajorityConfig {
         ..MajorityConfig::default()
     }
 }
+
+/// [`consensus_config`] with a short `recovery_bound_ms` (SPEC 4.5), for the scenarios where one
+/// peer would otherwise pin a reservation for its full default (10 minutes, past the settle
+/// budget).
+fn bounded_config() -> MajorityConfig {
+    MajorityConfig { recovery_bound_ms: BOUND_MS, ..consensus_config() }
+}
+
+/// `recovery_bound_ms` of [`bounded_config`].
+const BOUND_MS: u64 = 20_000;
 
 const OPERATION_TIMEOUT_MS: u64 = 2_000;
 /// Largest clock error of a node, in ms; below `grace_ms`.
@@ -390,12 +425,21 @@ struct World {
     longest_commit_ms: AtomicU64,
     /// Nodes whose sync protocol lies (byzantine peers).
     forgeries: Mutex<BTreeMap<PeerId, SyncForgery>>,
+    /// Nodes that answer every recovery status query "pending" (lying members, SPEC 4.5).
+    liars: Mutex<BTreeSet<PeerId>>,
+    /// The consensus configuration of every node.
+    config: MajorityConfig,
     /// The task snapshotting every node's storage during the run (SPEC 5.7 "at every moment").
     sampler: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl World {
     async fn new(seed: u64, n: usize, config: SimConfig) -> Arc<Self> {
+        Self::configured(seed, n, config, consensus_config()).await
+    }
+
+    /// [`World::new`] with nodes running `consensus`.
+    async fn configured(seed: u64, n: usize, config: SimConfig, consensus: MajorityConfig) -> Arc<Self> {
         let sim = SimNet::new(seed, config);
         let mut keys = BTreeMap::new();
         for _ in 0..n {
@@ -420,6 +464,8 @@ impl World {
             next_trx: AtomicU64::new(0),
             longest_commit_ms: AtomicU64::new(0),
             forgeries: Mutex::new(BTreeMap::new()),
+            liars: Mutex::new(BTreeSet::new()),
+            config: consensus,
             sampler: Mutex::new(None),
         });
         for peer in world.peers.clone() {
@@ -440,7 +486,7 @@ impl World {
         let local = StorageRepo::new(Arc::new(self.storages[&peer].clone()));
         let keys = self.key_network();
         let network = self.sim.network(peer);
-        let timeout = Duration::from_millis(consensus_config().request_timeout_ms);
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
         let catch_up = SimCatchUp::new(network.clone(), local.clone(), keys.clone(), timeout);
         let deps = MajorityDeps {
             keypair: self.keys[&peer].clone(),
@@ -452,7 +498,7 @@ impl World {
             behind: (!no_catch_up())
                 .then(|| Arc::new(catch_up.clone()) as Arc<dyn optimystic_core::consensus::BehindSink>),
         };
-        let consensus = Arc::new(MajorityConsensus::new(consensus_config(), deps).unwrap());
+        let consensus = Arc::new(MajorityConsensus::new(self.config.clone(), deps).unwrap());
         let as_dyn: Arc<dyn Consensus> = consensus.clone();
         catch_up.set_consensus(&as_dyn);
         consensus.start().await.unwrap();
@@ -474,6 +520,8 @@ impl World {
             Some(forgery) => Arc::new(ForgingHandler { honest, forgery }),
             None => Arc::new(honest),
         };
+        let handler: Arc<dyn SimHandler> =
+            if self.liars.lock().unwrap().contains(&peer) { Arc::new(StatusLiar { inner: handler }) } else { handler };
         self.sim.register(peer, handler);
         let node = Node { consensus, repo, reads, local: read_local, catch_up: catch_up.clone() };
         self.nodes.lock().unwrap().insert(peer, node);
@@ -2201,6 +2249,97 @@ async fn quorum_read_sees_acknowledged_commits(seed: u64) -> String {
     world.check().await
 }
 
+/// An outside sender (a throw-away id, in no peer set) sends `target` a phase-1 pend of `x`
+/// naming `peers` and never decides it; returns the record. The target promises it (x is free).
+async fn pin_x(world: &World, target: PeerId, peers: &[PeerId], label: &str) -> ClusterRecord {
+    let outsider = made_up_keys(world, 1)[0].public().to_peer_id();
+    let net = world.sim.network(outsider);
+    let now = world.sim.clock().now_ms();
+    let latest = world.latest_rev(target).await;
+    let trx = world.trx(label);
+    let message = RepoMessage::new(pend_op(&trx, latest + 1, json!(label)), now + world.config.record_timeout_ms);
+    let record = record_for(peers, &message);
+    let answer = net.request(target, ProtocolKind::Cluster, update_request(&record), Duration::from_secs(1)).await;
+    let answer = ClusterRecord::from_value(answer.unwrap()).unwrap();
+    assert!(answer.promises[&target.to_base58()].is_approve(), "{target} did not promise the pin: {answer:?}");
+    record
+}
+
+/// Whether `peer` (running) holds a reservation on `x`.
+async fn pins_x(world: &World, peer: PeerId) -> bool {
+    world.node(peer).unwrap().consensus.reserved_blocks().await.contains(&x())
+}
+
+/// Issue 21 finding 3 / SPEC 4.5: one member answers every recovery status query "pending"
+/// forever (it votes honestly otherwise). An outside sender with throw-away ids pins `x` on each
+/// honest member with a phase-1 record it never decides, while side writers run. The pins hold
+/// until `recovery_bound_ms` past their expiration (the liar may have executed them); then the
+/// honest members' signed renounces (a majority of each peer set) release them, writes on `x`
+/// succeed, and the history converges.
+async fn lying_status_member(seed: u64) -> String {
+    let world = World::configured(seed, 3, SimConfig::default(), bounded_config()).await;
+    let liar = world.pick(&world.peers);
+    let honest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != liar).collect();
+    world.crash(liar);
+    world.liars.lock().unwrap().insert(liar);
+    world.start(liar).await;
+    world.bootstrap().await;
+    random_delays(&world);
+    world.start_sampler(Duration::from_millis(50));
+    let side = spawn_side_writers(&world);
+    for (i, target) in honest.iter().enumerate() {
+        pin_x(&world, *target, &world.peers, &format!("pin{i}")).await;
+    }
+    let pinned_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(world.config.record_timeout_ms + BOUND_MS / 2)).await;
+    for target in &honest {
+        assert!(pins_x(&world, *target).await, "{target} dropped a pin before the bound");
+    }
+    tokio::time::sleep(Duration::from_millis(BOUND_MS / 2 + 2 * world.config.recovery_backoff_max_ms)).await;
+    for target in &honest {
+        assert!(!pins_x(&world, *target).await, "{target} still pinned {:?} after the pin", pinned_at.elapsed());
+    }
+    for i in 0..3 {
+        assert!(
+            write_with_retries(&world, world.pick(&honest), &format!("h{i}"), 6).await,
+            "write {i} after the bound"
+        );
+        let _ = world.random_read(world.pick(&honest)).await;
+    }
+    side.stop().await;
+    world.check().await
+}
+
+/// Issue 21 finding 3 (variant) / SPEC 4.5: a record's peer set names a peer the members saw,
+/// which has since departed (down until the final check). An outside sender pins `x` on one
+/// member with a phase-1 record naming the whole cluster; with the departed peer silent, every
+/// write on `x` needs that member. Past `recovery_bound_ms` the signed renounces of the live
+/// members (a majority) release the pin, honest writes on `x` succeed while the peer is still
+/// gone, and the history converges once it is back.
+async fn departed_peer_in_peer_set(seed: u64) -> String {
+    let world = World::configured(seed, 4, SimConfig::default(), bounded_config()).await;
+    world.bootstrap().await;
+    let gone = world.pick(&world.peers);
+    world.crash(gone);
+    let live: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != gone).collect();
+    random_delays(&world);
+    world.start_sampler(Duration::from_millis(50));
+    let side = spawn_side_writers(&world);
+    let target = world.pick(&live);
+    pin_x(&world, target, &world.peers, "pin").await;
+    tokio::time::sleep(Duration::from_millis(world.config.record_timeout_ms + BOUND_MS / 2)).await;
+    assert!(pins_x(&world, target).await, "{target} dropped the pin before the bound");
+    tokio::time::sleep(Duration::from_millis(BOUND_MS / 2 + 2 * world.config.recovery_backoff_max_ms)).await;
+    assert!(!pins_x(&world, target).await, "{target} still pinned past the bound by a departed peer");
+    for i in 0..3 {
+        assert!(write_with_retries(&world, world.pick(&live), &format!("h{i}"), 6).await, "write {i} after the bound");
+        let _ = world.random_read(world.pick(&live)).await;
+    }
+    assert!(!world.sim.is_up(gone));
+    side.stop().await;
+    world.check().await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -2305,4 +2444,14 @@ fn sim_waiting_record_backs_off() {
 #[test]
 fn sim_quorum_read_sees_acknowledged_commits() {
     run("sim_quorum_read_sees_acknowledged_commits", |seed| Box::pin(quorum_read_sees_acknowledged_commits(seed)));
+}
+
+#[test]
+fn sim_lying_status_member() {
+    run("sim_lying_status_member", |seed| Box::pin(lying_status_member(seed)));
+}
+
+#[test]
+fn sim_departed_peer_in_peer_set() {
+    run("sim_departed_peer_in_peer_set", |seed| Box::pin(departed_peer_in_peer_set(seed)));
 }
