@@ -71,7 +71,14 @@
 //!   one trx with different transforms conflict, and a cancelled trx cannot be pended again
 //!   (tombstones); thresholds below a majority are configuration errors.
 //! - Recovery (SPEC 4.5): see the `recovery` module documentation; status queries use the extra
-//!   request shape `{"operation": "status", "record": ClusterRecord}`.
+//!   request shape `{"operation": "status", "record": ClusterRecord}`. A "not executed" or
+//!   "aborted" answer carries the member's signed renounce ([`RENOUNCE_FIELD`], over
+//!   `renounce:` + messageHash); past `recovery_bound_ms`, renounces from a majority of a
+//!   record's peer set release its reservation. A peer that signed a renounce and an approving
+//!   commit vote for one record is proven faulty ([`MajorityConsensus::is_faulty`]): its
+//!   signatures count for nothing here afterwards.
+//! - A pend never applies on a block after a cancel of its trx executed there, whatever brings
+//!   it (phase 1, a late decided copy, recovery): the tombstone is checked at execution too.
 //!
 //! # Storage
 //! State lives in the storage's metadata space under `2pc/` (see the `store` module): durable
@@ -227,9 +234,10 @@ impl MajorityConsensus {
 
     /// Answers one cluster-protocol request: `{"operation": "update", "record": ...}` with this
     /// member's merged record (as [`Consensus::on_update`]), `{"operation": "status", "record": ...}`
-    /// with `{"messageHash", "status", "record"?}` where status is `executed` or `decided` (with the
-    /// decided copy), `aborted`, `not-executed` (past expiration here, so it never will be unless
-    /// another peer executed it) or `pending`. Errors are sent as the error envelope.
+    /// with `{"messageHash", "status", "record"?, "renounce"?}` where status is `executed` or
+    /// `decided` (with the decided copy), `aborted`, `not-executed` (past expiration here, so it
+    /// never will be unless another peer executed it; both with this member's signed renounce,
+    /// [`RENOUNCE_FIELD`]) or `pending`. Errors are sent as the error envelope.
     pub async fn handle_cluster_request(&self, sender: PeerId, request: Value) -> Result<Value, RepoError> {
         let (operation, mut fields) = split_request(request)?;
         let record = take_record(&mut fields)?;

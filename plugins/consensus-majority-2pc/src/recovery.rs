@@ -2,12 +2,22 @@
 //! collection of old markers.
 //!
 //! Recovery of a promised record starts at its expiration plus the grace period (by this node's
-//! clock): the member asks every other peer of the record for its status. If a peer executed it or
-//! holds a copy with a promise quorum, this member executes it too. It drops its reservation (and
-//! marks the record aborted) only once every other peer has answered that it did not execute it
-//! and is past the expiration (so it will not execute it either, normal deliveries being refused
-//! after expiration). Until then it asks again with doubling delays: a peer that does not answer
-//! may have executed it.
+//! clock): the member asks every other peer of the record for its status, reaching each through
+//! this node's own routing by peer id (never through the addresses the record carries). If a peer
+//! executed it or holds a copy with a promise quorum, this member executes it too. It drops its
+//! reservation (and marks the record aborted) once every other peer has answered that it did not
+//! execute it and is past the expiration (so it will not execute it either, normal deliveries
+//! being refused after expiration). Until then it asks again with doubling delays: a peer that
+//! does not answer may have executed it.
+//!
+//! Bound: "not executed" answers carry the peer's signed renounce (see the `faulty` module),
+//! kept in the record's entry. Past `recovery_bound_ms` after the expiration, a member drops the
+//! reservation once renounces from a majority of the record's peer set are in hand, its own
+//! included, even if other peers never answer or keep answering "pending". It also drops it as
+//! soon as it holds, with evidence, a revision at or above the record's on every block the record
+//! names. A peer whose renounce and approving commit vote for one record meet here is proven
+//! faulty. Safe against crashes (a record that succeeded was executed by a majority, none of
+//! which renounces it), not against a lying member with another member unreachable (SPEC 4.5).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
