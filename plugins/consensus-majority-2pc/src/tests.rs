@@ -1109,6 +1109,39 @@ async fn a_renounce_and_an_approving_commit_vote_prove_a_peer_faulty() {
     assert_eq!(m.consensus.status_of(&with_e).await.unwrap(), Some(RecordStatus::Promised));
 }
 
+/// SPEC 4.5: only renounces that verify, by the peer that answers, count towards the bound. E
+/// answers "not executed" with a renounce signed by another key, A never answers: this member's
+/// own renounce alone is no majority, so the reservation holds (A may have executed the record).
+#[tokio::test(start_paused = true)]
+async fn a_renounce_that_does_not_verify_counts_for_nothing() {
+    let Three { m, a, b, peers } = three();
+    let now = m.sim.clock().now_ms();
+    let phase1 = record(&peers, insert_x(), now + 1_000);
+    m.consensus.on_update(peers[1], phase1.clone()).await.unwrap();
+    let forged = sign_renounce(&a, &phase1.message_hash).unwrap();
+    m.sim.register(peers[1], Arc::new(ThirdPeer(Third::Silent)));
+    m.sim.register(
+        peers[2],
+        Arc::new(Scripted(std::sync::Mutex::new(vec![
+            json!({"messageHash": phase1.message_hash, "status": "not-executed", "renounce": forged}),
+        ]))),
+    );
+    tokio::time::sleep(Duration::from_millis(60 * 60 * 1_000)).await;
+    assert_eq!(m.consensus.live_reservations(), 1, "released on a renounce that does not verify");
+    assert_eq!(m.consensus.status_of(&phase1).await.unwrap(), Some(RecordStatus::Promised));
+    // B's genuine renounce makes the majority.
+    let genuine = sign_renounce(&b, &phase1.message_hash).unwrap();
+    m.sim.register(
+        peers[2],
+        Arc::new(Scripted(std::sync::Mutex::new(vec![
+            json!({"messageHash": phase1.message_hash, "status": "not-executed", "renounce": genuine}),
+        ]))),
+    );
+    tokio::time::sleep(Duration::from_millis(config().recovery_backoff_max_ms * 2)).await;
+    assert_eq!(m.consensus.live_reservations(), 0);
+    assert_eq!(m.consensus.status_of(&phase1).await.unwrap(), Some(RecordStatus::Aborted));
+}
+
 /// SPEC 4.5: a reservation is aborted once this member holds, with evidence, a revision at or
 /// above the record's on every block it names, whatever its peers answer (here: nothing).
 #[tokio::test(start_paused = true)]
