@@ -30,7 +30,7 @@ use optimystic_core::{
 use serde_json::{Map, Value, json};
 
 use crate::checks::check_operation;
-use crate::engine::{HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
+use crate::engine::{Budget, HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
 use crate::store::{Entry, RecordStatus, entry_writes, read_entry, tomb_key, write_entry, write_entry_after};
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
@@ -156,14 +156,28 @@ impl Inner {
         }
         record.extra.remove(RESULT_FIELD);
         let cx = self.context(&record, now, true)?;
+        // Bounds first, then the lookups (SPEC 4.10: the work before a bound is bounded).
+        self.check_record_size(&cx)?;
         let approvals = record.promises.values().filter(|v| v.is_approve()).count();
         let rejections = record.promises.len() - approvals;
         let decided = approvals >= cx.promise_quorum;
-        self.check_view(&record, &cx, decided).await?;
         let abort_proven = rejections > record.peers.len().saturating_sub(cx.promise_quorum);
-        if !decided && matches!(origin, Origin::Remote(_)) {
-            self.check_peers_seen(&record).await?;
-        }
+        let budget = match origin {
+            Origin::Remote(sender) => {
+                if !decided && !abort_proven {
+                    self.precheck_budget(&record.message_hash, &cx, &sender)?;
+                }
+                let in_view = self.check_view(&record, &cx, decided, Some(&sender)).await?;
+                if !decided {
+                    self.check_peers_seen(&record).await?;
+                }
+                if in_view { Budget::Sender(sender) } else { Budget::Outsiders }
+            }
+            Origin::Local => {
+                self.check_view(&record, &cx, decided, None).await?;
+                Budget::Sender(self.me)
+            }
+        };
 
         let held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
@@ -200,11 +214,7 @@ impl Inner {
             }
             return Ok(self.with_promise(record, Some(&stored)));
         }
-        let sender = match origin {
-            Origin::Remote(sender) => sender,
-            Origin::Local => self.me,
-        };
-        self.promise(&held, record, &cx, sender).await
+        self.promise(&held, record, &cx, budget).await
     }
 
     /// This member's votes in a received record must be the ones it stored; a vote it has no copy
@@ -254,30 +264,37 @@ impl Inner {
     }
 
     /// Phase 1: decides, persists and returns this member's promise vote. The caller holds the
-    /// record's block locks.
+    /// record's block locks. The reservation counts one per block the record names, against the
+    /// total bound and `budget` (the sender's own, or the one all senders outside the cluster
+    /// share: SPEC 4.20 "Sybil senders").
     async fn promise(
         self: &Arc<Self>,
         _held: &HeldBlocks<'_>,
         mut record: ClusterRecord,
         cx: &RecordContext,
-        sender: PeerId,
+        budget: Budget,
     ) -> Result<ClusterRecord, RepoError> {
         let hash = record.message_hash.clone();
-        let weight = cx.operations.len();
-        let mut failures: Vec<Option<RejectReason>> = vec![None; weight];
+        let weight = cx.weight();
+        let mut failures: Vec<Option<RejectReason>> = vec![None; cx.operations.len()];
         // Bounds, conflicts with other reservations and, when both pass, the reservation itself,
         // in one step of the index: concurrent records on other blocks cannot overrun the bounds.
         let (busy, reserved) = {
             let mut state = self.state();
             let held = state.held;
-            let of_sender = state.reservations_of(&sender);
+            let of_budget = state.reservations_of(&budget);
+            let (limit, whose) = match budget {
+                Budget::Sender(sender) => {
+                    (self.config.max_reservations_per_sender, format!("records from {sender}"))
+                }
+                Budget::Outsiders => {
+                    (self.config.max_reservations_outsiders, "records from senders outside the cluster".to_owned())
+                }
+            };
             let busy = if held.saturating_add(weight) > self.config.max_reservations {
-                Some(RejectReason::new(RejectCategory::Busy, format!("{held} reservations held")))
-            } else if of_sender.saturating_add(weight) > self.config.max_reservations_per_sender {
-                Some(RejectReason::new(
-                    RejectCategory::Busy,
-                    format!("{of_sender} reservations held for records from {sender}"),
-                ))
+                Some(RejectReason::new(RejectCategory::Busy, format!("{held} blocks reserved")))
+            } else if of_budget.saturating_add(weight) > limit {
+                Some(RejectReason::new(RejectCategory::Busy, format!("{of_budget} blocks reserved for {whose}")))
             } else {
                 None
             };
@@ -296,7 +313,7 @@ impl Inner {
                 let live = Live {
                     status: RecordStatus::Promised,
                     claims: cx.claims.clone(),
-                    sender: Some(sender),
+                    budget: Some(budget),
                     expiration_ms: cx.expiration_ms,
                     weight,
                 };
@@ -337,9 +354,13 @@ impl Inner {
                     record: Some(StoredRecord::Inline(bare(&record))),
                     commit: None,
                     result: None,
-                    sender: Some(sender.to_base58()),
+                    sender: match budget {
+                        Budget::Sender(sender) => Some(sender.to_base58()),
+                        Budget::Outsiders => None,
+                    },
+                    outsider: budget.is_outsiders(),
                     renounced: false,
-                    local_only: sender == self.me,
+                    local_only: budget == Budget::Sender(self.me),
                 };
                 (vote, entry)
             }
@@ -358,6 +379,7 @@ impl Inner {
                     commit: None,
                     result: None,
                     sender: None,
+                    outsider: false,
                     renounced: false,
                     local_only: false,
                 };
@@ -481,6 +503,7 @@ impl Inner {
             commit: None,
             result: None,
             sender: None,
+            outsider: false,
             renounced: true,
             local_only: false,
         });
@@ -543,7 +566,8 @@ impl Inner {
                 let decided = match prior {
                     Some(prior) if prior_decided => prior,
                     prior => {
-                        let sender = prior.as_ref().and_then(|e| e.sender.clone());
+                        let (sender, outsider) =
+                            prior.as_ref().map_or((None, false), |e| (e.sender.clone(), e.outsider));
                         Entry {
                             status: RecordStatus::Decided,
                             expiration_ms: cx.expiration_ms,
@@ -555,6 +579,7 @@ impl Inner {
                             commit: None,
                             result: None,
                             sender,
+                            outsider,
                             renounced: false,
                             local_only: false,
                         }
@@ -566,14 +591,14 @@ impl Inner {
                 if !atomic {
                     self.persist_decided(&persist).await?;
                 }
-                let sender = decided.sender.as_deref().and_then(|s| s.parse().ok());
+                let budget = Budget::of_entry(decided.sender.as_deref(), decided.outsider);
                 {
                     let live = Live {
                         status: RecordStatus::Decided,
                         claims: cx.claims.clone(),
-                        sender,
+                        budget,
                         expiration_ms: cx.expiration_ms,
-                        weight: cx.operations.len(),
+                        weight: cx.weight(),
                     };
                     let mut state = self.state();
                     state.reserve(&hash, live);

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use std::cmp::Reverse;
 
-use crate::engine::{DueRecovery, Inner, Live, MemberState};
+use crate::engine::{Budget, DueRecovery, Inner, Live, MemberState};
 use crate::member::{STATUS_OPERATION, answer, stored_record};
 use crate::store::{
     ENTRY_PREFIX, Entry, RecordStatus, TOMB_PREFIX, expiration_of_key, live_key, live_pointers, read_entry,
@@ -73,13 +73,12 @@ impl Inner {
             };
             let record = stored_record(self.storage(), Some(&entry)).await?;
             let cx = self.context(&record, self.clock.now_ms(), false)?;
-            let sender = entry.sender.as_deref().and_then(|s| s.parse().ok());
             let live = Live {
                 status: entry.status,
                 claims: cx.claims.clone(),
-                sender,
+                budget: Budget::of_entry(entry.sender.as_deref(), entry.outsider),
                 expiration_ms,
-                weight: cx.operations.len(),
+                weight: cx.weight(),
             };
             self.state().reserve(&hash, live);
             if entry.status == RecordStatus::Decided {
@@ -323,7 +322,7 @@ impl Inner {
         }
         let cx = self.context(&copy, self.clock.now_ms(), false).ok()?;
         let approvals = copy.promises.values().filter(|v| v.is_approve()).count();
-        if approvals < cx.promise_quorum || self.check_view(&copy, &cx, true).await.is_err() {
+        if approvals < cx.promise_quorum || self.check_view(&copy, &cx, true, None).await.is_err() {
             return None;
         }
         Some(copy)

@@ -78,9 +78,15 @@ pub(crate) struct Entry {
     /// rejection (SPEC 4.11): a stale answer is computed when answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
-    /// The peer that sent the record, while it holds a reservation (per-sender bounds).
+    /// The peer that sent the record, while it holds a reservation (per-sender bounds); absent
+    /// for a sender outside the cluster ([`Entry::outsider`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
+    /// The record came from a sender outside this member's view of the cluster: its reservation
+    /// counts against the budget all such senders share (SPEC 4.20 "Sybil senders"). Entries
+    /// written before this flag existed read as their sender's own budget.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outsider: bool,
     /// This member answered a status query "not executed" (past expiration): it will never
     /// execute the record (SPEC 4.11). A promised record keeps its reservation until recovery
     /// settles it (see the `recovery` module).
@@ -193,6 +199,7 @@ mod tests {
             commit: None,
             result: None,
             sender: None,
+            outsider: false,
             renounced: false,
             local_only: false,
         };

@@ -623,14 +623,15 @@ impl optimystic_core::keynet::KeyNetwork for Seen {
 }
 
 /// Finding 7 / SPEC 4.11: a record naming a never-seen peer pins nothing, and one sender cannot
-/// take every reservation.
+/// take every reservation; a reservation is given back when its record is settled.
 #[tokio::test(start_paused = true)]
 async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
     let sim = SimNet::new(1, SimConfig::default());
     let keypair = Keypair::generate_ed25519();
     let me = keypair.public().to_peer_id();
     let ed25519 = || Keypair::generate_ed25519().public().to_peer_id();
-    let (a, b) = (ed25519(), ed25519());
+    let (ka, kb) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let (a, b) = (ka.public().to_peer_id(), kb.public().to_peer_id());
     let local = StorageRepo::new(Arc::new(MemoryStorage::new()));
     let deps = MajorityDeps {
         keypair,
@@ -640,7 +641,14 @@ async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
         clock: sim.clock(),
         behind: None,
     };
-    let config = MajorityConfig { max_reservations: 10, max_reservations_per_sender: 2, max_batch_ops: 2, ..config() };
+    let config = MajorityConfig {
+        max_reservations: 10,
+        max_reservations_per_sender: 2,
+        max_reservations_outsiders: 2,
+        max_record_blocks: 2,
+        max_batch_ops: 2,
+        ..config()
+    };
     let consensus = MajorityConsensus::new(config, deps).unwrap();
     let now = sim.clock().now_ms();
     let made_up = ed25519();
@@ -664,20 +672,134 @@ async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
     };
     let spammer = ed25519();
     let mut votes = Vec::new();
+    let mut records = Vec::new();
     for id in ["p1", "p2", "p3"] {
-        let answer = consensus.on_update(spammer, record(&[me, a, b], insert(id), now + 1_000)).await.unwrap();
+        let sent = record(&[me, a, b], insert(id), now + 1_000);
+        let answer = consensus.on_update(spammer, sent.clone()).await.unwrap();
         votes.push(answer.promises[&me.to_base58()].clone());
+        records.push(sent);
     }
     assert!(votes[0].is_approve() && votes[1].is_approve());
     assert!(votes[2].reject_reason.as_deref().unwrap().starts_with("busy: "), "{:?}", votes[2]);
     let honest = consensus.on_update(a, record(&[me, a, b], insert("p4"), now + 1_000)).await.unwrap();
     assert!(honest.promises[&me.to_base58()].is_approve(), "other senders are still served");
+    assert_eq!(consensus.live_reservations(), 3);
+    // The other two peers rejected p1: it can never be decided, so its reservation goes at
+    // once, and the budget it took is given back (the spammer's next record is served).
+    let mut aborted = records[0].clone();
+    sign(&mut aborted, &ka, VoteType::Reject, Some("conflict: elsewhere"));
+    sign(&mut aborted, &kb, VoteType::Reject, Some("conflict: elsewhere"));
+    consensus.on_update(spammer, aborted).await.unwrap();
+    assert_eq!(consensus.live_reservations(), 2);
+    let again = consensus.on_update(spammer, record(&[me, a, b], insert("p5"), now + 1_000)).await.unwrap();
+    assert!(again.promises[&me.to_base58()].is_approve(), "the released budget serves the next record");
+    // Minting a new sender id does not buy a new budget.
+    let busy = consensus.on_update(ed25519(), record(&[me, a, b], insert("p6"), now + 1_000)).await.unwrap();
+    assert!(
+        busy.promises[&me.to_base58()].reject_reason.as_deref().unwrap().starts_with("busy: "),
+        "a fresh sender id outside the cluster shares the outsiders' budget"
+    );
     // A record naming no block is refused.
     let empty = RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx("e"), block_ids: vec![] } };
     assert_eq!(
         consensus.on_update(a, record(&[me, a, b], empty, now + 1_000)).await.unwrap_err().code(),
         ErrorCode::BadRequest
     );
+}
+
+/// A key network seeing exactly `peers` that counts its cluster lookups.
+#[derive(Debug)]
+struct CountedSeen(Seen, AtomicUsize);
+
+#[async_trait::async_trait]
+impl optimystic_core::keynet::KeyNetwork for CountedSeen {
+    async fn find_cluster(&self, block_id: &BlockId) -> Result<ClusterPeers, optimystic_core::keynet::KeyNetworkError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.find_cluster(block_id).await
+    }
+    async fn find_coordinator(
+        &self,
+        b: &BlockId,
+        e: &[PeerId],
+    ) -> Result<PeerId, optimystic_core::keynet::KeyNetworkError> {
+        self.0.find_coordinator(b, e).await
+    }
+    fn cluster_size(&self) -> usize {
+        self.0.cluster_size()
+    }
+    async fn has_seen(&self, peer: &PeerId) -> bool {
+        self.0.has_seen(peer).await
+    }
+}
+
+fn cancel_of(trx_id: &str, blocks: impl IntoIterator<Item = String>) -> RepoOperation {
+    let block_ids = blocks.into_iter().map(|b| BlockId::new(b).unwrap()).collect();
+    RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx(trx_id), block_ids } }
+}
+
+/// Issue 21 finding 5 / SPEC 4.10, 4.20 "Sybil senders": one cancel naming 2,000 blocks is
+/// refused before any cluster lookup; a reservation weighs the blocks it names; and fresh sender
+/// ids outside the cluster share one budget instead of each getting its own.
+#[tokio::test(start_paused = true)]
+async fn reservations_weigh_blocks_and_minted_senders_share_one_budget() {
+    let sim = SimNet::new(1, SimConfig::default());
+    let keypair = Keypair::generate_ed25519();
+    let me = keypair.public().to_peer_id();
+    let ed25519 = || Keypair::generate_ed25519().public().to_peer_id();
+    let (a, b) = (ed25519(), ed25519());
+    let lookups = Arc::new(CountedSeen(Seen(vec![me, a, b]), AtomicUsize::new(0)));
+    let deps = MajorityDeps {
+        keypair,
+        network: sim.network(me),
+        local: StorageRepo::new(Arc::new(MemoryStorage::new())),
+        key_network: Some(lookups.clone()),
+        clock: sim.clock(),
+        behind: None,
+    };
+    let config = MajorityConfig {
+        max_reservations: 100,
+        max_reservations_per_sender: 20,
+        max_reservations_outsiders: 30,
+        max_record_blocks: 50,
+        max_batch_ops: 2,
+        ..config()
+    };
+    let consensus = MajorityConsensus::new(config, deps).unwrap();
+    let now = sim.clock().now_ms();
+    let peers = [me, a, b];
+    let vote_of = |answer: &ClusterRecord| answer.promises[&me.to_base58()].clone();
+
+    // One cancel naming 2,000 blocks: refused before a single cluster lookup, nothing held.
+    let huge = cancel_of("huge", (0..2_000).map(|i| format!("h{i}")));
+    let e = consensus.on_update(a, record(&peers, huge, now + 1_000)).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::BadRequest, "{e}");
+    assert!(e.to_string().contains("max_record_blocks"), "{e}");
+    assert_eq!(lookups.1.load(Ordering::SeqCst), 0, "no lookup before the size bound");
+    assert_eq!(consensus.live_reservations(), 0);
+
+    // A cancel naming 20 blocks weighs 20: the sender's budget (20 blocks) is full after it.
+    let twenty = cancel_of("c20", (0..20).map(|i| format!("a{i}")));
+    assert!(vote_of(&consensus.on_update(a, record(&peers, twenty, now + 1_000)).await.unwrap()).is_approve());
+    assert_eq!(lookups.1.load(Ordering::SeqCst), 20, "one lookup per block, bounded by max_record_blocks");
+    let one_more = consensus.on_update(a, record(&peers, cancel_of("c1", ["a99".to_owned()]), now + 1_000)).await;
+    let vote = vote_of(&one_more.unwrap());
+    assert!(vote.reject_reason.as_deref().unwrap().starts_with("busy: "), "{vote:?}");
+
+    // Five fresh ids outside the cluster, 10 blocks each: they share 30 blocks, not 5 x 20.
+    let mut approved = 0;
+    for n in 0..5 {
+        let cancel = cancel_of(&format!("s{n}"), (0..10).map(|i| format!("s{n}-{i}")));
+        let answer = consensus.on_update(ed25519(), record(&peers, cancel, now + 1_000)).await;
+        match answer {
+            Ok(answer) if vote_of(&answer).is_approve() => approved += 1,
+            Ok(answer) => assert!(vote_of(&answer).reject_reason.as_deref().unwrap().starts_with("busy: ")),
+            Err(e) => assert_eq!(e.code(), ErrorCode::Busy, "{e}"),
+        }
+    }
+    assert_eq!(approved, 3, "the outsiders' shared budget holds 30 blocks");
+    // A sender in the cluster still has its own budget.
+    let from_b = cancel_of("b", (0..5).map(|i| format!("b{i}")));
+    assert!(vote_of(&consensus.on_update(b, record(&peers, from_b, now + 1_000)).await.unwrap()).is_approve());
 }
 
 /// Finding 8 / SPEC 4.11: once this member answered "not executed", it never executes the record.
