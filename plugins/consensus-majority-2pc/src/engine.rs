@@ -109,6 +109,9 @@ pub(crate) struct MemberState {
     pub waiting: BTreeMap<BlockId, BTreeSet<String>>,
     /// Peers of records this member executed (bounded by [`MAX_SEEN_PEERS`]).
     pub seen_peers: BTreeSet<String>,
+    /// Where the collection of cancel tombstones goes on: the key bucket (the characters after
+    /// the tombstone prefix) its next step lists first; empty at the start of a sweep.
+    pub tomb_bucket: String,
 }
 
 /// A promised record's recovery time.

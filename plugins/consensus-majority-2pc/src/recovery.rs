@@ -40,6 +40,24 @@ const GC_BATCH: usize = 64;
 const GC_STEPS_PER_INTERVAL: usize = 16;
 /// Cancel tombstones examined per collection step (cancels are rare: failed transactions).
 const GC_TOMBSTONES_LISTED: usize = 256;
+/// Tombstone listings per collection step at most (most are of buckets holding few keys).
+const GC_TOMBSTONE_LISTINGS: usize = 64;
+/// The characters of a tombstone key after [`TOMB_PREFIX`] ([`crate::store::tomb_key`]: hex
+/// digits and the `/` between block and trx), in key order.
+const TOMB_KEY_CHARS: &str = "/0123456789abcdef";
+
+/// The tombstone bucket after `bucket` in key order once `bucket` and every key under it were
+/// examined: its next sibling, or its parent's next sibling, ...; `None` past the last bucket.
+fn next_tomb_bucket(bucket: &str) -> Option<String> {
+    let mut next = bucket.to_owned();
+    while let Some(last) = next.pop() {
+        if let Some(sibling) = TOMB_KEY_CHARS.chars().skip_while(|c| *c != last).nth(1) {
+            next.push(sibling);
+            return Some(next);
+        }
+    }
+    None
+}
 
 /// What one recovery round concluded.
 enum Round {
@@ -382,13 +400,56 @@ impl Inner {
                 deleted += 1;
             }
         }
+        self.collect_tombstones_once().await?;
+        Ok(deleted >= GC_BATCH)
+    }
+
+    /// Deletes expired cancel tombstones, examining a bounded part of them per call and going on
+    /// where the last call stopped, so that every tombstone is reached however many sort before
+    /// it (SPEC 4.12: kept as long as the trx's records can still arrive, then collected).
+    ///
+    /// Storage lists keys by prefix only, so the sweep walks prefix buckets depth first: a bucket
+    /// whose listing is complete (fewer keys than listed at most) is done, and the walk moves to
+    /// the next bucket; a full one is split into its sub-buckets, one per next key character.
+    /// The bucket to visit next is kept in memory (a restart begins a new sweep).
+    async fn collect_tombstones_once(&self) -> Result<(), RepoError> {
+        let mut bucket = self.state().tomb_bucket.clone();
+        let swept = self.sweep_tombstones(&mut bucket).await;
+        self.state().tomb_bucket = bucket;
+        swept
+    }
+
+    /// One bounded part of the sweep of [`Inner::collect_tombstones_once`], from `bucket` on;
+    /// leaves in `bucket` where the next part begins.
+    async fn sweep_tombstones(&self, bucket: &mut String) -> Result<(), RepoError> {
         let now = self.clock.now_ms();
-        for (key, bytes) in self.storage().list_meta(TOMB_PREFIX, GC_TOMBSTONES_LISTED).await? {
-            let keep_until = std::str::from_utf8(&bytes).ok().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
-            if keep_until < now {
-                self.storage().delete_meta(&key).await?;
+        let mut examined = 0usize;
+        for _ in 0..GC_TOMBSTONE_LISTINGS {
+            let listed = self.storage().list_meta(&format!("{TOMB_PREFIX}{bucket}"), GC_TOMBSTONES_LISTED).await?;
+            let complete = listed.len() < GC_TOMBSTONES_LISTED;
+            examined = examined.saturating_add(listed.len());
+            for (key, bytes) in listed {
+                let keep_until = std::str::from_utf8(&bytes).ok().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+                if keep_until < now {
+                    self.storage().delete_meta(&key).await?;
+                }
+            }
+            if complete {
+                match next_tomb_bucket(bucket) {
+                    Some(next) => *bucket = next,
+                    None => {
+                        // A whole sweep ended; the next part begins another.
+                        bucket.clear();
+                        return Ok(());
+                    }
+                }
+            } else if let Some(first) = TOMB_KEY_CHARS.chars().next() {
+                bucket.push(first);
+            }
+            if examined >= GC_TOMBSTONES_LISTED {
+                break;
             }
         }
-        Ok(deleted >= GC_BATCH)
+        Ok(())
     }
 }

@@ -802,6 +802,37 @@ async fn reservations_weigh_blocks_and_minted_senders_share_one_budget() {
     assert!(vote_of(&consensus.on_update(b, record(&peers, from_b, now + 1_000)).await.unwrap()).is_approve());
 }
 
+/// Issue 21 finding 10: expired cancel tombstones are collected however many live ones sort
+/// before them (the collection used to look at the first 256 keys only, for ever).
+#[tokio::test(start_paused = true)]
+async fn expired_tombstones_past_the_first_256_are_collected() {
+    let m = member();
+    let storage = m.local.storage().clone();
+    let now = m.sim.clock().now_ms();
+    let keep = (now + 1_000_000).to_string();
+    let gone = now.saturating_sub(1).to_string();
+    for i in 0..600 {
+        let key = crate::store::tomb_key(&BlockId::new(format!("a{i:04}")).unwrap(), &trx("t"));
+        storage.put_meta(&key, keep.as_bytes()).await.unwrap();
+    }
+    for i in 0..50 {
+        let key = crate::store::tomb_key(&BlockId::new(format!("z{i:04}")).unwrap(), &trx("t"));
+        storage.put_meta(&key, gone.as_bytes()).await.unwrap();
+    }
+    let count = |prefix: String| {
+        let storage = storage.clone();
+        async move { storage.list_meta(&prefix, 10_000).await.unwrap().len() }
+    };
+    let z_prefix = crate::store::tomb_key(&BlockId::new("z").unwrap(), &trx("t"));
+    let z_prefix = z_prefix.split_at(z_prefix.len() - "/74".len()).0.to_owned();
+    assert_eq!(count(z_prefix.clone()).await, 50);
+    for _ in 0..20 {
+        m.consensus.collect_garbage().await.unwrap();
+    }
+    assert_eq!(count(z_prefix).await, 0, "the expired tombstones sorting last were collected");
+    assert_eq!(count(crate::store::TOMB_PREFIX.to_owned()).await, 600, "live tombstones stay");
+}
+
 /// Finding 8 / SPEC 4.11: once this member answered "not executed", it never executes the record.
 #[tokio::test(start_paused = true)]
 async fn not_executed_is_final() {
