@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::codec::Frame;
-use crate::ops::{self, MAX_OPERATOR_REQUESTS_IN_FLIGHT, OperatorHandler, OperatorRequest};
+use crate::ops::{self, OperatorHandler, OperatorRequest, OperatorSlots};
 
 /// Default bound on inbound requests being handled at once, per protocol (SPEC 3.1).
 pub const DEFAULT_MAX_INBOUND_PER_PROTOCOL: usize = 32;
@@ -255,7 +255,7 @@ pub struct Services {
     queued: PerProtocol<Arc<AtomicUsize>>,
     max_inbound_per_protocol: usize,
     max_queued_inbound_per_protocol: usize,
-    operator_slots: Arc<Semaphore>,
+    operator_slots: Arc<OperatorSlots>,
 }
 
 /// An admitted request: it holds a handling slot, or a place in the queue for one.
@@ -312,7 +312,7 @@ impl Services {
             queued: PerProtocol::from_fn(|_| Arc::new(AtomicUsize::new(0))),
             max_inbound_per_protocol: limit,
             max_queued_inbound_per_protocol,
-            operator_slots: Arc::new(Semaphore::new(MAX_OPERATOR_REQUESTS_IN_FLIGHT)),
+            operator_slots: Arc::new(OperatorSlots::default()),
         }
     }
 
@@ -360,7 +360,7 @@ impl Services {
             match kind {
                 ProtocolKind::Repo => match frame {
                     Frame::Json(value) if OperatorRequest::is_operator_request(&value) => {
-                        ops::serve(handlers.operator, &operator_slots, &value).await
+                        ops::serve(handlers.operator, &operator_slots, sender, &value).await
                     }
                     frame => match handlers.repo {
                         Some(repo) => RepoService::new(repo).serve(frame).await,
