@@ -53,9 +53,11 @@ pub fn error_value(error: &RepoError) -> Value {
 /// or an error, which is sent as the error envelope of its code.
 #[async_trait]
 pub trait SyncHandler: Send + Sync + std::fmt::Debug + 'static {
-    /// Answers one sync request. Must not block the executor; may take as long as the host's
-    /// request timeout allows (the requester gives up after that).
-    async fn handle(&self, request: Value) -> Result<Value, RepoError>;
+    /// Answers one sync request from `sender` (as the transport authenticated it: work a
+    /// request causes, such as a hint's catch-ups, is bounded per sender). Must not block the
+    /// executor; may take as long as the host's request timeout allows (the requester gives up
+    /// after that).
+    async fn handle(&self, sender: PeerId, request: Value) -> Result<Value, RepoError>;
 }
 
 /// What a node serves on each protocol. A protocol without a handler answers `unavailable`.
@@ -209,10 +211,10 @@ impl SyncService {
         Self { handler }
     }
 
-    /// Answers one request frame; malformed frames are `bad-request`.
-    pub async fn serve(&self, frame: Frame) -> Value {
+    /// Answers one request frame from `sender`; malformed frames are `bad-request`.
+    pub async fn serve(&self, sender: PeerId, frame: Frame) -> Value {
         match frame.into_json() {
-            Ok(value) => match self.handler.handle(value).await {
+            Ok(value) => match self.handler.handle(sender, value).await {
                 Ok(answer) => answer,
                 Err(e) => error_value(&e),
             },
@@ -372,7 +374,7 @@ impl Services {
                     None => not_served(kind),
                 },
                 ProtocolKind::Sync => match handlers.sync {
-                    Some(sync) => SyncService::new(sync).serve(frame).await,
+                    Some(sync) => SyncService::new(sync).serve(sender, frame).await,
                     None => not_served(kind),
                 },
             }
@@ -507,7 +509,7 @@ mod tests {
 
     #[async_trait]
     impl SyncHandler for Panicking {
-        async fn handle(&self, _request: Value) -> Result<Value, RepoError> {
+        async fn handle(&self, _sender: PeerId, _request: Value) -> Result<Value, RepoError> {
             panic!("handler bug")
         }
     }
