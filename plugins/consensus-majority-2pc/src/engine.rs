@@ -52,6 +52,19 @@ pub(crate) enum Budget {
 }
 
 impl Budget {
+    /// The budget a stored rejection counts against ([`crate::store::RejectionRef`]).
+    pub fn of_rejection(sender: Option<&str>) -> Self {
+        sender.and_then(|s| s.parse().ok()).map_or(Self::Outsiders, Self::Sender)
+    }
+
+    /// The sender as a stored rejection keeps it (`None` for the outsiders' budget).
+    pub fn stored_sender(self) -> Option<String> {
+        match self {
+            Self::Sender(sender) => Some(sender.to_base58()),
+            Self::Outsiders => None,
+        }
+    }
+
     /// The budget a stored entry counted against: its sender's own, or the shared one of
     /// outsiders; `None` when the entry kept no sender (entries stored before senders were
     /// kept).
@@ -109,9 +122,31 @@ pub(crate) struct MemberState {
     pub waiting: BTreeMap<BlockId, BTreeSet<String>>,
     /// Peers of records this member executed (bounded by [`MAX_SEEN_PEERS`]).
     pub seen_peers: BTreeSet<String>,
+    /// Blocks of stored rejections per budget (SPEC 4.10: bounded per sender and in total).
+    pub rejections_per_budget: BTreeMap<Budget, usize>,
+    /// Blocks of stored rejections in total.
+    pub rejections_held: usize,
+    /// Behind reports taken per budget in the current window ([`MemberState::take_behind_report`]).
+    pub behind_reports: BTreeMap<Budget, ReportWindow>,
     /// Where the collection of cancel tombstones goes on: the key bucket (the characters after
     /// the tombstone prefix) its next step lists first; empty at the start of a sweep.
     pub tomb_bucket: String,
+}
+
+/// Behind reports one budget (a sender in the cluster, or all the others together) may make
+/// per [`BEHIND_REPORT_WINDOW_MS`] through the records it sends.
+pub(crate) const MAX_BEHIND_REPORTS_PER_BUDGET: usize = 256;
+/// The window behind reports are counted over.
+pub(crate) const BEHIND_REPORT_WINDOW_MS: u64 = 60_000;
+/// Budgets whose behind reports are tracked at once; past it, windows that ended are dropped
+/// and a sender not tracked yet counts against the outsiders' allowance.
+pub(crate) const MAX_BEHIND_REPORT_BUDGETS: usize = 1_024;
+
+/// Behind reports taken in one window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReportWindow {
+    pub started_ms: u64,
+    pub taken: usize,
 }
 
 /// A promised record's recovery time.
@@ -168,6 +203,60 @@ impl MemberState {
                 self.per_budget.remove(&budget);
             }
         }
+    }
+
+    /// Counts a stored rejection of `weight` blocks against `budget` and the total, unless that
+    /// would pass `per_budget` or `total`; the `busy` detail when it would.
+    pub fn take_rejection(&mut self, budget: Budget, weight: usize, per_budget: usize, total: usize) -> Result<(), String> {
+        if self.rejections_held.saturating_add(weight) > total {
+            return Err(format!("{} blocks of rejections stored (max_rejections)", self.rejections_held));
+        }
+        let of_budget = self.rejections_per_budget.get(&budget).copied().unwrap_or(0);
+        if of_budget.saturating_add(weight) > per_budget {
+            return Err(format!("{of_budget} blocks of rejections stored for this sender (max_rejections_per_sender)"));
+        }
+        self.count_rejection(budget, weight);
+        Ok(())
+    }
+
+    /// Counts a stored rejection without checking the bounds (loading what is stored).
+    pub fn count_rejection(&mut self, budget: Budget, weight: usize) {
+        self.rejections_held = self.rejections_held.saturating_add(weight);
+        let count = self.rejections_per_budget.entry(budget).or_default();
+        *count = count.saturating_add(weight);
+    }
+
+    /// Gives back what a stored rejection counted for (it was collected, or never written).
+    pub fn release_rejection(&mut self, budget: Budget, weight: usize) {
+        self.rejections_held = self.rejections_held.saturating_sub(weight);
+        if let Some(count) = self.rejections_per_budget.get_mut(&budget) {
+            *count = count.saturating_sub(weight);
+            if *count == 0 {
+                self.rejections_per_budget.remove(&budget);
+            }
+        }
+    }
+
+    /// Takes one behind report from `budget`'s allowance (at `now_ms`): false when its
+    /// [`MAX_BEHIND_REPORTS_PER_BUDGET`] reports of the current window are spent.
+    pub fn take_behind_report(&mut self, budget: Budget, now_ms: u64) -> bool {
+        let ended = |w: &ReportWindow| now_ms.saturating_sub(w.started_ms) >= BEHIND_REPORT_WINDOW_MS;
+        let mut budget = budget;
+        if !self.behind_reports.contains_key(&budget) && self.behind_reports.len() >= MAX_BEHIND_REPORT_BUDGETS {
+            self.behind_reports.retain(|_, w| !ended(w));
+            if self.behind_reports.len() >= MAX_BEHIND_REPORT_BUDGETS {
+                budget = Budget::Outsiders;
+            }
+        }
+        let window = self.behind_reports.entry(budget).or_insert(ReportWindow { started_ms: now_ms, taken: 0 });
+        if ended(window) {
+            *window = ReportWindow { started_ms: now_ms, taken: 0 };
+        }
+        if window.taken >= MAX_BEHIND_REPORTS_PER_BUDGET {
+            return false;
+        }
+        window.taken += 1;
+        true
     }
 
     /// Remembers the peers of an executed record (bounded).

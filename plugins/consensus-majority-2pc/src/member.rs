@@ -31,7 +31,9 @@ use serde_json::{Map, Value, json};
 
 use crate::checks::check_operation;
 use crate::engine::{Budget, HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
-use crate::store::{Entry, RecordStatus, entry_writes, read_entry, tomb_key, write_entry, write_entry_after};
+use crate::store::{
+    Entry, RecordStatus, RejectionRef, entry_writes, read_entry, rejection_key, tomb_key, write_entry, write_entry_after,
+};
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
 pub const STATUS_OPERATION: &str = "status";
@@ -103,16 +105,36 @@ struct Persist<'a> {
     keep_write: Option<&'a MetaWrite>,
 }
 
+/// Blocks one phase-1 record may report behind (the node's catch-up queue is shared: a batch
+/// naming 1,024 blocks this member lacks queues this many catch-ups, not 1,024).
+pub(crate) const MAX_BEHIND_REPORTS_PER_RECORD: usize = 8;
+
+/// Bytes of detail text a batch reason keeps in all; the failing operations past it are listed
+/// by index and category only. A vote is stored and re-sent as cast (votes are final), so its
+/// size must not grow with the batch: a batch of 1,024 failing operations stays under ~25 KB.
+pub(crate) const MAX_BATCH_REASON_DETAIL_BYTES: usize = 2_048;
+
 /// The reject reason of a record whose operations fail as `failures` says (index order): a
-/// single operation's own reason, or a batch reason listing each failing one.
+/// single operation's own reason, or a batch reason listing each failing one (with their
+/// details up to [`MAX_BATCH_REASON_DETAIL_BYTES`] in all).
 fn record_reason(batched: bool, failures: &[Option<RejectReason>]) -> Option<RejectReason> {
     if !batched {
         return failures.iter().flatten().next().cloned();
     }
+    let mut detail_bytes = 0usize;
     let listed: Vec<BatchFailure> = failures
         .iter()
         .enumerate()
-        .filter_map(|(index, reason)| reason.clone().map(|reason| BatchFailure { index, reason }))
+        .filter_map(|(index, reason)| {
+            let reason = reason.as_ref()?;
+            detail_bytes = detail_bytes.saturating_add(reason.detail.len());
+            let reason = if detail_bytes > MAX_BATCH_REASON_DETAIL_BYTES {
+                RejectReason::new(reason.category.clone(), "")
+            } else {
+                reason.clone()
+            };
+            Some(BatchFailure { index, reason })
+        })
         .collect();
     (!listed.is_empty()).then(|| RejectReason::batch(&listed))
 }
@@ -324,7 +346,7 @@ impl Inner {
         let outcome = match busy {
             Some(busy) => Ok((Some(busy), Vec::new())),
             None => self
-                .check_operations(&hash, cx, &mut failures)
+                .check_operations(&hash, cx, &mut failures, budget)
                 .await
                 .map(|stale| (record_reason(cx.batched(), &failures), stale)),
         };
@@ -354,10 +376,7 @@ impl Inner {
                     record: Some(StoredRecord::Inline(bare(&record))),
                     commit: None,
                     result: None,
-                    sender: match budget {
-                        Budget::Sender(sender) => Some(sender.to_base58()),
-                        Budget::Outsiders => None,
-                    },
+                    sender: budget.stored_sender(),
                     outsider: budget.is_outsiders(),
                     renounced: false,
                     local_only: budget == Budget::Sender(self.me),
@@ -365,8 +384,14 @@ impl Inner {
                 (vote, entry)
             }
             Some(reason) => {
-                if reserved {
-                    self.state().release(&hash);
+                {
+                    let mut state = self.state();
+                    if reserved {
+                        state.release(&hash);
+                    }
+                    // Past the bounds nothing is stored and no vote is cast (SPEC 4.10).
+                    let (per_budget, total) = (self.config.max_rejections_per_sender, self.config.max_rejections);
+                    state.take_rejection(budget, weight, per_budget, total).map_err(RepoError::Busy)?;
                 }
                 let vote = record
                     .sign_promise(&self.keypair, VoteType::Reject, Some(reason.to_string()))
@@ -386,9 +411,22 @@ impl Inner {
                 (vote, entry)
             }
         };
-        if let Err(e) = write_entry(self.storage(), &hash, &entry).await {
-            if entry.status == RecordStatus::Promised {
-                self.state().release(&hash);
+        let rejection = RejectionRef { blocks: weight, sender: budget.stored_sender() };
+        let written = match entry.status {
+            RecordStatus::Rejected => match serde_json::to_vec(&rejection) {
+                Ok(index) => {
+                    let index = MetaWrite::Put(rejection_key(cx.expiration_ms, &hash), index);
+                    write_entry_after(self.storage(), &hash, &entry, vec![index]).await
+                }
+                Err(e) => Err(RepoError::Internal(format!("encoding a rejection index entry: {e}"))),
+            },
+            _ => write_entry(self.storage(), &hash, &entry).await,
+        };
+        if let Err(e) = written {
+            let mut state = self.state();
+            match entry.status {
+                RecordStatus::Promised => state.release(&hash),
+                _ => state.release_rejection(budget, weight),
             }
             return Err(e);
         }
@@ -410,14 +448,19 @@ impl Inner {
 
     /// Checks each operation not already failing against tombstones (SPEC 4.12) and local
     /// storage (the repository's dry run), recording why it fails in `failures`; returns each
-    /// stale operation's `StaleFailure` (by index). Reports blocks this member is behind on.
+    /// stale operation's `StaleFailure` (by index). Reports blocks this member is behind on: at
+    /// most [`MAX_BEHIND_REPORTS_PER_RECORD`] for the record, within `budget`'s allowance of
+    /// reports ([`crate::engine::MemberState::take_behind_report`]), so that no record or sender
+    /// queues unbounded catch-up work (SPEC 4.10, 4.20).
     async fn check_operations(
         &self,
         hash: &str,
         cx: &RecordContext,
         failures: &mut [Option<RejectReason>],
+        budget: Budget,
     ) -> Result<Vec<Option<Value>>, RepoError> {
         let mut stale = vec![None; cx.operations.len()];
+        let mut reported = 0usize;
         for ((operation, failure), stale) in cx.operations.iter().zip(failures.iter_mut()).zip(stale.iter_mut()) {
             if failure.is_some() {
                 continue;
@@ -427,7 +470,11 @@ impl Inner {
                 continue;
             }
             let check = check_operation(&self.local, operation).await?;
-            if let Some(block_id) = check.behind_block() {
+            if let Some(block_id) = check.behind_block()
+                && reported < MAX_BEHIND_REPORTS_PER_RECORD
+                && self.state().take_behind_report(budget, self.clock.now_ms())
+            {
+                reported += 1;
                 self.report_behind_unless_awaited(block_id, hash);
             }
             *failure = check.reject_reason();

@@ -18,7 +18,7 @@ use optimystic_core::identity::PeerId;
 use optimystic_core::network::ProtocolKind;
 use optimystic_core::record::ClusterRecord;
 use optimystic_core::wire::RepoOperation;
-use optimystic_core::{RepoError, StorageError};
+use optimystic_core::{MetaWrite, RepoError, StorageError};
 use serde_json::{Value, json};
 
 use std::cmp::Reverse;
@@ -26,7 +26,8 @@ use std::cmp::Reverse;
 use crate::engine::{Budget, DueRecovery, Inner, Live, MemberState};
 use crate::member::{STATUS_OPERATION, answer, stored_record};
 use crate::store::{
-    ENTRY_PREFIX, Entry, RecordStatus, TOMB_PREFIX, expiration_of_key, live_key, live_pointers, read_entry,
+    ENTRY_PREFIX, Entry, REJECTION_PREFIX, RecordStatus, RejectionRef, TOMB_PREFIX, entry_key, expiration_of_key,
+    live_key, live_pointers, parse_rejection_key, read_entry,
 };
 
 /// Scheduled recoveries kept per allowed reservation before those of resolved records are
@@ -110,10 +111,27 @@ impl Inner {
             }
         }
         self.publish(&self.state());
+        self.count_stored_rejections().await?;
         let me = Arc::clone(self);
         self.spawn(async move { me.collect_garbage_forever().await });
         let me = Arc::clone(self);
         self.spawn(async move { me.schedule_recoveries_forever().await });
+        Ok(())
+    }
+
+    /// Counts the stored rejections (SPEC 4.10 bounds) from their index at start. Lists at most
+    /// `max_rejections` plus a collection batch: more are only there when the bound was lowered,
+    /// and they are collected at their expiration plus grace all the same.
+    async fn count_stored_rejections(&self) -> Result<(), RepoError> {
+        let limit = self.config.max_rejections.saturating_add(GC_BATCH);
+        let listed = self.storage().list_meta(REJECTION_PREFIX, limit).await?;
+        let mut state = self.state();
+        for (key, bytes) in listed {
+            match serde_json::from_slice::<RejectionRef>(&bytes) {
+                Ok(rejection) => state.count_rejection(Budget::of_rejection(rejection.sender.as_deref()), rejection.blocks),
+                Err(e) => tracing::warn!(%key, error = %e, "an unreadable rejection index entry; collected at its time"),
+            }
+        }
         Ok(())
     }
 
@@ -400,8 +418,44 @@ impl Inner {
                 deleted += 1;
             }
         }
+        let rejections_left = self.collect_rejections_once().await?;
         self.collect_tombstones_once().await?;
-        Ok(deleted >= GC_BATCH)
+        Ok(deleted >= GC_BATCH || rejections_left)
+    }
+
+    /// Deletes stored rejections (their entries and index keys) whose record's expiration plus
+    /// grace has passed, oldest first, and gives back what they counted for (SPEC 4.10: a
+    /// rejection is kept only while its record can still be delivered). An entry that is no
+    /// longer a rejection (the record was decided elsewhere and executed here) stays for the
+    /// marker retention; only its index key goes. Returns whether a full batch was collected
+    /// (more may remain).
+    async fn collect_rejections_once(&self) -> Result<bool, RepoError> {
+        let now = self.clock.now_ms();
+        let listed = self.storage().list_meta(REJECTION_PREFIX, GC_BATCH).await?;
+        let mut collected = 0usize;
+        for (key, bytes) in listed {
+            let Some((expiration_ms, hash)) = parse_rejection_key(&key) else {
+                self.storage().delete_meta(&key).await?;
+                continue;
+            };
+            if expiration_ms.saturating_add(self.config.grace_ms) >= now {
+                break;
+            }
+            // No lock needed: the record is past its expiration plus grace, so no delivery
+            // changes its entry any more (deliveries are refused as expired).
+            let mut writes = Vec::with_capacity(2);
+            let entry = read_entry(self.storage(), expiration_ms, hash).await?;
+            if entry.is_some_and(|e| e.status == RecordStatus::Rejected) {
+                writes.push(MetaWrite::Delete(entry_key(expiration_ms, hash)));
+            }
+            writes.push(MetaWrite::Delete(key.clone()));
+            self.storage().write_meta(&writes).await?;
+            if let Ok(rejection) = serde_json::from_slice::<RejectionRef>(&bytes) {
+                self.state().release_rejection(Budget::of_rejection(rejection.sender.as_deref()), rejection.blocks);
+            }
+            collected += 1;
+        }
+        Ok(collected >= GC_BATCH)
     }
 
     /// Deletes expired cancel tombstones, examining a bounded part of them per call and going on

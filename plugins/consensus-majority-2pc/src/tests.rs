@@ -833,6 +833,123 @@ async fn expired_tombstones_past_the_first_256_are_collected() {
     assert_eq!(count(crate::store::TOMB_PREFIX.to_owned()).await, 600, "live tombstones stay");
 }
 
+/// Counts behind reports.
+#[derive(Debug, Default)]
+struct CountBehind(AtomicUsize);
+
+impl optimystic_core::consensus::BehindSink for CountBehind {
+    fn behind(&self, _block_id: &BlockId) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A member seeing the cluster `{me, a, b}`, with `config`, reporting behind blocks to `behind`.
+fn seeing_member(config: MajorityConfig, behind: Arc<CountBehind>) -> (Member, [PeerId; 3]) {
+    let sim = SimNet::new(1, SimConfig::default());
+    let keypair = Keypair::generate_ed25519();
+    let me = keypair.public().to_peer_id();
+    let ed25519 = || Keypair::generate_ed25519().public().to_peer_id();
+    let peers = [me, ed25519(), ed25519()];
+    let local = StorageRepo::new(Arc::new(MemoryStorage::new()));
+    let deps = MajorityDeps {
+        keypair: keypair.clone(),
+        network: sim.network(me),
+        local: local.clone(),
+        key_network: Some(Arc::new(Seen(peers.to_vec()))),
+        clock: sim.clock(),
+        behind: Some(behind),
+    };
+    let consensus = MajorityConsensus::new(config, deps).unwrap();
+    (Member { consensus, keypair, sim, local }, peers)
+}
+
+/// The stored 2pc entries of rejected records.
+async fn rejected_entries(m: &Member) -> usize {
+    let entries = m.local.storage().list_meta(crate::store::ENTRY_PREFIX, 100_000).await.unwrap();
+    entries.iter().filter(|(_, bytes)| String::from_utf8_lossy(bytes).contains(r#""status":"rejected""#)).count()
+}
+
+/// Issue 21 finding 6 / SPEC 4.10, 4.20: rejections of records from anyone naming the real
+/// cluster are stored within a budget per sender in the cluster and one shared by the others
+/// (past it: `busy`, no vote, nothing stored), and are released at the record's expiration plus
+/// grace, not kept for the marker retention.
+#[tokio::test(start_paused = true)]
+async fn stored_rejections_are_bounded_and_released_at_expiration_plus_grace() {
+    let config = MajorityConfig {
+        max_rejections_per_sender: 20,
+        max_rejections: 40,
+        max_record_blocks: 20,
+        max_batch_ops: 2,
+        ..config()
+    };
+    let (m, peers) = seeing_member(config.clone(), Arc::new(CountBehind::default()));
+    let me = peers[0].to_base58();
+    let now = m.sim.clock().now_ms();
+    let unknown = |n: usize| set_on(&format!("u{n}"), &format!("t{n}"), Some(2), 1);
+    let (mut stored, mut busy) = (0, 0);
+    let mut first = None;
+    for n in 0..30 {
+        let sent = record(&peers, unknown(n), now + 1_000);
+        match m.consensus.on_update(PeerId::random(), sent.clone()).await {
+            Ok(answer) => {
+                assert!(answer.promises[&me].reject_reason.as_deref().unwrap().starts_with("behind: "));
+                stored += 1;
+                first.get_or_insert((sent, answer.promises[&me].clone()));
+            }
+            Err(e) => {
+                assert_eq!(e.code(), ErrorCode::Busy, "{e}");
+                busy += 1;
+            }
+        }
+    }
+    assert_eq!((stored, busy), (20, 10), "minted sender ids share one budget");
+    assert_eq!(rejected_entries(&m).await, 20);
+    // A sender in the cluster has its own budget.
+    for n in 100..105 {
+        let answer = m.consensus.on_update(peers[1], record(&peers, unknown(n), now + 1_000)).await.unwrap();
+        assert!(!answer.promises[&me].is_approve());
+    }
+    assert_eq!(rejected_entries(&m).await, 25);
+    // Votes are final: a re-delivery gets the stored vote.
+    let (sent, vote) = first.unwrap();
+    assert_eq!(m.consensus.on_update(PeerId::random(), sent).await.unwrap().promises[&me], vote);
+
+    // At expiration plus grace (far before the marker retention) they are gone, and the budget
+    // serves again.
+    tokio::time::sleep(Duration::from_millis(1_000 + config.grace_ms + 1)).await;
+    assert!(config.marker_retention_ms > 1_000 + config.grace_ms + 1);
+    m.consensus.collect_garbage().await.unwrap();
+    assert_eq!(rejected_entries(&m).await, 0, "rejections are kept until expiration plus grace only");
+    let later = m.sim.clock().now_ms();
+    let again = m.consensus.on_update(PeerId::random(), record(&peers, unknown(200), later + 1_000)).await.unwrap();
+    assert!(again.promises[&me].reject_reason.as_deref().unwrap().starts_with("behind: "));
+}
+
+/// Issue 21 finding 6: a batch of 1,024 operations this member is behind on leaves a small
+/// stored rejection (still naming every failing operation) and queues a bounded number of
+/// catch-ups, not one per operation.
+#[tokio::test(start_paused = true)]
+async fn a_large_rejected_batch_stores_a_small_vote_and_queues_few_catch_ups() {
+    let behind = Arc::new(CountBehind::default());
+    let (m, peers) = seeing_member(config(), behind.clone());
+    let now = m.sim.clock().now_ms();
+    let message = optimystic_core::wire::RecordMessage {
+        operations: (0..1_024).map(|n| set_on(&format!("u{n:04}"), &format!("t{n}"), Some(2), 1)).collect(),
+        expiration: now + 1_000,
+    };
+    let answer = m.consensus.on_update(peers[1], batch_record(&peers, message)).await.unwrap();
+    let vote = &answer.promises[&peers[0].to_base58()];
+    let reason = optimystic_core::RejectReason::parse(vote.reject_reason.as_deref().unwrap());
+    let failures = reason.batch_failures().unwrap().unwrap();
+    assert_eq!(failures.len(), 1_024, "every failing operation is named");
+    assert!(failures.iter().all(|f| f.reason.category == optimystic_core::RejectCategory::Behind));
+    for (_, bytes) in m.local.storage().list_meta("2pc/", 100).await.unwrap() {
+        assert!(bytes.len() < 32 * 1_024, "a stored 2pc entry of {} bytes", bytes.len());
+    }
+    let reports = behind.0.load(Ordering::SeqCst);
+    assert!((1..=crate::member::MAX_BEHIND_REPORTS_PER_RECORD).contains(&reports), "{reports} catch-ups queued");
+}
+
 /// Finding 8 / SPEC 4.11: once this member answered "not executed", it never executes the record.
 #[tokio::test(start_paused = true)]
 async fn not_executed_is_final() {
