@@ -368,9 +368,7 @@ async fn hints_are_bounded_and_only_queue_catch_ups_of_blocks_this_node_holds() 
     }
 
     let local = optimystic_core::StorageRepo::new(Arc::new(optimystic_storage_memory::MemoryStorage::new()));
-    let hint = |n: usize, tag: &str| {
-        json!({"op": "hint", "blockIds": (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>()})
-    };
+    let hint = |n: usize, tag: &str| json!({"op": "hint", "blockIds": (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>()});
     let accepted = |answer: serde_json::Value| serde_json::from_value::<HintResponse>(answer).unwrap().accepted;
     let (me, member, other) = (PeerId::random(), PeerId::random(), PeerId::random());
     let deaf = SyncServer::new(local.clone());
@@ -384,8 +382,7 @@ async fn hints_are_bounded_and_only_queue_catch_ups_of_blocks_this_node_holds() 
     assert!(local.storage().block_ids(None, 10).await.unwrap().is_empty(), "a hint stores nothing");
 
     // A member: queued, within the budgets.
-    let server =
-        SyncServer::new(local.clone()).with_hints(queue.clone(), Arc::new(Fixed(vec![me, member, other])), me);
+    let server = SyncServer::new(local.clone()).with_hints(queue.clone(), Arc::new(Fixed(vec![me, member, other])), me);
     assert_eq!(accepted(server.handle_from(member, hint(2, "h")).await.unwrap()), 2);
     assert_eq!(*queue.0.lock().unwrap(), vec![id("h0"), id("h1")]);
     assert_eq!(accepted(server.handle(hint(2, "h")).await.unwrap()), 0, "no sender, no hint work");

@@ -271,12 +271,9 @@ impl SyncServer {
     /// [`SyncServer::handle_from`], which knows the sender.
     #[must_use]
     pub fn with_hints(mut self, sink: Arc<dyn BehindSink>, key_network: Arc<dyn KeyNetwork>, me: PeerId) -> Self {
-        let budgets = HintBudgets {
-            per_sender: HashMap::new(),
-            outsiders: HintWindow::new(tokio::time::Instant::now()),
-        };
-        self.hints =
-            Some(Arc::new(HintIntake { sink, key_network, me, budgets: std::sync::Mutex::new(budgets) }));
+        let budgets =
+            HintBudgets { per_sender: HashMap::new(), outsiders: HintWindow::new(tokio::time::Instant::now()) };
+        self.hints = Some(Arc::new(HintIntake { sink, key_network, me, budgets: std::sync::Mutex::new(budgets) }));
         self
     }
 

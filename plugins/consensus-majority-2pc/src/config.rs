@@ -349,10 +349,7 @@ impl MajorityConfig {
                 self.max_records_in_flight
             )));
         }
-        for (key, budget) in [
-            ("max_reservations", self.max_reservations),
-            ("max_rejections", self.max_rejections),
-        ] {
+        for (key, budget) in [("max_reservations", self.max_reservations), ("max_rejections", self.max_rejections)] {
             if self.max_record_blocks > budget {
                 return Err(config_error(format!(
                     "max_record_blocks ({}) exceeds {key} ({budget}): members would refuse the largest records as busy",

@@ -207,7 +207,13 @@ impl MemberState {
 
     /// Counts a stored rejection of `weight` blocks against `budget` and the total, unless that
     /// would pass `per_budget` or `total`; the `busy` detail when it would.
-    pub fn take_rejection(&mut self, budget: Budget, weight: usize, per_budget: usize, total: usize) -> Result<(), String> {
+    pub fn take_rejection(
+        &mut self,
+        budget: Budget,
+        weight: usize,
+        per_budget: usize,
+        total: usize,
+    ) -> Result<(), String> {
         if self.rejections_held.saturating_add(weight) > total {
             return Err(format!("{} blocks of rejections stored (max_rejections)", self.rejections_held));
         }

@@ -32,7 +32,8 @@ use serde_json::{Map, Value, json};
 use crate::checks::check_operation;
 use crate::engine::{Budget, HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
 use crate::store::{
-    Entry, RecordStatus, RejectionRef, entry_writes, read_entry, rejection_key, tomb_key, write_entry, write_entry_after,
+    Entry, RecordStatus, RejectionRef, entry_writes, read_entry, rejection_key, tomb_key, write_entry,
+    write_entry_after,
 };
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
@@ -306,9 +307,7 @@ impl Inner {
             let held = state.held;
             let of_budget = state.reservations_of(&budget);
             let (limit, whose) = match budget {
-                Budget::Sender(sender) => {
-                    (self.config.max_reservations_per_sender, format!("records from {sender}"))
-                }
+                Budget::Sender(sender) => (self.config.max_reservations_per_sender, format!("records from {sender}")),
                 Budget::Outsiders => {
                     (self.config.max_reservations_outsiders, "records from senders outside the cluster".to_owned())
                 }

@@ -128,8 +128,12 @@ impl Inner {
         let mut state = self.state();
         for (key, bytes) in listed {
             match serde_json::from_slice::<RejectionRef>(&bytes) {
-                Ok(rejection) => state.count_rejection(Budget::of_rejection(rejection.sender.as_deref()), rejection.blocks),
-                Err(e) => tracing::warn!(%key, error = %e, "an unreadable rejection index entry; collected at its time"),
+                Ok(rejection) => {
+                    state.count_rejection(Budget::of_rejection(rejection.sender.as_deref()), rejection.blocks)
+                }
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "an unreadable rejection index entry; collected at its time")
+                }
             }
         }
         Ok(())
