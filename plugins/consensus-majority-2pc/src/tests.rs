@@ -845,12 +845,23 @@ impl optimystic_core::consensus::BehindSink for CountBehind {
 
 /// A member seeing the cluster `{me, a, b}`, with `config`, reporting behind blocks to `behind`.
 fn seeing_member(config: MajorityConfig, behind: Arc<CountBehind>) -> (Member, [PeerId; 3]) {
-    let sim = SimNet::new(1, SimConfig::default());
-    let keypair = Keypair::generate_ed25519();
-    let me = keypair.public().to_peer_id();
     let ed25519 = || Keypair::generate_ed25519().public().to_peer_id();
-    let peers = [me, ed25519(), ed25519()];
-    let local = StorageRepo::new(Arc::new(MemoryStorage::new()));
+    let storage: Arc<dyn RawStorage> = Arc::new(MemoryStorage::new());
+    seeing_member_over(config, behind, storage, Keypair::generate_ed25519(), [ed25519(), ed25519()])
+}
+
+/// [`seeing_member`] over `storage`, as `keypair`, with `others` as `a` and `b`.
+fn seeing_member_over(
+    config: MajorityConfig,
+    behind: Arc<CountBehind>,
+    storage: Arc<dyn RawStorage>,
+    keypair: Keypair,
+    others: [PeerId; 2],
+) -> (Member, [PeerId; 3]) {
+    let sim = SimNet::new(1, SimConfig::default());
+    let me = keypair.public().to_peer_id();
+    let peers = [me, others[0], others[1]];
+    let local = StorageRepo::new(storage);
     let deps = MajorityDeps {
         keypair: keypair.clone(),
         network: sim.network(me),
@@ -923,6 +934,33 @@ async fn stored_rejections_are_bounded_and_released_at_expiration_plus_grace() {
     let later = m.sim.clock().now_ms();
     let again = m.consensus.on_update(PeerId::random(), record(&peers, unknown(200), later + 1_000)).await.unwrap();
     assert!(again.promises[&me].reject_reason.as_deref().unwrap().starts_with("behind: "));
+}
+
+/// Issue 21 finding 6: stored rejections are counted again after a restart (from their index),
+/// so restarting does not reset their bound.
+#[tokio::test(start_paused = true)]
+async fn stored_rejections_count_against_the_bound_after_a_restart() {
+    let config = MajorityConfig {
+        max_rejections_per_sender: 3,
+        max_rejections: 6,
+        max_record_blocks: 2,
+        max_batch_ops: 2,
+        ..config()
+    };
+    let storage: Arc<dyn RawStorage> = Arc::new(MemoryStorage::new());
+    let keypair = Keypair::generate_ed25519();
+    let others = [Keypair::generate_ed25519().public().to_peer_id(), Keypair::generate_ed25519().public().to_peer_id()];
+    let unknown = |n: usize| set_on(&format!("u{n}"), &format!("t{n}"), Some(2), 1);
+    let (m, peers) =
+        seeing_member_over(config.clone(), Arc::new(CountBehind::default()), storage.clone(), keypair.clone(), others);
+    let now = m.sim.clock().now_ms();
+    for n in 0..3 {
+        m.consensus.on_update(PeerId::random(), record(&peers, unknown(n), now + 1_000)).await.unwrap();
+    }
+    drop(m);
+    let (again, peers) = seeing_member_over(config, Arc::new(CountBehind::default()), storage, keypair, others);
+    let e = again.consensus.on_update(PeerId::random(), record(&peers, unknown(9), now + 1_000)).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Busy, "{e}");
 }
 
 /// Issue 21 finding 6: a batch of 1,024 operations this member is behind on leaves a small
