@@ -383,15 +383,10 @@ impl Inner {
                 (vote, entry)
             }
             Some(reason) => {
-                {
-                    let mut state = self.state();
-                    if reserved {
-                        state.release(&hash);
-                    }
-                    // Past the bounds nothing is stored and no vote is cast (SPEC 4.10).
-                    let (per_budget, total) = (self.config.max_rejections_per_sender, self.config.max_rejections);
-                    state.take_rejection(budget, weight, per_budget, total).map_err(RepoError::Busy)?;
+                if reserved {
+                    self.state().release(&hash);
                 }
+                self.take_rejection(budget, weight).await?;
                 let vote = record
                     .sign_promise(&self.keypair, VoteType::Reject, Some(reason.to_string()))
                     .map_err(sign_error)?;
@@ -443,6 +438,20 @@ impl Inner {
             record.extra.insert(RESULT_FIELD.to_owned(), stale);
         }
         Ok(record)
+    }
+
+    /// Counts a rejection about to be stored against the bounds (SPEC 4.10). When they are
+    /// reached, the stored rejections already past their record's expiration plus grace are
+    /// collected first (one bounded batch, so that a busy member does not wait for the periodic
+    /// collection); past the bounds after that, the answer is `busy`: no vote is cast and
+    /// nothing is stored.
+    async fn take_rejection(&self, budget: Budget, weight: usize) -> Result<(), RepoError> {
+        let (per_budget, total) = (self.config.max_rejections_per_sender, self.config.max_rejections);
+        if self.state().take_rejection(budget, weight, per_budget, total).is_ok() {
+            return Ok(());
+        }
+        self.collect_rejections_once().await?;
+        self.state().take_rejection(budget, weight, per_budget, total).map_err(RepoError::Busy)
     }
 
     /// Checks each operation not already failing against tombstones (SPEC 4.12) and local

@@ -433,7 +433,7 @@ impl Inner {
     /// longer a rejection (the record was decided elsewhere and executed here) stays for the
     /// marker retention; only its index key goes. Returns whether a full batch was collected
     /// (more may remain).
-    async fn collect_rejections_once(&self) -> Result<bool, RepoError> {
+    pub(crate) async fn collect_rejections_once(&self) -> Result<bool, RepoError> {
         let now = self.clock.now_ms();
         let listed = self.storage().list_meta(REJECTION_PREFIX, GC_BATCH).await?;
         let mut collected = 0usize;

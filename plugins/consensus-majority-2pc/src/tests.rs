@@ -932,8 +932,17 @@ async fn stored_rejections_are_bounded_and_released_at_expiration_plus_grace() {
     m.consensus.collect_garbage().await.unwrap();
     assert_eq!(rejected_entries(&m).await, 0, "rejections are kept until expiration plus grace only");
     let later = m.sim.clock().now_ms();
-    let again = m.consensus.on_update(PeerId::random(), record(&peers, unknown(200), later + 1_000)).await.unwrap();
-    assert!(again.promises[&me].reject_reason.as_deref().unwrap().starts_with("behind: "));
+    for n in 200..220 {
+        let again = m.consensus.on_update(PeerId::random(), record(&peers, unknown(n), later + 1_000)).await.unwrap();
+        assert!(again.promises[&me].reject_reason.as_deref().unwrap().starts_with("behind: "));
+    }
+    // A member at its bound collects what expired before it answers `busy`, without waiting for
+    // the periodic collection.
+    tokio::time::sleep(Duration::from_millis(1_000 + config.grace_ms + 1)).await;
+    let last = m.sim.clock().now_ms();
+    let served = m.consensus.on_update(PeerId::random(), record(&peers, unknown(300), last + 1_000)).await.unwrap();
+    assert!(served.promises[&me].reject_reason.as_deref().unwrap().starts_with("behind: "));
+    assert_eq!(rejected_entries(&m).await, 1);
 }
 
 /// Issue 21 finding 6: stored rejections are counted again after a restart (from their index),
