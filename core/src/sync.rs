@@ -197,13 +197,12 @@ impl HintIntake {
         self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether any budget `sender` may draw on has room (checked before the cluster lookups,
-    /// so a sender past its budgets costs no lookup).
+    /// Whether `sender` may still have budget (checked before each cluster lookup, so a sender
+    /// whose own budget is spent costs no lookup; for any other, [`HintIntake::charge`] decides
+    /// after the lookup, and the first refusal ends the hint).
     fn may_take(&self, sender: &PeerId) -> bool {
         let now = tokio::time::Instant::now();
-        let budgets = self.budgets();
-        budgets.outsiders.has_room(now, MAX_HINTED_BLOCKS_OUTSIDERS)
-            || budgets.per_sender.get(sender).is_none_or(|w| w.has_room(now, MAX_HINTED_BLOCKS_PER_SENDER))
+        self.budgets().per_sender.get(sender).is_none_or(|own| own.has_room(now, MAX_HINTED_BLOCKS_PER_SENDER))
     }
 
     /// Takes one unit of the budget of `sender` (its own when it is `in_view`, else the shared one).
@@ -244,10 +243,12 @@ impl HintIntake {
                 tracing::debug!(%sender, %block_id, "hint for a block this node is not responsible for; ignored");
                 continue;
             }
-            if self.charge(sender, view.contains_key(sender)) {
-                self.sink.behind(block_id);
-                accepted += 1;
+            if !self.charge(sender, view.contains_key(sender)) {
+                tracing::debug!(%sender, "hint budget spent; the rest of the hint is dropped");
+                break;
             }
+            self.sink.behind(block_id);
+            accepted += 1;
         }
         accepted
     }
