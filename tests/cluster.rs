@@ -328,11 +328,18 @@ async fn joining_members_receive_their_blocks_without_traffic() {
 }
 
 /// A hint names at most `MAX_HINT_IDS` blocks, is only a reason to look (each block goes to the
-/// node's catch-up queue), and a node without a queue answers that it took none.
+/// node's catch-up queue), and a node without a queue answers that it took none. Issue 21
+/// finding 7 / SPEC 4.10, 4.20: only blocks the receiver is responsible for are taken (a
+/// non-member neither fetches nor stores a hinted block), within a budget per sender in the
+/// block's cluster and one budget shared by every other sender.
 #[tokio::test]
-async fn hints_are_bounded_and_only_queue_catch_ups() {
+async fn hints_are_bounded_and_only_queue_catch_ups_of_blocks_this_node_holds() {
     use optimystic_core::consensus::BehindSink;
-    use optimystic_core::sync::{HintResponse, MAX_HINT_IDS, SyncServer};
+    use optimystic_core::identity::PeerId;
+    use optimystic_core::keynet::{ClusterPeers, KeyNetwork, KeyNetworkError, PeerInfo};
+    use optimystic_core::sync::{
+        HintResponse, MAX_HINT_IDS, MAX_HINTED_BLOCKS_OUTSIDERS, MAX_HINTED_BLOCKS_PER_SENDER, SyncServer,
+    };
 
     #[derive(Debug, Default)]
     struct Queue(std::sync::Mutex<Vec<BlockId>>);
@@ -341,20 +348,62 @@ async fn hints_are_bounded_and_only_queue_catch_ups() {
             self.0.lock().unwrap().push(block_id.clone());
         }
     }
+    /// Every block's cluster is the same fixed set of peers.
+    #[derive(Debug)]
+    struct Fixed(Vec<PeerId>);
+    #[async_trait::async_trait]
+    impl KeyNetwork for Fixed {
+        async fn find_cluster(&self, _block_id: &BlockId) -> Result<ClusterPeers, KeyNetworkError> {
+            Ok(self.0.iter().map(|p| (*p, PeerInfo::default())).collect())
+        }
+        async fn find_coordinator(&self, _b: &BlockId, _e: &[PeerId]) -> Result<PeerId, KeyNetworkError> {
+            Ok(self.0[0])
+        }
+        fn cluster_size(&self) -> usize {
+            self.0.len()
+        }
+        async fn has_seen(&self, peer: &PeerId) -> bool {
+            self.0.contains(peer)
+        }
+    }
 
     let local = optimystic_core::StorageRepo::new(Arc::new(optimystic_storage_memory::MemoryStorage::new()));
-    let hint = |n: usize| json!({"op": "hint", "blockIds": (0..n).map(|i| format!("h{i}")).collect::<Vec<_>>()});
+    let hint = |n: usize, tag: &str| json!({"op": "hint", "blockIds": (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>()});
+    let accepted = |answer: serde_json::Value| serde_json::from_value::<HintResponse>(answer).unwrap().accepted;
+    let (me, member, other) = (PeerId::random(), PeerId::random(), PeerId::random());
     let deaf = SyncServer::new(local.clone());
-    let answer: HintResponse = serde_json::from_value(deaf.handle(hint(2)).await.unwrap()).unwrap();
-    assert_eq!(answer.accepted, 0);
+    assert_eq!(accepted(deaf.handle_from(member, hint(2, "h")).await.unwrap()), 0);
 
+    // A non-member: nothing is queued (so nothing fetched), nothing stored.
     let queue = Arc::new(Queue::default());
-    let server = SyncServer::new(local.clone()).with_hints(queue.clone());
-    let answer: HintResponse = serde_json::from_value(server.handle(hint(2)).await.unwrap()).unwrap();
-    assert_eq!(answer.accepted, 2);
+    let outside = SyncServer::new(local.clone()).with_hints(queue.clone(), Arc::new(Fixed(vec![member, other])), me);
+    assert_eq!(accepted(outside.handle_from(member, hint(2, "h")).await.unwrap()), 0);
+    assert!(queue.0.lock().unwrap().is_empty(), "a non-member queues no catch-up for a hint");
+    assert!(local.storage().block_ids(None, 10).await.unwrap().is_empty(), "a hint stores nothing");
+
+    // A member: queued, within the budgets.
+    let server = SyncServer::new(local.clone()).with_hints(queue.clone(), Arc::new(Fixed(vec![me, member, other])), me);
+    assert_eq!(accepted(server.handle_from(member, hint(2, "h")).await.unwrap()), 2);
     assert_eq!(*queue.0.lock().unwrap(), vec![id("h0"), id("h1")]);
-    let refused = server.handle(hint(MAX_HINT_IDS + 1)).await.unwrap_err();
+    assert_eq!(accepted(server.handle(hint(2, "h")).await.unwrap()), 0, "no sender, no hint work");
+    let refused = server.handle_from(member, hint(MAX_HINT_IDS + 1, "h")).await.unwrap_err();
     assert!(refused.to_string().contains("at most"), "{refused}");
     assert_eq!(queue.0.lock().unwrap().len(), 2, "a refused hint queues nothing");
-    assert!(local.storage().block_ids(None, 10).await.unwrap().is_empty(), "a hint stores nothing");
+
+    // One sender in the cluster: at most its budget per window.
+    let mut taken = 2;
+    for round in 0..(MAX_HINTED_BLOCKS_PER_SENDER / MAX_HINT_IDS + 2) {
+        taken += accepted(server.handle_from(member, hint(MAX_HINT_IDS, &format!("m{round}-"))).await.unwrap());
+    }
+    assert_eq!(taken, MAX_HINTED_BLOCKS_PER_SENDER);
+    // Fresh ids outside the cluster share one budget.
+    let mut outsiders = 0;
+    for round in 0..(MAX_HINTED_BLOCKS_OUTSIDERS / MAX_HINT_IDS + 4) {
+        let minted = PeerId::random();
+        outsiders += accepted(server.handle_from(minted, hint(MAX_HINT_IDS, &format!("o{round}-"))).await.unwrap());
+    }
+    assert_eq!(outsiders, MAX_HINTED_BLOCKS_OUTSIDERS);
+    // Another member still has its own budget.
+    assert_eq!(accepted(server.handle_from(other, hint(3, "x")).await.unwrap()), 3);
+    assert!(local.storage().block_ids(None, 10).await.unwrap().is_empty(), "hints store nothing");
 }

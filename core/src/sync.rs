@@ -19,7 +19,10 @@
 //! - `{"op": "hint", "blockIds": [id]}` -> `{"accepted": n}`: the sender holds revisions of these
 //!   blocks newer than this node reported; the node queues a catch-up of each from its own view
 //!   (at most [`MAX_HINT_IDS`] ids; the queue is bounded and deduplicated, so a hint is only
-//!   ever a reason to look, never data).
+//!   ever a reason to look, never data). Only blocks this node is responsible for are taken (it
+//!   is in its own view of the block's cluster), within a budget per sender in that view and one
+//!   budget shared by every other sender (SPEC 4.10, 4.20), both per [`HINT_WINDOW_MS`]; a hint
+//!   whose sender is unknown ([`SyncServer::handle`]) is not acted on.
 //!
 //! Replica repair ([`CatchUp::repair`]) keeps a block on its current cluster while members come
 //! and go: a member pulls what its view holds beyond its own copy, then hints every member of its
@@ -27,7 +30,7 @@
 //! cluster, and while at most one member of a view changes between repairs, the evidence of
 //! every revision covers a quorum of the new view (or a quorum of it reports the revision).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +57,18 @@ pub const MAX_LATEST_IDS: usize = 1024;
 pub const MAX_SYNC_PAGES: usize = 1024;
 /// Most block ids one `hint` request may name.
 pub const MAX_HINT_IDS: usize = 64;
+/// Most hinted blocks the hints of one sender in the block's cluster (in this node's view) may
+/// queue for catch-up per [`HINT_WINDOW_MS`] (replica repair hints a lagging member once per
+/// block and round).
+pub const MAX_HINTED_BLOCKS_PER_SENDER: usize = 1_024;
+/// Most hinted blocks the hints of every sender outside the block's cluster together may queue
+/// per [`HINT_WINDOW_MS`] (minting peer ids does not multiply it).
+pub const MAX_HINTED_BLOCKS_OUTSIDERS: usize = 256;
+/// The window the hint budgets are counted over.
+pub const HINT_WINDOW_MS: u64 = 60_000;
+/// Senders whose hint budgets are tracked at once; past it, a sender not tracked yet counts
+/// against the outsiders' budget.
+pub const MAX_HINT_SENDERS: usize = 1_024;
 
 /// A sync request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,7 +143,115 @@ pub struct HintResponse {
 #[derive(Clone)]
 pub struct SyncServer {
     local: StorageRepo,
-    hints: Option<Arc<dyn BehindSink>>,
+    hints: Option<Arc<HintIntake>>,
+}
+
+/// Hint budget use over one window.
+#[derive(Debug, Clone, Copy)]
+struct HintWindow {
+    started: tokio::time::Instant,
+    used: usize,
+}
+
+impl HintWindow {
+    fn new(now: tokio::time::Instant) -> Self {
+        Self { started: now, used: 0 }
+    }
+
+    /// Takes one unit if fewer than `limit` were taken in the current window.
+    fn take(&mut self, now: tokio::time::Instant, limit: usize) -> bool {
+        if now.duration_since(self.started) >= Duration::from_millis(HINT_WINDOW_MS) {
+            *self = Self::new(now);
+        }
+        if self.used >= limit {
+            return false;
+        }
+        self.used += 1;
+        true
+    }
+
+    /// Whether a unit is left in the current window.
+    fn has_room(&self, now: tokio::time::Instant, limit: usize) -> bool {
+        now.duration_since(self.started) >= Duration::from_millis(HINT_WINDOW_MS) || self.used < limit
+    }
+}
+
+/// The hint budgets: one per sender in the hinted block's cluster, one shared by the others.
+#[derive(Debug)]
+struct HintBudgets {
+    per_sender: HashMap<PeerId, HintWindow>,
+    outsiders: HintWindow,
+}
+
+/// What a server does with hints: queue catch-ups of the blocks this node is responsible for,
+/// within the senders' budgets.
+struct HintIntake {
+    sink: Arc<dyn BehindSink>,
+    key_network: Arc<dyn KeyNetwork>,
+    me: PeerId,
+    budgets: std::sync::Mutex<HintBudgets>,
+}
+
+impl HintIntake {
+    fn budgets(&self) -> std::sync::MutexGuard<'_, HintBudgets> {
+        self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `sender` may still have budget (checked before each cluster lookup, so a sender
+    /// whose own budget is spent costs no lookup; for any other, [`HintIntake::charge`] decides
+    /// after the lookup, and the first refusal ends the hint).
+    fn may_take(&self, sender: &PeerId) -> bool {
+        let now = tokio::time::Instant::now();
+        self.budgets().per_sender.get(sender).is_none_or(|own| own.has_room(now, MAX_HINTED_BLOCKS_PER_SENDER))
+    }
+
+    /// Takes one unit of the budget of `sender` (its own when it is `in_view`, else the shared one).
+    fn charge(&self, sender: &PeerId, in_view: bool) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut budgets = self.budgets();
+        if in_view {
+            if budgets.per_sender.len() >= MAX_HINT_SENDERS && !budgets.per_sender.contains_key(sender) {
+                let window = Duration::from_millis(HINT_WINDOW_MS);
+                budgets.per_sender.retain(|_, w| now.duration_since(w.started) < window);
+            }
+            if budgets.per_sender.len() < MAX_HINT_SENDERS || budgets.per_sender.contains_key(sender) {
+                let own = budgets.per_sender.entry(*sender).or_insert_with(|| HintWindow::new(now));
+                return own.take(now, MAX_HINTED_BLOCKS_PER_SENDER);
+            }
+        }
+        budgets.outsiders.take(now, MAX_HINTED_BLOCKS_OUTSIDERS)
+    }
+
+    /// Queues a catch-up of each hinted block this node is responsible for, within the budgets;
+    /// returns how many were queued.
+    async fn take(&self, sender: &PeerId, block_ids: &[BlockId]) -> usize {
+        let mut accepted = 0;
+        let distinct: std::collections::BTreeSet<&BlockId> = block_ids.iter().collect();
+        for block_id in distinct {
+            if !self.may_take(sender) {
+                tracing::debug!(%sender, "hint budget spent; the rest of the hint is dropped");
+                break;
+            }
+            let view = match self.key_network.find_cluster(block_id).await {
+                Ok(view) => view,
+                Err(e) => {
+                    tracing::debug!(%block_id, error = %e, "no cluster for a hinted block");
+                    continue;
+                }
+            };
+            if !view.contains_key(&self.me) {
+                tracing::debug!(%sender, %block_id, "hint for a block this node is not responsible for; ignored");
+                continue;
+            }
+            if !self.charge(sender, view.contains_key(sender)) {
+                tracing::debug!(%sender, "hint budget spent; the rest of the hint is dropped");
+                break;
+            }
+            self.sink.behind(block_id);
+            accepted += 1;
+        }
+        accepted
+    }
 }
 
 impl std::fmt::Debug for SyncServer {
@@ -143,14 +266,41 @@ impl SyncServer {
         Self { local, hints: None }
     }
 
-    /// Hands each hinted block to `sink` (the node's bounded, deduplicated catch-up queue).
+    /// Hands each hinted block to `sink` (the node's bounded, deduplicated catch-up queue) when
+    /// this node (`me`) is in its own view (`key_network`) of the block's cluster, within the
+    /// senders' budgets (see the module documentation). Hints are acted on only through
+    /// [`SyncServer::handle_from`], which knows the sender.
     #[must_use]
-    pub fn with_hints(mut self, sink: Arc<dyn BehindSink>) -> Self {
-        self.hints = Some(sink);
+    pub fn with_hints(mut self, sink: Arc<dyn BehindSink>, key_network: Arc<dyn KeyNetwork>, me: PeerId) -> Self {
+        let budgets =
+            HintBudgets { per_sender: HashMap::new(), outsiders: HintWindow::new(tokio::time::Instant::now()) };
+        self.hints = Some(Arc::new(HintIntake { sink, key_network, me, budgets: std::sync::Mutex::new(budgets) }));
         self
     }
 
-    /// Answers one request. Malformed requests are `bad-request`; nothing is ever changed.
+    /// Answers one request from `sender` (as the transport authenticated it): as
+    /// [`SyncServer::handle`], and a hint is acted on within the sender's budget.
+    pub async fn handle_from(&self, sender: PeerId, request: Value) -> Result<Value, RepoError> {
+        if request.get("op").and_then(Value::as_str) != Some("hint") {
+            return self.handle(request).await;
+        }
+        let request: SyncRequest =
+            serde_json::from_value(request).map_err(|e| RepoError::BadRequest(format!("sync request: {e}")))?;
+        let SyncRequest::Hint { block_ids } = request else {
+            return Err(RepoError::BadRequest("sync request: expected a hint".into()));
+        };
+        check_hint_size(&block_ids)?;
+        let accepted = match &self.hints {
+            Some(hints) => hints.take(&sender, &block_ids).await,
+            None => 0,
+        };
+        serde_json::to_value(HintResponse { accepted })
+            .map_err(|e| RepoError::Internal(format!("encoding sync response: {e}")))
+    }
+
+    /// Answers one request from an unknown sender. Malformed requests are `bad-request`; nothing
+    /// is ever changed. A hint is answered without being acted on (hint work is bounded per
+    /// sender: [`SyncServer::handle_from`]).
     pub async fn handle(&self, request: Value) -> Result<Value, RepoError> {
         let request: SyncRequest =
             serde_json::from_value(request).map_err(|e| RepoError::BadRequest(format!("sync request: {e}")))?;
@@ -173,22 +323,10 @@ impl SyncServer {
                 serde_json::to_value(self.revisions(&block_id, after_rev, limit).await?)
             }
             SyncRequest::Hint { block_ids } => {
-                if block_ids.len() > MAX_HINT_IDS {
-                    return Err(RepoError::BadRequest(format!(
-                        "at most {MAX_HINT_IDS} block ids per hint, got {}",
-                        block_ids.len()
-                    )));
-                }
-                let accepted = match &self.hints {
-                    Some(sink) => {
-                        for id in &block_ids {
-                            sink.behind(id);
-                        }
-                        block_ids.len()
-                    }
-                    None => 0,
-                };
-                serde_json::to_value(HintResponse { accepted })
+                // The sender is unknown here: hint work is bounded per sender, so nothing is
+                // done (the node serves hints through `handle_from`).
+                check_hint_size(&block_ids)?;
+                serde_json::to_value(HintResponse { accepted: 0 })
             }
         };
         response.map_err(|e| RepoError::Internal(format!("encoding sync response: {e}")))
@@ -234,6 +372,17 @@ impl SyncServer {
         }
         Ok(RevisionsResponse { latest, entries, more })
     }
+}
+
+/// Refuses a hint naming more than [`MAX_HINT_IDS`] blocks.
+fn check_hint_size(block_ids: &[BlockId]) -> Result<(), RepoError> {
+    if block_ids.len() > MAX_HINT_IDS {
+        return Err(RepoError::BadRequest(format!(
+            "at most {MAX_HINT_IDS} block ids per hint, got {}",
+            block_ids.len()
+        )));
+    }
+    Ok(())
 }
 
 /// What one catch-up of a block did.

@@ -194,8 +194,8 @@ struct SyncAdapter(SyncServer);
 
 #[async_trait]
 impl SyncHandler for SyncAdapter {
-    async fn handle(&self, request: Value) -> Result<Value, RepoError> {
-        self.0.handle(request).await
+    async fn handle(&self, sender: PeerId, request: Value) -> Result<Value, RepoError> {
+        self.0.handle_from(sender, request).await
     }
 }
 
@@ -363,7 +363,11 @@ impl Node {
         host.set_handlers(
             Handlers::repo(repo.clone())
                 .with_cluster(consensus.clone())
-                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone()).with_hints(behind))))
+                .with_sync(Arc::new(SyncAdapter(SyncServer::new(local.clone()).with_hints(
+                    behind,
+                    key_network.clone(),
+                    host.local_peer_id(),
+                ))))
                 .with_operator(Arc::new(operator)),
         );
 

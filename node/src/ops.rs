@@ -9,13 +9,14 @@
 //! - `{"node": {"op": "locate", "blockId": id}, "expiration": ms}` answers a [`Location`].
 //!
 //! A malformed one (unknown op, unknown or missing field, invalid block id) is answered
-//! `bad-request`, an expired one `expired`, one past [`MAX_OPERATOR_REQUESTS_IN_FLIGHT`] `busy`, and
+//! `bad-request`, an expired one `expired`, one past [`MAX_OPERATOR_REQUESTS_IN_FLIGHT`] (or past
+//! [`MAX_OPERATOR_REQUESTS_PER_PEER`] from its sender) `busy`, and
 //! on a node that serves none `unavailable`; none of them changes anything. Other nodes answer
 //! them `bad-request` (not a repo message).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,7 +30,6 @@ use optimystic_core::time::now_ms;
 use optimystic_core::{BlockGets, BlockId, ErrorCode, MessageOptions, RawStorage, ReadMode, Repo, RepoError, TrxRev};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tokio::sync::Semaphore;
 
 use crate::host::HostHandle;
 use crate::metrics::Metrics;
@@ -38,6 +38,9 @@ use crate::service::{envelope, error_value};
 
 /// Operator requests handled at once by one node; more are answered `busy`.
 pub const MAX_OPERATOR_REQUESTS_IN_FLIGHT: usize = 4;
+/// Operator requests from one peer handled at once (SPEC 4.10: one peer cannot take every slot;
+/// the CLI sends one at a time); more from that peer are answered `busy`.
+pub const MAX_OPERATOR_REQUESTS_PER_PEER: usize = 1;
 /// The longest `locate` waits for one member's answer (less when the request expires sooner).
 pub const LOCATE_MEMBER_TIMEOUT_MS: u64 = 3_000;
 /// The longest `status` waits for the storage engine's figures.
@@ -120,8 +123,60 @@ pub trait OperatorHandler: Send + Sync + std::fmt::Debug + 'static {
     async fn handle(&self, request: OperatorRequest, expiration_ms: u64) -> Result<Value, RepoError>;
 }
 
-/// Answers one operator request frame with `handler`, at most `slots` at once.
-pub(crate) async fn serve(handler: Option<Arc<dyn OperatorHandler>>, slots: &Semaphore, value: &Value) -> Value {
+/// The operator request slots of a node: [`MAX_OPERATOR_REQUESTS_IN_FLIGHT`] in all, at most
+/// [`MAX_OPERATOR_REQUESTS_PER_PEER`] of them taken by one peer.
+#[derive(Debug, Default)]
+pub(crate) struct OperatorSlots {
+    /// Requests in flight per peer (peers with none are not kept, so the map holds at most
+    /// [`MAX_OPERATOR_REQUESTS_IN_FLIGHT`] entries).
+    taken: Mutex<HashMap<PeerId, usize>>,
+}
+
+/// A taken operator request slot, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct OperatorSlot<'a> {
+    slots: &'a OperatorSlots,
+    peer: PeerId,
+}
+
+impl OperatorSlots {
+    /// A slot for a request from `peer`, or why there is none (the `busy` message).
+    fn take(&self, peer: PeerId) -> Result<OperatorSlot<'_>, String> {
+        let mut taken = self.taken.lock().unwrap_or_else(PoisonError::into_inner);
+        let in_flight: usize = taken.values().sum();
+        if in_flight >= MAX_OPERATOR_REQUESTS_IN_FLIGHT {
+            return Err(format!("{MAX_OPERATOR_REQUESTS_IN_FLIGHT} operator requests in flight; retry later"));
+        }
+        let of_peer = taken.entry(peer).or_default();
+        if *of_peer >= MAX_OPERATOR_REQUESTS_PER_PEER {
+            return Err(format!(
+                "{MAX_OPERATOR_REQUESTS_PER_PEER} operator request(s) from this peer in flight; retry later"
+            ));
+        }
+        *of_peer += 1;
+        Ok(OperatorSlot { slots: self, peer })
+    }
+}
+
+impl Drop for OperatorSlot<'_> {
+    fn drop(&mut self) {
+        let mut taken = self.slots.taken.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(of_peer) = taken.get_mut(&self.peer) {
+            *of_peer = of_peer.saturating_sub(1);
+            if *of_peer == 0 {
+                taken.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Answers one operator request frame from `sender` with `handler`, within `slots`.
+pub(crate) async fn serve(
+    handler: Option<Arc<dyn OperatorHandler>>,
+    slots: &OperatorSlots,
+    sender: PeerId,
+    value: &Value,
+) -> Value {
     let (request, expiration) = match OperatorRequest::parse(value) {
         Ok(parsed) => parsed,
         Err(message) => {
@@ -134,11 +189,9 @@ pub(crate) async fn serve(handler: Option<Arc<dyn OperatorHandler>>, slots: &Sem
     let Some(handler) = handler else {
         return envelope(ErrorCode::Unavailable, "this node does not serve operator requests (yet)");
     };
-    let Ok(_slot) = slots.try_acquire() else {
-        return envelope(
-            ErrorCode::Busy,
-            format!("{MAX_OPERATOR_REQUESTS_IN_FLIGHT} operator requests in flight; retry later"),
-        );
+    let _slot = match slots.take(sender) {
+        Ok(slot) => slot,
+        Err(message) => return envelope(ErrorCode::Busy, message),
     };
     match handler.handle(request, expiration).await {
         Ok(answer) => answer,
@@ -568,19 +621,74 @@ mod tests {
     #[tokio::test]
     async fn serving_answers_errors_with_envelopes_and_bounds_requests_in_flight() {
         let later = now_ms() + 10_000;
-        let slots = Semaphore::new(1);
+        let slots = OperatorSlots::default();
+        let peer = PeerId::random();
         let echo: Option<Arc<dyn OperatorHandler>> = Some(Arc::new(Echo));
         let status = OperatorRequest::Status.to_message(later);
-        assert_eq!(serve(echo.clone(), &slots, &status).await, json!("Status"));
-        let bad = serve(echo.clone(), &slots, &json!({"node": {"op": "frob"}, "expiration": later})).await;
+        assert_eq!(serve(echo.clone(), &slots, peer, &status).await, json!("Status"));
+        let bad = serve(echo.clone(), &slots, peer, &json!({"node": {"op": "frob"}, "expiration": later})).await;
         assert_eq!(code(&bad), "bad-request", "{bad}");
-        let expired = serve(echo.clone(), &slots, &OperatorRequest::Status.to_message(1)).await;
+        let expired = serve(echo.clone(), &slots, peer, &OperatorRequest::Status.to_message(1)).await;
         assert_eq!(code(&expired), "expired");
-        assert_eq!(code(&serve(None, &slots, &status).await), "unavailable");
-        let held = slots.try_acquire().unwrap();
-        assert_eq!(code(&serve(echo.clone(), &slots, &status).await), "busy");
+        assert_eq!(code(&serve(None, &slots, peer, &status).await), "unavailable");
+        let held: Vec<OperatorSlot<'_>> =
+            (0..MAX_OPERATOR_REQUESTS_IN_FLIGHT).map(|_| slots.take(PeerId::random()).unwrap()).collect();
+        assert_eq!(code(&serve(echo.clone(), &slots, peer, &status).await), "busy");
         drop(held);
-        assert_eq!(serve(echo, &slots, &status).await, json!("Status"), "served again once a slot is free");
+        assert_eq!(serve(echo, &slots, peer, &status).await, json!("Status"), "served again once a slot is free");
+    }
+
+    /// Answers `status` at once; a `locate` waits until released (a stopped member it asks).
+    #[derive(Debug, Default)]
+    struct SlowLocate(tokio::sync::Notify);
+
+    #[async_trait]
+    impl OperatorHandler for SlowLocate {
+        async fn handle(&self, request: OperatorRequest, _expiration_ms: u64) -> Result<Value, RepoError> {
+            if let OperatorRequest::Locate { .. } = request {
+                self.0.notified().await;
+            }
+            Ok(json!(format!("{request:?}")))
+        }
+    }
+
+    /// Issue 21 finding 11 / SPEC 4.10: one peer's slow `locate` requests cannot take every
+    /// operator slot; its own further requests are `busy`, other peers are still served.
+    #[tokio::test]
+    async fn one_peer_cannot_take_every_operator_slot() {
+        let later = now_ms() + 10_000;
+        let slots = Arc::new(OperatorSlots::default());
+        let handler = Arc::new(SlowLocate::default());
+        let greedy = PeerId::random();
+        let locate = OperatorRequest::Locate { block_id: BlockId::new("b1").unwrap() }.to_message(later);
+        let mut pending = Vec::new();
+        for _ in 0..MAX_OPERATOR_REQUESTS_IN_FLIGHT {
+            let (slots, handler, locate) = (slots.clone(), handler.clone(), locate.clone());
+            let handler: Option<Arc<dyn OperatorHandler>> = Some(handler);
+            pending.push(tokio::spawn(async move { serve(handler, &slots, greedy, &locate).await }));
+        }
+        // The first locate holds its slot; the others are answered at once (the timeout only
+        // turns a regression, where they would all wait, into a failure).
+        let mut answered = Vec::new();
+        while answered.len() < MAX_OPERATOR_REQUESTS_IN_FLIGHT - 1 {
+            let next = futures::future::select_all(pending);
+            let (done, _, rest) = tokio::time::timeout(Duration::from_secs(10), next)
+                .await
+                .expect("a second request from one peer is answered busy at once");
+            answered.push(done.unwrap());
+            pending = rest;
+        }
+        assert!(answered.iter().all(|a| code(a) == "busy"), "{answered:?}");
+        let status = OperatorRequest::Status.to_message(later);
+        let dyn_handler: Option<Arc<dyn OperatorHandler>> = Some(handler.clone());
+        assert_eq!(code(&serve(dyn_handler.clone(), &slots, greedy, &status).await), "busy");
+        for _ in 0..MAX_OPERATOR_REQUESTS_IN_FLIGHT {
+            let other = PeerId::random();
+            assert_eq!(serve(dyn_handler.clone(), &slots, other, &status).await, json!("Status"));
+        }
+        handler.0.notify_waiters();
+        let last = pending.pop().unwrap().await.unwrap();
+        assert!(last.as_str().is_some_and(|s| s.starts_with("Locate")), "{last}");
     }
 
     #[test]

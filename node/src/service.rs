@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::codec::Frame;
-use crate::ops::{self, MAX_OPERATOR_REQUESTS_IN_FLIGHT, OperatorHandler, OperatorRequest};
+use crate::ops::{self, OperatorHandler, OperatorRequest, OperatorSlots};
 
 /// Default bound on inbound requests being handled at once, per protocol (SPEC 3.1).
 pub const DEFAULT_MAX_INBOUND_PER_PROTOCOL: usize = 32;
@@ -53,9 +53,11 @@ pub fn error_value(error: &RepoError) -> Value {
 /// or an error, which is sent as the error envelope of its code.
 #[async_trait]
 pub trait SyncHandler: Send + Sync + std::fmt::Debug + 'static {
-    /// Answers one sync request. Must not block the executor; may take as long as the host's
-    /// request timeout allows (the requester gives up after that).
-    async fn handle(&self, request: Value) -> Result<Value, RepoError>;
+    /// Answers one sync request from `sender` (as the transport authenticated it: work a
+    /// request causes, such as a hint's catch-ups, is bounded per sender). Must not block the
+    /// executor; may take as long as the host's request timeout allows (the requester gives up
+    /// after that).
+    async fn handle(&self, sender: PeerId, request: Value) -> Result<Value, RepoError>;
 }
 
 /// What a node serves on each protocol. A protocol without a handler answers `unavailable`.
@@ -209,10 +211,10 @@ impl SyncService {
         Self { handler }
     }
 
-    /// Answers one request frame; malformed frames are `bad-request`.
-    pub async fn serve(&self, frame: Frame) -> Value {
+    /// Answers one request frame from `sender`; malformed frames are `bad-request`.
+    pub async fn serve(&self, sender: PeerId, frame: Frame) -> Value {
         match frame.into_json() {
-            Ok(value) => match self.handler.handle(value).await {
+            Ok(value) => match self.handler.handle(sender, value).await {
                 Ok(answer) => answer,
                 Err(e) => error_value(&e),
             },
@@ -255,7 +257,7 @@ pub struct Services {
     queued: PerProtocol<Arc<AtomicUsize>>,
     max_inbound_per_protocol: usize,
     max_queued_inbound_per_protocol: usize,
-    operator_slots: Arc<Semaphore>,
+    operator_slots: Arc<OperatorSlots>,
 }
 
 /// An admitted request: it holds a handling slot, or a place in the queue for one.
@@ -312,7 +314,7 @@ impl Services {
             queued: PerProtocol::from_fn(|_| Arc::new(AtomicUsize::new(0))),
             max_inbound_per_protocol: limit,
             max_queued_inbound_per_protocol,
-            operator_slots: Arc::new(Semaphore::new(MAX_OPERATOR_REQUESTS_IN_FLIGHT)),
+            operator_slots: Arc::new(OperatorSlots::default()),
         }
     }
 
@@ -360,7 +362,7 @@ impl Services {
             match kind {
                 ProtocolKind::Repo => match frame {
                     Frame::Json(value) if OperatorRequest::is_operator_request(&value) => {
-                        ops::serve(handlers.operator, &operator_slots, &value).await
+                        ops::serve(handlers.operator, &operator_slots, sender, &value).await
                     }
                     frame => match handlers.repo {
                         Some(repo) => RepoService::new(repo).serve(frame).await,
@@ -372,7 +374,7 @@ impl Services {
                     None => not_served(kind),
                 },
                 ProtocolKind::Sync => match handlers.sync {
-                    Some(sync) => SyncService::new(sync).serve(frame).await,
+                    Some(sync) => SyncService::new(sync).serve(sender, frame).await,
                     None => not_served(kind),
                 },
             }
@@ -507,7 +509,7 @@ mod tests {
 
     #[async_trait]
     impl SyncHandler for Panicking {
-        async fn handle(&self, _request: Value) -> Result<Value, RepoError> {
+        async fn handle(&self, _sender: PeerId, _request: Value) -> Result<Value, RepoError> {
             panic!("handler bug")
         }
     }

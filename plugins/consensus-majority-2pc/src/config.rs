@@ -131,11 +131,27 @@ pub struct MajorityConfig {
     /// member's own included) drop the reservation. At least `grace_ms`, at most
     /// `marker_retention_ms`.
     pub recovery_bound_ms: u64,
-    /// Most live reservations a member holds; beyond it, it votes reject (`busy`).
+    /// Most blocks a member holds live reservations on (a record naming several blocks counts
+    /// each, SPEC 4.10); beyond it, it answers `busy`.
     pub max_reservations: usize,
-    /// Most live reservations a member holds for records from one sender (SPEC 4.11); beyond it,
-    /// it votes reject (`busy`) on that sender's records.
+    /// Most blocks a member holds live reservations on for records from one sender that is in
+    /// this member's view of the cluster of every block the record names (SPEC 4.11, 4.20
+    /// "Sybil senders"); beyond it, it votes reject (`busy`) on that sender's records.
     pub max_reservations_per_sender: usize,
+    /// Most blocks a member holds live reservations on for records from all other senders
+    /// together (any node may coordinate, but a sender outside the cluster could mint peer ids
+    /// without end: they share this one budget, SPEC 4.20 "Sybil senders").
+    pub max_reservations_outsiders: usize,
+    /// Most blocks one record may name (its operations' blocks together); a member refuses a
+    /// larger record before any cluster lookup or storage read, and the coordinator never
+    /// batches operations past it.
+    pub max_record_blocks: usize,
+    /// Most blocks a member keeps stored rejections (a rejected record's final vote) for, per
+    /// sender in its view (as [`MajorityConfig::max_reservations_per_sender`]) and for all other
+    /// senders together; past it, it answers `busy` without voting or storing anything.
+    pub max_rejections_per_sender: usize,
+    /// Most blocks a member keeps stored rejections for in total.
+    pub max_rejections: usize,
     /// Most recovery status queries in flight at once on a member.
     pub max_recovery_queries_in_flight: usize,
     /// How long past its expiration a resolved record's marker (executed, aborted, rejected) is
@@ -173,6 +189,10 @@ impl Default for MajorityConfig {
             recovery_bound_ms: DEFAULT_RECOVERY_BOUND_MS,
             max_reservations: 10_000,
             max_reservations_per_sender: 2_500,
+            max_reservations_outsiders: 2_500,
+            max_record_blocks: DEFAULT_MAX_RECORD_BLOCKS,
+            max_rejections_per_sender: 2_500,
+            max_rejections: 10_000,
             max_recovery_queries_in_flight: 64,
             marker_retention_ms: 7 * 24 * 60 * 60 * 1_000,
             max_batch_ops: DEFAULT_MAX_BATCH_OPS,
@@ -211,6 +231,10 @@ impl MajorityConfig {
         map.insert("recovery_bound_ms".into(), Value::from(self.recovery_bound_ms));
         map.insert("max_reservations".into(), Value::from(self.max_reservations));
         map.insert("max_reservations_per_sender".into(), Value::from(self.max_reservations_per_sender));
+        map.insert("max_reservations_outsiders".into(), Value::from(self.max_reservations_outsiders));
+        map.insert("max_record_blocks".into(), Value::from(self.max_record_blocks));
+        map.insert("max_rejections_per_sender".into(), Value::from(self.max_rejections_per_sender));
+        map.insert("max_rejections".into(), Value::from(self.max_rejections));
         map.insert("max_recovery_queries_in_flight".into(), Value::from(self.max_recovery_queries_in_flight));
         map.insert("marker_retention_ms".into(), Value::from(self.marker_retention_ms));
         map
@@ -228,6 +252,8 @@ fn config_error(message: String) -> PluginError {
 
 /// Default of [`MajorityConfig::recovery_bound_ms`]: 10 minutes (SPEC 4.5).
 pub const DEFAULT_RECOVERY_BOUND_MS: u64 = 10 * 60 * 1_000;
+/// Default of [`MajorityConfig::max_record_blocks`].
+pub const DEFAULT_MAX_RECORD_BLOCKS: usize = 1_024;
 /// Default of [`MajorityConfig::max_batch_ops`] (SPEC 4.14).
 pub const DEFAULT_MAX_BATCH_OPS: usize = 64;
 /// Default of [`MajorityConfig::max_batch_bytes`]: 256 KiB, a quarter of the default cluster frame
@@ -277,6 +303,10 @@ impl MajorityConfig {
             ("recovery_backoff_max_ms", self.recovery_backoff_max_ms, 1, MAX_TIMEOUT_MS),
             ("max_reservations", size(self.max_reservations), 1, MAX_COUNT),
             ("max_reservations_per_sender", size(self.max_reservations_per_sender), 1, MAX_COUNT),
+            ("max_reservations_outsiders", size(self.max_reservations_outsiders), 1, MAX_COUNT),
+            ("max_record_blocks", size(self.max_record_blocks), 1, MAX_COUNT),
+            ("max_rejections_per_sender", size(self.max_rejections_per_sender), 1, MAX_COUNT),
+            ("max_rejections", size(self.max_rejections), 1, MAX_COUNT),
             ("max_recovery_queries_in_flight", size(self.max_recovery_queries_in_flight), 1, MAX_COUNT),
             ("marker_retention_ms", self.marker_retention_ms, 1, MAX_RETENTION_MS),
             ("recovery_bound_ms", self.recovery_bound_ms, 1, MAX_RETENTION_MS),
@@ -334,6 +364,20 @@ impl MajorityConfig {
             return Err(config_error(format!(
                 "max_records_in_flight: {} is outside 1..={MAX_RECORDS_IN_FLIGHT}",
                 self.max_records_in_flight
+            )));
+        }
+        for (key, budget) in [("max_reservations", self.max_reservations), ("max_rejections", self.max_rejections)] {
+            if self.max_record_blocks > budget {
+                return Err(config_error(format!(
+                    "max_record_blocks ({}) exceeds {key} ({budget}): members would refuse the largest records as busy",
+                    self.max_record_blocks
+                )));
+            }
+        }
+        if self.max_batch_ops > self.max_record_blocks {
+            return Err(config_error(format!(
+                "max_batch_ops ({}) exceeds max_record_blocks ({}): every operation names at least one block",
+                self.max_batch_ops, self.max_record_blocks
             )));
         }
         if self.max_batch_ops > self.max_reservations_per_sender {
@@ -394,6 +438,7 @@ mod tests {
             "recovery_bound_ms": 500,
             "max_reservations": 3,
             "max_reservations_per_sender": 2,
+            "max_record_blocks": 2,
             "max_recovery_queries_in_flight": 2,
             "marker_retention_ms": 600,
             "max_batch_ops": 2,
@@ -420,7 +465,7 @@ mod tests {
             ..MajorityConfig::default()
         };
         assert_eq!(MajorityConfig::from_value(&Value::Object(custom.to_options())).unwrap(), custom);
-        assert_eq!(defaults().len(), 14, "every option of from_value is declared");
+        assert_eq!(defaults().len(), 18, "every option of from_value is declared");
     }
 
     #[test]
@@ -447,6 +492,12 @@ mod tests {
             (json!({"max_batch_ops": "many"}), "max_batch_ops"),
             (json!({"max_batch_ops": 64, "max_reservations_per_sender": 10}), "max_batch_ops"),
             (json!({"max_batch_bytes": 100}), "max_batch_bytes"),
+            (json!({"max_reservations_outsiders": 0}), "max_reservations_outsiders"),
+            (json!({"max_record_blocks": 0}), "max_record_blocks"),
+            (json!({"max_record_blocks": 20_000}), "max_record_blocks"),
+            (json!({"max_rejections": 100}), "max_rejections"),
+            (json!({"max_rejections_per_sender": 0}), "max_rejections_per_sender"),
+            (json!({"max_batch_ops": 64, "max_record_blocks": 10}), "max_batch_ops"),
             (json!({"max_records_in_flight": 0}), "max_records_in_flight"),
             (json!({"colour": "blue"}), "unknown field `colour`"),
             (json!([1]), "expected a table"),

@@ -380,10 +380,16 @@ impl Lanes {
         }
     }
 
-    /// Takes the next batch of the lane (see the module documentation); `None` when the queue is
-    /// empty, and then the calling driver is counted out (in the same step, so an operation
-    /// queued meanwhile always finds a driver).
-    fn next_batch(&self, key: &[PeerId], max_ops: usize, max_bytes: usize, now_ms: u64) -> Option<Batch> {
+    /// Takes the next batch of the lane (see the module documentation): at most `max_ops`
+    /// operations, about `max_bytes` of them and at most `max_blocks` blocks together (members
+    /// refuse larger records); `None` when the queue is empty, and then the calling driver is
+    /// counted out (in the same step, so an operation queued meanwhile always finds a driver).
+    fn next_batch(
+        &self,
+        key: &[PeerId],
+        (max_ops, max_bytes, max_blocks): (usize, usize, usize),
+        now_ms: u64,
+    ) -> Option<Batch> {
         let mut lanes = self.lock();
         let lane = lanes.get_mut(key)?;
         let mut queued: Vec<Queued> = Vec::new();
@@ -398,7 +404,9 @@ impl Lanes {
                 }
                 continue;
             }
-            let fits = queued.is_empty() || bytes.saturating_add(next.bytes) <= max_bytes;
+            let fits = queued.is_empty()
+                || (bytes.saturating_add(next.bytes) <= max_bytes
+                    && blocks.len().saturating_add(next.blocks.len()) <= max_blocks);
             if !fits || next.blocks.iter().any(|b| blocks.contains(b)) {
                 index += 1;
                 continue;
@@ -549,8 +557,8 @@ impl Inner {
     /// empty: the slot was freed in the same step.
     async fn run_next(self: &Arc<Self>, key: &[PeerId]) -> bool {
         let now = self.clock.now_ms();
-        let Some(batch) = self.lanes.next_batch(key, self.config.max_batch_ops, self.config.max_batch_bytes, now)
-        else {
+        let bounds = (self.config.max_batch_ops, self.config.max_batch_bytes, self.config.max_record_blocks);
+        let Some(batch) = self.lanes.next_batch(key, bounds, now) else {
             return false;
         };
         let operations: Vec<(RepoOperation, u64)> =

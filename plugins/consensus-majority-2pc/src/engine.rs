@@ -39,18 +39,60 @@ use crate::store::{Entry, RecordStatus};
 /// to the signed votes without being covered by them.
 pub const RESULT_FIELD: &str = "result";
 
+/// Whose budget a reservation (or a stored rejection) counts against (SPEC 4.20 "Sybil
+/// senders").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Budget {
+    /// A sender in this member's view of the cluster of every block the record names (or any
+    /// sender when the member has no key network): a budget of its own.
+    Sender(PeerId),
+    /// Every other sender: one budget shared by all of them, so that minting peer ids does not
+    /// multiply what a sender outside the cluster can pin.
+    Outsiders,
+}
+
+impl Budget {
+    /// The budget a stored rejection counts against ([`crate::store::RejectionRef`]).
+    pub fn of_rejection(sender: Option<&str>) -> Self {
+        sender.and_then(|s| s.parse().ok()).map_or(Self::Outsiders, Self::Sender)
+    }
+
+    /// The sender as a stored rejection keeps it (`None` for the outsiders' budget).
+    pub fn stored_sender(self) -> Option<String> {
+        match self {
+            Self::Sender(sender) => Some(sender.to_base58()),
+            Self::Outsiders => None,
+        }
+    }
+
+    /// The budget a stored entry counted against: its sender's own, or the shared one of
+    /// outsiders; `None` when the entry kept no sender (entries stored before senders were
+    /// kept).
+    pub fn of_entry(sender: Option<&str>, outsider: bool) -> Option<Self> {
+        if outsider {
+            return Some(Self::Outsiders);
+        }
+        sender.and_then(|s| s.parse().ok()).map(Self::Sender)
+    }
+
+    /// Whether this is the shared budget of senders outside the cluster.
+    pub fn is_outsiders(self) -> bool {
+        self == Self::Outsiders
+    }
+}
+
 /// One live reservation in memory.
 #[derive(Debug, Clone)]
 pub(crate) struct Live {
     pub status: RecordStatus,
     pub claims: Vec<Claim>,
-    /// The peer that sent the record (reservations are bounded per sender, SPEC 4.11); `None`
-    /// when unknown (reservations stored before senders were kept).
-    pub sender: Option<PeerId>,
+    /// The budget of the peer that sent the record (reservations are bounded per sender,
+    /// SPEC 4.11); `None` when unknown (reservations stored before senders were kept).
+    pub budget: Option<Budget>,
     /// The record's expiration (where its entry is stored).
     pub expiration_ms: u64,
-    /// The reservations it counts for against the bounds: one per operation (a batched record
-    /// reserves as much as its operations would one by one).
+    /// The reservations it counts for against the bounds: one per block it names (SPEC 4.10:
+    /// a record naming many blocks pins each of them).
     pub weight: usize,
 }
 
@@ -72,9 +114,9 @@ pub(crate) struct MemberState {
     /// scheduler starts a task for those still live then. Entries of records resolved earlier are
     /// skipped when they come up.
     pub due: BinaryHeap<Reverse<DueRecovery>>,
-    /// Live reservations per sender (weighted: one per operation).
-    pub per_sender: BTreeMap<PeerId, usize>,
-    /// Live reservations in total (weighted: one per operation).
+    /// Live reservations per budget (weighted: one per block).
+    pub per_budget: BTreeMap<Budget, usize>,
+    /// Live reservations in total (weighted: one per block).
     pub held: usize,
     /// Decided records waiting for catch-up of a block this member is behind on (SPEC 4.6).
     pub waiting: BTreeMap<BlockId, BTreeSet<String>>,
@@ -83,6 +125,31 @@ pub(crate) struct MemberState {
     /// Peers proven faulty (SPEC 4.5; bounded by [`crate::faulty::MAX_FAULTY_PEERS`]): their
     /// signatures count for nothing here. Peer id texts, as records name peers.
     pub faulty: BTreeSet<String>,
+    /// Blocks of stored rejections per budget (SPEC 4.10: bounded per sender and in total).
+    pub rejections_per_budget: BTreeMap<Budget, usize>,
+    /// Blocks of stored rejections in total.
+    pub rejections_held: usize,
+    /// Behind reports taken per budget in the current window ([`MemberState::take_behind_report`]).
+    pub behind_reports: BTreeMap<Budget, ReportWindow>,
+    /// Where the collection of cancel tombstones goes on: the key bucket (the characters after
+    /// the tombstone prefix) its next step lists first; empty at the start of a sweep.
+    pub tomb_bucket: String,
+}
+
+/// Behind reports one budget (a sender in the cluster, or all the others together) may make
+/// per [`BEHIND_REPORT_WINDOW_MS`] through the records it sends.
+pub(crate) const MAX_BEHIND_REPORTS_PER_BUDGET: usize = 256;
+/// The window behind reports are counted over.
+pub(crate) const BEHIND_REPORT_WINDOW_MS: u64 = 60_000;
+/// Budgets whose behind reports are tracked at once; past it, windows that ended are dropped
+/// and a sender not tracked yet counts against the outsiders' allowance.
+pub(crate) const MAX_BEHIND_REPORT_BUDGETS: usize = 1_024;
+
+/// Behind reports taken in one window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReportWindow {
+    pub started_ms: u64,
+    pub taken: usize,
 }
 
 /// A promised record's recovery time.
@@ -114,31 +181,91 @@ impl MemberState {
         for claim in &live.claims {
             self.by_block.entry(claim.block_id.clone()).or_default().insert(message_hash.to_owned());
         }
-        let (sender, weight) = (live.sender, live.weight);
+        let (budget, weight) = (live.budget, live.weight);
         if let Some(previous) = self.live.insert(message_hash.to_owned(), live) {
-            self.forget(previous.sender, previous.weight);
+            self.forget(previous.budget, previous.weight);
         }
         self.held = self.held.saturating_add(weight);
-        if let Some(sender) = sender {
-            let count = self.per_sender.entry(sender).or_default();
+        if let Some(budget) = budget {
+            let count = self.per_budget.entry(budget).or_default();
             *count = count.saturating_add(weight);
         }
     }
 
-    /// Live reservations of records `sender` sent (weighted).
-    pub fn reservations_of(&self, sender: &PeerId) -> usize {
-        self.per_sender.get(sender).copied().unwrap_or(0)
+    /// Live reservations counted against `budget` (weighted).
+    pub fn reservations_of(&self, budget: &Budget) -> usize {
+        self.per_budget.get(budget).copied().unwrap_or(0)
     }
 
-    fn forget(&mut self, sender: Option<PeerId>, weight: usize) {
+    fn forget(&mut self, budget: Option<Budget>, weight: usize) {
         self.held = self.held.saturating_sub(weight);
-        let Some(sender) = sender else { return };
-        if let Some(count) = self.per_sender.get_mut(&sender) {
+        let Some(budget) = budget else { return };
+        if let Some(count) = self.per_budget.get_mut(&budget) {
             *count = count.saturating_sub(weight);
             if *count == 0 {
-                self.per_sender.remove(&sender);
+                self.per_budget.remove(&budget);
             }
         }
+    }
+
+    /// Counts a stored rejection of `weight` blocks against `budget` and the total, unless that
+    /// would pass `per_budget` or `total`; the `busy` detail when it would.
+    pub fn take_rejection(
+        &mut self,
+        budget: Budget,
+        weight: usize,
+        per_budget: usize,
+        total: usize,
+    ) -> Result<(), String> {
+        if self.rejections_held.saturating_add(weight) > total {
+            return Err(format!("{} blocks of rejections stored (max_rejections)", self.rejections_held));
+        }
+        let of_budget = self.rejections_per_budget.get(&budget).copied().unwrap_or(0);
+        if of_budget.saturating_add(weight) > per_budget {
+            return Err(format!("{of_budget} blocks of rejections stored for this sender (max_rejections_per_sender)"));
+        }
+        self.count_rejection(budget, weight);
+        Ok(())
+    }
+
+    /// Counts a stored rejection without checking the bounds (loading what is stored).
+    pub fn count_rejection(&mut self, budget: Budget, weight: usize) {
+        self.rejections_held = self.rejections_held.saturating_add(weight);
+        let count = self.rejections_per_budget.entry(budget).or_default();
+        *count = count.saturating_add(weight);
+    }
+
+    /// Gives back what a stored rejection counted for (it was collected, or never written).
+    pub fn release_rejection(&mut self, budget: Budget, weight: usize) {
+        self.rejections_held = self.rejections_held.saturating_sub(weight);
+        if let Some(count) = self.rejections_per_budget.get_mut(&budget) {
+            *count = count.saturating_sub(weight);
+            if *count == 0 {
+                self.rejections_per_budget.remove(&budget);
+            }
+        }
+    }
+
+    /// Takes one behind report from `budget`'s allowance (at `now_ms`): false when its
+    /// [`MAX_BEHIND_REPORTS_PER_BUDGET`] reports of the current window are spent.
+    pub fn take_behind_report(&mut self, budget: Budget, now_ms: u64) -> bool {
+        let ended = |w: &ReportWindow| now_ms.saturating_sub(w.started_ms) >= BEHIND_REPORT_WINDOW_MS;
+        let mut budget = budget;
+        if !self.behind_reports.contains_key(&budget) && self.behind_reports.len() >= MAX_BEHIND_REPORT_BUDGETS {
+            self.behind_reports.retain(|_, w| !ended(w));
+            if self.behind_reports.len() >= MAX_BEHIND_REPORT_BUDGETS {
+                budget = Budget::Outsiders;
+            }
+        }
+        let window = self.behind_reports.entry(budget).or_insert(ReportWindow { started_ms: now_ms, taken: 0 });
+        if ended(window) {
+            *window = ReportWindow { started_ms: now_ms, taken: 0 };
+        }
+        if window.taken >= MAX_BEHIND_REPORTS_PER_BUDGET {
+            return false;
+        }
+        window.taken += 1;
+        true
     }
 
     /// Remembers the peers of an executed record (bounded).
@@ -158,7 +285,7 @@ impl MemberState {
         }
         self.waiting.retain(|_, w| !w.is_empty());
         let Some(live) = self.live.remove(message_hash) else { return };
-        self.forget(live.sender, live.weight);
+        self.forget(live.budget, live.weight);
         for claim in live.claims {
             if let Some(set) = self.by_block.get_mut(&claim.block_id) {
                 set.remove(message_hash);
@@ -194,6 +321,13 @@ impl RecordContext {
     /// Every block the record names.
     pub fn blocks(&self) -> BTreeSet<&BlockId> {
         self.claims.iter().map(|c| &c.block_id).collect()
+    }
+
+    /// How many blocks the record names: what its reservation (or stored rejection) weighs
+    /// against the bounds. The operations of a record name disjoint blocks and each operation's
+    /// claims are one per block, so this is the number of claims.
+    pub fn weight(&self) -> usize {
+        self.claims.len()
     }
 }
 
@@ -418,24 +552,71 @@ impl Inner {
         Ok(RecordContext { operations: message.operations, op_claims, claims, expiration_ms, promise_quorum })
     }
 
+    /// Refuses a record naming more than `max_record_blocks` blocks, before any cluster lookup
+    /// or storage read is done for it (SPEC 4.10: the work before a bound is checked is bounded).
+    pub fn check_record_size(&self, cx: &RecordContext) -> Result<(), RepoError> {
+        let named = cx.weight();
+        if named > self.config.max_record_blocks {
+            return Err(RepoError::BadRequest(format!(
+                "the record names {named} blocks; a member takes records of at most {} (max_record_blocks)",
+                self.config.max_record_blocks
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a phase-1 record from `sender` early, before the cluster lookups of
+    /// [`Inner::check_view`], when it cannot be reserved whatever they find: answers `busy` (no
+    /// vote is cast, so nothing is stored) when the record would overrun the total bound, or
+    /// both the sender's own budget and the shared one of outsiders (which of the two applies is
+    /// only known after the lookups). A record already holding a reservation here passes (its
+    /// re-delivery).
+    pub fn precheck_budget(&self, hash: &str, cx: &RecordContext, sender: &PeerId) -> Result<(), RepoError> {
+        let state = self.state();
+        if state.live.contains_key(hash) {
+            return Ok(());
+        }
+        let weight = cx.weight();
+        if state.held.saturating_add(weight) > self.config.max_reservations {
+            return Err(RepoError::Busy(format!("{} blocks reserved (max_reservations)", state.held)));
+        }
+        let own = state.reservations_of(&Budget::Sender(*sender));
+        let outsiders = state.reservations_of(&Budget::Outsiders);
+        if own.saturating_add(weight) > self.config.max_reservations_per_sender
+            && outsiders.saturating_add(weight) > self.config.max_reservations_outsiders
+        {
+            return Err(RepoError::Busy(format!(
+                "{own} blocks reserved for records from {sender} and {outsiders} for senders outside the cluster"
+            )));
+        }
+        Ok(())
+    }
+
     /// Membership against this member's own view of each block's cluster (when it has a key
     /// network): the record's peer set must cover a promise quorum of the view and, when
     /// `approvals_too`, the approving promises must include a promise quorum of it. Otherwise a
     /// coordinator with a shrunken peer set could decide a record with fewer peers than the
-    /// cluster's quorum.
+    /// cluster's quorum. Does one cluster lookup per block the record names (the caller bounds
+    /// them first, [`Inner::check_record_size`]).
+    ///
+    /// Returns whether `sender` is in the view of every block the record names (always true
+    /// without a key network, false for no sender): which budget its record counts against
+    /// ([`Budget`]).
     pub async fn check_view(
         &self,
         record: &ClusterRecord,
         cx: &RecordContext,
         approvals_too: bool,
-    ) -> Result<(), RepoError> {
-        let Some(key_network) = &self.key_network else { return Ok(()) };
-        let blocks: BTreeSet<&BlockId> = cx.claims.iter().map(|c| &c.block_id).collect();
-        for block_id in blocks {
+        sender: Option<&PeerId>,
+    ) -> Result<bool, RepoError> {
+        let Some(key_network) = &self.key_network else { return Ok(true) };
+        let mut sender_in_view = sender.is_some();
+        for block_id in cx.blocks() {
             let view = key_network
                 .find_cluster(block_id)
                 .await
                 .map_err(|e| RepoError::Unavailable(format!("cluster of {block_id}: {e}")))?;
+            sender_in_view &= sender.is_some_and(|s| view.contains_key(s));
             let needed = self.config.promise_threshold.promise_quorum(view.len());
             let covered = view.keys().filter(|p| record.peers.contains_key(&crypto::peer_text(p))).count();
             if covered < needed {
@@ -459,6 +640,6 @@ impl Inner {
                 }
             }
         }
-        Ok(())
+        Ok(sender_in_view)
     }
 }

@@ -66,7 +66,9 @@
 //!   LMDB concurrent steps of different records share group commits
 //!   (`optimystic_core::kv::group`).
 //! - Bounds (SPEC 4.11-4.13): phase-1 records naming a peer this node never saw are refused;
-//!   reservations are bounded in total and per sender; a rejection stores no history; a "not
+//!   records naming more than `max_record_blocks` blocks are refused before any lookup;
+//!   reservations are bounded in blocks, in total, per sender in the member's view and for all
+//!   other senders together; a rejection stores no history; a "not
 //!   executed" status answer is final (persisted, under the locks executions take); two pends of
 //!   one trx with different transforms conflict, and a cancelled trx cannot be pended again
 //!   (tombstones); thresholds below a majority are configuration errors.
@@ -97,10 +99,13 @@
 //! | `retry_attempts`, `retry_base_ms`, `retry_max_ms` | 5, 250, 4000 | re-sends of the decided record |
 //! | `recovery_backoff_max_ms` | 30000 | cap of the delay between recovery rounds |
 //! | `recovery_bound_ms` | 600000 (10 min) | past a record's expiration, recovery drops a reservation on signed renounces from a majority of its peer set (`grace_ms`..=`marker_retention_ms`) |
-//! | `max_reservations`, `max_reservations_per_sender` | 10000, 2500 | live reservations (one per operation) in total and per sender |
+//! | `max_reservations`, `max_reservations_per_sender` | 10000, 2500 | blocks held by live reservations (a record counts each block it names) in total and per sender in the member's view of the blocks' cluster |
+//! | `max_reservations_outsiders` | 2500 | blocks held by live reservations for every sender outside that view together (SPEC 4.20 "Sybil senders") |
+//! | `max_record_blocks` | 1024 | most blocks one record names; larger records are refused before any lookup; at most `max_reservations` and `max_rejections` |
+//! | `max_rejections`, `max_rejections_per_sender` | 10000, 2500 | blocks of stored rejections in total and per budget (as reservations: one per sender in the view, one shared by outsiders); past them a member answers `busy` without voting |
 //! | `max_recovery_queries_in_flight` | 64 | status queries at once |
 //! | `marker_retention_ms` | 7 days | how long resolved markers are kept past expiration |
-//! | `max_batch_ops` | 64 | most operations per record (1..=1024; 1 disables batching: every operation runs its own record at once); at most `max_reservations_per_sender` |
+//! | `max_batch_ops` | 64 | most operations per record (1..=1024; 1 disables batching: every operation runs its own record at once); at most `max_reservations_per_sender` and `max_record_blocks` |
 //! | `max_batch_bytes` | 262144 (256 KiB) | most bytes of operations (JSON) per batched record, 1 KiB..=256 MiB; keep it well under `limits.max_cluster_frame_bytes` (1 MiB): answers carry votes and per-operation results |
 //! | `max_records_in_flight` | 1 | records of one peer set in flight at once while batching (1..=1024); more shortens waits but shrinks batches, which costs CPU per operation |
 //!

@@ -31,9 +31,12 @@ use optimystic_core::{
 use serde_json::{Map, Value, json};
 
 use crate::checks::check_operation;
-use crate::engine::{HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
+use crate::engine::{Budget, HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
 use crate::faulty::{RENOUNCE_FIELD, sign_renounce};
-use crate::store::{Entry, RecordStatus, entry_writes, read_entry, tomb_key, write_entry, write_entry_after};
+use crate::store::{
+    Entry, RecordStatus, RejectionRef, entry_writes, read_entry, rejection_key, tomb_key, write_entry,
+    write_entry_after,
+};
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
 pub const STATUS_OPERATION: &str = "status";
@@ -105,16 +108,36 @@ struct Persist<'a> {
     keep_write: Option<&'a MetaWrite>,
 }
 
+/// Blocks one phase-1 record may report behind (the node's catch-up queue is shared: a batch
+/// naming 1,024 blocks this member lacks queues this many catch-ups, not 1,024).
+pub(crate) const MAX_BEHIND_REPORTS_PER_RECORD: usize = 8;
+
+/// Bytes of detail text a batch reason keeps in all; the failing operations past it are listed
+/// by index and category only. A vote is stored and re-sent as cast (votes are final), so its
+/// size must not grow with the batch: a batch of 1,024 failing operations stays under ~25 KB.
+pub(crate) const MAX_BATCH_REASON_DETAIL_BYTES: usize = 2_048;
+
 /// The reject reason of a record whose operations fail as `failures` says (index order): a
-/// single operation's own reason, or a batch reason listing each failing one.
+/// single operation's own reason, or a batch reason listing each failing one (with their
+/// details up to [`MAX_BATCH_REASON_DETAIL_BYTES`] in all).
 fn record_reason(batched: bool, failures: &[Option<RejectReason>]) -> Option<RejectReason> {
     if !batched {
         return failures.iter().flatten().next().cloned();
     }
+    let mut detail_bytes = 0usize;
     let listed: Vec<BatchFailure> = failures
         .iter()
         .enumerate()
-        .filter_map(|(index, reason)| reason.clone().map(|reason| BatchFailure { index, reason }))
+        .filter_map(|(index, reason)| {
+            let reason = reason.as_ref()?;
+            detail_bytes = detail_bytes.saturating_add(reason.detail.len());
+            let reason = if detail_bytes > MAX_BATCH_REASON_DETAIL_BYTES {
+                RejectReason::new(reason.category.clone(), "")
+            } else {
+                reason.clone()
+            };
+            Some(BatchFailure { index, reason })
+        })
         .collect();
     (!listed.is_empty()).then(|| RejectReason::batch(&listed))
 }
@@ -158,14 +181,28 @@ impl Inner {
         }
         record.extra.remove(RESULT_FIELD);
         let cx = self.context(&record, now, true)?;
+        // Bounds first, then the lookups (SPEC 4.10: the work before a bound is bounded).
+        self.check_record_size(&cx)?;
         // Proven-faulty peers' votes count for nothing (SPEC 4.5).
         let (approvals, rejections) = self.count_votes(&record.promises);
         let decided = approvals >= cx.promise_quorum;
-        self.check_view(&record, &cx, decided).await?;
         let abort_proven = rejections > record.peers.len().saturating_sub(cx.promise_quorum);
-        if !decided && matches!(origin, Origin::Remote(_)) {
-            self.check_peers_seen(&record).await?;
-        }
+        let budget = match origin {
+            Origin::Remote(sender) => {
+                if !decided && !abort_proven {
+                    self.precheck_budget(&record.message_hash, &cx, &sender)?;
+                }
+                let in_view = self.check_view(&record, &cx, decided, Some(&sender)).await?;
+                if !decided {
+                    self.check_peers_seen(&record).await?;
+                }
+                if in_view { Budget::Sender(sender) } else { Budget::Outsiders }
+            }
+            Origin::Local => {
+                self.check_view(&record, &cx, decided, None).await?;
+                Budget::Sender(self.me)
+            }
+        };
 
         let held = self.locks.lock(cx.blocks()).await;
         let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
@@ -202,11 +239,7 @@ impl Inner {
             }
             return Ok(self.with_promise(record, Some(&stored)));
         }
-        let sender = match origin {
-            Origin::Remote(sender) => sender,
-            Origin::Local => self.me,
-        };
-        self.promise(&held, record, &cx, sender).await
+        self.promise(&held, record, &cx, budget).await
     }
 
     /// This member's votes in a received record must be the ones it stored; a vote it has no copy
@@ -256,30 +289,35 @@ impl Inner {
     }
 
     /// Phase 1: decides, persists and returns this member's promise vote. The caller holds the
-    /// record's block locks.
+    /// record's block locks. The reservation counts one per block the record names, against the
+    /// total bound and `budget` (the sender's own, or the one all senders outside the cluster
+    /// share: SPEC 4.20 "Sybil senders").
     async fn promise(
         self: &Arc<Self>,
         _held: &HeldBlocks<'_>,
         mut record: ClusterRecord,
         cx: &RecordContext,
-        sender: PeerId,
+        budget: Budget,
     ) -> Result<ClusterRecord, RepoError> {
         let hash = record.message_hash.clone();
-        let weight = cx.operations.len();
-        let mut failures: Vec<Option<RejectReason>> = vec![None; weight];
+        let weight = cx.weight();
+        let mut failures: Vec<Option<RejectReason>> = vec![None; cx.operations.len()];
         // Bounds, conflicts with other reservations and, when both pass, the reservation itself,
         // in one step of the index: concurrent records on other blocks cannot overrun the bounds.
         let (busy, reserved) = {
             let mut state = self.state();
             let held = state.held;
-            let of_sender = state.reservations_of(&sender);
+            let of_budget = state.reservations_of(&budget);
+            let (limit, whose) = match budget {
+                Budget::Sender(sender) => (self.config.max_reservations_per_sender, format!("records from {sender}")),
+                Budget::Outsiders => {
+                    (self.config.max_reservations_outsiders, "records from senders outside the cluster".to_owned())
+                }
+            };
             let busy = if held.saturating_add(weight) > self.config.max_reservations {
-                Some(RejectReason::new(RejectCategory::Busy, format!("{held} reservations held")))
-            } else if of_sender.saturating_add(weight) > self.config.max_reservations_per_sender {
-                Some(RejectReason::new(
-                    RejectCategory::Busy,
-                    format!("{of_sender} reservations held for records from {sender}"),
-                ))
+                Some(RejectReason::new(RejectCategory::Busy, format!("{held} blocks reserved")))
+            } else if of_budget.saturating_add(weight) > limit {
+                Some(RejectReason::new(RejectCategory::Busy, format!("{of_budget} blocks reserved for {whose}")))
             } else {
                 None
             };
@@ -298,7 +336,7 @@ impl Inner {
                 let live = Live {
                     status: RecordStatus::Promised,
                     claims: cx.claims.clone(),
-                    sender: Some(sender),
+                    budget: Some(budget),
                     expiration_ms: cx.expiration_ms,
                     weight,
                 };
@@ -309,7 +347,7 @@ impl Inner {
         let outcome = match busy {
             Some(busy) => Ok((Some(busy), Vec::new())),
             None => self
-                .check_operations(&hash, cx, &mut failures)
+                .check_operations(&hash, cx, &mut failures, budget)
                 .await
                 .map(|stale| (record_reason(cx.batched(), &failures), stale)),
         };
@@ -339,10 +377,11 @@ impl Inner {
                     record: Some(StoredRecord::Inline(bare(&record))),
                     commit: None,
                     result: None,
-                    sender: Some(sender.to_base58()),
+                    sender: budget.stored_sender(),
+                    outsider: budget.is_outsiders(),
                     renounced: false,
                     renounces: BTreeMap::new(),
-                    local_only: sender == self.me,
+                    local_only: budget == Budget::Sender(self.me),
                 };
                 (vote, entry)
             }
@@ -350,6 +389,7 @@ impl Inner {
                 if reserved {
                     self.state().release(&hash);
                 }
+                self.take_rejection(budget, weight).await?;
                 let vote = record
                     .sign_promise(&self.keypair, VoteType::Reject, Some(reason.to_string()))
                     .map_err(sign_error)?;
@@ -361,6 +401,7 @@ impl Inner {
                     commit: None,
                     result: None,
                     sender: None,
+                    outsider: false,
                     renounced: false,
                     renounces: BTreeMap::new(),
                     local_only: false,
@@ -368,9 +409,22 @@ impl Inner {
                 (vote, entry)
             }
         };
-        if let Err(e) = write_entry(self.storage(), &hash, &entry).await {
-            if entry.status == RecordStatus::Promised {
-                self.state().release(&hash);
+        let rejection = RejectionRef { blocks: weight, sender: budget.stored_sender() };
+        let written = match entry.status {
+            RecordStatus::Rejected => match serde_json::to_vec(&rejection) {
+                Ok(index) => {
+                    let index = MetaWrite::Put(rejection_key(cx.expiration_ms, &hash), index);
+                    write_entry_after(self.storage(), &hash, &entry, vec![index]).await
+                }
+                Err(e) => Err(RepoError::Internal(format!("encoding a rejection index entry: {e}"))),
+            },
+            _ => write_entry(self.storage(), &hash, &entry).await,
+        };
+        if let Err(e) = written {
+            let mut state = self.state();
+            match entry.status {
+                RecordStatus::Promised => state.release(&hash),
+                _ => state.release_rejection(budget, weight),
             }
             return Err(e);
         }
@@ -390,16 +444,35 @@ impl Inner {
         Ok(record)
     }
 
+    /// Counts a rejection about to be stored against the bounds (SPEC 4.10). When they are
+    /// reached, the stored rejections already past their record's expiration plus grace are
+    /// collected first (one bounded batch, so that a busy member does not wait for the periodic
+    /// collection); past the bounds after that, the answer is `busy`: no vote is cast and
+    /// nothing is stored.
+    async fn take_rejection(&self, budget: Budget, weight: usize) -> Result<(), RepoError> {
+        let (per_budget, total) = (self.config.max_rejections_per_sender, self.config.max_rejections);
+        if self.state().take_rejection(budget, weight, per_budget, total).is_ok() {
+            return Ok(());
+        }
+        self.collect_rejections_once().await?;
+        self.state().take_rejection(budget, weight, per_budget, total).map_err(RepoError::Busy)
+    }
+
     /// Checks each operation not already failing against tombstones (SPEC 4.12) and local
     /// storage (the repository's dry run), recording why it fails in `failures`; returns each
-    /// stale operation's `StaleFailure` (by index). Reports blocks this member is behind on.
+    /// stale operation's `StaleFailure` (by index). Reports blocks this member is behind on: at
+    /// most [`MAX_BEHIND_REPORTS_PER_RECORD`] for the record, within `budget`'s allowance of
+    /// reports ([`crate::engine::MemberState::take_behind_report`]), so that no record or sender
+    /// queues unbounded catch-up work (SPEC 4.10, 4.20).
     async fn check_operations(
         &self,
         hash: &str,
         cx: &RecordContext,
         failures: &mut [Option<RejectReason>],
+        budget: Budget,
     ) -> Result<Vec<Option<Value>>, RepoError> {
         let mut stale = vec![None; cx.operations.len()];
+        let mut reported = 0usize;
         for ((operation, failure), stale) in cx.operations.iter().zip(failures.iter_mut()).zip(stale.iter_mut()) {
             if failure.is_some() {
                 continue;
@@ -409,7 +482,11 @@ impl Inner {
                 continue;
             }
             let check = check_operation(&self.local, operation).await?;
-            if let Some(block_id) = check.behind_block() {
+            if let Some(block_id) = check.behind_block()
+                && reported < MAX_BEHIND_REPORTS_PER_RECORD
+                && self.state().take_behind_report(budget, self.clock.now_ms())
+            {
+                reported += 1;
                 self.report_behind_unless_awaited(block_id, hash);
             }
             *failure = check.reject_reason();
@@ -485,6 +562,7 @@ impl Inner {
             commit: None,
             result: None,
             sender: None,
+            outsider: false,
             renounced: true,
             renounces: BTreeMap::new(),
             local_only: false,
@@ -548,7 +626,8 @@ impl Inner {
                 let decided = match prior {
                     Some(prior) if prior_decided => prior,
                     prior => {
-                        let sender = prior.as_ref().and_then(|e| e.sender.clone());
+                        let (sender, outsider) =
+                            prior.as_ref().map_or((None, false), |e| (e.sender.clone(), e.outsider));
                         Entry {
                             status: RecordStatus::Decided,
                             expiration_ms: cx.expiration_ms,
@@ -560,6 +639,7 @@ impl Inner {
                             commit: None,
                             result: None,
                             sender,
+                            outsider,
                             renounced: false,
                             renounces: BTreeMap::new(),
                             local_only: false,
@@ -572,14 +652,14 @@ impl Inner {
                 if !atomic {
                     self.persist_decided(&persist).await?;
                 }
-                let sender = decided.sender.as_deref().and_then(|s| s.parse().ok());
+                let budget = Budget::of_entry(decided.sender.as_deref(), decided.outsider);
                 {
                     let live = Live {
                         status: RecordStatus::Decided,
                         claims: cx.claims.clone(),
-                        sender,
+                        budget,
                         expiration_ms: cx.expiration_ms,
-                        weight: cx.operations.len(),
+                        weight: cx.weight(),
                     };
                     let mut state = self.state();
                     state.reserve(&hash, live);

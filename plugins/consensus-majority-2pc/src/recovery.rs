@@ -28,16 +28,17 @@ use optimystic_core::identity::PeerId;
 use optimystic_core::network::ProtocolKind;
 use optimystic_core::record::ClusterRecord;
 use optimystic_core::wire::RepoOperation;
-use optimystic_core::{RepoError, StorageError};
+use optimystic_core::{MetaWrite, RepoError, StorageError};
 use serde_json::{Value, json};
 
 use std::cmp::Reverse;
 
-use crate::engine::{DueRecovery, Inner, Live, MemberState};
+use crate::engine::{Budget, DueRecovery, Inner, Live, MemberState};
 use crate::faulty::{RENOUNCE_FIELD, load_faulty, verify_renounce};
 use crate::member::{STATUS_OPERATION, answer, stored_record};
 use crate::store::{
-    ENTRY_PREFIX, Entry, RecordStatus, TOMB_PREFIX, expiration_of_key, live_key, live_pointers, read_entry, write_entry,
+    ENTRY_PREFIX, Entry, REJECTION_PREFIX, RecordStatus, RejectionRef, TOMB_PREFIX, entry_key, expiration_of_key,
+    live_key, live_pointers, parse_rejection_key, read_entry, write_entry,
 };
 
 /// Scheduled recoveries kept per allowed reservation before those of resolved records are
@@ -51,6 +52,24 @@ const GC_BATCH: usize = 64;
 const GC_STEPS_PER_INTERVAL: usize = 16;
 /// Cancel tombstones examined per collection step (cancels are rare: failed transactions).
 const GC_TOMBSTONES_LISTED: usize = 256;
+/// Tombstone listings per collection step at most (most are of buckets holding few keys).
+const GC_TOMBSTONE_LISTINGS: usize = 64;
+/// The characters of a tombstone key after [`TOMB_PREFIX`] ([`crate::store::tomb_key`]: hex
+/// digits and the `/` between block and trx), in key order.
+const TOMB_KEY_CHARS: &str = "/0123456789abcdef";
+
+/// The tombstone bucket after `bucket` in key order once `bucket` and every key under it were
+/// examined: its next sibling, or its parent's next sibling, ...; `None` past the last bucket.
+fn next_tomb_bucket(bucket: &str) -> Option<String> {
+    let mut next = bucket.to_owned();
+    while let Some(last) = next.pop() {
+        if let Some(sibling) = TOMB_KEY_CHARS.chars().skip_while(|c| *c != last).nth(1) {
+            next.push(sibling);
+            return Some(next);
+        }
+    }
+    None
+}
 
 /// What one recovery round concluded.
 enum Round {
@@ -86,13 +105,12 @@ impl Inner {
             };
             let record = stored_record(self.storage(), Some(&entry)).await?;
             let cx = self.context(&record, self.clock.now_ms(), false)?;
-            let sender = entry.sender.as_deref().and_then(|s| s.parse().ok());
             let live = Live {
                 status: entry.status,
                 claims: cx.claims.clone(),
-                sender,
+                budget: Budget::of_entry(entry.sender.as_deref(), entry.outsider),
                 expiration_ms,
-                weight: cx.operations.len(),
+                weight: cx.weight(),
             };
             self.state().reserve(&hash, live);
             if entry.status == RecordStatus::Decided {
@@ -106,10 +124,31 @@ impl Inner {
             }
         }
         self.publish(&self.state());
+        self.count_stored_rejections().await?;
         let me = Arc::clone(self);
         self.spawn(async move { me.collect_garbage_forever().await });
         let me = Arc::clone(self);
         self.spawn(async move { me.schedule_recoveries_forever().await });
+        Ok(())
+    }
+
+    /// Counts the stored rejections (SPEC 4.10 bounds) from their index at start. Lists at most
+    /// `max_rejections` plus a collection batch: more are only there when the bound was lowered,
+    /// and they are collected at their expiration plus grace all the same.
+    async fn count_stored_rejections(&self) -> Result<(), RepoError> {
+        let limit = self.config.max_rejections.saturating_add(GC_BATCH);
+        let listed = self.storage().list_meta(REJECTION_PREFIX, limit).await?;
+        let mut state = self.state();
+        for (key, bytes) in listed {
+            match serde_json::from_slice::<RejectionRef>(&bytes) {
+                Ok(rejection) => {
+                    state.count_rejection(Budget::of_rejection(rejection.sender.as_deref()), rejection.blocks)
+                }
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "an unreadable rejection index entry; collected at its time")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -441,7 +480,7 @@ impl Inner {
     async fn is_decided_copy(&self, copy: &ClusterRecord) -> bool {
         let Ok(cx) = self.context(copy, self.clock.now_ms(), false) else { return false };
         let (approvals, _) = self.count_votes(&copy.promises);
-        approvals >= cx.promise_quorum && self.check_view(copy, &cx, true).await.is_ok()
+        approvals >= cx.promise_quorum && self.check_view(copy, &cx, true, None).await.is_ok()
     }
 
     /// Executes a record recovery found decided elsewhere (past its expiration: it is decided).
@@ -498,14 +537,93 @@ impl Inner {
                 deleted += 1;
             }
         }
+        let rejections_left = self.collect_rejections_once().await?;
+        self.collect_tombstones_once().await?;
+        Ok(deleted >= GC_BATCH || rejections_left)
+    }
+
+    /// Deletes stored rejections (their entries and index keys) whose record's expiration plus
+    /// grace has passed, oldest first, and gives back what they counted for (SPEC 4.10: a
+    /// rejection is kept only while its record can still be delivered). An entry that is no
+    /// longer a rejection (the record was decided elsewhere and executed here) stays for the
+    /// marker retention; only its index key goes. Returns whether a full batch was collected
+    /// (more may remain).
+    pub(crate) async fn collect_rejections_once(&self) -> Result<bool, RepoError> {
         let now = self.clock.now_ms();
-        for (key, bytes) in self.storage().list_meta(TOMB_PREFIX, GC_TOMBSTONES_LISTED).await? {
-            let keep_until = std::str::from_utf8(&bytes).ok().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
-            if keep_until < now {
+        let listed = self.storage().list_meta(REJECTION_PREFIX, GC_BATCH).await?;
+        let mut collected = 0usize;
+        for (key, bytes) in listed {
+            let Some((expiration_ms, hash)) = parse_rejection_key(&key) else {
                 self.storage().delete_meta(&key).await?;
+                continue;
+            };
+            if expiration_ms.saturating_add(self.config.grace_ms) >= now {
+                break;
+            }
+            // No lock needed: the record is past its expiration plus grace, so no delivery
+            // changes its entry any more (deliveries are refused as expired).
+            let mut writes = Vec::with_capacity(2);
+            let entry = read_entry(self.storage(), expiration_ms, hash).await?;
+            if entry.is_some_and(|e| e.status == RecordStatus::Rejected) {
+                writes.push(MetaWrite::Delete(entry_key(expiration_ms, hash)));
+            }
+            writes.push(MetaWrite::Delete(key.clone()));
+            self.storage().write_meta(&writes).await?;
+            if let Ok(rejection) = serde_json::from_slice::<RejectionRef>(&bytes) {
+                self.state().release_rejection(Budget::of_rejection(rejection.sender.as_deref()), rejection.blocks);
+            }
+            collected += 1;
+        }
+        Ok(collected >= GC_BATCH)
+    }
+
+    /// Deletes expired cancel tombstones, examining a bounded part of them per call and going on
+    /// where the last call stopped, so that every tombstone is reached however many sort before
+    /// it (SPEC 4.12: kept as long as the trx's records can still arrive, then collected).
+    ///
+    /// Storage lists keys by prefix only, so the sweep walks prefix buckets depth first: a bucket
+    /// whose listing is complete (fewer keys than listed at most) is done, and the walk moves to
+    /// the next bucket; a full one is split into its sub-buckets, one per next key character.
+    /// The bucket to visit next is kept in memory (a restart begins a new sweep).
+    async fn collect_tombstones_once(&self) -> Result<(), RepoError> {
+        let mut bucket = self.state().tomb_bucket.clone();
+        let swept = self.sweep_tombstones(&mut bucket).await;
+        self.state().tomb_bucket = bucket;
+        swept
+    }
+
+    /// One bounded part of the sweep of [`Inner::collect_tombstones_once`], from `bucket` on;
+    /// leaves in `bucket` where the next part begins.
+    async fn sweep_tombstones(&self, bucket: &mut String) -> Result<(), RepoError> {
+        let now = self.clock.now_ms();
+        let mut examined = 0usize;
+        for _ in 0..GC_TOMBSTONE_LISTINGS {
+            let listed = self.storage().list_meta(&format!("{TOMB_PREFIX}{bucket}"), GC_TOMBSTONES_LISTED).await?;
+            let complete = listed.len() < GC_TOMBSTONES_LISTED;
+            examined = examined.saturating_add(listed.len());
+            for (key, bytes) in listed {
+                let keep_until = std::str::from_utf8(&bytes).ok().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+                if keep_until < now {
+                    self.storage().delete_meta(&key).await?;
+                }
+            }
+            if complete {
+                match next_tomb_bucket(bucket) {
+                    Some(next) => *bucket = next,
+                    None => {
+                        // A whole sweep ended; the next part begins another.
+                        bucket.clear();
+                        return Ok(());
+                    }
+                }
+            } else if let Some(first) = TOMB_KEY_CHARS.chars().next() {
+                bucket.push(first);
+            }
+            if examined >= GC_TOMBSTONES_LISTED {
+                break;
             }
         }
-        Ok(deleted >= GC_BATCH)
+        Ok(())
     }
 }
 

@@ -6,6 +6,12 @@
 //! - `2pc/live/<messageHash>`: the expiration, present while the record holds a reservation
 //!   (promised, or decided and not yet executed). A restart lists these (bounded by
 //!   `max_reservations`) to rebuild the reservations.
+//! - `2pc/rej/<expiration ms, 20 digits>/<messageHash>`: a [`RejectionRef`], present while the
+//!   member keeps a rejected record's entry (its final vote). Stored rejections are bounded in
+//!   blocks per sender and in total (SPEC 4.10); a restart lists these (bounded by
+//!   `max_rejections`) to count them again, and collection deletes them with their entries at
+//!   the record's expiration plus grace, oldest first. Rejections stored before this index
+//!   existed have none and are collected with the other markers.
 //!
 //! Write order makes every crash point safe: a live pointer is written before its entry (a pointer
 //! without an entry is dropped at load: that vote was never answered), and deleted after the entry
@@ -26,6 +32,31 @@ pub(crate) const LIVE_PREFIX: &str = "2pc/live/";
 /// Prefix of cancel tombstones: `2pc/tomb/<hex block id>/<hex trx id>` -> the time (ms) after which
 /// it may be collected (SPEC 4.12).
 pub(crate) const TOMB_PREFIX: &str = "2pc/tomb/";
+
+/// Prefix of the rejection index.
+pub(crate) const REJECTION_PREFIX: &str = "2pc/rej/";
+
+/// The rejection index key of a record.
+pub(crate) fn rejection_key(expiration_ms: u64, message_hash: &str) -> String {
+    format!("{REJECTION_PREFIX}{expiration_ms:020}/{message_hash}")
+}
+
+/// The expiration and messageHash encoded in a rejection index key.
+pub(crate) fn parse_rejection_key(key: &str) -> Option<(u64, &str)> {
+    let (expiration, hash) = key.strip_prefix(REJECTION_PREFIX)?.split_once('/')?;
+    Some((expiration.parse().ok()?, hash))
+}
+
+/// What a stored rejection counts for against the bounds (the value of its index key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RejectionRef {
+    /// The blocks the rejected record names.
+    pub blocks: usize,
+    /// The sender whose budget it counts against; absent for the outsiders' shared budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+}
 
 /// The tombstone key of a cancelled trx on a block.
 pub(crate) fn tomb_key(block_id: &optimystic_core::BlockId, trx_id: &optimystic_core::TrxId) -> String {
@@ -80,9 +111,15 @@ pub(crate) struct Entry {
     /// rejection (SPEC 4.11): a stale answer is computed when answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
-    /// The peer that sent the record, while it holds a reservation (per-sender bounds).
+    /// The peer that sent the record, while it holds a reservation (per-sender bounds); absent
+    /// for a sender outside the cluster ([`Entry::outsider`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
+    /// The record came from a sender outside this member's view of the cluster: its reservation
+    /// counts against the budget all such senders share (SPEC 4.20 "Sybil senders"). Entries
+    /// written before this flag existed read as their sender's own budget.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outsider: bool,
     /// This member answered a status query "not executed" (past expiration): it will never
     /// execute the record (SPEC 4.11). A promised record keeps its reservation until recovery
     /// settles it (see the `recovery` module).
@@ -200,6 +237,7 @@ mod tests {
             commit: None,
             result: None,
             sender: None,
+            outsider: false,
             renounced: false,
             renounces: BTreeMap::new(),
             local_only: false,

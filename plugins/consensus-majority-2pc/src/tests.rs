@@ -663,14 +663,15 @@ impl optimystic_core::keynet::KeyNetwork for Seen {
 }
 
 /// Finding 7 / SPEC 4.11: a record naming a never-seen peer pins nothing, and one sender cannot
-/// take every reservation.
+/// take every reservation; a reservation is given back when its record is settled.
 #[tokio::test(start_paused = true)]
 async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
     let sim = SimNet::new(1, SimConfig::default());
     let keypair = Keypair::generate_ed25519();
     let me = keypair.public().to_peer_id();
     let ed25519 = || Keypair::generate_ed25519().public().to_peer_id();
-    let (a, b) = (ed25519(), ed25519());
+    let (ka, kb) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let (a, b) = (ka.public().to_peer_id(), kb.public().to_peer_id());
     let local = StorageRepo::new(Arc::new(MemoryStorage::new()));
     let deps = MajorityDeps {
         keypair,
@@ -680,7 +681,14 @@ async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
         clock: sim.clock(),
         behind: None,
     };
-    let config = MajorityConfig { max_reservations: 10, max_reservations_per_sender: 2, max_batch_ops: 2, ..config() };
+    let config = MajorityConfig {
+        max_reservations: 10,
+        max_reservations_per_sender: 2,
+        max_reservations_outsiders: 2,
+        max_record_blocks: 2,
+        max_batch_ops: 2,
+        ..config()
+    };
     let consensus = MajorityConsensus::new(config, deps).unwrap();
     let now = sim.clock().now_ms();
     let made_up = ed25519();
@@ -704,20 +712,329 @@ async fn made_up_peers_and_one_sender_cannot_pin_blocks() {
     };
     let spammer = ed25519();
     let mut votes = Vec::new();
+    let mut records = Vec::new();
     for id in ["p1", "p2", "p3"] {
-        let answer = consensus.on_update(spammer, record(&[me, a, b], insert(id), now + 1_000)).await.unwrap();
+        let sent = record(&[me, a, b], insert(id), now + 1_000);
+        let answer = consensus.on_update(spammer, sent.clone()).await.unwrap();
         votes.push(answer.promises[&me.to_base58()].clone());
+        records.push(sent);
     }
     assert!(votes[0].is_approve() && votes[1].is_approve());
     assert!(votes[2].reject_reason.as_deref().unwrap().starts_with("busy: "), "{:?}", votes[2]);
     let honest = consensus.on_update(a, record(&[me, a, b], insert("p4"), now + 1_000)).await.unwrap();
     assert!(honest.promises[&me.to_base58()].is_approve(), "other senders are still served");
+    assert_eq!(consensus.live_reservations(), 3);
+    // The other two peers rejected p1: it can never be decided, so its reservation goes at
+    // once, and the budget it took is given back (the spammer's next record is served).
+    let mut aborted = records[0].clone();
+    sign(&mut aborted, &ka, VoteType::Reject, Some("conflict: elsewhere"));
+    sign(&mut aborted, &kb, VoteType::Reject, Some("conflict: elsewhere"));
+    consensus.on_update(spammer, aborted).await.unwrap();
+    assert_eq!(consensus.live_reservations(), 2);
+    let again = consensus.on_update(spammer, record(&[me, a, b], insert("p5"), now + 1_000)).await.unwrap();
+    assert!(again.promises[&me.to_base58()].is_approve(), "the released budget serves the next record");
+    // Minting a new sender id does not buy a new budget.
+    let busy = consensus.on_update(ed25519(), record(&[me, a, b], insert("p6"), now + 1_000)).await.unwrap();
+    assert!(
+        busy.promises[&me.to_base58()].reject_reason.as_deref().unwrap().starts_with("busy: "),
+        "a fresh sender id outside the cluster shares the outsiders' budget"
+    );
     // A record naming no block is refused.
     let empty = RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx("e"), block_ids: vec![] } };
     assert_eq!(
         consensus.on_update(a, record(&[me, a, b], empty, now + 1_000)).await.unwrap_err().code(),
         ErrorCode::BadRequest
     );
+}
+
+/// A key network seeing exactly `peers` that counts its cluster lookups.
+#[derive(Debug)]
+struct CountedSeen(Seen, AtomicUsize);
+
+#[async_trait::async_trait]
+impl optimystic_core::keynet::KeyNetwork for CountedSeen {
+    async fn find_cluster(&self, block_id: &BlockId) -> Result<ClusterPeers, optimystic_core::keynet::KeyNetworkError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.find_cluster(block_id).await
+    }
+    async fn find_coordinator(
+        &self,
+        b: &BlockId,
+        e: &[PeerId],
+    ) -> Result<PeerId, optimystic_core::keynet::KeyNetworkError> {
+        self.0.find_coordinator(b, e).await
+    }
+    fn cluster_size(&self) -> usize {
+        self.0.cluster_size()
+    }
+    async fn has_seen(&self, peer: &PeerId) -> bool {
+        self.0.has_seen(peer).await
+    }
+}
+
+fn cancel_of(trx_id: &str, blocks: impl IntoIterator<Item = String>) -> RepoOperation {
+    let block_ids = blocks.into_iter().map(|b| BlockId::new(b).unwrap()).collect();
+    RepoOperation::Cancel { trx_ref: optimystic_core::TrxBlocks { trx_id: trx(trx_id), block_ids } }
+}
+
+/// Issue 21 finding 5 / SPEC 4.10, 4.20 "Sybil senders": one cancel naming 2,000 blocks is
+/// refused before any cluster lookup; a reservation weighs the blocks it names; and fresh sender
+/// ids outside the cluster share one budget instead of each getting its own.
+#[tokio::test(start_paused = true)]
+async fn reservations_weigh_blocks_and_minted_senders_share_one_budget() {
+    let sim = SimNet::new(1, SimConfig::default());
+    let keypair = Keypair::generate_ed25519();
+    let me = keypair.public().to_peer_id();
+    let ed25519 = || Keypair::generate_ed25519().public().to_peer_id();
+    let (a, b) = (ed25519(), ed25519());
+    let lookups = Arc::new(CountedSeen(Seen(vec![me, a, b]), AtomicUsize::new(0)));
+    let deps = MajorityDeps {
+        keypair,
+        network: sim.network(me),
+        local: StorageRepo::new(Arc::new(MemoryStorage::new())),
+        key_network: Some(lookups.clone()),
+        clock: sim.clock(),
+        behind: None,
+    };
+    let config = MajorityConfig {
+        max_reservations: 100,
+        max_reservations_per_sender: 20,
+        max_reservations_outsiders: 30,
+        max_record_blocks: 50,
+        max_batch_ops: 2,
+        ..config()
+    };
+    let consensus = MajorityConsensus::new(config, deps).unwrap();
+    let now = sim.clock().now_ms();
+    let peers = [me, a, b];
+    let vote_of = |answer: &ClusterRecord| answer.promises[&me.to_base58()].clone();
+
+    // One cancel naming 2,000 blocks: refused before a single cluster lookup, nothing held.
+    let huge = cancel_of("huge", (0..2_000).map(|i| format!("h{i}")));
+    let e = consensus.on_update(a, record(&peers, huge, now + 1_000)).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::BadRequest, "{e}");
+    assert!(e.to_string().contains("max_record_blocks"), "{e}");
+    assert_eq!(lookups.1.load(Ordering::SeqCst), 0, "no lookup before the size bound");
+    assert_eq!(consensus.live_reservations(), 0);
+
+    // A cancel naming 20 blocks weighs 20: the sender's budget (20 blocks) is full after it.
+    let twenty = cancel_of("c20", (0..20).map(|i| format!("a{i}")));
+    assert!(vote_of(&consensus.on_update(a, record(&peers, twenty, now + 1_000)).await.unwrap()).is_approve());
+    assert_eq!(lookups.1.load(Ordering::SeqCst), 20, "one lookup per block, bounded by max_record_blocks");
+    let one_more = consensus.on_update(a, record(&peers, cancel_of("c1", ["a99".to_owned()]), now + 1_000)).await;
+    let vote = vote_of(&one_more.unwrap());
+    assert!(vote.reject_reason.as_deref().unwrap().starts_with("busy: "), "{vote:?}");
+
+    // Five fresh ids outside the cluster, 10 blocks each: they share 30 blocks, not 5 x 20.
+    let mut approved = 0;
+    for n in 0..5 {
+        let cancel = cancel_of(&format!("s{n}"), (0..10).map(|i| format!("s{n}-{i}")));
+        let answer = consensus.on_update(ed25519(), record(&peers, cancel, now + 1_000)).await;
+        match answer {
+            Ok(answer) if vote_of(&answer).is_approve() => approved += 1,
+            Ok(answer) => assert!(vote_of(&answer).reject_reason.as_deref().unwrap().starts_with("busy: ")),
+            Err(e) => assert_eq!(e.code(), ErrorCode::Busy, "{e}"),
+        }
+    }
+    assert_eq!(approved, 3, "the outsiders' shared budget holds 30 blocks");
+    // A sender in the cluster still has its own budget.
+    let from_b = cancel_of("b", (0..5).map(|i| format!("b{i}")));
+    assert!(vote_of(&consensus.on_update(b, record(&peers, from_b, now + 1_000)).await.unwrap()).is_approve());
+}
+
+/// Issue 21 finding 10: expired cancel tombstones are collected however many live ones sort
+/// before them (the collection used to look at the first 256 keys only, for ever).
+#[tokio::test(start_paused = true)]
+async fn expired_tombstones_past_the_first_256_are_collected() {
+    let m = member();
+    let storage = m.local.storage().clone();
+    let now = m.sim.clock().now_ms();
+    let keep = (now + 1_000_000).to_string();
+    let gone = now.saturating_sub(1).to_string();
+    for i in 0..600 {
+        let key = crate::store::tomb_key(&BlockId::new(format!("a{i:04}")).unwrap(), &trx("t"));
+        storage.put_meta(&key, keep.as_bytes()).await.unwrap();
+    }
+    for i in 0..50 {
+        let key = crate::store::tomb_key(&BlockId::new(format!("z{i:04}")).unwrap(), &trx("t"));
+        storage.put_meta(&key, gone.as_bytes()).await.unwrap();
+    }
+    let count = |prefix: String| {
+        let storage = storage.clone();
+        async move { storage.list_meta(&prefix, 10_000).await.unwrap().len() }
+    };
+    let z_prefix = crate::store::tomb_key(&BlockId::new("z").unwrap(), &trx("t"));
+    let z_prefix = z_prefix.split_at(z_prefix.len() - "/74".len()).0.to_owned();
+    assert_eq!(count(z_prefix.clone()).await, 50);
+    for _ in 0..20 {
+        m.consensus.collect_garbage().await.unwrap();
+    }
+    assert_eq!(count(z_prefix).await, 0, "the expired tombstones sorting last were collected");
+    assert_eq!(count(crate::store::TOMB_PREFIX.to_owned()).await, 600, "live tombstones stay");
+}
+
+/// Counts behind reports.
+#[derive(Debug, Default)]
+struct CountBehind(AtomicUsize);
+
+impl optimystic_core::consensus::BehindSink for CountBehind {
+    fn behind(&self, _block_id: &BlockId) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A member seeing the cluster `{me, a, b}`, with `config`, reporting behind blocks to `behind`.
+fn seeing_member(config: MajorityConfig, behind: Arc<CountBehind>) -> (Member, [PeerId; 3]) {
+    let ed25519 = || Keypair::generate_ed25519().public().to_peer_id();
+    let storage: Arc<dyn RawStorage> = Arc::new(MemoryStorage::new());
+    seeing_member_over(config, behind, storage, Keypair::generate_ed25519(), [ed25519(), ed25519()])
+}
+
+/// [`seeing_member`] over `storage`, as `keypair`, with `others` as `a` and `b`.
+fn seeing_member_over(
+    config: MajorityConfig,
+    behind: Arc<CountBehind>,
+    storage: Arc<dyn RawStorage>,
+    keypair: Keypair,
+    others: [PeerId; 2],
+) -> (Member, [PeerId; 3]) {
+    let sim = SimNet::new(1, SimConfig::default());
+    let me = keypair.public().to_peer_id();
+    let peers = [me, others[0], others[1]];
+    let local = StorageRepo::new(storage);
+    let deps = MajorityDeps {
+        keypair: keypair.clone(),
+        network: sim.network(me),
+        local: local.clone(),
+        key_network: Some(Arc::new(Seen(peers.to_vec()))),
+        clock: sim.clock(),
+        behind: Some(behind),
+    };
+    let consensus = MajorityConsensus::new(config, deps).unwrap();
+    (Member { consensus, keypair, sim, local }, peers)
+}
+
+/// The stored 2pc entries of rejected records.
+async fn rejected_entries(m: &Member) -> usize {
+    let entries = m.local.storage().list_meta(crate::store::ENTRY_PREFIX, 100_000).await.unwrap();
+    entries.iter().filter(|(_, bytes)| String::from_utf8_lossy(bytes).contains(r#""status":"rejected""#)).count()
+}
+
+/// Issue 21 finding 6 / SPEC 4.10, 4.20: rejections of records from anyone naming the real
+/// cluster are stored within a budget per sender in the cluster and one shared by the others
+/// (past it: `busy`, no vote, nothing stored), and are released at the record's expiration plus
+/// grace, not kept for the marker retention.
+#[tokio::test(start_paused = true)]
+async fn stored_rejections_are_bounded_and_released_at_expiration_plus_grace() {
+    let config = MajorityConfig {
+        max_rejections_per_sender: 20,
+        max_rejections: 40,
+        max_record_blocks: 20,
+        max_batch_ops: 2,
+        ..config()
+    };
+    let (m, peers) = seeing_member(config.clone(), Arc::new(CountBehind::default()));
+    let me = peers[0].to_base58();
+    let now = m.sim.clock().now_ms();
+    let unknown = |n: usize| set_on(&format!("u{n}"), &format!("t{n}"), Some(2), 1);
+    let (mut stored, mut busy) = (0, 0);
+    let mut first = None;
+    for n in 0..30 {
+        let sent = record(&peers, unknown(n), now + 1_000);
+        match m.consensus.on_update(PeerId::random(), sent.clone()).await {
+            Ok(answer) => {
+                assert!(answer.promises[&me].reject_reason.as_deref().unwrap().starts_with("behind: "));
+                stored += 1;
+                first.get_or_insert((sent, answer.promises[&me].clone()));
+            }
+            Err(e) => {
+                assert_eq!(e.code(), ErrorCode::Busy, "{e}");
+                busy += 1;
+            }
+        }
+    }
+    assert_eq!((stored, busy), (20, 10), "minted sender ids share one budget");
+    assert_eq!(rejected_entries(&m).await, 20);
+    // A sender in the cluster has its own budget.
+    for n in 100..105 {
+        let answer = m.consensus.on_update(peers[1], record(&peers, unknown(n), now + 1_000)).await.unwrap();
+        assert!(!answer.promises[&me].is_approve());
+    }
+    assert_eq!(rejected_entries(&m).await, 25);
+    // Votes are final: a re-delivery gets the stored vote.
+    let (sent, vote) = first.unwrap();
+    assert_eq!(m.consensus.on_update(PeerId::random(), sent).await.unwrap().promises[&me], vote);
+
+    // At expiration plus grace (far before the marker retention) they are gone, and the budget
+    // serves again.
+    tokio::time::sleep(Duration::from_millis(1_000 + config.grace_ms + 1)).await;
+    assert!(config.marker_retention_ms > 1_000 + config.grace_ms + 1);
+    m.consensus.collect_garbage().await.unwrap();
+    assert_eq!(rejected_entries(&m).await, 0, "rejections are kept until expiration plus grace only");
+    let later = m.sim.clock().now_ms();
+    for n in 200..220 {
+        let again = m.consensus.on_update(PeerId::random(), record(&peers, unknown(n), later + 1_000)).await.unwrap();
+        assert!(again.promises[&me].reject_reason.as_deref().unwrap().starts_with("behind: "));
+    }
+    // A member at its bound collects what expired before it answers `busy`, without waiting for
+    // the periodic collection.
+    tokio::time::sleep(Duration::from_millis(1_000 + config.grace_ms + 1)).await;
+    let last = m.sim.clock().now_ms();
+    let served = m.consensus.on_update(PeerId::random(), record(&peers, unknown(300), last + 1_000)).await.unwrap();
+    assert!(served.promises[&me].reject_reason.as_deref().unwrap().starts_with("behind: "));
+    assert_eq!(rejected_entries(&m).await, 1);
+}
+
+/// Issue 21 finding 6: stored rejections are counted again after a restart (from their index),
+/// so restarting does not reset their bound.
+#[tokio::test(start_paused = true)]
+async fn stored_rejections_count_against_the_bound_after_a_restart() {
+    let config = MajorityConfig {
+        max_rejections_per_sender: 3,
+        max_rejections: 6,
+        max_record_blocks: 2,
+        max_batch_ops: 2,
+        ..config()
+    };
+    let storage: Arc<dyn RawStorage> = Arc::new(MemoryStorage::new());
+    let keypair = Keypair::generate_ed25519();
+    let others = [Keypair::generate_ed25519().public().to_peer_id(), Keypair::generate_ed25519().public().to_peer_id()];
+    let unknown = |n: usize| set_on(&format!("u{n}"), &format!("t{n}"), Some(2), 1);
+    let (m, peers) =
+        seeing_member_over(config.clone(), Arc::new(CountBehind::default()), storage.clone(), keypair.clone(), others);
+    let now = m.sim.clock().now_ms();
+    for n in 0..3 {
+        m.consensus.on_update(PeerId::random(), record(&peers, unknown(n), now + 1_000)).await.unwrap();
+    }
+    drop(m);
+    let (again, peers) = seeing_member_over(config, Arc::new(CountBehind::default()), storage, keypair, others);
+    let e = again.consensus.on_update(PeerId::random(), record(&peers, unknown(9), now + 1_000)).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Busy, "{e}");
+}
+
+/// Issue 21 finding 6: a batch of 1,024 operations this member is behind on leaves a small
+/// stored rejection (still naming every failing operation) and queues a bounded number of
+/// catch-ups, not one per operation.
+#[tokio::test(start_paused = true)]
+async fn a_large_rejected_batch_stores_a_small_vote_and_queues_few_catch_ups() {
+    let behind = Arc::new(CountBehind::default());
+    let (m, peers) = seeing_member(config(), behind.clone());
+    let now = m.sim.clock().now_ms();
+    let message = optimystic_core::wire::RecordMessage {
+        operations: (0..1_024).map(|n| set_on(&format!("u{n:04}"), &format!("t{n}"), Some(2), 1)).collect(),
+        expiration: now + 1_000,
+    };
+    let answer = m.consensus.on_update(peers[1], batch_record(&peers, message)).await.unwrap();
+    let vote = &answer.promises[&peers[0].to_base58()];
+    let reason = optimystic_core::RejectReason::parse(vote.reject_reason.as_deref().unwrap());
+    let failures = reason.batch_failures().unwrap().unwrap();
+    assert_eq!(failures.len(), 1_024, "every failing operation is named");
+    assert!(failures.iter().all(|f| f.reason.category == optimystic_core::RejectCategory::Behind));
+    for (_, bytes) in m.local.storage().list_meta("2pc/", 100).await.unwrap() {
+        assert!(bytes.len() < 32 * 1_024, "a stored 2pc entry of {} bytes", bytes.len());
+    }
+    let reports = behind.0.load(Ordering::SeqCst);
+    assert!((1..=crate::member::MAX_BEHIND_REPORTS_PER_RECORD).contains(&reports), "{reports} catch-ups queued");
 }
 
 /// Finding 8 / SPEC 4.11: once this member answered "not executed", it never executes the record.
