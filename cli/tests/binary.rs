@@ -216,9 +216,15 @@ fn output_of(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
 
 /// A solo node on memory storage (cluster of one, no metrics), started with flags only.
 fn start_solo_node(data_dir: &Path) -> Started {
+    start_solo_node_with(data_dir, &[])
+}
+
+/// [`start_solo_node`] with more environment variables.
+fn start_solo_node_with(data_dir: &Path, env: &[(&str, &str)]) -> Started {
     let mut child = Command::new(BIN)
         .args(["start", "--storage", "memory", "--no-metrics", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
         .arg(data_dir)
+        .envs(env.iter().copied())
         .env("OPTIMYSTIC_KEY_NETWORK__KIND", "static")
         .env("OPTIMYSTIC_CONSENSUS__KIND", "solo")
         .env("RUST_LOG", "warn")
@@ -278,7 +284,6 @@ fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
     assert_eq!(read["diary"]["state"]["latest"]["rev"], 3, "{read}");
 
     for (args, says) in [
-        (vec!["--block", "nothere", "--append", "entries", "1"], "block nothere does not exist"),
         (vec!["--block", "diary", "--append", "title", "1"], "field \"title\" of block diary is not an array"),
         (vec!["--block", "diary", "--append", "nope", "1"], "block diary has no field \"nope\""),
     ] {
@@ -301,6 +306,129 @@ fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
         node.child.take().unwrap()
     });
     assert_eq!(status.code(), Some(0));
+}
+
+/// The diary block of the README.
+const DIARY: &str = r#"{"header":{"id":"diary","type":"log","collectionId":"cli"},"entries":[]}"#;
+
+#[test]
+fn insert_of_an_existing_block_exits_2_and_replacing_is_explicit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node(dir.path());
+    let peer = node.p2p_addr.as_str();
+    client(&["--peer", peer, "write", "--block", "diary", "--insert", DIARY]);
+    client(&["--peer", peer, "write", "--block", "diary", "--append", "entries", "\"kept\""]);
+
+    let again = output_of(&["client", "--peer", peer, "write", "--block", "diary", "--insert", DIARY], None);
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("block diary already exists") && stderr.contains("--replace"), "{stderr}");
+    let read = client(&["--peer", peer, "get", "diary"]);
+    assert_eq!(read["diary"]["block"]["entries"], serde_json::json!(["kept"]), "nothing replaced: {read}");
+    assert_eq!(read["diary"]["state"]["latest"]["rev"], 2, "{read}");
+    assert_eq!(read["diary"]["state"]["pendings"], serde_json::json!([]), "no pend left behind: {read}");
+
+    let replaced = client(&["--peer", peer, "write", "--block", "diary", "--insert", DIARY, "--replace"]);
+    assert_eq!(replaced["rev"], 3, "{replaced}");
+    let read = client(&["--peer", peer, "get", "diary"]);
+    assert_eq!(read["diary"]["block"]["entries"], serde_json::json!([]), "{read}");
+    // A deleted block may be created again without --replace.
+    client(&["--peer", peer, "write", "--block", "diary", "--delete"]);
+    let created = client(&["--peer", peer, "write", "--block", "diary", "--insert", DIARY]);
+    assert_eq!(created["rev"], 5, "{created}");
+}
+
+#[test]
+fn update_delete_and_append_of_a_missing_block_exit_3_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node(dir.path());
+    let peer = node.p2p_addr.as_str();
+    for args in [
+        vec!["--update", r#"[["entries",0,0,["x"]]]"#],
+        vec!["--delete"],
+        vec!["--append", "entries", "1"],
+    ] {
+        let mut full = vec!["client", "--peer", peer, "write", "--block", "nothere"];
+        full.extend(&args);
+        let started = Instant::now();
+        let failed = output_of(&full, None);
+        assert_eq!(failed.status.code(), Some(3), "{args:?}: {failed:?}");
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(stderr.starts_with("not found: nothere"), "{args:?}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{args:?} failed at once, not after retries");
+    }
+}
+
+/// A block of about `bytes` bytes of JSON under id `id`.
+fn big_block(id: &str, bytes: usize) -> String {
+    format!(r#"{{"header":{{"id":"{id}","type":"blob","collectionId":"cli"}},"data":"{}"}}"#, "x".repeat(bytes))
+}
+
+#[test]
+fn json_arguments_come_from_a_file_or_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node_with(&dir.path().join("node"), &[("OPTIMYSTIC_LIMITS__MAX_BLOCK_BYTES", "6291456")]);
+    let peer = node.p2p_addr.as_str();
+    let file = dir.path().join("big.json");
+    std::fs::write(&file, big_block("big", 5_000_000)).unwrap();
+    let at_file = format!("@{}", file.display());
+    let written = client(&["--peer", peer, "--timeout-ms", "30000", "write", "--block", "big", "--insert", &at_file]);
+    assert_eq!(written["rev"], 1, "{written}");
+    let read = output_of(&["client", "--peer", peer, "--timeout-ms", "30000", "get", "big"], None);
+    assert_eq!(read.status.code(), Some(0), "{}", String::from_utf8_lossy(&read.stderr));
+    let read: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(read["big"]["block"]["data"].as_str().map(str::len), Some(5_000_000));
+
+    let update = br#"[["data","replaced"]]"#;
+    let piped = output_of(&["client", "--peer", peer, "write", "--block", "big", "--update", "-"], Some(update));
+    assert_eq!(piped.status.code(), Some(0), "{piped:?}");
+    let appended = output_of(&["client", "--peer", peer, "write", "--block", "big", "--update", "[]"], None);
+    assert_eq!(appended.status.code(), Some(0), "{appended:?}");
+    let read = client(&["--peer", peer, "get", "big"]);
+    assert_eq!(read["big"]["block"]["data"], "replaced", "{read}");
+
+    let gets = dir.path().join("gets.json");
+    std::fs::write(&gets, r#"{"blockIds":["big"]}"#).unwrap();
+    let read = client(&["--peer", peer, "get", "--json", &format!("@{}", gets.display())]);
+    assert_eq!(read["big"]["state"]["latest"]["rev"], 3, "{read}");
+
+    let missing = output_of(&["client", "--peer", peer, "pend", "@/nonexistent/pend.json"], None);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/pend.json"), "{missing:?}");
+    let bad = output_of(&["client", "--peer", peer, "cancel", "-"], Some(b"{not json"));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("the TrxBlocks (from stdin) is not valid JSON"), "{bad:?}");
+}
+
+#[test]
+fn an_interrupted_write_cancels_its_pend_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node(dir.path());
+    let peer = node.p2p_addr.as_str();
+    client(&["--peer", peer, "write", "--block", "diary", "--insert", DIARY]);
+    for signal in ["-INT", "-TERM"] {
+        let mut write = Command::new(BIN)
+            .args(["client", "--peer", peer, "write", "--block", "diary", "--append", "entries", "1"])
+            .env("OPTIMYSTIC_CLIENT_HOLD_BEFORE_COMMIT", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = line_channel(write.stderr.take().unwrap());
+        let pended = lines.recv_timeout(STARTUP_TIMEOUT).expect("the write reports its pend");
+        assert!(pended.starts_with("pended "), "{pended}");
+        let read = client(&["--peer", peer, "get", "diary"]);
+        assert_eq!(read["diary"]["state"]["pendings"].as_array().map(Vec::len), Some(1), "held after pend: {read}");
+
+        assert!(Command::new("kill").args([signal, &write.id().to_string()]).status().unwrap().success());
+        let status = wait_exit(write);
+        assert_eq!(status.code(), Some(130), "{signal}");
+        let said: Vec<String> = remaining(&lines);
+        assert!(said.iter().any(|l| l.starts_with("interrupted: cancelled the pend of ")), "{said:?}");
+        let read = client(&["--peer", peer, "get", "diary"]);
+        assert_eq!(read["diary"]["state"]["pendings"], serde_json::json!([]), "the pend was cancelled: {read}");
+        assert_eq!(read["diary"]["state"]["latest"]["rev"], 1, "nothing committed: {read}");
+    }
 }
 
 #[test]
