@@ -27,6 +27,9 @@ use crate::{EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_OUTCOME_UNKNOWN, connect, err
 /// Largest JSON argument read from a file or stdin: 256 MiB, the largest frame a node accepts.
 pub const MAX_JSON_ARGUMENT_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Longest explanation of a JSON argument's parse error, in characters.
+const MAX_REASON_CHARS: usize = 300;
+
 /// Environment variable that makes `client write` stop after its pend (printing `pended <trxId> at
 /// rev <rev>` on stderr) until it is interrupted: for failure tests of an interrupted write.
 pub const HOLD_BEFORE_COMMIT_ENV: &str = "OPTIMYSTIC_CLIENT_HOLD_BEFORE_COMMIT";
@@ -276,7 +279,15 @@ impl JsonArgs {
         } else {
             (arg.to_owned(), String::new())
         };
-        serde_json::from_str(&text).with_context(|| format!("{what}{source} is not valid JSON of the expected shape"))
+        serde_json::from_str(&text).map_err(|e| {
+            // serde quotes the offending value, which may be megabytes long.
+            let mut reason = e.to_string();
+            if let Some((cut, _)) = reason.char_indices().nth(MAX_REASON_CHARS) {
+                reason.truncate(cut);
+                reason.push_str("...");
+            }
+            anyhow::anyhow!("{what}{source} is not valid JSON of the expected shape: {reason}")
+        })
     }
 }
 

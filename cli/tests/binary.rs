@@ -221,8 +221,13 @@ fn start_solo_node(data_dir: &Path) -> Started {
 
 /// [`start_solo_node`] with more environment variables.
 fn start_solo_node_with(data_dir: &Path, env: &[(&str, &str)]) -> Started {
+    start_solo_node_on("memory", data_dir, env)
+}
+
+/// A solo node on `storage`, with more environment variables.
+fn start_solo_node_on(storage: &str, data_dir: &Path, env: &[(&str, &str)]) -> Started {
     let mut child = Command::new(BIN)
-        .args(["start", "--storage", "memory", "--no-metrics", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .args(["start", "--storage", storage, "--no-metrics", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
         .arg(data_dir)
         .envs(env.iter().copied())
         .env("OPTIMYSTIC_KEY_NETWORK__KIND", "static")
@@ -379,7 +384,7 @@ fn json_arguments_come_from_a_file_or_stdin() {
     let read: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
     assert_eq!(read["big"]["block"]["data"].as_str().map(str::len), Some(5_000_000));
 
-    let update = br#"[["data","replaced"]]"#;
+    let update = br#"[["data",0,0,"replaced"]]"#;
     let piped = output_of(&["client", "--peer", peer, "write", "--block", "big", "--update", "-"], Some(update));
     assert_eq!(piped.status.code(), Some(0), "{piped:?}");
     let appended = output_of(&["client", "--peer", peer, "write", "--block", "big", "--update", "[]"], None);
@@ -398,6 +403,69 @@ fn json_arguments_come_from_a_file_or_stdin() {
     let bad = output_of(&["client", "--peer", peer, "cancel", "-"], Some(b"{not json"));
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("the TrxBlocks (from stdin) is not valid JSON"), "{bad:?}");
+}
+
+#[test]
+fn a_block_past_max_block_bytes_is_refused_at_pend_and_an_older_oversize_block_reads_shrinks_and_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let file = dir.path().join("part.json");
+    let timeout = ["--timeout-ms", "60000"];
+    {
+        // An older version had no block limit: 5 MB + 4 MB make a block of 9 MB, past the 8 MiB
+        // repo frame.
+        let older = [("OPTIMYSTIC_LIMITS__MAX_REPO_FRAME_BYTES", "16777216"), ("OPTIMYSTIC_LIMITS__MAX_BLOCK_BYTES", "12582912")];
+        let node = start_solo_node_on("lmdb", &data, &older);
+        let peer = node.p2p_addr.as_str();
+        std::fs::write(&file, big_block("huge", 5_000_000)).unwrap();
+        let insert = format!("@{}", file.display());
+        client(&["--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--insert", &insert]);
+        std::fs::write(&file, format!(r#"[["more",0,0,"{}"]]"#, "y".repeat(4_000_000))).unwrap();
+        let update = format!("@{}", file.display());
+        client(&["--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--update", &update]);
+        assert_eq!(sigterm_and_wait({ let mut node = node; node.child.take().unwrap() }).code(), Some(0));
+    }
+    let node = start_solo_node_on("lmdb", &data, &[]);
+    let peer = node.p2p_addr.as_str();
+    let read = output_of(&["client", "--peer", peer, timeout[0], timeout[1], "get", "huge"], None);
+    assert_eq!(read.status.code(), Some(0), "an oversize block reads: {}", String::from_utf8_lossy(&read.stderr));
+    let read: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(read["huge"]["block"]["more"].as_str().map(str::len), Some(4_000_000));
+    let located = output_of(&["locate", "--peer", peer, "--json", "huge"], None);
+    assert_eq!(located.status.code(), Some(0), "{located:?}");
+    let located = String::from_utf8_lossy(&located.stdout);
+    assert!(located.contains("\"rev\": 2"), "locate reads the member's latest: {located}");
+    let history = output_of(&["history", "--peer", peer, "--json", "huge"], None);
+    assert_eq!(history.status.code(), Some(0), "{history:?}");
+    assert_eq!(String::from_utf8_lossy(&history.stdout).lines().count(), 2);
+
+    let grow = output_of(&["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--append", "tags", "1"], None);
+    assert_eq!(grow.status.code(), Some(2), "{grow:?}");
+    let refused = output_of(
+        &["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--update", r#"[["tag",0,0,"x"]]"#],
+        None,
+    );
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("bad request")
+            && stderr.contains("block huge")
+            && stderr.contains("over the limit of 4194304 bytes (limits.max_block_bytes)"),
+        "names the block, its size and the limit: {stderr}"
+    );
+    client(&["--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--update", r#"[["more",0,0,"short"]]"#]);
+    let read = client(&["--peer", peer, "get", "huge"]);
+    assert_eq!(read["huge"]["block"]["more"], "short", "shrunk: {}", read["huge"]["state"]);
+    client(&["--peer", peer, "write", "--block", "huge", "--delete"]);
+    let gone = output_of(&["client", "--peer", peer, "get", "huge"], None);
+    assert_eq!(gone.status.code(), Some(3), "{gone:?}");
+
+    std::fs::write(&file, big_block("new", 4_300_000)).unwrap();
+    let insert = format!("@{}", file.display());
+    let too_big = output_of(&["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "new", "--insert", &insert], None);
+    assert_eq!(too_big.status.code(), Some(2), "{too_big:?}");
+    let stderr = String::from_utf8_lossy(&too_big.stderr);
+    assert!(stderr.contains("invalid transform for block new: the block would be 43000"), "{stderr}");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::codec::HARD_MAX_FRAME_BYTES;
 use optimystic_core::keynet::ClusterSize;
 pub use optimystic_core::reads::ReadMode;
 use optimystic_core::registry::{PluginKind, Registry};
@@ -45,6 +46,9 @@ pub struct NodeConfig {
     /// Logging.
     pub log: LogSection,
 }
+
+/// Room left in a repo frame around a block at `limits.max_block_bytes`: 64 KiB.
+pub const BLOCK_ENVELOPE_BYTES: usize = 64 * 1024;
 
 /// Most blocks one replica-repair round may visit (`node.repair_blocks_per_round`).
 pub const MAX_REPAIR_BLOCKS_PER_ROUND: usize = 4_096;
@@ -98,6 +102,14 @@ pub struct LimitsSection {
     pub max_repo_frame_bytes: usize,
     /// Largest cluster protocol frame.
     pub max_cluster_frame_bytes: usize,
+    /// Largest repo and sync protocol response frame (read and written): at least
+    /// `max_repo_frame_bytes`, so that reads return any block that exists, including one over
+    /// `max_block_bytes` written by an older version.
+    pub max_response_frame_bytes: usize,
+    /// Largest block, as bytes of JSON: a pend that would make a block larger (and larger than it
+    /// is) is refused with `bad-request`. A block over it still reads, shrinks and deletes. At
+    /// most `max_repo_frame_bytes` less 64 KiB, so a whole block fits in one request.
+    pub max_block_bytes: u64,
     /// Inbound requests served at once per protocol; more wait in a queue.
     pub max_inbound_per_protocol: usize,
     /// Inbound requests waiting for a slot per protocol; more are answered `busy`.
@@ -117,6 +129,8 @@ impl Default for LimitsSection {
         Self {
             max_repo_frame_bytes: 8 * 1024 * 1024,
             max_cluster_frame_bytes: 1024 * 1024,
+            max_response_frame_bytes: crate::codec::DEFAULT_MAX_RESPONSE_FRAME_BYTES,
+            max_block_bytes: optimystic_core::repo::DEFAULT_MAX_BLOCK_BYTES,
             max_inbound_per_protocol: 32,
             max_queued_inbound_per_protocol: 256,
             max_outbound_per_protocol: 64,
@@ -407,6 +421,7 @@ impl LoadedConfig {
         for (key, value, min, max) in [
             ("limits.max_repo_frame_bytes", l.max_repo_frame_bytes, 1024, 1 << 30),
             ("limits.max_cluster_frame_bytes", l.max_cluster_frame_bytes, 1024, 1 << 30),
+            ("limits.max_response_frame_bytes", l.max_response_frame_bytes, l.max_repo_frame_bytes, HARD_MAX_FRAME_BYTES),
             ("limits.max_inbound_per_protocol", l.max_inbound_per_protocol, 1, 100_000),
             ("limits.max_queued_inbound_per_protocol", l.max_queued_inbound_per_protocol, 0, 100_000),
             ("limits.max_outbound_per_protocol", l.max_outbound_per_protocol, 1, 100_000),
@@ -414,6 +429,16 @@ impl LoadedConfig {
             if !(min..=max).contains(&value) {
                 return Err(self.invalid(key, format!("{value} is outside {min}..={max}")));
             }
+        }
+        let most_block_bytes = l.max_repo_frame_bytes.saturating_sub(BLOCK_ENVELOPE_BYTES) as u64;
+        if !(1024..=most_block_bytes).contains(&l.max_block_bytes) {
+            return Err(self.invalid(
+                "limits.max_block_bytes",
+                format!(
+                    "{} is outside 1024..={most_block_bytes} (limits.max_repo_frame_bytes less 64 KiB for the envelope)",
+                    l.max_block_bytes
+                ),
+            ));
         }
         for (key, value) in [
             ("limits.request_timeout_ms", l.request_timeout_ms),

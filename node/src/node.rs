@@ -274,7 +274,7 @@ impl Node {
             tracing::info!("storage is not durable: starting with a fresh identity");
             identity::generate()
         };
-        let local = StorageRepo::new(storage.clone());
+        let local = StorageRepo::new(storage.clone()).with_max_block_bytes(config.limits.max_block_bytes);
 
         let mut host_config = HostConfig::new(keypair.clone());
         host_config.listen = parse_addrs("node.listen", &config.node.listen)?;
@@ -293,6 +293,7 @@ impl Node {
         host_config.max_repo_frame_bytes = limits.max_repo_frame_bytes;
         host_config.max_cluster_frame_bytes = limits.max_cluster_frame_bytes;
         host_config.max_sync_frame_bytes = limits.max_repo_frame_bytes;
+        host_config.max_response_frame_bytes = limits.max_response_frame_bytes;
         host_config.max_inbound_per_protocol = limits.max_inbound_per_protocol;
         host_config.max_queued_inbound_per_protocol = limits.max_queued_inbound_per_protocol;
         host_config.max_outbound_per_protocol = limits.max_outbound_per_protocol;
