@@ -469,6 +469,30 @@ fn a_block_past_max_block_bytes_is_refused_at_pend_and_an_older_oversize_block_r
 }
 
 #[test]
+fn config_show_refuses_what_start_refuses_naming_file_and_key_and_start_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("node.toml");
+    for (option, says) in [
+        ("map_size_bytes = \"big\"", "storage.map_size_bytes in "),
+        ("mapsize = 5", "storage.mapsize in "),
+    ] {
+        let text = format!("[node]\ndata_dir = {:?}\n[storage]\nkind = \"lmdb\"\n{option}\n", data.display().to_string());
+        std::fs::write(&config, text).unwrap();
+        let expected = format!("error: configuration: {says}{}: storage lmdb: ", config.display());
+        for command in ["config show", "start"] {
+            let mut args: Vec<&str> = command.split(' ').collect();
+            args.extend(["--config", config.to_str().unwrap(), "--no-metrics"]);
+            let refused = output_of(&args, None);
+            assert_eq!(refused.status.code(), Some(2), "{command} {option}: {refused:?}");
+            let stderr = String::from_utf8_lossy(&refused.stderr);
+            assert!(stderr.starts_with(&expected), "{command} {option}: {stderr}");
+            assert!(!data.exists(), "{command} {option} created the data directory");
+        }
+    }
+}
+
+#[test]
 fn an_interrupted_write_cancels_its_pend_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_solo_node(dir.path());
