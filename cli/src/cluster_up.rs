@@ -373,7 +373,7 @@ fn apply_line(cluster: &mut Cluster, i: usize, line: &str) {
         node.addr.get_or_insert_with(|| addr.trim().to_owned());
     } else if let Some(url) = line.strip_prefix("metrics ") {
         node.metrics.get_or_insert_with(|| url.trim().to_owned());
-    } else if line.trim() == "ready" {
+    } else if line.split_whitespace().next() == Some("ready") {
         node.ready = true;
     }
 }

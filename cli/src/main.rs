@@ -36,10 +36,16 @@ mod progress;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
-#[command(name = "optimystic", version, about = "Peer-to-peer block database node")]
+#[command(
+    name = "optimystic",
+    version,
+    about = "Peer-to-peer block database node",
+    after_help = "Every command also takes --log-format text|json (or OPTIMYSTIC_LOG_FORMAT): logs on stderr as \
+        human-readable lines (text, the default) or one JSON object per line (json)."
+)]
 struct Cli {
-    /// Log format.
-    #[arg(long, global = true, value_enum, env = "OPTIMYSTIC_LOG_FORMAT")]
+    /// Log format (said once, in the top-level help).
+    #[arg(long, global = true, value_enum, env = "OPTIMYSTIC_LOG_FORMAT", hide = true)]
     log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
@@ -367,7 +373,7 @@ async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     drop(out);
-    let announce = tokio::spawn(announce_ready(node.readiness()));
+    let announce = tokio::spawn(announce_ready(node.readiness(), node.peer_id()));
     wait_for_signal()?.await?;
     announce.abort();
     tracing::info!("stopping");
@@ -521,11 +527,14 @@ struct OperatorArgs {
     protocol_prefix: String,
 }
 
-/// Prints `ready` once, when the node first becomes ready.
-async fn announce_ready(mut readiness: tokio::sync::watch::Receiver<optimystic_node::readiness::Readiness>) {
+/// Prints `ready <peer id>` once, when the node first becomes ready.
+async fn announce_ready(
+    mut readiness: tokio::sync::watch::Receiver<optimystic_node::readiness::Readiness>,
+    peer: PeerId,
+) {
     if readiness.wait_for(|r| r.ready).await.is_ok() {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "ready");
+        let _ = writeln!(out, "ready {peer}");
         let _ = out.flush();
     }
 }

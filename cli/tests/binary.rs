@@ -493,6 +493,25 @@ fn config_show_refuses_what_start_refuses_naming_file_and_key_and_start_creates_
 }
 
 #[test]
+fn help_and_errors_say_each_thing_once() {
+    let (code, top, _) = run_bin(&["--help"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(top.matches("--log-format").count(), 1, "the log format is explained once: {top}");
+    for command in ["status", "start", "client", "locate", "history"] {
+        let (code, help, _) = run_bin(&[command, "--help"]);
+        assert_eq!(code, Some(0));
+        assert!(!help.contains("log-format") && !help.contains("Possible values"), "{command}: {help}");
+    }
+    let (code, shown, stderr) = run_bin(&["config", "show", "--log-format", "json"]);
+    assert_eq!(code, Some(0), "--log-format still works after a subcommand: {stderr}");
+    assert!(shown.contains("[node]"));
+
+    let (code, _, stderr) = run_bin(&["locate", "--peer", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWA", ""]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.starts_with("error: block id must be ") && !stderr.contains("the block id"), "{stderr}");
+}
+
+#[test]
 fn an_interrupted_write_cancels_its_pend_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_solo_node(dir.path());
@@ -564,6 +583,8 @@ fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.starts_with("block log: latest rev 3"), "{text}");
     assert_eq!(text.matches("  evidence commit z").count(), 3, "{text}");
+    assert_eq!(text.matches(" of 3 peers committed, ").count(), 3, "commit evidence counts commit votes: {text}");
+    assert_eq!(text.matches(" of 3 peers promised)").count(), 3, "pend evidence counts promises: {text}");
     let missing = output_of(&["history", "--peer", &peer, "nothere"], None);
     assert_eq!(missing.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not found: nothere"));
@@ -775,6 +796,12 @@ impl Drop for Launched {
 
 impl Launched {
     /// Waits for the stdout line `line` until `deadline`.
+    /// Waits for the `ready <peer id>` line naming this node.
+    fn wait_ready(&self, deadline: Instant) {
+        let peer = self.p2p_addr.rsplit('/').next().unwrap();
+        self.wait_line(&format!("ready {peer}"), deadline);
+    }
+
     fn wait_line(&self, line: &str, deadline: Instant) {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -901,7 +928,7 @@ fn three_nodes_started_at_once_from_the_example_configs_join_and_serve_within_20
     let deadline = started + JOIN_DEADLINE;
     let nodes = start_example_cluster(dir.path());
     for node in &nodes {
-        node.wait_line("ready", deadline);
+        node.wait_ready(deadline);
         let (status, body) = http_get(&node.metrics.replace("/metrics", "/ready"));
         assert_eq!(status, 200, "ready: {body}");
     }
@@ -951,7 +978,7 @@ fn a_node_whose_bootstrap_peer_is_down_is_live_not_ready_and_joins_when_it_comes
     let log1 = dir.path().join("node1.log");
     let (child, lines) = spawn_start(&first, log1.clone());
     let _bootstrap_peer = launched(child, lines, log1);
-    joining.wait_line("ready", Instant::now() + JOIN_DEADLINE);
+    joining.wait_ready(Instant::now() + JOIN_DEADLINE);
     let (status, body) = http_get(&joining.metrics.replace("/metrics", "/ready"));
     assert_eq!(status, 200, "{body}");
     let log = joining.log_text();
@@ -1001,7 +1028,7 @@ fn status_and_locate_describe_a_three_node_cluster() {
     let nodes = start_example_cluster(dir.path());
     let deadline = Instant::now() + JOIN_DEADLINE;
     for node in &nodes {
-        node.wait_line("ready", deadline);
+        node.wait_ready(deadline);
     }
     let block = r#"{"header":{"id":"located","type":"note","collectionId":"cli"},"text":"here"}"#;
     client(&["--peer", &nodes[0].p2p_addr, "write", "--block", "located", "--insert", block]);
