@@ -136,14 +136,42 @@ enum ClusterCommand {
     /// Start N local nodes as separate processes and run them until Ctrl-C (SIGINT) or SIGTERM.
     ///
     /// Writes `node<i>.toml` config files, data directories and `node<i>.log` logs into one
-    /// directory (printed), starts node 1, then the others bootstrapping from it, and prints each
-    /// node's pid, address and metrics URL and client commands to paste. Ctrl-C or SIGTERM stops
-    /// every node (SIGTERM, then SIGKILL after 20 s) and exits 0; a node that exits on its own
-    /// stops the others and exits 2.
+    /// directory (printed; by default a new one in the system's temporary directory), starts node
+    /// 1, then the others bootstrapping from it, and prints each node's pid, address and metrics
+    /// URL and client commands to paste. `cluster stop|start|restart <i>` and `cluster add` change
+    /// one node while it runs. Ctrl-C or SIGTERM stops every node (SIGTERM, then SIGKILL after
+    /// 20 s) and exits 0; a node that exits on its own (not stopped on command) stops the others
+    /// and exits 2.
     #[command(after_help = "Examples:\n  optimystic cluster up\n  \
         optimystic cluster up --nodes 5 --storage memory --base-port 0\n  \
         optimystic cluster up --dir ./my-cluster   # reuses the data (and peer ids) of an earlier run")]
     Up(cluster_up::ClusterUpOptions),
+    /// Stop node I of a running `cluster up` (SIGTERM; its data and config stay).
+    #[command(after_help = "Example:\n  optimystic cluster stop 2 --dir /tmp/optimystic-cluster-1")]
+    Stop(NodeControl),
+    /// Start stopped node I of a running `cluster up` again, on the same address and data.
+    #[command(after_help = "Example:\n  optimystic cluster start 2 --dir /tmp/optimystic-cluster-1")]
+    Start(NodeControl),
+    /// Stop node I of a running `cluster up` and start it again (same address and data).
+    #[command(after_help = "Example:\n  optimystic cluster restart 2 --dir /tmp/optimystic-cluster-1")]
+    Restart(NodeControl),
+    /// Add a node to a running `cluster up`, bootstrapping from its first running node.
+    #[command(after_help = "Example:\n  optimystic cluster add --dir /tmp/optimystic-cluster-1")]
+    Add {
+        /// The directory `cluster up` printed.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// Which node of which running `cluster up`.
+#[derive(Debug, Args)]
+struct NodeControl {
+    /// The node (1-based, as `cluster up` numbers them).
+    node: usize,
+    /// The directory `cluster up` printed.
+    #[arg(long)]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,10 +355,20 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Start(args) => start(args).await,
         Command::Client(args) => client::client(args).await,
-        Command::Cluster(ClusterCommand::Up(options)) => {
-            let exe = std::env::current_exe().context("finding this program to start the nodes")?;
-            let program = std::env::args().next().unwrap_or_else(|| "optimystic".to_owned());
-            cluster_up::run(&options, &exe, &program).await?;
+        Command::Cluster(command) => {
+            let (dir, line) = match command {
+                ClusterCommand::Up(options) => {
+                    let exe = std::env::current_exe().context("finding this program to start the nodes")?;
+                    let program = std::env::args().next().unwrap_or_else(|| "optimystic".to_owned());
+                    cluster_up::run(&options, &exe, &program).await?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                ClusterCommand::Stop(n) => (n.dir, format!("stop {}", n.node)),
+                ClusterCommand::Start(n) => (n.dir, format!("start {}", n.node)),
+                ClusterCommand::Restart(n) => (n.dir, format!("restart {}", n.node)),
+                ClusterCommand::Add { dir } => (dir, "add".to_owned()),
+            };
+            println!("{}", cluster_up::control(&dir, &line).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::History(args) => history(args).await,

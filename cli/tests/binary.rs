@@ -648,8 +648,13 @@ fn cluster_up_runs_three_processes_until_sigint_and_leaves_none_behind() {
 /// Starts `optimystic cluster up --nodes <n>` on free ports and memory storage; returns it, its
 /// stdout lines, and each node's (pid, address) once it printed `up:`.
 fn cluster_up(dir: &Path, n: usize) -> (ClusterUp, mpsc::Receiver<String>, Vec<(u32, String)>) {
+    cluster_up_with(dir, n, "memory")
+}
+
+/// [`cluster_up`] on `storage`.
+fn cluster_up_with(dir: &Path, n: usize, storage: &str) -> (ClusterUp, mpsc::Receiver<String>, Vec<(u32, String)>) {
     let mut child = Command::new(BIN)
-        .args(["cluster", "up", "--nodes", &n.to_string(), "--storage", "memory", "--base-port", "0", "--dir"])
+        .args(["cluster", "up", "--nodes", &n.to_string(), "--storage", storage, "--base-port", "0", "--dir"])
         .arg(dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -693,6 +698,75 @@ fn remaining(lines: &mpsc::Receiver<String>) -> Vec<String> {
         rest.push(line);
     }
     rest
+}
+
+/// Runs `optimystic cluster <args> --dir <dir>`; returns its stdout's one line.
+fn cluster_control(dir: &Path, args: &[&str]) -> String {
+    let mut full = vec!["cluster"];
+    full.extend(args);
+    full.extend(["--dir", dir.to_str().unwrap()]);
+    let (code, out, err) = run_bin(&full);
+    assert_eq!(code, Some(0), "cluster {args:?}: {out}{err}");
+    out.trim().to_owned()
+}
+
+#[test]
+fn cluster_up_stops_restarts_and_adds_one_node_on_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, lines, nodes) = cluster_up_with(dir.path(), 3, "lmdb");
+    let block = r#"{"header":{"id":"steady","type":"log","collectionId":"cli"},"entries":[]}"#;
+    client(&["--peer", &nodes[0].1, "write", "--block", "steady", "--insert", block]);
+
+    let stopped = cluster_control(dir.path(), &["stop", "2"]);
+    assert_eq!(stopped, "node 2 stopped (exit status 0)");
+    assert!(!pid_alive(nodes[1].0), "node 2's process is gone");
+    assert!(up.child.as_mut().unwrap().try_wait().unwrap().is_none(), "cluster up still runs");
+    client(&["--peer", &nodes[0].1, "write", "--block", "steady", "--append", "entries", "1"]);
+    let (code, _, again) = run_bin(&["cluster", "stop", "2", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(again.contains("node 2 is stopped"), "{again}");
+
+    let started = cluster_control(dir.path(), &["start", "2"]);
+    assert!(started.starts_with("node 2 pid ") && started.ends_with(&nodes[1].1), "same address and id: {started}");
+    let restarted = cluster_control(dir.path(), &["restart", "2"]);
+    assert!(restarted.ends_with(&nodes[1].1), "{restarted}");
+    client(&["--peer", &nodes[1].1, "write", "--block", "steady", "--append", "entries", "2"]);
+    let read = client(&["--peer", &nodes[1].1, "get", "steady"]);
+    assert_eq!(read["steady"]["block"]["entries"], serde_json::json!([1, 2]), "{read}");
+
+    let added = cluster_control(dir.path(), &["add"]);
+    assert!(added.starts_with("node 4 pid ") && added.contains(" listening /ip4/127.0.0.1/tcp/"), "{added}");
+    assert!(dir.path().join("node4.toml").is_file());
+    let fourth = added.rsplit(' ').next().unwrap().to_owned();
+    let read = client(&["--peer", &fourth, "get", "steady"]);
+    assert_eq!(read["steady"]["state"]["latest"]["rev"], 3, "the added node serves reads: {read}");
+
+    let child = up.child.take().unwrap();
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(wait_exit(child).code(), Some(0));
+    let stopped: Vec<String> = remaining(&lines).into_iter().filter(|l| l.contains(" stopped (")).collect();
+    assert_eq!(stopped.len(), 4 + 1, "the command's stop and the final four: {stopped:?}");
+}
+
+#[test]
+fn cluster_up_puts_its_default_directory_outside_the_current_one() {
+    let cwd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["cluster", "up", "--nodes", "1", "--storage", "memory", "--base-port", "0"])
+        .current_dir(cwd.path())
+        .env("TMPDIR", tmp.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = line_channel(child.stdout.take().unwrap());
+    let up = ClusterUp { child: Some(child) };
+    let first = lines.recv_timeout(STARTUP_TIMEOUT).unwrap();
+    let expected = tmp.path().join("optimystic-cluster-1");
+    assert_eq!(first, format!("starting 1 nodes with memory storage in {}", expected.display()));
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0, "nothing written in the current directory");
+    drop(up);
 }
 
 #[test]
