@@ -301,6 +301,9 @@ fn read_bounded(input: impl Read) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// Builds a `write`'s transform from the block's latest value (`None`: the block does not exist).
+type Build = Box<dyn Fn(Option<&Block>) -> Result<Transform, Refused> + Send + Sync>;
+
 /// What a `write` found when it built its transform from the block's latest value.
 enum Refused {
     /// The block does not exist (never created, or deleted).
@@ -349,36 +352,35 @@ async fn client_op(repo: &Tracked, op: ClientOp, timeout_ms: u64) -> anyhow::Res
             let block_id = BlockId::new(block)?;
             let policy = txn::RetryPolicy { operation_timeout_ms: timeout_ms, ..txn::RetryPolicy::default() };
             // Built from the block's latest value: `None` is a block that does not exist.
-            let build: Box<dyn Fn(Option<&Block>) -> Result<Transform, Refused> + Send + Sync> =
-                match (insert, update, delete, append.as_deref()) {
-                    (Some(insert), None, false, None) => {
-                        let transform =
-                            Transform { insert: Some(args.parse::<Block>("--insert", &insert)?), ..Transform::default() };
-                        Box::new(move |latest| match latest {
-                            Some(_) if !replace => Err(Refused::Exists),
-                            _ => Ok(transform.clone()),
-                        })
-                    }
-                    (None, Some(update), false, None) => {
-                        let updates = args.parse::<Vec<BlockOperation>>("--update", &update)?;
-                        let transform = Transform { updates: Some(updates), ..Transform::default() };
-                        Box::new(move |latest| latest.map(|_| transform.clone()).ok_or(Refused::NotFound))
-                    }
-                    (None, None, true, None) => {
-                        let transform = Transform { delete: Some(true), ..Transform::default() };
-                        Box::new(move |latest| latest.map(|_| transform.clone()).ok_or(Refused::NotFound))
-                    }
-                    (None, None, false, Some([field, item])) => {
-                        let item: Value = args.parse("the --append value", item)?;
-                        let field = field.clone();
-                        let block_id = block_id.clone();
-                        Box::new(move |latest| match latest {
-                            Some(block) => append_transform(&block_id, block, &field, &item).map_err(Refused::Invalid),
-                            None => Err(Refused::NotFound),
-                        })
-                    }
-                    _ => bail!("give exactly one of --insert, --update, --delete or --append"),
-                };
+            let build: Build = match (insert, update, delete, append.as_deref()) {
+                (Some(insert), None, false, None) => {
+                    let transform =
+                        Transform { insert: Some(args.parse::<Block>("--insert", &insert)?), ..Transform::default() };
+                    Box::new(move |latest| match latest {
+                        Some(_) if !replace => Err(Refused::Exists),
+                        _ => Ok(transform.clone()),
+                    })
+                }
+                (None, Some(update), false, None) => {
+                    let updates = args.parse::<Vec<BlockOperation>>("--update", &update)?;
+                    let transform = Transform { updates: Some(updates), ..Transform::default() };
+                    Box::new(move |latest| latest.map(|_| transform.clone()).ok_or(Refused::NotFound))
+                }
+                (None, None, true, None) => {
+                    let transform = Transform { delete: Some(true), ..Transform::default() };
+                    Box::new(move |latest| latest.map(|_| transform.clone()).ok_or(Refused::NotFound))
+                }
+                (None, None, false, Some([field, item])) => {
+                    let item: Value = args.parse("the --append value", item)?;
+                    let field = field.clone();
+                    let block_id = block_id.clone();
+                    Box::new(move |latest| match latest {
+                        Some(block) => append_transform(&block_id, block, &field, &item).map_err(Refused::Invalid),
+                        None => Err(Refused::NotFound),
+                    })
+                }
+                _ => bail!("give exactly one of --insert, --update, --delete or --append"),
+            };
             let mut refused = None;
             let written = txn::write_with(repo, &block_id, policy, |latest| {
                 build(latest).map_err(|why| {

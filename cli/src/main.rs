@@ -436,7 +436,11 @@ fn wait_for_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow:
 
 /// A client host (a fresh identity, listening nowhere) that knows the address of `peer_text`
 /// (`<multiaddr>/p2p/<peer id>`), and that peer's id.
-pub(crate) async fn connect(peer_text: &str, timeout_ms: u64, protocol_prefix: &str) -> anyhow::Result<(HostHandle, PeerId)> {
+pub(crate) async fn connect(
+    peer_text: &str,
+    timeout_ms: u64,
+    protocol_prefix: &str,
+) -> anyhow::Result<(HostHandle, PeerId)> {
     let addr: Multiaddr = peer_text.parse().with_context(|| format!("--peer {peer_text:?}"))?;
     let Some(Protocol::P2p(peer)) = addr.iter().last() else {
         bail!("--peer must end with /p2p/<peer id>");

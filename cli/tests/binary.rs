@@ -348,11 +348,7 @@ fn update_delete_and_append_of_a_missing_block_exit_3_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_solo_node(dir.path());
     let peer = node.p2p_addr.as_str();
-    for args in [
-        vec!["--update", r#"[["entries",0,0,["x"]]]"#],
-        vec!["--delete"],
-        vec!["--append", "entries", "1"],
-    ] {
+    for args in [vec!["--update", r#"[["entries",0,0,["x"]]]"#], vec!["--delete"], vec!["--append", "entries", "1"]] {
         let mut full = vec!["client", "--peer", peer, "write", "--block", "nothere"];
         full.extend(&args);
         let started = Instant::now();
@@ -414,7 +410,10 @@ fn a_block_past_max_block_bytes_is_refused_at_pend_and_an_older_oversize_block_r
     {
         // An older version had no block limit: 5 MB + 4 MB make a block of 9 MB, past the 8 MiB
         // repo frame.
-        let older = [("OPTIMYSTIC_LIMITS__MAX_REPO_FRAME_BYTES", "16777216"), ("OPTIMYSTIC_LIMITS__MAX_BLOCK_BYTES", "12582912")];
+        let older = [
+            ("OPTIMYSTIC_LIMITS__MAX_REPO_FRAME_BYTES", "16777216"),
+            ("OPTIMYSTIC_LIMITS__MAX_BLOCK_BYTES", "12582912"),
+        ];
         let node = start_solo_node_on("lmdb", &data, &older);
         let peer = node.p2p_addr.as_str();
         std::fs::write(&file, big_block("huge", 5_000_000)).unwrap();
@@ -423,7 +422,14 @@ fn a_block_past_max_block_bytes_is_refused_at_pend_and_an_older_oversize_block_r
         std::fs::write(&file, format!(r#"[["more",0,0,"{}"]]"#, "y".repeat(4_000_000))).unwrap();
         let update = format!("@{}", file.display());
         client(&["--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--update", &update]);
-        assert_eq!(sigterm_and_wait({ let mut node = node; node.child.take().unwrap() }).code(), Some(0));
+        assert_eq!(
+            sigterm_and_wait({
+                let mut node = node;
+                node.child.take().unwrap()
+            })
+            .code(),
+            Some(0)
+        );
     }
     let node = start_solo_node_on("lmdb", &data, &[]);
     let peer = node.p2p_addr.as_str();
@@ -439,10 +445,24 @@ fn a_block_past_max_block_bytes_is_refused_at_pend_and_an_older_oversize_block_r
     assert_eq!(history.status.code(), Some(0), "{history:?}");
     assert_eq!(String::from_utf8_lossy(&history.stdout).lines().count(), 2);
 
-    let grow = output_of(&["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--append", "tags", "1"], None);
+    let grow = output_of(
+        &["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--append", "tags", "1"],
+        None,
+    );
     assert_eq!(grow.status.code(), Some(2), "{grow:?}");
     let refused = output_of(
-        &["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--update", r#"[["tag",0,0,"x"]]"#],
+        &[
+            "client",
+            "--peer",
+            peer,
+            timeout[0],
+            timeout[1],
+            "write",
+            "--block",
+            "huge",
+            "--update",
+            r#"[["tag",0,0,"x"]]"#,
+        ],
         None,
     );
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
@@ -453,7 +473,17 @@ fn a_block_past_max_block_bytes_is_refused_at_pend_and_an_older_oversize_block_r
             && stderr.contains("over the limit of 4194304 bytes (limits.max_block_bytes)"),
         "names the block, its size and the limit: {stderr}"
     );
-    client(&["--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--update", r#"[["more",0,0,"short"]]"#]);
+    client(&[
+        "--peer",
+        peer,
+        timeout[0],
+        timeout[1],
+        "write",
+        "--block",
+        "huge",
+        "--update",
+        r#"[["more",0,0,"short"]]"#,
+    ]);
     let read = client(&["--peer", peer, "get", "huge"]);
     assert_eq!(read["huge"]["block"]["more"], "short", "shrunk: {}", read["huge"]["state"]);
     client(&["--peer", peer, "write", "--block", "huge", "--delete"]);
@@ -462,7 +492,10 @@ fn a_block_past_max_block_bytes_is_refused_at_pend_and_an_older_oversize_block_r
 
     std::fs::write(&file, big_block("new", 4_300_000)).unwrap();
     let insert = format!("@{}", file.display());
-    let too_big = output_of(&["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "new", "--insert", &insert], None);
+    let too_big = output_of(
+        &["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "new", "--insert", &insert],
+        None,
+    );
     assert_eq!(too_big.status.code(), Some(2), "{too_big:?}");
     let stderr = String::from_utf8_lossy(&too_big.stderr);
     assert!(stderr.contains("invalid transform for block new: the block would be 43000"), "{stderr}");
@@ -473,11 +506,11 @@ fn config_show_refuses_what_start_refuses_naming_file_and_key_and_start_creates_
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("node.toml");
-    for (option, says) in [
-        ("map_size_bytes = \"big\"", "storage.map_size_bytes in "),
-        ("mapsize = 5", "storage.mapsize in "),
-    ] {
-        let text = format!("[node]\ndata_dir = {:?}\n[storage]\nkind = \"lmdb\"\n{option}\n", data.display().to_string());
+    for (option, says) in
+        [("map_size_bytes = \"big\"", "storage.map_size_bytes in "), ("mapsize = 5", "storage.mapsize in ")]
+    {
+        let text =
+            format!("[node]\ndata_dir = {:?}\n[storage]\nkind = \"lmdb\"\n{option}\n", data.display().to_string());
         std::fs::write(&config, text).unwrap();
         let expected = format!("error: configuration: {says}{}: storage lmdb: ", config.display());
         for command in ["config show", "start"] {

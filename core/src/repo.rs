@@ -12,9 +12,9 @@ use crate::check::Check;
 use crate::error::{RepoError, StorageError, TransformError};
 use crate::evidence::{self, Evidence, RecordRef, StoredEvidence, StoredRecord};
 use crate::model::{
-    Block, BlockGetResult, BlockGets, BlockId, BlockTrxRef, BlockTrxState, CommitRequest, CommitResult, GetBlockResults,
-    PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms, TrxBlocks, TrxId, TrxRev,
-    TrxTransforms,
+    Block, BlockGetResult, BlockGets, BlockId, BlockTrxRef, BlockTrxState, CommitRequest, CommitResult,
+    GetBlockResults, PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms, TrxBlocks,
+    TrxId, TrxRev, TrxTransforms,
 };
 use crate::record::ClusterRecord;
 use crate::storage::{BlockCommit, BlockValue, MetaWrite, RawStorage, StorageWrite};

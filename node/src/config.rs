@@ -430,7 +430,12 @@ impl LoadedConfig {
         for (key, value, min, max) in [
             ("limits.max_repo_frame_bytes", l.max_repo_frame_bytes, 1024, 1 << 30),
             ("limits.max_cluster_frame_bytes", l.max_cluster_frame_bytes, 1024, 1 << 30),
-            ("limits.max_response_frame_bytes", l.max_response_frame_bytes, l.max_repo_frame_bytes, HARD_MAX_FRAME_BYTES),
+            (
+                "limits.max_response_frame_bytes",
+                l.max_response_frame_bytes,
+                l.max_repo_frame_bytes,
+                HARD_MAX_FRAME_BYTES,
+            ),
             ("limits.max_inbound_per_protocol", l.max_inbound_per_protocol, 1, 100_000),
             ("limits.max_queued_inbound_per_protocol", l.max_queued_inbound_per_protocol, 0, 100_000),
             ("limits.max_outbound_per_protocol", l.max_outbound_per_protocol, 1, 100_000),
@@ -475,9 +480,10 @@ impl LoadedConfig {
                     PluginError::Config { message, .. } => message,
                     other => other.to_string(),
                 };
-                let key = value.options.keys().find(|key| {
-                    message.starts_with(&format!("{key}: ")) || message.contains(&format!("`{key}`"))
-                });
+                let key = value
+                    .options
+                    .keys()
+                    .find(|key| message.starts_with(&format!("{key}: ")) || message.contains(&format!("`{key}`")));
                 let key = key.map_or_else(|| section.to_owned(), |key| format!("{section}.{key}"));
                 return Err(self.invalid(&key, format!("{kind} {}: {message}", value.kind)));
             }

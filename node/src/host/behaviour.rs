@@ -89,11 +89,7 @@ fn request_response_behaviour(
     let rr_config = request_response::Config::default()
         .with_request_timeout(Duration::from_millis(config.request_timeout_ms))
         .with_max_concurrent_streams(streams);
-    Ok(request_response::Behaviour::with_codec(
-        codec,
-        [(protocol, ProtocolSupport::Full)],
-        rr_config,
-    ))
+    Ok(request_response::Behaviour::with_codec(codec, [(protocol, ProtocolSupport::Full)], rr_config))
 }
 
 /// The codec of a protocol whose responses carry blocks or revisions: requests within
@@ -129,13 +125,21 @@ pub(crate) fn build_swarm(config: &HostConfig) -> Result<Swarm<NodeBehaviour>, H
         ping: ping::Behaviour::default(),
         kad,
         keep_alive: keep_alive::Behaviour::new(keep_alive_protocol),
-        repo: request_response_behaviour(config, ProtocolKind::Repo, reads_codec(config.max_repo_frame_bytes, config.max_response_frame_bytes))?,
+        repo: request_response_behaviour(
+            config,
+            ProtocolKind::Repo,
+            reads_codec(config.max_repo_frame_bytes, config.max_response_frame_bytes),
+        )?,
         cluster: request_response_behaviour(
             config,
             ProtocolKind::Cluster,
             FrameCodec::new(config.max_cluster_frame_bytes),
         )?,
-        sync: request_response_behaviour(config, ProtocolKind::Sync, reads_codec(config.max_sync_frame_bytes, config.max_response_frame_bytes))?,
+        sync: request_response_behaviour(
+            config,
+            ProtocolKind::Sync,
+            reads_codec(config.max_sync_frame_bytes, config.max_response_frame_bytes),
+        )?,
     };
     // Lazy negotiation: a request's protocol id travels with its first frame instead of costing a
     // round trip of its own. A peer that lacks the protocol still refuses it (see `task.rs`).
