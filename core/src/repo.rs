@@ -523,8 +523,8 @@ impl StorageRepo {
 
     /// Refuses `next` when its JSON is over `max_block_bytes` and larger than `current`'s.
     fn size_check(&self, current: Option<&Block>, next: Option<&Block>) -> Result<(), TransformError> {
-        let size_bytes = next.map_or(0, json_size_bytes);
-        if size_bytes <= self.max_block_bytes || size_bytes <= current.map_or(0, json_size_bytes) {
+        let size_bytes = next.map_or(0, json_size_bytes::<Block>);
+        if size_bytes <= self.max_block_bytes || size_bytes <= current.map_or(0, json_size_bytes::<Block>) {
             return Ok(());
         }
         Err(TransformError::TooLarge { size_bytes, max_bytes: self.max_block_bytes })
@@ -992,8 +992,8 @@ impl Repo for StorageRepo {
     }
 }
 
-/// The length of `block`'s JSON, counted without building it.
-fn json_size_bytes(block: &Block) -> u64 {
+/// The length of `value`'s JSON, counted without building it.
+pub(crate) fn json_size_bytes<T: serde::Serialize>(value: &T) -> u64 {
     struct Count(u64);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -1005,7 +1005,7 @@ fn json_size_bytes(block: &Block) -> u64 {
         }
     }
     let mut count = Count(0);
-    // Writing a `Block` into a sink that never fails cannot fail.
-    let _ = serde_json::to_writer(&mut count, block);
+    // Writing a value of the data model into a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
     count.0
 }
