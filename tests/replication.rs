@@ -730,7 +730,12 @@ async fn a_member_killed_with_sigkill_and_restarted_holds_exactly_the_acknowledg
         let mut tries = 0;
         loop {
             tries += 1;
-            let outcome = write(&bin, &cluster.addr(1), block, "--insert", &insert).await;
+            // `--replace`: a retry after an attempt whose outcome is unknown must not fail because
+            // that attempt created the block.
+            let args = ["write", "--block", block, "--replace", "--insert", &insert];
+            let outcome = client(&bin, &cluster.addr(1), &args).await.and_then(|out| {
+                serde_json::from_str::<TrxRev>(&out).map_err(|e| format!("unexpected write output {out:?}: {e}"))
+            });
             let acked = outcome.is_ok();
             attempts.push(Attempt { block: block.clone(), value: None, via: 1, outcome });
             if acked {

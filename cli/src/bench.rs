@@ -38,7 +38,9 @@ pub struct BenchOptions {
     /// Nodes in the local cluster (ignored with `--peer`).
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
-    /// Storage engine of the local nodes.
+    /// Storage engine of the local nodes. Memory by default, unlike `start` and `cluster up`
+    /// (lmdb): the bench measures the protocol and the consensus, not the disk, and leaves no data
+    /// behind; `--storage lmdb` includes a synced write per commit step.
     #[arg(long, default_value = "memory")]
     pub storage: String,
     /// Transactions in flight.

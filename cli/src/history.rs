@@ -145,25 +145,25 @@ pub fn text(entry: &SyncEntry) -> String {
             for (what, record) in
                 evidence.pend.iter().map(|r| ("pend", r)).chain(std::iter::once(("commit", &evidence.commit)))
             {
-                out.push_str(&format!("  evidence {what} {}\n", record_summary(record)));
+                out.push_str(&format!("  evidence {what} {}\n", record_summary(what, record)));
             }
         }
     }
     out
 }
 
-/// `<messageHash> (<approving promises> of <peers> peers promised[, <n> commit votes])`.
-fn record_summary(record: &Value) -> String {
+/// A pend record: `<messageHash> (<approving promises> of <peers> peers promised)`; a commit
+/// record: `<messageHash> (<commit votes> of <peers> peers committed, <promises> promised)`.
+fn record_summary(what: &str, record: &Value) -> String {
     match ClusterRecord::from_value(record.clone()) {
         Ok(r) => {
-            let commits = count_approvals(&r.commits);
-            let commits = if commits > 0 { format!(", {commits} commit votes") } else { String::new() };
-            format!(
-                "{} ({} of {} peers promised{commits})",
-                r.message_hash,
-                count_approvals(&r.promises),
-                r.peers.len()
-            )
+            let (hash, peers, promises) = (&r.message_hash, r.peers.len(), count_approvals(&r.promises));
+            if what == "commit" {
+                let commits = count_approvals(&r.commits);
+                format!("{hash} ({commits} of {peers} peers committed, {promises} promised)")
+            } else {
+                format!("{hash} ({promises} of {peers} peers promised)")
+            }
         }
         Err(e) => format!("unreadable record: {e}"),
     }
@@ -195,6 +195,11 @@ mod tests {
         let shown = text(&both);
         assert!(shown.starts_with("rev 2 trx t1\n  transform {}\n"), "{shown}");
         assert_eq!(shown.matches(hash).count(), 2, "{shown}");
+
+        let pend_line = shown.lines().find(|l| l.starts_with("  evidence pend ")).unwrap();
+        assert!(pend_line.ends_with("peers promised)"), "{shown}");
+        let commit_line = shown.lines().find(|l| l.starts_with("  evidence commit ")).unwrap();
+        assert!(commit_line.contains("peers committed, ") && commit_line.ends_with(" promised)"), "{shown}");
 
         let commit_only = entry(Some(Evidence { pend: None, commit: record.clone() }));
         assert_eq!(records(&commit_only), vec![&record]);

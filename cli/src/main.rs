@@ -3,32 +3,27 @@
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use optimystic_core::client::RepoClient;
-use optimystic_core::model::{
-    Block, BlockGets, BlockId, BlockOperation, CommitRequest, GetBlockResults, PendRequest, Transform, TrxBlocks,
-};
-use optimystic_core::network::PeerNetwork;
+use optimystic_core::model::BlockId;
 use optimystic_core::record::ClusterRecord;
 use optimystic_core::registry::Registry;
 use optimystic_core::time::now_ms;
-use optimystic_core::{MessageOptions, Repo};
 use optimystic_node::config::{self, LogFormat};
 use optimystic_node::host::{Host, HostConfig, HostHandle};
 use optimystic_node::node::Node;
 use optimystic_node::ops::{self, OperatorRequest};
 use optimystic_node::service::Handlers;
-use optimystic_node::{identity, link_bundled_plugins, txn};
+use optimystic_node::{identity, link_bundled_plugins};
 use serde_json::{Value, json};
 
 use crate::bench::BenchOptions;
 
 mod bench;
+mod client;
 mod cluster_up;
 mod demo;
 mod error_text;
@@ -41,10 +36,16 @@ mod progress;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
-#[command(name = "optimystic", version, about = "Peer-to-peer block database node")]
+#[command(
+    name = "optimystic",
+    version,
+    about = "Peer-to-peer block database node",
+    after_help = "Every command also takes --log-format text|json (or OPTIMYSTIC_LOG_FORMAT): logs on stderr as \
+        human-readable lines (text, the default) or one JSON object per line (json)."
+)]
 struct Cli {
-    /// Log format.
-    #[arg(long, global = true, value_enum, env = "OPTIMYSTIC_LOG_FORMAT")]
+    /// Log format (said once, in the top-level help).
+    #[arg(long, global = true, value_enum, env = "OPTIMYSTIC_LOG_FORMAT", hide = true)]
     log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
@@ -67,7 +68,7 @@ enum Command {
         optimystic client --peer ADDR write --block diary --update '[[\"entries\",0,0,[\"hello\"]]]'\n  \
         optimystic client --peer ADDR write --block diary --append entries '\"hello\"'"
     )]
-    Client(ClientArgs),
+    Client(client::ClientArgs),
     /// Show a block's committed revisions as one peer holds them, with the evidence kept for each.
     ///
     /// Each revision comes with its evidence: the decided pend and commit records (cluster
@@ -135,14 +136,42 @@ enum ClusterCommand {
     /// Start N local nodes as separate processes and run them until Ctrl-C (SIGINT) or SIGTERM.
     ///
     /// Writes `node<i>.toml` config files, data directories and `node<i>.log` logs into one
-    /// directory (printed), starts node 1, then the others bootstrapping from it, and prints each
-    /// node's pid, address and metrics URL and client commands to paste. Ctrl-C or SIGTERM stops
-    /// every node (SIGTERM, then SIGKILL after 20 s) and exits 0; a node that exits on its own
-    /// stops the others and exits 2.
+    /// directory (printed; by default a new one in the system's temporary directory), starts node
+    /// 1, then the others bootstrapping from it, and prints each node's pid, address and metrics
+    /// URL and client commands to paste. `cluster stop|start|restart <i>` and `cluster add` change
+    /// one node while it runs. Ctrl-C or SIGTERM stops every node (SIGTERM, then SIGKILL after
+    /// 20 s) and exits 0; a node that exits on its own (not stopped on command) stops the others
+    /// and exits 2.
     #[command(after_help = "Examples:\n  optimystic cluster up\n  \
         optimystic cluster up --nodes 5 --storage memory --base-port 0\n  \
         optimystic cluster up --dir ./my-cluster   # reuses the data (and peer ids) of an earlier run")]
     Up(cluster_up::ClusterUpOptions),
+    /// Stop node I of a running `cluster up` (SIGTERM; its data and config stay).
+    #[command(after_help = "Example:\n  optimystic cluster stop 2 --dir /tmp/optimystic-cluster-1")]
+    Stop(NodeControl),
+    /// Start stopped node I of a running `cluster up` again, on the same address and data.
+    #[command(after_help = "Example:\n  optimystic cluster start 2 --dir /tmp/optimystic-cluster-1")]
+    Start(NodeControl),
+    /// Stop node I of a running `cluster up` and start it again (same address and data).
+    #[command(after_help = "Example:\n  optimystic cluster restart 2 --dir /tmp/optimystic-cluster-1")]
+    Restart(NodeControl),
+    /// Add a node to a running `cluster up`, bootstrapping from its first running node.
+    #[command(after_help = "Example:\n  optimystic cluster add --dir /tmp/optimystic-cluster-1")]
+    Add {
+        /// The directory `cluster up` printed.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// Which node of which running `cluster up`.
+#[derive(Debug, Args)]
+struct NodeControl {
+    /// The node (1-based, as `cluster up` numbers them).
+    node: usize,
+    /// The directory `cluster up` printed.
+    #[arg(long)]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,21 +242,6 @@ impl StartArgs {
 }
 
 #[derive(Debug, Args)]
-struct ClientArgs {
-    /// The node to talk to: `<multiaddr>/p2p/<peer id>`.
-    #[arg(long)]
-    peer: String,
-    /// Deadline of each operation.
-    #[arg(long, default_value_t = 10_000)]
-    timeout_ms: u64,
-    /// Protocol id prefix of the network.
-    #[arg(long, default_value = optimystic_core::wire::DEFAULT_PROTOCOL_PREFIX)]
-    protocol_prefix: String,
-    #[command(subcommand)]
-    op: ClientOp,
-}
-
-#[derive(Debug, Args)]
 struct HistoryArgs {
     /// The node to ask: `<multiaddr>/p2p/<peer id>` (a member of the block's cluster).
     #[arg(long)]
@@ -252,57 +266,14 @@ struct HistoryArgs {
     protocol_prefix: String,
 }
 
-#[derive(Debug, Subcommand)]
-enum ClientOp {
-    /// Read blocks: prints the GetBlockResults JSON.
-    Get {
-        /// Block ids; or one BlockGets JSON object with `--json`.
-        ids: Vec<String>,
-        /// Treat the single argument as a BlockGets JSON object.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Pend a transaction: PendRequest JSON in, PendResult JSON out.
-    Pend {
-        /// The PendRequest JSON.
-        request: String,
-    },
-    /// Commit a transaction: CommitRequest JSON in, CommitResult JSON out.
-    Commit {
-        /// The CommitRequest JSON.
-        request: String,
-    },
-    /// Cancel a transaction: TrxBlocks JSON in.
-    Cancel {
-        /// The TrxBlocks JSON.
-        request: String,
-    },
-    /// A whole transaction on one block; prints {"trxId", "rev"}.
-    Write {
-        /// The block.
-        #[arg(long)]
-        block: String,
-        /// Insert this Block JSON.
-        #[arg(long, conflicts_with_all = ["update", "delete", "append"])]
-        insert: Option<String>,
-        /// Apply this [BlockOperation] JSON.
-        #[arg(long, conflicts_with_all = ["delete", "append"])]
-        update: Option<String>,
-        /// Delete the block.
-        #[arg(long, conflicts_with = "append")]
-        delete: bool,
-        /// Append the JSON value to the end of the array field FIELD (of the latest revision,
-        /// whatever its length).
-        #[arg(long, num_args = 2, value_names = ["FIELD", "JSON"])]
-        append: Option<Vec<String>>,
-    },
-}
-
 /// Exit code of a `client write` whose commit was sent and never confirmed: it may or may not
 /// have committed (2 means it certainly did not).
 const EXIT_OUTCOME_UNKNOWN: u8 = 4;
-/// Exit code of a `client get` that named a block that does not exist (the answer is printed).
+/// Exit code of a `client get` that named a block that does not exist (the answer is printed), and
+/// of a `client write` that updates, deletes or appends to one.
 const EXIT_NOT_FOUND: u8 = 3;
+/// Exit code of a `client` command stopped by SIGINT or SIGTERM (128 + SIGINT, as shells report).
+const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -339,7 +310,7 @@ fn main() -> ExitCode {
 }
 
 /// The error and each of its causes, every one said once.
-fn error_text(error: &anyhow::Error) -> String {
+pub(crate) fn error_text(error: &anyhow::Error) -> String {
     error_text::chain_text(error.chain())
 }
 
@@ -383,11 +354,21 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Start(args) => start(args).await,
-        Command::Client(args) => client(args).await,
-        Command::Cluster(ClusterCommand::Up(options)) => {
-            let exe = std::env::current_exe().context("finding this program to start the nodes")?;
-            let program = std::env::args().next().unwrap_or_else(|| "optimystic".to_owned());
-            cluster_up::run(&options, &exe, &program).await?;
+        Command::Client(args) => client::client(args).await,
+        Command::Cluster(command) => {
+            let (dir, line) = match command {
+                ClusterCommand::Up(options) => {
+                    let exe = std::env::current_exe().context("finding this program to start the nodes")?;
+                    let program = std::env::args().next().unwrap_or_else(|| "optimystic".to_owned());
+                    cluster_up::run(&options, &exe, &program).await?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                ClusterCommand::Stop(n) => (n.dir, format!("stop {}", n.node)),
+                ClusterCommand::Start(n) => (n.dir, format!("start {}", n.node)),
+                ClusterCommand::Restart(n) => (n.dir, format!("restart {}", n.node)),
+                ClusterCommand::Add { dir } => (dir, "add".to_owned()),
+            };
+            println!("{}", cluster_up::control(&dir, &line).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::History(args) => history(args).await,
@@ -401,7 +382,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => operator_command(args, OperatorRequest::Status).await,
         Command::Locate { operator, id } => {
-            let block_id = BlockId::new(id).context("the block id")?;
+            let block_id = BlockId::new(id)?;
             operator_command(operator, OperatorRequest::Locate { block_id }).await
         }
     }
@@ -430,28 +411,36 @@ async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     drop(out);
-    let announce = tokio::spawn(announce_ready(node.readiness()));
-    wait_for_signal().await?;
+    let announce = tokio::spawn(announce_ready(node.readiness(), node.peer_id()));
+    wait_for_signal()?.await?;
     announce.abort();
     tracing::info!("stopping");
     node.shutdown().await?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Installs the SIGINT and SIGTERM handlers now (from here on neither kills the process) and
+/// gives a future that ends at the first of them.
+fn wait_for_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
 }
 
 /// A client host (a fresh identity, listening nowhere) that knows the address of `peer_text`
 /// (`<multiaddr>/p2p/<peer id>`), and that peer's id.
-async fn connect(peer_text: &str, timeout_ms: u64, protocol_prefix: &str) -> anyhow::Result<(HostHandle, PeerId)> {
+pub(crate) async fn connect(
+    peer_text: &str,
+    timeout_ms: u64,
+    protocol_prefix: &str,
+) -> anyhow::Result<(HostHandle, PeerId)> {
     let addr: Multiaddr = peer_text.parse().with_context(|| format!("--peer {peer_text:?}"))?;
     let Some(Protocol::P2p(peer)) = addr.iter().last() else {
         bail!("--peer must end with /p2p/<peer id>");
@@ -523,124 +512,6 @@ async fn print_history(pages: &mut history::Pages<'_>, block_id: &BlockId, args:
     Ok(())
 }
 
-async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
-    let (host, peer) = connect(&args.peer, args.timeout_ms, &args.protocol_prefix).await?;
-    let network: Arc<dyn PeerNetwork> = Arc::new(host.clone());
-    let repo = RepoClient::new(network, peer).with_default_timeout_ms(args.timeout_ms);
-    let result = client_op(&repo, args.op, args.timeout_ms).await;
-    host.shutdown().await;
-    let answer = match result {
-        Ok(answer) => answer,
-        Err(e) if e.downcast_ref::<txn::TxnError>().is_some_and(|t| !t.nothing_committed()) => {
-            eprintln!("error: {}", error_text(&e));
-            return Ok(ExitCode::from(EXIT_OUTCOME_UNKNOWN));
-        }
-        Err(e) => return Err(e),
-    };
-    println!("{}", serde_json::to_string_pretty(&answer.value)?);
-    for id in &answer.not_found {
-        eprintln!("not found: {id}");
-    }
-    Ok(if answer.not_found.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_NOT_FOUND) })
-}
-
-/// What a client operation printed, and which asked blocks do not exist.
-struct Answer {
-    value: Value,
-    not_found: Vec<BlockId>,
-}
-
-impl From<Value> for Answer {
-    fn from(value: Value) -> Self {
-        Self { value, not_found: Vec::new() }
-    }
-}
-
-/// The blocks of `gets` that the answer holds no block value for (never created, or deleted at
-/// the revision read).
-fn missing_blocks(gets: &BlockGets, results: &GetBlockResults) -> Vec<BlockId> {
-    gets.block_ids.iter().filter(|id| results.get(*id).is_none_or(|r| r.block.is_none())).cloned().collect()
-}
-
-/// The transform appending `item` to the array field `field` of `block` (its latest value).
-fn append_transform(block_id: &BlockId, block: Option<&Block>, field: &str, item: &Value) -> Result<Transform, String> {
-    let block = block.ok_or_else(|| format!("block {block_id} does not exist; insert it first"))?;
-    let len = match block.fields.get(field) {
-        Some(Value::Array(items)) => items.len(),
-        Some(_) => return Err(format!("field {field:?} of block {block_id} is not an array, cannot append to it")),
-        None => return Err(format!("block {block_id} has no field {field:?}")),
-    };
-    let op = BlockOperation::splice(field, len as u64, 0, vec![item.clone()]);
-    Ok(Transform { updates: Some(vec![op]), ..Transform::default() })
-}
-
-fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> anyhow::Result<T> {
-    serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON of the expected shape"))
-}
-
-async fn client_op(repo: &RepoClient, op: ClientOp, timeout_ms: u64) -> anyhow::Result<Answer> {
-    let options = MessageOptions::expiring_in(timeout_ms);
-    Ok(Answer::from(match op {
-        ClientOp::Get { ids, json } => {
-            let gets: BlockGets = if json {
-                match ids.as_slice() {
-                    [one] => parse("the BlockGets", one)?,
-                    _ => bail!("--json takes exactly one BlockGets JSON argument"),
-                }
-            } else {
-                let block_ids = ids.into_iter().map(BlockId::new).collect::<Result<Vec<_>, _>>()?;
-                if block_ids.is_empty() {
-                    bail!("name at least one block id");
-                }
-                BlockGets { block_ids, context: None, read_mode: None }
-            };
-            let results = repo.get(&gets, &options).await?;
-            let not_found = missing_blocks(&gets, &results);
-            return Ok(Answer { value: serde_json::to_value(results)?, not_found });
-        }
-        ClientOp::Pend { request } => {
-            let request: PendRequest = parse("the PendRequest", &request)?;
-            serde_json::to_value(repo.pend(&request, &options).await?)?
-        }
-        ClientOp::Commit { request } => {
-            let request: CommitRequest = parse("the CommitRequest", &request)?;
-            serde_json::to_value(repo.commit(&request, &options).await?)?
-        }
-        ClientOp::Cancel { request } => {
-            let request: TrxBlocks = parse("the TrxBlocks", &request)?;
-            repo.cancel(&request, &options).await?;
-            Value::Null
-        }
-        ClientOp::Write { block, insert, update, delete, append } => {
-            let block_id = BlockId::new(block)?;
-            let policy = txn::RetryPolicy { operation_timeout_ms: timeout_ms, ..txn::RetryPolicy::default() };
-            let done = match (insert, update, delete, append.as_deref()) {
-                (Some(insert), None, false, None) => {
-                    let transform =
-                        Transform { insert: Some(parse::<Block>("--insert", &insert)?), ..Transform::default() };
-                    txn::write_block(repo, &block_id, &transform, policy).await?
-                }
-                (None, Some(update), false, None) => {
-                    let updates = parse::<Vec<BlockOperation>>("--update", &update)?;
-                    let transform = Transform { updates: Some(updates), ..Transform::default() };
-                    txn::write_block(repo, &block_id, &transform, policy).await?
-                }
-                (None, None, true, None) => {
-                    let transform = Transform { delete: Some(true), ..Transform::default() };
-                    txn::write_block(repo, &block_id, &transform, policy).await?
-                }
-                (None, None, false, Some([field, item])) => {
-                    let item: Value = parse("the --append value", item)?;
-                    txn::write_with(repo, &block_id, policy, |latest| append_transform(&block_id, latest, field, &item))
-                        .await?
-                }
-                _ => bail!("give exactly one of --insert, --update, --delete or --append"),
-            };
-            json!({ "trxId": done.trx_id, "rev": done.rev })
-        }
-    }))
-}
-
 /// Splits input into records: one JSON document, or JSON Lines.
 fn read_documents(file: Option<PathBuf>) -> anyhow::Result<Vec<String>> {
     let mut text = String::new();
@@ -698,11 +569,14 @@ struct OperatorArgs {
     protocol_prefix: String,
 }
 
-/// Prints `ready` once, when the node first becomes ready.
-async fn announce_ready(mut readiness: tokio::sync::watch::Receiver<optimystic_node::readiness::Readiness>) {
+/// Prints `ready <peer id>` once, when the node first becomes ready.
+async fn announce_ready(
+    mut readiness: tokio::sync::watch::Receiver<optimystic_node::readiness::Readiness>,
+    peer: PeerId,
+) {
     if readiness.wait_for(|r| r.ready).await.is_ok() {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "ready");
+        let _ = writeln!(out, "ready {peer}");
         let _ = out.flush();
     }
 }

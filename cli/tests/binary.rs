@@ -216,9 +216,20 @@ fn output_of(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
 
 /// A solo node on memory storage (cluster of one, no metrics), started with flags only.
 fn start_solo_node(data_dir: &Path) -> Started {
+    start_solo_node_with(data_dir, &[])
+}
+
+/// [`start_solo_node`] with more environment variables.
+fn start_solo_node_with(data_dir: &Path, env: &[(&str, &str)]) -> Started {
+    start_solo_node_on("memory", data_dir, env)
+}
+
+/// A solo node on `storage`, with more environment variables.
+fn start_solo_node_on(storage: &str, data_dir: &Path, env: &[(&str, &str)]) -> Started {
     let mut child = Command::new(BIN)
-        .args(["start", "--storage", "memory", "--no-metrics", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .args(["start", "--storage", storage, "--no-metrics", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
         .arg(data_dir)
+        .envs(env.iter().copied())
         .env("OPTIMYSTIC_KEY_NETWORK__KIND", "static")
         .env("OPTIMYSTIC_CONSENSUS__KIND", "solo")
         .env("RUST_LOG", "warn")
@@ -278,7 +289,6 @@ fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
     assert_eq!(read["diary"]["state"]["latest"]["rev"], 3, "{read}");
 
     for (args, says) in [
-        (vec!["--block", "nothere", "--append", "entries", "1"], "block nothere does not exist"),
         (vec!["--block", "diary", "--append", "title", "1"], "field \"title\" of block diary is not an array"),
         (vec!["--block", "diary", "--append", "nope", "1"], "block diary has no field \"nope\""),
     ] {
@@ -301,6 +311,268 @@ fn client_get_exits_3_for_a_missing_block_and_append_adds_at_the_end() {
         node.child.take().unwrap()
     });
     assert_eq!(status.code(), Some(0));
+}
+
+/// The diary block of the README.
+const DIARY: &str = r#"{"header":{"id":"diary","type":"log","collectionId":"cli"},"entries":[]}"#;
+
+#[test]
+fn insert_of_an_existing_block_exits_2_and_replacing_is_explicit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node(dir.path());
+    let peer = node.p2p_addr.as_str();
+    client(&["--peer", peer, "write", "--block", "diary", "--insert", DIARY]);
+    client(&["--peer", peer, "write", "--block", "diary", "--append", "entries", "\"kept\""]);
+
+    let again = output_of(&["client", "--peer", peer, "write", "--block", "diary", "--insert", DIARY], None);
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("block diary already exists") && stderr.contains("--replace"), "{stderr}");
+    let read = client(&["--peer", peer, "get", "diary"]);
+    assert_eq!(read["diary"]["block"]["entries"], serde_json::json!(["kept"]), "nothing replaced: {read}");
+    assert_eq!(read["diary"]["state"]["latest"]["rev"], 2, "{read}");
+    assert_eq!(read["diary"]["state"]["pendings"], serde_json::json!([]), "no pend left behind: {read}");
+
+    let replaced = client(&["--peer", peer, "write", "--block", "diary", "--insert", DIARY, "--replace"]);
+    assert_eq!(replaced["rev"], 3, "{replaced}");
+    let read = client(&["--peer", peer, "get", "diary"]);
+    assert_eq!(read["diary"]["block"]["entries"], serde_json::json!([]), "{read}");
+    // A deleted block may be created again without --replace.
+    client(&["--peer", peer, "write", "--block", "diary", "--delete"]);
+    let created = client(&["--peer", peer, "write", "--block", "diary", "--insert", DIARY]);
+    assert_eq!(created["rev"], 5, "{created}");
+}
+
+#[test]
+fn update_delete_and_append_of_a_missing_block_exit_3_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node(dir.path());
+    let peer = node.p2p_addr.as_str();
+    for args in [vec!["--update", r#"[["entries",0,0,["x"]]]"#], vec!["--delete"], vec!["--append", "entries", "1"]] {
+        let mut full = vec!["client", "--peer", peer, "write", "--block", "nothere"];
+        full.extend(&args);
+        let started = Instant::now();
+        let failed = output_of(&full, None);
+        assert_eq!(failed.status.code(), Some(3), "{args:?}: {failed:?}");
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(stderr.starts_with("not found: nothere"), "{args:?}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{args:?} failed at once, not after retries");
+    }
+}
+
+/// A block of about `bytes` bytes of JSON under id `id`.
+fn big_block(id: &str, bytes: usize) -> String {
+    format!(r#"{{"header":{{"id":"{id}","type":"blob","collectionId":"cli"}},"data":"{}"}}"#, "x".repeat(bytes))
+}
+
+#[test]
+fn json_arguments_come_from_a_file_or_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node_with(&dir.path().join("node"), &[("OPTIMYSTIC_LIMITS__MAX_BLOCK_BYTES", "6291456")]);
+    let peer = node.p2p_addr.as_str();
+    let file = dir.path().join("big.json");
+    std::fs::write(&file, big_block("big", 5_000_000)).unwrap();
+    let at_file = format!("@{}", file.display());
+    let written = client(&["--peer", peer, "--timeout-ms", "30000", "write", "--block", "big", "--insert", &at_file]);
+    assert_eq!(written["rev"], 1, "{written}");
+    let read = output_of(&["client", "--peer", peer, "--timeout-ms", "30000", "get", "big"], None);
+    assert_eq!(read.status.code(), Some(0), "{}", String::from_utf8_lossy(&read.stderr));
+    let read: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(read["big"]["block"]["data"].as_str().map(str::len), Some(5_000_000));
+
+    let update = br#"[["data",0,0,"replaced"]]"#;
+    let piped = output_of(&["client", "--peer", peer, "write", "--block", "big", "--update", "-"], Some(update));
+    assert_eq!(piped.status.code(), Some(0), "{piped:?}");
+    let appended = output_of(&["client", "--peer", peer, "write", "--block", "big", "--update", "[]"], None);
+    assert_eq!(appended.status.code(), Some(0), "{appended:?}");
+    let read = client(&["--peer", peer, "get", "big"]);
+    assert_eq!(read["big"]["block"]["data"], "replaced", "{read}");
+
+    let gets = dir.path().join("gets.json");
+    std::fs::write(&gets, r#"{"blockIds":["big"]}"#).unwrap();
+    let read = client(&["--peer", peer, "get", "--json", &format!("@{}", gets.display())]);
+    assert_eq!(read["big"]["state"]["latest"]["rev"], 3, "{read}");
+
+    let missing = output_of(&["client", "--peer", peer, "pend", "@/nonexistent/pend.json"], None);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/pend.json"), "{missing:?}");
+    let bad = output_of(&["client", "--peer", peer, "cancel", "-"], Some(b"{not json"));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("the TrxBlocks (from stdin) is not valid JSON"), "{bad:?}");
+}
+
+#[test]
+fn a_block_past_max_block_bytes_is_refused_at_pend_and_an_older_oversize_block_reads_shrinks_and_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let file = dir.path().join("part.json");
+    let timeout = ["--timeout-ms", "60000"];
+    {
+        // An older version had no block limit: 5 MB + 4 MB make a block of 9 MB, past the 8 MiB
+        // repo frame.
+        let older = [
+            ("OPTIMYSTIC_LIMITS__MAX_REPO_FRAME_BYTES", "16777216"),
+            ("OPTIMYSTIC_LIMITS__MAX_BLOCK_BYTES", "12582912"),
+        ];
+        let node = start_solo_node_on("lmdb", &data, &older);
+        let peer = node.p2p_addr.as_str();
+        std::fs::write(&file, big_block("huge", 5_000_000)).unwrap();
+        let insert = format!("@{}", file.display());
+        client(&["--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--insert", &insert]);
+        std::fs::write(&file, format!(r#"[["more",0,0,"{}"]]"#, "y".repeat(4_000_000))).unwrap();
+        let update = format!("@{}", file.display());
+        client(&["--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--update", &update]);
+        assert_eq!(
+            sigterm_and_wait({
+                let mut node = node;
+                node.child.take().unwrap()
+            })
+            .code(),
+            Some(0)
+        );
+    }
+    let node = start_solo_node_on("lmdb", &data, &[]);
+    let peer = node.p2p_addr.as_str();
+    let read = output_of(&["client", "--peer", peer, timeout[0], timeout[1], "get", "huge"], None);
+    assert_eq!(read.status.code(), Some(0), "an oversize block reads: {}", String::from_utf8_lossy(&read.stderr));
+    let read: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(read["huge"]["block"]["more"].as_str().map(str::len), Some(4_000_000));
+    let located = output_of(&["locate", "--peer", peer, "--json", "huge"], None);
+    assert_eq!(located.status.code(), Some(0), "{located:?}");
+    let located = String::from_utf8_lossy(&located.stdout);
+    assert!(located.contains("\"rev\": 2"), "locate reads the member's latest: {located}");
+    let history = output_of(&["history", "--peer", peer, "--json", "huge"], None);
+    assert_eq!(history.status.code(), Some(0), "{history:?}");
+    assert_eq!(String::from_utf8_lossy(&history.stdout).lines().count(), 2);
+
+    let grow = output_of(
+        &["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "huge", "--append", "tags", "1"],
+        None,
+    );
+    assert_eq!(grow.status.code(), Some(2), "{grow:?}");
+    let refused = output_of(
+        &[
+            "client",
+            "--peer",
+            peer,
+            timeout[0],
+            timeout[1],
+            "write",
+            "--block",
+            "huge",
+            "--update",
+            r#"[["tag",0,0,"x"]]"#,
+        ],
+        None,
+    );
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("bad request")
+            && stderr.contains("block huge")
+            && stderr.contains("over the limit of 4194304 bytes (limits.max_block_bytes)"),
+        "names the block, its size and the limit: {stderr}"
+    );
+    client(&[
+        "--peer",
+        peer,
+        timeout[0],
+        timeout[1],
+        "write",
+        "--block",
+        "huge",
+        "--update",
+        r#"[["more",0,0,"short"]]"#,
+    ]);
+    let read = client(&["--peer", peer, "get", "huge"]);
+    assert_eq!(read["huge"]["block"]["more"], "short", "shrunk: {}", read["huge"]["state"]);
+    client(&["--peer", peer, "write", "--block", "huge", "--delete"]);
+    let gone = output_of(&["client", "--peer", peer, "get", "huge"], None);
+    assert_eq!(gone.status.code(), Some(3), "{gone:?}");
+
+    std::fs::write(&file, big_block("new", 4_300_000)).unwrap();
+    let insert = format!("@{}", file.display());
+    let too_big = output_of(
+        &["client", "--peer", peer, timeout[0], timeout[1], "write", "--block", "new", "--insert", &insert],
+        None,
+    );
+    assert_eq!(too_big.status.code(), Some(2), "{too_big:?}");
+    let stderr = String::from_utf8_lossy(&too_big.stderr);
+    assert!(stderr.contains("invalid transform for block new: the block would be 43000"), "{stderr}");
+}
+
+#[test]
+fn config_show_refuses_what_start_refuses_naming_file_and_key_and_start_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("node.toml");
+    for (option, says) in
+        [("map_size_bytes = \"big\"", "storage.map_size_bytes in "), ("mapsize = 5", "storage.mapsize in ")]
+    {
+        let text =
+            format!("[node]\ndata_dir = {:?}\n[storage]\nkind = \"lmdb\"\n{option}\n", data.display().to_string());
+        std::fs::write(&config, text).unwrap();
+        let expected = format!("error: configuration: {says}{}: storage lmdb: ", config.display());
+        for command in ["config show", "start"] {
+            let mut args: Vec<&str> = command.split(' ').collect();
+            args.extend(["--config", config.to_str().unwrap(), "--no-metrics"]);
+            let refused = output_of(&args, None);
+            assert_eq!(refused.status.code(), Some(2), "{command} {option}: {refused:?}");
+            let stderr = String::from_utf8_lossy(&refused.stderr);
+            assert!(stderr.starts_with(&expected), "{command} {option}: {stderr}");
+            assert!(!data.exists(), "{command} {option} created the data directory");
+        }
+    }
+}
+
+#[test]
+fn help_and_errors_say_each_thing_once() {
+    let (code, top, _) = run_bin(&["--help"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(top.matches("--log-format").count(), 1, "the log format is explained once: {top}");
+    for command in ["status", "start", "client", "locate", "history"] {
+        let (code, help, _) = run_bin(&[command, "--help"]);
+        assert_eq!(code, Some(0));
+        assert!(!help.contains("log-format") && !help.contains("Possible values"), "{command}: {help}");
+    }
+    let (code, shown, stderr) = run_bin(&["config", "show", "--log-format", "json"]);
+    assert_eq!(code, Some(0), "--log-format still works after a subcommand: {stderr}");
+    assert!(shown.contains("[node]"));
+
+    let (code, _, stderr) = run_bin(&["locate", "--peer", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWA", ""]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.starts_with("error: block id must be ") && !stderr.contains("the block id"), "{stderr}");
+}
+
+#[test]
+fn an_interrupted_write_cancels_its_pend_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_solo_node(dir.path());
+    let peer = node.p2p_addr.as_str();
+    client(&["--peer", peer, "write", "--block", "diary", "--insert", DIARY]);
+    for signal in ["-INT", "-TERM"] {
+        let mut write = Command::new(BIN)
+            .args(["client", "--peer", peer, "write", "--block", "diary", "--append", "entries", "1"])
+            .env("OPTIMYSTIC_CLIENT_HOLD_BEFORE_COMMIT", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = line_channel(write.stderr.take().unwrap());
+        let pended = lines.recv_timeout(STARTUP_TIMEOUT).expect("the write reports its pend");
+        assert!(pended.starts_with("pended "), "{pended}");
+        let read = client(&["--peer", peer, "get", "diary"]);
+        assert_eq!(read["diary"]["state"]["pendings"].as_array().map(Vec::len), Some(1), "held after pend: {read}");
+
+        assert!(Command::new("kill").args([signal, &write.id().to_string()]).status().unwrap().success());
+        let status = wait_exit(write);
+        assert_eq!(status.code(), Some(130), "{signal}");
+        let said: Vec<String> = remaining(&lines);
+        assert!(said.iter().any(|l| l.starts_with("interrupted: cancelled the pend of ")), "{said:?}");
+        let read = client(&["--peer", peer, "get", "diary"]);
+        assert_eq!(read["diary"]["state"]["pendings"], serde_json::json!([]), "the pend was cancelled: {read}");
+        assert_eq!(read["diary"]["state"]["latest"]["rev"], 1, "nothing committed: {read}");
+    }
 }
 
 #[test]
@@ -344,6 +616,8 @@ fn history_records_of_a_three_node_cluster_pipe_into_verify_record() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.starts_with("block log: latest rev 3"), "{text}");
     assert_eq!(text.matches("  evidence commit z").count(), 3, "{text}");
+    assert_eq!(text.matches(" of 3 peers committed, ").count(), 3, "commit evidence counts commit votes: {text}");
+    assert_eq!(text.matches(" of 3 peers promised)").count(), 3, "pend evidence counts promises: {text}");
     let missing = output_of(&["history", "--peer", &peer, "nothere"], None);
     assert_eq!(missing.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not found: nothere"));
@@ -407,8 +681,13 @@ fn cluster_up_runs_three_processes_until_sigint_and_leaves_none_behind() {
 /// Starts `optimystic cluster up --nodes <n>` on free ports and memory storage; returns it, its
 /// stdout lines, and each node's (pid, address) once it printed `up:`.
 fn cluster_up(dir: &Path, n: usize) -> (ClusterUp, mpsc::Receiver<String>, Vec<(u32, String)>) {
+    cluster_up_with(dir, n, "memory")
+}
+
+/// [`cluster_up`] on `storage`.
+fn cluster_up_with(dir: &Path, n: usize, storage: &str) -> (ClusterUp, mpsc::Receiver<String>, Vec<(u32, String)>) {
     let mut child = Command::new(BIN)
-        .args(["cluster", "up", "--nodes", &n.to_string(), "--storage", "memory", "--base-port", "0", "--dir"])
+        .args(["cluster", "up", "--nodes", &n.to_string(), "--storage", storage, "--base-port", "0", "--dir"])
         .arg(dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -452,6 +731,75 @@ fn remaining(lines: &mpsc::Receiver<String>) -> Vec<String> {
         rest.push(line);
     }
     rest
+}
+
+/// Runs `optimystic cluster <args> --dir <dir>`; returns its stdout's one line.
+fn cluster_control(dir: &Path, args: &[&str]) -> String {
+    let mut full = vec!["cluster"];
+    full.extend(args);
+    full.extend(["--dir", dir.to_str().unwrap()]);
+    let (code, out, err) = run_bin(&full);
+    assert_eq!(code, Some(0), "cluster {args:?}: {out}{err}");
+    out.trim().to_owned()
+}
+
+#[test]
+fn cluster_up_stops_restarts_and_adds_one_node_on_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, lines, nodes) = cluster_up_with(dir.path(), 3, "lmdb");
+    let block = r#"{"header":{"id":"steady","type":"log","collectionId":"cli"},"entries":[]}"#;
+    client(&["--peer", &nodes[0].1, "write", "--block", "steady", "--insert", block]);
+
+    let stopped = cluster_control(dir.path(), &["stop", "2"]);
+    assert_eq!(stopped, "node 2 stopped (exit status 0)");
+    assert!(!pid_alive(nodes[1].0), "node 2's process is gone");
+    assert!(up.child.as_mut().unwrap().try_wait().unwrap().is_none(), "cluster up still runs");
+    client(&["--peer", &nodes[0].1, "write", "--block", "steady", "--append", "entries", "1"]);
+    let (code, _, again) = run_bin(&["cluster", "stop", "2", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(again.contains("node 2 is stopped"), "{again}");
+
+    let started = cluster_control(dir.path(), &["start", "2"]);
+    assert!(started.starts_with("node 2 pid ") && started.ends_with(&nodes[1].1), "same address and id: {started}");
+    let restarted = cluster_control(dir.path(), &["restart", "2"]);
+    assert!(restarted.ends_with(&nodes[1].1), "{restarted}");
+    client(&["--peer", &nodes[1].1, "write", "--block", "steady", "--append", "entries", "2"]);
+    let read = client(&["--peer", &nodes[1].1, "get", "steady"]);
+    assert_eq!(read["steady"]["block"]["entries"], serde_json::json!([1, 2]), "{read}");
+
+    let added = cluster_control(dir.path(), &["add"]);
+    assert!(added.starts_with("node 4 pid ") && added.contains(" listening /ip4/127.0.0.1/tcp/"), "{added}");
+    assert!(dir.path().join("node4.toml").is_file());
+    let fourth = added.rsplit(' ').next().unwrap().to_owned();
+    let read = client(&["--peer", &fourth, "get", "steady"]);
+    assert_eq!(read["steady"]["state"]["latest"]["rev"], 3, "the added node serves reads: {read}");
+
+    let child = up.child.take().unwrap();
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(wait_exit(child).code(), Some(0));
+    let stopped: Vec<String> = remaining(&lines).into_iter().filter(|l| l.contains(" stopped (")).collect();
+    assert_eq!(stopped.len(), 4 + 1, "the command's stop and the final four: {stopped:?}");
+}
+
+#[test]
+fn cluster_up_puts_its_default_directory_outside_the_current_one() {
+    let cwd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["cluster", "up", "--nodes", "1", "--storage", "memory", "--base-port", "0"])
+        .current_dir(cwd.path())
+        .env("TMPDIR", tmp.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = line_channel(child.stdout.take().unwrap());
+    let up = ClusterUp { child: Some(child) };
+    let first = lines.recv_timeout(STARTUP_TIMEOUT).unwrap();
+    let expected = tmp.path().join("optimystic-cluster-1");
+    assert_eq!(first, format!("starting 1 nodes with memory storage in {}", expected.display()));
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0, "nothing written in the current directory");
+    drop(up);
 }
 
 #[test]
@@ -555,6 +903,12 @@ impl Drop for Launched {
 
 impl Launched {
     /// Waits for the stdout line `line` until `deadline`.
+    /// Waits for the `ready <peer id>` line naming this node.
+    fn wait_ready(&self, deadline: Instant) {
+        let peer = self.p2p_addr.rsplit('/').next().unwrap();
+        self.wait_line(&format!("ready {peer}"), deadline);
+    }
+
     fn wait_line(&self, line: &str, deadline: Instant) {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -681,7 +1035,7 @@ fn three_nodes_started_at_once_from_the_example_configs_join_and_serve_within_20
     let deadline = started + JOIN_DEADLINE;
     let nodes = start_example_cluster(dir.path());
     for node in &nodes {
-        node.wait_line("ready", deadline);
+        node.wait_ready(deadline);
         let (status, body) = http_get(&node.metrics.replace("/metrics", "/ready"));
         assert_eq!(status, 200, "ready: {body}");
     }
@@ -731,7 +1085,7 @@ fn a_node_whose_bootstrap_peer_is_down_is_live_not_ready_and_joins_when_it_comes
     let log1 = dir.path().join("node1.log");
     let (child, lines) = spawn_start(&first, log1.clone());
     let _bootstrap_peer = launched(child, lines, log1);
-    joining.wait_line("ready", Instant::now() + JOIN_DEADLINE);
+    joining.wait_ready(Instant::now() + JOIN_DEADLINE);
     let (status, body) = http_get(&joining.metrics.replace("/metrics", "/ready"));
     assert_eq!(status, 200, "{body}");
     let log = joining.log_text();
@@ -781,7 +1135,7 @@ fn status_and_locate_describe_a_three_node_cluster() {
     let nodes = start_example_cluster(dir.path());
     let deadline = Instant::now() + JOIN_DEADLINE;
     for node in &nodes {
-        node.wait_line("ready", deadline);
+        node.wait_ready(deadline);
     }
     let block = r#"{"header":{"id":"located","type":"note","collectionId":"cli"},"text":"here"}"#;
     client(&["--peer", &nodes[0].p2p_addr, "write", "--block", "located", "--insert", block]);

@@ -35,7 +35,7 @@ use crate::model::{
     BlockGets, BlockId, BlockTrxRef, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult,
     PendSuccess, StaleFailure, Transforms, TrxBlocks, TrxId,
 };
-use crate::repo::{MessageOptions, Repo};
+use crate::repo::{MessageOptions, Repo, json_size_bytes};
 use crate::wire::{RepoMessage, RepoOperation, RepoResponse};
 
 /// How long a coordinated operation may take when the caller gives no expiration.
@@ -80,7 +80,11 @@ pub struct CoordinatorRepo {
     reads: Arc<dyn Repo>,
     clock: Arc<dyn Clock>,
     config: CoordinatorConfig,
+    max_pend_bytes: Option<u64>,
 }
+
+/// Room in a cluster frame around a record's operations (peers, hashes, votes): 64 KiB.
+pub const RECORD_ENVELOPE_BYTES: usize = 64 * 1024;
 
 impl std::fmt::Debug for dyn Repo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,7 +114,24 @@ impl CoordinatorRepo {
     /// A coordinator over a key network and consensus; `reads` serves `get`. Uses the system clock
     /// and [`CoordinatorConfig::default`].
     pub fn new(key_network: Arc<dyn KeyNetwork>, consensus: Arc<dyn Consensus>, reads: Arc<dyn Repo>) -> Self {
-        Self { key_network, consensus, reads, clock: Arc::new(SystemClock), config: CoordinatorConfig::default() }
+        Self {
+            key_network,
+            consensus,
+            reads,
+            clock: Arc::new(SystemClock),
+            config: CoordinatorConfig::default(),
+            max_pend_bytes: None,
+        }
+    }
+
+    /// This coordinator refusing at once, with `bad-request`, a pend whose JSON is larger than
+    /// `max_pend_bytes` for a cluster of more than one peer: its record could not reach the other
+    /// members (the cluster frame limit less the record's envelope, [`RECORD_ENVELOPE_BYTES`]).
+    /// Larger blocks are written in smaller updates.
+    #[must_use]
+    pub fn with_max_pend_bytes(mut self, max_pend_bytes: u64) -> Self {
+        self.max_pend_bytes = Some(max_pend_bytes);
+        self
     }
 
     /// This coordinator judging expirations by `clock` (simulations run it on virtual time).
@@ -168,6 +189,19 @@ impl CoordinatorRepo {
     }
 
     async fn run(&self, group: &Group, operation: RepoOperation, expiration: u64) -> Result<RepoResponse, RepoError> {
+        if let (Some(max), RepoOperation::Pend(pend)) = (self.max_pend_bytes, &operation)
+            && group.peers.len() > 1
+        {
+            let size = json_size_bytes(pend);
+            if size > max {
+                let blocks: Vec<&str> = group.block_ids.iter().map(BlockId::as_str).collect();
+                return Err(RepoError::BadRequest(format!(
+                    "the pend of {} is {size} bytes of JSON, over the {max} bytes a cluster record carries \
+                     (limits.max_cluster_frame_bytes less its envelope): write the block in smaller updates",
+                    blocks.join(", ")
+                )));
+            }
+        }
         let message = RepoMessage::new(operation, expiration);
         self.consensus.execute(&group.peers, &message).await
     }
@@ -376,6 +410,29 @@ mod tests {
         }
     }
 
+    /// Every block on one cluster of three peers.
+    #[derive(Debug)]
+    struct Crowded([PeerId; 3]);
+
+    #[async_trait]
+    impl KeyNetwork for Crowded {
+        async fn find_cluster(&self, _block_id: &BlockId) -> Result<ClusterPeers, KeyNetworkError> {
+            Ok(self.0.iter().map(|p| (*p, PeerInfo::default())).collect())
+        }
+
+        async fn find_coordinator(&self, _block_id: &BlockId, _excluded: &[PeerId]) -> Result<PeerId, KeyNetworkError> {
+            Ok(self.0[0])
+        }
+
+        fn cluster_size(&self) -> usize {
+            3
+        }
+
+        async fn has_seen(&self, peer: &PeerId) -> bool {
+            self.0.contains(peer)
+        }
+    }
+
     /// An answer to give once: to the peer, for the operation kind.
     type Scripted1 = (PeerId, &'static str, Result<RepoResponse, RepoError>);
 
@@ -451,6 +508,35 @@ mod tests {
 
     fn kinds(calls: &[(PeerId, RepoOperation)], peer: PeerId) -> Vec<&'static str> {
         calls.iter().filter(|(p, _)| *p == peer).map(|(_, op)| op.kind()).collect()
+    }
+
+    fn insert_of(block: &str, bytes: usize) -> PendRequest {
+        let mut value = Block::new(id(block), "t", "c");
+        value.fields.insert("data".into(), serde_json::json!("x".repeat(bytes)));
+        let mut transforms = Transforms::default();
+        transforms.inserts.insert(id(block), value);
+        PendRequest { trx_id: TrxId::new("t1").unwrap(), rev: Some(1), transforms, policy: PendPolicy::Continue }
+    }
+
+    /// Issue 23: a 2 MB insert on a three-node cluster failed after every retry, each member
+    /// refusing the record's frame; it is refused at once, before any consensus round.
+    #[tokio::test]
+    async fn a_pend_too_large_for_a_cluster_record_is_refused_before_consensus() {
+        let consensus = Arc::new(Scripted::default());
+        let crowded = Crowded([PeerId::random(), PeerId::random(), PeerId::random()]);
+        let repo =
+            CoordinatorRepo::new(Arc::new(crowded), consensus.clone(), Arc::new(NoReads)).with_max_pend_bytes(1_000);
+        let refused = repo.pend(&insert_of("big", 2_000), &MessageOptions::default()).await.unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::BadRequest, "{refused}");
+        let said = refused.to_string();
+        assert!(said.contains("the pend of big is ") && said.contains("over the 1000 bytes"), "{said}");
+        assert!(consensus.calls.lock().unwrap().is_empty(), "no consensus round for it");
+        assert!(repo.pend(&insert_of("small", 10), &MessageOptions::default()).await.is_ok());
+
+        // A cluster of one peer sends no record anywhere.
+        let (alone, _, _, _) = setup();
+        let alone = alone.with_max_pend_bytes(1_000);
+        assert!(alone.pend(&insert_of("a-big", 2_000), &MessageOptions::default()).await.is_ok());
     }
 
     #[tokio::test]

@@ -42,6 +42,17 @@ pub enum TransformError {
         /// The block.
         block_id: BlockId,
     },
+    /// The block's JSON would be larger than the repository's `max_block_bytes` and larger than it
+    /// is now (a block over the limit may still shrink).
+    #[error(
+        "the block would be {size_bytes} bytes of JSON, over the limit of {max_bytes} bytes (limits.max_block_bytes)"
+    )]
+    TooLarge {
+        /// The size the transform would give the block.
+        size_bytes: u64,
+        /// The limit.
+        max_bytes: u64,
+    },
     /// An insert's `header.id` differs from the id it is inserted under.
     #[error("insert under {key} carries header id {header_id}")]
     InsertIdMismatch {

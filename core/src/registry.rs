@@ -190,6 +190,11 @@ pub type ConsensusBuildFn = fn(&ConsensusContext, &Value) -> Result<Arc<dyn Cons
 /// defaults itself.
 pub type DefaultsFn = fn() -> serde_json::Map<String, Value>;
 
+/// A plugin's option check: parses and validates its configuration section exactly as its
+/// builder does (a [`PluginError::Config`] naming the key) and builds nothing, so that
+/// `optimystic config show` and `start` refuse the same sections before anything is created.
+pub type CheckFn = fn(&Value) -> Result<(), PluginError>;
+
 /// Static build functions, as a plugin crate submits them.
 #[derive(Clone, Copy, Debug)]
 pub enum StaticBuilder {
@@ -212,6 +217,8 @@ pub struct PluginDescriptor {
     pub builder: StaticBuilder,
     /// Its option defaults, if it declares them ([`PluginDescriptor::with_defaults`]).
     pub defaults: Option<DefaultsFn>,
+    /// Its option check, if it declares one ([`PluginDescriptor::with_check`]).
+    pub check: Option<CheckFn>,
 }
 
 impl std::fmt::Debug for PluginDescriptor {
@@ -223,23 +230,29 @@ impl std::fmt::Debug for PluginDescriptor {
 impl PluginDescriptor {
     /// A storage plugin.
     pub const fn storage(name: &'static str, description: &'static str, build: StorageBuildFn) -> Self {
-        Self { name, description, builder: StaticBuilder::Storage(build), defaults: None }
+        Self { name, description, builder: StaticBuilder::Storage(build), defaults: None, check: None }
     }
 
     /// A key-network plugin.
     pub const fn key_network(name: &'static str, description: &'static str, build: KeyNetworkBuildFn) -> Self {
-        Self { name, description, builder: StaticBuilder::KeyNetwork(build), defaults: None }
+        Self { name, description, builder: StaticBuilder::KeyNetwork(build), defaults: None, check: None }
     }
 
     /// A consensus plugin.
     pub const fn consensus(name: &'static str, description: &'static str, build: ConsensusBuildFn) -> Self {
-        Self { name, description, builder: StaticBuilder::Consensus(build), defaults: None }
+        Self { name, description, builder: StaticBuilder::Consensus(build), defaults: None, check: None }
     }
 
     /// The same descriptor, declaring its option defaults (shown by `optimystic config show`).
     #[must_use]
     pub const fn with_defaults(self, defaults: DefaultsFn) -> Self {
         Self { defaults: Some(defaults), ..self }
+    }
+
+    /// The same descriptor, declaring its option check (run when the configuration is validated).
+    #[must_use]
+    pub const fn with_check(self, check: CheckFn) -> Self {
+        Self { check: Some(check), ..self }
     }
 }
 
@@ -304,6 +317,8 @@ pub struct PluginEntry {
     pub builder: Builder,
     /// Its option defaults (empty when it declares none).
     pub defaults: serde_json::Map<String, Value>,
+    /// Its option check (`None`: its options are checked only when it is built).
+    pub check: Option<CheckFn>,
 }
 
 impl PluginEntry {
@@ -334,6 +349,7 @@ impl Registry {
                     StaticBuilder::Consensus(f) => Builder::Consensus(Arc::new(f)),
                 },
                 defaults: d.defaults.map(|f| f()).unwrap_or_default(),
+                check: d.check,
             })
             .collect();
         entries.sort_by(|a, b| (a.kind(), &a.name).cmp(&(b.kind(), &b.name)));
@@ -376,6 +392,15 @@ impl Registry {
             name: name.to_owned(),
             available: self.names(kind),
         })
+    }
+
+    /// Checks the configuration section of the plugin `name` of `kind` without building it: an
+    /// unknown plugin is [`PluginError::Unknown`]; a plugin without a declared check passes.
+    pub fn check_options(&self, kind: PluginKind, name: &str, section: &Value) -> Result<(), PluginError> {
+        match self.lookup(kind, name)?.check {
+            Some(check) => check(section),
+            None => Ok(()),
+        }
     }
 
     /// Builds the storage plugin `name`.

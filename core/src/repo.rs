@@ -9,12 +9,12 @@ use dashmap::DashMap;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::check::Check;
-use crate::error::{RepoError, StorageError};
+use crate::error::{RepoError, StorageError, TransformError};
 use crate::evidence::{self, Evidence, RecordRef, StoredEvidence, StoredRecord};
 use crate::model::{
-    BlockGetResult, BlockGets, BlockId, BlockTrxRef, BlockTrxState, CommitRequest, CommitResult, GetBlockResults,
-    PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms, TrxBlocks, TrxId, TrxRev,
-    TrxTransforms,
+    Block, BlockGetResult, BlockGets, BlockId, BlockTrxRef, BlockTrxState, CommitRequest, CommitResult,
+    GetBlockResults, PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms, TrxBlocks,
+    TrxId, TrxRev, TrxTransforms,
 };
 use crate::record::ClusterRecord;
 use crate::storage::{BlockCommit, BlockValue, MetaWrite, RawStorage, StorageWrite};
@@ -147,7 +147,12 @@ pub enum ReadPromotion {
 pub struct StorageRepo {
     inner: Arc<Inner>,
     promotion: ReadPromotion,
+    max_block_bytes: u64,
 }
+
+/// Default of [`StorageRepo::max_block_bytes`]: 4 MiB, half the default repo frame, so a block at
+/// the limit travels in one frame with its envelope.
+pub const DEFAULT_MAX_BLOCK_BYTES: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug)]
 struct Inner {
@@ -158,13 +163,32 @@ struct Inner {
 impl StorageRepo {
     /// A repository over a storage engine (reads promote as a single node does).
     pub fn new(storage: Arc<dyn RawStorage>) -> Self {
-        Self { inner: Arc::new(Inner { storage, locks: BlockLocks::default() }), promotion: ReadPromotion::Persist }
+        Self {
+            inner: Arc::new(Inner { storage, locks: BlockLocks::default() }),
+            promotion: ReadPromotion::Persist,
+            max_block_bytes: DEFAULT_MAX_BLOCK_BYTES,
+        }
+    }
+
+    /// The same repository refusing, at pend, a transform that would make a block's JSON larger
+    /// than `max_block_bytes` and larger than it is now ([`TransformError::TooLarge`]): a block
+    /// over the limit (written before it, or under a larger one) can still be read, shrunk and
+    /// deleted.
+    #[must_use]
+    pub fn with_max_block_bytes(mut self, max_block_bytes: u64) -> Self {
+        self.max_block_bytes = max_block_bytes;
+        self
+    }
+
+    /// The largest block a pend may create or grow (see [`StorageRepo::with_max_block_bytes`]).
+    pub fn max_block_bytes(&self) -> u64 {
+        self.max_block_bytes
     }
 
     /// The same repository (same storage and locks) with reads promoting as `promotion` says.
     #[must_use]
     pub fn with_read_promotion(&self, promotion: ReadPromotion) -> Self {
-        Self { inner: self.inner.clone(), promotion }
+        Self { inner: self.inner.clone(), promotion, max_block_bytes: self.max_block_bytes }
     }
 
     /// How reads treat a context's committed trxs.
@@ -475,7 +499,11 @@ impl StorageRepo {
                 Some(l) => self.value_at(block_id, l.rev).await?,
                 None => None,
             };
-            if let Err(reason) = transform.apply(current.as_ref(), block_id) {
+            let reason = match transform.apply(current.as_ref(), block_id) {
+                Ok(next) => self.size_check(current.as_ref(), next.as_ref()).err(),
+                Err(reason) => Some(reason),
+            };
+            if let Some(reason) = reason {
                 return Ok(Check::Invalid(RepoError::InvalidTransform { block_id: (*block_id).clone(), reason }));
             }
         }
@@ -491,6 +519,15 @@ impl StorageRepo {
             }
         }
         Ok(Check::Ok)
+    }
+
+    /// Refuses `next` when its JSON is over `max_block_bytes` and larger than `current`'s.
+    fn size_check(&self, current: Option<&Block>, next: Option<&Block>) -> Result<(), TransformError> {
+        let size_bytes = next.map_or(0, json_size_bytes::<Block>);
+        if size_bytes <= self.max_block_bytes || size_bytes <= current.map_or(0, json_size_bytes::<Block>) {
+            return Ok(());
+        }
+        Err(TransformError::TooLarge { size_bytes, max_bytes: self.max_block_bytes })
     }
 
     /// What `commit` would do (SPEC 2 commit, item 7 and SPEC 4.6), without changing anything.
@@ -953,4 +990,22 @@ impl Repo for StorageRepo {
         step.write().await?;
         Ok(result)
     }
+}
+
+/// The length of `value`'s JSON, counted without building it.
+pub(crate) fn json_size_bytes<T: serde::Serialize>(value: &T) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len() as u64);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a value of the data model into a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }

@@ -762,6 +762,51 @@ async fn invalid_transforms_through_the_repo_change_nothing() {
     assert_eq!(storage.dump(), before, "failed commits, reads and expired requests change nothing");
 }
 
+/// Pends `transforms` at `rev` as `trx` and commits it.
+async fn write(repo: &StorageRepo, trx: &str, rev: u64, transforms: Value) -> Result<(), RepoError> {
+    let o = MessageOptions::default();
+    let trx_id = TrxId::new(trx).unwrap();
+    let transforms: Transforms = serde_json::from_value(transforms).unwrap();
+    let block_ids = transforms.block_ids();
+    let pend = PendRequest { trx_id: trx_id.clone(), rev: Some(rev), transforms, policy: PendPolicy::Continue };
+    assert!(matches!(repo.pend(&pend, &o).await?, PendResult::Success(_)));
+    let tail_id = block_ids[0].clone();
+    let commit = CommitRequest { trx_id, block_ids, rev, tail_id, header_id: None };
+    assert!(repo.commit(&commit, &o).await?.is_success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pend_past_max_block_bytes_is_refused_and_an_oversize_block_can_shrink_or_go() {
+    let storage = Arc::new(MiniStorage::new());
+    // An older version had no limit: it wrote a block of about 3,000 bytes.
+    let unlimited = StorageRepo::new(storage.clone()).with_max_block_bytes(u64::MAX);
+    let header = json!({"id": "big", "type": "t", "collectionId": "c"});
+    let text = "x".repeat(1_000);
+    let inserts = json!({"inserts": {"big": {"header": header, "items": [text, text, text]}}});
+    write(&unlimited, "t1", 1, inserts).await.unwrap();
+
+    let repo = StorageRepo::new(storage.clone()).with_max_block_bytes(2_048);
+    let before = storage.dump();
+    let grow = json!({"updates": {"big": [["items", 3, 0, ["y"]]]}});
+    let refused = write(&repo, "t2", 2, grow).await.unwrap_err();
+    assert_eq!(refused.code(), ErrorCode::BadRequest, "{refused}");
+    let said = refused.to_string();
+    assert!(
+        said.contains("block big") && said.contains("3076 bytes") && said.contains("limit of 2048 bytes"),
+        "names the block, its size and the limit: {said}"
+    );
+    assert_eq!(storage.dump(), before, "a refused pend changes nothing");
+    let new_block = json!({"inserts": {"other": {"header": {"id": "other", "type": "t", "collectionId": "c"}, "v": "x".repeat(3_000)}}});
+    assert!(write(&repo, "t3", 1, new_block).await.is_err(), "a new block past the limit is refused");
+
+    let gets = BlockGets { block_ids: vec![bid("big")], context: None, read_mode: None };
+    let read = repo.get(&gets, &MessageOptions::default()).await.unwrap();
+    assert_eq!(read[&bid("big")].block.as_ref().unwrap().fields["items"][0], json!(text), "an oversize block reads");
+    write(&repo, "t4", 2, json!({"updates": {"big": [["items", 2, 1, []]]}})).await.expect("shrinking is allowed");
+    write(&repo, "t5", 3, json!({"deletes": ["big"]})).await.expect("deleting is allowed");
+}
+
 fn mutate(value: &mut Value, choice: &mut impl Iterator<Item = u32>, replacement: &Value) {
     let Some(pick) = choice.next() else {
         *value = replacement.clone();

@@ -24,6 +24,11 @@ pub const DEFAULT_REPO_MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_CLUSTER_MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Default frame limit of the sync protocol: 8 MiB, as it carries revisions like the repo protocol.
 pub const DEFAULT_SYNC_MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+/// Default response frame limit of the repo and sync protocols: 32 MiB, four times the request
+/// limit, so that reads return any block that exists (one at `limits.max_block_bytes`, or one over
+/// it that an older version wrote) with its envelope. Responses are only ever read by the peer that
+/// asked for them.
+pub const DEFAULT_MAX_RESPONSE_FRAME_BYTES: usize = 32 * 1024 * 1024;
 /// The largest frame limit a node accepts in its configuration: 256 MiB.
 pub const HARD_MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
 /// The body buffer grows in steps up to the declared length; this is the first reservation.
@@ -258,7 +263,8 @@ impl Frame {
     }
 }
 
-/// The libp2p request-response codec of one protocol, with that protocol's frame limit.
+/// The libp2p request-response codec of one protocol, with that protocol's frame limits: one for
+/// requests and one for responses.
 ///
 /// Inbound requests never fail on malformed content (they become [`Frame::Malformed`]); inbound
 /// responses do, as an [`io::ErrorKind::InvalidData`] error. An outbound response too large for
@@ -266,17 +272,30 @@ impl Frame {
 #[derive(Debug, Clone, Copy)]
 pub struct FrameCodec {
     max_frame_bytes: usize,
+    max_response_frame_bytes: usize,
 }
 
 impl FrameCodec {
     /// A codec refusing frames longer than `max_frame_bytes` in either direction.
     pub fn new(max_frame_bytes: usize) -> Self {
-        Self { max_frame_bytes }
+        Self { max_frame_bytes, max_response_frame_bytes: max_frame_bytes }
     }
 
-    /// The frame limit.
+    /// The same codec with its own limit for responses (written and read).
+    #[must_use]
+    pub fn with_max_response_frame_bytes(mut self, max_response_frame_bytes: usize) -> Self {
+        self.max_response_frame_bytes = max_response_frame_bytes;
+        self
+    }
+
+    /// The request frame limit.
     pub fn max_frame_bytes(&self) -> usize {
         self.max_frame_bytes
+    }
+
+    /// The response frame limit.
+    pub fn max_response_frame_bytes(&self) -> usize {
+        self.max_response_frame_bytes
     }
 }
 
@@ -299,7 +318,7 @@ impl request_response::Codec for FrameCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, self.max_frame_bytes).await?.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        read_frame(io, self.max_response_frame_bytes).await?.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     async fn write_request<T>(&mut self, _protocol: &StreamProtocol, io: &mut T, request: Frame) -> io::Result<()>
@@ -317,12 +336,12 @@ impl request_response::Codec for FrameCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let (buf, start) = match encode_frame_in_place(&response, self.max_frame_bytes) {
+        let (buf, start) = match encode_frame_in_place(&response, self.max_response_frame_bytes) {
             Ok(encoded) => encoded,
             Err(e) => {
                 tracing::warn!(error = %e, "response exceeds the frame limit; answering with an error envelope");
                 let envelope = crate::service::envelope(ErrorCode::Internal, format!("response refused: {e}"));
-                encode_frame_in_place(&envelope, self.max_frame_bytes)
+                encode_frame_in_place(&envelope, self.max_response_frame_bytes)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
             }
         };

@@ -13,9 +13,10 @@ use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::codec::HARD_MAX_FRAME_BYTES;
 use optimystic_core::keynet::ClusterSize;
 pub use optimystic_core::reads::ReadMode;
-use optimystic_core::registry::{PluginKind, Registry};
+use optimystic_core::registry::{PluginError, PluginKind, Registry};
 
 /// Environment variable naming the configuration file.
 pub const CONFIG_ENV: &str = "OPTIMYSTIC_CONFIG";
@@ -45,6 +46,9 @@ pub struct NodeConfig {
     /// Logging.
     pub log: LogSection,
 }
+
+/// Room left in a repo frame around a block at `limits.max_block_bytes`: 64 KiB.
+pub const BLOCK_ENVELOPE_BYTES: usize = 64 * 1024;
 
 /// Most blocks one replica-repair round may visit (`node.repair_blocks_per_round`).
 pub const MAX_REPAIR_BLOCKS_PER_ROUND: usize = 4_096;
@@ -98,6 +102,14 @@ pub struct LimitsSection {
     pub max_repo_frame_bytes: usize,
     /// Largest cluster protocol frame.
     pub max_cluster_frame_bytes: usize,
+    /// Largest repo and sync protocol response frame (read and written): at least
+    /// `max_repo_frame_bytes`, so that reads return any block that exists, including one over
+    /// `max_block_bytes` written by an older version.
+    pub max_response_frame_bytes: usize,
+    /// Largest block, as bytes of JSON: a pend that would make a block larger (and larger than it
+    /// is) is refused with `bad-request`. A block over it still reads, shrinks and deletes. At
+    /// most `max_repo_frame_bytes` less 64 KiB, so a whole block fits in one request.
+    pub max_block_bytes: u64,
     /// Inbound requests served at once per protocol; more wait in a queue.
     pub max_inbound_per_protocol: usize,
     /// Inbound requests waiting for a slot per protocol; more are answered `busy`.
@@ -117,6 +129,8 @@ impl Default for LimitsSection {
         Self {
             max_repo_frame_bytes: 8 * 1024 * 1024,
             max_cluster_frame_bytes: 1024 * 1024,
+            max_response_frame_bytes: crate::codec::DEFAULT_MAX_RESPONSE_FRAME_BYTES,
+            max_block_bytes: optimystic_core::repo::DEFAULT_MAX_BLOCK_BYTES,
             max_inbound_per_protocol: 32,
             max_queued_inbound_per_protocol: 256,
             max_outbound_per_protocol: 64,
@@ -225,12 +239,13 @@ pub enum ConfigError {
     #[error("configuration: {}", load_error_text(.0))]
     Load(Box<figment::Error>),
     /// A value is invalid.
-    #[error("configuration key `{key}` (from {source_name}): {message}")]
+    #[error("configuration: {place}: {message}")]
     Invalid {
         /// The dotted key.
         key: String,
-        /// Where the value came from.
-        source_name: String,
+        /// The key as its layer spells it, and the layer (`node.x in node1.toml`,
+        /// `OPTIMYSTIC_NODE__X in the environment`), as in load errors.
+        place: String,
         /// What is wrong.
         message: String,
     },
@@ -312,21 +327,28 @@ fn one_load_error(error: &figment::Error) -> String {
     };
     let dotted = error.path.join(".");
     let layer = error.metadata.as_ref().map(Layer::of);
-    let place = match (&layer, dotted.is_empty()) {
+    if layer.is_none() && dotted.is_empty() {
+        return what;
+    }
+    format!("{}: {what}", place(&dotted, layer.as_ref()))
+}
+
+/// A key as its layer spells it, with the layer: `node.x in node1.toml`,
+/// `OPTIMYSTIC_NODE__X in the environment`, `node.x from the command-line flags`.
+fn place(dotted: &str, layer: Option<&Layer>) -> String {
+    match (layer, dotted.is_empty()) {
         (Some(Layer::File(path)), true) => path.clone(),
         (Some(Layer::File(path)), false) => format!("{dotted} in {path}"),
         (Some(Layer::Environment), false) => {
-            let parts: Vec<String> = error.path.iter().map(|p| p.to_uppercase()).collect();
+            let parts: Vec<String> = dotted.split('.').map(str::to_uppercase).collect();
             format!("{ENV_PREFIX}{} in the environment", parts.join("__"))
         }
         (Some(Layer::Environment), true) => "the environment".to_owned(),
         (Some(Layer::Flags), _) => format!("{dotted} from the command-line flags"),
         (Some(Layer::Defaults), _) => format!("{dotted} in the built-in defaults"),
         (Some(Layer::Other(name)), _) => format!("{dotted} in {name}"),
-        (None, false) => dotted,
-        (None, true) => return what,
-    };
-    format!("{place}: {what}")
+        (None, _) => dotted.to_owned(),
+    }
 }
 
 /// Loads and validates the configuration.
@@ -357,7 +379,8 @@ impl LoadedConfig {
     }
 
     fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { key: key.to_owned(), source_name: self.source_of(key), message: message.into() }
+        let layer = Some(self.figment.find_metadata(key).map_or(Layer::Defaults, Layer::of));
+        ConfigError::Invalid { key: key.to_owned(), place: place(key, layer.as_ref()), message: message.into() }
     }
 
     /// The effective configuration with each plugin's declared option defaults filled in where the
@@ -407,6 +430,12 @@ impl LoadedConfig {
         for (key, value, min, max) in [
             ("limits.max_repo_frame_bytes", l.max_repo_frame_bytes, 1024, 1 << 30),
             ("limits.max_cluster_frame_bytes", l.max_cluster_frame_bytes, 1024, 1 << 30),
+            (
+                "limits.max_response_frame_bytes",
+                l.max_response_frame_bytes,
+                l.max_repo_frame_bytes,
+                HARD_MAX_FRAME_BYTES,
+            ),
             ("limits.max_inbound_per_protocol", l.max_inbound_per_protocol, 1, 100_000),
             ("limits.max_queued_inbound_per_protocol", l.max_queued_inbound_per_protocol, 0, 100_000),
             ("limits.max_outbound_per_protocol", l.max_outbound_per_protocol, 1, 100_000),
@@ -414,6 +443,16 @@ impl LoadedConfig {
             if !(min..=max).contains(&value) {
                 return Err(self.invalid(key, format!("{value} is outside {min}..={max}")));
             }
+        }
+        let most_block_bytes = l.max_repo_frame_bytes.saturating_sub(BLOCK_ENVELOPE_BYTES) as u64;
+        if !(1024..=most_block_bytes).contains(&l.max_block_bytes) {
+            return Err(self.invalid(
+                "limits.max_block_bytes",
+                format!(
+                    "{} is outside 1024..={most_block_bytes} (limits.max_repo_frame_bytes less 64 KiB for the envelope)",
+                    l.max_block_bytes
+                ),
+            ));
         }
         for (key, value) in [
             ("limits.request_timeout_ms", l.request_timeout_ms),
@@ -435,6 +474,18 @@ impl LoadedConfig {
                     &format!("{section}.kind"),
                     format!("no {kind} plugin named {:?}; registered: {}", value.kind, names.join(", ")),
                 ));
+            }
+            if let Err(e) = registry.check_options(kind, &value.kind, &value.to_value()) {
+                let message = match e {
+                    PluginError::Config { message, .. } => message,
+                    other => other.to_string(),
+                };
+                let key = value
+                    .options
+                    .keys()
+                    .find(|key| message.starts_with(&format!("{key}: ")) || message.contains(&format!("`{key}`")));
+                let key = key.map_or_else(|| section.to_owned(), |key| format!("{section}.{key}"));
+                return Err(self.invalid(&key, format!("{kind} {}: {message}", value.kind)));
             }
         }
         if let Some(size) = c.key_network.options.get("cluster_size") {
@@ -556,8 +607,18 @@ mod tests {
 
             jail.set_env("OPTIMYSTIC_KEY_NETWORK__CLUSTER_SIZE", "0");
             let text = error_text(load(None, &json!({}), &registry()));
-            assert!(text.contains("key_network.cluster_size") && text.contains("environment"), "{text}");
+            assert!(text.contains("OPTIMYSTIC_KEY_NETWORK__CLUSTER_SIZE in the environment: "), "{text}");
             jail.clear_env();
+
+            // Plugin options are checked here, before anything is built, in the same format.
+            for (options, says) in [
+                ("map_size_bytes = \"big\"", "storage.map_size_bytes in plugin.toml: storage lmdb: map_size_bytes: "),
+                ("mapsize = 5", "storage.mapsize in plugin.toml: storage lmdb: unknown field `mapsize`"),
+            ] {
+                jail.create_file("plugin.toml", &format!("[storage]\nkind = \"lmdb\"\n{options}\n"))?;
+                let text = error_text(load(Some(Path::new("plugin.toml")), &json!({}), &registry()));
+                assert!(text.starts_with(&format!("configuration: {says}")), "{text}");
+            }
 
             let text = error_text(load(
                 None,

@@ -20,7 +20,7 @@ use std::collections::HashSet;
 
 use libp2p::PeerId;
 use optimystic_core::consensus::{BehindSink, Consensus};
-use optimystic_core::coordinator::CoordinatorRepo;
+use optimystic_core::coordinator::{CoordinatorRepo, RECORD_ENVELOPE_BYTES};
 use optimystic_core::keynet::{ClusterPeers, KeyNetwork, PeerRouting};
 use optimystic_core::model::{
     BlockGets, CommitRequest, CommitResult, GetBlockResults, PendRequest, PendResult, TrxBlocks,
@@ -274,7 +274,7 @@ impl Node {
             tracing::info!("storage is not durable: starting with a fresh identity");
             identity::generate()
         };
-        let local = StorageRepo::new(storage.clone());
+        let local = StorageRepo::new(storage.clone()).with_max_block_bytes(config.limits.max_block_bytes);
 
         let mut host_config = HostConfig::new(keypair.clone());
         host_config.listen = parse_addrs("node.listen", &config.node.listen)?;
@@ -293,6 +293,7 @@ impl Node {
         host_config.max_repo_frame_bytes = limits.max_repo_frame_bytes;
         host_config.max_cluster_frame_bytes = limits.max_cluster_frame_bytes;
         host_config.max_sync_frame_bytes = limits.max_repo_frame_bytes;
+        host_config.max_response_frame_bytes = limits.max_response_frame_bytes;
         host_config.max_inbound_per_protocol = limits.max_inbound_per_protocol;
         host_config.max_queued_inbound_per_protocol = limits.max_queued_inbound_per_protocol;
         host_config.max_outbound_per_protocol = limits.max_outbound_per_protocol;
@@ -348,8 +349,13 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let coordinated: Arc<dyn Consensus> =
             Arc::new(MeteredConsensus { inner: consensus.clone(), metrics: metrics.clone() });
-        let writes: Arc<dyn Repo> =
-            Arc::new(CoordinatorRepo::new(key_network.clone(), coordinated, Arc::new(read_local.clone())));
+        // A pend must fit in a cluster record; tiny frames keep half for the envelope.
+        let frame = config.limits.max_cluster_frame_bytes;
+        let max_pend_bytes = frame.saturating_sub(RECORD_ENVELOPE_BYTES.min(frame / 2)) as u64;
+        let writes: Arc<dyn Repo> = Arc::new(
+            CoordinatorRepo::new(key_network.clone(), coordinated, Arc::new(read_local.clone()))
+                .with_max_pend_bytes(max_pend_bytes),
+        );
         let reads = ClusterReads::new(writes, read_local, key_network.clone(), network, config.node.read_mode, timeout);
         let catch_up = reads.catch_up().clone();
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });

@@ -78,7 +78,7 @@ fn build_transport(keypair: &Keypair, dial_timeout: Duration) -> Result<Boxed<(P
 fn request_response_behaviour(
     config: &HostConfig,
     kind: ProtocolKind,
-    max_frame_bytes: usize,
+    codec: FrameCodec,
 ) -> Result<request_response::Behaviour<FrameCodec>, HostError> {
     let protocol = stream_protocol(kind.protocol_id(&config.protocol_prefix))?;
     let streams = config
@@ -89,11 +89,13 @@ fn request_response_behaviour(
     let rr_config = request_response::Config::default()
         .with_request_timeout(Duration::from_millis(config.request_timeout_ms))
         .with_max_concurrent_streams(streams);
-    Ok(request_response::Behaviour::with_codec(
-        FrameCodec::new(max_frame_bytes),
-        [(protocol, ProtocolSupport::Full)],
-        rr_config,
-    ))
+    Ok(request_response::Behaviour::with_codec(codec, [(protocol, ProtocolSupport::Full)], rr_config))
+}
+
+/// The codec of a protocol whose responses carry blocks or revisions: requests within
+/// `max_frame_bytes`, responses within the larger `max_response_frame_bytes`.
+fn reads_codec(max_frame_bytes: usize, max_response_frame_bytes: usize) -> FrameCodec {
+    FrameCodec::new(max_frame_bytes).with_max_response_frame_bytes(max_response_frame_bytes.max(max_frame_bytes))
 }
 
 /// Builds the swarm for a validated configuration.
@@ -123,9 +125,21 @@ pub(crate) fn build_swarm(config: &HostConfig) -> Result<Swarm<NodeBehaviour>, H
         ping: ping::Behaviour::default(),
         kad,
         keep_alive: keep_alive::Behaviour::new(keep_alive_protocol),
-        repo: request_response_behaviour(config, ProtocolKind::Repo, config.max_repo_frame_bytes)?,
-        cluster: request_response_behaviour(config, ProtocolKind::Cluster, config.max_cluster_frame_bytes)?,
-        sync: request_response_behaviour(config, ProtocolKind::Sync, config.max_sync_frame_bytes)?,
+        repo: request_response_behaviour(
+            config,
+            ProtocolKind::Repo,
+            reads_codec(config.max_repo_frame_bytes, config.max_response_frame_bytes),
+        )?,
+        cluster: request_response_behaviour(
+            config,
+            ProtocolKind::Cluster,
+            FrameCodec::new(config.max_cluster_frame_bytes),
+        )?,
+        sync: request_response_behaviour(
+            config,
+            ProtocolKind::Sync,
+            reads_codec(config.max_sync_frame_bytes, config.max_response_frame_bytes),
+        )?,
     };
     // Lazy negotiation: a request's protocol id travels with its first frame instead of costing a
     // round trip of its own. A peer that lacks the protocol still refuses it (see `task.rs`).

@@ -38,8 +38,8 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::codec::{
-    DEFAULT_CLUSTER_MAX_FRAME_BYTES, DEFAULT_REPO_MAX_FRAME_BYTES, DEFAULT_SYNC_MAX_FRAME_BYTES, Frame,
-    HARD_MAX_FRAME_BYTES,
+    DEFAULT_CLUSTER_MAX_FRAME_BYTES, DEFAULT_MAX_RESPONSE_FRAME_BYTES, DEFAULT_REPO_MAX_FRAME_BYTES,
+    DEFAULT_SYNC_MAX_FRAME_BYTES, Frame, HARD_MAX_FRAME_BYTES,
 };
 use crate::service::{
     DEFAULT_MAX_INBOUND_PER_PROTOCOL, DEFAULT_MAX_QUEUED_INBOUND_PER_PROTOCOL, Handlers, PerProtocol, Services,
@@ -103,6 +103,9 @@ pub struct HostConfig {
     pub max_cluster_frame_bytes: usize,
     /// Frame limit of the sync protocol, both directions.
     pub max_sync_frame_bytes: usize,
+    /// Frame limit of repo and sync protocol responses (written and read), at least the request
+    /// limits: reads must return any block that exists.
+    pub max_response_frame_bytes: usize,
     /// Inbound requests handled at once per protocol; past it requests wait in a queue.
     pub max_inbound_per_protocol: usize,
     /// Inbound requests waiting for a handling slot per protocol (0: none wait); past it requests
@@ -141,6 +144,7 @@ impl HostConfig {
             max_repo_frame_bytes: DEFAULT_REPO_MAX_FRAME_BYTES,
             max_cluster_frame_bytes: DEFAULT_CLUSTER_MAX_FRAME_BYTES,
             max_sync_frame_bytes: DEFAULT_SYNC_MAX_FRAME_BYTES,
+            max_response_frame_bytes: DEFAULT_MAX_RESPONSE_FRAME_BYTES,
             max_inbound_per_protocol: DEFAULT_MAX_INBOUND_PER_PROTOCOL,
             max_queued_inbound_per_protocol: DEFAULT_MAX_QUEUED_INBOUND_PER_PROTOCOL,
             max_outbound_per_protocol: DEFAULT_MAX_OUTBOUND_PER_PROTOCOL,
@@ -170,6 +174,7 @@ impl HostConfig {
             ("max_repo_frame_bytes", self.max_repo_frame_bytes),
             ("max_cluster_frame_bytes", self.max_cluster_frame_bytes),
             ("max_sync_frame_bytes", self.max_sync_frame_bytes),
+            ("max_response_frame_bytes", self.max_response_frame_bytes),
         ] {
             if !(1..=HARD_MAX_FRAME_BYTES).contains(&bytes) {
                 return invalid(format!("{name} = {bytes} must be between 1 and {HARD_MAX_FRAME_BYTES}"));

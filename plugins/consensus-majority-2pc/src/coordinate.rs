@@ -149,6 +149,23 @@ impl Promises {
         out
     }
 
+    /// What a failed promise phase says, every peer asked counted once: as an approval, a
+    /// rejection, a peer that gave no vote, or one not waited for (the outcome was decided without
+    /// it).
+    fn failure_summary(&self, n: usize, quorum: usize) -> String {
+        let (approvals, rejections, silent) = (self.approvals(), self.rejections(), self.silent.len());
+        let mut text = format!(
+            "{approvals} of {n} peers approved, {quorum} needed; {rejections} rejected: [{}]; {silent} gave no vote: [{}]",
+            tally(&self.reasons()).join("; "),
+            self.silent.join("; ")
+        );
+        let unheard = n.saturating_sub(approvals + rejections + silent);
+        if unheard > 0 {
+            text.push_str(&format!("; {unheard} not waited for (the outcome was decided without them)"));
+        }
+        text
+    }
+
     fn reasons(&self) -> Vec<String> {
         self.votes
             .iter()
@@ -688,12 +705,7 @@ impl Inner {
     ) -> Vec<OpOutcome> {
         let n = record.peers.len();
         let abort_proven = promises.rejections() > n - quorum;
-        let summary = format!(
-            "{} of {n} peers approved, {quorum} needed; rejections: [{}]; no vote: [{}]",
-            promises.approvals(),
-            tally(&promises.reasons()).join("; "),
-            promises.silent.join("; ")
-        );
+        let summary = promises.failure_summary(n, quorum);
         tracing::debug!(%summary, "promise phase failed");
         let per_operation = promises.per_operation();
         // Without proof, the approving members keep their reservations until recovery, except
@@ -864,5 +876,32 @@ mod tests {
         );
         let busy = "busy: too many reservations".to_owned();
         assert_eq!(tally(&[same.clone(), busy.clone(), same.clone()]), vec![format!("{same} (2 peers)"), busy]);
+    }
+
+    /// Issue 23: two of three members rejected an update of a block they do not know; the third
+    /// was not waited for. The counts add up to the peers asked.
+    #[test]
+    fn a_failed_promise_phase_counts_every_peer_asked() {
+        let reject = Vote {
+            r#type: VoteType::Reject,
+            signature: String::new(),
+            reject_reason: Some("behind: unknown block nothere".to_owned()),
+            conflict_with: None,
+            extra: serde_json::Map::new(),
+        };
+        let mut promises = Promises::new(1);
+        promises.votes.insert("a".to_owned(), reject.clone());
+        promises.votes.insert("b".to_owned(), reject);
+        assert_eq!(
+            promises.failure_summary(3, 2),
+            "0 of 3 peers approved, 2 needed; 2 rejected: [behind: unknown block nothere (2 peers)]; 0 gave no vote: \
+             []; 1 not waited for (the outcome was decided without them)"
+        );
+        promises.silent.push("c: timed out".to_owned());
+        assert_eq!(
+            promises.failure_summary(3, 2),
+            "0 of 3 peers approved, 2 needed; 2 rejected: [behind: unknown block nothere (2 peers)]; 1 gave no vote: \
+             [c: timed out]"
+        );
     }
 }

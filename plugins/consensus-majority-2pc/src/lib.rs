@@ -355,6 +355,7 @@ optimystic_core::inventory::submit! {
         build,
     )
     .with_defaults(config::defaults)
+    .with_check(|section| MajorityConfig::from_value(section).map(drop))
 }
 
 #[cfg(test)]

@@ -46,11 +46,15 @@ impl Consensus for SoloConsensus {
     }
 }
 
+fn check(config: &Value) -> Result<(), PluginError> {
+    parse_config::<NoOptions>("consensus solo", config).map(drop)
+}
+
 fn build(cx: &ConsensusContext, config: &Value) -> Result<Arc<dyn Consensus>, PluginError> {
-    parse_config::<NoOptions>("consensus solo", config)?;
+    check(config)?;
     Ok(Arc::new(SoloConsensus::new(cx.local_repo.clone())))
 }
 
 optimystic_core::inventory::submit! {
-    PluginDescriptor::consensus("solo", "cluster of one: apply every operation locally", build)
+    PluginDescriptor::consensus("solo", "cluster of one: apply every operation locally", build).with_check(check)
 }

@@ -48,6 +48,7 @@ pub fn load_plugin(path: &Path) -> Result<PluginEntry, PluginError> {
             Ok(storage)
         })),
         defaults: Default::default(),
+        check: None,
     })
 }
 

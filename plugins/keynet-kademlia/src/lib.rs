@@ -227,6 +227,10 @@ impl PluginConfig for KademliaConfig {
     }
 }
 
+fn check(config: &Value) -> Result<(), PluginError> {
+    parse_config::<KademliaConfig>(PLUGIN, config).map(drop)
+}
+
 fn build(cx: &KeyNetworkContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> {
     Ok(Arc::new(KademliaKeyNetwork::from_config(Arc::clone(&cx.routing), config)?))
 }
@@ -242,6 +246,7 @@ fn defaults() -> serde_json::Map<String, Value> {
 optimystic_core::inventory::submit! {
     PluginDescriptor::key_network("kademlia", "clusters ranked over the Kademlia DHT routing table", build)
         .with_defaults(defaults)
+        .with_check(check)
 }
 
 #[cfg(test)]

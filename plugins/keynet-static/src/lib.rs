@@ -153,6 +153,10 @@ impl KeyNetwork for StaticKeyNetwork {
     }
 }
 
+fn check(config: &Value) -> Result<(), PluginError> {
+    parse_config::<StaticConfig>(PLUGIN, config).map(drop)
+}
+
 fn build(cx: &KeyNetworkContext, config: &Value) -> Result<Arc<dyn KeyNetwork>, PluginError> {
     Ok(Arc::new(StaticKeyNetwork::from_config(cx.local_peer_id, config)?))
 }
@@ -168,6 +172,7 @@ fn defaults() -> serde_json::Map<String, Value> {
 optimystic_core::inventory::submit! {
     PluginDescriptor::key_network("static", "clusters ranked over a fixed member list", build)
         .with_defaults(defaults)
+        .with_check(check)
 }
 
 #[cfg(test)]

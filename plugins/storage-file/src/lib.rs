@@ -199,6 +199,10 @@ impl PluginConfig for FileConfig {
     }
 }
 
+fn check(config: &Value) -> Result<(), PluginError> {
+    parse_config::<FileConfig>(PLUGIN, config).map(drop)
+}
+
 fn build(cx: &StorageContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
     let config: FileConfig = parse_config(PLUGIN, config)?;
     let path = datadir::resolve_dir(PLUGIN, cx.data_dir.as_deref(), config.path.as_deref(), DEFAULT_SUBDIR)?;
@@ -215,4 +219,5 @@ fn defaults() -> serde_json::Map<String, Value> {
 optimystic_core::inventory::submit! {
     PluginDescriptor::storage("file", "blocks in files, one crash-safe directory per block (durable)", build)
         .with_defaults(defaults)
+        .with_check(check)
 }

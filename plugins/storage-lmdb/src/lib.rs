@@ -90,6 +90,10 @@ impl PluginConfig for LmdbConfig {
     }
 }
 
+fn check(config: &Value) -> Result<(), PluginError> {
+    parse_config::<LmdbConfig>(PLUGIN, config).map(drop)
+}
+
 fn build(cx: &StorageContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
     let config: LmdbConfig = parse_config(PLUGIN, config)?;
     let path = datadir::resolve_dir(PLUGIN, cx.data_dir.as_deref(), config.path.as_deref(), DEFAULT_SUBDIR)?;
@@ -108,4 +112,5 @@ fn defaults() -> serde_json::Map<String, Value> {
 optimystic_core::inventory::submit! {
     PluginDescriptor::storage("lmdb", "blocks in an LMDB environment, one write transaction per commit step (durable)", build)
         .with_defaults(defaults)
+        .with_check(check)
 }

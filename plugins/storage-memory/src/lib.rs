@@ -11,11 +11,15 @@ use optimystic_core::registry::{NoOptions, PluginDescriptor, PluginError, Storag
 use optimystic_core::storage::RawStorage;
 use serde_json::Value;
 
+fn check(config: &Value) -> Result<(), PluginError> {
+    parse_config::<NoOptions>("storage memory", config).map(drop)
+}
+
 fn build(_cx: &StorageContext, config: &Value) -> Result<Arc<dyn RawStorage>, PluginError> {
-    parse_config::<NoOptions>("storage memory", config)?;
+    check(config)?;
     Ok(Arc::new(MemoryStorage::new()))
 }
 
 optimystic_core::inventory::submit! {
-    PluginDescriptor::storage("memory", "blocks in memory; lost when the process ends", build)
+    PluginDescriptor::storage("memory", "blocks in memory; lost when the process ends", build).with_check(check)
 }

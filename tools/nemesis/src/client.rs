@@ -214,13 +214,13 @@ pub fn attempt_reasons(stderr: &str) -> Vec<String> {
         .collect()
 }
 
-/// Classifies a non-zero exit of `optimystic client write`: exit 2 means nothing was committed
-/// (every attempt was refused before its commit, or its commit was refuted); anything else (exit
-/// 4, "outcome unknown", a signal) may have committed.
+/// Classifies a non-zero exit of `optimystic client write`: exit 2 (every attempt was refused
+/// before its commit, or its commit was refuted) and exit 3 (the block does not exist) mean
+/// nothing was committed; anything else (exit 4, "outcome unknown", a signal) may have committed.
 pub fn classify_write_failure(code: i32, stderr: &str) -> WriteResult {
     let error = last_error_line(stderr);
     let message = if error.is_empty() { format!("exit {code}") } else { error };
-    if code == 2 { WriteResult::Fail(message) } else { WriteResult::Info(message) }
+    if matches!(code, 2 | 3) { WriteResult::Fail(message) } else { WriteResult::Info(message) }
 }
 
 #[cfg(test)]
@@ -234,9 +234,13 @@ mod tests {
     }
 
     #[test]
-    fn exit_2_is_a_failure_and_anything_else_unknown() {
+    fn exits_2_and_3_are_failures_and_anything_else_unknown() {
         assert!(matches!(
             classify_write_failure(2, "error: gave up after 10 attempts: stale revision\n"),
+            WriteResult::Fail(_)
+        ));
+        assert!(matches!(
+            classify_write_failure(3, "not found: b1 (no such block; create it with --insert)\n"),
             WriteResult::Fail(_)
         ));
         assert!(matches!(
