@@ -310,6 +310,41 @@ impl StorageRepo {
         Ok((KeptRecord { message_hash: record.message_hash.clone() }, write))
     }
 
+    /// The decided record kept under [`evidence::record_key`] for `message_hash`, if any.
+    ///
+    /// Errors: [`StorageError::Corrupt`] when the kept bytes are not a record; storage errors.
+    pub async fn kept_record(&self, message_hash: &str) -> Result<Option<ClusterRecord>, RepoError> {
+        let Some(bytes) = self.raw().get_meta(&evidence::record_key(message_hash)).await? else {
+            return Ok(None);
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| StorageError::Corrupt(format!("kept record {message_hash}: {e}")))?;
+        ClusterRecord::from_value(value)
+            .map(Some)
+            .map_err(|e| StorageError::Corrupt(format!("kept record {message_hash}: {e}")).into())
+    }
+
+    /// Adds to the copy kept for `record` (SPEC 4.4, 4.10) the commit votes of `record` it lacks
+    /// that verify against the kept copy's commitHash and come from a peer of its set, holding the
+    /// locks of `block_ids` (the blocks the record names) while it reads and writes, so a kept
+    /// record only ever gains votes. Nothing happens when no copy is kept. Returns how many votes
+    /// were added.
+    ///
+    /// Errors: as [`StorageRepo::kept_record`], and storage errors of the write (which then
+    /// changes nothing).
+    pub async fn merge_kept_commits(
+        &self,
+        block_ids: impl IntoIterator<Item = &BlockId>,
+        record: &ClusterRecord,
+    ) -> Result<usize, RepoError> {
+        let mut step = self.step(block_ids).await;
+        let added = step.merge_commits(record).await?;
+        if added > 0 {
+            step.write().await?;
+        }
+        Ok(added)
+    }
+
     /// The evidence kept for revision `rev` of a block, if any (SPEC 4.10), with its records
     /// resolved.
     ///
@@ -820,6 +855,48 @@ impl Step<'_> {
         self.writes.push(StorageWrite::Meta(write));
     }
 
+    /// Stages keeping the decided `record` once (SPEC 4.10), as [`StorageRepo::keep_record_write`]
+    /// does, except that a copy already kept is never replaced: the votes of `record` it lacks are
+    /// added to it instead ([`Step::merge_commits`]), so a kept record only ever gains verified
+    /// commit votes. `record`'s own commit votes must have been verified by the caller when no
+    /// copy is kept yet.
+    ///
+    /// Errors: [`RepoError::Internal`] when the record cannot be encoded; storage errors. A kept
+    /// copy that cannot be read is replaced by `record` (logged).
+    pub async fn keep(&mut self, record: &ClusterRecord) -> Result<KeptRecord, RepoError> {
+        match self.repo.kept_record(&record.message_hash).await {
+            Ok(Some(_)) => {
+                self.merge_commits(record).await?;
+                return Ok(KeptRecord { message_hash: record.message_hash.clone() });
+            }
+            Ok(None) => {}
+            Err(RepoError::Storage(StorageError::Corrupt(e))) => {
+                tracing::warn!(message_hash = %record.message_hash, error = %e, "replacing an unreadable kept record");
+            }
+            Err(e) => return Err(e),
+        }
+        let (kept, write) = StorageRepo::keep_record_write(record)?;
+        self.meta(write);
+        Ok(kept)
+    }
+
+    /// Stages adding to the copy kept for `record` the commit votes of `record` it lacks: each from
+    /// a peer of the kept copy's set, its signature verified against the kept copy's commitHash
+    /// (votes that do not verify are skipped and logged). Nothing is staged when no copy is kept
+    /// or no vote is new. Returns how many votes were added.
+    ///
+    /// Errors: as [`StorageRepo::kept_record`]; [`RepoError::Internal`] when the merged record
+    /// cannot be encoded.
+    pub async fn merge_commits(&mut self, record: &ClusterRecord) -> Result<usize, RepoError> {
+        let Some(mut kept) = self.repo.kept_record(&record.message_hash).await? else { return Ok(0) };
+        let added = add_verified_commits(&mut kept, &record.commits);
+        if added > 0 {
+            let (_, write) = StorageRepo::keep_record_write(&kept)?;
+            self.meta(write);
+        }
+        Ok(added)
+    }
+
     /// Stages a pend. With the decided pend record that carried it (a cluster member executing a
     /// decided record), a reference to the record is kept per block as the pend half of the
     /// evidence of the revision its commit will produce (SPEC 4.10), and a revision gap is refused
@@ -873,6 +950,33 @@ impl Step<'_> {
         self.touched.extend(ids.into_iter().cloned());
         Ok(())
     }
+}
+
+/// Adds to `kept` each vote of `votes` it lacks that comes from a peer of its set and whose
+/// signature verifies against its commitHash; returns how many were added. Votes already there
+/// are never replaced.
+pub fn add_verified_commits(kept: &mut ClusterRecord, votes: &BTreeMap<String, crate::record::Vote>) -> usize {
+    let fresh: Vec<(&String, &crate::record::Vote)> =
+        votes.iter().filter(|(peer, _)| kept.peers.contains_key(*peer) && !kept.commits.contains_key(*peer)).collect();
+    if fresh.is_empty() {
+        return 0;
+    }
+    let hash = kept.commit_hash();
+    let mut added = 0;
+    for (peer, vote) in fresh {
+        let verified = peer
+            .parse::<libp2p_identity::PeerId>()
+            .map_err(|e| e.to_string())
+            .and_then(|id| vote.verify(&id, &hash).map_err(|e| e.to_string()));
+        match verified {
+            Ok(()) => {
+                kept.commits.insert(peer.clone(), vote.clone());
+                added += 1;
+            }
+            Err(e) => tracing::warn!(%peer, message_hash = %kept.message_hash, error = %e, "ignoring a commit vote that does not verify"),
+        }
+    }
+    added
 }
 
 /// Adds the write keeping `record` under its messageHash to `writes`; returns the reference.

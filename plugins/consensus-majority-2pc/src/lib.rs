@@ -121,6 +121,7 @@ mod engine;
 mod member;
 mod recovery;
 mod store;
+mod votes;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex as StdMutex};

@@ -22,7 +22,7 @@ use optimystic_core::evidence::{RecordRef, StoredRecord, record_key};
 use optimystic_core::identity::PeerId;
 use optimystic_core::model::{CommitResult, PendResult, StaleFailure};
 use optimystic_core::record::{ClusterRecord, Phase, RecordError, Vote, VoteType};
-use optimystic_core::repo::{KeptRecord, Step};
+use optimystic_core::repo::{KeptRecord, Step, add_verified_commits};
 use optimystic_core::wire::{ErrorEnvelope, RepoOperation, RepoResponse};
 use optimystic_core::{
     BatchFailure, BlockId, Check, MetaWrite, RawStorage, RejectCategory, RejectReason, RepoError, StorageRepo,
@@ -31,7 +31,8 @@ use serde_json::{Map, Value, json};
 
 use crate::checks::check_operation;
 use crate::engine::{HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
-use crate::store::{Entry, RecordStatus, entry_writes, read_entry, tomb_key, write_entry, write_entry_after};
+use crate::votes::Gossip;
+use crate::store::{Entry, RecordStatus, entry_writes, read_entry, tomb_key, write_entry};
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
 pub const STATUS_OPERATION: &str = "status";
@@ -99,8 +100,9 @@ struct Persist<'a> {
     decided: &'a Entry,
     /// The stored entry is already the decided one.
     prior_decided: bool,
-    /// The write keeping the record the entry refers to.
-    keep_write: Option<&'a MetaWrite>,
+    /// The record the entry refers to, kept for evidence.
+    keep: Option<&'a ClusterRecord>,
+    cx: &'a RecordContext,
 }
 
 /// The reject reason of a record whose operations fail as `failures` says (index order): a
@@ -170,12 +172,24 @@ impl Inner {
         if matches!(origin, Origin::Remote(_)) {
             self.check_own_votes(&record, entry.as_ref())?;
         }
+        let gossip = match origin {
+            Origin::Remote(sender) => Gossip::Except(sender),
+            Origin::Local => Gossip::Nobody,
+        };
         match entry.as_ref().map(|e| e.status) {
-            Some(RecordStatus::Executed) => return self.executed_reply(entry).await,
+            Some(RecordStatus::Executed) => {
+                // A final record or another member's gossiped vote (SPEC 4.4): the kept copy
+                // gains the verified votes it lacks.
+                if record.commits.keys().any(|peer| *peer != self.me_text) {
+                    self.merge_votes(&record, &cx).await;
+                }
+                return self.executed_reply(entry).await;
+            }
             Some(RecordStatus::Aborted) => return Ok(self.with_promise(record, entry.as_ref())),
             Some(RecordStatus::Decided) => {
-                let copy = stored_record(self.storage(), entry.as_ref()).await?;
-                return self.execute(&held, copy, entry, &cx).await;
+                let mut copy = stored_record(self.storage(), entry.as_ref()).await?;
+                add_verified_commits(&mut copy, &record.commits);
+                return self.execute_from(&held, copy, entry, &cx, gossip).await;
             }
             Some(RecordStatus::Promised | RecordStatus::Rejected) | None => {}
         }
@@ -186,7 +200,7 @@ impl Inner {
             return Err(RepoError::Expired);
         }
         if decided {
-            return self.execute(&held, record, entry, &cx).await;
+            return self.execute_from(&held, record, entry, &cx, gossip).await;
         }
         if abort_proven {
             self.abort(&held, &record, entry.clone(), cx.expiration_ms).await?;
@@ -515,17 +529,33 @@ impl Inner {
     /// commit vote: the record stays decided (with its reservation), the node is asked to catch
     /// the block up, and the record is executed once it can be ([`Inner::retry_waiting`]).
     ///
+    /// A fresh execution sends this member's commit vote to every other peer of the record
+    /// (SPEC 4.4 vote gossip, [`Inner::gossip_vote`]).
+    ///
     /// The caller holds the record's block locks.
     pub(crate) async fn execute(
+        self: &Arc<Self>,
+        held: &HeldBlocks<'_>,
+        copy: ClusterRecord,
+        prior: Option<Entry>,
+        cx: &RecordContext,
+    ) -> Result<ClusterRecord, RepoError> {
+        self.execute_from(held, copy, prior, cx, Gossip::Everyone).await
+    }
+
+    /// [`Inner::execute`], with `gossip` saying whom a fresh execution sends its vote to.
+    pub(crate) async fn execute_from(
         self: &Arc<Self>,
         _held: &HeldBlocks<'_>,
         mut copy: ClusterRecord,
         prior: Option<Entry>,
         cx: &RecordContext,
+        gossip: Gossip,
     ) -> Result<ClusterRecord, RepoError> {
         copy.extra.remove(RESULT_FIELD);
         let hash = copy.message_hash.clone();
         let unsaved = self.state().unsaved.remove(&hash);
+        let fresh = unsaved.is_none();
         let (executed, saved) = match unsaved {
             Some(executed) => (executed, false),
             None => {
@@ -534,11 +564,7 @@ impl Inner {
                 // to it.
                 let keeps =
                     cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
-                let keep = if keeps { Some(StorageRepo::keep_record_write(&copy)?) } else { None };
-                let (kept, keep_write) = match keep {
-                    Some((kept, write)) => (Some(kept), Some(write)),
-                    None => (None, None),
-                };
+                let kept = if keeps { Some(StorageRepo::keep_record_write(&copy)?.0) } else { None };
                 let prior_decided = prior.as_ref().is_some_and(|p| p.status == RecordStatus::Decided);
                 let decided = match prior {
                     Some(prior) if prior_decided => prior,
@@ -561,8 +587,7 @@ impl Inner {
                     }
                 };
                 let atomic = self.storage().atomic_apply();
-                let persist =
-                    Persist { hash: &hash, decided: &decided, prior_decided, keep_write: keep_write.as_ref() };
+                let persist = Persist { hash: &hash, decided: &decided, prior_decided, keep: keeps.then_some(&copy), cx };
                 if !atomic {
                     self.persist_decided(&persist).await?;
                 }
@@ -586,16 +611,23 @@ impl Inner {
                     Ok(None) => {
                         let mut step = self.local.step(cx.blocks()).await;
                         match self.stage_record(&mut step, &copy, decided.clone(), cx, kept.as_ref()).await {
-                            Ok(executed) if atomic => {
-                                if let Some(write) = keep_write.clone() {
-                                    step.meta(write);
+                            Ok(executed) => {
+                                // The kept copy carries this member's own commit vote (SPEC 4.4):
+                                // the start of the revision's execution proof.
+                                if keeps {
+                                    let mut voted = copy.clone();
+                                    if let Some(vote) = &executed.commit {
+                                        voted.commits.insert(self.me_text.clone(), vote.clone());
+                                    }
+                                    step.keep(&voted).await?;
                                 }
-                                for write in entry_writes(&hash, &executed)? {
-                                    step.meta(write);
+                                if atomic {
+                                    for write in entry_writes(&hash, &executed)? {
+                                        step.meta(write);
+                                    }
                                 }
                                 step.write().await.map(|()| Executed::Marker(Box::new(executed)))
                             }
-                            Ok(executed) => step.write().await.map(|()| Executed::Marker(Box::new(executed))),
                             Err(e) => Err(e),
                         }
                     }
@@ -648,6 +680,9 @@ impl Inner {
         }
         if let Some(vote) = executed.commit {
             copy.commits.insert(self.me_text.clone(), vote);
+            if fresh {
+                self.gossip_vote(&copy, gossip, cx);
+            }
         }
         if let Some(result) = executed.result {
             copy.extra.insert(RESULT_FIELD.to_owned(), result);
@@ -657,17 +692,24 @@ impl Inner {
 
     /// Persists a record as decided (with the record it refers to): before its operations on an
     /// engine without atomic steps, or when it cannot execute now.
+    /// The record is kept without replacing a copy already kept (its votes are merged,
+    /// [`Step::keep`]), in the same storage step as the entry and before it.
     async fn persist_decided(&self, persist: &Persist<'_>) -> Result<(), RepoError> {
-        let keep: Vec<MetaWrite> = persist.keep_write.cloned().into_iter().collect();
-        if persist.prior_decided {
-            // Kept with the decided entry; kept again (a no-op), as the entry may predate
-            // references.
-            if !keep.is_empty() {
-                self.storage().write_meta(&keep).await?;
-            }
+        if persist.keep.is_none() && persist.prior_decided {
             return Ok(());
         }
-        write_entry_after(self.storage(), persist.hash, persist.decided, keep).await
+        let mut step = self.local.step(persist.cx.blocks()).await;
+        if let Some(record) = persist.keep {
+            // Kept again when the entry is already decided (a no-op), as the entry may predate
+            // references.
+            step.keep(record).await?;
+        }
+        if !persist.prior_decided {
+            for write in entry_writes(persist.hash, persist.decided)? {
+                step.meta(write);
+            }
+        }
+        step.write().await
     }
 
     /// The block of the first operation whose base this member lacks (SPEC 4.6), if any. A

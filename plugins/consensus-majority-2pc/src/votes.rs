@@ -1,0 +1,115 @@
+//! Commit votes after execution (SPEC 4.4): vote gossip between members, and merging the votes a
+//! member learns into the copy of the record it keeps for evidence.
+//!
+//! A member keeps each decided record once (`evidence/record/<hex messageHash>`); the `commits` of
+//! that copy hold every verified commit vote the member learned for it: its own, signed when it
+//! executed the record, and the others' from the coordinator's final record, from other members'
+//! gossip and from the answers to its own gossip. A vote is added only when it comes from a peer
+//! of the record's set and its signature verifies against the kept copy's commitHash; a vote is
+//! never replaced or dropped ([`optimystic_core::Step::keep`],
+//! [`optimystic_core::StorageRepo::merge_kept_commits`]). Approving commit votes from a commit
+//! quorum are the revision's execution proof, which catch-up requires (SPEC 4.10 d, 4.20).
+//!
+//! # Vote gossip
+//! A member that executes a record sends the decided record with its commit vote (the `update`
+//! operation, as any decided record) to every other peer of the record, once, without re-sends,
+//! in the background: a receiver that executed the record merges the vote; one that did not
+//! executes the record, as any decided copy (and gossips its own vote in turn). The peer that
+//! handed the record over gets the vote in its answer instead, and the coordinator's own member
+//! sends nothing (its coordinator's final record carries its vote). The answers to gossip carry
+//! the receivers' votes, which the sender merges. So with a coordinator that dies after answering
+//! its client, the members that executed still learn each other's votes. Cost per record and
+//! member that did not coordinate: `peers - 2` messages (one per record with three peers).
+//!
+//! An old member treats a gossiped record as a re-delivery of the decided record: it answers with
+//! its stored vote (or executes it) and ignores the other votes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use optimystic_core::consensus::update_request;
+use optimystic_core::identity::PeerId;
+use optimystic_core::network::ProtocolKind;
+use optimystic_core::record::ClusterRecord;
+use tokio::time::Instant;
+
+use crate::engine::{Inner, RESULT_FIELD, RecordContext};
+
+/// Whom a fresh execution sends this member's commit vote to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gossip {
+    /// Every other peer of the record (an execution by recovery or after catch-up).
+    Everyone,
+    /// Every other peer but this one, which handed the record over and gets the vote in its answer.
+    Except(PeerId),
+    /// Nobody: this node's own coordinator sends the final record, which carries the vote.
+    Nobody,
+}
+
+impl Inner {
+    /// Sends `executed` (the decided record with this member's commit vote) to the peers `gossip`
+    /// names, each once, in the background, within `request_timeout_ms` and the record's
+    /// expiration; merges the votes their answers carry into the kept copy.
+    pub(crate) fn gossip_vote(self: &Arc<Self>, executed: &ClusterRecord, gossip: Gossip, cx: &RecordContext) {
+        let skip = match gossip {
+            Gossip::Nobody => return,
+            Gossip::Everyone => None,
+            Gossip::Except(peer) => Some(peer),
+        };
+        let targets: Vec<PeerId> = executed
+            .peers
+            .keys()
+            .filter(|peer| **peer != self.me_text)
+            .filter_map(|peer| peer.parse::<PeerId>().ok())
+            .filter(|peer| Some(*peer) != skip)
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let mut record = executed.clone();
+        record.extra.remove(RESULT_FIELD);
+        let left_ms = cx.expiration_ms.saturating_sub(self.clock.now_ms());
+        if left_ms == 0 {
+            return;
+        }
+        let timeout = Duration::from_millis(left_ms.min(self.config.request_timeout_ms));
+        let request = Arc::new(update_request(&record));
+        let cx = cx.clone();
+        let me = Arc::clone(self);
+        self.spawn(async move {
+            let deadline = Instant::now() + timeout;
+            let asks = targets.into_iter().map(|peer| {
+                let (me, request) = (&me, request.clone());
+                async move {
+                    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                    match me.network.request_shared(peer, ProtocolKind::Cluster, request, left).await {
+                        Ok(reply) => Some(reply),
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "a gossiped commit vote was not answered");
+                            None
+                        }
+                    }
+                }
+            });
+            for reply in join_all(asks).await.into_iter().flatten() {
+                let Ok(reply) = ClusterRecord::from_value(reply) else { continue };
+                if reply.message_hash == record.message_hash {
+                    me.merge_votes(&reply, &cx).await;
+                }
+            }
+        });
+    }
+
+    /// Adds the verified commit votes of `record` that the kept copy lacks (see the module
+    /// documentation); failures are logged (the votes may arrive again).
+    pub(crate) async fn merge_votes(&self, record: &ClusterRecord, cx: &RecordContext) {
+        match self.local.merge_kept_commits(cx.blocks(), record).await {
+            Ok(0) => {}
+            Ok(added) => tracing::trace!(message_hash = %record.message_hash, added, "commit votes merged"),
+            Err(e) => {
+                tracing::warn!(message_hash = %record.message_hash, error = %e, "merging commit votes failed");
+            }
+        }
+    }
+}
