@@ -310,6 +310,37 @@ impl StorageRepo {
         Ok((KeptRecord { message_hash: record.message_hash.clone() }, write))
     }
 
+    /// P(`rev`) (SPEC 4.20): the peer set of the commit record kept as the evidence of revision
+    /// `rev` of a block, sorted; `None` when no evidence is kept for it (revision 1 of nothing,
+    /// a solo-written or pre-evidence revision). Only the peer ids are read out of the record.
+    ///
+    /// Errors: [`StorageError::Corrupt`] when the evidence or its commit record is unreadable or
+    /// missing; storage errors.
+    pub async fn revision_peers(&self, block_id: &BlockId, rev: u64) -> Result<Option<Vec<String>>, RepoError> {
+        #[derive(serde::Deserialize)]
+        struct PeersOnly {
+            peers: BTreeMap<String, serde::de::IgnoredAny>,
+        }
+        let corrupt =
+            |what: String| RepoError::from(StorageError::Corrupt(format!("evidence of {block_id} rev {rev}: {what}")));
+        let Some(bytes) = self.raw().get_meta(&evidence::rev_key(block_id, rev)).await? else {
+            return Ok(None);
+        };
+        let stored: StoredEvidence = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let peers: PeersOnly = match stored.commit {
+            StoredRecord::Inline(record) => serde_json::from_value(record).map_err(|e| corrupt(e.to_string()))?,
+            StoredRecord::Ref(reference) => {
+                let bytes = self
+                    .raw()
+                    .get_meta(&evidence::record_key(&reference.record))
+                    .await?
+                    .ok_or_else(|| corrupt("its commit record is missing".into()))?;
+                serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?
+            }
+        };
+        Ok(Some(peers.peers.into_keys().collect()))
+    }
+
     /// The decided record kept under [`evidence::record_key`] for `message_hash`, if any.
     ///
     /// Errors: [`StorageError::Corrupt`] when the kept bytes are not a record; storage errors.

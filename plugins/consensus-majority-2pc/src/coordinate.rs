@@ -53,7 +53,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::checks::blocks_of;
+use crate::checks::{blocks_of, custody_failure};
 use crate::engine::{Inner, RESULT_FIELD};
 use crate::member::{Origin, verified_vote};
 
@@ -715,7 +715,12 @@ impl Inner {
             done_rx
         });
         let promise_hash = record.promise_hash();
-        while promises.approvals() < quorum && promises.rejections() <= n - quorum {
+        while promises.rejections() <= n - quorum {
+            // A quorum whose approvals lack write-path custody (SPEC 4.20) cannot execute: the
+            // other answers may still bring it.
+            if promises.approvals() >= quorum && self.custody_met(&message.operations, &promises.votes).await {
+                break;
+            }
             let Some((peer, answer)) = asks.next().await else { break };
             promises.add(&record, &promise_hash, &peer, peer == self.me, answer);
         }
@@ -734,6 +739,25 @@ impl Inner {
         let mut decided = record;
         decided.promises = promises.votes;
         self.commit_phase(decided, &kinds, member, others, deadline).await.into_iter().map(OpOutcome::Answer).collect()
+    }
+
+    /// Whether the approving votes include a majority of P(r-1) for every commit of `operations`,
+    /// as far as this node's own storage knows P(r-1) (SPEC 4.20; a node without the evidence
+    /// leaves the judgement to the members).
+    async fn custody_met(&self, operations: &[RepoOperation], votes: &BTreeMap<String, Vote>) -> bool {
+        let approving: BTreeSet<&str> =
+            votes.iter().filter(|(_, vote)| vote.is_approve()).map(|(peer, _)| peer.as_str()).collect();
+        for operation in operations {
+            match custody_failure(&self.local, operation, &approving).await {
+                Ok(None) => {}
+                Ok(Some(detail)) => {
+                    tracing::debug!(%detail, "the approvals so far lack write-path custody");
+                    return false;
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot judge write-path custody here; the members will"),
+            }
+        }
+        true
     }
 
     /// One cluster request, within the request timeout and the record's deadline.

@@ -15,6 +15,7 @@
 //! step: a crash midway re-executes the batch at restart, which the repository makes a no-op for
 //! the operations already applied.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use optimystic_core::error::ErrorCode;
@@ -29,7 +30,7 @@ use optimystic_core::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::checks::check_operation;
+use crate::checks::{check_operation, custody_failure};
 use crate::engine::{HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
 use crate::votes::Gossip;
 use crate::store::{Entry, RecordStatus, entry_writes, read_entry, tomb_key, write_entry};
@@ -321,7 +322,7 @@ impl Inner {
         let outcome = match busy {
             Some(busy) => Ok((Some(busy), Vec::new())),
             None => self
-                .check_operations(&hash, cx, &mut failures)
+                .check_operations(&record, cx, &mut failures)
                 .await
                 .map(|stale| (record_reason(cx.batched(), &failures), stale)),
         };
@@ -400,15 +401,18 @@ impl Inner {
         Ok(record)
     }
 
-    /// Checks each operation not already failing against tombstones (SPEC 4.12) and local
-    /// storage (the repository's dry run), recording why it fails in `failures`; returns each
-    /// stale operation's `StaleFailure` (by index). Reports blocks this member is behind on.
+    /// Checks each operation not already failing against tombstones (SPEC 4.12), local storage
+    /// (the repository's dry run) and write-path custody (SPEC 4.20: the record's peer set holds
+    /// a majority of P(r-1)), recording why it fails in `failures`; returns each stale
+    /// operation's `StaleFailure` (by index). Reports blocks this member is behind on.
     async fn check_operations(
         &self,
-        hash: &str,
+        record: &ClusterRecord,
         cx: &RecordContext,
         failures: &mut [Option<RejectReason>],
     ) -> Result<Vec<Option<Value>>, RepoError> {
+        let hash = record.message_hash.as_str();
+        let peers: BTreeSet<&str> = record.peers.keys().map(String::as_str).collect();
         let mut stale = vec![None; cx.operations.len()];
         for ((operation, failure), stale) in cx.operations.iter().zip(failures.iter_mut()).zip(stale.iter_mut()) {
             if failure.is_some() {
@@ -423,6 +427,11 @@ impl Inner {
                 self.report_behind_unless_awaited(block_id, hash);
             }
             *failure = check.reject_reason();
+            if failure.is_none()
+                && let Some(detail) = custody_failure(&self.local, operation, &peers).await?
+            {
+                *failure = Some(RejectReason::new(RejectCategory::Refused, detail));
+            }
             if let Check::Stale(found) = check {
                 *stale = Some(
                     serde_json::to_value(&found)
@@ -745,7 +754,19 @@ impl Inner {
     ) -> Result<Entry, RepoError> {
         let mut results = Vec::with_capacity(cx.operations.len());
         let mut failures = Vec::with_capacity(cx.operations.len());
+        // SPEC 4.20: executed only when the approvals include a majority of P(r-1).
+        let approving: BTreeSet<&str> =
+            copy.promises.iter().filter(|(_, vote)| vote.is_approve()).map(|(peer, _)| peer.as_str()).collect();
         for operation in &cx.operations {
+            if let Some(detail) = custody_failure(&self.local, operation, &approving).await? {
+                tracing::warn!(message_hash = %copy.message_hash, %detail, "a decided record lacks write-path custody");
+                let error = RepoError::ConsensusFailed(detail.clone());
+                let value = serde_json::to_value(ErrorEnvelope::from(&error))
+                    .map_err(|e| RepoError::Internal(format!("encoding an execution error: {e}")))?;
+                results.push(value);
+                failures.push(Some(RejectReason::new(RejectCategory::Failed, detail)));
+                continue;
+            }
             let (result, failure) = self.stage_operation(step, operation, kept, cx.expiration_ms).await?;
             results.push(result);
             failures.push(failure);
