@@ -284,15 +284,40 @@ impl StorageRepo {
         if let Some(evidence) = evidence {
             let mut writes = Vec::with_capacity(4);
             let pend = match &evidence.pend {
-                Some(pend) => Some(StoredRecord::Ref(keep_write(pend, &mut writes)?)),
+                Some(pend) => Some(StoredRecord::Ref(self.keep_served(pend, &mut writes).await?)),
                 None => None,
             };
-            let commit = StoredRecord::Ref(keep_write(&evidence.commit, &mut writes)?);
+            let commit = StoredRecord::Ref(self.keep_served(&evidence.commit, &mut writes).await?);
             writes.extend(evidence_writes(block_id, trx_rev, &StoredEvidence { pend, commit })?);
             self.raw().write_meta(&writes).await?;
         }
         self.raw().commit_block(block_id, &step).await?;
         Ok(true)
+    }
+
+    /// Adds the write keeping a served `record` to `writes` (verified catch-up): as it is when no
+    /// copy is kept yet, else the kept copy with the served copy's verified commit votes it lacks
+    /// ([`add_verified_commits`]), so a kept record never loses a vote. Returns the reference.
+    async fn keep_served(&self, record: &serde_json::Value, writes: &mut Vec<MetaWrite>) -> Result<RecordRef, RepoError> {
+        let hash = record
+            .get("messageHash")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| RepoError::BadRequest("a decided record without a messageHash".into()))?;
+        let kept = match self.kept_record(hash).await {
+            Ok(kept) => kept,
+            Err(RepoError::Storage(StorageError::Corrupt(e))) => {
+                tracing::warn!(message_hash = %hash, error = %e, "replacing an unreadable kept record");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(mut kept) = kept else { return keep_write(record, writes) };
+        if let Ok(served) = ClusterRecord::from_value(record.clone())
+            && add_verified_commits(&mut kept, &served.commits) > 0
+        {
+            writes.push(StorageRepo::keep_record_write(&kept)?.1);
+        }
+        Ok(RecordRef { record: hash.to_owned() })
     }
 
     /// The metadata write keeping a decided record once (SPEC 4.10), for the caller to include in

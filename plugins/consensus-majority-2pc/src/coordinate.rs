@@ -27,7 +27,12 @@
 //! batching under failures: with a member unreachable, an operation another member rejects can
 //! fail the operations that shared its record (retryably). A decided batch's commit votes and
 //! results are counted per operation: an operation succeeded once `commit_threshold` members
-//! applied it.
+//! gave an approving vote for it with a success result (SPEC 4.4; an approving vote next to a
+//! result that is not a success is invalid and ignored).
+//!
+//! After a commit quorum the final record (every verified commit vote collected) goes to every
+//! peer in a background task of its own ([`Inner::finish`]), so neither the client nor the lane
+//! waits for it.
 //!
 //! With `max_batch_ops = 1` there are no lanes: every operation runs its own record at once, as
 //! many concurrently as callers ask.

@@ -1485,3 +1485,50 @@ async fn a_peer_set_without_a_majority_of_the_custodians_is_refused() {
     let commit = g.run(0, &mixed, commit_on("x", "t3", 2)).await;
     assert!(committed(&commit), "{commit:?}");
 }
+
+/// SPEC 4.4: the copy a member keeps of a decided record carries its own commit vote from its
+/// execution, then gains the verified votes of final records and gossip, and never loses one; a
+/// forged vote is refused with the whole record and changes nothing.
+#[tokio::test(start_paused = true)]
+async fn kept_records_only_gain_verified_commit_votes() {
+    let Three { m, a, b, peers } = three();
+    let [me, pa, pb] = peers.map(|p| p.to_base58());
+    let now = m.sim.clock().now_ms();
+    let pend = decided(&peers, insert_x(), now + 1_000, &a, &b);
+    m.consensus.on_update(peers[1], pend.clone()).await.unwrap();
+    let voters = || async {
+        let kept = m.local.kept_record(&pend.message_hash).await.unwrap().unwrap();
+        kept.verify(None).unwrap();
+        kept.commits.keys().cloned().collect::<Vec<_>>()
+    };
+    let mut expected = vec![me.clone()];
+    assert_eq!(voters().await, expected, "its own vote, kept at execution");
+    let mut with_a = pend.clone();
+    with_a.commits.insert(pa.clone(), pend.sign_commit(&a, VoteType::Approve, None).unwrap());
+    m.consensus.on_update(peers[1], with_a).await.unwrap();
+    expected.push(pa.clone());
+    expected.sort();
+    assert_eq!(voters().await, expected, "a final record's vote");
+    // Gossip carrying b's vote only: the others stay.
+    let mut with_b = pend.clone();
+    with_b.commits.insert(pb.clone(), pend.sign_commit(&b, VoteType::Approve, None).unwrap());
+    let answer = m.consensus.on_update(peers[2], with_b).await.unwrap();
+    expected.push(pb.clone());
+    expected.sort();
+    assert_eq!(voters().await, expected, "a gossiped vote");
+    assert_eq!(answer.commits.len(), 3, "the answer carries every vote kept");
+    // A vote b never signed is refused, and nothing changes.
+    let mut forged = pend.clone();
+    forged.commits.insert(pb, pend.sign_commit(&a, VoteType::Reject, Some("x".into())).unwrap());
+    assert!(m.consensus.on_update(peers[1], forged).await.is_err());
+    assert_eq!(voters().await, expected);
+    // Catch-up storing the revision with a served copy of the pend record that has fewer votes
+    // keeps the votes the member had.
+    let commit = decided(&peers, commit_op("t1", 1), now + 1_000, &a, &b);
+    let served = optimystic_core::evidence::Evidence { pend: Some(pend.to_value()), commit: commit.to_value() };
+    let RepoOperation::Pend(request) = insert_x() else { unreachable!() };
+    let transform = request.transforms.transform_for(&x());
+    let t1 = optimystic_core::TrxRev { trx_id: trx("t1"), rev: 1 };
+    assert!(m.local.apply_replica(&x(), &t1, &transform, Some(&served)).await.unwrap());
+    assert_eq!(voters().await, expected, "catch-up dropped kept votes");
+}
