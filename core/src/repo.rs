@@ -298,7 +298,11 @@ impl StorageRepo {
     /// Adds the write keeping a served `record` to `writes` (verified catch-up): as it is when no
     /// copy is kept yet, else the kept copy with the served copy's verified commit votes it lacks
     /// ([`add_verified_commits`]), so a kept record never loses a vote. Returns the reference.
-    async fn keep_served(&self, record: &serde_json::Value, writes: &mut Vec<MetaWrite>) -> Result<RecordRef, RepoError> {
+    async fn keep_served(
+        &self,
+        record: &serde_json::Value,
+        writes: &mut Vec<MetaWrite>,
+    ) -> Result<RecordRef, RepoError> {
         let hash = record
             .get("messageHash")
             .and_then(serde_json::Value::as_str)
@@ -1029,7 +1033,9 @@ pub fn add_verified_commits(kept: &mut ClusterRecord, votes: &BTreeMap<String, c
                 kept.commits.insert(peer.clone(), vote.clone());
                 added += 1;
             }
-            Err(e) => tracing::warn!(%peer, message_hash = %kept.message_hash, error = %e, "ignoring a commit vote that does not verify"),
+            Err(e) => {
+                tracing::warn!(%peer, message_hash = %kept.message_hash, error = %e, "ignoring a commit vote that does not verify")
+            }
         }
     }
     added

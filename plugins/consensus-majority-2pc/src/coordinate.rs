@@ -941,7 +941,8 @@ impl Inner {
         }
         let request = Arc::new(update_request(&decided));
         let expiration_ms = decided.expiration_ms().unwrap_or(0);
-        let sends = others.into_iter().map(|peer| Arc::clone(&self).deliver_final(peer, request.clone(), expiration_ms, None));
+        let sends =
+            others.into_iter().map(|peer| Arc::clone(&self).deliver_final(peer, request.clone(), expiration_ms, None));
         futures::future::join_all(sends).await;
     }
 

@@ -32,8 +32,8 @@ use serde_json::{Map, Value, json};
 
 use crate::checks::{check_operation, custody_failure};
 use crate::engine::{HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
-use crate::votes::Gossip;
 use crate::store::{Entry, RecordStatus, entry_writes, read_entry, tomb_key, write_entry};
+use crate::votes::Gossip;
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
 pub const STATUS_OPERATION: &str = "status";
@@ -596,7 +596,8 @@ impl Inner {
                     }
                 };
                 let atomic = self.storage().atomic_apply();
-                let persist = Persist { hash: &hash, decided: &decided, prior_decided, keep: keeps.then_some(&copy), cx };
+                let persist =
+                    Persist { hash: &hash, decided: &decided, prior_decided, keep: keeps.then_some(&copy), cx };
                 if !atomic {
                     self.persist_decided(&persist).await?;
                 }
