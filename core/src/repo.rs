@@ -149,16 +149,23 @@ pub struct StorageRepo {
     promotion: ReadPromotion,
 }
 
+/// Most record peer sets [`StorageRepo::revision_peers`] remembers (emptied when full).
+const MAX_CACHED_PEER_SETS: usize = 4_096;
+
 #[derive(Debug)]
 struct Inner {
     storage: Arc<dyn RawStorage>,
     locks: BlockLocks,
+    /// The sorted peer ids of kept records, by messageHash (a messageHash fixes its peer set, so
+    /// an entry never goes stale).
+    peer_sets: DashMap<String, Arc<[String]>>,
 }
 
 impl StorageRepo {
     /// A repository over a storage engine (reads promote as a single node does).
     pub fn new(storage: Arc<dyn RawStorage>) -> Self {
-        Self { inner: Arc::new(Inner { storage, locks: BlockLocks::default() }), promotion: ReadPromotion::Persist }
+        let inner = Inner { storage, locks: BlockLocks::default(), peer_sets: DashMap::new() };
+        Self { inner: Arc::new(inner), promotion: ReadPromotion::Persist }
     }
 
     /// The same repository (same storage and locks) with reads promoting as `promotion` says.
@@ -341,11 +348,12 @@ impl StorageRepo {
 
     /// P(`rev`) (SPEC 4.20): the peer set of the commit record kept as the evidence of revision
     /// `rev` of a block, sorted; `None` when no evidence is kept for it (revision 1 of nothing,
-    /// a solo-written or pre-evidence revision). Only the peer ids are read out of the record.
+    /// a solo-written or pre-evidence revision). Only the peer ids are read out of the record,
+    /// and they are remembered by the record's messageHash (at most 4,096 records).
     ///
     /// Errors: [`StorageError::Corrupt`] when the evidence or its commit record is unreadable or
     /// missing; storage errors.
-    pub async fn revision_peers(&self, block_id: &BlockId, rev: u64) -> Result<Option<Vec<String>>, RepoError> {
+    pub async fn revision_peers(&self, block_id: &BlockId, rev: u64) -> Result<Option<Arc<[String]>>, RepoError> {
         #[derive(serde::Deserialize)]
         struct PeersOnly {
             peers: BTreeMap<String, serde::de::IgnoredAny>,
@@ -359,12 +367,21 @@ impl StorageRepo {
         let peers: PeersOnly = match stored.commit {
             StoredRecord::Inline(record) => serde_json::from_value(record).map_err(|e| corrupt(e.to_string()))?,
             StoredRecord::Ref(reference) => {
+                if let Some(peers) = self.inner.peer_sets.get(&reference.record) {
+                    return Ok(Some(Arc::clone(&peers)));
+                }
                 let bytes = self
                     .raw()
                     .get_meta(&evidence::record_key(&reference.record))
                     .await?
                     .ok_or_else(|| corrupt("its commit record is missing".into()))?;
-                serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?
+                let peers: PeersOnly = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                let sorted: Arc<[String]> = peers.peers.into_keys().collect();
+                if self.inner.peer_sets.len() >= MAX_CACHED_PEER_SETS {
+                    self.inner.peer_sets.clear();
+                }
+                self.inner.peer_sets.insert(reference.record, Arc::clone(&sorted));
+                return Ok(Some(sorted));
             }
         };
         Ok(Some(peers.peers.into_keys().collect()))
