@@ -253,8 +253,8 @@ struct Commits {
     failed: Vec<usize>,
     /// Each operation's answer: the first success reported, with every `pending` list merged.
     results: Vec<Option<RepoResponse>>,
-    /// The answer of the first member on which each operation failed.
-    failures: Vec<Option<Value>>,
+    /// The results of the members on which each operation failed.
+    failures: Vec<Vec<Value>>,
     /// Every valid commit vote counted, by peer: what the final record carries.
     votes: BTreeMap<String, Vote>,
 }
@@ -267,7 +267,7 @@ impl Commits {
             applied: vec![0; ops],
             failed: vec![0; ops],
             results: vec![None; ops],
-            failures: vec![None; ops],
+            failures: vec![Vec::new(); ops],
             votes: BTreeMap::new(),
         }
     }
@@ -298,9 +298,7 @@ impl Commits {
             if failing.contains(&index) {
                 if let (Some(count), Some(kept)) = (self.failed.get_mut(index), self.failures.get_mut(index)) {
                     *count += 1;
-                    if kept.is_none() {
-                        *kept = sent(index).cloned();
-                    }
+                    kept.push(sent(index).cloned().unwrap_or(Value::Null));
                 }
                 continue;
             }
@@ -334,17 +332,19 @@ impl Commits {
             .zip(&self.failed)
             .zip(self.results.iter().zip(&self.failures))
             .zip(&self.kinds)
-            .map(|(((applied, failed), (result, failure)), kind)| {
+            .map(|(((applied, failed), (result, failures)), kind)| {
                 if *applied >= needed
                     && let Some(result) = result
                 {
                     return Ok(result.clone());
                 }
+                // Failed the same way on more members than could still apply it: the operation's
+                // own answer (for example a transform that no longer applies). One member's
+                // unsigned result alone never decides it.
                 if *failed > n - needed
-                    && let Some(failure) = failure
+                    && let Some(failure) =
+                        failures.iter().find(|f| failures.iter().filter(|g| g == f).count() > n - needed)
                 {
-                    // Applied everywhere it could be, and failed the same way on enough members:
-                    // the operation's own answer (for example a transform that no longer applies).
                     return decode_response(kind, failure.clone());
                 }
                 Err(RepoError::Unavailable(format!(
@@ -988,7 +988,52 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
     use super::*;
+
+    fn vote(approve: bool) -> Vote {
+        Vote {
+            r#type: if approve { VoteType::Approve } else { VoteType::Reject },
+            signature: String::new(),
+            reject_reason: (!approve).then(|| "failed: no".to_owned()),
+            conflict_with: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    fn reply(result: Value) -> ClusterRecord {
+        let mut record = ClusterRecord::new(BTreeMap::new(), serde_json::json!({}));
+        record.extra.insert(RESULT_FIELD.to_owned(), result);
+        record
+    }
+
+    /// SPEC 4.4: one member's unsigned result never decides a client's answer, whether it rides
+    /// on an approving vote (ignored) or on a rejecting one (a failure answer needs the same
+    /// result from more members than could still apply the operation).
+    #[test]
+    fn one_members_result_never_decides_the_answer() {
+        let stale = serde_json::json!({"success": false, "reason": "stale revision"});
+        let ok = serde_json::json!({"success": true});
+        let mut commits = Commits::new(&["commit"]);
+        commits.add(&reply(stale.clone()), "byz", Some(vote(true)));
+        assert_eq!(commits.applied, vec![0], "an approving vote next to a stale result is invalid");
+        assert!(commits.votes.is_empty());
+        commits.add(&reply(ok.clone()), "m2", Some(vote(true)));
+        commits.add(&reply(ok), "m3", Some(vote(true)));
+        assert!(matches!(commits.answers(2, 3).remove(0), Ok(RepoResponse::Commit(CommitResult::Success(_)))));
+
+        let envelope = |text: &str| serde_json::json!({"error": {"code": "bad-request", "message": text}});
+        let mut split = Commits::new(&["commit"]);
+        split.add(&reply(envelope("forged")), "byz", Some(vote(false)));
+        split.add(&reply(envelope("honest")), "m2", Some(vote(false)));
+        let answer = split.answers(2, 3).remove(0).unwrap_err();
+        assert_eq!(answer.code(), ErrorCode::Unavailable, "{answer}");
+        let mut agreed = Commits::new(&["commit"]);
+        agreed.add(&reply(envelope("honest")), "m1", Some(vote(false)));
+        agreed.add(&reply(envelope("honest")), "m2", Some(vote(false)));
+        assert_eq!(agreed.answers(2, 3).remove(0).unwrap_err().code(), ErrorCode::BadRequest);
+    }
 
     #[test]
     fn identical_member_reasons_are_said_once() {
