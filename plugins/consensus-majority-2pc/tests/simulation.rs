@@ -2297,7 +2297,7 @@ async fn byzantine_results(seed: u64) -> String {
 
 #[test]
 fn sim_byzantine_results() {
-    run("sim_byzantine_results", |seed| Box::pin(byzantine_results(seed)));
+    run_batched("sim_byzantine_results", |seed| Box::pin(byzantine_results(seed)));
 }
 
 #[test]
