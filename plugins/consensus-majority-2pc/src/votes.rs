@@ -30,6 +30,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use optimystic_core::consensus::update_request;
 use optimystic_core::identity::PeerId;
+use optimystic_core::keynet::MAX_CLUSTER_SIZE;
 use optimystic_core::network::ProtocolKind;
 use optimystic_core::record::ClusterRecord;
 use tokio::time::Instant;
@@ -49,8 +50,9 @@ pub(crate) enum Gossip {
 
 impl Inner {
     /// Sends `executed` (the decided record with this member's commit vote) to the peers `gossip`
-    /// names, each once, in the background, within `request_timeout_ms` and the record's
-    /// expiration; merges the votes their answers carry into the kept copy.
+    /// names (at most [`MAX_CLUSTER_SIZE`]), each once, in the background, within
+    /// `request_timeout_ms` and the record's expiration; merges the votes their answers carry
+    /// into the kept copy.
     pub(crate) fn gossip_vote(self: &Arc<Self>, executed: &ClusterRecord, gossip: Gossip, cx: &RecordContext) {
         let skip = match gossip {
             Gossip::Nobody => return,
@@ -63,6 +65,7 @@ impl Inner {
             .filter(|peer| **peer != self.me_text)
             .filter_map(|peer| peer.parse::<PeerId>().ok())
             .filter(|peer| Some(*peer) != skip)
+            .take(MAX_CLUSTER_SIZE)
             .collect();
         if targets.is_empty() {
             return;
