@@ -942,8 +942,10 @@ impl Step<'_> {
     /// copy that cannot be read is replaced by `record` (logged).
     pub async fn keep(&mut self, record: &ClusterRecord) -> Result<KeptRecord, RepoError> {
         match self.repo.kept_record(&record.message_hash).await {
-            Ok(Some(_)) => {
-                self.merge_commits(record).await?;
+            Ok(Some(mut kept)) => {
+                if add_verified_commits(&mut kept, &record.commits) > 0 {
+                    self.meta(StorageRepo::keep_record_write(&kept)?.1);
+                }
                 return Ok(KeptRecord { message_hash: record.message_hash.clone() });
             }
             Ok(None) => {}

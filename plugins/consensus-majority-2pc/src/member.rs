@@ -152,6 +152,11 @@ impl Inner {
     ) -> Result<ClusterRecord, RepoError> {
         self.ensure_started().await?;
         let now = self.clock.now_ms();
+        if !record.commits.is_empty()
+            && let Some(reply) = self.merge_into_executed(&record, now).await?
+        {
+            return Ok(reply);
+        }
         match origin {
             Origin::Remote(_) => record.verify_except_signer(Some(now), &self.me_text).map_err(refusal)?,
             Origin::Local if record.is_expired(now) => return Err(RepoError::Expired),
@@ -220,6 +225,28 @@ impl Inner {
             Origin::Local => self.me,
         };
         self.promise(&held, record, &cx, sender).await
+    }
+
+    /// A final record or gossiped vote (SPEC 4.4) for a record this member executed: only its
+    /// commit votes are taken, each verified against the copy kept here (nothing else of the
+    /// received record is used, so it needs no verification of its own, and expiry does not
+    /// matter); the answer is the stored copy with every vote kept. `None` when this member did
+    /// not execute the record (the caller handles it as any update).
+    async fn merge_into_executed(
+        self: &Arc<Self>,
+        record: &ClusterRecord,
+        now: u64,
+    ) -> Result<Option<ClusterRecord>, RepoError> {
+        let Ok(cx) = self.context(record, now, false) else { return Ok(None) };
+        // Executed is final (until the marker is collected), so the member's block locks are not
+        // taken: records on these blocks keep voting meanwhile. The kept copy is merged under
+        // the repository's locks.
+        let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
+        if entry.as_ref().map(|e| e.status) != Some(RecordStatus::Executed) {
+            return Ok(None);
+        }
+        self.merge_votes(record, &cx).await;
+        self.executed_reply(entry).await.map(Some)
     }
 
     /// This member's votes in a received record must be the ones it stored; a vote it has no copy
