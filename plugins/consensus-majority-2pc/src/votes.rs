@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use optimystic_core::BlockId;
 use optimystic_core::consensus::update_request;
 use optimystic_core::identity::PeerId;
 use optimystic_core::keynet::MAX_CLUSTER_SIZE;
@@ -55,10 +56,12 @@ pub(crate) enum Gossip {
 }
 
 impl Inner {
-    /// Sends `executed` (the decided record with this member's commit vote) to the peers `gossip`
-    /// names (at most [`MAX_CLUSTER_SIZE`]), each once, in the background, within
-    /// `request_timeout_ms` and the record's expiration; merges the votes their answers carry
-    /// into the kept copy.
+    /// Sends the decided record `executed` with this member's commit vote to the peers `gossip`
+    /// names (at most [`MAX_CLUSTER_SIZE`]), each once, in the background, unless the copy kept
+    /// here holds approving votes from a commit quorum by then (see the module documentation);
+    /// merges the votes their answers carry into the kept copy. The record sent is the kept copy,
+    /// read when the gossip is due (nothing is held meanwhile but the record's hash and peers); a
+    /// record kept for no revision (a cancel) is not gossiped.
     pub(crate) fn gossip_vote(self: &Arc<Self>, executed: &ClusterRecord, gossip: Gossip, cx: &RecordContext) {
         let skip = match gossip {
             Gossip::Nobody => return,
@@ -76,8 +79,6 @@ impl Inner {
         if targets.is_empty() {
             return;
         }
-        let mut record = executed.clone();
-        record.extra.remove(RESULT_FIELD);
         let left_ms = cx.expiration_ms.saturating_sub(self.clock.now_ms());
         if left_ms == 0 {
             return;
@@ -86,19 +87,22 @@ impl Inner {
         // lifetime at most, so a record this gossip executes elsewhere is still live there.
         let wait = Duration::from_millis(self.config.request_timeout_ms.min(left_ms / 2));
         let timeout = Duration::from_millis(self.config.request_timeout_ms.min(left_ms - left_ms / 2).max(1));
-        let request = Arc::new(update_request(&record));
-        let needed = self.config.commit_threshold.of(record.peers.len());
-        let cx = cx.clone();
+        let needed = self.config.commit_threshold.of(executed.peers.len());
+        let hash = executed.message_hash.clone();
+        let blocks: Vec<BlockId> = cx.blocks().into_iter().cloned().collect();
         let me = Arc::clone(self);
         self.spawn(async move {
             tokio::time::sleep(wait).await;
-            match me.local.kept_record(&record.message_hash).await {
-                Ok(Some(kept)) if kept.commits.values().filter(|v| v.is_approve()).count() >= needed => {
+            let mut record = match me.local.kept_record(&hash).await {
+                Ok(Some(kept)) if kept.commits.values().filter(|v| v.is_approve()).count() < needed => kept,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(message_hash = %hash, error = %e, "cannot read the kept record to gossip a vote");
                     return;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "cannot read the kept record; gossiping the vote"),
-            }
+            };
+            record.extra.remove(RESULT_FIELD);
+            let request = Arc::new(update_request(&record));
             let deadline = Instant::now() + timeout;
             let asks = targets.into_iter().map(|peer| {
                 let (me, request) = (&me, request.clone());
@@ -116,7 +120,7 @@ impl Inner {
             for reply in join_all(asks).await.into_iter().flatten() {
                 let Ok(reply) = ClusterRecord::from_value(reply) else { continue };
                 if reply.message_hash == record.message_hash {
-                    me.merge_votes(&reply, &cx).await;
+                    me.merge_into_kept(&reply, &blocks).await;
                 }
             }
         });
@@ -125,7 +129,13 @@ impl Inner {
     /// Adds the verified commit votes of `record` that the kept copy lacks (see the module
     /// documentation); failures are logged (the votes may arrive again).
     pub(crate) async fn merge_votes(&self, record: &ClusterRecord, cx: &RecordContext) {
-        match self.local.merge_kept_commits(cx.blocks(), record).await {
+        let blocks: Vec<BlockId> = cx.blocks().into_iter().cloned().collect();
+        self.merge_into_kept(record, &blocks).await;
+    }
+
+    /// [`Inner::merge_votes`] for a record naming `blocks`.
+    async fn merge_into_kept(&self, record: &ClusterRecord, blocks: &[BlockId]) {
+        match self.local.merge_kept_commits(blocks, record).await {
             Ok(0) => {}
             Ok(added) => tracing::trace!(message_hash = %record.message_hash, added, "commit votes merged"),
             Err(e) => {
