@@ -153,21 +153,23 @@ pub struct StorageRepo {
 /// Default of [`StorageRepo::max_block_bytes`]: 4 MiB, half the default repo frame, so a block at
 /// the limit travels in one frame with its envelope.
 pub const DEFAULT_MAX_BLOCK_BYTES: u64 = 4 * 1024 * 1024;
+/// Most record peer sets [`StorageRepo::revision_peers`] remembers (emptied when full).
+const MAX_CACHED_PEER_SETS: usize = 4_096;
 
 #[derive(Debug)]
 struct Inner {
     storage: Arc<dyn RawStorage>,
     locks: BlockLocks,
+    /// The sorted peer ids of kept records, by messageHash (a messageHash fixes its peer set, so
+    /// an entry never goes stale).
+    peer_sets: DashMap<String, Arc<[String]>>,
 }
 
 impl StorageRepo {
     /// A repository over a storage engine (reads promote as a single node does).
     pub fn new(storage: Arc<dyn RawStorage>) -> Self {
-        Self {
-            inner: Arc::new(Inner { storage, locks: BlockLocks::default() }),
-            promotion: ReadPromotion::Persist,
-            max_block_bytes: DEFAULT_MAX_BLOCK_BYTES,
-        }
+        let inner = Inner { storage, locks: BlockLocks::default(), peer_sets: DashMap::new() };
+        Self { inner: Arc::new(inner), promotion: ReadPromotion::Persist, max_block_bytes: DEFAULT_MAX_BLOCK_BYTES }
     }
 
     /// The same repository refusing, at pend, a transform that would make a block's JSON larger
@@ -308,15 +310,44 @@ impl StorageRepo {
         if let Some(evidence) = evidence {
             let mut writes = Vec::with_capacity(4);
             let pend = match &evidence.pend {
-                Some(pend) => Some(StoredRecord::Ref(keep_write(pend, &mut writes)?)),
+                Some(pend) => Some(StoredRecord::Ref(self.keep_served(pend, &mut writes).await?)),
                 None => None,
             };
-            let commit = StoredRecord::Ref(keep_write(&evidence.commit, &mut writes)?);
+            let commit = StoredRecord::Ref(self.keep_served(&evidence.commit, &mut writes).await?);
             writes.extend(evidence_writes(block_id, trx_rev, &StoredEvidence { pend, commit })?);
             self.raw().write_meta(&writes).await?;
         }
         self.raw().commit_block(block_id, &step).await?;
         Ok(true)
+    }
+
+    /// Adds the write keeping a served `record` to `writes` (verified catch-up): as it is when no
+    /// copy is kept yet, else the kept copy with the served copy's verified commit votes it lacks
+    /// ([`add_verified_commits`]), so a kept record never loses a vote. Returns the reference.
+    async fn keep_served(
+        &self,
+        record: &serde_json::Value,
+        writes: &mut Vec<MetaWrite>,
+    ) -> Result<RecordRef, RepoError> {
+        let hash = record
+            .get("messageHash")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| RepoError::BadRequest("a decided record without a messageHash".into()))?;
+        let kept = match self.kept_record(hash).await {
+            Ok(kept) => kept,
+            Err(RepoError::Storage(StorageError::Corrupt(e))) => {
+                tracing::warn!(message_hash = %hash, error = %e, "replacing an unreadable kept record");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(mut kept) = kept else { return keep_write(record, writes) };
+        if let Ok(served) = ClusterRecord::from_value(record.clone())
+            && add_verified_commits(&mut kept, &served.commits) > 0
+        {
+            writes.push(StorageRepo::keep_record_write(&kept)?.1);
+        }
+        Ok(RecordRef { record: hash.to_owned() })
     }
 
     /// The metadata write keeping a decided record once (SPEC 4.10), for the caller to include in
@@ -332,6 +363,82 @@ impl StorageRepo {
         let bytes = serde_json::to_vec(record).map_err(|e| RepoError::Internal(format!("encoding a record: {e}")))?;
         let write = MetaWrite::Put(evidence::record_key(&record.message_hash), bytes);
         Ok((KeptRecord { message_hash: record.message_hash.clone() }, write))
+    }
+
+    /// P(`rev`) (SPEC 4.20): the peer set of the commit record kept as the evidence of revision
+    /// `rev` of a block, sorted; `None` when no evidence is kept for it (revision 1 of nothing,
+    /// a solo-written or pre-evidence revision). Only the peer ids are read out of the record,
+    /// and they are remembered by the record's messageHash (at most 4,096 records).
+    ///
+    /// Errors: [`StorageError::Corrupt`] when the evidence or its commit record is unreadable or
+    /// missing; storage errors.
+    pub async fn revision_peers(&self, block_id: &BlockId, rev: u64) -> Result<Option<Arc<[String]>>, RepoError> {
+        #[derive(serde::Deserialize)]
+        struct PeersOnly {
+            peers: BTreeMap<String, serde::de::IgnoredAny>,
+        }
+        let corrupt =
+            |what: String| RepoError::from(StorageError::Corrupt(format!("evidence of {block_id} rev {rev}: {what}")));
+        let Some(bytes) = self.raw().get_meta(&evidence::rev_key(block_id, rev)).await? else {
+            return Ok(None);
+        };
+        let stored: StoredEvidence = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let peers: PeersOnly = match stored.commit {
+            StoredRecord::Inline(record) => serde_json::from_value(record).map_err(|e| corrupt(e.to_string()))?,
+            StoredRecord::Ref(reference) => {
+                if let Some(peers) = self.inner.peer_sets.get(&reference.record) {
+                    return Ok(Some(Arc::clone(&peers)));
+                }
+                let bytes = self
+                    .raw()
+                    .get_meta(&evidence::record_key(&reference.record))
+                    .await?
+                    .ok_or_else(|| corrupt("its commit record is missing".into()))?;
+                let peers: PeersOnly = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                let sorted: Arc<[String]> = peers.peers.into_keys().collect();
+                if self.inner.peer_sets.len() >= MAX_CACHED_PEER_SETS {
+                    self.inner.peer_sets.clear();
+                }
+                self.inner.peer_sets.insert(reference.record, Arc::clone(&sorted));
+                return Ok(Some(sorted));
+            }
+        };
+        Ok(Some(peers.peers.into_keys().collect()))
+    }
+
+    /// The decided record kept under [`evidence::record_key`] for `message_hash`, if any.
+    ///
+    /// Errors: [`StorageError::Corrupt`] when the kept bytes are not a record; storage errors.
+    pub async fn kept_record(&self, message_hash: &str) -> Result<Option<ClusterRecord>, RepoError> {
+        let Some(bytes) = self.raw().get_meta(&evidence::record_key(message_hash)).await? else {
+            return Ok(None);
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| StorageError::Corrupt(format!("kept record {message_hash}: {e}")))?;
+        ClusterRecord::from_value(value)
+            .map(Some)
+            .map_err(|e| StorageError::Corrupt(format!("kept record {message_hash}: {e}")).into())
+    }
+
+    /// Adds to the copy kept for `record` (SPEC 4.4, 4.10) the commit votes of `record` it lacks
+    /// that verify against the kept copy's commitHash and come from a peer of its set, holding the
+    /// locks of `block_ids` (the blocks the record names) while it reads and writes, so a kept
+    /// record only ever gains votes. Nothing happens when no copy is kept. Returns how many votes
+    /// were added.
+    ///
+    /// Errors: as [`StorageRepo::kept_record`], and storage errors of the write (which then
+    /// changes nothing).
+    pub async fn merge_kept_commits(
+        &self,
+        block_ids: impl IntoIterator<Item = &BlockId>,
+        record: &ClusterRecord,
+    ) -> Result<usize, RepoError> {
+        let mut step = self.step(block_ids).await;
+        let added = step.merge_commits(record).await?;
+        if added > 0 {
+            step.write().await?;
+        }
+        Ok(added)
     }
 
     /// The evidence kept for revision `rev` of a block, if any (SPEC 4.10), with its records
@@ -857,6 +964,50 @@ impl Step<'_> {
         self.writes.push(StorageWrite::Meta(write));
     }
 
+    /// Stages keeping the decided `record` once (SPEC 4.10), as [`StorageRepo::keep_record_write`]
+    /// does, except that a copy already kept is never replaced: the votes of `record` it lacks are
+    /// added to it instead ([`Step::merge_commits`]), so a kept record only ever gains verified
+    /// commit votes. `record`'s own commit votes must have been verified by the caller when no
+    /// copy is kept yet.
+    ///
+    /// Errors: [`RepoError::Internal`] when the record cannot be encoded; storage errors. A kept
+    /// copy that cannot be read is replaced by `record` (logged).
+    pub async fn keep(&mut self, record: &ClusterRecord) -> Result<KeptRecord, RepoError> {
+        match self.repo.kept_record(&record.message_hash).await {
+            Ok(Some(mut kept)) => {
+                if add_verified_commits(&mut kept, &record.commits) > 0 {
+                    self.meta(StorageRepo::keep_record_write(&kept)?.1);
+                }
+                return Ok(KeptRecord { message_hash: record.message_hash.clone() });
+            }
+            Ok(None) => {}
+            Err(RepoError::Storage(StorageError::Corrupt(e))) => {
+                tracing::warn!(message_hash = %record.message_hash, error = %e, "replacing an unreadable kept record");
+            }
+            Err(e) => return Err(e),
+        }
+        let (kept, write) = StorageRepo::keep_record_write(record)?;
+        self.meta(write);
+        Ok(kept)
+    }
+
+    /// Stages adding to the copy kept for `record` the commit votes of `record` it lacks: each from
+    /// a peer of the kept copy's set, its signature verified against the kept copy's commitHash
+    /// (votes that do not verify are skipped and logged). Nothing is staged when no copy is kept
+    /// or no vote is new. Returns how many votes were added.
+    ///
+    /// Errors: as [`StorageRepo::kept_record`]; [`RepoError::Internal`] when the merged record
+    /// cannot be encoded.
+    pub async fn merge_commits(&mut self, record: &ClusterRecord) -> Result<usize, RepoError> {
+        let Some(mut kept) = self.repo.kept_record(&record.message_hash).await? else { return Ok(0) };
+        let added = add_verified_commits(&mut kept, &record.commits);
+        if added > 0 {
+            let (_, write) = StorageRepo::keep_record_write(&kept)?;
+            self.meta(write);
+        }
+        Ok(added)
+    }
+
     /// Stages a pend. With the decided pend record that carried it (a cluster member executing a
     /// decided record), a reference to the record is kept per block as the pend half of the
     /// evidence of the revision its commit will produce (SPEC 4.10), and a revision gap is refused
@@ -910,6 +1061,35 @@ impl Step<'_> {
         self.touched.extend(ids.into_iter().cloned());
         Ok(())
     }
+}
+
+/// Adds to `kept` each vote of `votes` it lacks that comes from a peer of its set and whose
+/// signature verifies against its commitHash; returns how many were added. Votes already there
+/// are never replaced.
+pub fn add_verified_commits(kept: &mut ClusterRecord, votes: &BTreeMap<String, crate::record::Vote>) -> usize {
+    let fresh: Vec<(&String, &crate::record::Vote)> =
+        votes.iter().filter(|(peer, _)| kept.peers.contains_key(*peer) && !kept.commits.contains_key(*peer)).collect();
+    if fresh.is_empty() {
+        return 0;
+    }
+    let hash = kept.commit_hash();
+    let mut added = 0;
+    for (peer, vote) in fresh {
+        let verified = peer
+            .parse::<libp2p_identity::PeerId>()
+            .map_err(|e| e.to_string())
+            .and_then(|id| vote.verify(&id, &hash).map_err(|e| e.to_string()));
+        match verified {
+            Ok(()) => {
+                kept.commits.insert(peer.clone(), vote.clone());
+                added += 1;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, message_hash = %kept.message_hash, error = %e, "ignoring a commit vote that does not verify")
+            }
+        }
+    }
+    added
 }
 
 /// Adds the write keeping `record` under its messageHash to `writes`; returns the reference.

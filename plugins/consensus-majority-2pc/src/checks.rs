@@ -102,6 +102,36 @@ pub(crate) async fn check_operation(local: &StorageRepo, operation: &RepoOperati
     }
 }
 
+/// SPEC 4.20 write-path custody of `operation`: a commit at revision `r` of a block this member
+/// holds at `r - 1` with evidence needs a majority of P(r-1) (the peer set of the commit record
+/// that fixed `r - 1` here) among `counted`: the record's peer set to be promised, its approving
+/// promises to be executed. A block this member holds at another revision is left to the other
+/// checks (behind, done or stale); one whose `r - 1` has no evidence here (`r = 1`, solo-written
+/// or pre-evidence data) is judged by them alone. Returns why custody fails, if it does.
+pub(crate) async fn custody_failure(
+    local: &StorageRepo,
+    operation: &RepoOperation,
+    counted: &BTreeSet<&str>,
+) -> Result<Option<String>, RepoError> {
+    let RepoOperation::Commit(commit) = operation else { return Ok(None) };
+    let Some(base) = commit.rev.checked_sub(1).filter(|base| *base > 0) else { return Ok(None) };
+    for block_id in commit.block_ids.iter().collect::<BTreeSet<_>>() {
+        if local.storage().latest(block_id).await?.map(|l| l.rev) != Some(base) {
+            continue;
+        }
+        let Some(custodians) = local.revision_peers(block_id, base).await? else { continue };
+        let needed = custodians.len() / 2 + 1;
+        let present = custodians.iter().filter(|peer| counted.contains(peer.as_str())).count();
+        if present < needed {
+            return Ok(Some(format!(
+                "custody: {present} of the {} peers of revision {base} of block {block_id} count; {needed} needed",
+                custodians.len()
+            )));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

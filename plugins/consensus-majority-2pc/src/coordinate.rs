@@ -27,7 +27,12 @@
 //! batching under failures: with a member unreachable, an operation another member rejects can
 //! fail the operations that shared its record (retryably). A decided batch's commit votes and
 //! results are counted per operation: an operation succeeded once `commit_threshold` members
-//! applied it.
+//! gave an approving vote for it with a success result (SPEC 4.4; an approving vote next to a
+//! result that is not a success is invalid and ignored).
+//!
+//! After a commit quorum the final record (every verified commit vote collected) goes to every
+//! peer in a background task of its own ([`Inner::finish`]), so neither the client nor the lane
+//! waits for it.
 //!
 //! With `max_batch_ops = 1` there are no lanes: every operation runs its own record at once, as
 //! many concurrently as callers ask.
@@ -53,7 +58,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::checks::blocks_of;
+use crate::checks::{blocks_of, custody_failure};
 use crate::engine::{Inner, RESULT_FIELD};
 use crate::member::{Origin, verified_vote};
 
@@ -221,52 +226,110 @@ impl Promises {
     }
 }
 
-/// The commit votes collected in phase 2, per operation.
+/// Most `pending` entries an operation's answer gathers from the members' results (SPEC 4.4:
+/// advisory lists are merged, each member's entries bounded by what one result can carry).
+const MAX_MERGED_PENDING: usize = 1_024;
+
+/// The execution result of one operation when it is a success (SPEC 4.4: `success` compared, a
+/// cancel's `null` is its success), decoded as the operation's answer; `None` otherwise.
+fn success(kind: &str, sent: Option<&Value>) -> Option<RepoResponse> {
+    let value = sent.cloned().unwrap_or(Value::Null);
+    match decode_response(kind, value.clone()) {
+        Ok(RepoResponse::Pend(PendResult::Success(s))) => Some(RepoResponse::Pend(PendResult::Success(s))),
+        Ok(RepoResponse::Commit(result)) if result.is_success() => Some(RepoResponse::Commit(result)),
+        Ok(RepoResponse::Cancel) if value.is_null() => Some(RepoResponse::Cancel),
+        _ => None,
+    }
+}
+
+/// Adds `more`'s `pending` entries that `into` lacks (both pend successes), within
+/// [`MAX_MERGED_PENDING`].
+fn merge_pending(into: &mut RepoResponse, more: RepoResponse) {
+    let (RepoResponse::Pend(PendResult::Success(into)), RepoResponse::Pend(PendResult::Success(more))) = (into, more)
+    else {
+        return;
+    };
+    for entry in more.pending {
+        if into.pending.len() >= MAX_MERGED_PENDING {
+            return;
+        }
+        if !into.pending.iter().any(|p| p.block_id == entry.block_id && p.trx_id == entry.trx_id) {
+            into.pending.push(entry);
+        }
+    }
+}
+
+/// The commit votes collected in phase 2, per operation (SPEC 4.4: an operation succeeded when a
+/// commit quorum of approving members reported success).
 #[derive(Debug)]
 struct Commits {
-    /// Members that applied each operation.
+    kinds: Vec<&'static str>,
+    /// Members that applied each operation and reported its success.
     applied: Vec<usize>,
     /// Members on which each operation failed.
     failed: Vec<usize>,
-    /// The result of the first member that applied each operation.
-    results: Vec<Option<Value>>,
-    /// The answer of the first member on which each operation failed.
-    failures: Vec<Option<Value>>,
+    /// Each operation's answer: the first success reported, with every `pending` list merged.
+    results: Vec<Option<RepoResponse>>,
+    /// The results of the members on which each operation failed.
+    failures: Vec<Vec<Value>>,
+    /// Every valid commit vote counted, by peer: what the final record carries.
+    votes: BTreeMap<String, Vote>,
 }
 
 impl Commits {
-    fn new(ops: usize) -> Self {
-        Self { applied: vec![0; ops], failed: vec![0; ops], results: vec![None; ops], failures: vec![None; ops] }
+    fn new(kinds: &[&'static str]) -> Self {
+        let ops = kinds.len();
+        Self {
+            kinds: kinds.to_vec(),
+            applied: vec![0; ops],
+            failed: vec![0; ops],
+            results: vec![None; ops],
+            failures: vec![Vec::new(); ops],
+            votes: BTreeMap::new(),
+        }
     }
 
-    /// Counts `peer`'s commit vote in its answer (already verified unless `local`): an approving
-    /// vote applied every operation; a rejecting one failed those it names (all, unless it is a
-    /// `batch:` reason) and applied the others.
-    fn add(&mut self, reply: &ClusterRecord, peer: &str, local: bool) {
-        let Some(vote) = reply.commits.get(peer) else {
-            if local {
-                tracing::debug!("the local member did not apply the decided record (it is behind on a block)");
-            }
-            return;
-        };
+    /// Counts `peer`'s commit `vote` (verified, or this node's own) with the results of its
+    /// answer `reply`: an approving vote applied every operation, a rejecting one failed those it
+    /// names (all, unless it is a `batch:` reason) and applied the others. An operation counts as
+    /// applied only with a success result; an approving vote whose results are not all successes
+    /// is invalid (SPEC 4.4): it is ignored and logged.
+    fn add(&mut self, reply: &ClusterRecord, peer: &str, vote: Option<Vote>) {
+        let Some(vote) = vote else { return };
         let ops = self.applied.len();
         let failing: BTreeSet<usize> =
-            if vote.is_approve() { BTreeSet::new() } else { named(vote, ops).into_iter().map(|(i, _)| i).collect() };
+            if vote.is_approve() { BTreeSet::new() } else { named(&vote, ops).into_iter().map(|(i, _)| i).collect() };
         let result = reply.extra.get(RESULT_FIELD);
-        for index in 0..ops {
-            let sent = if ops == 1 { result } else { result.and_then(|r| r.get(index)) };
-            let (count, kept) = if failing.contains(&index) {
-                (self.failed.get_mut(index), self.failures.get_mut(index))
-            } else {
-                (self.applied.get_mut(index), self.results.get_mut(index))
-            };
-            if let (Some(count), Some(kept)) = (count, kept) {
+        let sent = |index: usize| if ops == 1 { result } else { result.and_then(|r| r.get(index)) };
+        let successes: Vec<Option<RepoResponse>> = (0..ops)
+            .map(|index| {
+                let kind = self.kinds.get(index).copied().unwrap_or("");
+                if failing.contains(&index) { None } else { success(kind, sent(index)) }
+            })
+            .collect();
+        if vote.is_approve() && successes.iter().any(Option::is_none) {
+            tracing::warn!(%peer, "ignoring an approving commit vote whose result is not a success");
+            return;
+        }
+        for (index, answer) in successes.into_iter().enumerate() {
+            if failing.contains(&index) {
+                if let (Some(count), Some(kept)) = (self.failed.get_mut(index), self.failures.get_mut(index)) {
+                    *count += 1;
+                    kept.push(sent(index).cloned().unwrap_or(Value::Null));
+                }
+                continue;
+            }
+            // A rejecting batch vote's other operations count only with a success result.
+            let Some(answer) = answer else { continue };
+            if let (Some(count), Some(kept)) = (self.applied.get_mut(index), self.results.get_mut(index)) {
                 *count += 1;
-                if kept.is_none() {
-                    *kept = sent.cloned();
+                match kept {
+                    Some(kept) => merge_pending(kept, answer),
+                    None => *kept = Some(answer),
                 }
             }
         }
+        self.votes.insert(peer.to_owned(), vote);
     }
 
     /// Whether every operation succeeded on `needed` members or failed on too many for that.
@@ -274,33 +337,51 @@ impl Commits {
         self.applied.iter().zip(&self.failed).all(|(applied, failed)| *applied >= needed || *failed > n - needed)
     }
 
+    /// Whether some operation reached the commit quorum.
+    fn any_applied(&self, needed: usize) -> bool {
+        self.applied.iter().any(|applied| *applied >= needed)
+    }
+
     /// Each operation's answer.
-    fn answers(self, kinds: &[&str], needed: usize, n: usize) -> Vec<Result<RepoResponse, RepoError>> {
-        let Self { applied, failed, results, failures } = self;
-        applied
-            .into_iter()
-            .zip(failed)
-            .zip(results.into_iter().zip(failures))
-            .zip(kinds)
-            .map(|(((applied, failed), (result, failure)), kind)| {
-                if applied >= needed {
-                    let result = result
-                        .ok_or_else(|| RepoError::Unavailable("no member reported the execution result".into()))?;
-                    return decode_response(kind, result);
-                }
-                if failed > n - needed
-                    && let Some(failure) = failure
+    fn answers(&self, needed: usize, n: usize) -> Vec<Result<RepoResponse, RepoError>> {
+        self.applied
+            .iter()
+            .zip(&self.failed)
+            .zip(self.results.iter().zip(&self.failures))
+            .zip(&self.kinds)
+            .map(|(((applied, failed), (result, failures)), kind)| {
+                if *applied >= needed
+                    && let Some(result) = result
                 {
-                    // Applied everywhere it could be, and failed the same way on enough members:
-                    // the operation's own answer (for example a transform that no longer applies).
-                    return decode_response(kind, failure);
+                    return Ok(result.clone());
+                }
+                // Failed the same way on more members than could still apply it: the operation's
+                // own answer (for example a transform that no longer applies). One member's
+                // unsigned result alone never decides it.
+                if *failed > n - needed
+                    && let Some(failure) =
+                        failures.iter().find(|f| failures.iter().filter(|g| g == f).count() > n - needed)
+                {
+                    return decode_response(kind, failure.clone());
                 }
                 Err(RepoError::Unavailable(format!(
-                    "the record was decided but only {applied} of {needed} needed commits arrived; recovery settles it"
+                    "the record was decided but only {applied} of {needed} needed members reported success; the \
+                     outcome is unknown: retry the same transaction"
                 )))
             })
             .collect()
     }
+}
+
+/// Counts the commit vote in a member's answer to the decided record: only `peer`'s own vote,
+/// with its signature checked, since it goes into the final record that other members verify.
+fn add_reply(commits: &mut Commits, message_hash: &str, commit_hash: &str, peer: PeerId, reply: Value) {
+    let Ok(reply) = ClusterRecord::from_value(reply) else { return };
+    if reply.message_hash != message_hash {
+        return;
+    }
+    let vote = verified_vote(&reply.commits, &peer, commit_hash);
+    commits.add(&reply, &crypto::peer_text(&peer), vote);
 }
 
 fn parse_reply(reply: Result<Value, NetworkError>) -> Result<ClusterRecord, String> {
@@ -664,7 +745,12 @@ impl Inner {
             done_rx
         });
         let promise_hash = record.promise_hash();
-        while promises.approvals() < quorum && promises.rejections() <= n - quorum {
+        while promises.rejections() <= n - quorum {
+            // A quorum whose approvals lack write-path custody (SPEC 4.20) cannot execute: the
+            // other answers may still bring it.
+            if promises.approvals() >= quorum && self.custody_met(&message.operations, &promises.votes).await {
+                break;
+            }
             let Some((peer, answer)) = asks.next().await else { break };
             promises.add(&record, &promise_hash, &peer, peer == self.me, answer);
         }
@@ -683,6 +769,25 @@ impl Inner {
         let mut decided = record;
         decided.promises = promises.votes;
         self.commit_phase(decided, &kinds, member, others, deadline).await.into_iter().map(OpOutcome::Answer).collect()
+    }
+
+    /// Whether the approving votes include a majority of P(r-1) for every commit of `operations`,
+    /// as far as this node's own storage knows P(r-1) (SPEC 4.20; a node without the evidence
+    /// leaves the judgement to the members).
+    async fn custody_met(&self, operations: &[RepoOperation], votes: &BTreeMap<String, Vote>) -> bool {
+        let approving: BTreeSet<&str> =
+            votes.iter().filter(|(_, vote)| vote.is_approve()).map(|(peer, _)| peer.as_str()).collect();
+        for operation in operations {
+            match custody_failure(&self.local, operation, &approving).await {
+                Ok(None) => {}
+                Ok(Some(detail)) => {
+                    tracing::debug!(%detail, "the approvals so far lack write-path custody");
+                    return false;
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot judge write-path custody here; the members will"),
+            }
+        }
+        true
     }
 
     /// One cluster request, within the request timeout and the record's deadline.
@@ -776,18 +881,19 @@ impl Inner {
     }
 
     /// Sends the decided record, applies it locally, and waits until each operation reached the
-    /// commit threshold (or cannot).
+    /// commit threshold (or cannot). Once a commit quorum formed, the final record goes to every
+    /// peer in the background ([`Inner::finish`]).
     async fn commit_phase(
         self: &Arc<Self>,
         decided: ClusterRecord,
-        kinds: &[&str],
+        kinds: &[&'static str],
         member: bool,
         others: Vec<PeerId>,
         deadline: Instant,
     ) -> Vec<Result<RepoResponse, RepoError>> {
         let n = decided.peers.len();
         let needed = self.config.commit_threshold.of(n);
-        let mut commits = Commits::new(kinds.len());
+        let mut commits = Commits::new(kinds);
         let (tx, mut rx) = mpsc::channel(others.len().max(1));
         // One request for every peer (built once, not once per peer).
         let request = Arc::new(update_request(&decided));
@@ -795,14 +901,21 @@ impl Inner {
         for peer in &others {
             let me = Arc::clone(self);
             let (peer, request, tx) = (*peer, request.clone(), tx.clone());
-            self.spawn(async move { me.deliver_final(peer, request, expiration_ms, tx).await });
+            self.spawn(async move { me.deliver_final(peer, request, expiration_ms, Some(tx)).await });
         }
         drop(tx);
         drop(request);
         let message_hash = decided.message_hash.clone();
+        let commit_hash = decided.commit_hash();
         if member {
-            match self.update(decided, Origin::Local).await {
-                Ok(reply) => commits.add(&reply, &self.me_text, true),
+            match self.update(decided.clone(), Origin::Local).await {
+                Ok(reply) => {
+                    let vote = reply.commits.get(&self.me_text).cloned();
+                    if vote.is_none() {
+                        tracing::debug!("the local member did not apply the decided record (it is behind on a block)");
+                    }
+                    commits.add(&reply, &self.me_text, vote);
+                }
                 Err(e) => tracing::warn!(error = %e, "executing the decided record locally failed"),
             }
         }
@@ -810,28 +923,59 @@ impl Inner {
         // that it cannot.
         while !commits.settled(needed, n) {
             let Ok(Some((peer, reply))) = tokio::time::timeout_at(deadline, rx.recv()).await else { break };
-            let Ok(reply) = ClusterRecord::from_value(reply) else { continue };
-            if reply.message_hash != message_hash {
-                continue;
-            }
-            // Only `peer`'s own commit vote counts, and its reply arrived on a channel that the
-            // transport authenticated as `peer` (Noise): its signature could only have been forged
-            // by `peer` itself. Commit votes are never forwarded to third parties, so their
-            // signatures are not checked here (members check every vote they are sent).
-            commits.add(&reply, &crypto::peer_text(&peer), false);
+            add_reply(&mut commits, &message_hash, &commit_hash, peer, reply);
         }
-        commits.answers(kinds, needed, n)
+        let answers = commits.answers(needed, n);
+        if commits.any_applied(needed) {
+            let me = Arc::clone(self);
+            self.spawn(async move { me.finish(decided, commits, rx, member, others).await });
+        }
+        answers
+    }
+
+    /// Sends the final record (SPEC 4.4): the decided record with every valid commit vote
+    /// collected, to every peer of the record (this node's own member through the local path),
+    /// so that each member holds the votes that prove the revision executed even when a member
+    /// or this coordinator stops now. The answers still on their way are awaited for at most
+    /// `request_timeout_ms` first; each peer gets the record with the decided record's bounded
+    /// re-sends. Runs in the background: the client has its answer and the lane moves on.
+    async fn finish(
+        self: Arc<Self>,
+        mut decided: ClusterRecord,
+        mut commits: Commits,
+        mut rx: mpsc::Receiver<(PeerId, Value)>,
+        member: bool,
+        others: Vec<PeerId>,
+    ) {
+        let n = decided.peers.len();
+        let (message_hash, commit_hash) = (decided.message_hash.clone(), decided.commit_hash());
+        let until = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
+        while commits.votes.len() < n {
+            let Ok(Some((peer, reply))) = tokio::time::timeout_at(until, rx.recv()).await else { break };
+            add_reply(&mut commits, &message_hash, &commit_hash, peer, reply);
+        }
+        drop(rx);
+        decided.commits = std::mem::take(&mut commits.votes);
+        if member && let Err(e) = self.update(decided.clone(), Origin::Local).await {
+            tracing::debug!(error = %e, "the local member did not take the final record");
+        }
+        let request = Arc::new(update_request(&decided));
+        let expiration_ms = decided.expiration_ms().unwrap_or(0);
+        let sends =
+            others.into_iter().map(|peer| Arc::clone(&self).deliver_final(peer, request.clone(), expiration_ms, None));
+        futures::future::join_all(sends).await;
     }
 
     /// Sends the decided record (its update `request`, expiring at `expiration_ms`) to one peer,
     /// re-sending with doubling delays while it does not answer (bounded by `retry_attempts` and
-    /// the record's expiration), and reports the answer.
+    /// the record's expiration), and reports the answer to `tx` (the final record's answers are
+    /// not awaited).
     async fn deliver_final(
         self: Arc<Self>,
         peer: PeerId,
         request: Arc<Value>,
         expiration_ms: u64,
-        tx: mpsc::Sender<(PeerId, Value)>,
+        tx: Option<mpsc::Sender<(PeerId, Value)>>,
     ) {
         let mut delay_ms = self.config.retry_base_ms;
         for attempt in 0..=self.config.retry_attempts {
@@ -843,7 +987,9 @@ impl Inner {
             match self.send(peer, request.clone(), deadline).await {
                 Ok(reply) => {
                     // The coordinator may have stopped listening: that is fine.
-                    let _ = tx.send((peer, reply)).await;
+                    if let Some(tx) = tx {
+                        let _ = tx.send((peer, reply)).await;
+                    }
                     return;
                 }
                 Err(e) if retryable(&e) && attempt < self.config.retry_attempts => {
@@ -862,7 +1008,52 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
     use super::*;
+
+    fn vote(approve: bool) -> Vote {
+        Vote {
+            r#type: if approve { VoteType::Approve } else { VoteType::Reject },
+            signature: String::new(),
+            reject_reason: (!approve).then(|| "failed: no".to_owned()),
+            conflict_with: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    fn reply(result: Value) -> ClusterRecord {
+        let mut record = ClusterRecord::new(BTreeMap::new(), serde_json::json!({}));
+        record.extra.insert(RESULT_FIELD.to_owned(), result);
+        record
+    }
+
+    /// SPEC 4.4: one member's unsigned result never decides a client's answer, whether it rides
+    /// on an approving vote (ignored) or on a rejecting one (a failure answer needs the same
+    /// result from more members than could still apply the operation).
+    #[test]
+    fn one_members_result_never_decides_the_answer() {
+        let stale = serde_json::json!({"success": false, "reason": "stale revision"});
+        let ok = serde_json::json!({"success": true});
+        let mut commits = Commits::new(&["commit"]);
+        commits.add(&reply(stale.clone()), "byz", Some(vote(true)));
+        assert_eq!(commits.applied, vec![0], "an approving vote next to a stale result is invalid");
+        assert!(commits.votes.is_empty());
+        commits.add(&reply(ok.clone()), "m2", Some(vote(true)));
+        commits.add(&reply(ok), "m3", Some(vote(true)));
+        assert!(matches!(commits.answers(2, 3).remove(0), Ok(RepoResponse::Commit(CommitResult::Success(_)))));
+
+        let envelope = |text: &str| serde_json::json!({"error": {"code": "bad-request", "message": text}});
+        let mut split = Commits::new(&["commit"]);
+        split.add(&reply(envelope("forged")), "byz", Some(vote(false)));
+        split.add(&reply(envelope("honest")), "m2", Some(vote(false)));
+        let answer = split.answers(2, 3).remove(0).unwrap_err();
+        assert_eq!(answer.code(), ErrorCode::Unavailable, "{answer}");
+        let mut agreed = Commits::new(&["commit"]);
+        agreed.add(&reply(envelope("honest")), "m1", Some(vote(false)));
+        agreed.add(&reply(envelope("honest")), "m2", Some(vote(false)));
+        assert_eq!(agreed.answers(2, 3).remove(0).unwrap_err().code(), ErrorCode::BadRequest);
+    }
 
     #[test]
     fn identical_member_reasons_are_said_once() {

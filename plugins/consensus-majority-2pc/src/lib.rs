@@ -14,10 +14,18 @@
 //! 3. Quorum reached: the decided record (the record with the promises) is applied locally (when
 //!    this node is a member) and sent to every other peer; a peer that does not answer gets it
 //!    again after 250 ms, doubling, capped, `retry_attempts` times (configurable), never past the
-//!    record's expiration. The client gets the execution result once `commit_threshold`
-//!    approving commit votes arrived: this node's own result when it is a member, else the
-//!    `"result"` a member returned next to its commit vote; `unavailable` if too few commits
-//!    arrive in time (the record is decided; members settle it through recovery).
+//!    record's expiration. The client's answer comes from a commit quorum (SPEC 4.4): success
+//!    once `commit_threshold` members gave an approving commit vote with a success result
+//!    (`success` compared, a cancel's `null` is its success; the pends' advisory `pending` lists
+//!    merged). The `"result"` next to a vote is unsigned: one member's result never decides the
+//!    answer, and an approving vote whose result is not a success is ignored (logged). Without
+//!    such a quorum in time the answer is `unavailable` (outcome unknown: the client retries the
+//!    same trx; members settle the record through recovery). Once a commit quorum formed, the
+//!    final record (the decided record with every commit vote collected, each verified) goes to
+//!    every peer in the background, after the answers still on their way (at most
+//!    `request_timeout_ms` more), with the same bounded re-sends; members merge the votes into
+//!    the copy they keep for evidence. One message per other peer and record; an old member
+//!    takes it as a re-delivery of the decided record.
 //! 4. Quorum not reached: if the rejections prove it out of reach, the record with those
 //!    rejections is sent to every peer, which frees their reservations at once. The client gets a
 //!    `StaleFailure` when a member rejected as stale (the member's computed `StaleFailure` travels
@@ -65,6 +73,18 @@
 //!   record order, and the commit vote rejects (`batch:`) naming those that did not apply. On
 //!   LMDB concurrent steps of different records share group commits
 //!   (`optimystic_core::kv::group`).
+//! - Commit votes after execution (SPEC 4.4; the `votes` module): the kept copy of a decided
+//!   record gains every verified commit vote the member learns (its own at execution, others'
+//!   from the final record and from gossip), never losing one. A member that executes a record
+//!   sends its vote to the record's other peers once (not to the peer that handed it the
+//!   record, nor from the coordinator's own member), and merges the votes their answers carry.
+//! - Write-path custody (SPEC 4.20): a commit at revision r of a block this member holds at r - 1
+//!   with evidence is promised only when the record's peer set holds a majority of P(r-1) (the
+//!   peer set of the commit record that fixed r - 1 here), and executed only when its approving
+//!   promises do (otherwise its commit vote rejects, `failed: custody: ...`, and nothing applies).
+//!   With no evidence of r - 1 here (r = 1, solo-written or pre-evidence data) the other rules
+//!   alone apply. A coordinator that knows P(r-1) keeps collecting promises past the first quorum
+//!   until the approvals hold such a majority (or no answer is left).
 //! - Bounds (SPEC 4.11-4.13): phase-1 records naming a peer this node never saw are refused;
 //!   records naming more than `max_record_blocks` blocks are refused before any lookup;
 //!   reservations are bounded in blocks, in total, per sender in the member's view and for all
@@ -135,6 +155,7 @@ mod faulty;
 mod member;
 mod recovery;
 mod store;
+mod votes;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex as StdMutex};

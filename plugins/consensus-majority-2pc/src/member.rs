@@ -15,7 +15,7 @@
 //! step: a crash midway re-executes the batch at restart, which the repository makes a no-op for
 //! the operations already applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use optimystic_core::error::ErrorCode;
@@ -23,20 +23,21 @@ use optimystic_core::evidence::{RecordRef, StoredRecord, record_key};
 use optimystic_core::identity::PeerId;
 use optimystic_core::model::{CommitResult, PendResult, StaleFailure};
 use optimystic_core::record::{ClusterRecord, Phase, RecordError, Vote, VoteType};
-use optimystic_core::repo::{KeptRecord, Step};
+use optimystic_core::repo::{KeptRecord, Step, add_verified_commits};
 use optimystic_core::wire::{ErrorEnvelope, RepoOperation, RepoResponse};
 use optimystic_core::{
     BatchFailure, BlockId, Check, MetaWrite, RawStorage, RejectCategory, RejectReason, RepoError, StorageRepo,
 };
 use serde_json::{Map, Value, json};
 
-use crate::checks::check_operation;
+use crate::checks::{check_operation, custody_failure};
 use crate::engine::{Budget, HeldBlocks, Inner, Live, RESULT_FIELD, RecordContext, refusal};
 use crate::faulty::{RENOUNCE_FIELD, sign_renounce};
 use crate::store::{
     Entry, RecordStatus, RejectionRef, entry_writes, read_entry, rejection_key, tomb_key, write_entry,
     write_entry_after,
 };
+use crate::votes::Gossip;
 
 /// The `operation` of a recovery status query: `{"operation": "status", "record": ClusterRecord}`.
 pub const STATUS_OPERATION: &str = "status";
@@ -104,8 +105,9 @@ struct Persist<'a> {
     decided: &'a Entry,
     /// The stored entry is already the decided one.
     prior_decided: bool,
-    /// The write keeping the record the entry refers to.
-    keep_write: Option<&'a MetaWrite>,
+    /// The record the entry refers to, kept for evidence.
+    keep: Option<&'a ClusterRecord>,
+    cx: &'a RecordContext,
 }
 
 /// Blocks one phase-1 record may report behind (the node's catch-up queue is shared: a batch
@@ -174,6 +176,11 @@ impl Inner {
     ) -> Result<ClusterRecord, RepoError> {
         self.ensure_started().await?;
         let now = self.clock.now_ms();
+        if !record.commits.is_empty()
+            && let Some(reply) = self.merge_into_executed(&record, now).await?
+        {
+            return Ok(reply);
+        }
         match origin {
             Origin::Remote(_) => record.verify_except_signer(Some(now), &self.me_text).map_err(refusal)?,
             Origin::Local if record.is_expired(now) => return Err(RepoError::Expired),
@@ -209,12 +216,24 @@ impl Inner {
         if matches!(origin, Origin::Remote(_)) {
             self.check_own_votes(&record, entry.as_ref())?;
         }
+        let gossip = match origin {
+            Origin::Remote(sender) => Gossip::Except(sender),
+            Origin::Local => Gossip::Nobody,
+        };
         match entry.as_ref().map(|e| e.status) {
-            Some(RecordStatus::Executed) => return self.executed_reply(entry).await,
+            Some(RecordStatus::Executed) => {
+                // A final record or another member's gossiped vote (SPEC 4.4): the kept copy
+                // gains the verified votes it lacks.
+                if record.commits.keys().any(|peer| *peer != self.me_text) {
+                    self.merge_votes(&record, &cx).await;
+                }
+                return self.executed_reply(entry).await;
+            }
             Some(RecordStatus::Aborted) => return Ok(self.with_promise(record, entry.as_ref())),
             Some(RecordStatus::Decided) => {
-                let copy = stored_record(self.storage(), entry.as_ref()).await?;
-                return self.execute(&held, copy, entry, &cx).await;
+                let mut copy = stored_record(self.storage(), entry.as_ref()).await?;
+                add_verified_commits(&mut copy, &record.commits);
+                return self.execute_from(&held, copy, entry, &cx, gossip).await;
             }
             Some(RecordStatus::Promised | RecordStatus::Rejected) | None => {}
         }
@@ -225,7 +244,7 @@ impl Inner {
             return Err(RepoError::Expired);
         }
         if decided {
-            return self.execute(&held, record, entry, &cx).await;
+            return self.execute_from(&held, record, entry, &cx, gossip).await;
         }
         if abort_proven {
             self.abort(&held, &record, entry.clone(), cx.expiration_ms).await?;
@@ -240,6 +259,28 @@ impl Inner {
             return Ok(self.with_promise(record, Some(&stored)));
         }
         self.promise(&held, record, &cx, budget).await
+    }
+
+    /// A final record or gossiped vote (SPEC 4.4) for a record this member executed: only its
+    /// commit votes are taken, each verified against the copy kept here (nothing else of the
+    /// received record is used, so it needs no verification of its own, and expiry does not
+    /// matter); the answer is the stored copy with every vote kept. `None` when this member did
+    /// not execute the record (the caller handles it as any update).
+    async fn merge_into_executed(
+        self: &Arc<Self>,
+        record: &ClusterRecord,
+        now: u64,
+    ) -> Result<Option<ClusterRecord>, RepoError> {
+        let Ok(cx) = self.context(record, now, false) else { return Ok(None) };
+        // Executed is final (until the marker is collected), so the member's block locks are not
+        // taken: records on these blocks keep voting meanwhile. The kept copy is merged under
+        // the repository's locks.
+        let entry = read_entry(self.storage(), cx.expiration_ms, &record.message_hash).await?;
+        if entry.as_ref().map(|e| e.status) != Some(RecordStatus::Executed) {
+            return Ok(None);
+        }
+        self.merge_votes(record, &cx).await;
+        self.executed_reply(entry).await.map(Some)
     }
 
     /// This member's votes in a received record must be the ones it stored; a vote it has no copy
@@ -347,7 +388,7 @@ impl Inner {
         let outcome = match busy {
             Some(busy) => Ok((Some(busy), Vec::new())),
             None => self
-                .check_operations(&hash, cx, &mut failures, budget)
+                .check_operations(&record, cx, &mut failures, budget)
                 .await
                 .map(|stale| (record_reason(cx.batched(), &failures), stale)),
         };
@@ -458,19 +499,22 @@ impl Inner {
         self.state().take_rejection(budget, weight, per_budget, total).map_err(RepoError::Busy)
     }
 
-    /// Checks each operation not already failing against tombstones (SPEC 4.12) and local
-    /// storage (the repository's dry run), recording why it fails in `failures`; returns each
-    /// stale operation's `StaleFailure` (by index). Reports blocks this member is behind on: at
-    /// most [`MAX_BEHIND_REPORTS_PER_RECORD`] for the record, within `budget`'s allowance of
-    /// reports ([`crate::engine::MemberState::take_behind_report`]), so that no record or sender
-    /// queues unbounded catch-up work (SPEC 4.10, 4.20).
+    /// Checks each operation not already failing against tombstones (SPEC 4.12), local storage
+    /// (the repository's dry run) and write-path custody (SPEC 4.20: the record's peer set holds
+    /// a majority of P(r-1)), recording why it fails in `failures`; returns each stale
+    /// operation's `StaleFailure` (by index). Reports blocks this member is behind on: at most
+    /// [`MAX_BEHIND_REPORTS_PER_RECORD`] for the record, within `budget`'s allowance of reports
+    /// ([`crate::engine::MemberState::take_behind_report`]), so that no record or sender queues
+    /// unbounded catch-up work (SPEC 4.10, 4.20).
     async fn check_operations(
         &self,
-        hash: &str,
+        record: &ClusterRecord,
         cx: &RecordContext,
         failures: &mut [Option<RejectReason>],
         budget: Budget,
     ) -> Result<Vec<Option<Value>>, RepoError> {
+        let hash = record.message_hash.as_str();
+        let peers: BTreeSet<&str> = record.peers.keys().map(String::as_str).collect();
         let mut stale = vec![None; cx.operations.len()];
         let mut reported = 0usize;
         for ((operation, failure), stale) in cx.operations.iter().zip(failures.iter_mut()).zip(stale.iter_mut()) {
@@ -490,6 +534,11 @@ impl Inner {
                 self.report_behind_unless_awaited(block_id, hash);
             }
             *failure = check.reject_reason();
+            if failure.is_none()
+                && let Some(detail) = custody_failure(&self.local, operation, &peers).await?
+            {
+                *failure = Some(RejectReason::new(RejectCategory::Refused, detail));
+            }
             if let Check::Stale(found) = check {
                 *stale = Some(
                     serde_json::to_value(&found)
@@ -598,17 +647,33 @@ impl Inner {
     /// commit vote: the record stays decided (with its reservation), the node is asked to catch
     /// the block up, and the record is executed once it can be ([`Inner::retry_waiting`]).
     ///
+    /// A fresh execution sends this member's commit vote to every other peer of the record
+    /// (SPEC 4.4 vote gossip, [`Inner::gossip_vote`]).
+    ///
     /// The caller holds the record's block locks.
     pub(crate) async fn execute(
+        self: &Arc<Self>,
+        held: &HeldBlocks<'_>,
+        copy: ClusterRecord,
+        prior: Option<Entry>,
+        cx: &RecordContext,
+    ) -> Result<ClusterRecord, RepoError> {
+        self.execute_from(held, copy, prior, cx, Gossip::Everyone).await
+    }
+
+    /// [`Inner::execute`], with `gossip` saying whom a fresh execution sends its vote to.
+    pub(crate) async fn execute_from(
         self: &Arc<Self>,
         _held: &HeldBlocks<'_>,
         mut copy: ClusterRecord,
         prior: Option<Entry>,
         cx: &RecordContext,
+        gossip: Gossip,
     ) -> Result<ClusterRecord, RepoError> {
         copy.extra.remove(RESULT_FIELD);
         let hash = copy.message_hash.clone();
         let unsaved = self.state().unsaved.remove(&hash);
+        let fresh = unsaved.is_none();
         let (executed, saved) = match unsaved {
             Some(executed) => (executed, false),
             None => {
@@ -617,11 +682,7 @@ impl Inner {
                 // to it.
                 let keeps =
                     cx.operations.iter().any(|op| matches!(op, RepoOperation::Pend(_) | RepoOperation::Commit(_)));
-                let keep = if keeps { Some(StorageRepo::keep_record_write(&copy)?) } else { None };
-                let (kept, keep_write) = match keep {
-                    Some((kept, write)) => (Some(kept), Some(write)),
-                    None => (None, None),
-                };
+                let kept = if keeps { Some(StorageRepo::keep_record_write(&copy)?.0) } else { None };
                 let prior_decided = prior.as_ref().is_some_and(|p| p.status == RecordStatus::Decided);
                 let decided = match prior {
                     Some(prior) if prior_decided => prior,
@@ -648,7 +709,7 @@ impl Inner {
                 };
                 let atomic = self.storage().atomic_apply();
                 let persist =
-                    Persist { hash: &hash, decided: &decided, prior_decided, keep_write: keep_write.as_ref() };
+                    Persist { hash: &hash, decided: &decided, prior_decided, keep: keeps.then_some(&copy), cx };
                 if !atomic {
                     self.persist_decided(&persist).await?;
                 }
@@ -672,16 +733,23 @@ impl Inner {
                     Ok(None) => {
                         let mut step = self.local.step(cx.blocks()).await;
                         match self.stage_record(&mut step, &copy, decided.clone(), cx, kept.as_ref()).await {
-                            Ok(executed) if atomic => {
-                                if let Some(write) = keep_write.clone() {
-                                    step.meta(write);
+                            Ok(executed) => {
+                                // The kept copy carries this member's own commit vote (SPEC 4.4):
+                                // the start of the revision's execution proof.
+                                if keeps {
+                                    let mut voted = copy.clone();
+                                    if let Some(vote) = &executed.commit {
+                                        voted.commits.insert(self.me_text.clone(), vote.clone());
+                                    }
+                                    step.keep(&voted).await?;
                                 }
-                                for write in entry_writes(&hash, &executed)? {
-                                    step.meta(write);
+                                if atomic {
+                                    for write in entry_writes(&hash, &executed)? {
+                                        step.meta(write);
+                                    }
                                 }
                                 step.write().await.map(|()| Executed::Marker(Box::new(executed)))
                             }
-                            Ok(executed) => step.write().await.map(|()| Executed::Marker(Box::new(executed))),
                             Err(e) => Err(e),
                         }
                     }
@@ -734,6 +802,9 @@ impl Inner {
         }
         if let Some(vote) = executed.commit {
             copy.commits.insert(self.me_text.clone(), vote);
+            if fresh {
+                self.gossip_vote(&copy, gossip, cx);
+            }
         }
         if let Some(result) = executed.result {
             copy.extra.insert(RESULT_FIELD.to_owned(), result);
@@ -743,17 +814,24 @@ impl Inner {
 
     /// Persists a record as decided (with the record it refers to): before its operations on an
     /// engine without atomic steps, or when it cannot execute now.
+    /// The record is kept without replacing a copy already kept (its votes are merged,
+    /// [`Step::keep`]), in the same storage step as the entry and before it.
     async fn persist_decided(&self, persist: &Persist<'_>) -> Result<(), RepoError> {
-        let keep: Vec<MetaWrite> = persist.keep_write.cloned().into_iter().collect();
-        if persist.prior_decided {
-            // Kept with the decided entry; kept again (a no-op), as the entry may predate
-            // references.
-            if !keep.is_empty() {
-                self.storage().write_meta(&keep).await?;
-            }
+        if persist.keep.is_none() && persist.prior_decided {
             return Ok(());
         }
-        write_entry_after(self.storage(), persist.hash, persist.decided, keep).await
+        let mut step = self.local.step(persist.cx.blocks()).await;
+        if let Some(record) = persist.keep {
+            // Kept again when the entry is already decided (a no-op), as the entry may predate
+            // references.
+            step.keep(record).await?;
+        }
+        if !persist.prior_decided {
+            for write in entry_writes(persist.hash, persist.decided)? {
+                step.meta(write);
+            }
+        }
+        step.write().await
     }
 
     /// The block of the first operation whose base this member lacks (SPEC 4.6), if any. A
@@ -789,7 +867,19 @@ impl Inner {
     ) -> Result<Entry, RepoError> {
         let mut results = Vec::with_capacity(cx.operations.len());
         let mut failures = Vec::with_capacity(cx.operations.len());
+        // SPEC 4.20: executed only when the approvals include a majority of P(r-1).
+        let approving: BTreeSet<&str> =
+            copy.promises.iter().filter(|(_, vote)| vote.is_approve()).map(|(peer, _)| peer.as_str()).collect();
         for operation in &cx.operations {
+            if let Some(detail) = custody_failure(&self.local, operation, &approving).await? {
+                tracing::warn!(message_hash = %copy.message_hash, %detail, "a decided record lacks write-path custody");
+                let error = RepoError::ConsensusFailed(detail.clone());
+                let value = serde_json::to_value(ErrorEnvelope::from(&error))
+                    .map_err(|e| RepoError::Internal(format!("encoding an execution error: {e}")))?;
+                results.push(value);
+                failures.push(Some(RejectReason::new(RejectCategory::Failed, detail)));
+                continue;
+            }
             let (result, failure) = self.stage_operation(step, operation, kept, cx.expiration_ms).await?;
             results.push(result);
             failures.push(failure);

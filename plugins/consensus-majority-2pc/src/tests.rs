@@ -1842,3 +1842,349 @@ async fn a_decided_batch_reports_each_operation() {
     let again = m.consensus.on_update(peers[1], batch).await.unwrap();
     assert_eq!(again.extra[RESULT_FIELD], reply.extra[RESULT_FIELD], "the results are kept in the marker");
 }
+
+// Issue 21: the write path's answers and proof (SPEC 4.4 final record, vote gossip and the
+// client's answer; SPEC 4.20 write-path custody).
+
+/// A node's cluster handler with faults of its own: it answers after `delay_ms` of virtual time,
+/// and with `forge` it lies about its results (an approving commit vote next to a stale result).
+struct Tweaked {
+    honest: optimystic_testkit::sim::NodeHandler,
+    delay_ms: Arc<AtomicUsize>,
+    forge: bool,
+}
+
+impl optimystic_testkit::sim::SimHandler for Tweaked {
+    fn handle(
+        &self,
+        from: PeerId,
+        protocol: optimystic_core::network::ProtocolKind,
+        request: Value,
+    ) -> futures::future::BoxFuture<'static, Result<Value, RepoError>> {
+        let honest = self.honest.clone();
+        let delay = Duration::from_millis(self.delay_ms.load(Ordering::SeqCst) as u64);
+        let forge = self.forge;
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            let mut answer = honest.handle(from, protocol, request).await?;
+            if forge
+                && let Some(commits) = answer.get("commits").and_then(Value::as_object)
+                && commits.values().any(|v| v["type"] == json!("approve"))
+            {
+                answer["result"] = json!({"success": false, "reason": "stale revision"});
+            }
+            Ok(answer)
+        })
+    }
+
+    fn on_crash(&self) {
+        self.honest.on_crash();
+    }
+}
+
+/// `n` nodes on one simulated network (fixed 1 ms delays), each serving the cluster and sync
+/// protocols through a [`Tweaked`] handler; node `forger` (if any) forges its results.
+struct Group {
+    sim: SimNet,
+    ids: Vec<PeerId>,
+    nodes: Vec<(Arc<MajorityConsensus>, StorageRepo)>,
+    delays: Vec<Arc<AtomicUsize>>,
+}
+
+fn group(n: usize, forger: Option<usize>) -> Group {
+    let sim = SimNet::new(11, SimConfig { min_delay_ms: 1, max_delay_ms: 1, ..SimConfig::default() });
+    let (mut ids, mut nodes, mut delays) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let keypair = Keypair::generate_ed25519();
+        let me = keypair.public().to_peer_id();
+        let local = StorageRepo::new(Arc::new(MemoryStorage::new()));
+        let deps = MajorityDeps {
+            keypair,
+            network: sim.network(me),
+            local: local.clone(),
+            key_network: None,
+            clock: sim.clock(),
+            behind: None,
+        };
+        let consensus = Arc::new(MajorityConsensus::new(config(), deps).unwrap());
+        let delay = Arc::new(AtomicUsize::new(0));
+        let honest = optimystic_testkit::sim::NodeHandler::new(consensus.clone(), local.clone());
+        sim.register(me, Arc::new(Tweaked { honest, delay_ms: delay.clone(), forge: forger == Some(i) }));
+        ids.push(me);
+        nodes.push((consensus, local));
+        delays.push(delay);
+    }
+    Group { sim, ids, nodes, delays }
+}
+
+impl Group {
+    /// The cluster of the given nodes.
+    fn peers(&self, members: &[usize]) -> ClusterPeers {
+        members.iter().map(|i| (self.ids[*i], PeerInfo::default())).collect()
+    }
+
+    /// Runs `operation` with node `via` coordinating among `members`.
+    async fn run(&self, via: usize, members: &[usize], operation: RepoOperation) -> Result<RepoResponse, RepoError> {
+        let now = self.sim.clock().now_ms();
+        self.nodes[via].0.execute(&self.peers(members), &RepoMessage::new(operation, now + 5_000)).await
+    }
+
+    /// The copy node `i` keeps of the record that fixed revision `rev` of block `b` (its commit
+    /// record).
+    async fn kept_commit(&self, i: usize, b: &str, rev: u64) -> ClusterRecord {
+        let evidence = self.nodes[i].1.evidence(&block(b), rev).await.unwrap().expect("evidence kept");
+        ClusterRecord::from_value(evidence.commit).unwrap()
+    }
+
+    /// Approving commit votes (verified) in a kept record, by peer.
+    fn approvers(&self, record: &ClusterRecord) -> std::collections::BTreeSet<usize> {
+        record.verify(None).unwrap();
+        record
+            .commits
+            .iter()
+            .filter(|(_, v)| v.is_approve())
+            .map(|(p, _)| self.ids.iter().position(|id| id.to_base58() == *p).unwrap())
+            .collect()
+    }
+
+    async fn latest(&self, i: usize, b: &str) -> Option<optimystic_core::TrxRev> {
+        self.nodes[i].1.storage().latest(&block(b)).await.unwrap()
+    }
+
+    /// Waits until the background work of the last records is done: final records and gossip
+    /// (each due within `request_timeout_ms` of virtual time, twice that at most) have been
+    /// answered.
+    async fn wait_idle(&self) {
+        self.sim.wait_quiet().await;
+        for (consensus, _) in &self.nodes {
+            consensus.wait_idle().await;
+        }
+        tokio::time::sleep(Duration::from_millis(config().request_timeout_ms * 2)).await;
+        self.sim.wait_quiet().await;
+    }
+}
+
+/// Issue 21 finding 2 / SPEC 4.4: a member answering first with an approving commit vote and a
+/// forged stale result does not decide the client's answer: the pend and the commit succeed (on
+/// the code before, the coordinator, which is not a member, answered with the first approving
+/// member's unsigned result: "stale", and a client such as `txn` retried with a new trx, writing
+/// twice).
+#[tokio::test(start_paused = true)]
+async fn a_forged_result_next_to_an_approving_vote_never_decides_the_answer() {
+    let g = group(4, Some(1));
+    let members = [1, 2, 3];
+    // The forger answers at once, the honest members after 20 ms.
+    g.delays[2].store(20, Ordering::SeqCst);
+    g.delays[3].store(20, Ordering::SeqCst);
+    let insert = RepoOperation::Pend(insert_pend("x", &trx("t1")));
+    let pend = g.run(0, &members, insert).await;
+    assert!(pended(&pend), "the pend's answer: {pend:?}");
+    let commit = g.run(0, &members, commit_on("x", "t1", 1)).await;
+    assert!(committed(&commit), "the commit's answer: {commit:?}");
+    g.wait_idle().await;
+    for i in members {
+        assert_eq!(g.latest(i, "x").await.map(|l| l.rev), Some(1));
+    }
+    // The honest members hold each other's votes.
+    // (Its vote itself is valid: it did apply, and its own gossip spreads it.)
+    let kept = g.kept_commit(2, "x", 1).await;
+    assert!(g.approvers(&kept).is_superset(&std::collections::BTreeSet::from([2, 3])));
+}
+
+/// SPEC 4.4: when no commit quorum reports success, the answer is `unavailable` (outcome
+/// unknown), never the forged result of one member.
+#[tokio::test(start_paused = true)]
+async fn without_a_quorum_of_successes_the_answer_is_unavailable() {
+    let g = group(4, Some(1));
+    let members = [1, 2, 3];
+    let insert = RepoOperation::Pend(insert_pend("x", &trx("t1")));
+    assert!(pended(&g.run(0, &members, insert).await));
+    g.wait_idle().await;
+    // Node 3 never answers the decided record in time: the forger and node 2 remain.
+    g.delays[3].store(60_000, Ordering::SeqCst);
+    let commit = g.run(0, &members, commit_on("x", "t1", 1)).await;
+    let e = commit.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
+}
+
+/// SPEC 4.4 final record: after a commit quorum, every member's kept pend and commit records
+/// carry the verified commit votes of every member (on the code before, kept records carried no
+/// commit vote at all). The final record costs one message per other member.
+#[tokio::test(start_paused = true)]
+async fn every_member_keeps_every_commit_vote() {
+    let g = group(3, None);
+    let members = [0, 1, 2];
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
+    g.sim.set_filter(Some(Arc::new(move |e: &Envelope<'_>| {
+        if e.direction == optimystic_testkit::sim::Direction::Request {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+        Verdict::Deliver
+    })));
+    assert!(pended(&g.run(0, &members, RepoOperation::Pend(insert_pend("x", &trx("t1")))).await));
+    assert!(committed(&g.run(0, &members, commit_on("x", "t1", 1)).await));
+    g.wait_idle().await;
+    for i in members {
+        let commit = g.kept_commit(i, "x", 1).await;
+        assert_eq!(g.approvers(&commit), std::collections::BTreeSet::from([0, 1, 2]), "node {i}'s commit record");
+        let evidence = g.nodes[i].1.evidence(&block("x"), 1).await.unwrap().unwrap();
+        let pend = ClusterRecord::from_value(evidence.pend.unwrap()).unwrap();
+        assert_eq!(g.approvers(&pend), std::collections::BTreeSet::from([0, 1, 2]), "node {i}'s pend record");
+    }
+    // Per record: 2 promise asks, 2 decided records and 2 final records; no gossip, since the
+    // final record brought every vote before it was due.
+    assert_eq!(requests.load(Ordering::SeqCst), 2 * 6, "cluster requests for two records");
+}
+
+/// Puts block `b` at revision 1 through consensus among `members` (node `via` coordinating).
+async fn insert_through(g: &Group, via: usize, members: &[usize], b: &str) {
+    let t = format!("init-{b}");
+    assert!(pended(&g.run(via, members, RepoOperation::Pend(insert_pend(b, &trx(&t)))).await));
+    assert!(committed(&g.run(via, members, commit_on(b, &t, 1)).await));
+    g.wait_idle().await;
+}
+
+/// Issue 21 finding 12 (SPEC 4.4 vote gossip): the coordinator M2 dies right after answering its
+/// client, before any final record; M3 was cut off from it. M1's gossiped vote makes M3 execute,
+/// and M3's answer gives M1 the votes of a majority: M1 holds T1's execution proof (on the code
+/// before, M1 kept no commit vote at all and M3 never learned of the commit).
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_that_dies_after_answering_leaves_the_revision_proven() {
+    let g = group(3, None);
+    let (m1, m2, m3) = (0, 1, 2);
+    let members = [m1, m2, m3];
+    insert_through(&g, m2, &members, "x").await;
+    assert!(pended(&g.run(m2, &members, set_on("x", "t1", Some(2), 1)).await));
+    g.wait_idle().await;
+    g.sim.block_link(g.ids[m2], g.ids[m3]);
+    assert!(committed(&g.run(m2, &members, commit_on("x", "t1", 2)).await));
+    g.sim.crash(g.ids[m2]);
+    // M1 gossips its vote once no final record brought a quorum of votes.
+    g.wait_idle().await;
+    assert_eq!(g.latest(m3, "x").await.map(|l| l.trx_id), Some(trx("t1")), "M3 executed through M1's gossip");
+    let kept = g.kept_commit(m1, "x", 2).await;
+    let approvers = g.approvers(&kept);
+    assert!(approvers.contains(&m1) && approvers.contains(&m3), "M1's proof: {approvers:?}");
+}
+
+/// Issue 21 finding 12 (SPEC 4.20 write-path custody): M1 and M2 executed T1 at revision 2; M2
+/// answered and died with nothing sent on; M3 heard nothing of it. A newcomer N (holding revision
+/// 1 with its evidence) replaces M2 in the views. M3 and N approve T2 at revision 2, but their
+/// approvals hold one of the three peers of revision 1: neither executes it, and M1 keeps T1 (on
+/// the code before, M3 and N committed T2 at revision 2: two revisions 2 on a majority).
+#[tokio::test(start_paused = true)]
+async fn a_newcomer_and_a_slow_member_cannot_take_a_revision_from_its_custodians() {
+    let g = group(4, None);
+    let (m1, m2, m3, n) = (0, 1, 2, 3);
+    let old = [m1, m2, m3];
+    insert_through(&g, m1, &old, "x").await;
+    // N catches revision 1 up with its evidence (as verified catch-up stores it).
+    let evidence = g.nodes[m3].1.evidence(&block("x"), 1).await.unwrap().unwrap();
+    let transform = g.nodes[m3].1.storage().committed(&block("x"), &trx("init-x")).await.unwrap().unwrap().transform;
+    let rev1 = optimystic_core::TrxRev { trx_id: trx("init-x"), rev: 1 };
+    assert!(g.nodes[n].1.apply_replica(&block("x"), &rev1, &transform, Some(&evidence)).await.unwrap());
+    assert!(pended(&g.run(m2, &old, set_on("x", "t1", Some(2), 1)).await));
+    g.wait_idle().await;
+    // M3 is cut off while M2 commits T1 with M1; M2 dies once it answered.
+    g.sim.block_link(g.ids[m2], g.ids[m3]);
+    g.sim.block_link(g.ids[m1], g.ids[m3]);
+    assert!(committed(&g.run(m2, &old, commit_on("x", "t1", 2)).await));
+    g.sim.crash(g.ids[m2]);
+    g.wait_idle().await;
+    g.sim.heal();
+    assert_eq!(g.latest(m3, "x").await.map(|l| l.rev), Some(1));
+    // The new view {M1, M3, N}: T2 pends on M3 and N (M1 is past revision 1) ...
+    let new = [m1, m3, n];
+    let pend2 = g.run(n, &new, set_on("x", "t2", Some(2), 2)).await;
+    assert!(pended(&pend2), "{pend2:?}");
+    g.wait_idle().await;
+    // ... but its commit at revision 2 executes nowhere.
+    let commit2 = g.run(n, &new, commit_on("x", "t2", 2)).await;
+    assert!(!committed(&commit2), "T2 committed at revision 2: {commit2:?}");
+    g.wait_idle().await;
+    assert_eq!(g.latest(m3, "x").await.map(|l| l.rev), Some(1), "M3 took revision 2 without custody");
+    assert_eq!(g.latest(n, "x").await.map(|l| l.rev), Some(1), "N took revision 2 without custody");
+    assert_eq!(g.latest(m1, "x").await.map(|l| l.trx_id), Some(trx("t1")), "M1 keeps T1");
+}
+
+/// SPEC 4.20: a member promises a commit only when the record's peer set holds a majority of
+/// P(r-1), and a coordinator that knows P(r-1) waits for approvals that include one.
+#[tokio::test(start_paused = true)]
+async fn a_peer_set_without_a_majority_of_the_custodians_is_refused() {
+    let g = group(5, None);
+    let old = [0, 1, 2];
+    insert_through(&g, 0, &old, "x").await;
+    // Nodes 3 and 4 hold revision 1 with its evidence.
+    let evidence = g.nodes[0].1.evidence(&block("x"), 1).await.unwrap().unwrap();
+    let transform = g.nodes[0].1.storage().committed(&block("x"), &trx("init-x")).await.unwrap().unwrap().transform;
+    let rev1 = optimystic_core::TrxRev { trx_id: trx("init-x"), rev: 1 };
+    for i in [3, 4] {
+        assert!(g.nodes[i].1.apply_replica(&block("x"), &rev1, &transform, Some(&evidence)).await.unwrap());
+    }
+    // {2, 3, 4} holds one custodian of revision 1: its pend goes through, its commit does not.
+    let shifted = [2, 3, 4];
+    assert!(pended(&g.run(3, &shifted, set_on("x", "t2", Some(2), 2)).await));
+    g.wait_idle().await;
+    let commit = g.run(3, &shifted, commit_on("x", "t2", 2)).await;
+    assert!(!committed(&commit), "{commit:?}");
+    for i in shifted {
+        assert_eq!(g.latest(i, "x").await.map(|l| l.rev), Some(1));
+    }
+    g.wait_idle().await;
+    // {0, 1, 3}, coordinated by 0, node 1 slow: the first quorum, {0, 3}, holds one custodian of
+    // revision 1, so node 0 waits for node 1's approval as well, and the commit goes through.
+    let mixed = [0, 1, 3];
+    g.delays[1].store(30, Ordering::SeqCst);
+    assert!(pended(&g.run(0, &mixed, set_on("x", "t3", Some(2), 3)).await));
+    g.wait_idle().await;
+    let commit = g.run(0, &mixed, commit_on("x", "t3", 2)).await;
+    assert!(committed(&commit), "{commit:?}");
+}
+
+/// SPEC 4.4: the copy a member keeps of a decided record carries its own commit vote from its
+/// execution, then gains the verified votes of final records and gossip, and never loses one; a
+/// forged vote changes nothing.
+#[tokio::test(start_paused = true)]
+async fn kept_records_only_gain_verified_commit_votes() {
+    let Three { m, a, b, peers } = three();
+    let [me, pa, pb] = peers.map(|p| p.to_base58());
+    let now = m.sim.clock().now_ms();
+    let pend = decided(&peers, insert_x(), now + 1_000, &a, &b);
+    m.consensus.on_update(peers[1], pend.clone()).await.unwrap();
+    let voters = || async {
+        let kept = m.local.kept_record(&pend.message_hash).await.unwrap().unwrap();
+        kept.verify(None).unwrap();
+        kept.commits.keys().cloned().collect::<Vec<_>>()
+    };
+    let mut expected = vec![me.clone()];
+    assert_eq!(voters().await, expected, "its own vote, kept at execution");
+    let mut with_a = pend.clone();
+    with_a.commits.insert(pa.clone(), pend.sign_commit(&a, VoteType::Approve, None).unwrap());
+    m.consensus.on_update(peers[1], with_a).await.unwrap();
+    expected.push(pa.clone());
+    expected.sort();
+    assert_eq!(voters().await, expected, "a final record's vote");
+    // A vote b never signed is ignored: nothing changes.
+    let mut forged = pend.clone();
+    forged.commits.insert(pb.clone(), pend.sign_commit(&a, VoteType::Reject, Some("x".into())).unwrap());
+    let _ = m.consensus.on_update(peers[1], forged).await;
+    assert_eq!(voters().await, expected, "a forged vote was kept");
+    // Gossip carrying b's vote only: the others stay.
+    let mut with_b = pend.clone();
+    with_b.commits.insert(pb.clone(), pend.sign_commit(&b, VoteType::Approve, None).unwrap());
+    let answer = m.consensus.on_update(peers[2], with_b).await.unwrap();
+    expected.push(pb);
+    expected.sort();
+    assert_eq!(voters().await, expected, "a gossiped vote");
+    assert_eq!(answer.commits.len(), 3, "the answer carries every vote kept");
+    // Catch-up storing the revision with a served copy of the pend record that has fewer votes
+    // keeps the votes the member had.
+    let commit = decided(&peers, commit_op("t1", 1), now + 1_000, &a, &b);
+    let served = optimystic_core::evidence::Evidence { pend: Some(pend.to_value()), commit: commit.to_value() };
+    let RepoOperation::Pend(request) = insert_x() else { unreachable!() };
+    let transform = request.transforms.transform_for(&x());
+    let t1 = optimystic_core::TrxRev { trx_id: trx("t1"), rev: 1 };
+    assert!(m.local.apply_replica(&x(), &t1, &transform, Some(&served)).await.unwrap());
+    assert_eq!(voters().await, expected, "catch-up dropped kept votes");
+}

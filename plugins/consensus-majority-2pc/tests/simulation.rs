@@ -379,6 +379,37 @@ impl SimHandler for StatusLiar {
     }
 }
 
+/// A node that votes honestly but forges the unsigned `result` next to every approving commit
+/// vote it gives: `{"success": false, "reason": "stale revision"}` (issue 21 finding 2).
+struct ResultForger {
+    inner: Arc<dyn SimHandler>,
+}
+
+impl SimHandler for ResultForger {
+    fn handle(
+        &self,
+        from: PeerId,
+        protocol: ProtocolKind,
+        request: Value,
+    ) -> BoxFuture<'static, Result<Value, RepoError>> {
+        let answer = self.inner.handle(from, protocol, request);
+        Box::pin(async move {
+            let mut answer = answer.await?;
+            if protocol == ProtocolKind::Cluster
+                && let Some(commits) = answer.get("commits").and_then(Value::as_object)
+                && commits.values().any(|vote| vote["type"] == json!("approve"))
+            {
+                answer["result"] = json!({"success": false, "reason": "stale revision"});
+            }
+            Ok(answer)
+        })
+    }
+
+    fn on_crash(&self) {
+        self.inner.on_crash();
+    }
+}
+
 /// Settings of the simulated deployment: short timeouts, in virtual time.
 fn consensus_config() -> MajorityConfig {
     MajorityConfig {
@@ -414,6 +445,8 @@ struct World {
     seed: u64,
     sim: SimNet,
     peers: Vec<PeerId>,
+    /// Peers per block cluster (every peer unless a scenario says fewer).
+    cluster_size: usize,
     keys: BTreeMap<PeerId, Keypair>,
     /// Each node's clock error, in ms (below the grace period, as a deployment must ensure).
     skews: BTreeMap<PeerId, i64>,
@@ -429,17 +462,36 @@ struct World {
     liars: Mutex<BTreeSet<PeerId>>,
     /// The consensus configuration of every node.
     config: MajorityConfig,
+    /// Nodes that forge the unsigned result next to each approving commit vote they give.
+    result_forgers: Mutex<BTreeSet<PeerId>>,
     /// The task snapshotting every node's storage during the run (SPEC 5.7 "at every moment").
     sampler: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl World {
     async fn new(seed: u64, n: usize, config: SimConfig) -> Arc<Self> {
-        Self::configured(seed, n, config, consensus_config()).await
+        Self::build(seed, n, n, config, consensus_config()).await
     }
 
     /// [`World::new`] with nodes running `consensus`.
     async fn configured(seed: u64, n: usize, config: SimConfig, consensus: MajorityConfig) -> Arc<Self> {
+        Self::build(seed, n, n, config, consensus).await
+    }
+
+    /// A world of `n` nodes whose block clusters have `cluster_size` peers (ranked as the key
+    /// network ranks them), so some nodes coordinate writes to blocks they do not hold.
+    async fn new_sized(seed: u64, n: usize, cluster_size: usize, config: SimConfig) -> Arc<Self> {
+        Self::build(seed, n, cluster_size, config, consensus_config()).await
+    }
+
+    /// A world of `n` nodes, clusters of `cluster_size`, nodes running `consensus`.
+    async fn build(
+        seed: u64,
+        n: usize,
+        cluster_size: usize,
+        config: SimConfig,
+        consensus: MajorityConfig,
+    ) -> Arc<Self> {
         let sim = SimNet::new(seed, config);
         let mut keys = BTreeMap::new();
         for _ in 0..n {
@@ -456,6 +508,7 @@ impl World {
             seed,
             sim,
             peers,
+            cluster_size,
             keys,
             skews,
             storages,
@@ -466,6 +519,7 @@ impl World {
             forgeries: Mutex::new(BTreeMap::new()),
             liars: Mutex::new(BTreeSet::new()),
             config: consensus,
+            result_forgers: Mutex::new(BTreeSet::new()),
             sampler: Mutex::new(None),
         });
         for peer in world.peers.clone() {
@@ -475,7 +529,12 @@ impl World {
     }
 
     fn key_network(&self) -> Arc<StaticKeys> {
-        Arc::new(StaticKeys { peers: self.peers.clone(), size: self.peers.len() })
+        Arc::new(StaticKeys { peers: self.peers.clone(), size: self.cluster_size })
+    }
+
+    /// The cluster of `block`, as every node's key network ranks it.
+    fn cluster_of(&self, block: &BlockId) -> Vec<PeerId> {
+        rank_peers(&block_key(block), &self.peers, self.cluster_size)
     }
 
     /// Starts (or restarts, over its surviving storage) a node, composed as the real node composes
@@ -516,12 +575,16 @@ impl World {
             Arc::new(ClusterReads::new(repo.clone(), read_local.clone(), keys, network, ReadMode::Quorum, timeout));
         let honest = NodeHandler::new(as_dyn, local.clone());
         let forgery = self.forgeries.lock().unwrap().get(&peer).cloned();
-        let handler: Arc<dyn SimHandler> = match forgery {
+        let mut handler: Arc<dyn SimHandler> = match forgery {
             Some(forgery) => Arc::new(ForgingHandler { honest, forgery }),
             None => Arc::new(honest),
         };
-        let handler: Arc<dyn SimHandler> =
-            if self.liars.lock().unwrap().contains(&peer) { Arc::new(StatusLiar { inner: handler }) } else { handler };
+        if self.result_forgers.lock().unwrap().contains(&peer) {
+            handler = Arc::new(ResultForger { inner: handler });
+        }
+        if self.liars.lock().unwrap().contains(&peer) {
+            handler = Arc::new(StatusLiar { inner: handler });
+        }
         self.sim.register(peer, handler);
         let node = Node { consensus, repo, reads, local: read_local, catch_up: catch_up.clone() };
         self.nodes.lock().unwrap().insert(peer, node);
@@ -901,17 +964,21 @@ impl World {
     async fn check(&self) -> String {
         self.settle().await;
         let snapshots = self.snapshots().await;
-        let cluster = self.peers.clone();
         let up: BTreeSet<PeerId> = self.up().into_iter().collect();
-        if let Err(violations) = self.history.check_converged(&snapshots, &|_| cluster.clone(), &|p| up.contains(p)) {
+        if let Err(violations) =
+            self.history.check_converged(&snapshots, &|block| self.cluster_of(block), &|p| up.contains(p))
+        {
             panic!("safety violations: {violations:#?}\nhistory: {:#?}\nsnapshots: {snapshots:#?}", self.history.ops());
         }
         // Every revision's kept evidence (batched records included) proves that revision.
         let blocks = self.blocks().await;
         for peer in &self.peers {
             let local = StorageRepo::new(Arc::new(self.storages[peer].clone()));
-            let violations = check_evidence(*peer, &local, &blocks, &cluster).await.unwrap();
-            assert!(violations.is_empty(), "evidence that does not prove its revision: {violations:#?}");
+            for block in &blocks {
+                let cluster = self.cluster_of(block);
+                let violations = check_evidence(*peer, &local, std::slice::from_ref(block), &cluster).await.unwrap();
+                assert!(violations.is_empty(), "evidence that does not prove its revision: {violations:#?}");
+            }
         }
         format!(
             "seed {} ops {:?} reads {:?} snapshots {:?}\n{BATCHED}{}",
@@ -2340,9 +2407,49 @@ async fn departed_peer_in_peer_set(seed: u64) -> String {
     world.check().await
 }
 
+/// Issue 21 finding 2 / SPEC 4.4: one member of block `x`'s cluster votes honestly but forges
+/// the result next to each approving commit vote ("stale revision"). Four nodes, clusters of
+/// three: clients write through every node, the one outside `x`'s cluster included (its
+/// coordinator counts no result of its own). No client is told "stale" (or any failure) for a
+/// write that committed (the history checker's `CommittedAfterFailure`), every acknowledged write
+/// is on a majority, and the replicas converge. On the code before, the coordinator answered with
+/// the first approving member's unsigned result, so writes through the outside node were
+/// answered "stale" although they committed.
+async fn byzantine_results(seed: u64) -> String {
+    let world = World::new_sized(seed, 4, 3, SimConfig::default()).await;
+    let cluster = world.cluster_of(&x());
+    let byz = world.pick(&cluster);
+    let outside: Vec<PeerId> = world.peers.iter().copied().filter(|p| !cluster.contains(p)).collect();
+    world.crash(byz);
+    world.result_forgers.lock().unwrap().insert(byz);
+    world.start(byz).await;
+    world.bootstrap().await;
+    random_delays(&world);
+    world.start_sampler(Duration::from_millis(50));
+    let side = spawn_side_writers(&world);
+    let writes = world.sim.random(|r| r.gen_range(6..=12usize));
+    let mut acknowledged = 0;
+    for i in 0..writes {
+        // Half the writes go through the node outside the cluster.
+        let via = if i % 2 == 0 { world.pick(&outside) } else { world.pick(&world.peers) };
+        acknowledged += usize::from(write_with_retries(&world, via, &format!("w{i}"), 6).await);
+        if world.sim.random(|r| r.gen_bool(0.3)) {
+            let _ = world.random_read(world.pick(&world.peers)).await;
+        }
+    }
+    side.stop().await;
+    assert!(acknowledged > 0, "no write was acknowledged");
+    world.check().await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
+
+#[test]
+fn sim_byzantine_results() {
+    run_batched("sim_byzantine_results", |seed| Box::pin(byzantine_results(seed)));
+}
 
 #[test]
 fn sim_minority_partition() {
