@@ -350,7 +350,8 @@ impl Node {
             Arc::new(MeteredConsensus { inner: consensus.clone(), metrics: metrics.clone() });
         let writes: Arc<dyn Repo> =
             Arc::new(CoordinatorRepo::new(key_network.clone(), coordinated, Arc::new(read_local.clone())));
-        let reads = ClusterReads::new(writes, read_local, key_network.clone(), network, config.node.read_mode, timeout);
+        let reads = ClusterReads::new(writes, read_local, key_network.clone(), network, config.node.read_mode, timeout)
+            .with_behind(behind.clone());
         let catch_up = reads.catch_up().clone();
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });
         consensus.start().await.map_err(|e| NodeError::Config(format!("consensus did not start: {e}")))?;
