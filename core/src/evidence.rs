@@ -479,7 +479,7 @@ mod tests {
         use libp2p_identity::Keypair;
 
         use crate::model::{BlockOperation, CommitRequest, PendPolicy, PendRequest, Transforms};
-        use crate::record::{ClusterPeer, VoteType};
+        use crate::record::ClusterPeer;
 
         let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
         let view: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
@@ -490,6 +490,10 @@ mod tests {
             for key in keys.iter().take(2) {
                 let vote = record.sign_promise(key, VoteType::Approve, None).unwrap();
                 record.promises.insert(crypto::peer_text(&key.public().to_peer_id()), vote);
+            }
+            for key in keys.iter().take(2) {
+                let vote = record.sign_commit(key, VoteType::Approve, None).unwrap();
+                record.commits.insert(crypto::peer_text(&key.public().to_peer_id()), vote);
             }
             record.to_value()
         };
@@ -534,5 +538,73 @@ mod tests {
         };
         let e = verify(Some(&doubled), &a, &at("ta"), &set(1), &view).unwrap_err();
         assert!(e.to_string().contains("several operations"), "{e}");
+    }
+
+    /// SPEC 4.20: execution proof counts commit votes over a trusted set: this node's view, or
+    /// P(L) of its newest proven revision (custody across membership changes); never over the
+    /// record's own peer set.
+    #[test]
+    fn execution_proof_counts_over_a_trusted_set_only() {
+        use libp2p_identity::Keypair;
+
+        use crate::model::{BlockOperation, CommitRequest, PendPolicy, PendRequest, Transforms};
+        use crate::record::ClusterPeer;
+        use crate::wire::RepoMessage;
+
+        let keys: Vec<Keypair> = (0..5).map(|_| Keypair::generate_ed25519()).collect();
+        let ids: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+        let b = BlockId::new("b").unwrap();
+        let set =
+            Transform { updates: Some(vec![BlockOperation::set("v", serde_json::json!(1))]), ..Transform::default() };
+        // Peer set {0, 3, 4}: promised by all three, executed by 3 and 4.
+        let record_among = |operation: RepoOperation| {
+            let set_of: Vec<&Keypair> = [&keys[0], &keys[3], &keys[4]].into();
+            let peers = set_of
+                .iter()
+                .map(|k| {
+                    (
+                        crypto::peer_text(&k.public().to_peer_id()),
+                        ClusterPeer::new(&k.public().to_peer_id(), vec![]).unwrap(),
+                    )
+                })
+                .collect();
+            let mut record = ClusterRecord::new(peers, serde_json::to_value(RepoMessage::new(operation, 1)).unwrap());
+            for key in &set_of {
+                let vote = record.sign_promise(key, VoteType::Approve, None).unwrap();
+                record.promises.insert(crypto::peer_text(&key.public().to_peer_id()), vote);
+            }
+            for key in &set_of[1..] {
+                let vote = record.sign_commit(key, VoteType::Approve, None).unwrap();
+                record.commits.insert(crypto::peer_text(&key.public().to_peer_id()), vote);
+            }
+            record.to_value()
+        };
+        let trx_id = TrxId::new("t").unwrap();
+        let evidence = Evidence {
+            pend: Some(record_among(RepoOperation::Pend(PendRequest {
+                trx_id: trx_id.clone(),
+                rev: Some(2),
+                transforms: Transforms::single(&b, &set),
+                policy: PendPolicy::Continue,
+            }))),
+            commit: record_among(RepoOperation::Commit(CommitRequest {
+                trx_id: trx_id.clone(),
+                block_ids: vec![b.clone()],
+                rev: 2,
+                tail_id: b.clone(),
+                header_id: None,
+            })),
+        };
+        let trx_rev = TrxRev { trx_id, rev: 2 };
+        let view = [ids[0], ids[1], ids[2]];
+        let custody = [ids[0], ids[3], ids[4]];
+        let e = verify(Some(&evidence), &b, &trx_rev, &set, &view).unwrap_err();
+        assert!(matches!(e, EvidenceError::Unproven { .. }), "{e}");
+        let mut p_r = custody.to_vec();
+        p_r.sort();
+        assert_eq!(verify_trusted(Some(&evidence), &b, &trx_rev, &set, &[&view, &custody]).unwrap(), p_r);
+        // Without any trusted set, nothing is proven.
+        let e = verify_trusted(Some(&evidence), &b, &trx_rev, &set, &[]).unwrap_err();
+        assert!(matches!(e, EvidenceError::Unproven { .. }), "{e}");
     }
 }

@@ -794,6 +794,8 @@ async fn catch_up_applies_only_verified_revisions() {
         "pend": decided(&fake_peers, set_v("forged", Some(2), 666), now + 1_000, &f1, &f2).to_value(),
         "commit": decided(&fake_peers, commit_op("forged", 2), now + 1_000, &f1, &f2).to_value(),
     });
+    // Pages start at this member's latest revision (its catch-up base, SPEC 4.20).
+    let base = json!({"trxId": "t1", "rev": 1, "transform": set(1)});
     for evidence in [Value::Null, forged] {
         let mut entry = json!({"trxId": "forged", "rev": 2, "transform": set(666)});
         if !evidence.is_null() {
@@ -803,7 +805,7 @@ async fn catch_up_applies_only_verified_revisions() {
             forger,
             Arc::new(CannedSync {
                 latest: json!({"latest": {"x": {"trxId": "forged", "rev": 1_000_000}}}),
-                page: json!({"latest": {"trxId": "forged", "rev": 1_000_000}, "entries": [entry], "more": false}),
+                page: json!({"latest": {"trxId": "forged", "rev": 1_000_000}, "entries": [base.clone(), entry], "more": false}),
             }),
         );
         let catch_up = optimystic_core::sync::CatchUp::new(
@@ -828,7 +830,7 @@ async fn catch_up_applies_only_verified_revisions() {
     let genuine = json!({"pend": executed(set_v("t2", Some(2), 2)), "commit": executed(commit_op("t2", 2))});
     m.sim.register(peers[1], Arc::new(CannedSync {
         latest: json!({"latest": {"x": {"trxId": "t2", "rev": 2}}}),
-        page: json!({"latest": {"trxId": "t2", "rev": 2}, "entries": [{"trxId": "t2", "rev": 2, "transform": set(2), "evidence": genuine}], "more": false}),
+        page: json!({"latest": {"trxId": "t2", "rev": 2}, "entries": [base, {"trxId": "t2", "rev": 2, "transform": set(2), "evidence": genuine}], "more": false}),
     }));
     let catch_up = optimystic_core::sync::CatchUp::new(
         m.sim.network(peers[0]),
