@@ -435,7 +435,7 @@ fn names_block(operation: &RepoOperation, block_id: &BlockId) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
     use super::*;
 

@@ -185,7 +185,7 @@ impl ClusterReads {
                 **p == me || member_answers.get(p).is_some_and(|r| r.latest.get(block_id).cloned().flatten() == mine)
             })
             .count();
-        if agreeing >= members.len() / 2 + 1 {
+        if agreeing >= crate::evidence::majority(members.len()) {
             tracing::info!(
                 %block_id, %peer, claimed, latest = ?mine,
                 "an unproven claim of a newer revision; a majority of the view agrees on this one: reading it, catching up in the background"
