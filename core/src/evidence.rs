@@ -4,9 +4,13 @@
 //! A member executing a decided pend keeps the record per block and transaction
 //! ([`pend_key`]); executing the decided commit of that transaction at revision `r` turns it into the
 //! revision's evidence ([`rev_key`]): `{"pend": record, "commit": record}`. Catch-up serves each
-//! revision with its evidence, and the receiver applies it only when [`verify`] accepts it
-//! against the receiver's own view of the block's cluster. Both records are kept as received (their
-//! hashes and signatures are over the JSON as sent), so they verify anywhere.
+//! revision with its evidence, and the receiver applies it only when [`verify_trusted`] finds its
+//! execution proof (SPEC 4.10 (d), 4.20): approving commit votes on both records from a majority
+//! of a trusted set (the receiver's own view of the block's cluster, or P(L) of its newest proven
+//! revision, [`ProvenMark`]), never counted over the record's own peer set. A decided record
+//! without them proves a decision that recovery may have renounced. Records keep their hashed and
+//! signed content as received (hashes and signatures are over the JSON as sent), so they verify
+//! anywhere; what no hash covers is dropped before a served record is stored ([`stored_form`]).
 //!
 //! A record may carry several operations (a batch, SPEC 4.14) on pairwise disjoint blocks: the
 //! evidence of a revision is then the whole batch record, and verification looks for the one
