@@ -265,6 +265,35 @@ impl StorageRepo {
         transform: &Transform,
         evidence: Option<&Evidence>,
     ) -> Result<bool, RepoError> {
+        self.apply_verified(block_id, trx_rev, transform, evidence, true).await
+    }
+
+    /// [`StorageRepo::apply_replica`] for a revision a quorum of the view reported identically
+    /// whose evidence verifies (decided, naming this revision and transform) but is no execution
+    /// proof for this node yet (SPEC 4.10): the revision is provisional. `evidence` is kept in its
+    /// stored form all the same, so this node can serve it on and the commit votes that reach its
+    /// kept records later can prove it ([`StorageRepo::newest_proven`] counts them); nothing marks
+    /// it proven.
+    ///
+    /// Errors: as [`StorageRepo::apply_replica`].
+    pub async fn apply_provisional(
+        &self,
+        block_id: &BlockId,
+        trx_rev: &TrxRev,
+        transform: &Transform,
+        evidence: Option<&Evidence>,
+    ) -> Result<bool, RepoError> {
+        self.apply_verified(block_id, trx_rev, transform, evidence, false).await
+    }
+
+    async fn apply_verified(
+        &self,
+        block_id: &BlockId,
+        trx_rev: &TrxRev,
+        transform: &Transform,
+        evidence: Option<&Evidence>,
+        proven: bool,
+    ) -> Result<bool, RepoError> {
         transform
             .validate_shape(block_id)
             .map_err(|reason| RepoError::InvalidTransform { block_id: block_id.clone(), reason })?;
@@ -303,15 +332,17 @@ impl StorageRepo {
             let commit_record = stored(&evidence.commit)?;
             let commit = StoredRecord::Ref(keep_write(&commit_record, &mut writes)?);
             writes.extend(evidence_writes(block_id, trx_rev, &StoredEvidence { pend, commit })?);
-            let peers = ClusterRecord::from_value(commit_record)
-                .map_err(|e| RepoError::BadRequest(format!("evidence of {block_id} rev {}: {e}", trx_rev.rev)))?
-                .peers
-                .keys()
-                .filter_map(|p| crate::crypto::parse_peer_id(p).ok())
-                .collect();
-            let mark = ProvenMark { trx_rev: trx_rev.clone(), peers };
-            let bytes = mark.to_bytes().map_err(|e| RepoError::Internal(format!("encoding a proven mark: {e}")))?;
-            writes.push(MetaWrite::Put(evidence::proven_key(block_id), bytes));
+            if proven {
+                let peers = ClusterRecord::from_value(commit_record)
+                    .map_err(|e| RepoError::BadRequest(format!("evidence of {block_id} rev {}: {e}", trx_rev.rev)))?
+                    .peers
+                    .keys()
+                    .filter_map(|p| crate::crypto::parse_peer_id(p).ok())
+                    .collect();
+                let mark = ProvenMark { trx_rev: trx_rev.clone(), peers };
+                let bytes = mark.to_bytes().map_err(|e| RepoError::Internal(format!("encoding a proven mark: {e}")))?;
+                writes.push(MetaWrite::Put(evidence::proven_key(block_id), bytes));
+            }
             self.raw().write_meta(&writes).await?;
         }
         self.raw().commit_block(block_id, &step).await?;

@@ -544,7 +544,8 @@ impl CatchUp {
     /// - a revision is applied with its evidence when the evidence is its execution proof counted
     ///   over this node's view or P(L) of its newest proven revision L (each applied proven
     ///   revision becomes the next L); otherwise only when a quorum of the view reports it
-    ///   identically, and then it stays provisional (no evidence kept, nothing marked proven).
+    ///   identically, and then it stays provisional (nothing marks it proven; evidence that
+    ///   verifies short of proof is kept, so commit votes that reach it later can prove it).
     async fn pull_from(
         &self,
         block_id: &BlockId,
@@ -598,14 +599,10 @@ impl CatchUp {
                 }
                 let custody: Vec<PeerId> = proven.as_ref().map(|p| p.peers.clone()).unwrap_or_default();
                 let trusted: [&[PeerId]; 2] = [view, &custody];
-                let kept = match evidence::verify_trusted(
-                    entry.evidence.as_ref(),
-                    block_id,
-                    &trx_rev,
-                    &entry.transform,
-                    &trusted,
-                ) {
-                    Ok(peers) => Some((entry.evidence.as_ref(), peers)),
+                let verified =
+                    evidence::verify_trusted(entry.evidence.as_ref(), block_id, &trx_rev, &entry.transform, &trusted);
+                let kept = match &verified {
+                    Ok(peers) => Some(peers.clone()),
                     Err(e @ (EvidenceError::Missing { .. } | EvidenceError::Unproven { .. })) => {
                         if !self.agreed_by_quorum(block_id, entry, peer, view).await {
                             return Err(Pull::Failed(RepoError::Unavailable(format!(
@@ -617,8 +614,16 @@ impl CatchUp {
                     }
                     Err(e @ EvidenceError::Invalid { .. }) => return Err(Pull::Disproved(e.to_string())),
                 };
-                let evidence = kept.as_ref().and_then(|(e, _)| *e);
-                match self.local.apply_replica(block_id, &trx_rev, &entry.transform, evidence).await {
+                let evidence = entry.evidence.as_ref();
+                let outcome = match (&kept, &verified) {
+                    (Some(_), _) => self.local.apply_replica(block_id, &trx_rev, &entry.transform, evidence).await,
+                    // Decided records naming this revision: kept, so later commit votes can prove it.
+                    (None, Err(EvidenceError::Unproven { .. })) => {
+                        self.local.apply_provisional(block_id, &trx_rev, &entry.transform, evidence).await
+                    }
+                    (None, _) => self.local.apply_provisional(block_id, &trx_rev, &entry.transform, None).await,
+                };
+                match outcome {
                     Ok(true) => *applied += 1,
                     Ok(false) => {}
                     Err(e @ (RepoError::InvalidTransform { .. } | RepoError::BadRequest(_))) => {
@@ -627,7 +632,7 @@ impl CatchUp {
                     Err(e) => return Err(Pull::Failed(e)),
                 }
                 progressed = true;
-                if let Some((_, peers)) = kept {
+                if let Some(peers) = kept {
                     proven = Some(ProvenMark { trx_rev: trx_rev.clone(), peers });
                 }
                 held = entry.rev;

@@ -465,3 +465,28 @@ async fn an_unproven_claim_fails_no_quorum_read() {
         assert_eq!(latest(&mine).await, Some(at("t0", 1)), "nothing unproven was applied");
     }
 }
+
+/// SPEC 4.10 quorum-of-view fallback: a revision whose evidence is decided but no execution proof
+/// (no commit votes yet) is applied only because a quorum of the view reports it identically; it
+/// stays provisional (not this node's newest proven revision), and its evidence is kept so that
+/// commit votes reaching it later can prove it.
+#[tokio::test(start_paused = true)]
+async fn a_revision_taken_by_agreement_stays_provisional() {
+    let k = keys(3);
+    let cluster: Vec<PeerId> = k.iter().map(id).collect();
+    let all: Vec<&Keypair> = k.iter().collect();
+    let t0 = || evidence(&cluster, "t0", 1, &insert(), &all, &all, &all);
+    let decided_only = || evidence(&cluster, "t1", 2, &set(1), &all, &[], &[]);
+    let sim = SimNet::new(1, SimConfig::default());
+    for peer in &cluster[..2] {
+        let store = holding(&[step("t0", 1, insert(), Some(t0())), step("t1", 2, set(1), Some(decided_only()))]).await;
+        sim.register(*peer, Arc::new(Serve(SyncServer::new(store))));
+    }
+    let receiver = holding(&[step("t0", 1, insert(), Some(t0()))]).await;
+    let applied = catch_up(&sim, cluster[2], &receiver, &cluster).catch_up_in(&x(), &cluster).await.unwrap();
+    assert_eq!(applied, 1);
+    assert_eq!(latest(&receiver).await, Some(at("t1", 2)));
+    assert!(receiver.evidence(&x(), 2).await.unwrap().is_some(), "the decided records are kept");
+    let proven = receiver.newest_proven(&x(), &cluster).await.unwrap().map(|p| p.trx_rev);
+    assert_eq!(proven, Some(at("t0", 1)), "a revision taken by agreement is not proven");
+}
