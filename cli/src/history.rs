@@ -78,6 +78,8 @@ impl<'a> Pages<'a> {
             block_id: self.block_id.clone(),
             after_rev: self.after_rev,
             limit: MAX_SYNC_ENTRIES,
+            latest: None,
+            proven: None,
         };
         let request =
             serde_json::to_value(request).map_err(|e| self.malformed(format!("encoding the request: {e}")))?;

@@ -4,9 +4,13 @@
 //! A member executing a decided pend keeps the record per block and transaction
 //! ([`pend_key`]); executing the decided commit of that transaction at revision `r` turns it into the
 //! revision's evidence ([`rev_key`]): `{"pend": record, "commit": record}`. Catch-up serves each
-//! revision with its evidence, and the receiver applies it only when [`verify`] accepts it
-//! against the receiver's own view of the block's cluster. Both records are kept as received (their
-//! hashes and signatures are over the JSON as sent), so they verify anywhere.
+//! revision with its evidence, and the receiver applies it only when [`verify_trusted`] finds its
+//! execution proof (SPEC 4.10 (d), 4.20): approving commit votes on both records from a majority
+//! of a trusted set (the receiver's own view of the block's cluster, or P(L) of its newest proven
+//! revision, [`ProvenMark`]), never counted over the record's own peer set. A decided record
+//! without them proves a decision that recovery may have renounced. Records keep their hashed and
+//! signed content as received (hashes and signatures are over the JSON as sent), so they verify
+//! anywhere; what no hash covers is dropped before a served record is stored ([`stored_form`]).
 //!
 //! A record may carry several operations (a batch, SPEC 4.14) on pairwise disjoint blocks: the
 //! evidence of a revision is then the whole batch record, and verification looks for the one
@@ -20,7 +24,7 @@ use serde_json::Value;
 
 use crate::crypto;
 use crate::model::{BlockId, Transform, TrxId, TrxRev};
-use crate::record::ClusterRecord;
+use crate::record::{ClusterRecord, VoteType};
 use crate::wire::{RecordMessage, RepoOperation};
 
 /// Metadata key prefix of revision evidence.
@@ -119,6 +123,72 @@ pub fn pend_key(block_id: &BlockId, trx_id: &TrxId) -> String {
     format!("{PEND_PREFIX}{}/{}", hex(block_id.as_str().as_bytes()), hex(trx_id.as_str().as_bytes()))
 }
 
+/// Metadata key prefix of each block's newest proven revision ([`ProvenMark`]).
+pub const PROVEN_PREFIX: &str = "evidence/proven/";
+
+/// Most peers a served record's peer set may name (the largest `cluster_size`, SPEC 4.9).
+pub const MAX_RECORD_PEERS: usize = 64;
+/// Most bytes of a record kept from served evidence, in its stored form ([`stored_form`]).
+pub const MAX_KEPT_RECORD_BYTES: usize = 4 * 1024 * 1024;
+/// Most addresses kept per peer of a served record (addresses are covered by no hash).
+pub const MAX_KEPT_MULTIADDRS: usize = 8;
+/// Most bytes of one kept address.
+pub const MAX_MULTIADDR_BYTES: usize = 256;
+/// Most bytes of a vote's `rejectReason` or `conflictWith` kept from served evidence; a vote with a
+/// longer one is dropped from the stored form.
+pub const MAX_VOTE_DETAIL_BYTES: usize = 1024;
+
+/// The metadata key of a block's newest proven revision ([`ProvenMark`]).
+#[must_use]
+pub fn proven_key(block_id: &BlockId) -> String {
+    format!("{PROVEN_PREFIX}{}", hex(block_id.as_str().as_bytes()))
+}
+
+/// A block's newest revision held with its execution proof (SPEC 4.20), kept under
+/// [`proven_key`]: the revision, its transaction and P(r), the peer set of the commit record that
+/// fixed it. A mark whose transaction is not the one the block holds at that revision any more is
+/// void.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProvenMark {
+    /// The revision and its transaction.
+    pub trx_rev: TrxRev,
+    /// P(r), sorted: the custody set trusted for revision r + 1.
+    pub peers: Vec<PeerId>,
+}
+
+/// [`ProvenMark`] as stored: `{"trxRev": TrxRev, "peers": [peer id text]}`.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredMark {
+    trx_rev: TrxRev,
+    peers: Vec<String>,
+}
+
+impl ProvenMark {
+    /// The stored form, for a metadata write under [`proven_key`].
+    ///
+    /// Errors: when it cannot be encoded.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&StoredMark {
+            trx_rev: self.trx_rev.clone(),
+            peers: self.peers.iter().map(crypto::peer_text).collect(),
+        })
+    }
+
+    /// Reads a stored mark.
+    ///
+    /// Errors: malformed JSON or peer ids.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let stored: StoredMark = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let peers = stored
+            .peers
+            .iter()
+            .map(|p| crypto::parse_peer_id(p).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { trx_rev: stored.trx_rev, peers })
+    }
+}
+
 /// Why evidence was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EvidenceError {
@@ -130,11 +200,12 @@ pub enum EvidenceError {
         /// The revision.
         rev: u64,
     },
-    /// The records verify, but their approvals do not come from a majority of this node's view of
-    /// the cluster (membership changed since, or padded peer sets): the quorum-agreement fallback
-    /// may apply.
-    #[error("evidence for revision {rev} of {block_id} does not cover this node's view: {detail}")]
-    Membership {
+    /// The records verify and name this revision, but carry no execution proof counted over any of
+    /// this node's trusted sets (membership changed since, the records were renounced after being
+    /// decided, or their commit votes were never gathered): the quorum-of-view fallback may apply
+    /// it, as a provisional revision.
+    #[error("evidence for revision {rev} of {block_id} is no execution proof for this node: {detail}")]
+    Unproven {
         /// The block.
         block_id: BlockId,
         /// The revision.
@@ -162,21 +233,44 @@ pub fn majority(n: usize) -> usize {
     n / 2 + 1
 }
 
-/// Checks `evidence` for revision `trx_rev` of `block_id` carrying `transform` (SPEC 4.10 (a)-(c),
-/// except the `latest + 1` rule, which the caller checks under its block lock): both records
-/// verify, are decided (a majority of their peer set approved), name this transaction, revision,
-/// block and transform, and each carries approving promises from a majority of `view` (this node's
-/// own view of the block's cluster: approvals from outside it count for nothing).
+/// [`verify_trusted`] with this node's view of the block's cluster as the only trusted set.
 ///
-/// Errors: [`EvidenceError::Missing`] without a pend record; [`EvidenceError::Membership`] when
-/// only the view coverage fails; [`EvidenceError::Invalid`] otherwise.
+/// Errors: as [`verify_trusted`].
 pub fn verify(
     evidence: Option<&Evidence>,
     block_id: &BlockId,
     trx_rev: &TrxRev,
     transform: &Transform,
     view: &[PeerId],
-) -> Result<(), EvidenceError> {
+) -> Result<Vec<PeerId>, EvidenceError> {
+    verify_trusted(evidence, block_id, trx_rev, transform, &[view])
+}
+
+/// Checks that `evidence` is the execution proof of revision `trx_rev` of `block_id` carrying
+/// `transform` (SPEC 4.10 (a)-(d), 4.20; the `latest + 1` rule and the catch-up base are the
+/// caller's, under its block lock):
+/// - both records verify (digest, hash, keys, every vote) and are decided (approving promises
+///   from a majority of their peer set), and they name this transaction, revision, block and
+///   transform;
+/// - for one trusted set `T` of `trusted` (this node's view of the block's cluster, and P(L) of
+///   its newest proven revision L, [`ProvenMark`]): the approving promises of each record from
+///   peers of `T` reach a majority of the record's peer set, and each record carries approving
+///   commit votes ("applied here") from a majority of `T`. Votes count only from `T`, never
+///   from the record's own peer set: a coordinator can name keys it made. The commit record's
+///   votes prove revision r executed; the pend record's prove that the transform applied is the
+///   one executed (a renounced pend with another transform has no such votes).
+///
+/// Returns P(r): the commit record's peer set, sorted (the custody set of revision r + 1).
+///
+/// Errors: [`EvidenceError::Missing`] without a pend record; [`EvidenceError::Unproven`] when
+/// only the trusted-set counts fail; [`EvidenceError::Invalid`] otherwise.
+pub fn verify_trusted(
+    evidence: Option<&Evidence>,
+    block_id: &BlockId,
+    trx_rev: &TrxRev,
+    transform: &Transform,
+    trusted: &[&[PeerId]],
+) -> Result<Vec<PeerId>, EvidenceError> {
     let rev = trx_rev.rev;
     let missing = || EvidenceError::Missing { block_id: block_id.clone(), rev };
     let evidence = evidence.ok_or_else(missing)?;
@@ -193,30 +287,126 @@ pub fn verify(
         RepoOperation::Pend(p) if p.trx_id == trx_rev.trx_id && p.transforms.transform_for(block_id) == *transform => {}
         _ => return Err(invalid("the pend record does not carry this transaction's transform for the block".into())),
     }
-    for (what, record) in [("pend", &pend), ("commit", &commit)] {
-        // Approvals from a majority of this node's own view: a peer set padded with made-up keys
-        // approving each other proves nothing (their approvals are not from the view).
-        let needed = majority(view.len());
-        let approving =
-            view.iter().filter(|p| record.promises.get(&crypto::peer_text(p)).is_some_and(|v| v.is_approve())).count();
-        if approving < needed {
-            return Err(EvidenceError::Membership {
-                block_id: block_id.clone(),
-                rev,
-                detail: format!(
-                    "{approving} of the {} peers of this node's view approved the {what} record; {needed} needed",
-                    view.len()
-                ),
-            });
+    let peer_set = peers_of(&commit).map_err(|e| invalid(format!("commit record: {e}")))?;
+    let mut why = Vec::new();
+    for set in trusted.iter().filter(|set| !set.is_empty()) {
+        match proven_over(&pend, &commit, set) {
+            Ok(()) => return Ok(peer_set),
+            Err(e) => why.push(e),
+        }
+    }
+    Err(EvidenceError::Unproven {
+        block_id: block_id.clone(),
+        rev,
+        detail: if why.is_empty() { "no trusted set".into() } else { why.join("; ") },
+    })
+}
+
+/// Whether `pend` and `commit` carry their execution proof counted over `trusted` (see
+/// [`verify_trusted`]).
+fn proven_over(pend: &ClusterRecord, commit: &ClusterRecord, trusted: &[PeerId]) -> Result<(), String> {
+    let from_trusted = |votes: &std::collections::BTreeMap<String, crate::record::Vote>| {
+        trusted.iter().filter(|p| votes.get(&crypto::peer_text(p)).is_some_and(|v| v.is_approve())).count()
+    };
+    for (what, record) in [("pend", pend), ("commit", commit)] {
+        let promised = from_trusted(&record.promises);
+        let needed = majority(record.peers.len());
+        if promised < needed {
+            return Err(format!(
+                "{promised} trusted peers approved the {what} record, {needed} of its {} peers needed",
+                record.peers.len()
+            ));
+        }
+        let executed = from_trusted(&record.commits);
+        let needed = majority(trusted.len());
+        if executed < needed {
+            return Err(format!(
+                "{executed} of {} trusted peers executed the {what} record, {needed} needed",
+                trusted.len()
+            ));
         }
     }
     Ok(())
+}
+
+/// Whether stored evidence (kept by this node, so already admitted under its membership rules)
+/// holds its execution proof: each record carries approving commit votes from a majority of
+/// `trusted`, or, when `trusted` is empty, of its own peer set. Signatures are not checked again.
+#[must_use]
+pub fn stored_proof(evidence: &Evidence, trusted: &[PeerId]) -> Option<Vec<PeerId>> {
+    let pend = ClusterRecord::from_value(evidence.pend.clone()?).ok()?;
+    let commit = ClusterRecord::from_value(evidence.commit.clone()).ok()?;
+    for record in [&pend, &commit] {
+        let approving = |p: &String| record.commits.get(p).is_some_and(|v| v.is_approve());
+        let (executed, of) = if trusted.is_empty() {
+            (record.peers.keys().filter(|p| approving(p)).count(), record.peers.len())
+        } else {
+            (trusted.iter().filter(|p| approving(&crypto::peer_text(p))).count(), trusted.len())
+        };
+        if executed < majority(of) {
+            return None;
+        }
+    }
+    peers_of(&commit).ok()
+}
+
+/// The record's peer set as peer ids, sorted.
+fn peers_of(record: &ClusterRecord) -> Result<Vec<PeerId>, String> {
+    let mut peers = record
+        .peers
+        .keys()
+        .map(|p| crypto::parse_peer_id(p).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    peers.sort();
+    Ok(peers)
+}
+
+/// The form in which a served decided record is stored (SPEC 4.10 (d)): only what its hashes and
+/// signatures cover plus a bounded set of known fields. Kept: `messageHash`, `membershipVersion`,
+/// `membershipDigest` and `message` (covered by the hashes), `promises` as received (covered by
+/// the commit votes' `commitHash`, and each by its signature), each peer's `publicKey` (checked
+/// against its id) with at most [`MAX_KEPT_MULTIADDRS`] addresses of at most
+/// [`MAX_MULTIADDR_BYTES`], and each commit vote's signed fields (a vote whose signed detail
+/// exceeds [`MAX_VOTE_DETAIL_BYTES`] is dropped). Unknown top-level fields and unsigned fields of
+/// commit votes are dropped.
+///
+/// Errors: a record that does not parse, names more than [`MAX_RECORD_PEERS`] peers, or whose
+/// stored form exceeds [`MAX_KEPT_RECORD_BYTES`].
+pub fn stored_form(value: &Value) -> Result<Value, String> {
+    let mut record = ClusterRecord::from_value(value.clone()).map_err(|e| e.to_string())?;
+    if record.peers.len() > MAX_RECORD_PEERS {
+        return Err(format!("{} peers, at most {MAX_RECORD_PEERS}", record.peers.len()));
+    }
+    record.extra.clear();
+    for peer in record.peers.values_mut() {
+        peer.extra.clear();
+        peer.multiaddrs.retain(|a| a.len() <= MAX_MULTIADDR_BYTES);
+        peer.multiaddrs.truncate(MAX_KEPT_MULTIADDRS);
+    }
+    record.commits.retain(|_, vote| vote.signed_extra().map_or(0, str::len) <= MAX_VOTE_DETAIL_BYTES);
+    for vote in record.commits.values_mut() {
+        vote.extra.clear();
+        match vote.r#type {
+            VoteType::Approve => (vote.reject_reason, vote.conflict_with) = (None, None),
+            VoteType::Reject => vote.conflict_with = None,
+            VoteType::Conflict => vote.reject_reason = None,
+        }
+    }
+    let stored = record.into_value();
+    let bytes = serde_json::to_vec(&stored).map_or(usize::MAX, |b| b.len());
+    if bytes > MAX_KEPT_RECORD_BYTES {
+        return Err(format!("{bytes} bytes, at most {MAX_KEPT_RECORD_BYTES}"));
+    }
+    Ok(stored)
 }
 
 /// A record that verifies (digest, hash, keys, every vote; expiry is not checked: evidence is
 /// old by nature) and carries approving promises from a majority of its peer set.
 fn decided(value: &Value) -> Result<ClusterRecord, String> {
     let record = ClusterRecord::from_value(value.clone()).map_err(|e| e.to_string())?;
+    if record.peers.len() > MAX_RECORD_PEERS {
+        return Err(format!("{} peers, at most {MAX_RECORD_PEERS}", record.peers.len()));
+    }
     record.verify(None).map_err(|e| e.to_string())?;
     let approvals = record.promises.values().filter(|v| v.is_approve()).count();
     let needed = majority(record.peers.len());
@@ -249,7 +439,7 @@ fn names_block(operation: &RepoOperation, block_id: &BlockId) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
     use super::*;
 
@@ -293,7 +483,7 @@ mod tests {
         use libp2p_identity::Keypair;
 
         use crate::model::{BlockOperation, CommitRequest, PendPolicy, PendRequest, Transforms};
-        use crate::record::{ClusterPeer, VoteType};
+        use crate::record::ClusterPeer;
 
         let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
         let view: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
@@ -304,6 +494,10 @@ mod tests {
             for key in keys.iter().take(2) {
                 let vote = record.sign_promise(key, VoteType::Approve, None).unwrap();
                 record.promises.insert(crypto::peer_text(&key.public().to_peer_id()), vote);
+            }
+            for key in keys.iter().take(2) {
+                let vote = record.sign_commit(key, VoteType::Approve, None).unwrap();
+                record.commits.insert(crypto::peer_text(&key.public().to_peer_id()), vote);
             }
             record.to_value()
         };
@@ -348,5 +542,73 @@ mod tests {
         };
         let e = verify(Some(&doubled), &a, &at("ta"), &set(1), &view).unwrap_err();
         assert!(e.to_string().contains("several operations"), "{e}");
+    }
+
+    /// SPEC 4.20: execution proof counts commit votes over a trusted set: this node's view, or
+    /// P(L) of its newest proven revision (custody across membership changes); never over the
+    /// record's own peer set.
+    #[test]
+    fn execution_proof_counts_over_a_trusted_set_only() {
+        use libp2p_identity::Keypair;
+
+        use crate::model::{BlockOperation, CommitRequest, PendPolicy, PendRequest, Transforms};
+        use crate::record::ClusterPeer;
+        use crate::wire::RepoMessage;
+
+        let keys: Vec<Keypair> = (0..5).map(|_| Keypair::generate_ed25519()).collect();
+        let ids: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+        let b = BlockId::new("b").unwrap();
+        let set =
+            Transform { updates: Some(vec![BlockOperation::set("v", serde_json::json!(1))]), ..Transform::default() };
+        // Peer set {0, 3, 4}: promised by all three, executed by 3 and 4.
+        let record_among = |operation: RepoOperation| {
+            let set_of: Vec<&Keypair> = [&keys[0], &keys[3], &keys[4]].into();
+            let peers = set_of
+                .iter()
+                .map(|k| {
+                    (
+                        crypto::peer_text(&k.public().to_peer_id()),
+                        ClusterPeer::new(&k.public().to_peer_id(), vec![]).unwrap(),
+                    )
+                })
+                .collect();
+            let mut record = ClusterRecord::new(peers, serde_json::to_value(RepoMessage::new(operation, 1)).unwrap());
+            for key in &set_of {
+                let vote = record.sign_promise(key, VoteType::Approve, None).unwrap();
+                record.promises.insert(crypto::peer_text(&key.public().to_peer_id()), vote);
+            }
+            for key in &set_of[1..] {
+                let vote = record.sign_commit(key, VoteType::Approve, None).unwrap();
+                record.commits.insert(crypto::peer_text(&key.public().to_peer_id()), vote);
+            }
+            record.to_value()
+        };
+        let trx_id = TrxId::new("t").unwrap();
+        let evidence = Evidence {
+            pend: Some(record_among(RepoOperation::Pend(PendRequest {
+                trx_id: trx_id.clone(),
+                rev: Some(2),
+                transforms: Transforms::single(&b, &set),
+                policy: PendPolicy::Continue,
+            }))),
+            commit: record_among(RepoOperation::Commit(CommitRequest {
+                trx_id: trx_id.clone(),
+                block_ids: vec![b.clone()],
+                rev: 2,
+                tail_id: b.clone(),
+                header_id: None,
+            })),
+        };
+        let trx_rev = TrxRev { trx_id, rev: 2 };
+        let view = [ids[0], ids[1], ids[2]];
+        let custody = [ids[0], ids[3], ids[4]];
+        let e = verify(Some(&evidence), &b, &trx_rev, &set, &view).unwrap_err();
+        assert!(matches!(e, EvidenceError::Unproven { .. }), "{e}");
+        let mut p_r = custody.to_vec();
+        p_r.sort();
+        assert_eq!(verify_trusted(Some(&evidence), &b, &trx_rev, &set, &[&view, &custody]).unwrap(), p_r);
+        // Without any trusted set, nothing is proven.
+        let e = verify_trusted(Some(&evidence), &b, &trx_rev, &set, &[]).unwrap_err();
+        assert!(matches!(e, EvidenceError::Unproven { .. }), "{e}");
     }
 }

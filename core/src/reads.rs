@@ -12,6 +12,11 @@
 //!   each member that does not answer, the read also asks that stand-in (the next peer of the
 //!   block's ranking) and does not answer below a revision a stand-in reports and this node
 //!   cannot reach: a read never shows less than a read through the stand-in did.
+//!   A claim of a newer revision counts only with execution proof (SPEC 4.10 (d)): a claim this
+//!   node cannot catch up to does not fail the read when this node's latest revision is also the
+//!   latest of a majority of the cluster (this node and the members that answered the same), and
+//!   is left to background catch-up ([`ClusterReads::with_behind`]); otherwise the read fails
+//!   with `unavailable`, since an acknowledged commit may be among the revisions not reached.
 //! - [`ReadMode::Local`]: answers from local storage; fastest, may be stale.
 //!
 //! In both modes a node outside a block's cluster forwards the read to a member (closest first),
@@ -25,6 +30,7 @@ use async_trait::async_trait;
 use libp2p_identity::PeerId;
 
 use crate::client::RepoClient;
+use crate::consensus::BehindSink;
 use crate::error::RepoError;
 use crate::keynet::KeyNetwork;
 pub use crate::model::ReadMode;
@@ -45,6 +51,7 @@ pub struct ClusterReads {
     catch_up: CatchUp,
     mode: ReadMode,
     timeout: Duration,
+    behind: Option<Arc<dyn BehindSink>>,
 }
 
 impl std::fmt::Debug for ClusterReads {
@@ -65,7 +72,15 @@ impl ClusterReads {
         timeout: Duration,
     ) -> Self {
         let catch_up = CatchUp::new(network.clone(), local.clone(), key_network.clone(), timeout);
-        Self { writes, local, key_network, network, catch_up, mode, timeout }
+        Self { writes, local, key_network, network, catch_up, mode, timeout, behind: None }
+    }
+
+    /// Queues blocks whose reads left a newer, unproven claim behind on `sink` (the node's
+    /// bounded catch-up queue), so catch-up pursues it in the background.
+    #[must_use]
+    pub fn with_behind(mut self, sink: Arc<dyn BehindSink>) -> Self {
+        self.behind = Some(sink);
+        self
     }
 
     /// The catch-up client this repository uses.
@@ -130,48 +145,74 @@ impl ClusterReads {
         }
         let unanswered = others.iter().filter(|p| !answers.contains_key(p)).count();
         for block_id in block_ids {
-            self.converge_block(members, block_id, &answers).await?;
+            self.converge_block(members, members, block_id, &answers, &answers).await?;
             if unanswered > 0 {
-                self.converge_with_stand_ins(members, block_id, unanswered).await?;
+                self.converge_with_stand_ins(members, block_id, unanswered, &answers).await?;
             }
         }
         Ok(())
     }
 
-    /// Catches `block_id` up to the claims of its members' `answers`.
+    /// Catches `block_id` up to the claims of `answers` (from peers of `view`). A claim this node
+    /// could not catch up to came without execution proof it could check (SPEC 4.10 (d)): it
+    /// fails the read only when this node's latest revision is not also the latest of a majority
+    /// of `members` (this node and the members whose `member_answers` report the same revision):
+    /// when a majority answered and agree, an acknowledged commit above it cannot exist, and the
+    /// claim is left to background catch-up.
     async fn converge_block(
         &self,
         members: &[PeerId],
+        view: &[PeerId],
         block_id: &BlockId,
         answers: &BTreeMap<PeerId, LatestResponse>,
+        member_answers: &BTreeMap<PeerId, LatestResponse>,
     ) -> Result<(), RepoError> {
         let local_rev = self.local.storage().latest(block_id).await?.map(|l| l.rev);
         let newest = answers.values().filter_map(|r| r.latest.get(block_id).cloned().flatten().map(|l| l.rev)).max();
-        if let Some(rev) = newest
-            && local_rev.is_none_or(|l| rev > l)
-        {
-            tracing::debug!(%block_id, rev, ?local_rev, "behind a quorum peer; catching up before the read");
-            let report = self.catch_up.catch_up_to_claims(block_id, members, answers).await?;
-            if let Some((peer, claimed)) = report.unreached.first() {
-                // An acknowledged commit may be among the revisions not reached: answering now
-                // could miss it. A peer whose claim is disproved (it served unverifiable data)
-                // does not block the read.
-                return Err(RepoError::Unavailable(format!(
-                    "quorum read of {block_id}: {peer} reports revision {claimed}, which this node could not catch up to"
-                )));
+        let Some(rev) = newest.filter(|rev| local_rev.is_none_or(|l| *rev > l)) else {
+            return Ok(());
+        };
+        tracing::debug!(%block_id, rev, ?local_rev, "behind a quorum peer; catching up before the read");
+        let report = self.catch_up.catch_up_to_claims(block_id, view, answers).await?;
+        let Some((peer, claimed)) = report.unreached.first() else {
+            return Ok(());
+        };
+        let mine = self.local.storage().latest(block_id).await?;
+        let me = self.network.local_peer_id();
+        let agreeing = members
+            .iter()
+            .filter(|p| {
+                **p == me || member_answers.get(p).is_some_and(|r| r.latest.get(block_id).cloned().flatten() == mine)
+            })
+            .count();
+        if agreeing >= crate::evidence::majority(members.len()) {
+            tracing::info!(
+                %block_id, %peer, claimed, latest = ?mine,
+                "an unproven claim of a newer revision; a majority of the view agrees on this one: reading it, catching up in the background"
+            );
+            if let Some(behind) = &self.behind {
+                behind.behind(block_id);
             }
+            return Ok(());
         }
-        Ok(())
+        // An acknowledged commit may be among the revisions not reached: answering now could
+        // miss it. A peer whose claim is disproved (it served unverifiable data) does not block
+        // the read.
+        Err(RepoError::Unavailable(format!(
+            "quorum read of {block_id}: {peer} reports revision {claimed}, which this node could not catch up to"
+        )))
     }
 
     /// Asks the `count` peers ranked next after `members` for `block_id` (those other nodes may
     /// count as members in place of the unreachable ones) and catches up to what they report,
-    /// within the widened view; a claim it cannot reach fails the read.
+    /// within the widened view; a claim it cannot reach fails the read unless a majority of
+    /// `members` agree with this node ([`Self::converge_block`]).
     async fn converge_with_stand_ins(
         &self,
         members: &[PeerId],
         block_id: &BlockId,
         count: usize,
+        member_answers: &BTreeMap<PeerId, LatestResponse>,
     ) -> Result<(), RepoError> {
         let ranked = match self.key_network.ranked(block_id, members.len().saturating_add(count)).await {
             Ok(ranked) => ranked,
@@ -186,7 +227,7 @@ impl ClusterReads {
         }
         let widened: Vec<PeerId> = members.iter().chain(&stand_ins).copied().collect();
         let answers = self.catch_up.latest_of(&stand_ins, std::slice::from_ref(block_id)).await;
-        self.converge_block(&widened, block_id, &answers).await
+        self.converge_block(members, &widened, block_id, &answers, member_answers).await
     }
 
     /// Forwards a read to the first member that answers.

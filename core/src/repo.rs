@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
+use libp2p_identity::PeerId;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::check::Check;
 use crate::error::{RepoError, StorageError, TransformError};
-use crate::evidence::{self, Evidence, RecordRef, StoredEvidence, StoredRecord};
+use crate::evidence::{self, Evidence, ProvenMark, RecordRef, StoredEvidence, StoredRecord};
 use crate::model::{
     Block, BlockGetResult, BlockGets, BlockId, BlockTrxRef, BlockTrxState, CommitRequest, CommitResult,
     GetBlockResults, PendPolicy, PendRequest, PendResult, PendSuccess, StaleFailure, Transform, Transforms, TrxBlocks,
@@ -126,6 +127,9 @@ impl Drop for HeldLocks<'_> {
 /// Most committed revisions per block a `StaleFailure`'s `missing` lists: the newest ones (a
 /// client far behind re-reads instead; the answer's size and the work to build it stay bounded).
 pub const MAX_MISSING_REVISIONS: u64 = 64;
+
+/// Most revisions below `latest` whose kept evidence [`StorageRepo::newest_proven`] inspects.
+pub const MAX_PROVEN_SCAN: u64 = 16;
 
 /// What a `get` with a context does with the committed trxs the context reports (SPEC 2 get step
 /// 2 and 2.1).
@@ -265,14 +269,19 @@ impl StorageRepo {
     /// Applies a revision committed elsewhere in the block's cluster (verified catch-up of a
     /// lagging member, SPEC 4.10): commits `transform` as `trx_rev.trx_id` at `trx_rev.rev`,
     /// whether or not the transaction is pending here (a pending record of it is removed, so it is
-    /// never both pending and committed), and keeps `evidence` as the revision's evidence. The
-    /// caller has verified the revision ([`crate::evidence::verify`] or a quorum's agreement).
+    /// never both pending and committed). The caller has verified the revision: `evidence` is
+    /// given when it is the revision's execution proof ([`crate::evidence::verify_trusted`]); it is
+    /// then kept in its stored form ([`crate::evidence::stored_form`]: only what hashes and
+    /// signatures cover, bounded) as the revision's evidence, and the revision becomes the block's
+    /// newest proven one ([`ProvenMark`]). Without evidence (a quorum's agreement, SPEC 4.10) the
+    /// revision is provisional: nothing marks it proven.
     /// Returns `true` when applied, `false` when the block already holds exactly this revision
     /// (idempotent).
     ///
     /// Errors, changing nothing: [`RepoError::InvalidTransform`] when the transform is malformed or
     /// does not apply to the value at `latest`; [`RepoError::BadRequest`] for a revision gap (the
-    /// revision is not `latest + 1`: revisions are contiguous, SPEC 2 item 7);
+    /// revision is not `latest + 1`: revisions are contiguous, SPEC 2 item 7) or evidence whose
+    /// records cannot be stored (malformed, too many peers, too large);
     /// [`RepoError::Internal`] when the block is already at or past `rev` with another history,
     /// or the transaction is committed here at another revision (the replicas diverged).
     pub async fn apply_replica(
@@ -281,6 +290,35 @@ impl StorageRepo {
         trx_rev: &TrxRev,
         transform: &Transform,
         evidence: Option<&Evidence>,
+    ) -> Result<bool, RepoError> {
+        self.apply_verified(block_id, trx_rev, transform, evidence, true).await
+    }
+
+    /// [`StorageRepo::apply_replica`] for a revision a quorum of the view reported identically
+    /// whose evidence verifies (decided, naming this revision and transform) but is no execution
+    /// proof for this node yet (SPEC 4.10): the revision is provisional. `evidence` is kept in its
+    /// stored form all the same, so this node can serve it on and the commit votes that reach its
+    /// kept records later can prove it ([`StorageRepo::newest_proven`] counts them); nothing marks
+    /// it proven.
+    ///
+    /// Errors: as [`StorageRepo::apply_replica`].
+    pub async fn apply_provisional(
+        &self,
+        block_id: &BlockId,
+        trx_rev: &TrxRev,
+        transform: &Transform,
+        evidence: Option<&Evidence>,
+    ) -> Result<bool, RepoError> {
+        self.apply_verified(block_id, trx_rev, transform, evidence, false).await
+    }
+
+    async fn apply_verified(
+        &self,
+        block_id: &BlockId,
+        trx_rev: &TrxRev,
+        transform: &Transform,
+        evidence: Option<&Evidence>,
+        proven: bool,
     ) -> Result<bool, RepoError> {
         transform
             .validate_shape(block_id)
@@ -308,13 +346,29 @@ impl StorageRepo {
         }
         let step = self.prepare_commit(block_id, &trx_rev.trx_id, trx_rev.rev, transform.clone()).await?;
         if let Some(evidence) = evidence {
-            let mut writes = Vec::with_capacity(4);
+            let stored = |record: &serde_json::Value| {
+                evidence::stored_form(record)
+                    .map_err(|e| RepoError::BadRequest(format!("evidence of {block_id} rev {}: {e}", trx_rev.rev)))
+            };
+            let mut writes = Vec::with_capacity(5);
             let pend = match &evidence.pend {
-                Some(pend) => Some(StoredRecord::Ref(self.keep_served(pend, &mut writes).await?)),
+                Some(pend) => Some(StoredRecord::Ref(self.keep_served(&stored(pend)?, &mut writes).await?)),
                 None => None,
             };
-            let commit = StoredRecord::Ref(self.keep_served(&evidence.commit, &mut writes).await?);
+            let commit_record = stored(&evidence.commit)?;
+            let commit = StoredRecord::Ref(self.keep_served(&commit_record, &mut writes).await?);
             writes.extend(evidence_writes(block_id, trx_rev, &StoredEvidence { pend, commit })?);
+            if proven {
+                let peers = ClusterRecord::from_value(commit_record)
+                    .map_err(|e| RepoError::BadRequest(format!("evidence of {block_id} rev {}: {e}", trx_rev.rev)))?
+                    .peers
+                    .keys()
+                    .filter_map(|p| crate::crypto::parse_peer_id(p).ok())
+                    .collect();
+                let mark = ProvenMark { trx_rev: trx_rev.clone(), peers };
+                let bytes = mark.to_bytes().map_err(|e| RepoError::Internal(format!("encoding a proven mark: {e}")))?;
+                writes.push(MetaWrite::Put(evidence::proven_key(block_id), bytes));
+            }
             self.raw().write_meta(&writes).await?;
         }
         self.raw().commit_block(block_id, &step).await?;
@@ -460,6 +514,43 @@ impl StorageRepo {
         let commit =
             self.resolve(stored.commit).await?.ok_or_else(|| corrupt("its commit record is missing".into()))?;
         Ok(Some(Evidence { pend, commit }))
+    }
+
+    /// The block's newest proven revision (SPEC 4.20) and P(r), its custody set: the newer of
+    /// the mark catch-up keeps ([`ProvenMark`], void once the block holds another transaction at
+    /// that revision) and the newest of the last [`MAX_PROVEN_SCAN`] revisions whose kept
+    /// evidence carries approving commit votes on both records from a majority of `view` (this
+    /// node's view of the block's cluster; the member's own records gain those votes from the
+    /// final record and vote gossip, SPEC 4.4). `None` when neither exists.
+    ///
+    /// Errors: storage errors.
+    pub async fn newest_proven(&self, block_id: &BlockId, view: &[PeerId]) -> Result<Option<ProvenMark>, RepoError> {
+        let Some(latest) = self.raw().latest(block_id).await? else {
+            return Ok(None);
+        };
+        let mark = match self.raw().get_meta(&evidence::proven_key(block_id)).await? {
+            Some(bytes) => match ProvenMark::from_bytes(&bytes) {
+                Ok(mark) if mark.trx_rev.rev <= latest.rev => {
+                    let at = self.raw().revisions(block_id, mark.trx_rev.rev, mark.trx_rev.rev).await?;
+                    at.first().is_some_and(|held| *held == mark.trx_rev).then_some(mark)
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(%block_id, error = %e, "unreadable proven mark ignored");
+                    None
+                }
+            },
+            None => None,
+        };
+        let floor = mark.as_ref().map_or(0, |m| m.trx_rev.rev);
+        let lowest = latest.rev.saturating_sub(MAX_PROVEN_SCAN).max(floor.saturating_add(1)).max(1);
+        for step in self.raw().revisions(block_id, lowest, latest.rev).await?.into_iter().rev() {
+            let Ok(Some(evidence)) = self.evidence(block_id, step.rev).await else { continue };
+            if let Some(peers) = evidence::stored_proof(&evidence, view) {
+                return Ok(Some(ProvenMark { trx_rev: step, peers }));
+            }
+        }
+        Ok(mark)
     }
 
     /// The record a stored reference names (`None` when it is not kept).

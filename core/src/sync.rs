@@ -3,19 +3,27 @@
 //! A member that missed commits (it was down, partitioned, or rejected a record as behind) asks
 //! the peers of its own view of the block's cluster for the committed revisions it lacks. Each
 //! revision comes with its evidence (the decided pend and commit records, [`crate::evidence`]) and
-//! is applied only when that evidence verifies against this node's view and the revision is exactly
-//! `latest + 1`. When membership changed so that old evidence does not cover the view (or a
-//! revision has none), the revision is applied only if a quorum of the view, this node excluded,
-//! reports it identically. Nothing a single peer says on its own is applied: a peer serving
+//! is applied only when the revision is exactly `latest + 1`, the served `latest` carries this
+//! node's own transaction (the catch-up base, SPEC 4.20), and the evidence is its execution proof:
+//! approving commit votes on both records from a majority of this node's view or of P(L), the
+//! peer set that fixed its newest proven revision L ([`crate::evidence::verify_trusted`]). A
+//! decided record proves only a decision: recovery may have renounced it (SPEC 4.5). When the
+//! evidence is no proof for this node (membership changed, or a revision has none), the revision
+//! is applied only if a quorum of the view, this node excluded, reports it identically, and it
+//! stays provisional. Nothing a single peer says on its own is applied: a peer serving
 //! unverifiable data is logged and skipped for that catch-up.
 //!
 //! Requests (JSON):
 //! - `{"op": "latest", "blockIds": [id]}` -> `{"latest": {id: TrxRev | null}}` (at most
 //!   [`MAX_LATEST_IDS`] ids)
-//! - `{"op": "revisions", "blockId": id, "afterRev": u64 | null, "limit": n}` ->
+//! - `{"op": "revisions", "blockId": id, "afterRev": u64 | null, "limit": n, "latest"?: TrxRev,
+//!   "proven"?: u64}` ->
 //!   `{"latest": TrxRev | null, "entries": [{"trxId", "rev", "transform", "evidence"?}], "more": bool}`
 //!   (at most [`MAX_SYNC_ENTRIES`] entries and about [`MAX_SYNC_RESPONSE_BYTES`]; only the
-//!   page's revisions are read from storage)
+//!   page's revisions are read from storage). `latest` and `proven` are the asker's catch-up base:
+//!   when the server holds another transaction at `latest.rev`, it answers from after `proven`.
+//!   Older servers refuse the two fields (their requests take no unknown fields); the asker then
+//!   repeats the request without them.
 //! - `{"op": "hint", "blockIds": [id]}` -> `{"accepted": n}`: the sender holds revisions of these
 //!   blocks newer than this node reported; the node queues a catch-up of each from its own view
 //!   (at most [`MAX_HINT_IDS`] ids; the queue is bounded and deduplicated, so a hint is only
@@ -41,7 +49,7 @@ use serde_json::Value;
 use crate::canon::canon;
 use crate::consensus::BehindSink;
 use crate::error::RepoError;
-use crate::evidence::{self, Evidence, EvidenceError};
+use crate::evidence::{self, Evidence, EvidenceError, ProvenMark};
 use crate::keynet::KeyNetwork;
 use crate::model::{BlockId, Transform, TrxId, TrxRev};
 use crate::network::{PeerNetwork, ProtocolKind};
@@ -90,6 +98,15 @@ pub enum SyncRequest {
         after_rev: Option<u64>,
         /// Most entries wanted.
         limit: usize,
+        /// The asker's latest revision of the block (its catch-up base, SPEC 4.20). Optional:
+        /// absent from requests of older nodes, and left out towards servers that refuse it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        latest: Option<TrxRev>,
+        /// The asker's newest proven revision of the block. When the server holds another
+        /// transaction at `latest.rev`, it answers from after this revision instead, so the asker
+        /// sees where its provisional revisions and the server's history part.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proven: Option<u64>,
     },
     /// The sender holds newer revisions of these blocks: catch up from your own view.
     #[serde(rename_all = "camelCase")]
@@ -319,7 +336,8 @@ impl SyncServer {
                 }
                 serde_json::to_value(LatestResponse { latest })
             }
-            SyncRequest::Revisions { block_id, after_rev, limit } => {
+            SyncRequest::Revisions { block_id, after_rev, limit, latest, proven } => {
+                let after_rev = self.base(&block_id, after_rev, latest.as_ref(), proven).await?;
                 serde_json::to_value(self.revisions(&block_id, after_rev, limit).await?)
             }
             SyncRequest::Hint { block_ids } => {
@@ -330,6 +348,25 @@ impl SyncServer {
             }
         };
         response.map_err(|e| RepoError::Internal(format!("encoding sync response: {e}")))
+    }
+
+    /// Where a `revisions` answer starts (SPEC 4.20 catch-up base): after `after_rev`, or after
+    /// the asker's newest `proven` revision when this node holds another transaction than the
+    /// asker's `latest` at that revision.
+    async fn base(
+        &self,
+        block_id: &BlockId,
+        after_rev: Option<u64>,
+        latest: Option<&TrxRev>,
+        proven: Option<u64>,
+    ) -> Result<Option<u64>, RepoError> {
+        let Some(latest) = latest.filter(|l| l.rev > 0) else { return Ok(after_rev) };
+        let here = self.local.storage().revisions(block_id, latest.rev, latest.rev).await?;
+        if here.first().is_none_or(|held| held == latest) {
+            return Ok(after_rev);
+        }
+        let proven = proven.unwrap_or(0);
+        Ok(after_rev.map(|a| a.min(proven)))
     }
 
     async fn revisions(
@@ -609,22 +646,55 @@ impl CatchUp {
         Ok(self.local.storage().latest(block_id).await?.map_or(0, |l| l.rev))
     }
 
+    /// One page of `peer`'s revisions of `block_id` after `after_rev`. `base` (this node's latest
+    /// and newest proven revision, SPEC 4.20) goes along unless `legacy` is set; a server that
+    /// refuses it (an older node: its requests take no unknown fields) is asked again without it,
+    /// and `legacy` is set for the rest of the pull.
     async fn page(
         &self,
         peer: PeerId,
         block_id: &BlockId,
-        after_rev: u64,
-        limit: usize,
+        after_rev: Option<u64>,
+        base: (Option<TrxRev>, Option<u64>),
+        legacy: &mut bool,
     ) -> Result<RevisionsResponse, RepoError> {
-        let request = SyncRequest::Revisions { block_id: block_id.clone(), after_rev: Some(after_rev), limit };
-        let request = serde_json::to_value(request).map_err(|e| RepoError::Internal(e.to_string()))?;
-        let answer = self.network.request(peer, ProtocolKind::Sync, request, self.timeout).await?;
+        let (latest, proven) = if *legacy { (None, None) } else { base };
+        let with_base = latest.is_some() || proven.is_some();
+        let request = |latest, proven| SyncRequest::Revisions {
+            block_id: block_id.clone(),
+            after_rev,
+            limit: MAX_SYNC_ENTRIES,
+            latest,
+            proven,
+        };
+        let answer = match self.ask(peer, &request(latest, proven)).await {
+            Err(RepoError::BadRequest(why)) if with_base => {
+                tracing::debug!(%peer, %why, "a sync server refused the catch-up base; asking as older nodes do");
+                *legacy = true;
+                self.ask(peer, &request(None, None)).await?
+            }
+            answer => answer?,
+        };
         serde_json::from_value(answer)
             .map_err(|e| RepoError::Unavailable(format!("malformed sync answer from {peer}: {e}")))
     }
 
+    async fn ask(&self, peer: PeerId, request: &SyncRequest) -> Result<Value, RepoError> {
+        let request = serde_json::to_value(request).map_err(|e| RepoError::Internal(e.to_string()))?;
+        Ok(self.network.request(peer, ProtocolKind::Sync, request, self.timeout).await?)
+    }
+
     /// Pulls and applies verified revisions from `peer`, page after page, counting them in
-    /// `applied`.
+    /// `applied` (SPEC 4.10, 4.20):
+    /// - each page starts at or below this node's latest revision, and every served revision this
+    ///   node holds must carry its own transaction (the catch-up base): a revision `r` is applied
+    ///   only on top of a served `r - 1` equal to its own. Where they part, nothing is applied
+    ///   from this peer (the local revision may be provisional; settling it is recovery's);
+    /// - a revision is applied with its evidence when the evidence is its execution proof counted
+    ///   over this node's view or P(L) of its newest proven revision L (each applied proven
+    ///   revision becomes the next L); otherwise only when a quorum of the view reports it
+    ///   identically, and then it stays provisional (nothing marks it proven; evidence that
+    ///   verifies short of proof is kept, so commit votes that reach it later can prove it).
     async fn pull_from(
         &self,
         block_id: &BlockId,
@@ -632,37 +702,91 @@ impl CatchUp {
         view: &[PeerId],
         applied: &mut usize,
     ) -> Result<(), Pull> {
+        let mut proven = self.local.newest_proven(block_id, view).await.map_err(Pull::Failed)?;
+        let mut legacy = false;
         for _ in 0..MAX_SYNC_PAGES {
-            let after_rev = self.local_rev(block_id).await.map_err(Pull::Failed)?;
-            let page = self.page(peer, block_id, after_rev, MAX_SYNC_ENTRIES).await.map_err(Pull::Failed)?;
-            let mut expected = after_rev.saturating_add(1);
+            let latest = self.local.storage().latest(block_id).await.map_err(|e| Pull::Failed(e.into()))?;
+            let local_rev = latest.as_ref().map_or(0, |l| l.rev);
+            // From the latest revision itself, so the page shows the base this node builds on.
+            let after_rev = local_rev.checked_sub(1);
+            let base = (latest.clone(), proven.as_ref().map(|p| p.trx_rev.rev));
+            let page = self.page(peer, block_id, after_rev, base, &mut legacy).await.map_err(Pull::Failed)?;
+            let mut linked = local_rev == 0;
+            let mut expected = None;
+            let mut progressed = false;
+            let mut held = local_rev;
             for entry in &page.entries {
-                if entry.rev != expected {
-                    return Err(Pull::Disproved(format!("it sent revision {} where {expected} was due", entry.rev)));
+                if expected.is_some_and(|e| e != entry.rev) || entry.rev == 0 || entry.rev > held.saturating_add(1) {
+                    return Err(Pull::Disproved(format!(
+                        "it sent revision {} out of order (this node holds {local_rev})",
+                        entry.rev
+                    )));
                 }
+                expected = entry.rev.checked_add(1);
                 let trx_rev = TrxRev { trx_id: entry.trx_id.clone(), rev: entry.rev };
-                let kept = match evidence::verify(entry.evidence.as_ref(), block_id, &trx_rev, &entry.transform, view) {
-                    Ok(()) => entry.evidence.as_ref(),
-                    Err(e @ (EvidenceError::Missing { .. } | EvidenceError::Membership { .. })) => {
+                if entry.rev <= local_rev {
+                    let here = self.local.storage().revisions(block_id, entry.rev, entry.rev).await;
+                    let here = here.map_err(|e| Pull::Failed(e.into()))?;
+                    if here.first() != Some(&trx_rev) {
+                        tracing::warn!(
+                            %block_id, %peer, rev = entry.rev, served = %entry.trx_id, held = ?here.first(),
+                            "catch-up base diverges: this node holds another transaction at this revision; nothing applied on top of it"
+                        );
+                        return Err(Pull::Failed(RepoError::Unavailable(format!(
+                            "{peer} holds {} at revision {} of {block_id}, this node another transaction",
+                            entry.trx_id, entry.rev
+                        ))));
+                    }
+                    linked |= entry.rev == local_rev;
+                    continue;
+                }
+                if !linked {
+                    return Err(Pull::Disproved(format!(
+                        "it did not serve revision {local_rev}, the base of {}",
+                        entry.rev
+                    )));
+                }
+                let custody: Vec<PeerId> = proven.as_ref().map(|p| p.peers.clone()).unwrap_or_default();
+                let trusted: [&[PeerId]; 2] = [view, &custody];
+                let verified =
+                    evidence::verify_trusted(entry.evidence.as_ref(), block_id, &trx_rev, &entry.transform, &trusted);
+                let kept = match &verified {
+                    Ok(peers) => Some(peers.clone()),
+                    Err(e @ (EvidenceError::Missing { .. } | EvidenceError::Unproven { .. })) => {
                         if !self.agreed_by_quorum(block_id, entry, peer, view).await {
                             return Err(Pull::Failed(RepoError::Unavailable(format!(
                                 "{e}, and no quorum of the view reports it"
                             ))));
                         }
-                        tracing::info!(%block_id, rev = entry.rev, "applying a revision a quorum of the view reports identically");
+                        tracing::info!(%block_id, rev = entry.rev, "applying a revision a quorum of the view reports identically; it stays provisional");
                         None
                     }
                     Err(e @ EvidenceError::Invalid { .. }) => return Err(Pull::Disproved(e.to_string())),
                 };
-                match self.local.apply_replica(block_id, &trx_rev, &entry.transform, kept).await {
+                let evidence = entry.evidence.as_ref();
+                let outcome = match (&kept, &verified) {
+                    (Some(_), _) => self.local.apply_replica(block_id, &trx_rev, &entry.transform, evidence).await,
+                    // Decided records naming this revision: kept, so later commit votes can prove it.
+                    (None, Err(EvidenceError::Unproven { .. })) => {
+                        self.local.apply_provisional(block_id, &trx_rev, &entry.transform, evidence).await
+                    }
+                    (None, _) => self.local.apply_provisional(block_id, &trx_rev, &entry.transform, None).await,
+                };
+                match outcome {
                     Ok(true) => *applied += 1,
                     Ok(false) => {}
-                    Err(e @ RepoError::InvalidTransform { .. }) => return Err(Pull::Disproved(e.to_string())),
+                    Err(e @ (RepoError::InvalidTransform { .. } | RepoError::BadRequest(_))) => {
+                        return Err(Pull::Disproved(e.to_string()));
+                    }
                     Err(e) => return Err(Pull::Failed(e)),
                 }
-                expected = expected.saturating_add(1);
+                progressed = true;
+                if let Some(peers) = kept {
+                    proven = Some(ProvenMark { trx_rev: trx_rev.clone(), peers });
+                }
+                held = entry.rev;
             }
-            if !page.more || page.entries.is_empty() {
+            if !page.more || !progressed {
                 break;
             }
         }
@@ -677,9 +801,16 @@ impl CatchUp {
         let Ok(wanted) = serde_json::to_value(&entry.transform).map(|v| canon(&v)) else { return false };
         let mut agreeing = usize::from(view.contains(&source));
         let askers = view.iter().copied().filter(|p| *p != me && *p != source);
-        let asks = askers.map(|peer| self.page(peer, block_id, entry.rev.saturating_sub(1), 1));
+        let request = SyncRequest::Revisions {
+            block_id: block_id.clone(),
+            after_rev: Some(entry.rev.saturating_sub(1)),
+            limit: 1,
+            latest: None,
+            proven: None,
+        };
+        let asks = askers.map(|peer| self.ask(peer, &request));
         for answer in futures::future::join_all(asks).await {
-            let Ok(page) = answer else { continue };
+            let Ok(Ok(page)) = answer.map(serde_json::from_value::<RevisionsResponse>) else { continue };
             let same = page.entries.first().is_some_and(|other| {
                 other.rev == entry.rev
                     && other.trx_id == entry.trx_id

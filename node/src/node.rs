@@ -356,7 +356,8 @@ impl Node {
             CoordinatorRepo::new(key_network.clone(), coordinated, Arc::new(read_local.clone()))
                 .with_max_pend_bytes(max_pend_bytes),
         );
-        let reads = ClusterReads::new(writes, read_local, key_network.clone(), network, config.node.read_mode, timeout);
+        let reads = ClusterReads::new(writes, read_local, key_network.clone(), network, config.node.read_mode, timeout)
+            .with_behind(behind.clone());
         let catch_up = reads.catch_up().clone();
         let repo: Arc<dyn Repo> = Arc::new(MeteredRepo { inner: Arc::new(reads), metrics: metrics.clone() });
         consensus.start().await.map_err(|e| NodeError::Config(format!("consensus did not start: {e}")))?;

@@ -333,9 +333,9 @@ pub enum Violation {
 
 /// Checks the evidence `local` (the storage of `peer`) keeps for every committed revision of
 /// `block_ids` against `cluster`, the blocks' cluster: each kept evidence must prove its revision
-/// ([`optimystic_core::evidence::verify`]: both records verify and are decided by a majority of the
-/// cluster, and name this revision's transaction and transform, alone or among the operations of
-/// a batched record). A revision without evidence (applied by quorum agreement, or written
+/// ([`optimystic_core::evidence::verify`]: both records verify and are decided, and name this
+/// revision's transaction and transform, alone or among the operations of a batched record;
+/// evidence still short of its execution proof, a provisional revision, is not a violation). A revision without evidence (applied by quorum agreement, or written
 /// outside a cluster) is not a violation.
 pub async fn check_evidence(
     peer: PeerId,
@@ -350,9 +350,16 @@ pub async fn check_evidence(
             let detail = match local.storage().committed(block_id, &entry.trx_id).await? {
                 None => Some("no committed transform".to_owned()),
                 Some(committed) => {
-                    optimystic_core::evidence::verify(Some(&evidence), block_id, &entry, &committed.transform, cluster)
-                        .err()
-                        .map(|e| e.to_string())
+                    match optimystic_core::evidence::verify(
+                        Some(&evidence),
+                        block_id,
+                        &entry,
+                        &committed.transform,
+                        cluster,
+                    ) {
+                        Ok(_) | Err(optimystic_core::evidence::EvidenceError::Unproven { .. }) => None,
+                        Err(e) => Some(e.to_string()),
+                    }
                 }
             };
             if let Some(detail) = detail {

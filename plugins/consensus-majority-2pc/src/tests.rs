@@ -1166,6 +1166,8 @@ async fn catch_up_applies_only_verified_revisions() {
         "pend": decided(&fake_peers, set_v("forged", Some(2), 666), now + 1_000, &f1, &f2).to_value(),
         "commit": decided(&fake_peers, commit_op("forged", 2), now + 1_000, &f1, &f2).to_value(),
     });
+    // Pages start at this member's latest revision (its catch-up base, SPEC 4.20).
+    let base = json!({"trxId": "t1", "rev": 1, "transform": set(1)});
     for evidence in [Value::Null, forged] {
         let mut entry = json!({"trxId": "forged", "rev": 2, "transform": set(666)});
         if !evidence.is_null() {
@@ -1175,7 +1177,7 @@ async fn catch_up_applies_only_verified_revisions() {
             forger,
             Arc::new(CannedSync {
                 latest: json!({"latest": {"x": {"trxId": "forged", "rev": 1_000_000}}}),
-                page: json!({"latest": {"trxId": "forged", "rev": 1_000_000}, "entries": [entry], "more": false}),
+                page: json!({"latest": {"trxId": "forged", "rev": 1_000_000}, "entries": [base.clone(), entry], "more": false}),
             }),
         );
         let catch_up = optimystic_core::sync::CatchUp::new(
@@ -1188,14 +1190,19 @@ async fn catch_up_applies_only_verified_revisions() {
         assert_eq!(m.local.storage().latest(&x()).await.unwrap().map(|l| l.rev), Some(1), "nothing invented applied");
     }
 
-    // Genuine evidence (decided by the real cluster) is applied, and kept.
-    let genuine = json!({
-        "pend": decided(&peers, set_v("t2", Some(2), 2), now + 1_000, &a, &b).to_value(),
-        "commit": decided(&peers, commit_op("t2", 2), now + 1_000, &a, &b).to_value(),
-    });
+    // Genuine evidence (decided and executed by the real cluster) is applied, and kept.
+    let executed = |operation| {
+        let mut record = decided(&peers, operation, now + 1_000, &a, &b);
+        for key in [&a, &b] {
+            let vote = record.sign_commit(key, VoteType::Approve, None).unwrap();
+            record.commits.insert(key.public().to_peer_id().to_base58(), vote);
+        }
+        record.to_value()
+    };
+    let genuine = json!({"pend": executed(set_v("t2", Some(2), 2)), "commit": executed(commit_op("t2", 2))});
     m.sim.register(peers[1], Arc::new(CannedSync {
         latest: json!({"latest": {"x": {"trxId": "t2", "rev": 2}}}),
-        page: json!({"latest": {"trxId": "t2", "rev": 2}, "entries": [{"trxId": "t2", "rev": 2, "transform": set(2), "evidence": genuine}], "more": false}),
+        page: json!({"latest": {"trxId": "t2", "rev": 2}, "entries": [base, {"trxId": "t2", "rev": 2, "transform": set(2), "evidence": genuine}], "more": false}),
     }));
     let catch_up = optimystic_core::sync::CatchUp::new(
         m.sim.network(peers[0]),
@@ -1764,7 +1771,13 @@ async fn a_stale_operation_is_answered_and_the_rest_of_its_batch_reruns() {
                 updates: Some(vec![optimystic_core::BlockOperation::set("v", json!(2))]),
                 ..optimystic_core::Transform::default()
             };
-            optimystic_core::evidence::verify(Some(&evidence), &block(id), &trx_rev, &set, &view).unwrap();
+            // Decided and about this revision; its execution proof is the commit votes a member
+            // gathers after executing (SPEC 4.4), which this check does not require.
+            let verified = optimystic_core::evidence::verify(Some(&evidence), &block(id), &trx_rev, &set, &view);
+            assert!(
+                matches!(verified, Ok(_) | Err(optimystic_core::evidence::EvidenceError::Unproven { .. })),
+                "{verified:?}"
+            );
         }
         assert_eq!(local.latest_value(&block("y")).await.unwrap().0.map(|l| l.rev), Some(1));
     }

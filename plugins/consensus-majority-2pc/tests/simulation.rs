@@ -2005,6 +2005,148 @@ impl Forger {
     }
 }
 
+/// Bytes of padding the lying peer adds to each record it serves.
+const PADDING_BYTES: usize = 16 * 1024;
+/// Marks the lying peer's padding, so the scenario can look for it in storage.
+const PADDING_MARK: &str = "byzantine-padding:";
+
+/// What a byzantine member's sync protocol serves in `byzantine_evidence`: it claims revision
+/// 1,000,000 of every block and answers each page, in turn, with its honest entries padded
+/// (an unknown field of [`PADDING_BYTES`] at the top level and in each peer entry and commit
+/// vote of every record), with their execution proof withheld (commit votes removed: decided
+/// records it could have renounced), with the transforms forged under the real evidence, or
+/// with an error.
+#[derive(Clone)]
+struct Liar {
+    honest: SyncServer,
+    served: Arc<AtomicUsize>,
+}
+
+impl Liar {
+    fn pad(record: &mut Value) {
+        let padding = json!(format!("{PADDING_MARK}{}", "p".repeat(PADDING_BYTES)));
+        record["padding"] = padding.clone();
+        for field in ["peers", "commits"] {
+            if let Some(entries) = record.get_mut(field).and_then(Value::as_object_mut) {
+                for entry in entries.values_mut() {
+                    entry["padding"] = padding.clone();
+                }
+            }
+        }
+    }
+
+    async fn page(&self, request: Value) -> Value {
+        let kind = self.served.fetch_add(1, Ordering::SeqCst) % 4;
+        if kind == 3 {
+            return json!({"error": {"code": "unavailable", "message": "not today"}});
+        }
+        let Ok(mut page) = self.honest.handle(request).await else {
+            return json!({"error": {"code": "internal", "message": "no honest page"}});
+        };
+        page["latest"] = json!({"trxId": "forged-top", "rev": 1_000_000});
+        page["more"] = json!(true);
+        for entry in page["entries"].as_array_mut().into_iter().flatten() {
+            let Some(evidence) = entry.get_mut("evidence").and_then(Value::as_object_mut) else { continue };
+            for record in evidence.values_mut() {
+                match kind {
+                    0 => Self::pad(record),
+                    1 => record["commits"] = json!({}),
+                    _ => {}
+                }
+            }
+            if kind == 2 {
+                entry["transform"] = serde_json::to_value(set_value(json!("forged transform"))).unwrap();
+            }
+        }
+        page
+    }
+
+    fn forgery(self) -> SyncForgery {
+        Arc::new(move |request: Value| {
+            let liar = self.clone();
+            Box::pin(async move {
+                match request.get("op").and_then(Value::as_str) {
+                    Some("latest") => {
+                        let ids = request["blockIds"].as_array().cloned().unwrap_or_default();
+                        let latest: serde_json::Map<String, Value> = ids
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .map(|id| (id.to_owned(), json!({"trxId": "forged-top", "rev": 1_000_000})))
+                            .collect();
+                        Some(json!({"latest": latest}))
+                    }
+                    Some("revisions") => Some(liar.page(request).await),
+                    _ => None,
+                }
+            })
+        })
+    }
+}
+
+/// Issue 21 (findings 1, 4, 8, 15) with a byzantine member: its sync protocol claims revision
+/// 1,000,000 and serves padded evidence, evidence with its execution proof withheld, forged
+/// transforms under real evidence, or errors, while a member misses writes and catches up
+/// (catch-up asks it first: it claims the newest revision). Honest nodes apply nothing forged,
+/// store none of its padding, converge, and every quorum read at an honest node succeeds once
+/// writes stop (a majority agrees; the unproven claim does not fail it).
+async fn byzantine_evidence(seed: u64) -> String {
+    let world = World::new(seed, 5, SimConfig::default()).await;
+    let byz = world.pick(&world.peers);
+    let honest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != byz).collect();
+    let liar = Liar {
+        honest: SyncServer::new(StorageRepo::new(Arc::new(world.storages[&byz].clone()))),
+        served: Arc::new(AtomicUsize::new(0)),
+    };
+    let served = liar.served.clone();
+    world.crash(byz);
+    world.forgeries.lock().unwrap().insert(byz, liar.forgery());
+    world.start(byz).await;
+    world.bootstrap().await;
+    random_delays(&world);
+    world.start_sampler(Duration::from_millis(50));
+    let side = spawn_side_writers(&world);
+
+    let m = world.pick(&honest);
+    let rest: Vec<PeerId> = world.peers.iter().copied().filter(|p| *p != m).collect();
+    let c = world.pick(&honest.iter().copied().filter(|p| *p != m).collect::<Vec<_>>());
+    world.sim.partition(&[vec![m], rest]);
+    let missed = world.sim.random(|r| r.gen_range(3..=8usize));
+    for i in 0..missed {
+        assert!(write_with_retries(&world, c, &format!("p{i}"), 6).await, "write {i} failed");
+    }
+    world.sim.heal();
+    for i in 0..3 {
+        write_with_retries(&world, world.pick(&honest), &format!("h{i}"), 6).await;
+        let _ = world.random_read(world.pick(&honest)).await;
+    }
+    side.stop().await;
+    world.wait_idle().await;
+    world.catch_up_everywhere().await;
+    for peer in &honest {
+        let read = world.read(*peer, ReadMode::Quorum, None, Vec::new(), None).await;
+        assert!(
+            matches!(read, Some(Ok(_))),
+            "a quorum read at {peer} failed on the byzantine peer's unproven claim: {read:?}"
+        );
+    }
+    let snapshots = world.snapshots().await;
+    for peer in &honest {
+        for (key, value) in world.storages[peer].list_meta("", 100_000).await.unwrap() {
+            assert!(
+                !String::from_utf8_lossy(&value).contains(PADDING_MARK),
+                "{peer} stored the byzantine peer's padding under {key} ({} bytes)",
+                value.len()
+            );
+        }
+        for rev in &snapshots.iter().find(|s| s.peer == *peer).unwrap().blocks[&x()].revisions {
+            assert!(!rev.trx_id.as_str().starts_with("forged"), "{peer} applied a forged revision: {rev:?}");
+        }
+    }
+    let trace = world.check().await;
+    assert!(served.load(Ordering::SeqCst) > 0, "no catch-up ever asked the byzantine peer for a page");
+    format!("{trace} pages served by the liar {}", served.load(Ordering::SeqCst))
+}
+
 /// The byzantine peer sends records naming made-up peers to `target`: each is refused and leaves
 /// no reservation and no block change behind. Returns how many 2pc metadata entries the target
 /// gained from the records that are answered rather than refused (an abort proven by made-up
@@ -2531,6 +2673,13 @@ fn sim_byzantine_peer() {
 #[test]
 fn sim_byzantine_peer_inflated_evidence() {
     run_batched("sim_byzantine_peer_inflated_evidence", |seed| Box::pin(byzantine_peer(seed, true)));
+}
+
+/// Issue 21: a byzantine member lying in catch-up (padding, withheld proof, forged transforms,
+/// a huge claimed revision) bends no honest replica and fails no quorum read.
+#[test]
+fn sim_byzantine_evidence() {
+    run("sim_byzantine_evidence", |seed| Box::pin(byzantine_evidence(seed)));
 }
 
 #[test]
