@@ -104,8 +104,8 @@ pub(crate) async fn check_operation(local: &StorageRepo, operation: &RepoOperati
 
 /// SPEC 4.20 write-path custody of `operation`: a commit at revision `r` of a block this member
 /// holds at `r - 1` with evidence needs a majority of P(r-1) (the peer set of the commit record
-/// that fixed `r - 1` here) among `counted`: the record's peer set to be promised, its approving
-/// promises to be executed. A block this member holds at another revision is left to the other
+/// that fixed `r - 1` here) among `counted`: the record's peer set for a member to promise it,
+/// its approving promises for the coordinator to decide it. A block this member holds at another revision is left to the other
 /// checks (behind, done or stale); one whose `r - 1` has no evidence here (`r = 1`, solo-written
 /// or pre-evidence data) is judged by them alone. Returns why custody fails, if it does.
 pub(crate) async fn custody_failure(

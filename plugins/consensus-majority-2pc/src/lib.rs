@@ -80,9 +80,9 @@
 //!   record, nor from the coordinator's own member), and merges the votes their answers carry.
 //! - Write-path custody (SPEC 4.20): a commit at revision r of a block this member holds at r - 1
 //!   with evidence is promised only when the record's peer set holds a majority of P(r-1) (the
-//!   peer set of the commit record that fixed r - 1 here), and executed only when its approving
-//!   promises do (otherwise its commit vote rejects, `failed: custody: ...`, and nothing applies).
-//!   With no evidence of r - 1 here (r = 1, solo-written or pre-evidence data) the other rules
+//!   peer set of the commit record that fixed r - 1 here). It is not checked again at execution:
+//!   members whose evidence of r - 1 differs would split on a decided record. With no evidence
+//!   of r - 1 here (r = 1, solo-written or pre-evidence data) the other rules
 //!   alone apply. A coordinator that knows P(r-1) keeps collecting promises past the first quorum
 //!   until the approvals hold such a majority (or no answer is left).
 //! - Bounds (SPEC 4.11-4.13): phase-1 records naming a peer this node never saw are refused;

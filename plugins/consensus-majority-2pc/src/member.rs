@@ -867,19 +867,11 @@ impl Inner {
     ) -> Result<Entry, RepoError> {
         let mut results = Vec::with_capacity(cx.operations.len());
         let mut failures = Vec::with_capacity(cx.operations.len());
-        // SPEC 4.20: executed only when the approvals include a majority of P(r-1).
-        let approving: BTreeSet<&str> =
-            copy.promises.iter().filter(|(_, vote)| vote.is_approve()).map(|(peer, _)| peer.as_str()).collect();
+        // Write-path custody is checked when promising (and by the coordinator before it decides),
+        // never here: a decided record must be applied alike by every member, and members whose
+        // evidence of r - 1 differs (one caught it up by agreement, without evidence) would split
+        // on it (seen in the soak test: a commit applied on one member, refused on the others).
         for operation in &cx.operations {
-            if let Some(detail) = custody_failure(&self.local, operation, &approving).await? {
-                tracing::warn!(message_hash = %copy.message_hash, %detail, "a decided record lacks write-path custody");
-                let error = RepoError::ConsensusFailed(detail.clone());
-                let value = serde_json::to_value(ErrorEnvelope::from(&error))
-                    .map_err(|e| RepoError::Internal(format!("encoding an execution error: {e}")))?;
-                results.push(value);
-                failures.push(Some(RejectReason::new(RejectCategory::Failed, detail)));
-                continue;
-            }
             let (result, failure) = self.stage_operation(step, operation, kept, cx.expiration_ms).await?;
             results.push(result);
             failures.push(failure);
